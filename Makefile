@@ -1,0 +1,28 @@
+# The two commands a new user needs: `make run` and `make test` (see README.md).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+RUN_ROOT ?= runs/quickstart
+
+.PHONY: run test test-slow bench clean
+
+$(VENV)/.installed: setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $@
+
+run: $(VENV)/.installed
+	$(PY) -m moejax.sweep --config=experiments/quickstart.py --root=$(RUN_ROOT)
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -q
+
+test-slow: $(VENV)/.installed
+	$(PY) -m pytest -q -m slow
+
+bench: $(VENV)/.installed
+	$(PY) -m moejax.bench step
+
+clean:
+	rm -rf $(VENV) runs build *.egg-info

@@ -1,0 +1,86 @@
+"""Every moejax config key, with its default and a one-line meaning.
+
+Experiment files start from `base.get_config()` and set only their deltas.
+docs/configs.md explains each key in more depth; `moejax/config.py` checks
+the cross-field rules before anything compiles.
+
+Run:  python -m moejax.main --config=experiments/base.py --workdir=/tmp/base
+"""
+
+import ml_collections
+from ml_collections import FieldReference
+
+
+def get_config(arg=None):
+  """Returns the default config (a small MoE LM on the Python stdlib bytes)."""
+  del arg
+  c = ml_collections.ConfigDict()
+  c.name = 'base'  # label of this run in result tables
+  c.seed = 0  # model-init seed; per-layer keys are folded in from it
+
+  c.model = m = ml_collections.ConfigDict()
+  m.vocab_size = 257  # byte tokens 0..255 plus the document separator 256
+  m.model_dim = 128  # residual width D
+  m.num_layers = 4  # decoder blocks
+  m.num_heads = 4  # query heads H
+  m.num_kv_heads = 4  # key/value heads (grouped-query attention); divides num_heads
+  m.head_dim = FieldReference(None, field_type=int)  # per-head width; None -> model_dim // num_heads
+  m.ffn_hidden = 512  # hidden size F of the dense SwiGLU FFN
+  m.rope_base = 10000.0  # rotary-embedding base wavelength
+  m.use_tied_embeddings = True  # reuse the input embedding as the output projection
+  m.norm_eps = 1e-6  # RMSNorm epsilon
+  m.init_std = 0.02  # std of normal weight init (output projections scaled by 1/sqrt(2 * num_layers))
+  m.compute_dtype = 'float32'  # 'float32' or 'bfloat16' matmuls; params and router stay float32
+
+  c.moe = e = ml_collections.ConfigDict()
+  e.num_experts = 8  # routed experts E per MoE layer; 0 makes a dense model
+  e.experts_per_token = 2  # top-k routed experts per token
+  e.expert_hidden = FieldReference(None, field_type=int)  # hidden size of each expert; None -> model.ffn_hidden
+  e.first_dense_layers = 0  # layers [0, n) keep the dense FFN
+  e.every_n_layers = 1  # after those, layer i is MoE when (i - first_dense_layers) % n == 0
+  e.use_renormalized_gates = False  # divide the top-k gates by their sum (Mixtral) instead of raw softmax (Switch/OLMoE)
+  e.aux_loss_coef = 0.01  # Switch load-balancing loss weight alpha (mean over MoE layers)
+  e.z_loss_coef = 1e-3  # router z-loss weight beta (mean over MoE layers)
+  e.dispatch = 'block'  # 'block': sorted, block-padded dropless; 'dense': reference that runs every expert and masks
+  e.block_size = FieldReference(None, field_type=int)  # rows per block for 'block' dispatch; None -> automatic
+
+  c.data = d = ml_collections.ConfigDict()
+  d.source = 'stdlib'  # 'stdlib' (this interpreter's *.py), 'text:GLOB' (your files) or 'tfds:NAME'
+  d.tfds_split = 'train'  # split read by a 'tfds:' source
+  d.tfds_text_key = 'text'  # feature holding the document text in a 'tfds:' source
+  d.tfds_data_dir = FieldReference(None, field_type=str)  # tfds data_dir; None -> tfds default
+  d.seq_len = 128  # tokens per training sequence
+  d.heldout_bytes = 131072  # held-out documents are taken in path-hash order until this many bytes
+  d.seed = 0  # data-order seed; equal seeds give paired data order across configs
+
+  c.optim = o = ml_collections.ConfigDict()
+  o.peak_learning_rate = 2e-3  # AdamW learning rate after warmup
+  o.warmup_fraction = 0.05  # fraction of train.steps spent in linear warmup from 0
+  o.final_lr_fraction = 0.1  # cosine decay ends at this fraction of the peak
+  o.adam_b1 = 0.9  # AdamW first-moment decay
+  o.adam_b2 = 0.95  # AdamW second-moment decay
+  o.adam_eps = 1e-8  # AdamW epsilon
+  o.weight_decay = 0.1  # decoupled weight decay on matrices (never on norms)
+  o.grad_clip_norm = 1.0  # global gradient-norm clip; 0 disables
+
+  c.train = t = ml_collections.ConfigDict()
+  t.steps = 400  # optimizer steps
+  t.batch_size = 32  # global sequences per step
+  t.log_every_steps = 50  # metrics to JSONL/TensorBoard every n steps
+  t.peak_tflops = FieldReference(None, field_type=float)  # per-device peak for MFU; None -> looked up by device kind
+
+  c.checkpoint = k = ml_collections.ConfigDict()
+  k.every_steps = 200  # save every n steps (and always at the end)
+  k.max_to_keep = 2  # checkpoints kept on disk
+  k.use_async = True  # write checkpoints in a background thread
+
+  c.eval = v = ml_collections.ConfigDict()
+  v.batch_size = 32  # held-out sequences per eval batch
+  v.max_batches = FieldReference(None, field_type=int)  # cap on eval batches; None -> the whole held-out set
+
+  c.mesh = h = ml_collections.ConfigDict()
+  h.data = 1  # data-parallel mesh axis size
+  h.fsdp = 1  # parameter-sharding (FSDP) mesh axis size
+  h.expert = 1  # expert-parallel mesh axis size
+  h.tensor = 1  # tensor-parallel mesh axis size
+  return c

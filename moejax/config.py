@@ -1,0 +1,195 @@
+"""Config loading, cross-field validation and sweep helpers.
+
+Every rule raises `ConfigError` with one line that names the key and the rule,
+before any model is built or compiled.
+"""
+
+from __future__ import annotations
+
+import builtins
+import copy
+import importlib.util
+import itertools
+import os
+import sys
+from typing import Any, Iterable, Sequence
+
+import ml_collections
+
+from moejax.errors import ConfigError
+
+COMPUTE_DTYPES = ('float32', 'bfloat16')
+DISPATCHES = ('block', 'dense')
+SOURCE_KINDS = ('stdlib', 'text:', 'tfds:')
+
+
+def load_module(path: str):
+  """Imports an experiment file (`experiments/x.py`) as a module."""
+  if not os.path.isfile(path):
+    raise ConfigError(f'config file not found: {path}')
+  name = 'moejax_experiment_' + os.path.splitext(os.path.basename(path))[0]
+  spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def config_flag(argv: Sequence[str]) -> tuple[str, str | None] | None:
+  """(path, arg) of the `--config=path[:arg]` command-line flag, or None."""
+  for i, item in enumerate(argv):
+    value = item.split('=', 1)[1] if item.startswith('--config=') else (
+        argv[i + 1] if item == '--config' and i + 1 < len(argv) else None)
+    if value is not None:
+      path, _, arg = value.partition(':')
+      return path, (arg or None)
+  return None
+
+
+def add_experiment_root(argv: Sequence[str]) -> None:
+  """Puts the parent of a `--config=.../experiments/x.py` file on sys.path, so `from experiments import base` works."""
+  found = config_flag(argv)
+  if found:
+    root = os.path.dirname(os.path.dirname(os.path.abspath(found[0])))
+    if root not in sys.path:
+      sys.path.insert(0, root)
+
+
+def apply_overrides(cfg: ml_collections.ConfigDict, overrides: dict[str, Any]) -> ml_collections.ConfigDict:
+  """Returns a copy of `cfg` with dotted `{'moe.num_experts': 8}` overrides; unknown keys raise."""
+  cfg = copy.deepcopy(cfg)
+  for dotted, value in overrides.items():
+    *parents, leaf = dotted.split('.')
+    node = cfg
+    for p in parents:
+      if p not in node or not isinstance(node[p], ml_collections.ConfigDict):
+        raise ConfigError(f'unknown config key: {dotted}')
+      node = node[p]
+    if leaf not in node:
+      raise ConfigError(f'unknown config key: {dotted}')
+    try:
+      node[leaf] = value
+    except (TypeError, ValueError) as e:
+      raise ConfigError(f'{dotted}={value!r}: wrong type ({e})') from None
+  return cfg
+
+
+def head_dim(model_cfg) -> int:
+  """The per-head width: `model.head_dim`, or model_dim // num_heads when unset."""
+  return model_cfg.head_dim if model_cfg.head_dim is not None else model_cfg.model_dim // model_cfg.num_heads
+
+
+def expert_hidden(model_cfg, moe_cfg) -> int:
+  """The routed-expert hidden size: `moe.expert_hidden`, or the dense `model.ffn_hidden` when unset."""
+  return moe_cfg.expert_hidden if moe_cfg.expert_hidden is not None else model_cfg.ffn_hidden
+
+
+def is_moe_layer(moe_cfg, num_layers: int, layer: int) -> bool:
+  """Whether decoder block `layer` uses the MoE FFN (the layer pattern)."""
+  del num_layers
+  if moe_cfg.num_experts == 0 or layer < moe_cfg.first_dense_layers:
+    return False
+  return (layer - moe_cfg.first_dense_layers) % moe_cfg.every_n_layers == 0
+
+
+def moe_layers(model_cfg, moe_cfg) -> list[int]:
+  """Indices of the MoE blocks."""
+  return [i for i in range(model_cfg.num_layers) if is_moe_layer(moe_cfg, model_cfg.num_layers, i)]
+
+
+def _require(ok: bool, message: str) -> None:
+  if not ok:
+    raise ConfigError(message)
+
+
+def _positive(cfg, section: str, keys: Sequence[str]) -> None:
+  for key in keys:
+    value = cfg[section][key]
+    _require(isinstance(value, (int, float)) and value > 0, f'{section}.{key}={value!r} must be > 0')
+
+
+def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Checks every cross-field rule; raises ConfigError naming the key and the rule."""
+  m, e, d, o, t = cfg.model, cfg.moe, cfg.data, cfg.optim, cfg.train
+  _positive(cfg, 'model', ('vocab_size', 'model_dim', 'num_layers', 'num_heads', 'num_kv_heads', 'ffn_hidden',
+                           'rope_base', 'norm_eps', 'init_std'))
+  if m.head_dim is None:
+    _require(m.model_dim % m.num_heads == 0,
+             f'model.model_dim={m.model_dim} must be divisible by model.num_heads={m.num_heads} '
+             '(or set model.head_dim)')
+  else:
+    _require(m.head_dim > 0, f'model.head_dim={m.head_dim} must be > 0')
+  _require(head_dim(m) % 2 == 0, f'head dim {head_dim(m)} must be even for rotary embeddings (model.head_dim)')
+  _require(m.num_heads % m.num_kv_heads == 0,
+           f'model.num_heads={m.num_heads} must be divisible by model.num_kv_heads={m.num_kv_heads}')
+  _require(m.compute_dtype in COMPUTE_DTYPES, f'model.compute_dtype={m.compute_dtype!r} must be one of {COMPUTE_DTYPES}')
+  _require(m.vocab_size >= 257, f'model.vocab_size={m.vocab_size} must be >= 257 (256 bytes + separator)')
+
+  _require(e.num_experts >= 0, f'moe.num_experts={e.num_experts} must be >= 0 (0 = dense model)')
+  if e.num_experts > 0:
+    _require(1 <= e.experts_per_token <= e.num_experts,
+             f'moe.experts_per_token={e.experts_per_token} must be in [1, moe.num_experts={e.num_experts}]')
+    _require(expert_hidden(m, e) > 0, f'moe.expert_hidden={e.expert_hidden} must be > 0')
+    _require(e.every_n_layers >= 1, f'moe.every_n_layers={e.every_n_layers} must be >= 1')
+    _require(0 <= e.first_dense_layers, f'moe.first_dense_layers={e.first_dense_layers} must be >= 0')
+    _require(bool(moe_layers(m, e)),
+             f'moe.first_dense_layers={e.first_dense_layers} with model.num_layers={m.num_layers} leaves no MoE '
+             'layer (set moe.num_experts=0 for a dense model)')
+    _require(e.dispatch in DISPATCHES, f'moe.dispatch={e.dispatch!r} must be one of {DISPATCHES}')
+    _require(e.block_size is None or (e.block_size > 0 and e.block_size % 8 == 0),
+             f'moe.block_size={e.block_size} must be a positive multiple of 8 (or None for automatic)')
+    _require(e.num_experts % cfg.mesh.expert == 0,
+             f'moe.num_experts={e.num_experts} must be divisible by mesh.expert={cfg.mesh.expert}')
+    _require(e.aux_loss_coef >= 0 and e.z_loss_coef >= 0,
+             f'moe.aux_loss_coef={e.aux_loss_coef} and moe.z_loss_coef={e.z_loss_coef} must be >= 0')
+
+  _require(isinstance(d.source, str) and d.source.startswith(SOURCE_KINDS) and
+           (d.source == 'stdlib' or len(d.source.split(':', 1)[1]) > 0),
+           f"data.source={d.source!r} must be 'stdlib', 'text:GLOB' or 'tfds:NAME'")
+  _require(d.seq_len >= 2, f'data.seq_len={d.seq_len} must be >= 2')
+  _positive(cfg, 'data', ('heldout_bytes',))
+
+  _positive(cfg, 'optim', ('peak_learning_rate', 'adam_eps'))
+  _require(0 <= o.warmup_fraction < 1, f'optim.warmup_fraction={o.warmup_fraction} must be in [0, 1)')
+  _require(0 <= o.final_lr_fraction <= 1, f'optim.final_lr_fraction={o.final_lr_fraction} must be in [0, 1]')
+  _require(0 <= o.adam_b1 < 1 and 0 <= o.adam_b2 < 1, 'optim.adam_b1 and optim.adam_b2 must be in [0, 1)')
+  _require(o.weight_decay >= 0 and o.grad_clip_norm >= 0,
+           'optim.weight_decay and optim.grad_clip_norm must be >= 0')
+
+  _positive(cfg, 'train', ('steps', 'batch_size', 'log_every_steps'))
+  _positive(cfg, 'checkpoint', ('every_steps', 'max_to_keep'))
+  _positive(cfg, 'eval', ('batch_size',))
+  _require(cfg.eval.max_batches is None or cfg.eval.max_batches > 0,
+           f'eval.max_batches={cfg.eval.max_batches} must be > 0 (or None for all)')
+  _positive(cfg, 'mesh', ('data', 'fsdp', 'expert', 'tensor'))
+  batch_shards = cfg.mesh.data * cfg.mesh.fsdp
+  _require(t.batch_size % batch_shards == 0,
+           f'train.batch_size={t.batch_size} must be divisible by mesh.data*mesh.fsdp={batch_shards}')
+  _require(cfg.eval.batch_size % batch_shards == 0,
+           f'eval.batch_size={cfg.eval.batch_size} must be divisible by mesh.data*mesh.fsdp={batch_shards}')
+  return cfg
+
+
+# Sweep helpers: build lists of dotted-override dicts.
+
+def product(*axes: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+  """Cartesian product of override lists: product([{'a': 1}, {'a': 2}], [{'b': 3}]) -> 2 points."""
+  points = []
+  for combo in itertools.product(*[list(a) for a in axes]):
+    point: dict[str, Any] = {}
+    for part in combo:
+      point.update(part)
+    points.append(point)
+  return points
+
+
+def zip(*axes: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:  # pylint: disable=redefined-builtin
+  """Element-wise merge of equally long override lists."""
+  lists = [list(a) for a in axes]
+  if len({len(a) for a in lists}) > 1:
+    raise ConfigError(f'sweep zip over lists of different lengths: {[len(a) for a in lists]}')
+  return [{k: v for part in parts for k, v in part.items()} for parts in builtins.zip(*lists)]
+
+
+def sweep(key: str, values: Iterable[Any]) -> list[dict[str, Any]]:
+  """One axis: sweep('moe.num_experts', [8, 32]) -> [{'moe.num_experts': 8}, {'moe.num_experts': 32}]."""
+  return [{key: v} for v in values]

@@ -1,0 +1,215 @@
+"""Byte-level corpora, a deterministic document split, packing and grain pipelines.
+
+Sources (config `data.source`):
+  'stdlib'      the running interpreter's standard library, every `*.py` file under the
+                stdlib directory (site-packages excluded), sorted by relative path;
+  'text:GLOB'   your own files (recursive `**` allowed), sorted by path;
+  'tfds:NAME'   a TensorFlow-Datasets dataset read with `tfds.data_source` (no TensorFlow
+                needed), one document per example, text from `data.tfds_text_key`.
+
+Tokens are bytes 0..255; SEPARATOR (256) starts every document. The corpus
+fingerprint is the sha256 of every (key, document) pair in order; it is recorded in
+every result, because the stdlib differs across Python versions.
+
+Split: documents are ordered by sha256(key) and taken into the held-out set until it
+holds `data.heldout_bytes` bytes; the rest is training data. The split depends only on
+the keys and that one number, so it is deterministic and disjoint by construction.
+
+Packing: each split is one token stream; a window i covers tokens [i*L, i*L + L] (L+1
+tokens: inputs are the first L, targets the last L), so every token is a target once.
+Training draws windows in a seeded grain shuffle (`data.seed`): equal seeds give the same
+data order across configurations (paired runs). The iterator state is checkpointable.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import glob
+import hashlib
+import os
+import sysconfig
+from typing import Iterator
+
+import grain
+import numpy as np
+
+from moejax.errors import DataError
+
+SEPARATOR = 256
+
+
+@dataclasses.dataclass(frozen=True)
+class Corpus:
+  """A tokenized, split corpus."""
+  name: str
+  fingerprint: str
+  train_tokens: np.ndarray  # uint16 stream
+  heldout_tokens: np.ndarray  # uint16 stream
+  num_train_docs: int
+  num_heldout_docs: int
+
+  def metadata(self) -> dict:
+    return {'name': self.name, 'fingerprint': self.fingerprint, 'train_tokens': int(self.train_tokens.size),
+            'heldout_tokens': int(self.heldout_tokens.size), 'train_docs': self.num_train_docs,
+            'heldout_docs': self.num_heldout_docs}
+
+
+def stdlib_files() -> tuple[str, list[str]]:
+  """(root, sorted relative paths) of the interpreter's stdlib `*.py` files."""
+  root = sysconfig.get_paths()['stdlib']
+  rels = []
+  for dirpath, dirnames, filenames in os.walk(root):
+    dirnames[:] = [d for d in dirnames if d not in ('site-packages', 'dist-packages', '__pycache__')]
+    rels += [os.path.relpath(os.path.join(dirpath, f), root) for f in filenames if f.endswith('.py')]
+  return root, sorted(r.replace(os.sep, '/') for r in rels)
+
+
+def _read_files(root: str, rels: list[str]) -> list[tuple[str, bytes]]:
+  docs = []
+  for rel in rels:
+    with open(os.path.join(root, rel), 'rb') as f:
+      docs.append((rel, f.read()))
+  return docs
+
+
+def _tfds_documents(name: str, split: str, text_key: str, data_dir: str | None) -> list[tuple[str, bytes]]:
+  try:
+    import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+  except ImportError as e:
+    raise DataError(f"data.source='tfds:{name}' needs tensorflow-datasets: pip install -e '.[tfds]' ({e})") from None
+  try:
+    source = tfds.data_source(name, split=split, data_dir=data_dir)
+  except Exception as e:  # tfds raises many types for a missing dataset
+    raise DataError(f"data.source='tfds:{name}' split {split!r} cannot be read: {str(e).splitlines()[0]}") from None
+  docs = []
+  for i in range(len(source)):
+    example = source[i]
+    if text_key not in example:
+      raise DataError(f'data.tfds_text_key={text_key!r} is not a feature of tfds:{name} ({sorted(example)})')
+    text = example[text_key]
+    docs.append((f'{i:010d}', text.encode('utf-8') if isinstance(text, str) else bytes(text)))
+  return docs
+
+
+def read_documents(source: str, tfds_split: str = 'train', tfds_text_key: str = 'text',
+                   tfds_data_dir: str | None = None) -> list[tuple[str, bytes]]:
+  """Reads (key, bytes) documents of a source, sorted by key; raises DataError if none or all empty."""
+  if source == 'stdlib':
+    root, rels = stdlib_files()
+    docs = _read_files(root, rels)
+  elif source.startswith('text:'):
+    pattern = os.path.expanduser(source[len('text:'):])
+    paths = sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
+    if not paths:
+      raise DataError(f'data.source={source!r} matches no files')
+    docs = _read_files('', paths)
+  elif source.startswith('tfds:'):
+    docs = _tfds_documents(source[len('tfds:'):], tfds_split, tfds_text_key, tfds_data_dir)
+  else:
+    raise DataError(f'data.source={source!r} is not stdlib, text:GLOB or tfds:NAME')
+  docs = [(k, d) for k, d in docs if d]
+  if not docs:
+    raise DataError(f'data.source={source!r} has no non-empty documents')
+  return docs
+
+
+def fingerprint(docs: list[tuple[str, bytes]]) -> str:
+  """sha256 over every (key, length, bytes) in order."""
+  h = hashlib.sha256()
+  for key, data in docs:
+    h.update(key.encode() + b'\0' + str(len(data)).encode() + b'\0')
+    h.update(data)
+  return h.hexdigest()
+
+
+def split_documents(docs, heldout_bytes: int):
+  """(train, heldout) document lists; held-out = first docs in sha256(key) order until heldout_bytes."""
+  ranked = sorted(docs, key=lambda kd: hashlib.sha256(kd[0].encode()).hexdigest())
+  held, size = set(), 0
+  for key, data in ranked:
+    if size >= heldout_bytes:
+      break
+    held.add(key)
+    size += len(data)
+  train = [(k, d) for k, d in docs if k not in held]
+  heldout = [(k, d) for k, d in docs if k in held]
+  return train, heldout
+
+
+def pack(docs) -> np.ndarray:
+  """One uint16 token stream: SEPARATOR, doc bytes, SEPARATOR, doc bytes, ..."""
+  parts = []
+  for _, data in docs:
+    parts.append(np.array([SEPARATOR], np.uint16))
+    parts.append(np.frombuffer(data, np.uint8).astype(np.uint16))
+  return np.concatenate(parts) if parts else np.zeros((0,), np.uint16)
+
+
+@functools.lru_cache(maxsize=4)
+def load_corpus(source: str, heldout_bytes: int, tfds_split: str = 'train', tfds_text_key: str = 'text',
+                tfds_data_dir: str | None = None) -> Corpus:
+  """Reads, fingerprints, splits and packs a corpus (cached per process)."""
+  docs = read_documents(source, tfds_split, tfds_text_key, tfds_data_dir)
+  train, heldout = split_documents(docs, heldout_bytes)
+  if not train:
+    raise DataError(f'data.heldout_bytes={heldout_bytes} takes every document of {source!r}; none left to train on')
+  return Corpus(source, fingerprint(docs), pack(train), pack(heldout), len(train), len(heldout))
+
+
+def corpus_from_config(data_cfg) -> Corpus:
+  """`load_corpus` with the arguments of a `data` config section."""
+  return load_corpus(data_cfg.source, data_cfg.heldout_bytes, data_cfg.tfds_split, data_cfg.tfds_text_key,
+                     data_cfg.tfds_data_dir)
+
+
+class Windows:
+  """Random-access windows of L+1 tokens (stride L) over a token stream; a grain source."""
+
+  def __init__(self, tokens: np.ndarray, seq_len: int):
+    self.tokens, self.seq_len = tokens, seq_len
+    self.count = (tokens.size - 1) // seq_len
+
+  def __len__(self) -> int:
+    return self.count
+
+  def __getitem__(self, i: int) -> np.ndarray:
+    start = int(i) * self.seq_len
+    return self.tokens[start:start + self.seq_len + 1].astype(np.int32)
+
+
+def train_dataset(corpus: Corpus, seq_len: int, batch_size: int, seed: int,
+                  process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
+  """Endless shuffled batches [batch_size / process_count, L+1] of training windows."""
+  windows = Windows(corpus.train_tokens, seq_len)
+  if len(windows) < batch_size:
+    raise DataError(f'training split has {len(windows)} windows of {seq_len + 1} tokens; '
+                    f'train.batch_size={batch_size} needs at least that many')
+  ds = grain.MapDataset.source(windows)
+  if process_count > 1:  # multi-host: each process reads a disjoint slice of the windows
+    ds = ds[process_index::process_count]
+  ds = ds.shuffle(seed=seed).repeat(None)
+  return ds.batch(batch_size // process_count, drop_remainder=True).to_iter_dataset()
+
+
+def heldout_batches(corpus: Corpus, seq_len: int, batch_size: int,
+                    max_batches: int | None = None) -> Iterator[dict[str, np.ndarray]]:
+  """Fixed held-out batches {'inputs', 'targets', 'weights'} [B, L]; the tail is padded with weight 0."""
+  stream = corpus.heldout_tokens.astype(np.int32)
+  n_targets = stream.size - 1
+  if n_targets < 1:
+    raise DataError('held-out split is empty; raise data.heldout_bytes')
+  n_windows = -(-n_targets // seq_len)
+  pad = n_windows * seq_len + 1 - stream.size
+  padded = np.concatenate([stream, np.zeros((pad,), np.int32)])
+  weights = np.concatenate([np.ones((n_targets,), np.float32), np.zeros((pad,), np.float32)])
+  n_batches = -(-n_windows // batch_size)
+  if max_batches is not None:
+    n_batches = min(n_batches, max_batches)
+  for b in range(n_batches):
+    idx = np.arange(b * batch_size, (b + 1) * batch_size)
+    valid = idx < n_windows
+    starts = np.where(valid, idx, 0) * seq_len
+    rows = starts[:, None] + np.arange(seq_len)[None, :]
+    yield {'inputs': padded[rows], 'targets': padded[rows + 1],
+           'weights': weights[rows] * valid[:, None].astype(np.float32)}

@@ -1,0 +1,96 @@
+"""Transformer building blocks: RMSNorm, embedding, rotary attention (GQA), dense SwiGLU.
+
+Parameters are float32 `nnx.Param`s with `logical_axes` metadata (resolved by
+`moejax.mesh`); matmuls run in the `dtype` each module is given.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+
+def param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str, ...], std: float) -> nnx.Param:
+  """A normal(0, std) float32 parameter tagged with logical axis names."""
+  return nnx.Param(std * jax.random.normal(rngs.params(), shape, jnp.float32), logical_axes=axes)
+
+
+class RMSNorm(nnx.Module):
+  """y = x / rms(x) * scale, computed in float32."""
+
+  def __init__(self, dim: int, eps: float):
+    self.scale = nnx.Param(jnp.ones((dim,), jnp.float32), logical_axes=('embed',))
+    self.eps = eps
+
+  def __call__(self, x_BLD: jax.Array) -> jax.Array:
+    x = x_BLD.astype(jnp.float32)
+    x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps)
+    return (x * self.scale[...]).astype(x_BLD.dtype)
+
+
+class Embed(nnx.Module):
+  """Token embedding table [V, D]; `attend` gives the tied output logits."""
+
+  def __init__(self, vocab: int, dim: int, std: float, rngs: nnx.Rngs):
+    self.table = param(rngs, (vocab, dim), ('vocab', 'embed'), std)
+
+  def __call__(self, tokens_BL: jax.Array, dtype) -> jax.Array:
+    return jnp.take(self.table[...], tokens_BL, axis=0).astype(dtype)
+
+  def attend(self, x_BLD: jax.Array) -> jax.Array:
+    return jnp.einsum('bld,vd->blv', x_BLD, self.table[...].astype(x_BLD.dtype))
+
+
+def rotary(x_BLHK: jax.Array, base: float) -> jax.Array:
+  """Rotary position embedding (rotate-half form) over positions 0..L-1, in float32."""
+  L, K = x_BLHK.shape[1], x_BLHK.shape[-1]
+  inv_freq = base ** (-jnp.arange(0, K, 2, dtype=jnp.float32) / K)
+  angles_LK = jnp.arange(L, dtype=jnp.float32)[:, None] * inv_freq[None, :]
+  sin, cos = jnp.sin(angles_LK)[None, :, None, :], jnp.cos(angles_LK)[None, :, None, :]
+  x = x_BLHK.astype(jnp.float32)
+  x1, x2 = jnp.split(x, 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x_BLHK.dtype)
+
+
+class Attention(nnx.Module):
+  """Causal grouped-query self-attention with rotary embeddings and no biases."""
+
+  def __init__(self, dim: int, heads: int, kv_heads: int, head_dim: int, rope_base: float, std: float,
+               out_std: float, rngs: nnx.Rngs):
+    self.wq = param(rngs, (dim, heads, head_dim), ('embed', 'heads', 'head_dim'), std)
+    self.wk = param(rngs, (dim, kv_heads, head_dim), ('embed', 'kv_heads', 'head_dim'), std)
+    self.wv = param(rngs, (dim, kv_heads, head_dim), ('embed', 'kv_heads', 'head_dim'), std)
+    self.wo = param(rngs, (heads, head_dim, dim), ('heads', 'head_dim', 'embed'), out_std)
+    self.rope_base = rope_base
+
+  def __call__(self, x_BLD: jax.Array) -> jax.Array:
+    dt = x_BLD.dtype
+    q = rotary(jnp.einsum('bld,dhk->blhk', x_BLD, self.wq[...].astype(dt)), self.rope_base)
+    k = rotary(jnp.einsum('bld,dhk->blhk', x_BLD, self.wk[...].astype(dt)), self.rope_base)
+    v = jnp.einsum('bld,dhk->blhk', x_BLD, self.wv[...].astype(dt))
+    # dot_product_attention broadcasts kv heads over query-head groups (GQA) and scales by 1/sqrt(K).
+    o = jax.nn.dot_product_attention(q, k, v, is_causal=True)
+    return jnp.einsum('blhk,hkd->bld', o, self.wo[...].astype(dt))
+
+
+def swiglu(x: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array, spec: str) -> jax.Array:
+  """SwiGLU: (silu(x @ w_gate) * (x @ w_up)) @ w_down, with einsum specs 'in,gate->hidden,down->out'."""
+  first, last = spec.split(';')
+  h = jax.nn.silu(jnp.einsum(first, x, w_gate)) * jnp.einsum(first, x, w_up)
+  return jnp.einsum(last, h, w_down)
+
+
+class MLP(nnx.Module):
+  """Dense SwiGLU feed-forward block."""
+
+  def __init__(self, dim: int, hidden: int, std: float, out_std: float, rngs: nnx.Rngs):
+    self.w_gate = param(rngs, (dim, hidden), ('embed', 'mlp'), std)
+    self.w_up = param(rngs, (dim, hidden), ('embed', 'mlp'), std)
+    self.w_down = param(rngs, (hidden, dim), ('mlp', 'embed'), out_std)
+
+  def __call__(self, x_BLD: jax.Array) -> jax.Array:
+    dt = x_BLD.dtype
+    return swiglu(x_BLD, self.w_gate[...].astype(dt), self.w_up[...].astype(dt), self.w_down[...].astype(dt),
+                  '...d,df->...f;...f,fd->...d')

@@ -1,0 +1,95 @@
+"""Entry point: train and score one configuration.
+
+  python -m moejax.main --config=experiments/quickstart.py --workdir=/tmp/run \\
+      [--config.moe.num_experts=32 ...] [--mode=train|eval]
+
+--mode=train (default) trains (resuming from the workdir's latest checkpoint), scores the
+held-out set and writes WORKDIR/result.json. --mode=eval only scores the latest checkpoint.
+Any bad input ends with one line `moejax: error: ...` on stderr and a non-zero exit.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+import moejax
+from absl import app, flags
+from ml_collections import config_flags
+
+from moejax import config as config_lib, data, eval as eval_lib, train
+from moejax.errors import ConfigError, MoejaxError
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment file, optionally with :arg.', lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and result.json.')
+_MODE = flags.DEFINE_enum('mode', 'train', ['train', 'eval'], 'train (then eval) or eval only.')
+
+log = logging.getLogger(__name__)
+
+
+def execute(cfg, workdir: str, mode: str = 'train') -> dict:
+  """Validates `cfg`, trains (mode 'train') and scores it; writes and returns the result record."""
+  config_lib.validate(cfg)
+  train.prepare_workdir(workdir)
+  corpus = data.corpus_from_config(cfg.data)
+  s = train.setup(cfg, corpus)
+  if mode == 'train':
+    summary = train.run(cfg, workdir, built=s)
+    params = s.state['params']
+  else:
+    step, params = eval_lib.restore_params(s, workdir)
+    summary = {'steps': step, 'tokens': step * cfg.train.batch_size * cfg.data.seq_len, 'wall_s': None}
+  record = eval_lib.result_record(s, eval_lib.evaluate(s, params), summary)
+  eval_lib.write_result(workdir, record)
+  log.info('%s: held-out loss %.4f nats/token (%.4f bits/byte) over %d tokens', cfg.name,
+               record['eval']['loss'], record['eval']['bits_per_byte'], record['eval']['tokens'])
+  return record
+
+
+def fail(error: MoejaxError) -> None:
+  """Prints the one-line error and exits with its code."""
+  print(f'moejax: error: {error}', file=sys.stderr)
+  sys.exit(error.exit_code)
+
+
+def _main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  if _CONFIG.value is None or _WORKDIR.value is None:
+    raise app.UsageError('--config and --workdir are required')
+  try:
+    record = execute(_CONFIG.value, _WORKDIR.value, _MODE.value)
+  except MoejaxError as e:
+    fail(e)
+  print(f'{record["name"]}: held-out loss {record["eval"]["loss"]:.4f} nats/token, '
+        f'{record["eval"]["bits_per_byte"]:.4f} bits/byte -> {_WORKDIR.value}/result.json')
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl flag parsing where a bad flag or --config override is one line and exit code 2."""
+  found = config_lib.config_flag(argv)
+  if found and not os.path.isfile(found[0]):
+    fail(ConfigError(f'config file not found: {found[0]}'))
+  try:
+    return flags.FLAGS(argv)
+  except MoejaxError as e:
+    fail(e)
+  except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
+    message = ' '.join(str(e).replace('\\n', ' ').replace("\\'", "'").strip("'").split())
+    fail(ConfigError(f'bad flag or config override: {message}'))
+  return []
+
+
+def cli(main_fn) -> None:
+  """Runs an absl main with moejax logging, importable experiment files and one-line errors."""
+  moejax.setup_logging()
+  config_lib.add_experiment_root(sys.argv)
+  try:
+    app.run(main_fn, flags_parser=parse_flags)
+  except MoejaxError as e:
+    fail(e)
+
+
+if __name__ == '__main__':
+  cli(_main)

@@ -1,0 +1,85 @@
+"""Run outputs: metrics to JSONL and TensorBoard, atomic file writes, MFU bookkeeping."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from typing import Any
+
+import jax
+import numpy as np
+
+# bf16 dense peak FLOP/s per device, by `device_kind` substring (PERF.md §3; TPU figures from vendor docs).
+PEAK_FLOPS = {'H100': 989e12, 'H200': 989e12, 'A100': 312e12, 'TPU v5p': 459e12, 'TPU v6': 918e12,
+              'TPU v5 lite': 197e12, 'TPU v4': 275e12}
+
+
+def atomic_write(path: str, text: str) -> None:
+  """Writes `text` to `path` via a temp file in the same directory and os.replace (never half-written)."""
+  directory = os.path.dirname(os.path.abspath(path))
+  fd, tmp = tempfile.mkstemp(dir=directory, prefix='.' + os.path.basename(path) + '.')
+  try:
+    with os.fdopen(fd, 'w') as f:
+      f.write(text)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+
+
+def to_jsonable(x: Any) -> Any:
+  """Converts arrays and numpy scalars inside nested containers to JSON types."""
+  if isinstance(x, dict):
+    return {str(k): to_jsonable(v) for k, v in x.items()}
+  if isinstance(x, (list, tuple)):
+    return [to_jsonable(v) for v in x]
+  if isinstance(x, (jax.Array, np.ndarray, np.generic)):
+    arr = np.asarray(x)
+    return arr.item() if arr.ndim == 0 else arr.tolist()
+  return x
+
+
+def peak_flops(override_tflops: float | None) -> float | None:
+  """Per-device peak FLOP/s for MFU: the config override, else a lookup by device kind (None on CPU)."""
+  if override_tflops is not None:
+    return override_tflops * 1e12
+  kind = jax.devices()[0].device_kind
+  for name, flops in PEAK_FLOPS.items():
+    if name in kind:
+      return flops
+  return None
+
+
+class MetricsWriter:
+  """Appends one JSON object per logged step to metrics.jsonl and scalars to TensorBoard."""
+
+  def __init__(self, workdir: str):
+    self.path = os.path.join(workdir, 'metrics.jsonl')
+    self._tb = None
+    try:
+      from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
+      self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'))
+    except ImportError:
+      pass
+
+  def write(self, step: int, scalars: dict[str, Any]) -> None:
+    record = {'step': step, **to_jsonable(scalars)}
+    with open(self.path, 'a') as f:
+      f.write(json.dumps(record) + '\n')
+    if self._tb is not None:
+      for key, value in record.items():
+        if isinstance(value, (int, float)) and key != 'step' and math.isfinite(value):
+          self._tb.add_scalar(key, value, step)
+        elif isinstance(value, list):
+          for i, v in enumerate(value):
+            if isinstance(v, (int, float)) and math.isfinite(v):
+              self._tb.add_scalar(f'{key}/{i}', v, step)
+
+  def close(self) -> None:
+    if self._tb is not None:
+      self._tb.close()

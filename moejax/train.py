@@ -1,0 +1,217 @@
+"""The train step (pure, jitted, donated) and the loop around it.
+
+The loop resumes from the latest checkpoint (state, step and data-iterator position),
+saves every `checkpoint.every_steps` and at the end, turns SIGTERM into a saved
+checkpoint plus `Preempted`, and stops with `NonFiniteLossError` on a NaN/inf loss
+without ever saving the bad state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from moejax import accounting, checkpoint, data, mesh as mesh_lib, metrics as metrics_lib, model as model_lib, optim
+from moejax.errors import DataError, NonFiniteLossError, Preempted, WorkdirError
+
+log = logging.getLogger(__name__)
+
+
+def token_nll(logits_BLV: jax.Array, targets_BL: jax.Array) -> jax.Array:
+  """Per-token negative log-likelihood in nats (float32)."""
+  return optax.softmax_cross_entropy_with_integer_labels(logits_BLV.astype(jnp.float32), targets_BL)
+
+
+def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation, moe_cfg,
+                    lr_schedule: optax.Schedule) -> Callable:
+  """Returns step(state, tokens_BL1) -> (state, metrics); the state buffers are donated."""
+
+  def loss_fn(params, tokens_BL1):
+    logits_BLV, aux = nnx.merge(graphdef, params)(tokens_BL1[:, :-1])
+    ce = jnp.mean(token_nll(logits_BLV, tokens_BL1[:, 1:]))
+    loss = ce + moe_cfg.aux_loss_coef * aux['aux_loss'] + moe_cfg.z_loss_coef * aux['z_loss']
+    return loss, (ce, aux)
+
+  def step(state, tokens_BL1):
+    (loss, (ce, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state['params'], tokens_BL1)
+    updates, opt_state = optimizer.update(grads, state['opt_state'], state['params'])
+    params = optax.apply_updates(state['params'], updates)
+    out = {'loss': loss, 'ce': ce, 'aux_loss': aux['aux_loss'], 'z_loss': aux['z_loss'],
+           'grad_norm': optax.global_norm(grads), 'learning_rate': lr_schedule(state['step'])}
+    for key in ('load_max_over_mean', 'router_entropy'):
+      if key in aux:
+        out[key] = aux[key]
+    return {'params': params, 'opt_state': opt_state, 'step': state['step'] + 1}, out
+
+  return jax.jit(step, donate_argnums=0)
+
+
+@dataclasses.dataclass
+class Setup:
+  """Everything a run builds from its config before the first step."""
+  cfg: Any
+  mesh: jax.sharding.Mesh
+  graphdef: nnx.GraphDef
+  state: dict
+  corpus: data.Corpus
+  accounting: dict
+
+
+def prepare_workdir(workdir: str) -> None:
+  """Creates `workdir` and proves it writable; raises WorkdirError with one line otherwise."""
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    probe = os.path.join(workdir, '.write_probe')
+    with open(probe, 'w') as f:
+      f.write('ok')
+    os.remove(probe)
+  except OSError as e:
+    raise WorkdirError(f'workdir {workdir!r} is not writable: {e.strerror or e}') from None
+
+
+def setup(cfg, corpus: data.Corpus | None = None) -> Setup:
+  """Builds mesh, model, sharded params and optimizer state for a validated config."""
+  corpus = corpus or data.corpus_from_config(cfg.data)
+  mesh = mesh_lib.make_mesh(cfg.mesh)
+  graphdef, state = nnx.split(model_lib.build(cfg))
+  shardings = mesh_lib.tree_shardings(mesh_lib.logical_axes_tree(state), mesh)
+  params = jax.device_put(nnx.to_pure_dict(state), shardings)
+  optimizer = optim.make(cfg.optim, cfg.train.steps)
+  train_state = {'params': params, 'opt_state': jax.jit(optimizer.init)(params), 'step': jnp.zeros((), jnp.int32)}
+  return Setup(cfg, mesh, graphdef, train_state, corpus, accounting.count(cfg))
+
+
+class _SigtermFlag:
+  """Records SIGTERM instead of dying mid-step; restores the previous handler on exit."""
+
+  def __init__(self):
+    self.raised = False
+
+  def __enter__(self):
+    self._previous = signal.signal(signal.SIGTERM, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.raised = True
+
+  def __exit__(self, *exc):
+    signal.signal(signal.SIGTERM, self._previous)
+
+
+def _check_finite(step: int, scalars: dict[str, float]) -> None:
+  if not np.isfinite(scalars['loss']):
+    raise NonFiniteLossError(f'loss is {scalars["loss"]} at step {step}; stopped without saving this state '
+                             '(the last good checkpoint is kept; lower optim.peak_learning_rate?)')
+
+
+def run(cfg, workdir: str, stop_after: int | None = None, built: Setup | None = None) -> dict:
+  """Trains `cfg` in `workdir` (resuming if possible); returns {'steps', 'tokens', 'wall_s', 'setup'}.
+
+  `stop_after` stops (with a checkpoint) after that many total steps, as a preemption would.
+  """
+  prepare_workdir(workdir)
+  s = built or setup(cfg)
+  t_cfg = cfg.train
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'), cfg.checkpoint.max_to_keep,
+                                 cfg.checkpoint.use_async)
+  dataset = data.train_dataset(s.corpus, cfg.data.seq_len, t_cfg.batch_size, cfg.data.seed)
+  data_iter = iter(dataset)
+  state, wall_before = s.state, 0.0
+  restored = ckpt.restore_latest(checkpoint.abstract(state))
+  if restored is not None:
+    step0, state, meta = restored
+    if meta['data_fingerprint'] != s.corpus.fingerprint:
+      raise DataError(f'checkpoint in {workdir} was trained on corpus {meta["data_fingerprint"][:12]}, '
+                      f'but data.source now gives {s.corpus.fingerprint[:12]}')
+    data_iter.set_state(meta['data_iterator'])
+    wall_before = meta['wall_s']
+    log.info('resumed from step %d', step0)
+  else:
+    metrics_lib.atomic_write(os.path.join(workdir, 'config.json'), cfg.to_json_best_effort(indent=2))
+  step = int(state['step'])
+  end = t_cfg.steps if stop_after is None else min(stop_after, t_cfg.steps)
+  train_step = make_train_step(s.graphdef, optim.make(cfg.optim, t_cfg.steps), cfg.moe,
+                               optim.schedule(cfg.optim, t_cfg.steps))
+  writer = metrics_lib.MetricsWriter(workdir)
+  tokens_per_step = t_cfg.batch_size * cfg.data.seq_len
+  peak = metrics_lib.peak_flops(t_cfg.peak_tflops)
+  batch_sharding = mesh_lib.batch_sharding(s.mesh, 2)
+
+  def save(at_step, wall):
+    ckpt.save(at_step, state, {'step': at_step, 'data_iterator': data_iter.get_state(), 'wall_s': wall,
+                               'data_fingerprint': s.corpus.fingerprint, 'config': cfg.to_json_best_effort()})
+
+  progress = _Progress(step, end)
+  t_start, t_window, window_steps, pending = time.time(), time.time(), 0, None
+  try:
+    with _SigtermFlag() as sigterm:
+      while step < end and not sigterm.raised:
+        tokens = jax.device_put(next(data_iter), batch_sharding)
+        state, out = train_step(state, tokens)
+        step += 1
+        # Check the previous step's loss now, so the host never waits on the step just dispatched.
+        if pending is not None:
+          _check_finite(*pending)
+        pending = (step, jax.device_get(out))
+        window_steps += 1
+        progress.update(1)
+        if step % t_cfg.log_every_steps == 0 or step == end:
+          _check_finite(*pending)
+          elapsed = time.time() - t_window
+          scalars = dict(pending[1], tokens_per_s=window_steps * tokens_per_step / elapsed)
+          if peak:
+            scalars['mfu'] = scalars['tokens_per_s'] * s.accounting['flops_per_token'] / (peak * jax.device_count())
+          writer.write(step, scalars)
+          progress.log(step, scalars)
+          t_window, window_steps = time.time(), 0
+        if step % cfg.checkpoint.every_steps == 0 or step == end or sigterm.raised:
+          _check_finite(*pending)
+          save(step, wall_before + time.time() - t_start)
+      if sigterm.raised:
+        ckpt.wait()
+        raise Preempted(f'SIGTERM at step {step}: checkpoint saved in {workdir}; rerun the same command to resume')
+  finally:
+    progress.close()
+    writer.close()
+    ckpt.close()
+  s.state = state
+  return {'steps': step, 'tokens': step * tokens_per_step, 'wall_s': wall_before + time.time() - t_start, 'setup': s}
+
+
+class _Progress:
+  """A tqdm bar on a terminal; periodic log lines otherwise."""
+
+  def __init__(self, start: int, end: int):
+    self.bar = None
+    if sys.stderr.isatty():
+      from tqdm import tqdm  # pylint: disable=import-outside-toplevel
+      self.bar = tqdm(total=end, initial=start, unit='step', dynamic_ncols=True, leave=False)
+
+  def update(self, n: int) -> None:
+    if self.bar is not None:
+      self.bar.update(n)
+
+  def log(self, step: int, scalars: dict) -> None:
+    text = (f'step {step}: loss {scalars["loss"]:.4f} ce {scalars["ce"]:.4f} '
+            f'{scalars["tokens_per_s"]:,.0f} tok/s' + (f' mfu {scalars["mfu"]:.1%}' if 'mfu' in scalars else ''))
+    if self.bar is not None:
+      self.bar.set_postfix_str(text)
+    else:
+      log.info(text)
+
+  def close(self) -> None:
+    if self.bar is not None:
+      self.bar.close()

@@ -8,6 +8,7 @@ cannot be read (corrupt or truncated files) is reported and the next older one i
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 import jax
@@ -23,7 +24,8 @@ class Checkpointer:
   """Saves and restores {'state': pytree, 'meta': json dict} under `directory`."""
 
   def __init__(self, directory: str, max_to_keep: int = 2, use_async: bool = True):
-    self.directory = epath.Path(directory)
+    # Orbax requires absolute local paths; remote ones (gs://...) pass through.
+    self.directory = epath.Path(directory if '://' in directory else os.path.abspath(directory))
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, enable_async_checkpointing=use_async,
                                            create=True)
     self._mngr = ocp.CheckpointManager(self.directory, options=options)

@@ -21,9 +21,12 @@ from ml_collections import config_flags
 from moejax import config as config_lib, data, eval as eval_lib, train
 from moejax.errors import ConfigError, MoejaxError
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment file, optionally with :arg.', lock_config=True)
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and result.json.')
-_MODE = flags.DEFINE_enum('mode', 'train', ['train', 'eval'], 'train (then eval) or eval only.')
+FLAGS = flags.FLAGS
+
+
+def define_config_flag() -> None:
+  """--config=experiments/x.py[:arg] with --config.a.b=v overrides; lock_config makes typos fail."""
+  config_flags.DEFINE_config_file('config', None, 'Experiment file, optionally with :arg.', lock_config=True)
 
 log = logging.getLogger(__name__)
 
@@ -56,14 +59,14 @@ def fail(error: MoejaxError) -> None:
 def _main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  if _CONFIG.value is None or _WORKDIR.value is None:
+  if FLAGS.config is None or FLAGS.workdir is None:
     raise app.UsageError('--config and --workdir are required')
   try:
-    record = execute(_CONFIG.value, _WORKDIR.value, _MODE.value)
+    record = execute(FLAGS.config, FLAGS.workdir, FLAGS.mode)
   except MoejaxError as e:
     fail(e)
   print(f'{record["name"]}: held-out loss {record["eval"]["loss"]:.4f} nats/token, '
-        f'{record["eval"]["bits_per_byte"]:.4f} bits/byte -> {_WORKDIR.value}/result.json')
+        f'{record["eval"]["bits_per_byte"]:.4f} bits/byte -> {FLAGS.workdir}/result.json')
 
 
 def parse_flags(argv: list[str]) -> list[str]:
@@ -92,4 +95,7 @@ def cli(main_fn) -> None:
 
 
 if __name__ == '__main__':
+  define_config_flag()
+  flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and result.json.')
+  flags.DEFINE_enum('mode', 'train', ['train', 'eval'], 'train (then eval) or eval only.')
   cli(_main)

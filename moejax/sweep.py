@@ -20,13 +20,11 @@ import sys
 import time
 
 from absl import app, flags
-from ml_collections import config_flags
 
 from moejax import accounting, config as config_lib, main as main_lib, metrics as metrics_lib
 from moejax.errors import MoejaxError
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment file, optionally with :arg.', lock_config=True)
-_ROOT = flags.DEFINE_string('root', None, 'Directory holding one workdir per sweep point.')
+FLAGS = flags.FLAGS
 
 COLUMNS = ('name', 'n_total', 'n_active', 'sparsity', 'heldout_loss', 'bits_per_byte', 'train_wall_s')
 
@@ -96,20 +94,20 @@ def run_sweep(cfg, points: list[dict], root: str) -> tuple[list[dict], list[tupl
 def _main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  if _CONFIG.value is None or _ROOT.value is None:
+  if FLAGS.config is None or FLAGS.root is None:
     raise app.UsageError('--config and --root are required')
   try:
     path, arg = config_lib.config_flag(sys.argv)
     module = config_lib.load_module(path)
     points = module.get_sweep(arg) if hasattr(module, 'get_sweep') else [{}]
-    os.makedirs(_ROOT.value, exist_ok=True)
-    rows, failures = run_sweep(_CONFIG.value, points, _ROOT.value)
+    os.makedirs(FLAGS.root, exist_ok=True)
+    rows, failures = run_sweep(FLAGS.config, points, FLAGS.root)
     if rows:
-      metrics_lib.atomic_write(os.path.join(_ROOT.value, 'results.md'), markdown(rows))
-      metrics_lib.atomic_write(os.path.join(_ROOT.value, 'results.csv'), csv_text(rows))
+      metrics_lib.atomic_write(os.path.join(FLAGS.root, 'results.md'), markdown(rows))
+      metrics_lib.atomic_write(os.path.join(FLAGS.root, 'results.csv'), csv_text(rows))
   except (MoejaxError, OSError) as e:
     main_lib.fail(e if isinstance(e, MoejaxError) else MoejaxError(f'cannot write under --root: {e}'))
-  print('\n' + markdown(rows) + f'\n(written to {_ROOT.value}/results.md and results.csv)')
+  print('\n' + markdown(rows) + f'\n(written to {FLAGS.root}/results.md and results.csv)')
   for name, error in failures:
     print(f'FAILED {name}: {error}', file=sys.stderr)
   if failures:
@@ -117,4 +115,6 @@ def _main(argv):
 
 
 if __name__ == '__main__':
+  main_lib.define_config_flag()
+  flags.DEFINE_string('root', None, 'Directory holding one workdir per sweep point.')
   main_lib.cli(_main)

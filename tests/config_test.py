@@ -1,0 +1,67 @@
+"""Config validation rules, overrides and sweep helpers."""
+
+import pytest
+
+from experiments import base, quickstart
+from moejax import config as config_lib
+from moejax.errors import ConfigError
+
+
+@pytest.mark.parametrize('overrides,message', [
+    ({'moe.experts_per_token': 9, 'moe.num_experts': 8}, 'moe.experts_per_token=9 must be in [1, moe.num_experts=8]'),
+    ({'model.num_heads': 3}, 'model.model_dim=128 must be divisible by model.num_heads=3'),
+    ({'model.num_kv_heads': 3}, 'model.num_heads=4 must be divisible by model.num_kv_heads=3'),
+    ({'train.batch_size': 30, 'mesh.data': 4}, 'train.batch_size=30 must be divisible by mesh.data*mesh.fsdp=4'),
+    ({'moe.num_experts': 6, 'mesh.expert': 4}, 'moe.num_experts=6 must be divisible by mesh.expert=4'),
+    ({'moe.dispatch': 'magic'}, "moe.dispatch='magic' must be one of"),
+    ({'moe.first_dense_layers': 4}, 'leaves no MoE layer'),
+    ({'moe.block_size': 12}, 'moe.block_size=12 must be a positive multiple of 8'),
+    ({'data.source': 'hdfs:x'}, "data.source='hdfs:x' must be"),
+    ({'data.source': 'text:'}, "data.source='text:' must be"),
+    ({'train.steps': 0}, 'train.steps=0 must be > 0'),
+    ({'optim.warmup_fraction': 1.0}, 'optim.warmup_fraction=1.0 must be in [0, 1)'),
+    ({'model.compute_dtype': 'float16'}, "model.compute_dtype='float16' must be one of"),
+])
+def test_validate_names_key_and_rule(overrides, message):
+  cfg = config_lib.apply_overrides(base.get_config(), overrides)
+  with pytest.raises(ConfigError) as e:
+    config_lib.validate(cfg)
+  assert message in str(e.value)
+  assert '\n' not in str(e.value)
+
+
+def test_base_and_quickstart_points_are_valid():
+  config_lib.validate(base.get_config())
+  for point in quickstart.get_sweep():
+    config_lib.validate(config_lib.apply_overrides(quickstart.get_config(), point))
+
+
+def test_apply_overrides_rejects_unknown_key_and_wrong_type():
+  with pytest.raises(ConfigError, match='unknown config key: moe.num_expertz'):
+    config_lib.apply_overrides(base.get_config(), {'moe.num_expertz': 3})
+  with pytest.raises(ConfigError, match='wrong type'):
+    config_lib.apply_overrides(base.get_config(), {'train.steps': 'many'})
+
+
+def test_apply_overrides_sets_optional_fields_and_copies():
+  cfg = base.get_config()
+  new = config_lib.apply_overrides(cfg, {'moe.block_size': 16, 'model.head_dim': 64})
+  assert new.moe.block_size == 16 and new.model.head_dim == 64
+  assert cfg.moe.block_size is None
+
+
+def test_sweep_helpers():
+  a = config_lib.sweep('moe.num_experts', [4, 8])
+  b = config_lib.sweep('seed', [0, 1, 2])
+  assert len(config_lib.product(a, b)) == 6
+  assert config_lib.product(a, b)[1] == {'moe.num_experts': 4, 'seed': 1}
+  assert config_lib.zip(a, config_lib.sweep('name', ['x', 'y'])) == [
+      {'moe.num_experts': 4, 'name': 'x'}, {'moe.num_experts': 8, 'name': 'y'}]
+  with pytest.raises(ConfigError):
+    config_lib.zip(a, b)
+
+
+def test_config_flag_parsing():
+  assert config_lib.config_flag(['prog', '--config=experiments/x.py:big', '--workdir=w']) == ('experiments/x.py', 'big')
+  assert config_lib.config_flag(['prog', '--config', 'a.py']) == ('a.py', None)
+  assert config_lib.config_flag(['prog']) is None

@@ -1,0 +1,100 @@
+"""Corpora, the document split, packing, and the checkpointable iterator."""
+
+import os
+
+import numpy as np
+import pytest
+
+from moejax import data
+from moejax.errors import DataError
+
+
+def test_split_is_deterministic_and_disjoint():
+  docs = [(f'd{i}', bytes([65 + i % 26]) * (100 + i)) for i in range(50)]
+  train, held = data.split_documents(docs, 1000)
+  train2, held2 = data.split_documents(list(reversed(docs)), 1000)
+  assert {k for k, _ in held} == {k for k, _ in held2}
+  assert not {k for k, _ in train} & {k for k, _ in held}
+  assert len(train) + len(held) == len(docs)
+  assert sum(len(d) for _, d in held) >= 1000 > sum(len(d) for _, d in held) - max(len(d) for _, d in held)
+
+
+def test_fingerprint_changes_with_content_and_names():
+  docs = [('a', b'xy'), ('b', b'z')]
+  assert data.fingerprint(docs) == data.fingerprint(list(docs))
+  assert data.fingerprint(docs) != data.fingerprint([('a', b'xy'), ('b', b'q')])
+  assert data.fingerprint(docs) != data.fingerprint([('a', b'x'), ('b', b'yz')])
+
+
+def test_pack_inserts_separators():
+  stream = data.pack([('a', b'AB'), ('b', b'C')])
+  np.testing.assert_array_equal(stream, [256, 65, 66, 256, 67])
+
+
+def test_stdlib_source_has_python_files():
+  root, rels = data.stdlib_files()
+  assert 'os.py' in rels and not any('site-packages' in r for r in rels)
+  assert rels == sorted(rels)
+  assert os.path.isfile(os.path.join(root, rels[0]))
+
+
+def test_text_source_missing_and_empty(tmp_path):
+  with pytest.raises(DataError, match='matches no files'):
+    data.read_documents(f'text:{tmp_path}/nothing/*.txt')
+  (tmp_path / 'empty.txt').write_bytes(b'')
+  with pytest.raises(DataError, match='no non-empty documents'):
+    data.read_documents(f'text:{tmp_path}/*.txt')
+
+
+def test_heldout_taking_everything_is_an_error(tmp_path):
+  (tmp_path / 'a.txt').write_bytes(b'hello world')
+  with pytest.raises(DataError, match='none left to train on'):
+    data.load_corpus(f'text:{tmp_path}/*.txt', 10_000)
+
+
+def test_heldout_batches_cover_every_target_once():
+  corpus = data.Corpus('x', 'f', np.arange(10, dtype=np.uint16), np.arange(23, dtype=np.uint16), 1, 1)
+  batches = list(data.heldout_batches(corpus, seq_len=5, batch_size=2))
+  targets = np.concatenate([b['targets'][b['weights'] > 0] for b in batches])
+  np.testing.assert_array_equal(np.sort(targets), np.arange(1, 23))
+  for b in batches:  # targets are inputs shifted by one
+    w = b['weights'] > 0
+    np.testing.assert_array_equal(b['targets'][w], (b['inputs'] + 1)[w])
+
+
+def test_train_iterator_resumes_from_state(corpus_glob):
+  corpus = data.load_corpus(corpus_glob, 4000)
+  ds = data.train_dataset(corpus, 16, 4, seed=3)
+  it = iter(ds)
+  for _ in range(5):
+    next(it)
+  state = it.get_state()
+  expected = [next(it) for _ in range(3)]
+  it2 = iter(ds)
+  it2.set_state(state)
+  for e in expected:
+    np.testing.assert_array_equal(next(it2), e)
+  assert expected[0].shape == (4, 17) and expected[0].dtype == np.int32
+
+
+def test_train_order_depends_only_on_data_seed(corpus_glob):
+  corpus = data.load_corpus(corpus_glob, 4000)
+  first = lambda seed: next(iter(data.train_dataset(corpus, 16, 4, seed=seed)))
+  np.testing.assert_array_equal(first(0), first(0))
+  assert not np.array_equal(first(0), first(1))
+
+
+def test_too_few_windows_is_an_error():
+  corpus = data.Corpus('x', 'f', np.arange(20, dtype=np.uint16), np.arange(5, dtype=np.uint16), 1, 1)
+  with pytest.raises(DataError, match='train.batch_size=8'):
+    data.train_dataset(corpus, 16, 8, seed=0)
+
+
+def test_tfds_source_with_mock_data():
+  tfds = pytest.importorskip('tensorflow_datasets')
+  with tfds.testing.mock_data(num_examples=12):
+    docs = data.read_documents('tfds:lm1b', tfds_split='train', tfds_text_key='text')
+  assert len(docs) == 12 and all(isinstance(d, bytes) and d for _, d in docs)
+  with tfds.testing.mock_data(num_examples=3):
+    with pytest.raises(DataError, match='not a feature'):
+      data.read_documents('tfds:lm1b', tfds_text_key='body')

@@ -1,0 +1,76 @@
+"""The command line: result records, sweeps, and one-line errors for bad input."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from moejax import config as config_lib, main as main_lib, sweep
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_execute_writes_complete_result_record(tiny_cfg, tmp_path):
+  record = main_lib.execute(config_lib.apply_overrides(tiny_cfg, {'train.steps': 2}), str(tmp_path))
+  on_disk = json.loads((tmp_path / 'result.json').read_text())
+  assert on_disk == json.loads(json.dumps(record))
+  for key in ('n_total', 'n_active', 'n_total_nonembed', 'n_active_nonembed', 'sparsity', 'flops_per_token'):
+    assert key in record['accounting']
+  assert set(record['eval']) >= {'loss', 'bits_per_byte', 'tokens'}
+  assert set(record['train']) == {'steps', 'tokens', 'wall_s'} and record['train']['steps'] == 2
+  assert record['data']['name'].startswith('text:') and len(record['data']['fingerprint']) == 64
+  assert record['config']['moe']['num_experts'] == 4
+  assert 'git' in record
+  assert json.loads((tmp_path / 'config.json').read_text())['train']['steps'] == 2
+  assert not [f for f in os.listdir(tmp_path) if f.startswith('.')]  # no temp files left behind
+
+
+def test_sweep_runs_points_skips_finished_and_records_failures(tiny_cfg, tmp_path):
+  points = [{'name': 'dense', 'moe.num_experts': 0, 'train.steps': 2},
+            {'name': 'moe', 'train.steps': 2},
+            {'name': 'broken', 'data.source': f'text:{tmp_path}/none/*.txt'}]
+  rows, failures = sweep.run_sweep(tiny_cfg, points, str(tmp_path))
+  assert [r['name'] for r in rows] == ['dense', 'moe']
+  assert failures == [('broken', f"data.source='text:{tmp_path}/none/*.txt' matches no files")]
+  assert rows[1]['n_total'] > rows[0]['n_total'] and rows[1]['sparsity'] == 2.0
+  mtime = os.path.getmtime(tmp_path / 'moe' / 'result.json')
+  again, _ = sweep.run_sweep(tiny_cfg, points[:2], str(tmp_path))
+  assert again == rows and os.path.getmtime(tmp_path / 'moe' / 'result.json') == mtime
+  table = sweep.markdown(rows)
+  assert '| dense |' in table and '| moe |' in table
+  assert sweep.csv_text(rows).splitlines()[0] == ','.join(sweep.COLUMNS)
+
+
+def test_point_names_are_readable_and_unique():
+  assert sweep.point_name({'name': 'moe e8'}) == 'moe_e8'
+  a = sweep.point_name({'moe.num_experts': 8, 'seed': 1})
+  b = sweep.point_name({'moe.num_experts': 8, 'seed': 2})
+  assert a.startswith('num_experts=8,seed=1-') and a != b
+
+
+def _cli(args, tmp_path):
+  return subprocess.run([sys.executable, '-m', 'moejax.main'] + args, cwd=ROOT, capture_output=True, text=True,
+                        timeout=120)
+
+
+@pytest.mark.parametrize('extra,message,code', [
+    (['--config.moe.num_expertz=4'], 'bad flag or config override: num_expertz', 2),
+    (['--config.train.steps=abc'], 'bad flag or config override', 2),
+    (['--config.moe.experts_per_token=9'], 'moe.experts_per_token=9 must be in [1, moe.num_experts=4]', 2),
+    (['--config.data.source=text:/nonexistent/*.txt'], "data.source='text:/nonexistent/*.txt' matches no files", 1),
+    (['--workdir=/proc/moejax-cannot-write'], "workdir '/proc/moejax-cannot-write' is not writable", 1),
+])
+def test_cli_bad_input_is_one_line_and_nonzero(extra, message, code, corpus_glob, tmp_path):
+  args = [f'--config=tests/testdata/tiny.py:{corpus_glob}', f'--workdir={tmp_path}/w'] + extra
+  out = _cli(args, tmp_path)
+  assert out.returncode == code
+  lines = [l for l in out.stderr.splitlines() if l.strip()]
+  assert len(lines) == 1 and lines[0].startswith('moejax: error: ') and message in lines[0], out.stderr
+  assert not os.path.exists(tmp_path / 'w' / 'result.json')
+
+
+def test_cli_missing_config_file(tmp_path):
+  out = _cli(['--config=experiments/does_not_exist.py', f'--workdir={tmp_path}'], tmp_path)
+  assert out.returncode == 2 and out.stderr.strip() == 'moejax: error: config file not found: experiments/does_not_exist.py'

@@ -1,0 +1,40 @@
+"""The logical-axis rules table and mesh construction."""
+
+import jax
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from moejax import config as config_lib, mesh as mesh_lib
+from moejax.errors import ConfigError
+
+
+def test_logical_to_spec_uses_rules_table():
+  assert mesh_lib.logical_to_spec(('embed', 'mlp')) == P('fsdp', 'tensor')
+  assert mesh_lib.logical_to_spec(('batch', None)) == P(('data', 'fsdp'), None)
+  assert mesh_lib.logical_to_spec(('expert', 'embed', 'expert_mlp')) == P('expert', 'fsdp', 'tensor')
+
+
+def test_logical_to_spec_rejects_unknown_and_conflicting_names():
+  with pytest.raises(ConfigError, match='unknown logical axis name'):
+    mesh_lib.logical_to_spec(('embd',))
+  with pytest.raises(ConfigError, match='twice'):
+    mesh_lib.logical_to_spec(('mlp', 'heads'))
+
+
+def test_make_mesh_sizes_and_too_many_devices(tiny_cfg):
+  assert jax.device_count() == 8
+  cfg = config_lib.apply_overrides(tiny_cfg, {'mesh.data': 2, 'mesh.expert': 2})
+  mesh = mesh_lib.make_mesh(cfg.mesh)
+  assert dict(mesh.shape) == {'data': 2, 'fsdp': 1, 'expert': 2, 'tensor': 1}
+  with pytest.raises(ConfigError, match='needs 16 devices'):
+    mesh_lib.make_mesh(config_lib.apply_overrides(tiny_cfg, {'mesh.data': 16}).mesh)
+
+
+def test_every_parameter_has_logical_axes(tiny_cfg):
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  from moejax import model as model_lib  # pylint: disable=import-outside-toplevel
+  state = nnx.state(model_lib.build(tiny_cfg), nnx.Param)
+  axes = mesh_lib.logical_axes_tree(state)
+  params = nnx.to_pure_dict(state)
+  for names, p in zip(jax.tree.leaves(axes, is_leaf=lambda x: isinstance(x, tuple)), jax.tree.leaves(params)):
+    assert len(names) == p.ndim

@@ -1,0 +1,122 @@
+"""Training loop: exact resume, NaN stop, SIGTERM, corrupt checkpoints, and eval against a hand computation."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from moejax import checkpoint, config as config_lib, data, eval as eval_lib, train
+from moejax.errors import CheckpointError, NonFiniteLossError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _losses(workdir):
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    return {r['step']: r['loss'] for r in map(json.loads, f)}
+
+
+def test_resume_is_bitwise_equal_to_uninterrupted_run(tiny_cfg, tmp_path):
+  straight = train.run(tiny_cfg, str(tmp_path / 'a'))
+  train.run(tiny_cfg, str(tmp_path / 'b'), stop_after=3)
+  assert sorted(_losses(tmp_path / 'b')) == [1, 2, 3]
+  resumed = train.run(tiny_cfg, str(tmp_path / 'b'))
+  assert straight['steps'] == resumed['steps'] == 6
+  a, b = _losses(tmp_path / 'a'), _losses(tmp_path / 'b')
+  assert [a[s] for s in (4, 5, 6)] == [b[s] for s in (4, 5, 6)]  # exact float equality
+  for x, y in zip(jax.tree.leaves(straight['setup'].state['params']), jax.tree.leaves(resumed['setup'].state['params'])):
+    np.testing.assert_array_equal(x, y)
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tiny_cfg, tmp_path, monkeypatch):
+  make = train.make_train_step
+
+  def poisoned(*args, **kwargs):
+    step_fn = make(*args, **kwargs)
+
+    def step(state, tokens):
+      new_state, out = step_fn(state, tokens)
+      if int(new_state['step']) >= 5:  # the 5th step blows up
+        new_state['params'] = jax.tree.map(lambda p: p * jnp.nan, new_state['params'])
+        out = dict(out, loss=jnp.float32(jnp.nan))
+      return new_state, out
+    return step
+
+  monkeypatch.setattr(train, 'make_train_step', poisoned)
+  with pytest.raises(NonFiniteLossError, match='at step 5'):
+    train.run(tiny_cfg, str(tmp_path))
+  s = train.setup(tiny_cfg)
+  ckpt = checkpoint.Checkpointer(str(tmp_path / 'checkpoints'))
+  step, state, _ = ckpt.restore_latest(checkpoint.abstract(s.state))
+  ckpt.close()
+  assert step == 3
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(state['params']))
+
+
+def test_corrupt_latest_checkpoint_falls_back_then_errors(tiny_cfg, tmp_path):
+  train.run(tiny_cfg, str(tmp_path))
+  ckdir = tmp_path / 'checkpoints'
+  assert sorted(os.listdir(ckdir)) == ['3', '6']
+
+  def corrupt(step):
+    for dirpath, _, files in os.walk(ckdir / step / 'state'):
+      for f in files:
+        with open(os.path.join(dirpath, f), 'wb') as fh:
+          fh.write(b'garbage')
+
+  s = train.setup(tiny_cfg)
+  corrupt('6')
+  ckpt = checkpoint.Checkpointer(str(ckdir))
+  assert ckpt.restore_latest(checkpoint.abstract(s.state))[0] == 3
+  corrupt('3')
+  with pytest.raises(CheckpointError, match='no readable checkpoint'):
+    ckpt.restore_latest(checkpoint.abstract(s.state))
+  ckpt.close()
+
+
+def test_eval_equals_hand_computed_cross_entropy(tiny_cfg):
+  cfg = config_lib.apply_overrides(tiny_cfg, {'eval.max_batches': 2})
+  s = train.setup(cfg)
+  got = eval_lib.evaluate(s)
+  model = nnx.merge(s.graphdef, s.state['params'])
+  nats, count, byte_count = 0.0, 0.0, 0.0
+  for batch in data.heldout_batches(s.corpus, cfg.data.seq_len, cfg.eval.batch_size, 2):
+    logits = np.asarray(model(jnp.asarray(batch['inputs']))[0], np.float64)
+    logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logits.max(-1, keepdims=True)
+    nll = -np.take_along_axis(logp, batch['targets'][..., None], -1)[..., 0]
+    nats += float((nll * batch['weights']).sum())
+    count += float(batch['weights'].sum())
+    byte_count += float((batch['weights'] * (batch['targets'] < 256)).sum())
+  assert got['tokens'] == count == 2 * 4 * 16
+  assert got['loss'] == pytest.approx(nats / count, rel=1e-5)
+  assert got['bits_per_byte'] == pytest.approx(nats / np.log(2) / byte_count, rel=1e-5)
+
+
+def test_sigterm_saves_restorable_checkpoint(corpus_glob, tmp_path):
+  workdir = tmp_path / 'run'
+  cmd = [sys.executable, '-m', 'moejax.main', f'--config=tests/testdata/tiny.py:{corpus_glob}',
+         f'--workdir={workdir}', '--config.train.steps=100000', '--config.checkpoint.every_steps=100000']
+  proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  metrics = workdir / 'metrics.jsonl'
+  deadline = time.time() + 120
+  while not (metrics.exists() and metrics.stat().st_size > 0):
+    assert proc.poll() is None and time.time() < deadline, proc.communicate()[1]
+    time.sleep(0.2)
+  proc.send_signal(signal.SIGTERM)
+  _, err = proc.communicate(timeout=60)
+  assert proc.returncode == 143
+  assert 'moejax: error: SIGTERM at step' in err
+  steps = os.listdir(workdir / 'checkpoints')
+  assert len(steps) == 1 and int(steps[0]) >= 1
+  result = subprocess.run(cmd[:4] + ['--mode=eval'], cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert result.returncode == 0, result.stderr
+  record = json.loads((workdir / 'result.json').read_text())
+  assert record['train']['steps'] == int(steps[0]) and np.isfinite(record['eval']['loss'])

@@ -35,7 +35,7 @@ def point_name(point: dict) -> str:
   if 'name' in point:
     return re.sub(r'[^A-Za-z0-9._=-]+', '_', str(point['name']))
   parts = [f'{k.split(".")[-1]}={v}' for k, v in sorted(point.items())]
-  return re.sub(r'[^A-Za-z0-9._=-]+', '_', ','.join(parts))[:80] + '-' + digest
+  return re.sub(r'[^A-Za-z0-9._=-]+', '_', '_'.join(parts))[:80] + '-' + digest
 
 
 def table_row(record: dict) -> dict:

@@ -49,7 +49,7 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
     updates, opt_state = optimizer.update(grads, state['opt_state'], state['params'])
     params = optax.apply_updates(state['params'], updates)
     out = {'loss': loss, 'ce': ce, 'aux_loss': aux['aux_loss'], 'z_loss': aux['z_loss'],
-           'grad_norm': optax.global_norm(grads), 'learning_rate': lr_schedule(state['step'])}
+           'grad_norm': optax.tree.norm(grads), 'learning_rate': lr_schedule(state['step'])}
     for key in ('load_max_over_mean', 'router_entropy'):
       if key in aux:
         out[key] = aux[key]

@@ -47,7 +47,7 @@ def test_point_names_are_readable_and_unique():
   assert sweep.point_name({'name': 'moe e8'}) == 'moe_e8'
   a = sweep.point_name({'moe.num_experts': 8, 'seed': 1})
   b = sweep.point_name({'moe.num_experts': 8, 'seed': 2})
-  assert a.startswith('num_experts=8,seed=1-') and a != b
+  assert a.startswith('num_experts=8_seed=1-') and a != b
 
 
 def _cli(args, tmp_path):

@@ -116,7 +116,7 @@ def test_sigterm_saves_restorable_checkpoint(corpus_glob, tmp_path):
   assert 'moejax: error: SIGTERM at step' in err
   steps = os.listdir(workdir / 'checkpoints')
   assert len(steps) == 1 and int(steps[0]) >= 1
-  result = subprocess.run(cmd[:4] + ['--mode=eval'], cwd=ROOT, capture_output=True, text=True, timeout=120)
+  result = subprocess.run(cmd[:5] + ['--mode=eval'], cwd=ROOT, capture_output=True, text=True, timeout=120)
   assert result.returncode == 0, result.stderr
   record = json.loads((workdir / 'result.json').read_text())
   assert record['train']['steps'] == int(steps[0]) and np.isfinite(record['eval']['loss'])

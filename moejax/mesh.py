@@ -23,7 +23,7 @@ MESH_AXES = ('data', 'fsdp', 'expert', 'tensor')
 LOGICAL_AXIS_RULES: dict[str, Any] = {
     'batch': ('data', 'fsdp'),  # activations' batch dim spans every data-like axis
     'length': None,
-    'vocab': 'tensor',
+    'vocab': None,  # byte vocabularies (257) divide no mesh axis; the embed dim is sharded instead
     'embed': 'fsdp',  # FSDP shards parameters along the model dim
     'mlp': 'tensor',
     'heads': 'tensor',
@@ -80,10 +80,30 @@ def logical_axes_tree(state: nnx.State) -> Any:
   return nnx.to_pure_dict(tree) if isinstance(tree, nnx.State) else tree
 
 
-def tree_shardings(axes_tree: Any, mesh: Mesh) -> Any:
-  """NamedShardings for a tree whose leaves are logical-axis tuples."""
-  return jax.tree.map(lambda names: NamedSharding(mesh, logical_to_spec(names)), axes_tree,
-                      is_leaf=lambda x: isinstance(x, tuple))
+def param_shardings(state: nnx.State, mesh: Mesh) -> Any:
+  """NamedShardings for every parameter; a dim that its mesh axes do not divide raises ConfigError."""
+  axes_tree = logical_axes_tree(state)
+  shapes = nnx.to_pure_dict(jax.tree.map(lambda v: v.shape, state, is_leaf=lambda x: isinstance(x, nnx.Variable)))
+
+  def sharding(path, names):
+    spec = logical_to_spec(names)
+    shape = _leaf_at(shapes, path)
+    for dim, (size, axes) in enumerate(zip(shape, spec)):
+      axes = () if axes is None else (axes,) if isinstance(axes, str) else axes
+      ways = math.prod(mesh.shape[a] for a in axes)
+      if size % ways:
+        name = '.'.join(str(getattr(k, 'key', k)) for k in path)
+        raise ConfigError(f'parameter {name} dim {dim} ({names[dim]}={size}) is not divisible by mesh axes '
+                          f'{"*".join(axes)}={ways}')
+    return NamedSharding(mesh, spec)
+
+  return jax.tree_util.tree_map_with_path(sharding, axes_tree, is_leaf=lambda x: isinstance(x, tuple))
+
+
+def _leaf_at(tree: Any, path) -> Any:
+  for key in path:
+    tree = tree[getattr(key, 'key', getattr(key, 'idx', key))]
+  return tree
 
 
 def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:

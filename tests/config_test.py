@@ -1,5 +1,7 @@
 """Config validation rules, overrides and sweep helpers."""
 
+import os
+
 import pytest
 
 from experiments import base, quickstart
@@ -65,3 +67,17 @@ def test_config_flag_parsing():
   assert config_lib.config_flag(['prog', '--config=experiments/x.py:big', '--workdir=w']) == ('experiments/x.py', 'big')
   assert config_lib.config_flag(['prog', '--config', 'a.py']) == ('a.py', None)
   assert config_lib.config_flag(['prog']) is None
+
+
+def _flat_keys(cfg, prefix=''):
+  for key, value in cfg.items():
+    if hasattr(value, 'items'):
+      yield from _flat_keys(value, f'{prefix}{key}.')
+    else:
+      yield prefix + key
+
+
+def test_every_base_key_is_documented():
+  docs = open(os.path.join(os.path.dirname(os.path.dirname(__file__)), 'docs', 'configs.md')).read()
+  missing = [k for k in _flat_keys(base.get_config()) if f'`{k}`' not in docs]
+  assert not missing, f'undocumented keys in docs/configs.md: {missing}'

@@ -38,3 +38,12 @@ def test_every_parameter_has_logical_axes(tiny_cfg):
   params = nnx.to_pure_dict(state)
   for names, p in zip(jax.tree.leaves(axes, is_leaf=lambda x: isinstance(x, tuple)), jax.tree.leaves(params)):
     assert len(names) == p.ndim
+
+
+def test_param_shardings_reject_indivisible_dims(tiny_cfg):
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  from moejax import model as model_lib  # pylint: disable=import-outside-toplevel
+  cfg = config_lib.apply_overrides(tiny_cfg, {'mesh.tensor': 2})  # tiny has num_kv_heads=1
+  state = nnx.state(model_lib.build(cfg), nnx.Param)
+  with pytest.raises(ConfigError, match=r'parameter blocks.0.attn.wk dim 1 \(kv_heads=1\) is not divisible by mesh axes tensor=2'):
+    mesh_lib.param_shardings(state, mesh_lib.make_mesh(cfg.mesh))

@@ -120,3 +120,16 @@ def test_sigterm_saves_restorable_checkpoint(corpus_glob, tmp_path):
   assert result.returncode == 0, result.stderr
   record = json.loads((workdir / 'result.json').read_text())
   assert record['train']['steps'] == int(steps[0]) and np.isfinite(record['eval']['loss'])
+
+
+def test_sharded_mesh_training_matches_single_device(tiny_cfg, tmp_path):
+  cfg = config_lib.apply_overrides(tiny_cfg, {'train.steps': 3, 'model.num_kv_heads': 2})
+  sharded = config_lib.apply_overrides(cfg, {'mesh.data': 2, 'mesh.fsdp': 2, 'mesh.tensor': 2})
+  one = train.run(cfg, str(tmp_path / 'one'))
+  many = train.run(sharded, str(tmp_path / 'many'))
+  spec = many['setup'].state['params']['blocks'][0]['attn']['wq'].sharding.spec
+  assert tuple(spec)[:2] == ('fsdp', 'tensor')
+  a, b = _losses(tmp_path / 'one'), _losses(tmp_path / 'many')
+  np.testing.assert_allclose([a[s] for s in (1, 2, 3)], [b[s] for s in (1, 2, 3)], rtol=1e-5)
+  for x, y in zip(jax.tree.leaves(one['setup'].state['params']), jax.tree.leaves(many['setup'].state['params'])):
+    np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6)

@@ -19,7 +19,6 @@ from typing import Any
 
 import jax
 from absl import app, flags
-from ml_collections import config_flags
 
 from moejax import config as config_lib
 
@@ -84,6 +83,8 @@ def param_count_tree(params: Any) -> int:
 
 def _main(argv):
   del argv
+  if flags.FLAGS.config is None:
+    raise app.UsageError('--config is required')
   cfg = config_lib.validate(flags.FLAGS.config)
   record = count(cfg)
   if flags.FLAGS.json:
@@ -94,6 +95,7 @@ def _main(argv):
 
 
 if __name__ == '__main__':
-  config_flags.DEFINE_config_file('config', None, 'Experiment config file.', lock_config=True)
+  from moejax import main as main_lib  # pylint: disable=import-outside-toplevel
+  main_lib.define_config_flag()
   flags.DEFINE_bool('json', False, 'Print the record as JSON.')
-  app.run(_main)
+  main_lib.cli(_main)

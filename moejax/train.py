@@ -111,9 +111,10 @@ class _SigtermFlag:
     signal.signal(signal.SIGTERM, self._previous)
 
 
-def _check_finite(step: int, scalars: dict[str, float]) -> None:
-  if not np.isfinite(scalars['loss']):
-    raise NonFiniteLossError(f'loss is {scalars["loss"]} at step {step}; stopped without saving this state '
+def _check_finite(step: int, out: dict[str, jax.Array]) -> None:
+  loss = float(jax.device_get(out['loss']))
+  if not np.isfinite(loss):
+    raise NonFiniteLossError(f'loss is {loss} at step {step}; stopped without saving this state '
                              '(the last good checkpoint is kept; lower optim.peak_learning_rate?)')
 
 
@@ -142,6 +143,7 @@ def run(cfg, workdir: str, stop_after: int | None = None, built: Setup | None = 
   else:
     metrics_lib.atomic_write(os.path.join(workdir, 'config.json'), cfg.to_json_best_effort(indent=2))
   step = int(state['step'])
+  last_saved = step if restored is not None else None
   end = t_cfg.steps if stop_after is None else min(stop_after, t_cfg.steps)
   train_step = make_train_step(s.graphdef, optim.make(cfg.optim, t_cfg.steps), cfg.moe,
                                optim.schedule(cfg.optim, t_cfg.steps))
@@ -165,24 +167,31 @@ def run(cfg, workdir: str, stop_after: int | None = None, built: Setup | None = 
         # Check the previous step's loss now, so the host never waits on the step just dispatched.
         if pending is not None:
           _check_finite(*pending)
-        pending = (step, jax.device_get(out))
+        pending = (step, out)
         window_steps += 1
         progress.update(1)
         if step % t_cfg.log_every_steps == 0 or step == end:
           _check_finite(*pending)
           elapsed = time.time() - t_window
-          scalars = dict(pending[1], tokens_per_s=window_steps * tokens_per_step / elapsed)
+          scalars = dict(jax.device_get(out), tokens_per_s=window_steps * tokens_per_step / elapsed)
+          flops_per_s = scalars['tokens_per_s'] * s.accounting['flops_per_token'] / jax.device_count()
+          scalars['model_tflops_per_device'] = flops_per_s / 1e12
           if peak:
-            scalars['mfu'] = scalars['tokens_per_s'] * s.accounting['flops_per_token'] / (peak * jax.device_count())
+            scalars['mfu'] = flops_per_s / peak
           writer.write(step, scalars)
           progress.log(step, scalars)
           t_window, window_steps = time.time(), 0
-        if step % cfg.checkpoint.every_steps == 0 or step == end or sigterm.raised:
+        if step % cfg.checkpoint.every_steps == 0 or step == end:
           _check_finite(*pending)
           save(step, wall_before + time.time() - t_start)
+          last_saved = step
       if sigterm.raised:
+        if step != last_saved and step > 0:
+          _check_finite(*pending)
+          save(step, wall_before + time.time() - t_start)
         ckpt.wait()
-        raise Preempted(f'SIGTERM at step {step}: checkpoint saved in {workdir}; rerun the same command to resume')
+        saved = f'checkpoint step {step} is in {workdir}' if step > 0 else 'no step had run, nothing to save'
+        raise Preempted(f'SIGTERM at step {step}: {saved}; rerun the same command to resume')
   finally:
     progress.close()
     writer.close()
@@ -206,7 +215,8 @@ class _Progress:
 
   def log(self, step: int, scalars: dict) -> None:
     text = (f'step {step}: loss {scalars["loss"]:.4f} ce {scalars["ce"]:.4f} '
-            f'{scalars["tokens_per_s"]:,.0f} tok/s' + (f' mfu {scalars["mfu"]:.1%}' if 'mfu' in scalars else ''))
+            f'{scalars["tokens_per_s"]:,.0f} tok/s {scalars["model_tflops_per_device"]:.3f} TFLOP/s/device'
+            + (f' mfu {scalars["mfu"]:.1%}' if 'mfu' in scalars else ' (mfu: peak unknown, set train.peak_tflops)'))
     if self.bar is not None:
       self.bar.set_postfix_str(text)
     else:

@@ -44,3 +44,19 @@ def test_accounting_flops_per_token_formula(tiny_cfg):
   assert acc['flops_per_token_forward'] == forward
   assert acc['flops_per_token'] == 3 * forward
   assert acc['sparsity'] == 1.0
+
+
+def test_accounting_cli_json_matches_count(tiny_cfg):
+  import json  # pylint: disable=import-outside-toplevel
+  import os  # pylint: disable=import-outside-toplevel
+  import subprocess  # pylint: disable=import-outside-toplevel
+  import sys  # pylint: disable=import-outside-toplevel
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  out = subprocess.run([sys.executable, '-m', 'moejax.accounting', '--config=experiments/quickstart.py',
+                        '--config.moe.num_experts=16', '--json'], cwd=root, capture_output=True, text=True, timeout=120)
+  assert out.returncode == 0, out.stderr
+  record = json.loads(out.stdout)
+  from experiments import quickstart  # pylint: disable=import-outside-toplevel
+  expected = accounting.count(config_lib.apply_overrides(quickstart.get_config(), {'moe.num_experts': 16}))
+  assert record == expected and record['sparsity'] == 8.0
+  del tiny_cfg

@@ -74,3 +74,11 @@ def test_cli_bad_input_is_one_line_and_nonzero(extra, message, code, corpus_glob
 def test_cli_missing_config_file(tmp_path):
   out = _cli(['--config=experiments/does_not_exist.py', f'--workdir={tmp_path}'], tmp_path)
   assert out.returncode == 2 and out.stderr.strip() == 'moejax: error: config file not found: experiments/does_not_exist.py'
+
+
+def test_launch_local_usage_and_passthrough(tmp_path):
+  out = subprocess.run(['bash', 'launch/local.sh'], cwd=ROOT, capture_output=True, text=True, timeout=30)
+  assert out.returncode == 2 and out.stderr.startswith('usage: launch/local.sh')
+  out = subprocess.run(['bash', 'launch/local.sh', 'experiments/missing.py', str(tmp_path)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120, env=dict(os.environ, PYTHON=sys.executable))
+  assert out.returncode == 2 and 'config file not found: experiments/missing.py' in out.stderr

@@ -132,4 +132,6 @@ def test_sharded_mesh_training_matches_single_device(tiny_cfg, tmp_path):
   a, b = _losses(tmp_path / 'one'), _losses(tmp_path / 'many')
   np.testing.assert_allclose([a[s] for s in (1, 2, 3)], [b[s] for s in (1, 2, 3)], rtol=1e-5)
   for x, y in zip(jax.tree.leaves(one['setup'].state['params']), jax.tree.leaves(many['setup'].state['params'])):
-    np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6)
+    # Shards sum in another order; Adam's 1/sqrt(v) scaling amplifies that to ~3e-6 after 3 steps,
+    # while one update moves weights by ~peak_learning_rate = 2e-3.
+    np.testing.assert_allclose(x, y, rtol=1e-4, atol=2e-5)

@@ -38,12 +38,28 @@ def get_config(arg=None):
   e.expert_hidden = FieldReference(None, field_type=int)  # hidden size of each expert; None -> model.ffn_hidden
   e.first_dense_layers = 0  # layers [0, n) keep the dense FFN
   e.every_n_layers = 1  # after those, layer i is MoE when (i - first_dense_layers) % n == 0
-  e.use_renormalized_gates = False  # divide the top-k gates by their sum (Mixtral) instead of raw softmax (Switch/OLMoE)
-  e.aux_loss_coef = 0.01  # Switch load-balancing loss weight alpha (mean over MoE layers)
+  e.expert_size_classes = ''  # heterogeneous experts, e.g. '32x64,32x192' (count x hidden, counts sum to num_experts); '' = uniform
+  e.num_shared_experts = 0  # always-active shared SwiGLU experts
+  e.shared_expert_hidden = FieldReference(None, field_type=int)  # hidden size of each shared expert; None -> expert hidden
+  e.use_shared_expert_gate = False  # multiply the shared output by sigmoid(x . w) (Qwen2-MoE style)
+  e.router_score = 'softmax'  # 'softmax' over experts (Switch/OLMoE/Mixtral) or per-expert 'sigmoid' (DeepSeek-V3)
+  e.use_renormalized_gates = False  # softmax: divide the top-k gates by their sum (Mixtral); sigmoid always renormalizes
+  e.routed_scaling_factor = 1.0  # multiplies the routed gates (DeepSeek-V3 uses 2.5)
+  e.num_expert_groups = 1  # group-limited routing: experts split into this many groups
+  e.topk_expert_groups = 1  # ... and each token picks only from its best groups
+  e.router_jitter = 0.0  # training-only multiplicative noise U(1-eps, 1+eps) on the router input (Switch)
+  e.load_balancing = 'global_batch'  # 'none', 'global_batch', 'micro_batch', 'sequence' (aux losses) or 'aux_free' (bias)
+  e.balance_group_sequences = 1  # sequences per micro-batch for load_balancing='micro_batch'
+  e.aux_loss_coef = 0.01  # weight alpha of the load-balancing loss (mean over MoE layers)
+  e.bias_update_rate = 1e-3  # aux_free: b <- b + rate * sign(mean load - load) after each step
+  e.aux_free_sequence_coef = 0.0  # aux_free: weight of the complementary sequence-wise loss (DeepSeek-V3: 1e-4)
   e.z_loss_coef = 1e-3  # router z-loss weight beta (mean over MoE layers)
-  e.dispatch = 'block'  # 'block': sorted, block-padded dropless; 'dense': reference that runs every expert and masks
+  e.train_capacity_factor = FieldReference(None, field_type=float)  # token dropping in training; None = dropless
+  e.eval_capacity_factor = FieldReference(None, field_type=float)  # token dropping in evaluation; None = dropless
+  e.drop_policy = 'position'  # over capacity keep: 'position' (first come, first choices first) or 'probs' (top gates)
+  e.capacity_group_tokens = FieldReference(None, field_type=int)  # tokens per capacity group; None -> the whole batch
+  e.dispatch = 'block'  # 'block' (sorted block-padded), 'ragged' (lax.ragged_dot), 'capacity' ([E, C] slots), 'dense' (reference)
   e.block_size = FieldReference(None, field_type=int)  # rows per block for 'block' dispatch; None -> automatic
-
   c.data = d = ml_collections.ConfigDict()
   d.source = 'stdlib'  # 'stdlib' (this interpreter's *.py), 'text:GLOB' (your files) or 'tfds:NAME'
   d.tfds_split = 'train'  # split read by a 'tfds:' source

@@ -30,7 +30,7 @@ def step_benchmark(cfgs: list, steps: int, rounds: int) -> list[dict]:
   corpus = data.corpus_from_config(cfgs[0].data)
   for cfg in cfgs:
     s = train.setup(cfg, corpus)
-    fn = train.make_train_step(s.graphdef, optim.make(cfg.optim, cfg.train.steps), cfg.moe,
+    fn = train.make_train_step(s.graphdef, optim.make(cfg.optim, cfg.train.steps), cfg,
                                optim.schedule(cfg.optim, cfg.train.steps))
     rng = np.random.default_rng(0)
     tokens = jax.device_put(rng.integers(0, 256, (cfg.train.batch_size, cfg.data.seq_len + 1), dtype=np.int32))

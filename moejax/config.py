@@ -19,7 +19,10 @@ import ml_collections
 from moejax.errors import ConfigError
 
 COMPUTE_DTYPES = ('float32', 'bfloat16')
-DISPATCHES = ('block', 'dense')
+DISPATCHES = ('block', 'ragged', 'capacity', 'dense')
+LOAD_BALANCING = ('none', 'global_batch', 'micro_batch', 'sequence', 'aux_free')
+ROUTER_SCORES = ('softmax', 'sigmoid')
+DROP_POLICIES = ('position', 'probs')
 SOURCE_KINDS = ('stdlib', 'text:', 'tfds:')
 
 
@@ -83,6 +86,25 @@ def expert_hidden(model_cfg, moe_cfg) -> int:
   return moe_cfg.expert_hidden if moe_cfg.expert_hidden is not None else model_cfg.ffn_hidden
 
 
+def size_classes(model_cfg, moe_cfg) -> list[tuple[int, int]]:
+  """[(count, hidden), ...] of the routed experts; one class unless `moe.expert_size_classes` is set."""
+  spec = moe_cfg.expert_size_classes.strip()
+  if not spec:
+    return [(moe_cfg.num_experts, expert_hidden(model_cfg, moe_cfg))]
+  classes = []
+  for part in spec.split(','):
+    count, sep, hidden = part.strip().partition('x')
+    if not (sep and count.isdigit() and hidden.isdigit() and int(count) > 0 and int(hidden) > 0):
+      raise ConfigError(f"moe.expert_size_classes={spec!r} must look like '32x64,32x192' (count x hidden)")
+    classes.append((int(count), int(hidden)))
+  return classes
+
+
+def shared_hidden(model_cfg, moe_cfg) -> int:
+  """Hidden size of each shared expert: `moe.shared_expert_hidden`, else the routed expert hidden."""
+  return moe_cfg.shared_expert_hidden if moe_cfg.shared_expert_hidden is not None else expert_hidden(model_cfg, moe_cfg)
+
+
 def is_moe_layer(moe_cfg, num_layers: int, layer: int) -> bool:
   """Whether decoder block `layer` uses the MoE FFN (the layer pattern)."""
   del num_layers
@@ -139,9 +161,9 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
              f'moe.block_size={e.block_size} must be a positive multiple of 8 (or None for automatic)')
     _require(e.num_experts % cfg.mesh.expert == 0,
              f'moe.num_experts={e.num_experts} must be divisible by mesh.expert={cfg.mesh.expert}')
-    _require(e.aux_loss_coef >= 0 and e.z_loss_coef >= 0,
-             f'moe.aux_loss_coef={e.aux_loss_coef} and moe.z_loss_coef={e.z_loss_coef} must be >= 0')
-
+    _require(e.aux_loss_coef >= 0 and e.z_loss_coef >= 0 and e.aux_free_sequence_coef >= 0,
+             'moe.aux_loss_coef, moe.z_loss_coef and moe.aux_free_sequence_coef must be >= 0')
+    _validate_routing(cfg)
   _require(isinstance(d.source, str) and d.source.startswith(SOURCE_KINDS) and
            (d.source == 'stdlib' or len(d.source.split(':', 1)[1]) > 0),
            f"data.source={d.source!r} must be 'stdlib', 'text:GLOB' or 'tfds:NAME'")
@@ -167,6 +189,38 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _require(cfg.eval.batch_size % batch_shards == 0,
            f'eval.batch_size={cfg.eval.batch_size} must be divisible by mesh.data*mesh.fsdp={batch_shards}')
   return cfg
+
+
+def _validate_routing(cfg) -> None:
+  """Rules of the router, load balancing, capacity and expert-shape keys."""
+  m, e = cfg.model, cfg.moe
+  classes = size_classes(m, e)
+  _require(sum(c for c, _ in classes) == e.num_experts,
+           f'moe.expert_size_classes={e.expert_size_classes!r} has {sum(c for c, _ in classes)} experts '
+           f'but moe.num_experts={e.num_experts}')
+  _require(e.router_score in ROUTER_SCORES, f'moe.router_score={e.router_score!r} must be one of {ROUTER_SCORES}')
+  _require(e.routed_scaling_factor > 0, f'moe.routed_scaling_factor={e.routed_scaling_factor} must be > 0')
+  _require(e.num_expert_groups >= 1 and e.num_experts % e.num_expert_groups == 0,
+           f'moe.num_expert_groups={e.num_expert_groups} must divide moe.num_experts={e.num_experts}')
+  _require(1 <= e.topk_expert_groups <= e.num_expert_groups,
+           f'moe.topk_expert_groups={e.topk_expert_groups} must be in [1, moe.num_expert_groups={e.num_expert_groups}]')
+  _require(e.topk_expert_groups * (e.num_experts // e.num_expert_groups) >= e.experts_per_token,
+           f'moe.topk_expert_groups={e.topk_expert_groups} groups of {e.num_experts // e.num_expert_groups} experts '
+           f'cannot supply moe.experts_per_token={e.experts_per_token}')
+  _require(0 <= e.router_jitter < 1, f'moe.router_jitter={e.router_jitter} must be in [0, 1)')
+  _require(e.load_balancing in LOAD_BALANCING, f'moe.load_balancing={e.load_balancing!r} must be one of {LOAD_BALANCING}')
+  _require(e.balance_group_sequences >= 1 and cfg.train.batch_size % e.balance_group_sequences == 0,
+           f'moe.balance_group_sequences={e.balance_group_sequences} must divide train.batch_size={cfg.train.batch_size}')
+  _require(e.bias_update_rate >= 0, f'moe.bias_update_rate={e.bias_update_rate} must be >= 0')
+  for key in ('train_capacity_factor', 'eval_capacity_factor'):
+    _require(e[key] is None or e[key] > 0, f'moe.{key}={e[key]} must be > 0 (or None for dropless)')
+  _require(e.drop_policy in DROP_POLICIES, f'moe.drop_policy={e.drop_policy!r} must be one of {DROP_POLICIES}')
+  for batch_key in ('train.batch_size', 'eval.batch_size'):
+    tokens = cfg[batch_key.split('.')[0]].batch_size * cfg.data.seq_len
+    _require(e.capacity_group_tokens is None or (e.capacity_group_tokens > 0 and tokens % e.capacity_group_tokens == 0),
+             f'moe.capacity_group_tokens={e.capacity_group_tokens} must divide {batch_key} * data.seq_len = {tokens}')
+  _require(e.num_shared_experts >= 0, f'moe.num_shared_experts={e.num_shared_experts} must be >= 0')
+  _require(shared_hidden(m, e) > 0, f'moe.shared_expert_hidden={e.shared_expert_hidden} must be > 0')
 
 
 # Sweep helpers: build lists of dotted-override dicts.

@@ -19,41 +19,65 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from moejax import checkpoint, data, mesh as mesh_lib, metrics as metrics_lib
+from moejax import accounting, checkpoint, data, mesh as mesh_lib, metrics as metrics_lib
 from moejax.errors import CheckpointError
 from moejax.train import Setup, token_nll
 
 
+EVAL_ROUTING = ('expert_counts', 'drop_fraction', 'router_entropy')
+
+
 def make_eval_step(graphdef: nnx.GraphDef):
-  """Returns step(params, batch) -> (sum of weighted nats, sum of weights, weighted byte targets)."""
+  """step(params, buffers, batch) -> ((weighted nats, weights, weighted byte targets), routing stats)."""
 
   @jax.jit
-  def step(params, batch):
-    logits_BLV, _ = nnx.merge(graphdef, params)(batch['inputs'])
+  def step(params, buffers, batch):
+    logits_BLV, aux = nnx.merge(graphdef, params, buffers)(batch['inputs'])  # train=False: eval capacity
     nll_BL = token_nll(logits_BLV, batch['targets'])
     w_BL = batch['weights']
     is_byte = (batch['targets'] < data.SEPARATOR).astype(jnp.float32)
-    return jnp.sum(nll_BL * w_BL), jnp.sum(w_BL), jnp.sum(w_BL * is_byte)
+    sums = (jnp.sum(nll_BL * w_BL), jnp.sum(w_BL), jnp.sum(w_BL * is_byte))
+    return sums, {k: aux[k] for k in EVAL_ROUTING if k in aux}
 
   return step
 
 
-def evaluate(s: Setup, params: Any | None = None) -> dict[str, float]:
-  """Scores the held-out split of `s.corpus` with `params` (default: the setup's train state)."""
-  params = s.state['params'] if params is None else params
+def evaluate(s: Setup, state: dict | None = None) -> dict[str, Any]:
+  """Scores the held-out split of `s.corpus` with `state` (default: the setup's train state).
+
+  Also returns per-MoE-layer routing diagnostics on the held-out tokens (padded tail rows included).
+  """
+  state = s.state if state is None else state
   step = make_eval_step(s.graphdef)
   nats, tokens, byte_tokens = 0.0, 0.0, 0.0
+  routing_sums, batches = {}, 0
   sharding = mesh_lib.batch_sharding(s.mesh, 2)
   for batch in data.heldout_batches(s.corpus, s.cfg.data.seq_len, s.cfg.eval.batch_size, s.cfg.eval.max_batches):
-    out = step(params, jax.device_put(batch, sharding))
-    a, b, c = (float(x) for x in jax.device_get(out))  # accumulate on the host in float64
-    nats, tokens, byte_tokens = nats + a, tokens + b, byte_tokens + c
-  return {'loss': nats / tokens, 'bits_per_byte': nats / math.log(2) / max(byte_tokens, 1.0),
-          'tokens': int(tokens)}
+    sums, stats = jax.device_get(step(state['params'], state['buffers'], jax.device_put(batch, sharding)))
+    nats, tokens, byte_tokens = nats + float(sums[0]), tokens + float(sums[1]), byte_tokens + float(sums[2])
+    for key, value in stats.items():  # accumulate on the host in float64
+      routing_sums[key] = routing_sums.get(key, 0.0) + np.asarray(value, np.float64)
+    batches += 1
+  result = {'loss': nats / tokens, 'bits_per_byte': nats / math.log(2) / max(byte_tokens, 1.0),
+            'tokens': int(tokens)}
+  if routing_sums:
+    result['routing'] = routing_summary(s.cfg, routing_sums, batches)
+  return result
 
 
-def restore_params(s: Setup, workdir: str) -> tuple[int, Any]:
-  """(step, params) of the latest checkpoint in `workdir`."""
+def routing_summary(cfg, sums: dict[str, np.ndarray], batches: int) -> dict[str, Any]:
+  """Per-layer load statistics of the held-out pass and the measured active parameters."""
+  counts = sums['expert_counts']  # [n_moe, E], summed over batches
+  mean = np.maximum(counts.mean(axis=1), 1e-9)
+  layers = [{'tokens_per_expert': counts[i].tolist(), 'load_max_over_mean': float(counts[i].max() / mean[i]),
+             'load_cv': float(counts[i].std() / mean[i]), 'dead_experts': int((counts[i] == 0).sum()),
+             'drop_fraction': float(sums['drop_fraction'][i] / batches),
+             'router_entropy': float(sums['router_entropy'][i] / batches)} for i in range(counts.shape[0])]
+  return {'layers': layers, **accounting.measured_active(cfg, counts.tolist())}
+
+
+def restore_state(s: Setup, workdir: str) -> tuple[int, dict]:
+  """(step, state) of the latest checkpoint in `workdir`."""
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'), use_async=False)
   try:
     restored = ckpt.restore_latest(checkpoint.abstract(s.state))
@@ -61,8 +85,7 @@ def restore_params(s: Setup, workdir: str) -> tuple[int, Any]:
     ckpt.close()
   if restored is None:
     raise CheckpointError(f'no checkpoint in {workdir}/checkpoints to evaluate')
-  step, state, _ = restored
-  return step, state['params']
+  return restored[0], restored[1]
 
 
 def git_revision() -> str | None:
@@ -82,7 +105,8 @@ def result_record(s: Setup, eval_metrics: dict, train_summary: dict) -> dict:
       'config': json.loads(s.cfg.to_json_best_effort()),
       'accounting': s.accounting,
       'data': s.corpus.metadata(),
-      'eval': eval_metrics,
+      'eval': {k: v for k, v in eval_metrics.items() if k != 'routing'},
+      'routing': eval_metrics.get('routing'),
       'train': {k: v for k, v in train_summary.items() if k in ('steps', 'tokens', 'wall_s')},
       'git': git_revision(),
       'platform': {'backend': jax.default_backend(), 'device_kind': jax.devices()[0].device_kind,

@@ -39,11 +39,11 @@ def execute(cfg, workdir: str, mode: str = 'train') -> dict:
   s = train.setup(cfg, corpus)
   if mode == 'train':
     summary = train.run(cfg, workdir, built=s)
-    params = s.state['params']
+    state = s.state
   else:
-    step, params = eval_lib.restore_params(s, workdir)
+    step, state = eval_lib.restore_state(s, workdir)
     summary = {'steps': step, 'tokens': step * cfg.train.batch_size * cfg.data.seq_len, 'wall_s': None}
-  record = eval_lib.result_record(s, eval_lib.evaluate(s, params), summary)
+  record = eval_lib.result_record(s, eval_lib.evaluate(s, state), summary)
   eval_lib.write_result(workdir, record)
   log.info('%s: held-out loss %.4f nats/token (%.4f bits/byte) over %d tokens', cfg.name,
                record['eval']['loss'], record['eval']['bits_per_byte'], record['eval']['tokens'])

@@ -24,24 +24,26 @@ class Block(nnx.Module):
                           std, out_std, rngs)
     self.ffn_norm = RMSNorm(m.model_dim, m.norm_eps)
     if use_moe:
-      self.ffn = MoE(m.model_dim, moe_cfg, config_lib.expert_hidden(m, moe_cfg), std, out_std, rngs)
+      self.ffn = MoE(m, moe_cfg, std, out_std, rngs)
     else:
       self.ffn = MLP(m.model_dim, m.ffn_hidden, std, out_std, rngs)
     self.use_moe = use_moe
 
-  def __call__(self, x_BLD: jax.Array):
+  def __call__(self, x_BLD: jax.Array, train: bool = False, rng: jax.Array | None = None):
     x_BLD = x_BLD + self.attn(self.attn_norm(x_BLD))
     if self.use_moe:
-      y_BLD, aux = self.ffn(self.ffn_norm(x_BLD))
+      y_BLD, aux = self.ffn(self.ffn_norm(x_BLD), train, rng)
       return x_BLD + y_BLD, aux
     return x_BLD + self.ffn(self.ffn_norm(x_BLD)), None
 
 
 class Transformer(nnx.Module):
-  """The language model. `__call__(tokens_BL) -> (logits_BLV float32, aux)`.
+  """The language model. `__call__(tokens_BL, train=False, rng=None) -> (logits_BLV float32, aux)`.
 
-  aux: 'aux_loss' and 'z_loss' (means over MoE layers; 0 for a dense model) and
-  per-MoE-layer stacks 'expert_counts' [n_moe, E], 'load_max_over_mean' and 'router_entropy' [n_moe].
+  `train` selects the training capacity factor and router jitter (which draws from `rng`,
+  folded with the layer index). aux: 'aux_loss' and 'z_loss' (means over MoE layers; 0 for a
+  dense model) and per-MoE-layer stacks of the routing statistics ('expert_counts' [n_moe, E],
+  'load_max_over_mean', 'load_cv', 'dead_experts', 'drop_fraction', 'router_entropy', 'bias_abs_mean').
   """
 
   def __init__(self, model_cfg, moe_cfg, rngs: nnx.Rngs):
@@ -54,11 +56,11 @@ class Transformer(nnx.Module):
                                                             m.init_std)
     self.dtype = jnp.dtype(m.compute_dtype)
 
-  def __call__(self, tokens_BL: jax.Array):
+  def __call__(self, tokens_BL: jax.Array, train: bool = False, rng: jax.Array | None = None):
     x_BLD = self.embed(tokens_BL, self.dtype)
     layer_aux = []
-    for block in self.blocks:
-      x_BLD, aux = block(x_BLD)
+    for i, block in enumerate(self.blocks):
+      x_BLD, aux = block(x_BLD, train, None if rng is None else jax.random.fold_in(rng, i))
       if aux is not None:
         layer_aux.append(aux)
     x_BLD = self.final_norm(x_BLD)
@@ -74,6 +76,7 @@ def _stack_aux(layer_aux: list[dict[str, jax.Array]]) -> dict[str, jax.Array]:
     zero = jnp.zeros((), jnp.float32)
     return {'aux_loss': zero, 'z_loss': zero}
   stacked = {k: jnp.stack([a[k] for a in layer_aux]) for k in layer_aux[0]}
+  stacked['aux_loss_per_layer'] = stacked['aux_loss']
   stacked['aux_loss'] = jnp.mean(stacked['aux_loss'])
   stacked['z_loss'] = jnp.mean(stacked['z_loss'])
   return stacked
@@ -82,3 +85,8 @@ def _stack_aux(layer_aux: list[dict[str, jax.Array]]) -> dict[str, jax.Array]:
 def build(cfg, seed: int | None = None) -> Transformer:
   """Instantiates the model of a validated config (float32 params)."""
   return Transformer(cfg.model, cfg.moe, nnx.Rngs(params=cfg.seed if seed is None else seed))
+
+
+def split(model: Transformer) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
+  """(graphdef, params, buffers): trainable `nnx.Param`s and everything else (the aux-free expert biases)."""
+  return nnx.split(model, nnx.Param, ...)

@@ -1,10 +1,16 @@
-"""The MoE feed-forward layer: a float32 softmax top-k router and SwiGLU experts [E, D, F].
+"""The MoE feed-forward layer: a float32 router, routed SwiGLU experts and optional shared experts.
 
-Dispatch implementations (config `moe.dispatch`), equal on outputs and gradients:
-  'block' -- dropless: sort the T*k assignments by expert, pad each expert's group to a
-             multiple of the block size, and run the experts as block matmuls over
-             gathered rows (fast on CPU; compute ~ T*k rows plus at most E*(bs-1) padding).
-  'dense' -- the slow reference: every expert on every token, then mask with the gates.
+Routed experts come in size classes (`moe.expert_size_classes`; one class when uniform),
+each stored at its exact size as `[E_c, D, F_c]`, all under one router. Dispatch
+implementations (`moe.dispatch`) agree on outputs and gradients whenever nothing is dropped:
+  'dense'    reference: every expert on every token, masked by the gates (E/k times the work);
+  'block'    dropless: assignments sorted by expert, each group padded to a block multiple,
+             experts run as block matmuls (`routing.block_plan`);
+  'ragged'   assignments sorted by expert, three `jax.lax.ragged_dot` calls;
+  'capacity' each expert gets a fixed [slots, D] buffer (C per capacity group; T when dropless).
+Token dropping (`moe.train_capacity_factor` / `eval_capacity_factor`) is a routing decision made
+before dispatch: a dropped assignment's gate is zeroed, so it contributes nothing, whatever the
+dispatch; the token still flows through the residual.
 """
 
 from __future__ import annotations
@@ -13,55 +19,165 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from moejax import routing
-from moejax.layers import param, swiglu
+from moejax import config as config_lib, routing
+from moejax.layers import MLP, param, swiglu
 
 
-def dense_dispatch(x_TD, gates_TK, experts_TK, w_gate_EDF, w_up_EDF, w_down_EFD):
-  """Reference: run all E experts on all T tokens and combine with the top-k gates."""
+class ExpertBias(nnx.Variable):
+  """Aux-loss-free routing bias [E]: steers selection only; updated by `update_expert_biases`, never by gradients."""
+
+
+def dense_dispatch(x_TD, gates_TK, experts_TK, w_gate_EDF, w_up_EDF, w_down_EFD, **_):
+  """Reference: all E experts on all T tokens; an out-of-range expert id contributes nothing."""
   y_TED = swiglu(x_TD, w_gate_EDF, w_up_EDF, w_down_EFD, 'td,edf->tef;tef,efd->ted')
   combine_TE = jnp.einsum('tk,tke->te', gates_TK, jax.nn.one_hot(experts_TK, w_gate_EDF.shape[0], dtype=gates_TK.dtype))
   return jnp.einsum('te,ted->td', combine_TE.astype(y_TED.dtype), y_TED)
 
 
-def block_dispatch(x_TD, gates_TK, experts_TK, w_gate_EDF, w_up_EDF, w_down_EFD, block_size: int):
-  """Dropless block-padded dispatch (see `routing.block_plan`)."""
+def block_dispatch(x_TD, gates_TK, experts_TK, w_gate_EDF, w_up_EDF, w_down_EFD, *, block_size: int, **_):
+  """Dropless block-padded dispatch; expert id E (invalid) rows run on the last block's weights and get gate 0."""
   T, D = x_TD.shape
-  plan = routing.block_plan(experts_TK, w_gate_EDF.shape[0], block_size)
+  E = w_gate_EDF.shape[0]
+  plan = routing.block_plan(experts_TK, E + 1, block_size)
+  be = jnp.minimum(plan.block_expert_N, E - 1)
   x_pad = jnp.concatenate([x_TD, jnp.zeros((1, D), x_TD.dtype)], axis=0)  # row T = zero padding input
   x_NBD = x_pad[plan.row_token_R].reshape(-1, block_size, D)
-  be = plan.block_expert_N
   y_NBD = swiglu(x_NBD, w_gate_EDF[be], w_up_EDF[be], w_down_EFD[be], 'nbd,ndf->nbf;nbf,nfd->nbd')
   y_TKD = y_NBD.reshape(-1, D)[plan.assign_row_TK]
   return jnp.einsum('tk,tkd->td', gates_TK.astype(y_TKD.dtype), y_TKD)
 
 
+def ragged_dispatch(x_TD, gates_TK, experts_TK, w_gate_EDF, w_up_EDF, w_down_EFD, **_):
+  """Sort assignments by expert and run `jax.lax.ragged_dot` (invalid id E sorts last, outside every group)."""
+  T, K = experts_TK.shape
+  E = w_gate_EDF.shape[0]
+  flat_A = experts_TK.reshape(-1)
+  order_A = jnp.argsort(flat_A, stable=True)
+  sizes_E = jnp.bincount(flat_A, length=E + 1)[:E].astype(jnp.int32)
+  x_AD = x_TD[order_A // K]
+  h = jax.nn.silu(jax.lax.ragged_dot(x_AD, w_gate_EDF, sizes_E)) * jax.lax.ragged_dot(x_AD, w_up_EDF, sizes_E)
+  y_AD = jax.lax.ragged_dot(h, w_down_EFD, sizes_E)
+  y_AD = jnp.where((flat_A[order_A] < E)[:, None], y_AD, 0)  # rows outside every group: defined as zero
+  y_TKD = y_AD[jnp.argsort(order_A)].reshape(T, K, -1)
+  return jnp.einsum('tk,tkd->td', gates_TK.astype(y_TKD.dtype), y_TKD)
+
+
+def capacity_dispatch(x_TD, gates_TK, experts_TK, w_gate_EDF, w_up_EDF, w_down_EFD, *, rank_TK, group_tokens: int,
+                      capacity: int, **_):
+  """Each expert owns (T/T_g)*C slots; assignment (t, j) of group g = t // T_g goes to slot g*C + rank."""
+  T, K = experts_TK.shape
+  D = x_TD.shape[1]
+  E = w_gate_EDF.shape[0]
+  slots = (T // group_tokens) * capacity
+  valid_TK = (experts_TK < E) & (rank_TK < capacity)
+  slot_TK = experts_TK * slots + (jnp.arange(T) // group_tokens)[:, None] * capacity + rank_TK
+  slot_TK = jnp.where(valid_TK, slot_TK, E * slots)  # invalid -> a spare row past the end
+  row_token = jnp.full((E * slots + 1,), T, jnp.int32).at[slot_TK.reshape(-1)].set(
+      jnp.repeat(jnp.arange(T, dtype=jnp.int32), K))
+  x_pad = jnp.concatenate([x_TD, jnp.zeros((1, D), x_TD.dtype)], axis=0)
+  x_ESD = x_pad[row_token[:-1]].reshape(E, slots, D)
+  y_ESD = swiglu(x_ESD, w_gate_EDF, w_up_EDF, w_down_EFD, 'esd,edf->esf;esf,efd->esd')
+  y_rows = jnp.concatenate([y_ESD.reshape(E * slots, D), jnp.zeros((1, D), y_ESD.dtype)], axis=0)
+  return jnp.einsum('tk,tkd->td', gates_TK.astype(y_rows.dtype), y_rows[slot_TK])
+
+
+DISPATCH = {'dense': dense_dispatch, 'block': block_dispatch, 'ragged': ragged_dispatch, 'capacity': capacity_dispatch}
+
+
+class Experts(nnx.Module):
+  """One size class of routed SwiGLU experts, stored at exact size [E_c, D, F_c]."""
+
+  def __init__(self, count: int, dim: int, hidden: int, std: float, out_std: float, rngs: nnx.Rngs):
+    self.w_gate = param(rngs, (count, dim, hidden), ('expert', 'embed', 'expert_mlp'), std)
+    self.w_up = param(rngs, (count, dim, hidden), ('expert', 'embed', 'expert_mlp'), std)
+    self.w_down = param(rngs, (count, hidden, dim), ('expert', 'expert_mlp', 'embed'), out_std)
+
+
+def balance_coefficient(moe_cfg) -> float:
+  """The weight of the layer's load-balancing loss in the total loss."""
+  if moe_cfg.load_balancing == 'none':
+    return 0.0
+  return moe_cfg.aux_free_sequence_coef if moe_cfg.load_balancing == 'aux_free' else moe_cfg.aux_loss_coef
+
+
 class MoE(nnx.Module):
-  """Router + routed SwiGLU experts; returns (y_BLD, aux) where aux holds losses and routing stats."""
+  """Router + routed experts (+ shared experts). `__call__(x_BLD, train, rng) -> (y_BLD, aux)`."""
 
-  def __init__(self, dim: int, moe_cfg, hidden: int, std: float, out_std: float, rngs: nnx.Rngs):
-    E = moe_cfg.num_experts
-    self.num_experts, self.k = E, moe_cfg.experts_per_token
-    self.renormalize = moe_cfg.use_renormalized_gates
-    self.dispatch, self.block_size = moe_cfg.dispatch, moe_cfg.block_size
-    self.w_router = param(rngs, (dim, E), ('embed', 'router_experts'), std)
-    self.w_gate = param(rngs, (E, dim, hidden), ('expert', 'embed', 'expert_mlp'), std)
-    self.w_up = param(rngs, (E, dim, hidden), ('expert', 'embed', 'expert_mlp'), std)
-    self.w_down = param(rngs, (E, hidden, dim), ('expert', 'expert_mlp', 'embed'), out_std)
+  def __init__(self, model_cfg, moe_cfg, std: float, out_std: float, rngs: nnx.Rngs):
+    D, E = model_cfg.model_dim, moe_cfg.num_experts
+    self.cfg = moe_cfg
+    self.classes = config_lib.size_classes(model_cfg, moe_cfg)
+    self.w_router = param(rngs, (D, E), ('embed', 'router_experts'), std)
+    self.experts = nnx.List([Experts(c, D, f, std, out_std, rngs) for c, f in self.classes])
+    self.shared = None
+    if moe_cfg.num_shared_experts:
+      hidden = moe_cfg.num_shared_experts * config_lib.shared_hidden(model_cfg, moe_cfg)  # n_sh experts = one wide MLP
+      self.shared = MLP(D, hidden, std, out_std, rngs)
+    self.w_shared_gate = param(rngs, (D, 1), ('embed', None), std) if moe_cfg.use_shared_expert_gate and self.shared \
+        else None
+    self.expert_bias = ExpertBias(jnp.zeros((E,), jnp.float32), logical_axes=('router_experts',)) \
+        if moe_cfg.load_balancing == 'aux_free' else None
 
-  def __call__(self, x_BLD: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+  def _route(self, x_TD, train: bool, rng):
+    c = self.cfg
+    x_router = x_TD.astype(jnp.float32)
+    if train and c.router_jitter > 0 and rng is not None:
+      x_router = x_router * jax.random.uniform(rng, x_router.shape, jnp.float32, 1 - c.router_jitter,
+                                               1 + c.router_jitter)
+    logits_TE = jnp.dot(x_router, self.w_router[...])
+    scores_TE = routing.router_scores(logits_TE, c.router_score)
+    bias = None if self.expert_bias is None else jax.lax.stop_gradient(self.expert_bias[...])
+    experts_TK = routing.select_experts(scores_TE, c.experts_per_token, bias, c.num_expert_groups,
+                                       c.topk_expert_groups)
+    renorm = c.use_renormalized_gates or c.router_score == 'sigmoid'
+    gates_TK = routing.gate_weights(scores_TE, experts_TK, renorm, c.routed_scaling_factor)
+    return logits_TE, scores_TE, experts_TK, gates_TK
+
+  def __call__(self, x_BLD: jax.Array, train: bool = False, rng: jax.Array | None = None):
     B, L, D = x_BLD.shape
-    dt = x_BLD.dtype
-    x_TD = x_BLD.reshape(B * L, D)
-    logits_TE = jnp.dot(x_TD.astype(jnp.float32), self.w_router[...])
-    probs_TE = routing.router_probs(logits_TE)
-    gates_TK, experts_TK = routing.top_k_gates(probs_TE, self.k, self.renormalize)
-    weights = (self.w_gate[...].astype(dt), self.w_up[...].astype(dt), self.w_down[...].astype(dt))
-    if self.dispatch == 'dense':
-      y_TD = dense_dispatch(x_TD, gates_TK, experts_TK, *weights)
-    else:
-      bs = self.block_size or routing.auto_block_size(B * L * self.k, self.num_experts)
-      y_TD = block_dispatch(x_TD, gates_TK, experts_TK, *weights, block_size=bs)
-    aux = {'aux_loss': routing.switch_aux_loss(probs_TE, experts_TK), 'z_loss': routing.router_z_loss(logits_TE)}
-    aux.update(routing.routing_stats(probs_TE, experts_TK))
-    return y_TD.reshape(B, L, D).astype(dt), aux
+    T, c, dt = B * L, self.cfg, x_BLD.dtype
+    x_TD = x_BLD.reshape(T, D)
+    logits_TE, scores_TE, experts_TK, gates_TK = self._route(x_TD, train, rng)
+    factor = c.train_capacity_factor if train else c.eval_capacity_factor
+    group = c.capacity_group_tokens or T
+    keep_TK, rank_TK = routing.capacity_keep(experts_TK, gates_TK, c.num_experts, factor, c.drop_policy, group)
+    gates_TK = jnp.where(keep_TK, gates_TK, 0.0)
+    capacity = group if factor is None else routing.capacity(group, c.experts_per_token, c.num_experts, factor)
+    y_TD = jnp.zeros((T, D), jnp.float32)
+    offset = 0
+    for (count, _), experts in zip(self.classes, self.experts):
+      local_TK = experts_TK - offset
+      valid_TK = keep_TK & (local_TK >= 0) & (local_TK < count)
+      local_TK = jnp.where(valid_TK, local_TK, count)  # id `count` = not this class's / dropped
+      w = (experts.w_gate[...].astype(dt), experts.w_up[...].astype(dt), experts.w_down[...].astype(dt))
+      bs = c.block_size or routing.auto_block_size(T * c.experts_per_token, count)
+      y_TD += DISPATCH[c.dispatch](x_TD, jnp.where(valid_TK, gates_TK, 0.0), local_TK, *w, block_size=bs,
+                                   rank_TK=rank_TK, group_tokens=group, capacity=capacity).astype(jnp.float32)
+      offset += count
+    if self.shared is not None:
+      shared_TD = self.shared(x_TD).astype(jnp.float32)
+      if self.w_shared_gate is not None:
+        shared_TD = shared_TD * jax.nn.sigmoid(jnp.dot(x_TD.astype(jnp.float32), self.w_shared_gate[...]))
+      y_TD += shared_TD
+    return y_TD.reshape(B, L, D).astype(dt), self._aux(logits_TE, scores_TE, experts_TK, keep_TK, L)
+
+  def _aux(self, logits_TE, scores_TE, experts_TK, keep_TK, seq_len: int) -> dict[str, jax.Array]:
+    c = self.cfg
+    group = {'global_batch': None, 'micro_batch': c.balance_group_sequences * seq_len}.get(c.load_balancing, seq_len)
+    aux = {'aux_loss': routing.load_balancing_loss(scores_TE, experts_TK, group),
+           'z_loss': routing.router_z_loss(logits_TE),
+           'drop_fraction': 1.0 - jnp.mean(keep_TK.astype(jnp.float32))}
+    aux.update(routing.routing_stats(routing.normalized_scores(scores_TE), experts_TK))
+    aux['bias_abs_mean'] = jnp.zeros(()) if self.expert_bias is None else jnp.mean(jnp.abs(self.expert_bias[...]))
+    return aux
+
+
+def update_expert_biases(buffers: dict, counts_ME: jax.Array, rate: float) -> dict:
+  """Aux-free update after a step: b <- b + rate * sign(mean(c) - c) for each MoE layer, in layer order."""
+  blocks = dict(buffers.get('blocks', {}))
+  layers = sorted(i for i, b in blocks.items() if 'expert_bias' in b.get('ffn', {}))
+  for j, i in enumerate(layers):
+    counts = counts_ME[j].astype(jnp.float32)
+    bias = blocks[i]['ffn']['expert_bias']
+    blocks[i] = dict(blocks[i], ffn=dict(blocks[i]['ffn'], expert_bias=bias + rate * jnp.sign(jnp.mean(counts) - counts)))
+  return dict(buffers, blocks=blocks)

@@ -1,27 +1,69 @@
 """Routing math as pure functions (SCIENCE.md §2). All of it runs in float32.
 
 Steps of one MoE layer, as `moejax.moe.MoE` calls them:
-  1. `router_probs`: p = softmax(x W_r) over all E experts.
-  2. `top_k_gates`: the k largest p per token (ties -> lower expert id); gates = p_i,
-     optionally renormalized over the k selected (Mixtral).
-  3. `switch_aux_loss`, `router_z_loss`: the load-balancing and z losses.
-  4. `block_plan`: a dropless dispatch plan that sorts the T*k assignments by expert and
-     pads each expert's group to a multiple of the block size, so experts run as
-     fixed-shape block matmuls.
-  5. `routing_stats`: per-expert load and router entropy for the logs.
+  1. `router_scores`: softmax over all E experts (Switch/OLMoE/Mixtral) or an independent
+     sigmoid per expert (DeepSeek-V3).
+  2. `select_experts`: top-k of score + bias (the aux-free bias steers selection only),
+     optionally group-limited (keep the best `topk_groups` of `num_groups` expert groups,
+     a group scored by the sum of its top-2 scores). Ties go to the lower expert id.
+  3. `gate_weights`: the selected scores; renormalized over the k for sigmoid scoring
+     (always) or softmax (optional); times the routed scaling factor.
+  4. `capacity_keep`: with a capacity factor, keep at most C = ceil(CF*k*T_g/E) assignments
+     per expert per group of T_g tokens, by the `position` or `probs` policy.
+  5. Losses: `load_balancing_loss` (Switch form E*sum_i f_i*P_i over token groups: the
+     global batch, micro-batches or single sequences) and `router_z_loss`.
+  6. `block_plan` (dropless block-padded layout) and `routing_stats` (diagnostics).
 """
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 
+SCORE_FUNCTIONS = ('softmax', 'sigmoid')
+
+
 def router_probs(logits_TE: jax.Array) -> jax.Array:
   """Softmax router probabilities in float32."""
   return jax.nn.softmax(logits_TE.astype(jnp.float32), axis=-1)
+
+
+def router_scores(logits_TE: jax.Array, score_function: str = 'softmax') -> jax.Array:
+  """Per-expert scores in float32: softmax over experts, or sigmoid per expert."""
+  if score_function == 'sigmoid':
+    return jax.nn.sigmoid(logits_TE.astype(jnp.float32))
+  return router_probs(logits_TE)
+
+
+def normalized_scores(scores_TE: jax.Array) -> jax.Array:
+  """s' = s / sum_j s_j (identity for softmax); the P_i of the load-balancing losses."""
+  return scores_TE / jnp.sum(scores_TE, axis=-1, keepdims=True)
+
+
+def select_experts(scores_TE: jax.Array, k: int, bias_E: jax.Array | None = None, num_groups: int = 1,
+                   topk_groups: int = 1) -> jax.Array:
+  """experts_TK: top-k of scores (+ bias, selection only), optionally limited to the best expert groups."""
+  T, E = scores_TE.shape
+  select_TE = scores_TE if bias_E is None else scores_TE + bias_E.astype(jnp.float32)
+  if num_groups > 1:
+    grouped_TGE = select_TE.reshape(T, num_groups, E // num_groups)
+    top2 = jax.lax.top_k(grouped_TGE, min(2, E // num_groups))[0]
+    _, best_groups = jax.lax.top_k(jnp.sum(top2, axis=-1), topk_groups)
+    keep_TG = jnp.sum(jax.nn.one_hot(best_groups, num_groups, dtype=jnp.bool_), axis=1) > 0
+    select_TE = jnp.where(jnp.repeat(keep_TG, E // num_groups, axis=1), select_TE, -jnp.inf)
+  return jax.lax.top_k(select_TE, k)[1].astype(jnp.int32)
+
+
+def gate_weights(scores_TE: jax.Array, experts_TK: jax.Array, renormalize: bool, scale: float = 1.0) -> jax.Array:
+  """gates_TK: the selected scores, optionally divided by their sum, times `scale`."""
+  gates_TK = jnp.take_along_axis(scores_TE, experts_TK, axis=-1)
+  if renormalize:
+    gates_TK = gates_TK / jnp.sum(gates_TK, axis=-1, keepdims=True)
+  return gates_TK * scale
 
 
 def top_k_gates(probs_TE: jax.Array, k: int, renormalize: bool = False) -> tuple[jax.Array, jax.Array]:
@@ -51,6 +93,57 @@ def switch_aux_loss(probs_TE: jax.Array, experts_TK: jax.Array) -> jax.Array:
   f_E = jax.lax.stop_gradient(expert_counts(experts_TK, E).astype(jnp.float32) / (k * T))
   P_E = jnp.mean(probs_TE.astype(jnp.float32), axis=0)
   return E * jnp.sum(f_E * P_E)
+
+
+def load_balancing_loss(scores_TE: jax.Array, experts_TK: jax.Array, group_tokens: int | None = None) -> jax.Array:
+  """Mean over token groups of E * sum_i f_i * P_i (SCIENCE.md §2), f from pre-drop counts (no gradient).
+
+  group_tokens=None: one group, the whole (global) batch: under jit with a data-sharded batch the
+  counts are summed across data-parallel shards automatically. group_tokens=L: DeepSeek-V3's
+  sequence-wise loss (with P from normalized scores). group_tokens=m*L: micro-batches of m sequences.
+  """
+  T, E = scores_TE.shape
+  g = T if group_tokens is None else group_tokens
+  P_GTE = normalized_scores(scores_TE).reshape(T // g, g, E)
+  e_GTK = experts_TK.reshape(T // g, g, -1)
+  return jnp.mean(jax.vmap(switch_aux_loss)(P_GTE, e_GTK))
+
+
+def capacity(group_tokens: int, k: int, num_experts: int, capacity_factor: float) -> int:
+  """C = ceil(CF * k * T_g / E) assignments per expert per group (Megatron get_capacity)."""
+  return int(math.ceil(capacity_factor * k * group_tokens / num_experts))
+
+
+def capacity_rank(experts_TK: jax.Array, gates_TK: jax.Array, num_experts: int, policy: str) -> jax.Array:
+  """rank_TK: the position of each assignment in its expert's queue (0 = served first).
+
+  position: all first choices in token order, then all second choices, ... (GShard/Switch).
+  probs: highest gate first, ties by that same position order (Megatron's default).
+  """
+  T, K = experts_TK.shape
+  position_TK = (jnp.arange(K)[None, :] * T + jnp.arange(T)[:, None]).reshape(-1)
+  expert_A = experts_TK.reshape(-1)
+  keys = (position_TK, expert_A) if policy == 'position' else (position_TK, -gates_TK.reshape(-1), expert_A)
+  order_A = jnp.lexsort(keys)
+  counts_E = jnp.bincount(expert_A, length=num_experts)
+  start_E = jnp.cumsum(counts_E) - counts_E
+  rank_sorted_A = jnp.arange(T * K) - start_E[expert_A[order_A]]
+  return jnp.zeros((T * K,), jnp.int32).at[order_A].set(rank_sorted_A.astype(jnp.int32)).reshape(T, K)
+
+
+def capacity_keep(experts_TK: jax.Array, gates_TK: jax.Array, num_experts: int, capacity_factor: float | None,
+                  policy: str, group_tokens: int | None = None) -> tuple[jax.Array, jax.Array]:
+  """(keep_TK, rank_TK): which assignments survive capacity, and their slot within their expert per group.
+
+  capacity_factor=None is dropless: everything is kept (rank is still computed, for capacity dispatch).
+  """
+  T, K = experts_TK.shape
+  g = T if group_tokens is None else group_tokens
+  rank_TK = jax.vmap(lambda e, w: capacity_rank(e, w, num_experts, policy))(
+      experts_TK.reshape(T // g, g, K), gates_TK.reshape(T // g, g, K)).reshape(T, K)
+  if capacity_factor is None:
+    return jnp.ones((T, K), jnp.bool_), rank_TK
+  return rank_TK < capacity(g, K, num_experts, capacity_factor), rank_TK
 
 
 def router_z_loss(logits_TE: jax.Array) -> jax.Array:
@@ -110,11 +203,15 @@ def block_plan(experts_TK: jax.Array, num_experts: int, block_size: int) -> Bloc
 
 
 def routing_stats(probs_TE: jax.Array, experts_TK: jax.Array) -> dict[str, jax.Array]:
-  """Per-layer diagnostics: assignments per expert, max/mean load, mean router entropy (nats)."""
+  """Per-layer diagnostics from pre-drop routing: assignments per expert, max/mean load, coefficient of
+  variation of the load, experts that got no token, and the mean router entropy (nats, of normalized scores)."""
   counts_E = expert_counts(experts_TK, probs_TE.shape[-1]).astype(jnp.float32)
+  mean = jnp.maximum(jnp.mean(counts_E), 1e-9)
   entropy_T = -jnp.sum(probs_TE * jnp.log(jnp.maximum(probs_TE, 1e-30)), axis=-1)
   return {
       'expert_counts': counts_E,
-      'load_max_over_mean': jnp.max(counts_E) / jnp.maximum(jnp.mean(counts_E), 1e-9),
+      'load_max_over_mean': jnp.max(counts_E) / mean,
+      'load_cv': jnp.std(counts_E) / mean,
+      'dead_experts': jnp.sum(counts_E == 0).astype(jnp.float32),
       'router_entropy': jnp.mean(entropy_T),
   }

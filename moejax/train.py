@@ -23,7 +23,8 @@ import numpy as np
 import optax
 from flax import nnx
 
-from moejax import accounting, checkpoint, data, mesh as mesh_lib, metrics as metrics_lib, model as model_lib, optim
+from moejax import accounting, checkpoint, data, mesh as mesh_lib, metrics as metrics_lib, model as model_lib
+from moejax import moe as moe_lib, optim
 from moejax.errors import DataError, NonFiniteLossError, Preempted, WorkdirError
 
 log = logging.getLogger(__name__)
@@ -34,26 +35,40 @@ def token_nll(logits_BLV: jax.Array, targets_BL: jax.Array) -> jax.Array:
   return optax.softmax_cross_entropy_with_integer_labels(logits_BLV.astype(jnp.float32), targets_BL)
 
 
-def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation, moe_cfg,
-                    lr_schedule: optax.Schedule) -> Callable:
-  """Returns step(state, tokens_BL1) -> (state, metrics); the state buffers are donated."""
+ROUTING_METRICS = ('load_max_over_mean', 'load_cv', 'dead_experts', 'drop_fraction', 'router_entropy',
+                   'bias_abs_mean', 'aux_loss_per_layer')
 
-  def loss_fn(params, tokens_BL1):
-    logits_BLV, aux = nnx.merge(graphdef, params)(tokens_BL1[:, :-1])
+
+def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation, cfg,
+                    lr_schedule: optax.Schedule) -> Callable:
+  """Returns step(state, tokens_BL1) -> (state, metrics); the state buffers are donated.
+
+  The state is {'params', 'buffers', 'opt_state', 'step'}; only params get gradients. With
+  load_balancing='aux_free' the expert biases in 'buffers' move after each step from that
+  step's pre-drop expert counts (over the global batch).
+  """
+  moe_cfg = cfg.moe
+  balance_coef = moe_lib.balance_coefficient(moe_cfg)
+
+  def loss_fn(params, buffers, tokens_BL1, rng):
+    logits_BLV, aux = nnx.merge(graphdef, params, buffers)(tokens_BL1[:, :-1], train=True, rng=rng)
     ce = jnp.mean(token_nll(logits_BLV, tokens_BL1[:, 1:]))
-    loss = ce + moe_cfg.aux_loss_coef * aux['aux_loss'] + moe_cfg.z_loss_coef * aux['z_loss']
+    loss = ce + balance_coef * aux['aux_loss'] + moe_cfg.z_loss_coef * aux['z_loss']
     return loss, (ce, aux)
 
   def step(state, tokens_BL1):
-    (loss, (ce, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state['params'], tokens_BL1)
+    rng = jax.random.fold_in(jax.random.key(cfg.seed), state['step'])
+    (loss, (ce, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state['params'], state['buffers'], tokens_BL1, rng)
     updates, opt_state = optimizer.update(grads, state['opt_state'], state['params'])
     params = optax.apply_updates(state['params'], updates)
+    buffers = state['buffers']
+    if moe_cfg.load_balancing == 'aux_free' and 'expert_counts' in aux:
+      buffers = moe_lib.update_expert_biases(buffers, aux['expert_counts'], moe_cfg.bias_update_rate)
     out = {'loss': loss, 'ce': ce, 'aux_loss': aux['aux_loss'], 'z_loss': aux['z_loss'],
            'grad_norm': optax.tree.norm(grads), 'learning_rate': lr_schedule(state['step'])}
-    for key in ('load_max_over_mean', 'router_entropy'):
-      if key in aux:
-        out[key] = aux[key]
-    return {'params': params, 'opt_state': opt_state, 'step': state['step'] + 1}, out
+    out.update({k: aux[k] for k in ROUTING_METRICS if k in aux})
+    return {'params': params, 'buffers': buffers, 'opt_state': opt_state, 'step': state['step'] + 1}, out
 
   return jax.jit(step, donate_argnums=0)
 
@@ -85,11 +100,12 @@ def setup(cfg, corpus: data.Corpus | None = None) -> Setup:
   """Builds mesh, model, sharded params and optimizer state for a validated config."""
   corpus = corpus or data.corpus_from_config(cfg.data)
   mesh = mesh_lib.make_mesh(cfg.mesh)
-  graphdef, state = nnx.split(model_lib.build(cfg))
-  shardings = mesh_lib.param_shardings(state, mesh)
-  params = jax.device_put(nnx.to_pure_dict(state), shardings)
+  graphdef, param_state, buffer_state = model_lib.split(model_lib.build(cfg))
+  params = jax.device_put(nnx.to_pure_dict(param_state), mesh_lib.param_shardings(param_state, mesh))
+  buffers = jax.device_put(nnx.to_pure_dict(buffer_state), mesh_lib.param_shardings(buffer_state, mesh))
   optimizer = optim.make(cfg.optim, cfg.train.steps)
-  train_state = {'params': params, 'opt_state': jax.jit(optimizer.init)(params), 'step': jnp.zeros((), jnp.int32)}
+  train_state = {'params': params, 'buffers': buffers, 'opt_state': jax.jit(optimizer.init)(params),
+                 'step': jnp.zeros((), jnp.int32)}
   return Setup(cfg, mesh, graphdef, train_state, corpus, accounting.count(cfg))
 
 
@@ -145,7 +161,7 @@ def run(cfg, workdir: str, stop_after: int | None = None, built: Setup | None = 
   step = int(state['step'])
   last_saved = step if restored is not None else None
   end = t_cfg.steps if stop_after is None else min(stop_after, t_cfg.steps)
-  train_step = make_train_step(s.graphdef, optim.make(cfg.optim, t_cfg.steps), cfg.moe,
+  train_step = make_train_step(s.graphdef, optim.make(cfg.optim, t_cfg.steps), cfg,
                                optim.schedule(cfg.optim, t_cfg.steps))
   writer = metrics_lib.MetricsWriter(workdir)
   tokens_per_step = t_cfg.batch_size * cfg.data.seq_len

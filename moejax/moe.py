@@ -109,12 +109,11 @@ class MoE(nnx.Module):
     self.classes = config_lib.size_classes(model_cfg, moe_cfg)
     self.w_router = param(rngs, (D, E), ('embed', 'router_experts'), std)
     self.experts = nnx.List([Experts(c, D, f, std, out_std, rngs) for c, f in self.classes])
-    self.shared = None
-    if moe_cfg.num_shared_experts:
-      hidden = moe_cfg.num_shared_experts * config_lib.shared_hidden(model_cfg, moe_cfg)  # n_sh experts = one wide MLP
-      self.shared = MLP(D, hidden, std, out_std, rngs)
-    self.w_shared_gate = param(rngs, (D, 1), ('embed', None), std) if moe_cfg.use_shared_expert_gate and self.shared \
-        else None
+    # n_sh shared experts of hidden F_sh are exactly one SwiGLU MLP of hidden n_sh * F_sh.
+    shared_hidden = moe_cfg.num_shared_experts * config_lib.shared_hidden(model_cfg, moe_cfg)
+    self.shared = MLP(D, shared_hidden, std, out_std, rngs) if shared_hidden else None
+    self.w_shared_gate = param(rngs, (D, 1), ('embed', None), std) \
+        if moe_cfg.use_shared_expert_gate and shared_hidden else None
     self.expert_bias = ExpertBias(jnp.zeros((E,), jnp.float32), logical_axes=('router_experts',)) \
         if moe_cfg.load_balancing == 'aux_free' else None
 

@@ -27,6 +27,7 @@ def get_config(arg=None):
   m.head_dim = FieldReference(None, field_type=int)  # per-head width; None -> model_dim // num_heads
   m.ffn_hidden = 512  # hidden size F of the dense SwiGLU FFN
   m.rope_base = 10000.0  # rotary-embedding base wavelength
+  m.use_qk_norm = False  # RMSNorm over each query and key head before rotary (OLMoE, Qwen3)
   m.use_tied_embeddings = True  # reuse the input embedding as the output projection
   m.norm_eps = 1e-6  # RMSNorm epsilon
   m.init_std = 0.02  # std of normal weight init (output projections scaled by 1/sqrt(2 * num_layers))

@@ -50,7 +50,7 @@ def count(cfg) -> dict[str, Any]:
   n_moe = len(config_lib.moe_layers(m, e))
   n_dense = m.num_layers - n_moe
   attn = _attention_params(m)
-  norms = 2 * D
+  norms = 2 * D + (2 * config_lib.head_dim(m) if m.use_qk_norm else 0)
   dense_ffn = 3 * D * m.ffn_hidden
   E = e.num_experts
   k = e.experts_per_token if E else 0

@@ -19,8 +19,8 @@ def param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str, ...], std: fl
 class RMSNorm(nnx.Module):
   """y = x / rms(x) * scale, computed in float32."""
 
-  def __init__(self, dim: int, eps: float):
-    self.scale = nnx.Param(jnp.ones((dim,), jnp.float32), logical_axes=('embed',))
+  def __init__(self, dim: int, eps: float, axis: str = 'embed'):
+    self.scale = nnx.Param(jnp.ones((dim,), jnp.float32), logical_axes=(axis,))
     self.eps = eps
 
   def __call__(self, x_BLD: jax.Array) -> jax.Array:
@@ -58,17 +58,22 @@ class Attention(nnx.Module):
   """Causal grouped-query self-attention with rotary embeddings and no biases."""
 
   def __init__(self, dim: int, heads: int, kv_heads: int, head_dim: int, rope_base: float, std: float,
-               out_std: float, rngs: nnx.Rngs):
+               out_std: float, rngs: nnx.Rngs, qk_norm_eps: float | None = None):
     self.wq = param(rngs, (dim, heads, head_dim), ('embed', 'heads', 'head_dim'), std)
     self.wk = param(rngs, (dim, kv_heads, head_dim), ('embed', 'kv_heads', 'head_dim'), std)
     self.wv = param(rngs, (dim, kv_heads, head_dim), ('embed', 'kv_heads', 'head_dim'), std)
     self.wo = param(rngs, (heads, head_dim, dim), ('heads', 'head_dim', 'embed'), out_std)
     self.rope_base = rope_base
+    self.q_norm = RMSNorm(head_dim, qk_norm_eps, 'head_dim') if qk_norm_eps else None
+    self.k_norm = RMSNorm(head_dim, qk_norm_eps, 'head_dim') if qk_norm_eps else None
 
   def __call__(self, x_BLD: jax.Array) -> jax.Array:
     dt = x_BLD.dtype
-    q = rotary(jnp.einsum('bld,dhk->blhk', x_BLD, self.wq[...].astype(dt)), self.rope_base)
-    k = rotary(jnp.einsum('bld,dhk->blhk', x_BLD, self.wk[...].astype(dt)), self.rope_base)
+    q = jnp.einsum('bld,dhk->blhk', x_BLD, self.wq[...].astype(dt))
+    k = jnp.einsum('bld,dhk->blhk', x_BLD, self.wk[...].astype(dt))
+    if self.q_norm is not None:
+      q, k = self.q_norm(q), self.k_norm(k)
+    q, k = rotary(q, self.rope_base), rotary(k, self.rope_base)
     v = jnp.einsum('bld,dhk->blhk', x_BLD, self.wv[...].astype(dt))
     # dot_product_attention broadcasts kv heads over query-head groups (GQA) and scales by 1/sqrt(K).
     o = jax.nn.dot_product_attention(q, k, v, is_causal=True)

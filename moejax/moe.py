@@ -139,7 +139,10 @@ class MoE(nnx.Module):
     logits_TE, scores_TE, experts_TK, gates_TK = self._route(x_TD, train, rng)
     factor = c.train_capacity_factor if train else c.eval_capacity_factor
     group = c.capacity_group_tokens or T
-    keep_TK, rank_TK = routing.capacity_keep(experts_TK, gates_TK, c.num_experts, factor, c.drop_policy, group)
+    if factor is None and c.dispatch != 'capacity':  # dropless: no queue ranks needed (saves a sort)
+      keep_TK, rank_TK = jnp.ones(experts_TK.shape, jnp.bool_), None
+    else:
+      keep_TK, rank_TK = routing.capacity_keep(experts_TK, gates_TK, c.num_experts, factor, c.drop_policy, group)
     gates_TK = jnp.where(keep_TK, gates_TK, 0.0)
     capacity = group if factor is None else routing.capacity(group, c.experts_per_token, c.num_experts, factor)
     y_TD = jnp.zeros((T, D), jnp.float32)

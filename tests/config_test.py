@@ -23,6 +23,18 @@ from moejax.errors import ConfigError
     ({'train.steps': 0}, 'train.steps=0 must be > 0'),
     ({'optim.warmup_fraction': 1.0}, 'optim.warmup_fraction=1.0 must be in [0, 1)'),
     ({'model.compute_dtype': 'float16'}, "model.compute_dtype='float16' must be one of"),
+    ({'moe.num_expert_groups': 3}, 'moe.num_expert_groups=3 must divide moe.num_experts=8'),
+    ({'moe.num_expert_groups': 4, 'moe.topk_expert_groups': 5}, 'moe.topk_expert_groups=5 must be in [1,'),
+    ({'moe.num_expert_groups': 8, 'moe.topk_expert_groups': 1}, 'cannot supply moe.experts_per_token=2'),
+    ({'moe.train_capacity_factor': 0.0}, 'moe.train_capacity_factor=0.0 must be > 0'),
+    ({'moe.eval_capacity_factor': -1.0}, 'moe.eval_capacity_factor=-1.0 must be > 0'),
+    ({'moe.expert_size_classes': '4x64,2x128'}, "has 6 experts but moe.num_experts=8"),
+    ({'moe.expert_size_classes': '4 by 64'}, "must look like '32x64,32x192'"),
+    ({'moe.load_balancing': 'switch'}, "moe.load_balancing='switch' must be one of"),
+    ({'moe.router_score': 'relu'}, "moe.router_score='relu' must be one of"),
+    ({'moe.drop_policy': 'random'}, "moe.drop_policy='random' must be one of"),
+    ({'moe.capacity_group_tokens': 100}, 'moe.capacity_group_tokens=100 must divide train.batch_size * data.seq_len'),
+    ({'moe.balance_group_sequences': 5}, 'moe.balance_group_sequences=5 must divide train.batch_size=32'),
 ])
 def test_validate_names_key_and_rule(overrides, message):
   cfg = config_lib.apply_overrides(base.get_config(), overrides)

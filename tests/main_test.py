@@ -22,6 +22,11 @@ def test_execute_writes_complete_result_record(tiny_cfg, tmp_path):
   assert set(record['train']) == {'steps', 'tokens', 'wall_s'} and record['train']['steps'] == 2
   assert record['data']['name'].startswith('text:') and len(record['data']['fingerprint']) == 64
   assert record['config']['moe']['num_experts'] == 4
+  layers = record['routing']['layers']
+  assert len(layers) == 2 and sum(layers[0]['tokens_per_expert']) == 2 * record['eval']['tokens']  # k=2, no padding
+  for key in ('load_max_over_mean', 'load_cv', 'dead_experts', 'drop_fraction', 'router_entropy'):
+    assert key in layers[0]
+  assert record['routing']['n_active_measured'] == record['accounting']['n_active']  # uniform experts
   assert 'git' in record
   assert json.loads((tmp_path / 'config.json').read_text())['train']['steps'] == 2
   assert not [f for f in os.listdir(tmp_path) if f.startswith('.')]  # no temp files left behind

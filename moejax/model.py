@@ -77,6 +77,7 @@ def _stack_aux(layer_aux: list[dict[str, jax.Array]]) -> dict[str, jax.Array]:
     return {'aux_loss': zero, 'z_loss': zero}
   stacked = {k: jnp.stack([a[k] for a in layer_aux]) for k in layer_aux[0]}
   stacked['aux_loss_per_layer'] = stacked['aux_loss']
+  stacked['z_loss_per_layer'] = stacked['z_loss']
   stacked['aux_loss'] = jnp.mean(stacked['aux_loss'])
   stacked['z_loss'] = jnp.mean(stacked['z_loss'])
   return stacked

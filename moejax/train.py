@@ -35,8 +35,8 @@ def token_nll(logits_BLV: jax.Array, targets_BL: jax.Array) -> jax.Array:
   return optax.softmax_cross_entropy_with_integer_labels(logits_BLV.astype(jnp.float32), targets_BL)
 
 
-ROUTING_METRICS = ('load_max_over_mean', 'load_cv', 'dead_experts', 'drop_fraction', 'router_entropy',
-                   'bias_abs_mean', 'aux_loss_per_layer')
+ROUTING_METRICS = ('expert_counts', 'load_max_over_mean', 'load_cv', 'dead_experts', 'drop_fraction',
+                   'router_entropy', 'bias_abs_mean', 'aux_loss_per_layer', 'z_loss_per_layer')
 
 
 def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation, cfg,

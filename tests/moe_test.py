@@ -190,6 +190,11 @@ def test_major_options_train_without_nan(tiny_cfg, tmp_path, name):
   import json  # pylint: disable=import-outside-toplevel
   rows = [json.loads(l) for l in open(tmp_path / 'metrics.jsonl')]
   assert len(rows) == 3 and all(math.isfinite(r['loss']) for r in rows)
-  for key in ('load_max_over_mean', 'load_cv', 'dead_experts', 'drop_fraction', 'router_entropy', 'bias_abs_mean'):
-    assert len(rows[-1][key]) == len(config_lib.moe_layers(cfg.model, cfg.moe))
+  n_moe = len(config_lib.moe_layers(cfg.model, cfg.moe))
+  for key in ('load_max_over_mean', 'load_cv', 'dead_experts', 'drop_fraction', 'router_entropy', 'bias_abs_mean',
+              'aux_loss_per_layer', 'z_loss_per_layer'):
+    assert len(rows[-1][key]) == n_moe
+  counts = np.asarray(rows[-1]['expert_counts'])
+  assert counts.shape == (n_moe, cfg.moe.num_experts)
+  assert (counts.sum(axis=1) == cfg.train.batch_size * cfg.data.seq_len * cfg.moe.experts_per_token).all()
   del out

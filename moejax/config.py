@@ -209,8 +209,10 @@ def _validate_routing(cfg) -> None:
            f'cannot supply moe.experts_per_token={e.experts_per_token}')
   _require(0 <= e.router_jitter < 1, f'moe.router_jitter={e.router_jitter} must be in [0, 1)')
   _require(e.load_balancing in LOAD_BALANCING, f'moe.load_balancing={e.load_balancing!r} must be one of {LOAD_BALANCING}')
-  _require(e.balance_group_sequences >= 1 and cfg.train.batch_size % e.balance_group_sequences == 0,
-           f'moe.balance_group_sequences={e.balance_group_sequences} must divide train.batch_size={cfg.train.batch_size}')
+  for batch_key in ('train', 'eval'):
+    _require(e.balance_group_sequences >= 1 and cfg[batch_key].batch_size % e.balance_group_sequences == 0,
+             f'moe.balance_group_sequences={e.balance_group_sequences} must divide '
+             f'{batch_key}.batch_size={cfg[batch_key].batch_size}')
   _require(e.bias_update_rate >= 0, f'moe.bias_update_rate={e.bias_update_rate} must be >= 0')
   for key in ('train_capacity_factor', 'eval_capacity_factor'):
     _require(e[key] is None or e[key] > 0, f'moe.{key}={e[key]} must be > 0 (or None for dropless)')

@@ -35,6 +35,8 @@ from moejax.errors import ConfigError
     ({'moe.drop_policy': 'random'}, "moe.drop_policy='random' must be one of"),
     ({'moe.capacity_group_tokens': 100}, 'moe.capacity_group_tokens=100 must divide train.batch_size * data.seq_len'),
     ({'moe.balance_group_sequences': 5}, 'moe.balance_group_sequences=5 must divide train.batch_size=32'),
+    ({'moe.balance_group_sequences': 16, 'eval.batch_size': 8},
+     'moe.balance_group_sequences=16 must divide eval.batch_size=8'),
 ])
 def test_validate_names_key_and_rule(overrides, message):
   cfg = config_lib.apply_overrides(base.get_config(), overrides)

@@ -9,7 +9,6 @@ without ever saving the bad state.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import signal

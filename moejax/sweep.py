@@ -22,7 +22,7 @@ import time
 from absl import app, flags
 
 from moejax import accounting, config as config_lib, main as main_lib, metrics as metrics_lib
-from moejax.errors import MoejaxError
+from moejax.errors import ConfigError, MoejaxError
 
 FLAGS = flags.FLAGS
 
@@ -66,6 +66,15 @@ def csv_text(rows: list[dict]) -> str:
   return out.getvalue()
 
 
+def check_points(cfg, points: list[dict]) -> None:
+  """Applies and validates every point's overrides up front: a bad key fails before any point runs."""
+  for point in points:
+    try:
+      config_lib.validate(config_lib.apply_overrides(cfg, dict(point, name=point.get('name', 'x'))))
+    except ConfigError as e:
+      raise ConfigError(f'sweep point {point_name(point)}: {e}') from None
+
+
 def run_sweep(cfg, points: list[dict], root: str) -> tuple[list[dict], list[tuple[str, str]]]:
   """Runs (or reuses) each point; returns (table rows, [(name, error)])."""
   rows, failures = [], []
@@ -100,6 +109,7 @@ def _main(argv):
     path, arg = config_lib.config_flag(sys.argv)
     module = config_lib.load_module(path)
     points = module.get_sweep(arg) if hasattr(module, 'get_sweep') else [{}]
+    check_points(FLAGS.config, points)
     os.makedirs(FLAGS.root, exist_ok=True)
     rows, failures = run_sweep(FLAGS.config, points, FLAGS.root)
     if rows:

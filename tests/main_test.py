@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from moejax import config as config_lib, main as main_lib, sweep
+from moejax.errors import ConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -87,3 +88,11 @@ def test_launch_local_usage_and_passthrough(tmp_path):
   out = subprocess.run(['bash', 'launch/local.sh', 'experiments/missing.py', str(tmp_path)], cwd=ROOT,
                        capture_output=True, text=True, timeout=120, env=dict(os.environ, PYTHON=sys.executable))
   assert out.returncode == 2 and 'config file not found: experiments/missing.py' in out.stderr
+
+
+def test_sweep_checks_every_point_before_running(tiny_cfg):
+  sweep.check_points(tiny_cfg, [{'name': 'ok', 'moe.num_experts': 8}])
+  with pytest.raises(ConfigError, match='sweep point e2: unknown config key: moe.num_expertz'):
+    sweep.check_points(tiny_cfg, [{'name': 'e1'}, {'name': 'e2', 'moe.num_expertz': 2}])
+  with pytest.raises(ConfigError, match='sweep point e3: moe.experts_per_token=2 must be in'):
+    sweep.check_points(tiny_cfg, [{'name': 'e3', 'moe.num_experts': 1}])

@@ -105,9 +105,8 @@ def shared_hidden(model_cfg, moe_cfg) -> int:
   return moe_cfg.shared_expert_hidden if moe_cfg.shared_expert_hidden is not None else expert_hidden(model_cfg, moe_cfg)
 
 
-def is_moe_layer(moe_cfg, num_layers: int, layer: int) -> bool:
+def is_moe_layer(moe_cfg, layer: int) -> bool:
   """Whether decoder block `layer` uses the MoE FFN (the layer pattern)."""
-  del num_layers
   if moe_cfg.num_experts == 0 or layer < moe_cfg.first_dense_layers:
     return False
   return (layer - moe_cfg.first_dense_layers) % moe_cfg.every_n_layers == 0
@@ -115,7 +114,7 @@ def is_moe_layer(moe_cfg, num_layers: int, layer: int) -> bool:
 
 def moe_layers(model_cfg, moe_cfg) -> list[int]:
   """Indices of the MoE blocks."""
-  return [i for i in range(model_cfg.num_layers) if is_moe_layer(moe_cfg, model_cfg.num_layers, i)]
+  return [i for i in range(model_cfg.num_layers) if is_moe_layer(moe_cfg, i)]
 
 
 def _require(ok: bool, message: str) -> None:

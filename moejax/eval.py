@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from moejax import accounting, checkpoint, data, mesh as mesh_lib, metrics as metrics_lib
+from moejax import accounting, checkpoint, data, mesh as mesh_lib, metrics as metrics_lib, routing
 from moejax.errors import CheckpointError
 from moejax.train import Setup, token_nll
 
@@ -68,11 +68,12 @@ def evaluate(s: Setup, state: dict | None = None) -> dict[str, Any]:
 def routing_summary(cfg, sums: dict[str, np.ndarray], batches: int) -> dict[str, Any]:
   """Per-layer load statistics of the held-out pass and the measured active parameters."""
   counts = sums['expert_counts']  # [n_moe, E], summed over batches
-  mean = np.maximum(counts.mean(axis=1), 1e-9)
-  layers = [{'tokens_per_expert': counts[i].tolist(), 'load_max_over_mean': float(counts[i].max() / mean[i]),
-             'load_cv': float(counts[i].std() / mean[i]), 'dead_experts': int((counts[i] == 0).sum()),
-             'drop_fraction': float(sums['drop_fraction'][i] / batches),
-             'router_entropy': float(sums['router_entropy'][i] / batches)} for i in range(counts.shape[0])]
+  layers = []
+  for i, row in enumerate(counts):
+    stats = {k: float(v) for k, v in routing.load_stats(row).items()}
+    layers.append({'tokens_per_expert': row.tolist(), **stats, 'dead_experts': int(stats['dead_experts']),
+                   'drop_fraction': float(sums['drop_fraction'][i] / batches),
+                   'router_entropy': float(sums['router_entropy'][i] / batches)})
   return {'layers': layers, **accounting.measured_active(cfg, counts.tolist())}
 
 

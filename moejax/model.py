@@ -50,7 +50,7 @@ class Transformer(nnx.Module):
     m = model_cfg
     self.embed = Embed(m.vocab_size, m.model_dim, m.init_std, rngs)
     self.blocks = nnx.List([
-        Block(m, moe_cfg, config_lib.is_moe_layer(moe_cfg, m.num_layers, i), rngs) for i in range(m.num_layers)])
+        Block(m, moe_cfg, config_lib.is_moe_layer(moe_cfg, i), rngs) for i in range(m.num_layers)])
     self.final_norm = RMSNorm(m.model_dim, m.norm_eps)
     self.unembed = None if m.use_tied_embeddings else param(rngs, (m.model_dim, m.vocab_size), ('embed', 'vocab'),
                                                             m.init_std)

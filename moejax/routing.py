@@ -22,6 +22,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 SCORE_FUNCTIONS = ('softmax', 'sigmoid')
@@ -206,12 +207,12 @@ def routing_stats(probs_TE: jax.Array, experts_TK: jax.Array) -> dict[str, jax.A
   """Per-layer diagnostics from pre-drop routing: assignments per expert, max/mean load, coefficient of
   variation of the load, experts that got no token, and the mean router entropy (nats, of normalized scores)."""
   counts_E = expert_counts(experts_TK, probs_TE.shape[-1]).astype(jnp.float32)
-  mean = jnp.maximum(jnp.mean(counts_E), 1e-9)
   entropy_T = -jnp.sum(probs_TE * jnp.log(jnp.maximum(probs_TE, 1e-30)), axis=-1)
-  return {
-      'expert_counts': counts_E,
-      'load_max_over_mean': jnp.max(counts_E) / mean,
-      'load_cv': jnp.std(counts_E) / mean,
-      'dead_experts': jnp.sum(counts_E == 0).astype(jnp.float32),
-      'router_entropy': jnp.mean(entropy_T),
-  }
+  return {'expert_counts': counts_E, **load_stats(counts_E), 'router_entropy': jnp.mean(entropy_T)}
+
+
+def load_stats(counts_E):
+  """max/mean load, coefficient of variation and dead experts of a load vector (jax or numpy array)."""
+  mean = max(counts_E.mean(), 1e-9) if isinstance(counts_E, np.ndarray) else jnp.maximum(counts_E.mean(), 1e-9)
+  return {'load_max_over_mean': counts_E.max() / mean, 'load_cv': counts_E.std() / mean,
+          'dead_experts': (counts_E == 0).sum().astype(counts_E.dtype)}

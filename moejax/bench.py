@@ -16,6 +16,7 @@ import sys
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
@@ -34,19 +35,19 @@ def step_benchmark(cfgs: list, steps: int, rounds: int) -> list[dict]:
                                optim.schedule(cfg.optim, cfg.train.steps))
     rng = np.random.default_rng(0)
     tokens = jax.device_put(rng.integers(0, 256, (cfg.train.batch_size, cfg.data.seq_len + 1), dtype=np.int32))
-    state = s.state
+    state, seed = s.state, jnp.int32(cfg.seed)
     t0 = time.perf_counter()
     for _ in range(2):  # compile + warm-up
-      state, out = fn(state, tokens)
+      state, out = fn(state, tokens, seed)
     jax.block_until_ready(out)
-    runners.append({'cfg': cfg, 'fn': fn, 'state': state, 'tokens': tokens, 'times': [],
+    runners.append({'cfg': cfg, 'fn': fn, 'seed': seed, 'state': state, 'tokens': tokens, 'times': [],
                     'compile_s': time.perf_counter() - t0})
   for _ in range(rounds):
     for r in runners:
       state = r['state']
       t0 = time.perf_counter()
       for _ in range(steps):
-        state, out = r['fn'](state, r['tokens'])
+        state, out = r['fn'](state, r['tokens'], r['seed'])
       jax.block_until_ready(out)
       r['times'].append((time.perf_counter() - t0) / steps)
       r['state'] = state

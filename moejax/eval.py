@@ -21,7 +21,7 @@ from flax import nnx
 
 from moejax import accounting, checkpoint, data, mesh as mesh_lib, metrics as metrics_lib, routing
 from moejax.errors import CheckpointError
-from moejax.train import Setup, token_nll
+from moejax.train import Setup, cached, token_nll
 
 
 EVAL_ROUTING = ('expert_counts', 'drop_fraction', 'router_entropy')
@@ -48,7 +48,7 @@ def evaluate(s: Setup, state: dict | None = None) -> dict[str, Any]:
   Also returns per-MoE-layer routing diagnostics on the held-out tokens (padded tail rows included).
   """
   state = s.state if state is None else state
-  step = make_eval_step(s.graphdef)
+  step = cached('eval', s.cfg, lambda: make_eval_step(s.graphdef))
   nats, tokens, byte_tokens = 0.0, 0.0, 0.0
   routing_sums, batches = {}, 0
   sharding = mesh_lib.batch_sharding(s.mesh, 2)

@@ -8,7 +8,9 @@ without ever saving the bad state.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import json
 import logging
 import os
 import signal
@@ -39,8 +41,12 @@ ROUTING_METRICS = ('expert_counts', 'load_max_over_mean', 'load_cv', 'dead_exper
 
 
 def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation, cfg,
-                    lr_schedule: optax.Schedule) -> Callable:
-  """Returns step(state, tokens_BL1) -> (state, metrics); the state buffers are donated.
+                    lr_schedule: optax.Schedule, state_shardings: Any = None) -> Callable:
+  """Returns step(state, tokens_BL1, seed) -> (state, metrics); the state buffers are donated.
+
+  `seed` is a traced int32 scalar (the run's `cfg.seed`), so one compiled step serves every
+  seed of a configuration; see `cached_train_step`. `state_shardings` (from `shardings(state)`)
+  pins the new state to the shardings the state came in with.
 
   The state is {'params', 'buffers', 'opt_state', 'step'}; only params get gradients. With
   load_balancing='aux_free' the expert biases in 'buffers' move after each step from that
@@ -55,8 +61,8 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
     loss = ce + balance_coef * aux['aux_loss'] + moe_cfg.z_loss_coef * aux['z_loss']
     return loss, (ce, aux)
 
-  def step(state, tokens_BL1):
-    rng = jax.random.fold_in(jax.random.key(cfg.seed), state['step'])
+  def step(state, tokens_BL1, seed):
+    rng = jax.random.fold_in(jax.random.key(seed), state['step'])
     (loss, (ce, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         state['params'], state['buffers'], tokens_BL1, rng)
     updates, opt_state = optimizer.update(grads, state['opt_state'], state['params'])
@@ -67,9 +73,59 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
     out = {'loss': loss, 'ce': ce, 'aux_loss': aux['aux_loss'], 'z_loss': aux['z_loss'],
            'grad_norm': optax.tree.norm(grads), 'learning_rate': lr_schedule(state['step'])}
     out.update({k: aux[k] for k in ROUTING_METRICS if k in aux})
-    return {'params': params, 'buffers': buffers, 'opt_state': opt_state, 'step': state['step'] + 1}, out
+    new_state = {'params': params, 'buffers': buffers, 'opt_state': opt_state, 'step': state['step'] + 1}
+    # Keep every leaf on the sharding it came in with, so step n+1 reuses step n's executable
+    # and parameters never silently become replicated.
+    if state_shardings is not None:
+      new_state = jax.lax.with_sharding_constraint(new_state, state_shardings)
+    return new_state, out
 
   return jax.jit(step, donate_argnums=0)
+
+
+def shardings(tree: Any) -> Any:
+  """The sharding of every array leaf."""
+  return jax.tree.map(lambda x: x.sharding, tree)
+
+
+# Fields that never change what the train or eval step computes: runs that differ only in
+# these share one compiled step (a sweep over seeds compiles once).
+_NOT_IN_STEP = ('name', 'seed', 'data.seed', 'data.source', 'data.heldout_fraction', 'checkpoint', 'eval',
+                'train.log_every_steps', 'train.peak_tflops')
+_STEP_CACHE: collections.OrderedDict = collections.OrderedDict()
+_STEP_CACHE_SIZE = 8
+
+
+def step_key(cfg) -> str:
+  """The part of a config that determines the compiled train step, as canonical JSON."""
+  tree = cfg.to_dict()
+  for dotted in _NOT_IN_STEP:
+    *parents, leaf = dotted.split('.')
+    node = tree
+    for p in parents:
+      node = node.get(p, {})
+    node.pop(leaf, None)
+  return json.dumps(tree, sort_keys=True, default=str)
+
+
+def cached(kind: str, cfg, build: Callable[[], Callable]) -> Callable:
+  """`build()` once per (kind, step_key(cfg)); the last few are kept (LRU)."""
+  key = (kind, step_key(cfg))
+  if key in _STEP_CACHE:
+    _STEP_CACHE.move_to_end(key)
+    return _STEP_CACHE[key]
+  fn = _STEP_CACHE[key] = build()
+  while len(_STEP_CACHE) > _STEP_CACHE_SIZE:
+    _STEP_CACHE.popitem(last=False)
+  return fn
+
+
+def cached_train_step(s: 'Setup') -> Callable:
+  """The jitted train step for `s.cfg`, shared with earlier runs whose step_key is equal."""
+  cfg = s.cfg
+  return cached('train', cfg, lambda: make_train_step(s.graphdef, optim.make(cfg.optim, cfg.train.steps), cfg,
+                                                      optim.schedule(cfg.optim, cfg.train.steps),
+                                                      shardings(s.state)))
 
 
 @dataclasses.dataclass
@@ -100,11 +156,17 @@ def setup(cfg, corpus: data.Corpus | None = None) -> Setup:
   corpus = corpus or data.corpus_from_config(cfg.data)
   mesh = mesh_lib.make_mesh(cfg.mesh)
   graphdef, param_state, buffer_state = model_lib.split(model_lib.build(cfg))
-  params = jax.device_put(nnx.to_pure_dict(param_state), mesh_lib.param_shardings(param_state, mesh))
+  param_sh = mesh_lib.param_shardings(param_state, mesh)
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  params = jax.device_put(nnx.to_pure_dict(param_state), param_sh)
   buffers = jax.device_put(nnx.to_pure_dict(buffer_state), mesh_lib.param_shardings(buffer_state, mesh))
   optimizer = optim.make(cfg.optim, cfg.train.steps)
-  train_state = {'params': params, 'buffers': buffers, 'opt_state': jax.jit(optimizer.init)(params),
-                 'step': jnp.zeros((), jnp.int32)}
+  # Adam moments shard like their parameters; counters are replicated.
+  opt_sh = optax.tree_map_params(optimizer, lambda _, sh: sh, jax.eval_shape(optimizer.init, params), param_sh,
+                                 transform_non_params=lambda _: replicated)
+  train_state = {'params': params, 'buffers': buffers,
+                 'opt_state': jax.jit(optimizer.init, out_shardings=opt_sh)(params),
+                 'step': jax.device_put(jnp.zeros((), jnp.int32), replicated)}
   return Setup(cfg, mesh, graphdef, train_state, corpus, accounting.count(cfg))
 
 
@@ -160,8 +222,8 @@ def run(cfg, workdir: str, stop_after: int | None = None, built: Setup | None = 
   step = int(state['step'])
   last_saved = step if restored is not None else None
   end = t_cfg.steps if stop_after is None else min(stop_after, t_cfg.steps)
-  train_step = make_train_step(s.graphdef, optim.make(cfg.optim, t_cfg.steps), cfg,
-                               optim.schedule(cfg.optim, t_cfg.steps))
+  train_step = cached_train_step(s)
+  seed = jnp.int32(cfg.seed)
   writer = metrics_lib.MetricsWriter(workdir)
   tokens_per_step = t_cfg.batch_size * cfg.data.seq_len
   peak = metrics_lib.peak_flops(t_cfg.peak_tflops)
@@ -177,7 +239,7 @@ def run(cfg, workdir: str, stop_after: int | None = None, built: Setup | None = 
     with _SigtermFlag() as sigterm:
       while step < end and not sigterm.raised:
         tokens = jax.device_put(next(data_iter), batch_sharding)
-        state, out = train_step(state, tokens)
+        state, out = train_step(state, tokens, seed)
         step += 1
         # Check the previous step's loss now, so the host never waits on the step just dispatched.
         if pending is not None:

@@ -42,8 +42,8 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tiny_cfg, tmp_path
   def poisoned(*args, **kwargs):
     step_fn = make(*args, **kwargs)
 
-    def step(state, tokens):
-      new_state, out = step_fn(state, tokens)
+    def step(state, tokens, seed):
+      new_state, out = step_fn(state, tokens, seed)
       if int(new_state['step']) >= 5:  # the 5th step blows up
         new_state['params'] = jax.tree.map(lambda p: p * jnp.nan, new_state['params'])
         out = dict(out, loss=jnp.float32(jnp.nan))
@@ -51,6 +51,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tiny_cfg, tmp_path
     return step
 
   monkeypatch.setattr(train, 'make_train_step', poisoned)
+  monkeypatch.setattr(train, '_STEP_CACHE', train.collections.OrderedDict())
   with pytest.raises(NonFiniteLossError, match='at step 5'):
     train.run(tiny_cfg, str(tmp_path))
   s = train.setup(tiny_cfg)
@@ -128,10 +129,32 @@ def test_sharded_mesh_training_matches_single_device(tiny_cfg, tmp_path):
   one = train.run(cfg, str(tmp_path / 'one'))
   many = train.run(sharded, str(tmp_path / 'many'))
   spec = many['setup'].state['params']['blocks'][0]['attn']['wq'].sharding.spec
-  assert tuple(spec)[:2] == ('fsdp', 'tensor')
+  assert tuple(spec)[:2] == ('fsdp', 'tensor')  # still sharded after 3 steps
+  mu = many['setup'].state['opt_state'][1][0].mu['blocks'][0]['attn']['wq']  # Adam moments shard like params
+  assert mu.sharding.spec == spec
+  assert train.cached_train_step(many['setup'])._cache_size() == 1  # pylint: disable=protected-access
   a, b = _losses(tmp_path / 'one'), _losses(tmp_path / 'many')
   np.testing.assert_allclose([a[s] for s in (1, 2, 3)], [b[s] for s in (1, 2, 3)], rtol=1e-5)
   for x, y in zip(jax.tree.leaves(one['setup'].state['params']), jax.tree.leaves(many['setup'].state['params'])):
     # Shards sum in another order; Adam's 1/sqrt(v) scaling amplifies that to ~3e-6 after 3 steps,
     # while one update moves weights by ~peak_learning_rate = 2e-3.
     np.testing.assert_allclose(x, y, rtol=1e-4, atol=2e-5)
+
+
+def test_runs_differing_only_in_seed_share_one_compiled_step(tiny_cfg, tmp_path, monkeypatch):
+  monkeypatch.setattr(train, '_STEP_CACHE', train.collections.OrderedDict())
+  first = train.run(tiny_cfg, str(tmp_path / 'seed0'))
+  step_fn = train.cached_train_step(first["setup"])
+  assert step_fn._cache_size() == 1  # pylint: disable=protected-access  (every step of a run: one executable)
+  other = config_lib.apply_overrides(tiny_cfg, {'seed': 1, 'name': 'other', 'train.log_every_steps': 2})
+  second = train.run(other, str(tmp_path / 'seed1'))
+  assert train.cached_train_step(second['setup']) is step_fn
+  assert step_fn._cache_size() == 1  # pylint: disable=protected-access  (the second seed: no new trace)
+  assert _losses(tmp_path / 'seed0')[6] != _losses(tmp_path / 'seed1')[6]  # the seed is still used
+  # A fresh cache gives bit-identical results: sharing the step leaks nothing between runs.
+  monkeypatch.setattr(train, '_STEP_CACHE', train.collections.OrderedDict())
+  train.run(tiny_cfg, str(tmp_path / 'again'))
+  assert _losses(tmp_path / 'again') == _losses(tmp_path / 'seed0')
+  # A change that alters the step (here the optimizer) compiles a new one.
+  changed = config_lib.apply_overrides(tiny_cfg, {'optim.weight_decay': 0.5})
+  assert train.step_key(changed) != train.step_key(tiny_cfg) == train.step_key(other)

@@ -57,6 +57,17 @@ def add_experiment_root(argv: Sequence[str]) -> None:
       sys.path.insert(0, root)
 
 
+def flatten(tree: dict, prefix: str = '') -> dict:
+  """{'moe': {'num_experts': 8}} -> {'moe.num_experts': 8} (a config's JSON form as dotted overrides)."""
+  flat = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      flat.update(flatten(value, f'{prefix}{key}.'))
+    else:
+      flat[prefix + key] = value
+  return flat
+
+
 def apply_overrides(cfg: ml_collections.ConfigDict, overrides: dict[str, Any]) -> ml_collections.ConfigDict:
   """Returns a copy of `cfg` with dotted `{'moe.num_experts': 8}` overrides; unknown keys raise."""
   cfg = copy.deepcopy(cfg)

@@ -24,17 +24,6 @@ from moejax.errors import ConfigError, DataError
 FLAGS = flags.FLAGS
 
 
-def flatten(tree: dict, prefix: str = '') -> dict:
-  """{'moe': {'num_experts': 8}} -> {'moe.num_experts': 8}."""
-  flat = {}
-  for key, value in tree.items():
-    if isinstance(value, dict):
-      flat.update(flatten(value, f'{prefix}{key}.'))
-    else:
-      flat[prefix + key] = value
-  return flat
-
-
 def load_record(path: str) -> dict:
   """Reads a result.json; raises ConfigError with one line when it is missing or incomplete."""
   try:
@@ -52,7 +41,7 @@ def config_of(record: dict):
   """The record's resolved config, rebuilt on the current base config and validated."""
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   from experiments import base  # pylint: disable=import-outside-toplevel
-  return config_lib.validate(config_lib.apply_overrides(base.get_config(), flatten(record['config'])))
+  return config_lib.validate(config_lib.apply_overrides(base.get_config(), config_lib.flatten(record['config'])))
 
 
 def reproduce(path: str, workdir: str) -> tuple[float, float]:

@@ -1,32 +1,41 @@
-"""Run every point of an experiment file's `get_sweep()` in one process and tabulate held-out loss.
+"""Run, list or emit every point of an experiment file's `get_sweep()`.
 
-  python -m moejax.sweep --config=experiments/quickstart.py[:arg] --root=DIR [--config.a.b=v ...]
+  python -m moejax.sweep --config=experiments/X.py[:arg] --root=DIR [--config.a.b=v ...]
+      [--dry_run] [--point=I] [--emit=slurm|tpu]
 
 Each point is the experiment's `get_config(arg)` plus the point's dotted overrides (and
-any `--config.*` flags, applied to every point). Point i runs in ROOT/<name>; a point whose
-result.json exists is not re-run. A failing point is recorded and the sweep goes on.
-At the end the table is printed and written to ROOT/results.md and ROOT/results.csv.
+any `--config.*` flags, applied to every point). Every point's overrides are applied and
+validated before anything runs. Point i runs in ROOT/<name>, where <name> is the point's
+`name` override or its shortened overrides plus a hash. Points run one after another in
+this process; runs that differ only in seeds (or anything else outside the compiled step)
+reuse the compiled train and eval steps. A point whose result.json exists is skipped; a
+failing point gets ROOT/<name>/failed.json with its error and the sweep goes on. At the
+end the table of the whole root (`moejax.results`) is printed and written to
+ROOT/results.md and ROOT/results.csv.
+
+--dry_run lists the points with their parameter counts and status. --point=I runs only
+point I (the form cluster jobs use). --emit=slurm writes ROOT/sweep.slurm, a job-array
+script with one task per point; --emit=tpu writes ROOT/sweep_tpu.sh, one command per TPU
+slice. Neither runs anything.
 """
 
 from __future__ import annotations
 
-import csv
+import datetime
 import hashlib
-import io
 import json
 import os
 import re
+import shlex
 import sys
 import time
 
 from absl import app, flags
 
-from moejax import accounting, config as config_lib, main as main_lib, metrics as metrics_lib
-from moejax.errors import ConfigError, MoejaxError
+from moejax import accounting, config as config_lib, main as main_lib, metrics as metrics_lib, results
+from moejax.errors import ConfigError, MoejaxError, WorkdirError
 
 FLAGS = flags.FLAGS
-
-COLUMNS = ('name', 'n_total', 'n_active', 'sparsity', 'heldout_loss', 'bits_per_byte', 'train_wall_s')
 
 
 def point_name(point: dict) -> str:
@@ -38,66 +47,126 @@ def point_name(point: dict) -> str:
   return re.sub(r'[^A-Za-z0-9._=-]+', '_', '_'.join(parts))[:80] + '-' + digest
 
 
-def table_row(record: dict) -> dict:
-  """One results-table row from a result record."""
-  acc = record['accounting']
-  return {'name': record['name'], 'n_total': acc['n_total'], 'n_active': acc['n_active'],
-          'sparsity': acc['sparsity'], 'heldout_loss': record['eval']['loss'],
-          'bits_per_byte': record['eval']['bits_per_byte'], 'train_wall_s': record['train']['wall_s']}
+def resolve_points(cfg, points: list[dict]) -> list[tuple[str, object]]:
+  """(name, validated config) of every point; a bad key or value fails before any point runs."""
+  resolved, seen = [], {}
+  for i, point in enumerate(points):
+    name = point_name(point)
+    if name in seen:
+      raise ConfigError(f'sweep points {seen[name]} and {i} have the same name {name!r}; give them distinct names')
+    seen[name] = i
+    try:
+      resolved.append((name, config_lib.validate(
+          config_lib.apply_overrides(cfg, dict(point, name=point.get('name', name))))))
+    except ConfigError as e:
+      raise ConfigError(f'sweep point {i} ({name}): {e}') from None
+  return resolved
 
 
-def markdown(rows: list[dict]) -> str:
-  """The results table as Markdown."""
-  lines = ['| name | N_total | N_active | s | held-out loss (nats/token) | bits/byte | train s |',
-           '|---|---:|---:|---:|---:|---:|---:|']
-  for r in rows:
-    wall = f'{r["train_wall_s"]:.0f}' if r['train_wall_s'] is not None else '-'
-    lines.append(f'| {r["name"]} | {accounting.human(r["n_total"])} | {accounting.human(r["n_active"])} | '
-                 f'{r["sparsity"]:g} | {r["heldout_loss"]:.4f} | {r["bits_per_byte"]:.4f} | {wall} |')
+def _done(root: str, name: str) -> bool:
+  return os.path.exists(os.path.join(root, name, 'result.json'))
+
+
+def run_points(resolved: list[tuple[str, object]], root: str, only: int | None = None) -> list[tuple[str, str]]:
+  """Runs (or skips) each point; returns the failures [(name, error)]."""
+  failures = []
+  indices = range(len(resolved)) if only is None else [only]
+  for i in indices:
+    name, cfg = resolved[i]
+    workdir = os.path.join(root, name)
+    failed_path = os.path.join(workdir, 'failed.json')
+    head = f'[{i + 1}/{len(resolved)}] {name}'
+    if _done(root, name):
+      with open(os.path.join(workdir, 'result.json')) as f:
+        loss = json.load(f).get('eval', {}).get('loss')
+      print(f'{head}: done earlier, held-out loss {loss}', flush=True)
+      continue
+    t0 = time.time()
+    try:
+      record = main_lib.execute(cfg, workdir)
+    except MoejaxError as e:
+      failures.append((name, str(e)))
+      print(f'{head}: FAILED: {e}', flush=True)
+      try:
+        metrics_lib.atomic_write(failed_path, json.dumps(
+            {'name': name, 'error': f'{type(e).__name__}: {e}', 'point': i,
+             'time': datetime.datetime.now().isoformat(timespec='seconds')}, indent=2) + '\n')
+      except OSError:
+        pass  # the workdir itself is unwritable; the failure is still printed and returned
+      continue
+    if os.path.exists(failed_path):
+      os.remove(failed_path)
+    print(f'{head}: held-out loss {record["eval"]["loss"]:.4f} ({time.time() - t0:.0f}s)', flush=True)
+  return failures
+
+
+def dry_run_text(resolved: list[tuple[str, object]], root: str) -> str:
+  """One line per point: index, name, parameter counts and whether it is done."""
+  lines = [f'{len(resolved)} points under {root}:']
+  for i, (name, cfg) in enumerate(resolved):
+    acc = accounting.count(cfg)
+    status = 'done' if _done(root, name) else 'failed' if os.path.exists(
+        os.path.join(root, name, 'failed.json')) else 'todo'
+    lines.append(f'{i:4d}  {name:<50} N_total {accounting.human(acc["n_total"]):>8}  '
+                 f'N_active {accounting.human(acc["n_active"]):>8}  s {acc["sparsity"]:<5g} seed {cfg.seed:<3d} {status}')
   return '\n'.join(lines) + '\n'
 
 
-def csv_text(rows: list[dict]) -> str:
-  """The results table as CSV with full-precision numbers."""
-  out = io.StringIO()
-  writer = csv.DictWriter(out, fieldnames=COLUMNS)
-  writer.writeheader()
-  writer.writerows(rows)
-  return out.getvalue()
+def point_command(argv: list[str], root: str, index: int | str) -> str:
+  """The shell command that runs one point: this invocation's config flags plus --root and --point."""
+  path, arg = config_lib.config_flag(argv)
+  overrides = [a for a in argv[1:] if a.startswith('--config.')]
+  parts = ['"${PYTHON:-python}"', '-m', 'moejax.sweep', shlex.quote(f'--config={path}' + (f':{arg}' if arg else '')),
+           shlex.quote(f'--root={root}'), f'--point={index}', *map(shlex.quote, overrides)]
+  return ' '.join(parts)
 
 
-def check_points(cfg, points: list[dict]) -> None:
-  """Applies and validates every point's overrides up front: a bad key fails before any point runs."""
-  for point in points:
-    try:
-      config_lib.validate(config_lib.apply_overrides(cfg, dict(point, name=point.get('name', 'x'))))
-    except ConfigError as e:
-      raise ConfigError(f'sweep point {point_name(point)}: {e}') from None
+def emit_slurm(argv: list[str], resolved: list[tuple[str, object]], root: str, repo: str) -> str:
+  """A SLURM job-array script: task i runs point i (finished points exit at once)."""
+  index = '\n'.join(f'#   {i:4d}  {name}' for i, (name, _) in enumerate(resolved))
+  job = re.sub(r'[^A-Za-z0-9_-]+', '_', os.path.basename(root.rstrip('/')) or 'sweep')
+  return f"""#!/bin/bash
+# Generated by `python -m moejax.sweep --emit=slurm` ({len(resolved)} points). Submit with
+#   sbatch [--partition=... --gres=gpu:1 --time=...] {os.path.join(root, 'sweep.slurm')}
+# Add cluster-specific #SBATCH lines (account, partition, GPUs) below, or pass them to sbatch.
+#SBATCH --job-name=moejax-{job}
+#SBATCH --array=0-{len(resolved) - 1}
+#SBATCH --ntasks=1
+#SBATCH --output={os.path.join(root, 'slurm-%A_%a.out')}
+# Points (array index, workdir under {root}):
+{index}
+set -euo pipefail
+cd {shlex.quote(repo)}
+{point_command(argv, root, '"$SLURM_ARRAY_TASK_ID"')}
+"""
 
 
-def run_sweep(cfg, points: list[dict], root: str) -> tuple[list[dict], list[tuple[str, str]]]:
-  """Runs (or reuses) each point; returns (table rows, [(name, error)])."""
-  rows, failures = [], []
-  for i, point in enumerate(points, 1):
-    name = point_name(point)
-    workdir = os.path.join(root, name)
-    result_path = os.path.join(workdir, 'result.json')
-    t0 = time.time()
-    try:
-      if os.path.exists(result_path):
-        with open(result_path) as f:
-          record = json.load(f)
-        status = 'done earlier'
-      else:
-        overrides = dict(point, name=point.get('name', name))
-        record = main_lib.execute(config_lib.apply_overrides(cfg, overrides), workdir)
-        status = f'{time.time() - t0:.0f}s'
-      rows.append(table_row(record))
-      print(f'[{i}/{len(points)}] {name}: held-out loss {record["eval"]["loss"]:.4f} ({status})', flush=True)
-    except MoejaxError as e:
-      failures.append((name, str(e)))
-      print(f'[{i}/{len(points)}] {name}: FAILED: {e}', flush=True)
-  return rows, failures
+def emit_tpu(argv: list[str], resolved: list[tuple[str, object]], root: str, repo: str) -> str:
+  """One command per TPU slice: point i runs on slice $TPU_PREFIX-i, all workers, in parallel."""
+  lines = [f"""#!/bin/bash
+# Generated by `python -m moejax.sweep --emit=tpu` ({len(resolved)} points): one command per TPU slice.
+# Slices are named $TPU_PREFIX-0 ... $TPU_PREFIX-{len(resolved) - 1} and must already exist with moejax
+# checked out at $REPO (default: the path below). Every worker of a slice runs the same command.
+set -euo pipefail
+: "${{TPU_PREFIX:?set TPU_PREFIX: slice i is named TPU_PREFIX-i}}"
+: "${{ZONE:?set ZONE, the zone of the slices}}"
+REPO="${{REPO:-{repo}}}"
+"""]
+  for i, (name, _) in enumerate(resolved):
+    # "$REPO" expands here; the quoted rest (including ${PYTHON:-python}) is expanded on the workers.
+    lines.append(f'# {i}: {name}\ngcloud compute tpus tpu-vm ssh "$TPU_PREFIX-{i}" --zone="$ZONE" --worker=all '
+                 f'--command="cd $REPO && "{shlex.quote(point_command(argv, root, i))} &\n')
+  lines.append('wait\n')
+  return ''.join(lines)
+
+
+def write_tables(root: str) -> str:
+  """Writes ROOT/results.md and ROOT/results.csv from every result under ROOT; returns the Markdown."""
+  text, gathered = results.render(root, 'md')
+  rows, varied = results.table(gathered.records)
+  metrics_lib.atomic_write(os.path.join(root, 'results.md'), text)
+  metrics_lib.atomic_write(os.path.join(root, 'results.csv'), results.csv_text(rows, varied))
+  return text
 
 
 def _main(argv):
@@ -105,19 +174,34 @@ def _main(argv):
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   if FLAGS.config is None or FLAGS.root is None:
     raise app.UsageError('--config and --root are required')
+  root = FLAGS.root if '://' in FLAGS.root else os.path.abspath(FLAGS.root)
+  path, arg = config_lib.config_flag(sys.argv)
+  module = config_lib.load_module(path)
+  points = module.get_sweep(arg) if hasattr(module, 'get_sweep') else [{}]
+  if not points:
+    raise ConfigError(f'{path}: get_sweep({arg!r}) returned no points')
+  resolved = resolve_points(FLAGS.config, points)
+  if FLAGS.point is not None and not 0 <= FLAGS.point < len(resolved):
+    raise ConfigError(f'--point={FLAGS.point} is out of range: the sweep has points 0..{len(resolved) - 1}')
+  if FLAGS.dry_run:
+    sys.stdout.write(dry_run_text(resolved, root))
+    return
   try:
-    path, arg = config_lib.config_flag(sys.argv)
-    module = config_lib.load_module(path)
-    points = module.get_sweep(arg) if hasattr(module, 'get_sweep') else [{}]
-    check_points(FLAGS.config, points)
-    os.makedirs(FLAGS.root, exist_ok=True)
-    rows, failures = run_sweep(FLAGS.config, points, FLAGS.root)
-    if rows:
-      metrics_lib.atomic_write(os.path.join(FLAGS.root, 'results.md'), markdown(rows))
-      metrics_lib.atomic_write(os.path.join(FLAGS.root, 'results.csv'), csv_text(rows))
-  except (MoejaxError, OSError) as e:
-    main_lib.fail(e if isinstance(e, MoejaxError) else MoejaxError(f'cannot write under --root: {e}'))
-  print('\n' + markdown(rows) + f'\n(written to {FLAGS.root}/results.md and results.csv)')
+    os.makedirs(root, exist_ok=True)
+    if FLAGS.emit:
+      repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+      script = (emit_slurm if FLAGS.emit == 'slurm' else emit_tpu)(sys.argv, resolved, root, repo)
+      out = os.path.join(root, 'sweep.slurm' if FLAGS.emit == 'slurm' else 'sweep_tpu.sh')
+      metrics_lib.atomic_write(out, script)
+      os.chmod(out, 0o755)
+      print(f'wrote {out} ({len(resolved)} points); nothing was run')
+      return
+    failures = run_points(resolved, root, FLAGS.point)
+    text = write_tables(root) if FLAGS.point is None else ''
+  except OSError as e:
+    raise WorkdirError(f'cannot write under --root {root}: {e.strerror or e}') from None
+  if text:
+    print('\n' + text + f'\n(written to {root}/results.md and results.csv)')
   for name, error in failures:
     print(f'FAILED {name}: {error}', file=sys.stderr)
   if failures:
@@ -127,4 +211,7 @@ def _main(argv):
 if __name__ == '__main__':
   main_lib.define_config_flag()
   flags.DEFINE_string('root', None, 'Directory holding one workdir per sweep point.')
+  flags.DEFINE_bool('dry_run', False, 'List the points (with parameter counts and status) and exit.')
+  flags.DEFINE_integer('point', None, 'Run only the point with this index (what cluster jobs run).')
+  flags.DEFINE_enum('emit', None, ['slurm', 'tpu'], 'Write a cluster script for the points instead of running.')
   main_lib.cli(_main)

@@ -7,8 +7,7 @@ import sys
 
 import pytest
 
-from moejax import config as config_lib, main as main_lib, sweep
-from moejax.errors import ConfigError
+from moejax import config as config_lib, main as main_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -31,29 +30,6 @@ def test_execute_writes_complete_result_record(tiny_cfg, tmp_path):
   assert 'git' in record
   assert json.loads((tmp_path / 'config.json').read_text())['train']['steps'] == 2
   assert not [f for f in os.listdir(tmp_path) if f.startswith('.')]  # no temp files left behind
-
-
-def test_sweep_runs_points_skips_finished_and_records_failures(tiny_cfg, tmp_path):
-  points = [{'name': 'dense', 'moe.num_experts': 0, 'train.steps': 2},
-            {'name': 'moe', 'train.steps': 2},
-            {'name': 'broken', 'data.source': f'text:{tmp_path}/none/*.txt'}]
-  rows, failures = sweep.run_sweep(tiny_cfg, points, str(tmp_path))
-  assert [r['name'] for r in rows] == ['dense', 'moe']
-  assert failures == [('broken', f"data.source='text:{tmp_path}/none/*.txt' matches no files")]
-  assert rows[1]['n_total'] > rows[0]['n_total'] and rows[1]['sparsity'] == 2.0
-  mtime = os.path.getmtime(tmp_path / 'moe' / 'result.json')
-  again, _ = sweep.run_sweep(tiny_cfg, points[:2], str(tmp_path))
-  assert again == rows and os.path.getmtime(tmp_path / 'moe' / 'result.json') == mtime
-  table = sweep.markdown(rows)
-  assert '| dense |' in table and '| moe |' in table
-  assert sweep.csv_text(rows).splitlines()[0] == ','.join(sweep.COLUMNS)
-
-
-def test_point_names_are_readable_and_unique():
-  assert sweep.point_name({'name': 'moe e8'}) == 'moe_e8'
-  a = sweep.point_name({'moe.num_experts': 8, 'seed': 1})
-  b = sweep.point_name({'moe.num_experts': 8, 'seed': 2})
-  assert a.startswith('num_experts=8_seed=1-') and a != b
 
 
 def _cli(args, tmp_path):
@@ -88,11 +64,3 @@ def test_launch_local_usage_and_passthrough(tmp_path):
   out = subprocess.run(['bash', 'launch/local.sh', 'experiments/missing.py', str(tmp_path)], cwd=ROOT,
                        capture_output=True, text=True, timeout=120, env=dict(os.environ, PYTHON=sys.executable))
   assert out.returncode == 2 and 'config file not found: experiments/missing.py' in out.stderr
-
-
-def test_sweep_checks_every_point_before_running(tiny_cfg):
-  sweep.check_points(tiny_cfg, [{'name': 'ok', 'moe.num_experts': 8}])
-  with pytest.raises(ConfigError, match='sweep point e2: unknown config key: moe.num_expertz'):
-    sweep.check_points(tiny_cfg, [{'name': 'e1'}, {'name': 'e2', 'moe.num_expertz': 2}])
-  with pytest.raises(ConfigError, match='sweep point e3: moe.experts_per_token=2 must be in'):
-    sweep.check_points(tiny_cfg, [{'name': 'e3', 'moe.num_experts': 1}])

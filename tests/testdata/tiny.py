@@ -43,3 +43,10 @@ def get_config(arg=None):
   c.eval.batch_size = 4
   c.eval.max_batches = 3
   return config_lib.validate(c)
+
+
+def get_sweep(arg=None):
+  """Dense vs 4 experts, two seeds each, 2 steps: 4 points for sweep and results tests."""
+  del arg
+  return config_lib.product(config_lib.sweep('moe.num_experts', [0, 4]), config_lib.sweep('seed', [0, 1]),
+                            [{'train.steps': 2}])

@@ -175,3 +175,42 @@ def test_flatten_round_trips_a_config(tiny_cfg):
   assert flat['moe.num_experts'] == 4
   rebuilt = config_lib.apply_overrides(tiny_cfg, dict(flat, **{'moe.num_experts': 8}))
   assert rebuilt.moe.num_experts == 8 and rebuilt.model.model_dim == tiny_cfg.model.model_dim
+
+
+def test_report_series_and_figures(tmp_path):
+  from moejax import report  # pylint: disable=import-outside-toplevel
+  for seed, loss in ((0, 2.0), (1, 2.2)):
+    _write(f'{tmp_path}/runs/e8-s{seed}/result.json', _record(f'e8-s{seed}', seed, 8, loss))
+  _write(f'{tmp_path}/runs/e16/result.json', _record('e16', 0, 16, 1.9))
+  big = _record('big-e16', 0, 16, 1.7)
+  big['accounting']['n_active'] = 6000  # a second active budget
+  big['config']['train']['steps'] = 300
+  _write(f'{tmp_path}/runs/big/result.json', big)
+  dense = _record('dense', 0, 0, 2.4)
+  _write(f'{tmp_path}/runs/dense/result.json', dense)
+  rows, _ = results.table(results.gather(f'{tmp_path}/runs').records)
+  s = report.series(rows, 'sparsity')
+  assert list(s) == ['N_active ≈ 3.00K', 'N_active ≈ 6.00K']
+  assert s['N_active ≈ 3.00K'] == [(1.0, 2.4, 0.0), (4.0, pytest.approx(2.1), pytest.approx(0.1414, abs=1e-4)),
+                                   (8.0, 1.9, 0.0)]
+  assert [x for x, _, _ in report.series(rows, 'num_experts')['N_active ≈ 3.00K']] == [1.0, 8.0, 16.0]
+  path = report.write_report(f'{tmp_path}/runs', f'{tmp_path}/report')
+  text = open(path).read()
+  for _, _, name in report.PLOTS:
+    assert f']({name})' in text
+    png = open(f'{tmp_path}/report/{name}', 'rb').read()
+    assert png[:8] == b'\x89PNG\r\n\x1a\n' and len(png) > 5000
+  assert '| e8-s0 |' in text and '## Table' in text
+  out = subprocess.run([sys.executable, '-m', 'moejax.report', f'--root={tmp_path}/report', f'--out={tmp_path}/x'],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert out.returncode == 1 and 'no complete result.json' in out.stderr
+
+
+def test_atomic_write_gives_normal_permissions(tmp_path):
+  from moejax import metrics  # pylint: disable=import-outside-toplevel
+  old = os.umask(0o022)
+  try:
+    metrics.atomic_write(str(tmp_path / 'table.md'), 'x\n')
+  finally:
+    os.umask(old)
+  assert (os.stat(tmp_path / 'table.md').st_mode & 0o777) == 0o644 and os.listdir(tmp_path) == ['table.md']

@@ -14,6 +14,7 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 
 run: $(VENV)/.installed
 	$(PY) -m moejax.sweep --config=experiments/quickstart.py --root=$(RUN_ROOT)
+	$(PY) -m moejax.report --root=$(RUN_ROOT) --out=$(RUN_ROOT)/report
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q

@@ -1,0 +1,194 @@
+"""Scaling-law fits over result tables (SCIENCE.md §3).
+
+Method (Chinchilla approach 3, Hoffmann et al. 2022): minimize the sum of Huber losses
+(delta = 1e-3) between predicted and measured log-loss with L-BFGS-B, started from every
+point of an initial grid (subsampled to at most `max_starts`), keeping the best optimum.
+Positive constants are fitted as exp(raw) and kappa as a sigmoid, so the search is
+unconstrained. Counts are non-embedding (Kaplan et al.); the data term is dropped because
+every run of a scale sees the same tokens.
+
+Forms (X = one row per configuration; N_t = N_total, N_a = N_active, E = routed experts,
+s = E/k, f = expert hidden size; E = 1, s = 1 for dense):
+  total_sparsity      L = exp(e) + exp(a) * N_t^-alpha * s^gamma          (paper A: L = f(N_total, s))
+  effective_params    L = exp(e) + exp(a) * N_eff^-alpha + c_E * ln E,    N_eff = N_t^(1-kappa) * N_a^kappa
+  expert_size         effective_params + exp(h) * (ln f - ln f*)^2,       ln f* = mu0 + mu_a ln N_a + mu_t ln N_t
+
+Uncertainty: bootstrap over configurations (resample rows with replacement, refit from
+the best start), 95% percentile intervals. Prediction: leave-one-configuration-out error
+(refit without the row, predict it), reported as RMSE and max |error| in nats.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from typing import Callable
+
+import numpy as np
+from scipy import optimize
+
+HUBER_DELTA = 1e-3
+
+
+def _sigmoid(x):
+  return 1.0 / (1.0 + np.exp(-x))
+
+
+@dataclasses.dataclass(frozen=True)
+class Form:
+  """A parametric law: raw parameter names, their initial grid, readable values, and the prediction."""
+  name: str
+  raw_names: tuple[str, ...]
+  init: dict[str, tuple[float, ...]]
+  values: Callable[[np.ndarray], dict[str, float]]
+  predict: Callable[[np.ndarray, dict[str, np.ndarray]], np.ndarray]
+  needs: tuple[str, ...]
+
+
+def _total_sparsity(theta, x):
+  e, a, alpha, gamma = theta
+  return np.exp(e) + np.exp(a - alpha * np.log(x['n_total']) + gamma * np.log(x['sparsity']))
+
+
+def _log_n_eff(theta_kappa, x):
+  kappa = _sigmoid(theta_kappa)
+  return (1 - kappa) * np.log(x['n_total']) + kappa * np.log(x['n_active'])
+
+
+def _effective(theta, x):
+  e, a, alpha, kappa_raw, c_e = theta[:5]
+  return np.exp(e) + np.exp(a - alpha * _log_n_eff(kappa_raw, x)) + c_e * np.log(x['num_experts'])
+
+
+def _expert_size(theta, x):
+  h, mu0, mu_a, mu_t = theta[5:]
+  log_f_star = mu0 + mu_a * np.log(x['n_active']) + mu_t * np.log(x['n_total'])
+  return _effective(theta, x) + np.exp(h) * (np.log(x['expert_hidden']) - log_f_star) ** 2
+
+
+FORMS = {
+    'total_sparsity': Form(
+        'total_sparsity', ('e', 'a', 'alpha', 'gamma'),
+        {'e': (-1.0, 0.0, 0.5), 'a': (0.0, 5.0, 10.0), 'alpha': (0.1, 0.3, 0.6), 'gamma': (0.0, 0.1)},
+        lambda t: {'E': float(np.exp(t[0])), 'A': float(np.exp(t[1])), 'alpha': float(t[2]), 'gamma': float(t[3])},
+        _total_sparsity, ('n_total', 'sparsity')),
+    'effective_params': Form(
+        'effective_params', ('e', 'a', 'alpha', 'kappa_raw', 'c_E'),
+        {'e': (-1.0, 0.0, 0.5), 'a': (0.0, 5.0, 10.0), 'alpha': (0.1, 0.3, 0.6), 'kappa_raw': (-2.0, 0.0, 2.0),
+         'c_E': (0.0,)},
+        lambda t: {'E': float(np.exp(t[0])), 'A': float(np.exp(t[1])), 'alpha': float(t[2]),
+                   'kappa': float(_sigmoid(t[3])), 'c_E': float(t[4])},
+        _effective, ('n_total', 'n_active', 'num_experts')),
+    'expert_size': Form(
+        'expert_size', ('e', 'a', 'alpha', 'kappa_raw', 'c_E', 'h', 'mu0', 'mu_a', 'mu_t'),
+        {'e': (-1.0, 0.0, 0.5), 'a': (0.0, 5.0, 10.0), 'alpha': (0.1, 0.3, 0.6), 'kappa_raw': (-2.0, 0.0, 2.0),
+         'c_E': (0.0,), 'h': (-5.0, -2.0), 'mu0': (0.0, 2.0), 'mu_a': (0.0, 0.3), 'mu_t': (0.0,)},
+        lambda t: {'E': float(np.exp(t[0])), 'A': float(np.exp(t[1])), 'alpha': float(t[2]),
+                   'kappa': float(_sigmoid(t[3])), 'c_E': float(t[4]), 'h': float(np.exp(t[5])), 'mu0': float(t[6]),
+                   'mu_a': float(t[7]), 'mu_t': float(t[8])},
+        _expert_size, ('n_total', 'n_active', 'num_experts', 'expert_hidden')),
+}
+
+
+def huber(r: np.ndarray, delta: float = HUBER_DELTA) -> np.ndarray:
+  a = np.abs(r)
+  return np.where(a <= delta, 0.5 * r * r, delta * (a - 0.5 * delta))
+
+
+def _objective(form: Form, x: dict, y: np.ndarray) -> Callable[[np.ndarray], float]:
+  log_y = np.log(y)
+
+  def f(theta):
+    pred = form.predict(theta, x)
+    if not np.all(np.isfinite(pred)) or np.any(pred <= 0):
+      return 1e6
+    return float(np.sum(huber(np.log(pred) - log_y)))
+  return f
+
+
+def _minimize(form: Form, x: dict, y: np.ndarray, start: np.ndarray) -> tuple[float, np.ndarray]:
+  res = optimize.minimize(_objective(form, x, y), start, method='L-BFGS-B', options={'maxiter': 2000})
+  return float(res.fun), res.x
+
+
+def starts(form: Form, max_starts: int, seed: int = 0) -> np.ndarray:
+  """The initial grid (every combination), deterministically subsampled to at most `max_starts`."""
+  grid = np.array(list(itertools.product(*[form.init[n] for n in form.raw_names])), dtype=np.float64)
+  if len(grid) > max_starts:
+    grid = grid[np.random.default_rng(seed).choice(len(grid), max_starts, replace=False)]
+  return grid
+
+
+@dataclasses.dataclass
+class Fit:
+  """A fitted form: values, 95% bootstrap intervals, in-sample and leave-one-out errors (nats)."""
+  form: str
+  values: dict[str, float]
+  intervals: dict[str, tuple[float, float]]
+  theta: np.ndarray
+  rmse: float
+  loo_rmse: float | None
+  loo_max: float | None
+  n: int
+
+  def predict(self, x: dict) -> np.ndarray:
+    return FORMS[self.form].predict(self.theta, {k: np.asarray(v, np.float64) for k, v in x.items()})
+
+
+def fit(form_name: str, x: dict, y, max_starts: int = 64, bootstrap: int = 100, loo: bool = True,
+        seed: int = 0) -> Fit:
+  """Fits `form_name` to losses `y` (nats) at inputs `x` (dict of arrays); see the module docstring."""
+  form = FORMS[form_name]
+  x = {k: np.asarray(x[k], np.float64) for k in form.needs}
+  y = np.asarray(y, np.float64)
+  n = len(y)
+  if n < len(form.raw_names) + 1:
+    raise ValueError(f'{form_name} has {len(form.raw_names)} parameters; {n} configurations are too few to fit it')
+  best = min((_minimize(form, x, y, s) for s in starts(form, max_starts, seed)), key=lambda r: r[0])
+  theta = best[1]
+  rmse = float(np.sqrt(np.mean((form.predict(theta, x) - y) ** 2)))
+  rng = np.random.default_rng(seed)
+  samples = []
+  for _ in range(bootstrap):
+    idx = rng.integers(0, n, n)
+    if len(set(idx.tolist())) < len(form.raw_names):
+      continue
+    samples.append(form.values(_minimize(form, {k: v[idx] for k, v in x.items()}, y[idx], theta)[1]))
+  intervals = {k: (float(np.percentile([s[k] for s in samples], 2.5)), float(np.percentile([s[k] for s in samples], 97.5)))
+               for k in form.values(theta)} if samples else {}
+  loo_rmse = loo_max = None
+  if loo and n > len(form.raw_names) + 1:
+    errors = []
+    for i in range(n):
+      keep = np.arange(n) != i
+      t = _minimize(form, {k: v[keep] for k, v in x.items()}, y[keep], theta)[1]
+      errors.append(float(form.predict(t, {k: v[i:i + 1] for k, v in x.items()})[0] - y[i]))
+    loo_rmse, loo_max = float(np.sqrt(np.mean(np.square(errors)))), float(np.max(np.abs(errors)))
+  return Fit(form_name, form.values(theta), intervals, theta, rmse, loo_rmse, loo_max, n)
+
+
+def inputs_from_rows(rows: list[dict]) -> tuple[dict[str, np.ndarray], np.ndarray]:
+  """Fit inputs (non-embedding counts; dense: E = s = 1, f = its FFN width) and seed-mean losses from results rows."""
+  x = {'n_total': [], 'n_active': [], 'sparsity': [], 'num_experts': [], 'expert_hidden': []}
+  y = []
+  for r in rows:
+    x['n_total'].append(r.get('n_total_nonembed') or r['n_total'])
+    x['n_active'].append(r.get('n_active_nonembed') or r['n_active'])
+    x['sparsity'].append(max(r.get('sparsity') or 1.0, 1.0))
+    x['num_experts'].append(max(r.get('num_experts') or 1, 1))
+    x['expert_hidden'].append(r.get('expert_hidden') or r.get('ffn_hidden') or 1)
+    y.append(r['loss_mean'])
+  return {k: np.asarray(v, np.float64) for k, v in x.items()}, np.asarray(y, np.float64)
+
+
+def markdown(fits: list[Fit]) -> str:
+  """The fits as a Markdown table: values with 95% intervals, in-sample RMSE and leave-one-out error."""
+  lines = ['| form | n | parameters (95% bootstrap interval) | RMSE (nats) | LOO RMSE | LOO max |',
+           '|---|---:|---|---:|---:|---:|']
+  for f in fits:
+    params = ', '.join(f'{k} = {v:.3g}' + (f' [{f.intervals[k][0]:.3g}, {f.intervals[k][1]:.3g}]'
+                                           if k in f.intervals else '') for k, v in f.values.items())
+    loo = '-' if f.loo_rmse is None else f'{f.loo_rmse:.4f}'
+    loo_max = '-' if f.loo_max is None else f'{f.loo_max:.4f}'
+    lines.append(f'| {f.form} | {f.n} | {params} | {f.rmse:.4f} | {loo} | {loo_max} |')
+  return '\n'.join(lines) + '\n'

@@ -73,8 +73,8 @@ def plot(rows: list[dict], x_key: str, x_label: str, path: str) -> None:
   os.replace(tmp, path)
 
 
-def write_report(root: str, out: str) -> str:
-  """Writes OUT/report.md and the figures; returns the report's path."""
+def write_report(root: str, out: str, extra: str = '') -> str:
+  """Writes OUT/report.md (figures, then `extra` Markdown, then the table); returns its path."""
   gathered = results.gather(root)
   if not gathered.records:
     raise DataError(f'no complete result.json under {root}; nothing to report')
@@ -92,6 +92,8 @@ def write_report(root: str, out: str) -> str:
            f'(N_active within {BUDGET_TOLERANCE:.0%}); error bars are one seed standard deviation.', '']
   for _, label, name in PLOTS:
     lines += [f'![held-out loss vs {label}]({name})', '']
+  if extra:
+    lines += [extra, '']
   lines += ['## Table', '', results.markdown(rows, varied, gathered)]
   path = os.path.join(out, 'report.md')
   metrics_lib.atomic_write(path, '\n'.join(lines))

@@ -1,0 +1,329 @@
+"""Evaluate the two papers' checkable claims (SCIENCE.md §4) on a results root.
+
+  python -m moejax.claims --root=runs/papers-tiny --scale=tiny --out=docs/results/tiny
+
+Runs are matched to the grids of experiments/paper_a.py and paper_b.py at --scale by
+configuration hash (`moejax.results.config_hash`), so names and seeds do not matter and a
+point shared by two grids is one row. For every claim the report gives the expected
+direction, the measured difference in held-out loss (nats/token), a 95% interval and a
+verdict:
+
+  holds          the interval excludes zero on the expected side (for "small effect"
+                 claims: |difference| is below the threshold T);
+  contradicted   the interval excludes zero on the other side (|difference| minus the
+                 interval half-width exceeds T);
+  inconclusive   otherwise, or the runs are missing, or there is no seed-noise estimate.
+
+Noise: sigma is the pooled sample standard deviation of every configuration with two or
+more seeds; a difference of seed means over n_a and n_b seeds gets the interval
++-1.96 * sigma * sqrt(1/n_a + 1/n_b). T = max(2 sigma, 0.25 |L(s=16) - L(s=4)|) from B1.
+The fitted scaling laws (`moejax.scaling`) and the report figures (`moejax.report`)
+are written alongside: OUT/claims.md, OUT/report.md, OUT/*.png.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import sys
+
+import numpy as np
+from absl import app, flags
+
+from moejax import config as config_lib, metrics as metrics_lib, report, results, scaling
+from moejax.errors import DataError
+
+FLAGS = flags.FLAGS
+
+Z95 = 1.959964
+EXPERIMENTS = ('paper_a', 'paper_b')
+
+
+@dataclasses.dataclass
+class Claim:
+  """One claim's evaluation."""
+  id: str
+  statement: str
+  expected: str
+  measured: str
+  interval: str
+  verdict: str
+  detail: str = ''
+
+
+def _experiments_dir() -> str:
+  return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'experiments')
+
+
+def grid_rows(rows: list[dict], scale: str) -> dict[str, list[dict | None]]:
+  """{grid id: [results row or None per configuration]} for the paper grids at `scale`."""
+  by_hash = {r['config_hash']: r for r in rows}
+  out = {}
+  for name in EXPERIMENTS:
+    module = config_lib.load_module(os.path.join(_experiments_dir(), f'{name}.py'))
+    base = module.get_config(scale)
+    for grid, points in module.grids(scale).items():
+      found, seen = [], set()
+      for p in points:
+        cfg = config_lib.apply_overrides(base, p)
+        digest = results.config_hash(config_lib.flatten(json.loads(cfg.to_json_best_effort())))
+        if digest not in seen:  # seeds of one configuration are one row
+          seen.add(digest)
+          found.append(by_hash.get(digest))
+      out[grid] = found
+  return out
+
+
+def pooled_sigma(rows: list[dict]) -> tuple[float | None, int]:
+  """Pooled seed standard deviation over configurations with >= 2 seeds, and its degrees of freedom."""
+  num = dof = 0.0
+  for r in rows:
+    if r['seeds'] >= 2 and r['loss_std'] is not None:
+      num += (r['seeds'] - 1) * r['loss_std'] ** 2
+      dof += r['seeds'] - 1
+  return (math.sqrt(num / dof), int(dof)) if dof else (None, 0)
+
+
+def _half_width(sigma, a, b):
+  return None if sigma is None else Z95 * sigma * math.sqrt(1 / a['seeds'] + 1 / b['seeds'])
+
+
+def _fmt(delta, hw):
+  return f'{delta:+.4f}', ('-' if hw is None else f'[{delta - hw:+.4f}, {delta + hw:+.4f}]')
+
+
+def _direction(delta, hw, sign):
+  """Verdict for 'delta has sign `sign`' (+1: positive expected)."""
+  if hw is None:
+    return 'inconclusive'
+  if sign * delta - hw > 0:
+    return 'holds'
+  if sign * delta + hw < 0:
+    return 'contradicted'
+  return 'inconclusive'
+
+
+def _missing(cid, statement, expected, grid):
+  return Claim(cid, statement, expected, '-', '-', 'inconclusive', f'runs of grid {grid} are missing')
+
+
+def _ordered(points, key):
+  return sorted(points, key=lambda r: r[key])
+
+
+def _trend_claim(cid, statement, expected, grid, points, key, sign, sigma, note=''):
+  if not points or any(p is None for p in points):
+    return _missing(cid, statement, expected, grid)
+  pts = _ordered(points, key)
+  delta = pts[-1]['loss_mean'] - pts[0]['loss_mean']
+  hw = _half_width(sigma, pts[0], pts[-1])
+  steps = [b['loss_mean'] - a['loss_mean'] for a, b in zip(pts, pts[1:])]
+  monotone = all(sign * s > 0 for s in steps)
+  verdict = _direction(delta, hw, sign)
+  if verdict == 'holds' and not monotone:
+    verdict = 'inconclusive'
+  series = ', '.join(f'{key}={p[key]:g}: {p["loss_mean"]:.4f}' for p in pts)
+  measured, interval = _fmt(delta, hw)
+  return Claim(cid, statement, expected, measured, interval, verdict,
+               f'{series}; {"monotone" if monotone else "not monotone"}' + (f'; {note}' if note else ''))
+
+
+def _small_effect(cid, statement, center, variant, threshold, sigma, extra=''):
+  if center is None or variant is None:
+    return _missing(cid, statement, 'abs(Δ) < T', cid)
+  delta = variant['loss_mean'] - center['loss_mean']
+  hw = _half_width(sigma, center, variant)
+  if threshold is None or hw is None:
+    verdict = 'inconclusive'
+  elif abs(delta) < threshold:
+    verdict = 'holds'
+  elif abs(delta) - hw > threshold:
+    verdict = 'contradicted'
+  else:
+    verdict = 'inconclusive'
+  measured, interval = _fmt(delta, hw)
+  t = '-' if threshold is None else f'{threshold:.4f}'
+  return Claim(cid, statement, f'abs(Δ) < T = {t}', measured, interval, verdict,
+               f'{variant["name"]} {variant["loss_mean"]:.4f} vs {center["name"]} {center["loss_mean"]:.4f}' + extra)
+
+
+def evaluate(rows: list[dict], scale: str, fits: dict[str, scaling.Fit] | None = None) -> tuple[list[Claim], dict]:
+  """Every claim of SCIENCE.md §4 on `rows` (results.table rows); returns (claims, noise info)."""
+  g = grid_rows(rows, scale)
+  sigma, dof = pooled_sigma(rows)
+  claims = []
+  claims.append(_trend_claim('C-A1', 'At fixed N_total and core, loss rises monotonically with s (A1).',
+                             'Δ = L(s_max) − L(s_min) > 0', 'A1', g.get('A1'), 'sparsity', +1, sigma))
+  claims.append(_trend_claim('C-A2', 'At fixed N_total, s and G, loss rises slightly with E (A2a: width shrinks).',
+                             'Δ = L(E_max) − L(E_min) > 0, small', 'A2a', g.get('A2a'), 'num_experts', +1, sigma))
+  a2b = _trend_claim('C-A2b', 'Expert size free (fixed L, d, N_total, N_active, s): paper A predicts equal or worse '
+                     'loss with more experts; fine-grained MoE work predicts better.',
+                     'Δ = L(E_max) − L(E_min) ≥ 0 (A)', 'A2b', g.get('A2b'), 'num_experts', +1, sigma)
+  if a2b.verdict == 'contradicted':
+    a2b.detail += '; finer experts win (Krajewski/OLMoE/DeepSeekMoE side)'
+  elif a2b.verdict == 'holds':
+    a2b.detail += '; fewer experts win (paper A side)'
+  claims.append(a2b)
+  claims.append(_kappa_claim(fits))
+  claims.append(Claim('C-A4', 'The top design of the §5 ranking beats the median of feasible random designs.',
+                      'L(top) < median L(random)', '-', '-', 'inconclusive',
+                      'not in the grids yet: needs runs of `moejax.design --emit` plus random feasible designs'))
+  b1 = g.get('B1')
+  claims.append(_trend_claim('C-B1', 'At fixed N_active, loss falls monotonically with E (B1), diminishing returns.',
+                             'Δ = L(E_max) − L(E_min) < 0', 'B1', b1, 'num_experts', -1, sigma,
+                             note=_diminishing(b1)))
+  threshold = None
+  if b1 and all(b1):
+    by_s = {r['sparsity']: r for r in b1}
+    lo, hi = by_s.get(4.0), by_s.get(16.0)
+    if lo and hi and sigma is not None:
+      threshold = max(2 * sigma, 0.25 * abs(hi['loss_mean'] - lo['loss_mean']))
+    s1 = by_s.get(1.0)
+    if s1 and lo:
+      delta, hw = lo['loss_mean'] - s1['loss_mean'], _half_width(sigma, s1, lo)
+      m, i = _fmt(delta, hw)
+      claims.append(Claim('prior', 'MoE beats the active-matched dense-equivalent model (B1, s = 4 vs s = 1).',
+                          'Δ = L(s=4) − L(s=1) < 0', m, i, _direction(delta, hw, -1),
+                          f's=1 {s1["loss_mean"]:.4f}, s=4 {lo["loss_mean"]:.4f}'))
+  claims.append(_b2_claim(g, sigma))
+  center = next((r for r in (b1 or []) if r and r['sparsity'] == 16.0), None)  # B1 at s = 16, the B3-B6 reference
+  b3, b4, b5, b6 = (g.get(k) or [] for k in ('B3', 'B4', 'B5', 'B6'))
+  claims.append(_small_effect('C-B3', 'A shared expert instead of one routed expert changes loss little.',
+                              center, b3[1] if len(b3) > 1 else None, threshold, sigma))
+  claims.append(_small_effect('C-B4', 'Heterogeneous expert sizes change loss little.', center,
+                              b4[1] if len(b4) > 1 else None, threshold, sigma))
+  for variant in b5[1:]:
+    extra = ''
+    if variant is not None and variant.get('load_max_over_mean') is not None:
+      extra = f'; max/mean load {variant["load_max_over_mean"]:.2f} (center {center["load_max_over_mean"]:.2f})' \
+          if center and center.get('load_max_over_mean') is not None else ''
+    claims.append(_small_effect('C-B5', f'Load balancing ({(variant or {}).get("load_balancing", "?")}) changes loss '
+                                'little (no LB may collapse).', center, variant, threshold, sigma, extra))
+  claims.append(_b6_claim(center, b6, sigma))
+  return claims, {'sigma': sigma, 'dof': dof, 'threshold': threshold}
+
+
+def _diminishing(b1):
+  if not b1 or not all(b1):
+    return ''
+  pts = _ordered(b1, 'num_experts')
+  gains = [(a['loss_mean'] - b['loss_mean']) / math.log2(b['num_experts'] / a['num_experts']) for a, b in zip(pts, pts[1:])]
+  shrinking = all(x >= y for x, y in zip(gains, gains[1:]))
+  return 'gain per doubling of E: ' + ', '.join(f'{x:+.4f}' for x in gains) + (' (diminishing)' if shrinking else '')
+
+
+def _kappa_claim(fits):
+  statement = 'Across the runs, the fitted κ < 1: total parameters matter beyond the active ones (§3.3).'
+  fit = (fits or {}).get('effective_params')
+  if fit is None:
+    return Claim('C-A3', statement, 'κ < 1', '-', '-', 'inconclusive', 'no effective_params fit (too few runs)')
+  kappa = fit.values['kappa']
+  lo, hi = fit.intervals.get('kappa', (None, None))
+  interval = '-' if lo is None else f'[{lo:.3f}, {hi:.3f}]'
+  verdict = 'inconclusive' if hi is None else 'holds' if hi < 0.95 else 'contradicted' if lo > 0.95 else 'inconclusive'
+  return Claim('C-A3', statement, 'κ < 1 (95% upper bound < 0.95)', f'κ = {kappa:.3f}', interval, verdict,
+               f'fit over {fit.n} configurations, LOO RMSE {fit.loo_rmse if fit.loo_rmse is None else round(fit.loo_rmse, 4)}')
+
+
+def _b2_claim(g, sigma):
+  statement = 'The best expert size barely moves with s (argmin d_exp at s = 8 and s = 32 within one grid step).'
+  expected = 'abs(Δ index) ≤ 1'
+  groups = {}
+  for r in (g.get('B2') or []) + (g.get('B2s32') or []):
+    if r is not None:
+      groups.setdefault(r['sparsity'], []).append(r)
+  if 8.0 not in groups or 32.0 not in groups:
+    return Claim('C-B2', statement, expected, '-', '-', 'inconclusive',
+                 'needs B2 at both s = 8 and s = 32 (tiny: add grid B2s32)')
+  best = {}
+  for s in (8.0, 32.0):
+    pts = _ordered(groups[s], 'expert_hidden')
+    best[s] = (int(np.argmin([p['loss_mean'] for p in pts])), pts)
+  shift = abs(best[8.0][0] - best[32.0][0])
+  detail = '; '.join(f's={s:g}: ' + ', '.join(f'd_exp {p["expert_hidden"]:g}: {p["loss_mean"]:.4f}' for p in pts)
+                     + f' (best d_exp {pts[i]["expert_hidden"]:g})' for s, (i, pts) in best.items())
+  return Claim('C-B2', statement, expected, f'Δ index = {shift}', '-', 'holds' if shift <= 1 else 'contradicted', detail)
+
+
+def _b6_claim(center, b6, sigma):
+  statement = 'Dropless training beats token dropping: dropless < CF 1.25 ≤ CF 1.0 (dropless eval).'
+  expected = 'L(CF1.25) − L(dropless) > 0 and L(CF1.0) ≥ L(CF1.25)'
+  if center is None or len(b6) < 3 or b6[1] is None or b6[2] is None:
+    return _missing('C-B6', statement, expected, 'B6')
+  cf10, cf125 = b6[1], b6[2]
+  d1, hw1 = cf125['loss_mean'] - center['loss_mean'], _half_width(sigma, center, cf125)
+  d2 = cf10['loss_mean'] - cf125['loss_mean']
+  verdict = _direction(d1, hw1, +1)
+  if verdict == 'holds' and hw1 is not None and d2 < -hw1:
+    verdict = 'inconclusive'
+  m, i = _fmt(d1, hw1)
+  return Claim('C-B6', statement, expected, m, i, verdict,
+               f'dropless {center["loss_mean"]:.4f}, CF1.25 {cf125["loss_mean"]:.4f}, CF1.0 {cf10["loss_mean"]:.4f}; '
+               f'train drop fraction CF1.0 {cf10.get("drop_fraction") or 0:.3f} (eval is dropless)')
+
+
+def fit_laws(rows: list[dict], bootstrap: int = 100) -> dict[str, scaling.Fit]:
+  """Every scaling form that the MoE rows can support (more configurations than parameters + 1)."""
+  moe_rows = [r for r in rows if (r.get('num_experts') or 0) > 0]
+  x, y = scaling.inputs_from_rows(moe_rows)
+  fits = {}
+  for name, form in scaling.FORMS.items():
+    if len(y) > len(form.raw_names) + 1:
+      fits[name] = scaling.fit(name, x, y, max_starts=32, bootstrap=bootstrap)
+  return fits
+
+
+def markdown(claims: list[Claim], noise: dict, fits: dict[str, scaling.Fit], header: str = '') -> str:
+  sigma = '-' if noise['sigma'] is None else f'{noise["sigma"]:.4f}'
+  threshold = '-' if noise['threshold'] is None else f'{noise["threshold"]:.4f}'
+  lines = [header, '## Claims', '',
+           f'Seed noise: σ = {sigma} nats (pooled, {noise["dof"]} degrees of freedom); small-effect threshold '
+           f'T = {threshold}. Intervals are 95% (±1.96 σ √(1/n_a + 1/n_b)).', '',
+           '| claim | statement | expected | measured Δ (nats) | 95% interval | verdict | detail |',
+           '|---|---|---|---:|---|---|---|']
+  for c in claims:
+    lines.append(f'| {c.id} | {c.statement} | {c.expected} | {c.measured} | {c.interval} | **{c.verdict}** | {c.detail} |')
+  lines += ['', '## Fitted scaling laws', '',
+            'Non-embedding counts, one point per configuration (seed mean), MoE runs only; see moejax/scaling.py.', '',
+            scaling.markdown(list(fits.values())) if fits else 'Too few configurations to fit any form.\n']
+  return '\n'.join(lines)
+
+
+def run(root: str, scale: str, out: str, bootstrap: int = 100) -> str:
+  """Writes OUT/claims.md (claims + fits), OUT/report.md and the figures; returns the claims Markdown."""
+  gathered = results.gather(root)
+  if not gathered.records:
+    raise DataError(f'no complete result.json under {root}; run the paper grids first')
+  rows, _ = results.table(gathered.records)
+  fits = fit_laws(rows, bootstrap)
+  claims, noise = evaluate(rows, scale, fits)
+  platforms = sorted({f'{r["platform"]["device_kind"]} ({r["platform"]["backend"]}, jax {r["platform"]["jax"]})'
+                      for r in gathered.records if r.get('platform')})
+  fingerprints = sorted({r['data']['fingerprint'][:12] for r in gathered.records if r.get('data')})
+  header = (f'# Claims at scale `{scale}`\n\n{len(gathered.records)} runs in {len(rows)} configurations under '
+            f'`{root}`; machine: {", ".join(platforms) or "?"}; corpus sha256 {", ".join(fingerprints) or "?"}. '
+            f'Figures and the full table: [report.md](report.md).\n')
+  text = markdown(claims, noise, fits, header)
+  report.write_report(root, out, extra=text.split('\n', 2)[2])
+  metrics_lib.atomic_write(os.path.join(out, 'claims.md'), text)
+  return text
+
+
+def _main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  if not FLAGS.root or not FLAGS.out:
+    raise app.UsageError('--root and --out are required')
+  sys.stdout.write(run(FLAGS.root, FLAGS.scale, FLAGS.out, FLAGS.bootstrap))
+
+
+if __name__ == '__main__':
+  from moejax import main as main_lib  # pylint: disable=import-outside-toplevel
+  flags.DEFINE_string('root', None, 'Results root holding the paper-grid runs.')
+  flags.DEFINE_string('scale', 'tiny', 'Scale the runs were made at (tiny, gpu, paper).')
+  flags.DEFINE_string('out', None, 'Directory for claims.md, report.md and the figures.')
+  flags.DEFINE_integer('bootstrap', 100, 'Bootstrap resamples for the fit intervals.')
+  main_lib.cli(_main)
+

@@ -167,9 +167,7 @@ def evaluate(rows: list[dict], scale: str, fits: dict[str, scaling.Fit] | None =
     a2b.detail += '; fewer experts win (paper A side)'
   claims.append(a2b)
   claims.append(_kappa_claim(fits))
-  claims.append(Claim('C-A4', 'The top design of the §5 ranking beats the median of feasible random designs.',
-                      'L(top) < median L(random)', '-', '-', 'inconclusive',
-                      'not in the grids yet: needs runs of `moejax.design --emit` plus random feasible designs'))
+  claims.append(_a4_claim(g.get('A4'), sigma))
   b1 = g.get('B1')
   claims.append(_trend_claim('C-B1', 'At fixed N_active, loss falls monotonically with E (B1), diminishing returns.',
                              'Δ = L(E_max) − L(E_min) < 0', 'B1', b1, 'num_experts', -1, sigma,
@@ -212,6 +210,20 @@ def _diminishing(b1):
   gains = [(a['loss_mean'] - b['loss_mean']) / math.log2(b['num_experts'] / a['num_experts']) for a, b in zip(pts, pts[1:])]
   shrinking = all(x >= y for x, y in zip(gains, gains[1:]))
   return 'gain per doubling of E: ' + ', '.join(f'{x:+.4f}' for x in gains) + (' (diminishing)' if shrinking else '')
+
+
+def _a4_claim(points, sigma):
+  statement = 'The top design of the §5 ranking beats the median of feasible random designs (A4).'
+  expected = 'Δ = median L(random) − L(top) > 0'
+  if not points or any(p is None for p in points):
+    return _missing('C-A4', statement, expected, 'A4')
+  top, rand = points[0], sorted(points[1:], key=lambda r: r['loss_mean'])
+  delta = float(np.median([r['loss_mean'] for r in rand])) - top['loss_mean']
+  hw = _half_width(sigma, top, {'seeds': 1})  # the median is treated as one run
+  m, i = _fmt(delta, hw)
+  return Claim('C-A4', statement, expected, m, i, _direction(delta, hw, +1),
+               f'top {top["name"]} {top["loss_mean"]:.4f}; random: ' +
+               ', '.join(f'{r["name"]} {r["loss_mean"]:.4f}' for r in rand))
 
 
 def _kappa_claim(fits):

@@ -63,6 +63,8 @@ def a4_points(scale):
   out = []
   for tag, i in [('top', 0)] + [(f'rand{j}', int(i)) for j, i in enumerate(picks)]:
     o = design.overrides(result.designs, i, head_dim=b['head_dim'])
+    if o['moe.num_experts']:
+      o['moe.use_renormalized_gates'] = o['moe.experts_per_token'] > 1  # as papers.point
     out.append(dict(o, seed=0, name=f'A4-{tag}-{design.design_name(o)}'))
   return out
 

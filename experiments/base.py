@@ -61,6 +61,7 @@ def get_config(arg=None):
   e.capacity_group_tokens = FieldReference(None, field_type=int)  # tokens per capacity group; None -> the whole batch
   e.dispatch = 'block'  # 'block' (sorted block-padded), 'ragged' (lax.ragged_dot), 'capacity' ([E, C] slots), 'dense' (reference)
   e.block_size = FieldReference(None, field_type=int)  # rows per block for 'block' dispatch; None -> automatic
+  e.kernels = 'auto'  # router + 'block' dispatch: 'reference', 'xla' (gather-only VJPs), 'pallas', 'auto' (per platform)
   c.data = d = ml_collections.ConfigDict()
   d.source = 'stdlib'  # 'stdlib' (this interpreter's *.py), 'text:GLOB' (your files) or 'tfds:NAME'
   d.tfds_split = 'train'  # split read by a 'tfds:' source

@@ -20,6 +20,7 @@ from moejax.errors import ConfigError
 
 COMPUTE_DTYPES = ('float32', 'bfloat16')
 DISPATCHES = ('block', 'ragged', 'capacity', 'dense')
+KERNELS = ('auto', 'reference', 'xla', 'pallas')
 LOAD_BALANCING = ('none', 'global_batch', 'micro_batch', 'sequence', 'aux_free')
 ROUTER_SCORES = ('softmax', 'sigmoid')
 DROP_POLICIES = ('position', 'probs')
@@ -167,6 +168,7 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
              f'moe.first_dense_layers={e.first_dense_layers} with model.num_layers={m.num_layers} leaves no MoE '
              'layer (set moe.num_experts=0 for a dense model)')
     _require(e.dispatch in DISPATCHES, f'moe.dispatch={e.dispatch!r} must be one of {DISPATCHES}')
+    _require(e.kernels in KERNELS, f'moe.kernels={e.kernels!r} must be one of {KERNELS}')
     _require(e.block_size is None or (e.block_size > 0 and e.block_size % 8 == 0),
              f'moe.block_size={e.block_size} must be a positive multiple of 8 (or None for automatic)')
     _require(e.num_experts % cfg.mesh.expert == 0,

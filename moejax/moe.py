@@ -19,7 +19,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from moejax import config as config_lib, routing
+from moejax import config as config_lib, kernels as kernels_lib, routing
+from moejax.kernels import gmm, permute, router
 from moejax.layers import MLP, param, swiglu
 
 
@@ -34,17 +35,20 @@ def dense_dispatch(x_TD, gates_TK, experts_TK, w_gate_EDF, w_up_EDF, w_down_EFD,
   return jnp.einsum('te,ted->td', combine_TE.astype(y_TED.dtype), y_TED)
 
 
-def block_dispatch(x_TD, gates_TK, experts_TK, w_gate_EDF, w_up_EDF, w_down_EFD, *, block_size: int, **_):
-  """Dropless block-padded dispatch; expert id E (invalid) rows run on the last block's weights and get gate 0."""
-  T, D = x_TD.shape
+def block_dispatch(x_TD, gates_TK, experts_TK, w_gate_EDF, w_up_EDF, w_down_EFD, *, block_size: int,
+                   kernels: str = 'reference', **_):
+  """Dropless block-padded dispatch; expert id E (invalid) rows run on the last block's weights and get gate 0.
+
+  `kernels` picks the row permutation and grouped-matmul implementation (moejax.kernels).
+  """
   E = w_gate_EDF.shape[0]
   plan = routing.block_plan(experts_TK, E + 1, block_size)
   be = jnp.minimum(plan.block_expert_N, E - 1)
-  x_pad = jnp.concatenate([x_TD, jnp.zeros((1, D), x_TD.dtype)], axis=0)  # row T = zero padding input
-  x_NBD = x_pad[plan.row_token_R].reshape(-1, block_size, D)
-  y_NBD = swiglu(x_NBD, w_gate_EDF[be], w_up_EDF[be], w_down_EFD[be], 'nbd,ndf->nbf;nbf,nfd->nbd')
-  y_TKD = y_NBD.reshape(-1, D)[plan.assign_row_TK]
-  return jnp.einsum('tk,tkd->td', gates_TK.astype(y_TKD.dtype), y_TKD)
+  x_RD = permute.dispatch_rows(x_TD, plan, kernels)
+  h_RF = (jax.nn.silu(gmm.block_gmm(x_RD, w_gate_EDF, be, block_size, kernels))
+          * gmm.block_gmm(x_RD, w_up_EDF, be, block_size, kernels))
+  y_RD = gmm.block_gmm(h_RF, w_down_EFD, be, block_size, kernels)
+  return permute.combine_rows(y_RD, gates_TK, plan, kernels)
 
 
 def ragged_dispatch(x_TD, gates_TK, experts_TK, w_gate_EDF, w_up_EDF, w_down_EFD, **_):
@@ -124,11 +128,20 @@ class MoE(nnx.Module):
       x_router = x_router * jax.random.uniform(rng, x_router.shape, jnp.float32, 1 - c.router_jitter,
                                                1 + c.router_jitter)
     logits_TE = jnp.dot(x_router, self.w_router[...])
-    scores_TE = routing.router_scores(logits_TE, c.router_score)
     bias = None if self.expert_bias is None else jax.lax.stop_gradient(self.expert_bias[...])
+    renorm = c.use_renormalized_gates or c.router_score == 'sigmoid'
+    impl = kernels_lib.resolve(c.kernels)
+    if impl == 'pallas' and c.num_expert_groups > 1:
+      kernels_lib.warn_once('router-groups', 'moe.kernels=pallas: the router kernel has no group-limited top-k; '
+                            'routing with the XLA path (num_expert_groups > 1)')
+      impl = 'xla'
+    if impl == 'pallas':
+      scores_TE, experts_TK, gates_TK, _ = router.route(logits_TE, c.experts_per_token, c.router_score, bias, renorm,
+                                                        c.routed_scaling_factor, impl='pallas')
+      return logits_TE, scores_TE, experts_TK, gates_TK
+    scores_TE = routing.router_scores(logits_TE, c.router_score)
     experts_TK = routing.select_experts(scores_TE, c.experts_per_token, bias, c.num_expert_groups,
                                        c.topk_expert_groups)
-    renorm = c.use_renormalized_gates or c.router_score == 'sigmoid'
     gates_TK = routing.gate_weights(scores_TE, experts_TK, renorm, c.routed_scaling_factor)
     return logits_TE, scores_TE, experts_TK, gates_TK
 
@@ -154,7 +167,8 @@ class MoE(nnx.Module):
       w = (experts.w_gate[...].astype(dt), experts.w_up[...].astype(dt), experts.w_down[...].astype(dt))
       bs = c.block_size or routing.auto_block_size(T * c.experts_per_token, count)
       y_TD += DISPATCH[c.dispatch](x_TD, jnp.where(valid_TK, gates_TK, 0.0), local_TK, *w, block_size=bs,
-                                   rank_TK=rank_TK, group_tokens=group, capacity=capacity).astype(jnp.float32)
+                                   rank_TK=rank_TK, group_tokens=group, capacity=capacity,
+                                   kernels=kernels_lib.resolve(c.kernels)).astype(jnp.float32)
       offset += count
     if self.shared is not None:
       shared_TD = self.shared(x_TD).astype(jnp.float32)

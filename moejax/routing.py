@@ -159,10 +159,12 @@ class BlockPlan(NamedTuple):
   row_token_R:   token feeding each padded row (T marks a padding row -> a zero input)
   assign_row_TK: the padded row that computes assignment (t, j)
   block_expert_N: the expert whose weights block n uses
+  row_assign_R:  the assignment t*k + j each padded row computes (T*k on padding rows)
   """
   row_token_R: jax.Array
   assign_row_TK: jax.Array
   block_expert_N: jax.Array
+  row_assign_R: jax.Array
 
 
 def num_blocks(num_assignments: int, num_experts: int, block_size: int) -> int:
@@ -195,12 +197,11 @@ def block_plan(experts_TK: jax.Array, num_experts: int, block_size: int) -> Bloc
   row_of_sorted_A = (pad_end_E - padded_E)[sorted_expert_A] + jnp.arange(A) - start_E[sorted_expert_A]
   assign_row_A = jnp.zeros((A,), jnp.int32).at[order_A].set(row_of_sorted_A.astype(jnp.int32))
   n_blocks = num_blocks(A, num_experts, block_size)
-  row_token_R = jnp.full((n_blocks * block_size,), T, jnp.int32).at[row_of_sorted_A].set(
-      (order_A // K).astype(jnp.int32))
+  row_assign_R = jnp.full((n_blocks * block_size,), A, jnp.int32).at[row_of_sorted_A].set(order_A.astype(jnp.int32))
   block_start_N = jnp.arange(n_blocks) * block_size
   block_expert_N = jnp.searchsorted(pad_end_E, block_start_N, side='right')
-  return BlockPlan(row_token_R, assign_row_A.reshape(T, K),
-                   jnp.minimum(block_expert_N, num_experts - 1).astype(jnp.int32))
+  return BlockPlan(row_assign_R // K, assign_row_A.reshape(T, K),
+                   jnp.minimum(block_expert_N, num_experts - 1).astype(jnp.int32), row_assign_R)
 
 
 def routing_stats(probs_TE: jax.Array, experts_TK: jax.Array) -> dict[str, jax.Array]:

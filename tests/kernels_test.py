@@ -1,0 +1,119 @@
+"""Kernels against their reference twins (Pallas in interpret mode on CPU): outputs and gradients."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from moejax import config as config_lib, model as model_lib, routing
+from moejax.kernels import gmm, permute, router
+
+TOL = {jnp.float32: dict(rtol=2e-5, atol=2e-5), jnp.bfloat16: dict(rtol=3e-2, atol=3e-2)}
+
+
+def _plan(T, K, E, block, skew, key):
+  """Random assignments; skewed: 70% on expert 0 and expert E-2 never chosen (an empty group)."""
+  if skew:
+    p = np.full(E, 0.3 / (E - 2))
+    p[0], p[E - 2] = 0.7, 0.0
+    experts = jax.random.choice(key, E, (T, K), p=jnp.asarray(p))
+  else:
+    experts = jax.random.randint(key, (T, K), 0, E)
+  return experts, routing.block_plan(experts, E, block)
+
+
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize('T,K,E,D,F,block,tile,skew', [
+    (40, 2, 5, 16, 24, 8, 8, True),     # skewed, one empty expert, F tiled by 8
+    (33, 3, 7, 8, 20, 16, 128, False),  # T*K not a block multiple; F not a tile multiple (whole-width tile)
+    (16, 1, 3, 32, 16, 8, 16, True),
+])
+def test_block_gmm_matches_reference(dtype, T, K, E, D, F, block, tile, skew):
+  _, plan = _plan(T, K, E, block, skew, jax.random.key(T))
+  R = plan.row_token_R.shape[0]
+  x = jax.random.normal(jax.random.key(1), (R, D), dtype)
+  x = jnp.where((plan.row_token_R < T)[:, None], x, 0).astype(dtype)  # padding rows are zeros, as in dispatch
+  w = (jax.random.normal(jax.random.key(2), (E, D, F)) / np.sqrt(D)).astype(dtype)
+  be = plan.block_expert_N
+
+  def loss(impl):
+    return lambda x, w: jnp.sum(jnp.sin(gmm.block_gmm(x, w, be, block, impl, tile=tile).astype(jnp.float32)))
+  ref, got = gmm.block_gmm(x, w, be, block, 'reference'), gmm.block_gmm(x, w, be, block, 'pallas', tile=tile)
+  np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(ref, np.float32), **TOL[dtype])
+  for a, b in zip(jax.grad(loss('reference'), (0, 1))(x, w), jax.grad(loss('pallas'), (0, 1))(x, w)):
+    assert a.dtype == b.dtype
+    np.testing.assert_allclose(np.asarray(b, np.float32), np.asarray(a, np.float32), **TOL[dtype])
+  if skew:  # the empty expert (no block: never written by the kernel) gets exactly zero weight gradient
+    assert not (be == E - 2).any() and not np.asarray(jax.grad(loss('pallas'), 1)(x, w)[E - 2], np.float32).any()
+
+
+def test_block_gmm_rejects_rows_off_the_block_grid():
+  with pytest.raises(ValueError, match='not a multiple of block_size=8'):
+    gmm.block_gmm(jnp.zeros((12, 4)), jnp.zeros((2, 4, 4)), jnp.zeros((1,), jnp.int32), 8, 'pallas')
+
+
+@pytest.mark.parametrize('score,renormalize', [('softmax', False), ('softmax', True), ('sigmoid', True)])
+def test_router_kernel_matches_reference(score, renormalize):
+  z = jax.random.normal(jax.random.key(0), (37, 8)).at[3].set(0.0)  # 37 rows: not a block multiple; row 3 all ties
+  bias = jax.random.normal(jax.random.key(1), (8,)) * 0.1
+  ref = router.route(z, 3, score, bias, renormalize, 2.0, impl='reference')
+  got = router.route(z, 3, score, bias, renormalize, 2.0, impl='pallas', block_rows=16)
+  np.testing.assert_array_equal(got[1], ref[1])
+  np.testing.assert_array_equal(got[3], ref[3])
+  assert int(got[3].sum()) == 37 * 3
+  np.testing.assert_allclose(got[0], ref[0], rtol=1e-6, atol=1e-7)
+  np.testing.assert_allclose(got[2], ref[2], rtol=1e-6, atol=1e-7)
+
+  def loss(impl):
+    def f(z):
+      scores, _, gates, _ = router.route(z, 3, score, bias, renormalize, 2.0, impl=impl, block_rows=16)
+      return jnp.sum(jnp.sin(gates)) + jnp.sum(scores ** 2)
+    return f
+  np.testing.assert_allclose(jax.grad(loss('pallas'))(z), jax.grad(loss('reference'))(z), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize('skew', [False, True])
+def test_gather_only_permutes_match_reference(skew):
+  T, K, E, D, block = 24, 2, 4, 8, 8
+  experts, plan = _plan(T, K, E + 1, block, skew, jax.random.key(3))  # id E plays the dropped/invalid group
+  x = jax.random.normal(jax.random.key(4), (T, D))
+  gates = jax.random.uniform(jax.random.key(5), (T, K))
+  gates = jnp.where(experts == E, 0.0, gates)
+  proj = jax.random.normal(jax.random.key(6), (D, D))
+
+  def loss(impl):
+    def f(x, gates):
+      rows = permute.dispatch_rows(x, plan, impl)
+      return jnp.sum(jnp.sin(permute.combine_rows(jnp.tanh(rows @ proj), gates, plan, impl)))
+    return f
+  assert np.allclose(loss('xla')(x, gates), loss('reference')(x, gates))
+  for a, b in zip(jax.grad(loss('reference'), (0, 1))(x, gates), jax.grad(loss('xla'), (0, 1))(x, gates)):
+    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
+  # The gather-only backward has no scatter in its HLO.
+  hlo = jax.jit(jax.grad(loss('xla'), (0, 1))).lower(x, gates).as_text()
+  assert 'scatter' not in hlo
+
+
+@pytest.mark.parametrize('overrides', [{}, {'moe.router_score': 'sigmoid', 'moe.load_balancing': 'aux_free'},
+                                       {'moe.expert_size_classes': '2x16,2x48', 'moe.num_shared_experts': 1}])
+def test_moe_layer_is_the_same_with_every_kernel_implementation(tiny_cfg, overrides):
+  tokens = jax.random.randint(jax.random.key(0), (2, 16), 0, 256)
+  results = {}
+  for impl in ('reference', 'xla', 'pallas'):
+    cfg = config_lib.apply_overrides(tiny_cfg, dict(overrides, **{'moe.kernels': impl}))
+    graphdef, params, buffers = model_lib.split(model_lib.build(cfg))
+    from flax import nnx  # pylint: disable=import-outside-toplevel
+    params, buffers = nnx.to_pure_dict(params), nnx.to_pure_dict(buffers)
+
+    def loss(p):
+      logits, aux = nnx.merge(graphdef, p, buffers)(tokens, train=True, rng=jax.random.key(1))
+      return jnp.mean(logits ** 2) + aux['aux_loss'], aux['expert_counts']
+    (value, counts), grads = jax.value_and_grad(loss, has_aux=True)(params)
+    results[impl] = (value, counts, grads)
+  ref = results['reference']
+  for impl in ('xla', 'pallas'):
+    value, counts, grads = results[impl]
+    np.testing.assert_allclose(value, ref[0], rtol=1e-5)
+    np.testing.assert_array_equal(counts, ref[1])
+    for a, b in zip(jax.tree.leaves(ref[2]), jax.tree.leaves(grads)):
+      np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)

@@ -8,7 +8,8 @@ any `--config.*` flags, applied to every point). Every point's overrides are app
 validated before anything runs. Point i runs in ROOT/<name>, where <name> is the point's
 `name` override or its shortened overrides plus a hash. Points run one after another in
 this process; runs that differ only in seeds (or anything else outside the compiled step)
-reuse the compiled train and eval steps. A point whose result.json exists is skipped; a
+reuse the compiled train and eval steps. A point whose result.json exists is skipped (if
+that record was made with a different config, the point fails with a message instead); a
 failing point gets ROOT/<name>/failed.json with its error and the sweep goes on. At the
 end the table of the whole root (`moejax.results`) is printed and written to
 ROOT/results.md and ROOT/results.csv.
@@ -67,6 +68,21 @@ def _done(root: str, name: str) -> bool:
   return os.path.exists(os.path.join(root, name, 'result.json'))
 
 
+def _stale(result_path: str, cfg) -> str | None:
+  """Why an existing result.json cannot stand for `cfg` (unreadable, or made with another config), else None."""
+  try:
+    with open(result_path) as f:
+      stored = json.load(f)['config']
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    return f'{result_path} exists but is unreadable ({e}); move it away to re-run the point'
+  want = results.config_hash(config_lib.flatten(json.loads(cfg.to_json_best_effort())))
+  have = results.config_hash(config_lib.flatten(stored))
+  if want != have:
+    return (f'{result_path} was made with a different config (hash {have}, this point is {want}); '
+            'move it away or use another --root')
+  return None
+
+
 def run_points(resolved: list[tuple[str, object]], root: str, only: int | None = None) -> list[tuple[str, str]]:
   """Runs (or skips) each point; returns the failures [(name, error)]."""
   failures = []
@@ -77,9 +93,12 @@ def run_points(resolved: list[tuple[str, object]], root: str, only: int | None =
     failed_path = os.path.join(workdir, 'failed.json')
     head = f'[{i + 1}/{len(resolved)}] {name}'
     if _done(root, name):
-      with open(os.path.join(workdir, 'result.json')) as f:
-        loss = json.load(f).get('eval', {}).get('loss')
-      print(f'{head}: done earlier, held-out loss {loss}', flush=True)
+      problem = _stale(os.path.join(workdir, 'result.json'), cfg)
+      if problem:
+        failures.append((name, problem))
+        print(f'{head}: FAILED: {problem}', flush=True)
+      else:
+        print(f'{head}: done earlier', flush=True)
       continue
     t0 = time.time()
     try:

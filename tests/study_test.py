@@ -31,6 +31,10 @@ def test_sweep_runs_points_skips_finished_and_records_failures(tiny_cfg, tmp_pat
   mtime = os.path.getmtime(tmp_path / 'moe' / 'result.json')
   assert sweep.run_points(resolved[:2], str(tmp_path)) == []
   assert os.path.getmtime(tmp_path / 'moe' / 'result.json') == mtime  # finished points are not re-run
+  # A result.json left by another config under the same name is not silently reused.
+  changed = sweep.resolve_points(tiny_cfg, [dict(points[1], **{'train.steps': 3})])
+  [(name, problem)] = sweep.run_points(changed, str(tmp_path))
+  assert name == 'moe' and 'was made with a different config' in problem
   text = sweep.write_tables(str(tmp_path))
   assert '| dense |' in text and '| moe |' in text and '**Failed points**' in text and 'broken' in text
   rows = list(csv.DictReader(io.StringIO((tmp_path / 'results.csv').read_text())))

@@ -24,6 +24,7 @@ are written alongside: OUT/claims.md, OUT/report.md, OUT/*.png.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import json
 import math
 import os
@@ -315,8 +316,8 @@ def run(root: str, scale: str, out: str, bootstrap: int = 100) -> str:
                       for r in gathered.records if r.get('platform')})
   fingerprints = sorted({r['data']['fingerprint'][:12] for r in gathered.records if r.get('data')})
   header = (f'# Claims at scale `{scale}`\n\n{len(gathered.records)} runs in {len(rows)} configurations under '
-            f'`{root}`; machine: {", ".join(platforms) or "?"}; corpus sha256 {", ".join(fingerprints) or "?"}. '
-            f'Figures and the full table: [report.md](report.md).\n')
+            f'`{root}`; machine: {", ".join(platforms) or "?"}; corpus sha256 {", ".join(fingerprints) or "?"}; '
+            f'evaluated {datetime.date.today().isoformat()}. Figures and the full table: [report.md](report.md).\n')
   text = markdown(claims, noise, fits, header)
   report.write_report(root, out, extra=text.split('\n', 2)[2])
   metrics_lib.atomic_write(os.path.join(out, 'claims.md'), text)

@@ -3,6 +3,9 @@
 dispatch_rows(x_TD, plan) -> x_RD           row r holds token row_token_R[r] (padding rows: zeros)
 combine_rows(y_RD, gates_TK, plan) -> y_TD  y[t] = sum_k gates[t, k] * y_RD[assign_row_TK[t, k]]
 
+With 'pallas' every row gather (forward and backward) is `gather_rows`, a kernel that copies
+`rows_per_step` rows per grid step, each picked by a scalar-prefetched index.
+
 The 'reference' versions are plain indexing: their autodiff transposes are scatter-adds
 (slow on GPU, PERF.md). The 'xla' versions have custom VJPs built from gathers only, using
 that every real row belongs to exactly one assignment:
@@ -13,14 +16,42 @@ that every real row belongs to exactly one assignment:
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
 
+from moejax import kernels
 from moejax.routing import BlockPlan
 
 
 def _pad_row(x):
   return jnp.concatenate([x, jnp.zeros((1,) + x.shape[1:], x.dtype)], axis=0)
+
+
+def _gather_kernel(idx_ref, x_ref, o_ref, *, rows_per_step):
+  base = pl.program_id(0) * rows_per_step
+  for i in range(rows_per_step):
+    o_ref[pl.ds(i, 1), :] = x_ref[pl.ds(idx_ref[base + i], 1), :]
+
+
+def gather_rows(x_ND, idx_M, impl: str = 'xla', rows_per_step: int = 8):
+  """x_ND[idx_M] (indices must be in range); 'pallas': a row-copy kernel, else jnp indexing. No VJP of its own."""
+  if impl != 'pallas':
+    return x_ND[idx_M]
+  M = idx_M.shape[0]
+  per = rows_per_step if M % rows_per_step == 0 else 1
+  N, D = x_ND.shape
+  grid_spec = pltpu.PrefetchScalarGridSpec(
+      num_scalar_prefetch=1, grid=(M // per,),
+      in_specs=[pl.BlockSpec((N, D), lambda m, idx: (0, 0))],
+      out_specs=pl.BlockSpec((per, D), lambda m, idx: (m, 0)))
+  return pl.pallas_call(functools.partial(_gather_kernel, rows_per_step=per),
+                        out_shape=jax.ShapeDtypeStruct((M, D), x_ND.dtype), grid_spec=grid_spec,
+                        interpret=pltpu.InterpretParams() if kernels.interpret() else False,
+                        name='moejax_gather_rows')(idx_M.astype(jnp.int32), x_ND)
 
 
 def dispatch_rows_reference(x_TD, plan: BlockPlan):
@@ -32,40 +63,48 @@ def combine_rows_reference(y_RD, gates_TK, plan: BlockPlan):
   return jnp.einsum('tk,tkd->td', gates_TK.astype(y_TKD.dtype), y_TKD)
 
 
-@jax.custom_vjp
-def _dispatch(x_TD, row_token_R, assign_row_TK):
-  return _pad_row(x_TD)[row_token_R]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _dispatch(x_TD, row_token_R, assign_row_TK, impl):
+  return gather_rows(_pad_row(x_TD), row_token_R, impl)
 
 
-def _dispatch_fwd(x_TD, row_token_R, assign_row_TK):
-  return _dispatch(x_TD, row_token_R, assign_row_TK), assign_row_TK
+def _dispatch_fwd(x_TD, row_token_R, assign_row_TK, impl):
+  return _dispatch(x_TD, row_token_R, assign_row_TK, impl), assign_row_TK
 
 
-def _dispatch_bwd(assign_row_TK, dx_RD):
-  dx_TD = jnp.sum(dx_RD[assign_row_TK], axis=1)  # gather, then sum over the k copies
-  return dx_TD, None, None
+def _dispatch_bwd(impl, assign_row_TK, dx_RD):
+  T, K = assign_row_TK.shape
+  rows = gather_rows(dx_RD, assign_row_TK.reshape(-1), impl).reshape(T, K, -1)
+  return jnp.sum(rows, axis=1), None, None  # gather, then sum over the k copies
 
 
 _dispatch.defvjp(_dispatch_fwd, _dispatch_bwd)
 
 
-@jax.custom_vjp
-def _combine(y_RD, gates_TK, assign_row_TK, row_assign_R):
-  y_TKD = y_RD[assign_row_TK]
+def _rows_of(y_RD, assign_row_TK, impl):
+  T, K = assign_row_TK.shape
+  return gather_rows(y_RD, assign_row_TK.reshape(-1), impl).reshape(T, K, -1)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _combine(y_RD, gates_TK, assign_row_TK, row_assign_R, impl):
+  y_TKD = _rows_of(y_RD, assign_row_TK, impl)
   return jnp.einsum('tk,tkd->td', gates_TK.astype(y_TKD.dtype), y_TKD)
 
 
-def _combine_fwd(y_RD, gates_TK, assign_row_TK, row_assign_R):
-  return _combine(y_RD, gates_TK, assign_row_TK, row_assign_R), (y_RD, gates_TK, assign_row_TK, row_assign_R)
+def _combine_fwd(y_RD, gates_TK, assign_row_TK, row_assign_R, impl):
+  out = _combine(y_RD, gates_TK, assign_row_TK, row_assign_R, impl)
+  return out, (y_RD, gates_TK, assign_row_TK, row_assign_R)
 
 
-def _combine_bwd(res, dy_TD):
+def _combine_bwd(impl, res, dy_TD):
   y_RD, gates_TK, assign_row_TK, row_assign_R = res
   T, K = gates_TK.shape
   gates_A = _pad_row(gates_TK.reshape(-1))  # index T*K = padding row -> gate 0
-  dy_pad = _pad_row(dy_TD)
-  dy_RD = (gates_A[row_assign_R][:, None] * dy_pad[jnp.minimum(row_assign_R // K, T)]).astype(y_RD.dtype)
-  dgates_TK = jnp.einsum('td,tkd->tk', dy_TD.astype(jnp.float32), y_RD[assign_row_TK].astype(jnp.float32))
+  dy_rows = gather_rows(_pad_row(dy_TD), jnp.minimum(row_assign_R // K, T), impl)
+  dy_RD = (gates_A[row_assign_R][:, None] * dy_rows).astype(y_RD.dtype)
+  y_TKD = _rows_of(y_RD, assign_row_TK, impl)
+  dgates_TK = jnp.einsum('td,tkd->tk', dy_TD.astype(jnp.float32), y_TKD.astype(jnp.float32))
   return dy_RD, dgates_TK.astype(gates_TK.dtype), None, None
 
 
@@ -76,11 +115,11 @@ def dispatch_rows(x_TD, plan: BlockPlan, impl: str = 'xla'):
   """x_RD: token rows in the plan's padded, expert-sorted layout."""
   if impl == 'reference':
     return dispatch_rows_reference(x_TD, plan)
-  return _dispatch(x_TD, plan.row_token_R, plan.assign_row_TK)
+  return _dispatch(x_TD, plan.row_token_R, plan.assign_row_TK, impl)
 
 
 def combine_rows(y_RD, gates_TK, plan: BlockPlan, impl: str = 'xla'):
   """y_TD: the gate-weighted sum of each token's k expert rows."""
   if impl == 'reference':
     return combine_rows_reference(y_RD, gates_TK, plan)
-  return _combine(y_RD, gates_TK, plan.assign_row_TK, plan.row_assign_R)
+  return _combine(y_RD, gates_TK, plan.assign_row_TK, plan.row_assign_R, impl)

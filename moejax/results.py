@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
 import hashlib
 import io
 import json
 import math
+import os
 import statistics
 import sys
 from typing import Any
@@ -29,7 +31,7 @@ from absl import app, flags
 from etils import epath
 
 from moejax import accounting, config as config_lib
-from moejax.errors import DataError
+from moejax.errors import ConfigError, DataError
 
 FLAGS = flags.FLAGS
 
@@ -116,10 +118,30 @@ def gather(root: str) -> Gathered:
   return Gathered(records, failed, unreadable)
 
 
-def config_hash(flat_config: dict) -> str:
-  """A short hash of a flattened config without its seed fields: equal for seeds of one configuration."""
+def raw_config_hash(flat_config: dict) -> str:
+  """A short hash of a flattened config without its seed fields, exactly as given."""
   kept = {k: v for k, v in flat_config.items() if k not in SEED_FIELDS}
   return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:8]
+
+
+@functools.lru_cache(maxsize=1)
+def _base_config():
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  return config_lib.load_module(os.path.join(root, 'experiments', 'base.py')).get_config()
+
+
+def config_hash(flat_config: dict) -> str:
+  """A short hash of a flattened config without its seed fields: equal for seeds of one configuration.
+
+  The config is first rebuilt on the current experiments/base.py, so a key added to moejax after
+  a run was recorded (absent from its record, at its default now) does not change the hash. A
+  record with a key that no longer exists keeps its raw hash.
+  """
+  try:
+    rebuilt = config_lib.apply_overrides(_base_config(), flat_config)
+  except (ConfigError, KeyError, TypeError, ValueError, AttributeError):
+    return raw_config_hash(flat_config)
+  return raw_config_hash(config_lib.flatten(json.loads(rebuilt.to_json_best_effort())))
 
 
 def varied_fields(flat_configs: list[dict]) -> list[str]:

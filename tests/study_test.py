@@ -218,3 +218,13 @@ def test_atomic_write_gives_normal_permissions(tmp_path):
   finally:
     os.umask(old)
   assert (os.stat(tmp_path / 'table.md').st_mode & 0o777) == 0o644 and os.listdir(tmp_path) == ['table.md']
+
+
+def test_config_hash_ignores_keys_added_after_a_run(tiny_cfg):
+  flat = config_lib.flatten(json.loads(tiny_cfg.to_json_best_effort()))
+  old_record = {k: v for k, v in flat.items() if k != 'moe.kernels'}  # a run recorded before moe.kernels existed
+  assert results.config_hash(old_record) == results.config_hash(flat)
+  assert results.config_hash(dict(flat, seed=7, name='other')) == results.config_hash(flat)
+  assert results.config_hash(dict(flat, **{'moe.num_experts': 8})) != results.config_hash(flat)
+  assert results.config_hash(dict(flat, **{'moe.removed_key': 1})) == results.raw_config_hash(
+      dict(flat, **{'moe.removed_key': 1}))

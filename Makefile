@@ -4,7 +4,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 RUN_ROOT ?= runs/quickstart
 
-.PHONY: run test test-slow bench clean
+.PHONY: run test test-slow bench papers clean
+SCALE ?= tiny
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +22,12 @@ test: $(VENV)/.installed
 
 test-slow: $(VENV)/.installed
 	$(PY) -m pytest -q -m slow
+
+# The paper grids at one scale, then the claims report (docs/reproducing-the-papers.md).
+papers: $(VENV)/.installed
+	$(PY) -m moejax.sweep --config=experiments/paper_b.py:$(SCALE),all --root=runs/papers-$(SCALE)
+	$(PY) -m moejax.sweep --config=experiments/paper_a.py:$(SCALE),all --root=runs/papers-$(SCALE)
+	$(PY) -m moejax.claims --root=runs/papers-$(SCALE) --scale=$(SCALE) --out=runs/papers-$(SCALE)/claims
 
 bench: $(VENV)/.installed
 	$(PY) -m moejax.bench step

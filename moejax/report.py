@@ -7,7 +7,9 @@ s = E/k and against the number of experts. Each line is one fixed active-paramet
 budget (runs whose N_active lies within 10% of the smallest in the group;
 the router, d*E per MoE layer, is active and grows with E), points are
 seed means and error bars one sample standard deviation (none for a single seed).
-Dense runs sit at s = 1 and at "1 expert". The results table (`moejax.results`) follows.
+Dense runs sit at s = 1 and at "1 expert". Points at one x in one budget (other design
+choices) are drawn separately and the line joins their mean. The results table
+(`moejax.results`) follows.
 """
 
 from __future__ import annotations
@@ -60,7 +62,12 @@ def plot(rows: list[dict], x_key: str, x_label: str, path: str) -> None:
   fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
   for label, points in series(rows, x_key).items():
     xs, ys, es = zip(*points)
-    ax.errorbar(xs, ys, yerr=es, marker='o', capsize=3, label=label)
+    bar = ax.errorbar(xs, ys, yerr=es, marker='o', linestyle='none', capsize=3, label=label)
+    by_x: dict[float, list[float]] = {}
+    for x, y in zip(xs, ys):
+      by_x.setdefault(x, []).append(y)
+    line_x = sorted(by_x)
+    ax.plot(line_x, [sum(by_x[x]) / len(by_x[x]) for x in line_x], color=bar[0].get_color(), linewidth=1)
   ax.set_xscale('log', base=10 if x_key == 'n_total' else 2)
   ax.set_xlabel(x_label)
   ax.set_ylabel('held-out loss (nats/token)')
@@ -73,23 +80,28 @@ def plot(rows: list[dict], x_key: str, x_label: str, path: str) -> None:
   os.replace(tmp, path)
 
 
-def write_report(root: str, out: str, extra: str = '') -> str:
-  """Writes OUT/report.md (figures, then `extra` Markdown, then the table); returns its path."""
+def write_report(root: str, out: str, extra: str = '', figure_rows=None, figure_note: str = '') -> str:
+  """Writes OUT/report.md (figures, then `extra` Markdown, then the table); returns its path.
+
+  `figure_rows(rows)` may select the rows the figures show (default: all); `figure_note` says which.
+  """
   gathered = results.gather(root)
   if not gathered.records:
     raise DataError(f'no complete result.json under {root}; nothing to report')
   rows, varied = results.table(gathered.records)
+  shown = figure_rows(rows) if figure_rows else rows
   try:
     os.makedirs(out, exist_ok=True)
     for key, label, name in PLOTS:
-      plot(rows, key, label, os.path.join(out, name))
+      plot(shown or rows, key, label, os.path.join(out, name))
   except OSError as e:
     raise WorkdirError(f'cannot write the report under {out}: {e.strerror or e}') from None
   seeds = sum(r['seeds'] for r in rows)
   lines = [f'# Results under `{root}`', '',
            f'{seeds} runs in {len(rows)} configurations; {len(gathered.failed)} failed; '
            f'{len(gathered.unreadable)} files skipped. Lines are fixed active-parameter budgets '
-           f'(N_active within {BUDGET_TOLERANCE:.0%}); error bars are one seed standard deviation.', '']
+           f'(N_active within {BUDGET_TOLERANCE:.0%}; the line joins the mean at each x); error bars are one seed '
+           f'standard deviation.{" " + figure_note if figure_note else ""}', '']
   for _, label, name in PLOTS:
     lines += [f'![held-out loss vs {label}]({name})', '']
   if extra:

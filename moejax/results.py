@@ -198,6 +198,8 @@ def table(records: list[dict]) -> tuple[list[dict], list[str]]:
            'drop_fraction': _mean_std([_layer_mean(r, 'drop_fraction') for r in runs])[0],
            'n_active_measured': _mean_std([(r.get('routing') or {}).get('n_active_measured') for r in runs])[0],
            'losses': [r['eval']['loss'] for r in runs], 'paths': [r['_path'] for r in runs]}
+    if not acc.get('num_experts'):  # dense: no expert columns
+      row.update(granularity=None, experts_per_token=None, expert_hidden=None, num_shared_experts=None)
     rows.append(row)
   rows.sort(key=lambda r: (r['n_active'], r['n_total'], r['loss_mean']))
   return rows, varied

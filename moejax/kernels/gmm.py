@@ -104,6 +104,19 @@ def _gmm_bwd(block_size, tile, res, dy_RN):
 _gmm.defvjp(_gmm_fwd, _gmm_bwd)
 
 
+def megablox_gmm(x_RK, w_EKN, block_expert_N, block_size: int, tiling=(128, 128, 128)):
+  """The same product through the megablox `gmm` kernel shipped with jax (Mosaic TPU; interpret mode on CPU).
+
+  Blocks are contiguous per expert, so group sizes are blocks-per-expert * block_size. Used as an
+  independent oracle in tests and as the TPU alternative to compare against; tiles must divide
+  (block rows, K, N).
+  """
+  from jax.experimental.pallas.ops.tpu.megablox import gmm as megablox  # pylint: disable=import-outside-toplevel
+  sizes = jnp.bincount(block_expert_N, length=w_EKN.shape[0]).astype(jnp.int32) * block_size
+  return megablox(x_RK, w_EKN, sizes, preferred_element_type=x_RK.dtype, tiling=tiling,
+                  interpret=kernels.interpret())
+
+
 def block_gmm(x_RK, w_EKN, block_expert_N, block_size: int, impl: str = 'xla', tile: int = 128):
   """y_RN: each block of rows times its expert's weights (see the module docstring)."""
   R = x_RK.shape[0]

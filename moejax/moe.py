@@ -130,19 +130,9 @@ class MoE(nnx.Module):
     logits_TE = jnp.dot(x_router, self.w_router[...])
     bias = None if self.expert_bias is None else jax.lax.stop_gradient(self.expert_bias[...])
     renorm = c.use_renormalized_gates or c.router_score == 'sigmoid'
-    impl = kernels_lib.resolve(c.kernels)
-    if impl == 'pallas' and c.num_expert_groups > 1:
-      kernels_lib.warn_once('router-groups', 'moe.kernels=pallas: the router kernel has no group-limited top-k; '
-                            'routing with the XLA path (num_expert_groups > 1)')
-      impl = 'xla'
-    if impl == 'pallas':
-      scores_TE, experts_TK, gates_TK, _ = router.route(logits_TE, c.experts_per_token, c.router_score, bias, renorm,
-                                                        c.routed_scaling_factor, impl='pallas')
-      return logits_TE, scores_TE, experts_TK, gates_TK
-    scores_TE = routing.router_scores(logits_TE, c.router_score)
-    experts_TK = routing.select_experts(scores_TE, c.experts_per_token, bias, c.num_expert_groups,
-                                       c.topk_expert_groups)
-    gates_TK = routing.gate_weights(scores_TE, experts_TK, renorm, c.routed_scaling_factor)
+    scores_TE, experts_TK, gates_TK, _ = router.route(
+        logits_TE, c.experts_per_token, c.router_score, bias, renorm, c.routed_scaling_factor,
+        impl=kernels_lib.resolve(c.kernels), num_groups=c.num_expert_groups, topk_groups=c.topk_expert_groups)
     return logits_TE, scores_TE, experts_TK, gates_TK
 
   def __call__(self, x_BLD: jax.Array, train: bool = False, rng: jax.Array | None = None):

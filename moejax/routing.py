@@ -67,17 +67,6 @@ def gate_weights(scores_TE: jax.Array, experts_TK: jax.Array, renormalize: bool,
   return gates_TK * scale
 
 
-def top_k_gates(probs_TE: jax.Array, k: int, renormalize: bool = False) -> tuple[jax.Array, jax.Array]:
-  """Returns (gates_TK, experts_TK): the k most probable experts per token, best first.
-
-  `jax.lax.top_k` breaks ties by the lower index, so selection is deterministic.
-  """
-  gates_TK, experts_TK = jax.lax.top_k(probs_TE, k)
-  if renormalize:
-    gates_TK = gates_TK / jnp.sum(gates_TK, axis=-1, keepdims=True)
-  return gates_TK, experts_TK.astype(jnp.int32)
-
-
 def expert_counts(experts_TK: jax.Array, num_experts: int) -> jax.Array:
   """Assignments per expert [E] (pre-drop), as int32."""
   return jnp.bincount(experts_TK.reshape(-1), length=num_experts).astype(jnp.int32)

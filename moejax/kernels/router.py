@@ -3,8 +3,8 @@
 route(logits_TE, k, score='softmax'|'sigmoid', bias_E=None, renormalize=False, scale=1.0, impl)
   -> (scores_TE, experts_TK, gates_TK, counts_E)
 
-Semantics are those of `moejax.routing` (router_scores, select_experts without expert
-groups, gate_weights, expert_counts): selection on scores + bias (the bias never reaches
+Semantics are those of `moejax.routing` (router_scores, select_experts, gate_weights,
+expert_counts): selection on scores + bias (the bias never reaches
 the gates), ties to the lower expert id, gates renormalized over the k when asked (always
 for sigmoid scoring, as the MoE layer calls it), times `scale`.
 
@@ -28,9 +28,9 @@ from moejax import kernels, routing
 
 
 def route_reference(logits_TE, k: int, score: str = 'softmax', bias_E=None, renormalize: bool = False,
-                    scale: float = 1.0):
+                    scale: float = 1.0, num_groups: int = 1, topk_groups: int = 1):
   scores_TE = routing.router_scores(logits_TE, score)
-  experts_TK = routing.select_experts(scores_TE, k, bias_E)
+  experts_TK = routing.select_experts(scores_TE, k, bias_E, num_groups, topk_groups)
   gates_TK = routing.gate_weights(scores_TE, experts_TK, renormalize, scale)
   return scores_TE, experts_TK, gates_TK, routing.expert_counts(experts_TK, logits_TE.shape[-1])
 
@@ -114,9 +114,17 @@ _route.defvjp(_route_fwd, _route_bwd)
 
 
 def route(logits_TE, k: int, score: str = 'softmax', bias_E=None, renormalize: bool = False, scale: float = 1.0,
-          impl: str = 'xla', block_rows: int = 256):
-  """(scores_TE, experts_TK, gates_TK, counts_E); see the module docstring."""
+          impl: str = 'xla', block_rows: int = 256, num_groups: int = 1, topk_groups: int = 1):
+  """(scores_TE, experts_TK, gates_TK, counts_E); see the module docstring.
+
+  Group-limited selection (num_groups > 1) is not in the kernel: 'pallas' then routes with the
+  reference functions, after a one-time warning.
+  """
+  if impl == 'pallas' and num_groups > 1:
+    kernels.warn_once('router-groups', 'moe.kernels=pallas: the router kernel has no group-limited top-k; '
+                      'routing with the XLA path (num_expert_groups > 1)')
+    impl = 'xla'
   if impl != 'pallas':
-    return route_reference(logits_TE, k, score, bias_E, renormalize, scale)
+    return route_reference(logits_TE, k, score, bias_E, renormalize, scale, num_groups, topk_groups)
   bias = jnp.zeros((logits_TE.shape[-1],), jnp.float32) if bias_E is None else jax.lax.stop_gradient(bias_E)
   return _route(logits_TE, bias, k, score, renormalize, float(scale), block_rows)

@@ -123,7 +123,6 @@ def moe_benchmark(shapes, rounds: int, dtype) -> list[str]:
       sizes = _group_sizes(M, E, skewed, block)
       be = jnp.asarray(np.repeat(np.arange(E), sizes // block), jnp.int32)
       sizes_j = jnp.asarray(sizes, jnp.int32)
-      x_E = x.reshape(E, M // E, D)
       ops = {
           'dense x@W': lambda x, w: x @ w_dense,
           'batched einsum (balanced)': lambda x, w: jnp.einsum('emd,edf->emf', x.reshape(E, M // E, D), w),
@@ -131,7 +130,6 @@ def moe_benchmark(shapes, rounds: int, dtype) -> list[str]:
           'block gmm (xla)': lambda x, w: gmm.block_gmm(x, w, be, block, 'xla'),
           'block gmm (pallas)': lambda x, w: gmm.block_gmm(x, w, be, block, 'pallas'),
       }
-      del x_E
       fns = {}
       for name, op in ops.items():
         fwd = jax.jit(op)

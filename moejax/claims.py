@@ -186,7 +186,7 @@ def evaluate(rows: list[dict], scale: str, fits: dict[str, scaling.Fit] | None =
       claims.append(Claim('prior', 'MoE beats the active-matched dense-equivalent model (B1, s = 4 vs s = 1).',
                           'Δ = L(s=4) − L(s=1) < 0', m, i, _direction(delta, hw, -1),
                           f's=1 {s1["loss_mean"]:.4f}, s=4 {lo["loss_mean"]:.4f}'))
-  claims.append(_b2_claim(g, sigma))
+  claims.append(_b2_claim(g))
   center = next((r for r in (b1 or []) if r and r['sparsity'] == 16.0), None)  # B1 at s = 16, the B3-B6 reference
   b3, b4, b5, b6 = (g.get(k) or [] for k in ('B3', 'B4', 'B5', 'B6'))
   claims.append(_small_effect('C-B3', 'B3', 'A shared expert instead of one routed expert changes loss little.',
@@ -240,7 +240,7 @@ def _kappa_claim(fits):
                f'fit over {fit.n} configurations, LOO RMSE {fit.loo_rmse if fit.loo_rmse is None else round(fit.loo_rmse, 4)}')
 
 
-def _b2_claim(g, sigma):
+def _b2_claim(g):
   statement = 'The best expert size barely moves with s (argmin d_exp at s = 8 and s = 32 within one grid step).'
   expected = 'abs(Δ index) ≤ 1'
   points = (g.get('B2') or []) + (g.get('B2s32') or [])
@@ -330,7 +330,8 @@ def run(root: str, scale: str, out: str, bootstrap: int = 100) -> str:
             f'evaluated {datetime.date.today().isoformat()}. Figures and the full table: [report.md](report.md).\n')
   text = markdown(claims, noise, fits, header)
   report.write_report(root, out, extra=text.split('\n', 2)[2], figure_rows=scaling_rows,
-                      figure_note='Figures show the default-design MoE runs (as the fits); the table has every run.')
+                      figure_note='Figures show the default-design MoE runs (as the fits); the table has every run.',
+                      gathered=gathered)
   metrics_lib.atomic_write(os.path.join(out, 'claims.md'), text)
   return text
 

@@ -80,12 +80,14 @@ def plot(rows: list[dict], x_key: str, x_label: str, path: str) -> None:
   os.replace(tmp, path)
 
 
-def write_report(root: str, out: str, extra: str = '', figure_rows=None, figure_note: str = '') -> str:
+def write_report(root: str, out: str, extra: str = '', figure_rows=None, figure_note: str = '',
+                 gathered: results.Gathered | None = None) -> str:
   """Writes OUT/report.md (figures, then `extra` Markdown, then the table); returns its path.
 
   `figure_rows(rows)` may select the rows the figures show (default: all); `figure_note` says which.
+  `gathered` saves reading ROOT again when the caller already has it.
   """
-  gathered = results.gather(root)
+  gathered = gathered or results.gather(root)
   if not gathered.records:
     raise DataError(f'no complete result.json under {root}; nothing to report')
   rows, varied = results.table(gathered.records)

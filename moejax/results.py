@@ -265,15 +265,19 @@ def json_text(rows: list[dict], varied: list[str], gathered: Gathered) -> str:
                     indent=2, default=str) + '\n'
 
 
+def formatted(rows: list[dict], varied: list[str], gathered: Gathered, fmt: str = 'md') -> str:
+  """The table in `fmt` ('md', 'csv' or 'json')."""
+  if fmt == 'csv':
+    return csv_text(rows, varied)
+  if fmt == 'json':
+    return json_text(rows, varied, gathered)
+  return markdown(rows, varied, gathered)
+
+
 def render(root: str, fmt: str = 'md') -> tuple[str, Gathered]:
   """(the table of ROOT in `fmt`, what was gathered)."""
   gathered = gather(root)
-  rows, varied = table(gathered.records)
-  if fmt == 'csv':
-    return csv_text(rows, varied), gathered
-  if fmt == 'json':
-    return json_text(rows, varied, gathered), gathered
-  return markdown(rows, varied, gathered), gathered
+  return formatted(*table(gathered.records), gathered, fmt), gathered
 
 
 def _main(argv):
@@ -281,7 +285,9 @@ def _main(argv):
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   if not FLAGS.root:
     raise app.UsageError('--root is required')
-  text, gathered = render(FLAGS.root, FLAGS.format)
+  gathered = gather(FLAGS.root)
+  rows, varied = table(gathered.records)
+  text = formatted(rows, varied, gathered, FLAGS.format)
   if FLAGS.out:
     from moejax import metrics as metrics_lib  # pylint: disable=import-outside-toplevel
     metrics_lib.atomic_write(FLAGS.out, text)
@@ -291,7 +297,7 @@ def _main(argv):
     print(f'moejax: warning: skipped {path} ({why})', file=sys.stderr)
   if not gathered.records:
     print(f'moejax: warning: no complete result.json under {FLAGS.root}', file=sys.stderr)
-  print(f'{len(gathered.records)} runs in {len(table(gathered.records)[0])} configurations, '
+  print(f'{len(gathered.records)} runs in {len(rows)} configurations, '
         f'{len(gathered.failed)} failed, {len(gathered.unreadable)} skipped', file=sys.stderr)
 
 

@@ -181,8 +181,9 @@ REPO="${{REPO:-{repo}}}"
 
 def write_tables(root: str) -> str:
   """Writes ROOT/results.md and ROOT/results.csv from every result under ROOT; returns the Markdown."""
-  text, gathered = results.render(root, 'md')
+  gathered = results.gather(root)
   rows, varied = results.table(gathered.records)
+  text = results.markdown(rows, varied, gathered)
   metrics_lib.atomic_write(os.path.join(root, 'results.md'), text)
   metrics_lib.atomic_write(os.path.join(root, 'results.csv'), results.csv_text(rows, varied))
   return text

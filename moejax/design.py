@@ -48,8 +48,6 @@ BYTES_PER_PARAM = {'float32': 4, 'bfloat16': 2, 'float16': 2, 'int8': 1, 'fp8': 
 _UNITS = {'b': 1, 'kb': 1e3, 'mb': 1e6, 'gb': 1e9, 'tb': 1e12, 'kib': 2**10, 'mib': 2**20, 'gib': 2**30, 'tib': 2**40}
 BUCKET = 0.03
 TIEBREAKS = ('n_exp_asc', 'granularity')
-FIELDS = ('layers', 'width', 'heads', 'kv_heads', 'expert_hidden', 'granularity', 'experts', 'topk', 'shared',
-          'n_total', 'n_active', 'flops', 'memory_bytes')
 
 
 def parse_amount(text: str) -> tuple[float, bool]:

@@ -38,9 +38,7 @@ FLAGS = flags.FLAGS
 SEED_FIELDS = ('name', 'seed', 'data.seed')
 REQUIRED = (('name',), ('config',), ('accounting', 'n_total'), ('accounting', 'n_active'), ('eval', 'loss'),
             ('eval', 'bits_per_byte'))
-# Fields always shown (from the accounting and the config), so they are not repeated as "varied".
-FIXED_COLUMNS = ('n_total', 'n_active', 'sparsity', 'granularity', 'num_experts', 'experts_per_token',
-                 'expert_hidden', 'num_shared_experts', 'load_balancing', 'drop_policy', 'tokens')
+# Config keys that have their own columns, so they are not repeated as "varied".
 SHOWN_CONFIG_KEYS = ('moe.num_experts', 'moe.experts_per_token', 'moe.expert_hidden', 'moe.num_shared_experts',
                      'moe.load_balancing', 'moe.train_capacity_factor', 'moe.capacity_policy')
 
@@ -210,9 +208,7 @@ def _fmt(value: Any, key: str) -> str:
     return '-'
   if key in ('n_total', 'n_active', 'n_total_nonembed', 'n_active_nonembed', 'n_active_measured', 'tokens'):
     return accounting.human(value)
-  if key in ('loss_mean', 'bits_per_byte_mean'):
-    return f'{value:.4f}'
-  if key == 'loss_std':
+  if key in ('loss_mean', 'loss_std', 'bits_per_byte_mean'):
     return f'{value:.4f}'
   if isinstance(value, float):
     return f'{value:.3g}'

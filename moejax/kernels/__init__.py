@@ -6,14 +6,17 @@ Implementations, chosen by `moe.kernels`:
   'pallas'     Pallas kernels (router, block grouped matmul); interpret mode on CPU;
   'auto'       the per-platform choice in AUTO.
 
-The Pallas kernels use TPU-style scalar prefetch (`pltpu.PrefetchScalarGridSpec`): they run
-in interpret mode on CPU and are written for Mosaic TPU; a GPU (Triton / Mosaic GPU) grouped
-matmul is the next issue's work, so 'auto' picks 'xla' until a platform's kernels are
-verified on its hardware.
+Each kernel is written per platform family: TPU (Mosaic, scalar prefetch; interpret mode on
+CPU) and GPU (Triton: no scalar prefetch, tiles loaded with dynamic offsets). `platform()`
+names the family the kernels are lowered for: the default backend, or the one set with
+`target(...)`, which lets a CPU machine lower (not run) the GPU and TPU kernels through
+`jax.export` (tests/kernels_test.py). 'auto' picks 'xla' until a platform's kernels have been
+timed on its hardware (no GPU or TPU was lent while they were written; docs/kernels.md).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import jax
@@ -25,10 +28,29 @@ log = logging.getLogger(__name__)
 _warned: set[str] = set()
 
 
+_target: str | None = None
+
+
+def platform() -> str:
+  """'cpu', 'gpu' or 'tpu': the platform the kernels are lowered for."""
+  return _target or jax.default_backend()
+
+
+@contextlib.contextmanager
+def target(name: str):
+  """Lower kernels for platform `name` inside this block (with `jax.export(..., platforms=...)`)."""
+  global _target  # pylint: disable=global-statement
+  previous, _target = _target, name
+  try:
+    yield
+  finally:
+    _target = previous
+
+
 def resolve(impl: str) -> str:
-  """The implementation to use for `impl` ('auto' -> AUTO[backend])."""
+  """The implementation to use for `impl` ('auto' -> AUTO[platform])."""
   if impl == 'auto':
-    return AUTO.get(jax.default_backend(), 'xla')
+    return AUTO.get(platform(), 'xla')
   if impl not in IMPLEMENTATIONS:
     raise ValueError(f'kernel implementation {impl!r} must be auto or one of {IMPLEMENTATIONS}')
   return impl
@@ -36,7 +58,7 @@ def resolve(impl: str) -> str:
 
 def interpret() -> bool:
   """Pallas runs in interpret mode on CPU (the only mode XLA:CPU supports)."""
-  return jax.default_backend() == 'cpu'
+  return platform() == 'cpu'
 
 
 def warn_once(key: str, message: str) -> None:

@@ -4,13 +4,22 @@ Every block of `block_size` rows belongs to one expert (block_expert_N), so
 
   block_gmm(x_RK, w_EKN, block_expert_N) -> y_RN,   y[block n] = x[block n] @ w[block_expert_N[n]]
 
-The 'pallas' version is a kernel over a (row block n, output tile j) grid whose weight
-BlockSpec picks expert block_expert_N[n] through scalar prefetch, and a custom VJP:
-  dx = block_gmm(dy, w^T)                       (the same kernel)
-  dw[e] = sum over e's blocks of x_n^T dy_n     (`_tgmm`: grid (K tile, N tile, n) with n innermost,
-                                                 accumulating while consecutive blocks share an expert)
-An expert with no block gets dw = 0. Tiles: the output width is tiled by `tile` (default 128)
-when it divides N, else taken whole; the contraction dim is taken whole.
+The 'pallas' version has a custom VJP, dx = block_gmm(dy, w^T) (the same kernel) and
+dw[e] = sum over e's blocks of x_n^T dy_n; an expert with no block gets dw = 0. Two kernel
+families, picked by `kernels.platform()`:
+
+TPU (Mosaic; interpret mode on CPU): a (row block n, output tile j) grid whose weight
+  BlockSpec picks expert block_expert_N[n] through scalar prefetch; the weight gradient runs
+  over (K tile, N tile, n) with n innermost, accumulating while consecutive blocks share an
+  expert. The output width is tiled by `tile` when it divides N, else taken whole; the
+  contraction dim is taken whole.
+GPU (Triton): no scalar prefetch, so the kernel reads block_expert_N[n] itself and loads
+  [tk, tn] weight tiles at dynamic offsets, looping over K in `tk` chunks with an f32
+  accumulator; the weight gradient runs over (expert, K tile, N tile), each program looping
+  over its expert's consecutive blocks (group starts and counts from the block list). Triton
+  needs power-of-two tiles of at least 16: tn = largest power of two <= `tile` dividing N,
+  tk = largest power of two <= 64 dividing K; shapes with none (or blocks under 16 rows) fall
+  back to the XLA path with a one-time warning.
 The 'reference' and 'xla' versions gather each block's weights (an [N, K, N_out] copy) and
 use one batched einsum; autodiff gives their gradients.
 """
@@ -23,6 +32,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
+from jax.experimental.pallas import triton as pl_triton
 
 from moejax import kernels
 
@@ -46,7 +56,7 @@ def _gmm_kernel(be_ref, x_ref, w_ref, o_ref):
   o_ref[...] = jnp.dot(x_ref[...], w_ref[...], preferred_element_type=jnp.float32).astype(o_ref.dtype)
 
 
-def _gmm_pallas(x_RK, w_EKN, block_expert_N, block_size: int, tile: int):
+def _gmm_mosaic(x_RK, w_EKN, block_expert_N, block_size: int, tile: int):
   R, K = x_RK.shape
   N = w_EKN.shape[2]
   tn = _tile(N, tile)
@@ -70,7 +80,7 @@ def _tgmm_kernel(be_ref, x_ref, dy_ref, o_ref):
   o_ref[...] += jnp.dot(x_ref[...].T, dy_ref[...], preferred_element_type=jnp.float32)
 
 
-def _tgmm_pallas(x_RK, dy_RN, block_expert_N, num_experts: int, block_size: int, tile: int):
+def _tgmm_mosaic(x_RK, dy_RN, block_expert_N, num_experts: int, block_size: int, tile: int):
   R, K = x_RK.shape
   N = dy_RN.shape[1]
   tk, tn = _tile(K, tile), _tile(N, tile)
@@ -83,6 +93,94 @@ def _tgmm_pallas(x_RK, dy_RN, block_expert_N, num_experts: int, block_size: int,
                       grid_spec=grid_spec, interpret=_interpret(), name='moejax_block_tgmm')(block_expert_N, x_RK, dy_RN)
   visited = jnp.zeros((num_experts,), jnp.bool_).at[block_expert_N].set(True)
   return jnp.where(visited[:, None, None], dw, 0.0)  # experts without a block were never written
+
+
+def _pow2_tile(n: int, cap: int) -> int:
+  """The largest power of two <= cap dividing n (0 when under 16: too small for a Triton dot)."""
+  t = 1 << (min(n, cap).bit_length() - 1)
+  while n % t:
+    t //= 2
+  return t if t >= 16 else 0
+
+
+def triton_tiles(block_size: int, K: int, N: int, tile: int) -> tuple[int, int] | None:
+  """(tk, tn) for the GPU kernels, or None when the shape needs the XLA fallback."""
+  tk, tn = _pow2_tile(K, 64), _pow2_tile(N, tile)
+  if block_size < 16 or block_size & (block_size - 1) or not tk or not tn:
+    return None
+  return tk, tn
+
+
+TRITON = dict(num_warps=4, num_stages=3)  # untuned (no GPU lent yet); see docs/kernels.md
+
+
+def _gmm_triton_kernel(be_ref, x_ref, w_ref, o_ref, *, block_size, tk, tn):
+  n, j = pl.program_id(0), pl.program_id(1)
+  e = be_ref[n]
+  rows = pl.ds(n * block_size, block_size)
+
+  def body(i, acc):
+    a = x_ref[rows, pl.ds(i * tk, tk)]
+    b = w_ref[e, pl.ds(i * tk, tk), pl.ds(j * tn, tn)]
+    return acc + jnp.dot(a, b, preferred_element_type=jnp.float32)
+
+  acc = jax.lax.fori_loop(0, x_ref.shape[1] // tk, body, jnp.zeros((block_size, tn), jnp.float32))
+  o_ref[...] = acc.astype(o_ref.dtype)
+
+
+def _gmm_triton(x_RK, w_EKN, block_expert_N, block_size: int, tile: int, interpret: bool = False):
+  R, K = x_RK.shape
+  N = w_EKN.shape[2]
+  tk, tn = triton_tiles(block_size, K, N, tile)
+  whole = lambda a: pl.BlockSpec(a.shape, lambda n, j: (0,) * a.ndim)
+  return pl.pallas_call(
+      functools.partial(_gmm_triton_kernel, block_size=block_size, tk=tk, tn=tn),
+      out_shape=jax.ShapeDtypeStruct((R, N), x_RK.dtype), grid=(R // block_size, N // tn),
+      in_specs=[whole(block_expert_N), whole(x_RK), whole(w_EKN)],
+      out_specs=pl.BlockSpec((block_size, tn), lambda n, j: (n, j)),
+      compiler_params=pl_triton.CompilerParams(**TRITON), interpret=interpret,
+      name='moejax_block_gmm_gpu')(block_expert_N, x_RK, w_EKN)
+
+
+def _tgmm_triton_kernel(start_ref, count_ref, x_ref, dy_ref, o_ref, *, block_size, tk, tn):
+  e, i, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+  start = start_ref[e]
+
+  def body(b, acc):
+    rows = pl.ds((start + b) * block_size, block_size)
+    a, b = x_ref[rows, pl.ds(i * tk, tk)], dy_ref[rows, pl.ds(j * tn, tn)]
+    return acc + jax.lax.dot_general(a, b, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+
+  o_ref[...] = jax.lax.fori_loop(0, count_ref[e], body, jnp.zeros((tk, tn), jnp.float32))
+
+
+def _tgmm_triton(x_RK, dy_RN, block_expert_N, num_experts: int, block_size: int, tile: int,
+                 interpret: bool = False):
+  R, K = x_RK.shape
+  N = dy_RN.shape[1]
+  tk, tn = _pow2_tile(K, tile), _pow2_tile(N, tile)  # output tiles of dw; the contraction is a block's rows
+  count_E = jnp.bincount(block_expert_N, length=num_experts).astype(jnp.int32)
+  start_E = (jnp.cumsum(count_E) - count_E).astype(jnp.int32)  # blocks are sorted by expert
+  whole = lambda a: pl.BlockSpec(a.shape, lambda e, i, j: (0,) * a.ndim)
+  return pl.pallas_call(
+      functools.partial(_tgmm_triton_kernel, block_size=block_size, tk=tk, tn=tn),
+      out_shape=jax.ShapeDtypeStruct((num_experts, K, N), jnp.float32), grid=(num_experts, K // tk, N // tn),
+      in_specs=[whole(start_E), whole(count_E), whole(x_RK), whole(dy_RN)],
+      out_specs=pl.BlockSpec((None, tk, tn), lambda e, i, j: (e, i, j)),
+      compiler_params=pl_triton.CompilerParams(**TRITON), interpret=interpret,
+      name='moejax_block_tgmm_gpu')(start_E, count_E, x_RK, dy_RN)
+
+
+def _gmm_pallas(x_RK, w_EKN, block_expert_N, block_size, tile):
+  if kernels.platform() == 'gpu':
+    return _gmm_triton(x_RK, w_EKN, block_expert_N, block_size, tile)
+  return _gmm_mosaic(x_RK, w_EKN, block_expert_N, block_size, tile)
+
+
+def _tgmm_pallas(x_RK, dy_RN, block_expert_N, num_experts, block_size, tile):
+  if kernels.platform() == 'gpu':
+    return _tgmm_triton(x_RK, dy_RN, block_expert_N, num_experts, block_size, tile)
+  return _tgmm_mosaic(x_RK, dy_RN, block_expert_N, num_experts, block_size, tile)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
@@ -122,6 +220,14 @@ def block_gmm(x_RK, w_EKN, block_expert_N, block_size: int, impl: str = 'xla', t
   R = x_RK.shape[0]
   if R % block_size:
     raise ValueError(f'block_gmm: {R} rows are not a multiple of block_size={block_size}')
+  if impl == 'pallas' and kernels.platform() == 'gpu':
+    K, N = w_EKN.shape[1:]
+    if not (triton_tiles(block_size, K, N, tile) and triton_tiles(block_size, N, K, tile)):
+      kernels.warn_once(f'gmm-gpu-{block_size}-{K}-{N}',
+                        f'moe.kernels=pallas: the GPU grouped matmul needs power-of-two tiles of >= 16 '
+                        f'dividing K={K} and N={N} and block_size={block_size} (a power of two >= 16); '
+                        f'using the XLA path for this shape')
+      impl = 'xla'
   if impl == 'pallas':
     return _gmm(x_RK, w_EKN, block_expert_N.astype(jnp.int32), block_size, tile)
   return block_gmm_reference(x_RK, w_EKN, block_expert_N, block_size)

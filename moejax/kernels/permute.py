@@ -3,8 +3,10 @@
 dispatch_rows(x_TD, plan) -> x_RD           row r holds token row_token_R[r] (padding rows: zeros)
 combine_rows(y_RD, gates_TK, plan) -> y_TD  y[t] = sum_k gates[t, k] * y_RD[assign_row_TK[t, k]]
 
-With 'pallas' every row gather (forward and backward) is `gather_rows`, a kernel that copies
-`rows_per_step` rows per grid step, each picked by a scalar-prefetched index.
+With 'pallas' on TPU (and CPU, interpreted) every row gather, forward and backward, is
+`gather_rows`, a kernel that copies `rows_per_step` rows per grid step, each picked by a
+scalar-prefetched index. On GPU the gathers stay XLA's (already memory-bound; Triton has no
+scalar prefetch), with the same gather-only VJPs.
 
 The 'reference' versions are plain indexing: their autodiff transposes are scatter-adds
 (slow on GPU, PERF.md). The 'xla' versions have custom VJPs built from gathers only, using
@@ -39,7 +41,7 @@ def _gather_kernel(idx_ref, x_ref, o_ref, *, rows_per_step):
 
 def gather_rows(x_ND, idx_M, impl: str = 'xla', rows_per_step: int = 8):
   """x_ND[idx_M] (indices must be in range); 'pallas': a row-copy kernel, else jnp indexing. No VJP of its own."""
-  if impl != 'pallas':
+  if impl != 'pallas' or kernels.platform() == 'gpu':  # GPU: XLA's gather already runs at memory bandwidth
     return x_ND[idx_M]
   M = idx_M.shape[0]
   per = rows_per_step if M % rows_per_step == 0 else 1

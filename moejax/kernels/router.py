@@ -12,7 +12,8 @@ The 'pallas' kernel takes blocks of `block_rows` rows (the last block is padded 
 that do not count in the histogram) and writes one partial histogram per block, summed
 outside. Top-k is k rounds of row max + lowest matching index + mask. Its VJP recomputes
 the reference scores and gates for the selected experts and differentiates those (the
-selection itself has no gradient).
+selection itself has no gradient). On GPU (Triton) the expert count, k and the row block
+must be powers of two; other shapes route with the XLA path after a one-time warning.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
+from jax.experimental.pallas import triton as pl_triton
 
 from moejax import kernels, routing
 
@@ -50,19 +52,20 @@ def _router_kernel(logits_ref, bias_ref, scores_ref, experts_ref, gates_ref, cou
   row = jax.lax.broadcasted_iota(jnp.int32, (rows, 1), 0) + pl.program_id(0) * block_rows
   valid = (row < valid_rows).astype(jnp.float32)
   counts = jnp.zeros((1, E), jnp.float32)
-  idx, gate = [], []
-  for _ in range(k):
+  slot = jax.lax.broadcasted_iota(jnp.int32, (rows, k), 1)  # columns filled by select (Triton has no n-way concat)
+  experts = jnp.zeros((rows, k), jnp.int32)
+  g = jnp.zeros((rows, k), jnp.float32)
+  for r in range(k):
     best = jnp.max(sel, axis=-1, keepdims=True)
     i = jnp.min(jnp.where(sel == best, col, E), axis=-1, keepdims=True)
     hit = col == i
-    idx.append(i)
-    gate.append(jnp.sum(jnp.where(hit, s, 0.0), axis=-1, keepdims=True))
+    experts = jnp.where(slot == r, i, experts)
+    g = jnp.where(slot == r, jnp.sum(jnp.where(hit, s, 0.0), axis=-1, keepdims=True), g)
     counts = counts + jnp.sum(jnp.where(hit, valid, 0.0), axis=0, keepdims=True)
     sel = jnp.where(hit, -jnp.inf, sel)
-  g = jnp.concatenate(gate, axis=-1)
   if renormalize:
     g = g / jnp.sum(g, axis=-1, keepdims=True)
-  experts_ref[...] = jnp.concatenate(idx, axis=-1)
+  experts_ref[...] = experts
   gates_ref[...] = g * scale
   counts_ref[...] = counts
 
@@ -83,6 +86,7 @@ def _route_pallas(logits_TE, bias_E, k, score, renormalize, scale, block_rows):
       out_shape=[jax.ShapeDtypeStruct((padded, E), jnp.float32), jax.ShapeDtypeStruct((padded, k), jnp.int32),
                  jax.ShapeDtypeStruct((padded, k), jnp.float32), jax.ShapeDtypeStruct((n_blocks, E), jnp.float32)],
       interpret=pltpu.InterpretParams() if kernels.interpret() else False, name='moejax_router',
+      compiler_params=pl_triton.CompilerParams(num_warps=4) if kernels.platform() == 'gpu' else None,
   )(z, bias_E.reshape(1, E).astype(jnp.float32))
   return scores[:T], experts[:T], gates[:T], jnp.sum(counts, axis=0).astype(jnp.int32)
 
@@ -124,6 +128,13 @@ def route(logits_TE, k: int, score: str = 'softmax', bias_E=None, renormalize: b
     kernels.warn_once('router-groups', 'moe.kernels=pallas: the router kernel has no group-limited top-k; '
                       'routing with the XLA path (num_expert_groups > 1)')
     impl = 'xla'
+  if impl == 'pallas' and kernels.platform() == 'gpu':
+    T, E = logits_TE.shape
+    pow2 = lambda n: n & (n - 1) == 0
+    if not (pow2(E) and pow2(k) and pow2(min(block_rows, T))):
+      kernels.warn_once(f'router-gpu-{E}-{k}', f'moe.kernels=pallas: the GPU router kernel needs power-of-two '
+                        f'num_experts ({E}), top_k ({k}) and row block ({min(block_rows, T)}); routing with the XLA path')
+      impl = 'xla'
   if impl != 'pallas':
     return route_reference(logits_TE, k, score, bias_E, renormalize, scale, num_groups, topk_groups)
   bias = jnp.zeros((logits_TE.shape[-1],), jnp.float32) if bias_E is None else jax.lax.stop_gradient(bias_E)

@@ -15,6 +15,8 @@ dispatch; the token still flows through the residual.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -42,7 +44,8 @@ def block_dispatch(x_TD, gates_TK, experts_TK, w_gate_EDF, w_up_EDF, w_down_EFD,
   `kernels` picks the row permutation and grouped-matmul implementation (moejax.kernels).
   """
   E = w_gate_EDF.shape[0]
-  plan = routing.block_plan(experts_TK, E + 1, block_size)
+  plan = routing.block_plan(experts_TK, E + 1, block_size,
+                            ranks=functools.partial(permute.expert_ranks, impl=kernels))
   be = jnp.minimum(plan.block_expert_N, E - 1)
   x_RD = permute.dispatch_rows(x_TD, plan, kernels)
   h_RF = (jax.nn.silu(gmm.block_gmm(x_RD, w_gate_EDF, be, block_size, kernels))

@@ -171,22 +171,32 @@ def auto_block_size(num_assignments: int, num_experts: int) -> int:
   return int(min(256, 1 << (target.bit_length() - 1)))
 
 
-def block_plan(experts_TK: jax.Array, num_experts: int, block_size: int) -> BlockPlan:
-  """Builds the sorted, block-padded layout of T*k assignments (integer math, no gradient)."""
+def expert_ranks(flat_A: jax.Array, num_experts: int) -> jax.Array:
+  """rank_A: how many earlier assignments chose the same expert (a stable counting sort's
+  position within the expert's group). Reference twin of `kernels.permute.expert_ranks`."""
+  A = flat_A.shape[0]
+  order_A = jnp.argsort(flat_A, stable=True)
+  sizes_E = jnp.bincount(flat_A, length=num_experts)
+  start_E = jnp.cumsum(sizes_E) - sizes_E
+  rank_sorted_A = jnp.arange(A) - start_E[flat_A[order_A]]
+  return jnp.zeros((A,), jnp.int32).at[order_A].set(rank_sorted_A.astype(jnp.int32))
+
+
+def block_plan(experts_TK: jax.Array, num_experts: int, block_size: int, ranks=expert_ranks) -> BlockPlan:
+  """Builds the sorted, block-padded layout of T*k assignments (integer math, no gradient).
+
+  Assignment a goes to row pad_start[e(a)] + rank(a): groups in expert order, token order
+  within a group. `ranks` computes rank_A (`expert_ranks`, or the counting-sort kernel).
+  """
   T, K = experts_TK.shape
   A = T * K
   flat_A = experts_TK.reshape(-1)
-  # Stable sort keeps token order within an expert's group.
-  order_A = jnp.argsort(flat_A, stable=True)
   sizes_E = jnp.bincount(flat_A, length=num_experts)
   padded_E = (sizes_E + block_size - 1) // block_size * block_size
-  start_E = jnp.cumsum(sizes_E) - sizes_E
   pad_end_E = jnp.cumsum(padded_E)
-  sorted_expert_A = flat_A[order_A]
-  row_of_sorted_A = (pad_end_E - padded_E)[sorted_expert_A] + jnp.arange(A) - start_E[sorted_expert_A]
-  assign_row_A = jnp.zeros((A,), jnp.int32).at[order_A].set(row_of_sorted_A.astype(jnp.int32))
+  assign_row_A = ((pad_end_E - padded_E)[flat_A] + ranks(flat_A, num_experts)).astype(jnp.int32)
   n_blocks = num_blocks(A, num_experts, block_size)
-  row_assign_R = jnp.full((n_blocks * block_size,), A, jnp.int32).at[row_of_sorted_A].set(order_A.astype(jnp.int32))
+  row_assign_R = jnp.full((n_blocks * block_size,), A, jnp.int32).at[assign_row_A].set(jnp.arange(A, dtype=jnp.int32))
   block_start_N = jnp.arange(n_blocks) * block_size
   block_expert_N = jnp.searchsorted(pad_end_E, block_start_N, side='right')
   return BlockPlan(row_assign_R // K, assign_row_A.reshape(T, K),

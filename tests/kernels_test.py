@@ -198,17 +198,32 @@ def _lowered_layer(tiny_cfg, platform, export_platform, **overrides):
 def test_kernels_lower_for_gpu_and_tpu(tiny_cfg, platform, export_platform):
   """Lowering (Triton IR / Mosaic) runs on CPU: catches ops a backend's Pallas lowering lacks.
 
-  Per MoE layer (2 layers): router 1 + grouped matmuls 3 forward + 6 backward (dx, dw), and on
-  TPU the row-gather kernels too. Compiling and running them needs the hardware.
+  Per MoE layer (2 layers): router 1 + counting sort 1 + grouped matmuls 3 forward + 6 backward
+  (dx, dw), and on TPU the row-gather kernels too. Compiling and running them needs the hardware.
   """
   text, target = _lowered_layer(tiny_cfg, platform, export_platform)
   calls = text.count(f'custom_call @{target}')
-  assert calls >= 2 * (1 + 3 + 6), calls
-  assert 'moejax_block_gmm' in text and 'moejax_router' in text
+  assert calls >= 2 * (1 + 1 + 3 + 6), calls
+  for name in ('moejax_block_gmm', 'moejax_block_tgmm', 'moejax_router', 'moejax_expert_ranks'):
+    assert name in text, name
 
 
 def test_gpu_shapes_the_kernels_cannot_take_fall_back_to_xla(tiny_cfg, caplog):
-  """d_expert 24 has no power-of-two tile >= 16 and 6 experts are not a power of two: XLA path, warned once."""
-  text, target = _lowered_layer(tiny_cfg, 'gpu', 'cuda', **{'moe.expert_hidden': 24, 'moe.num_experts': 6})
-  assert f'custom_call @{target}' not in text
+  """Hidden 24 has no power-of-two tile >= 16; 6 experts are not a power of two: XLA path, warned once."""
+  text, _ = _lowered_layer(tiny_cfg, 'gpu', 'cuda', **{'moe.expert_hidden': 24, 'moe.num_experts': 6})
+  assert 'moejax_block_gmm' not in text and 'moejax_router' not in text
+  assert 'moejax_expert_ranks' in text  # the counting sort pads its one-hot width: any E
   assert 'XLA path' in caplog.text
+
+
+@pytest.mark.parametrize('A,E,skew', [(1000, 5, True), (300, 64, False), (128, 1, False), (37, 9, True)])
+def test_counting_sort_ranks_match_the_stable_sort(A, E, skew):
+  """Ranks within expert (the layout's counting sort): kernel == argsort reference, across chunk edges."""
+  key = jax.random.key(A)
+  flat = (jnp.where(jax.random.uniform(key, (A,)) < 0.7, 0, jax.random.randint(key, (A,), 0, E)) if skew
+          else jax.random.randint(key, (A,), 0, E))
+  ref = routing.expert_ranks(flat, E)
+  np.testing.assert_array_equal(permute.expert_ranks(flat, E, 'pallas'), ref)
+  # the definition: rank = number of earlier entries with the same expert
+  f = np.asarray(flat)
+  np.testing.assert_array_equal(ref, [(f[:i] == f[i]).sum() for i in range(A)])

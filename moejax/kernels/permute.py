@@ -1,5 +1,8 @@
 """Moving token rows into the expert-sorted, block-padded layout and back (`routing.BlockPlan`).
 
+expert_ranks(flat_A, E) -> rank_A          the counting sort behind the layout: the number of
+                                           earlier assignments to the same expert
+
 dispatch_rows(x_TD, plan) -> x_RD           row r holds token row_token_R[r] (padding rows: zeros)
 combine_rows(y_RD, gates_TK, plan) -> y_TD  y[t] = sum_k gates[t, k] * y_RD[assign_row_TK[t, k]]
 
@@ -24,8 +27,9 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
+from jax.experimental.pallas import triton as pl_triton
 
-from moejax import kernels
+from moejax import kernels, routing
 from moejax.routing import BlockPlan
 
 
@@ -54,6 +58,49 @@ def gather_rows(x_ND, idx_M, impl: str = 'xla', rows_per_step: int = 8):
                         out_shape=jax.ShapeDtypeStruct((M, D), x_ND.dtype), grid_spec=grid_spec,
                         interpret=pltpu.InterpretParams() if kernels.interpret() else False,
                         name='moejax_gather_rows')(idx_M.astype(jnp.int32), x_ND)
+
+
+RANK_CHUNK = 128
+
+
+def _ranks_kernel(experts_ref, rank_ref, *, width):
+  """One program walks the [n, C] assignment chunks in order, carrying per-expert counts.
+
+  Within a chunk, rank = onehot_EC @ U_CC (U[c', c] = 1 if c' < c: earlier same-expert
+  entries) plus the running count; 0/1 operands are exact in bfloat16, sums in float32.
+  """
+  n, C = experts_ref.shape
+  lane = jax.lax.broadcasted_iota(jnp.int32, (C, C), 0) < jax.lax.broadcasted_iota(jnp.int32, (C, C), 1)
+  earlier_CC = lane.astype(jnp.bfloat16)
+  expert_E1 = jax.lax.broadcasted_iota(jnp.int32, (width, C), 0)
+
+  def body(i, running_EC):
+    e_1C = experts_ref[pl.ds(i, 1), :]
+    hit_EC = expert_E1 == e_1C
+    within_EC = jnp.dot(hit_EC.astype(jnp.bfloat16), earlier_CC, preferred_element_type=jnp.float32)
+    rank_1C = jnp.sum(jnp.where(hit_EC, within_EC + running_EC, 0.0), axis=0, keepdims=True)
+    rank_ref[pl.ds(i, 1), :] = rank_1C.astype(jnp.int32)
+    return running_EC + jnp.sum(hit_EC.astype(jnp.float32), axis=1, keepdims=True)
+
+  jax.lax.fori_loop(0, n, body, jnp.zeros((width, C), jnp.float32))
+
+
+def expert_ranks(flat_A, num_experts: int, impl: str = 'xla'):
+  """rank_A of `routing.expert_ranks`; 'pallas': a counting-sort kernel (no sort, no scatter)."""
+  if impl != 'pallas':
+    return routing.expert_ranks(flat_A, num_experts)
+  A, C = flat_A.shape[0], RANK_CHUNK
+  n = -(-A // C)
+  width = 1 << max(3, num_experts.bit_length())  # a power of two > any expert id (ids >= E are padding)
+  chunks = jnp.pad(flat_A.astype(jnp.int32), (0, n * C - A), constant_values=width).reshape(n, C)
+  whole = pl.BlockSpec((n, C), lambda i: (0, 0))
+  gpu = kernels.platform() == 'gpu'
+  ranks = pl.pallas_call(
+      functools.partial(_ranks_kernel, width=width), grid=(1,), in_specs=[whole], out_specs=whole,
+      out_shape=jax.ShapeDtypeStruct((n, C), jnp.int32),
+      interpret=pltpu.InterpretParams() if kernels.interpret() else False,
+      compiler_params=pl_triton.CompilerParams(num_warps=4) if gpu else None, name='moejax_expert_ranks')(chunks)
+  return ranks.reshape(-1)[:A]
 
 
 def dispatch_rows_reference(x_TD, plan: BlockPlan):

@@ -61,6 +61,7 @@ def get_config(arg=None):
   e.capacity_group_tokens = FieldReference(None, field_type=int)  # tokens per capacity group; None -> the whole batch
   e.dispatch = 'block'  # 'block' (sorted block-padded), 'ragged' (lax.ragged_dot), 'capacity' ([E, C] slots), 'dense' (reference)
   e.block_size = FieldReference(None, field_type=int)  # rows per block for 'block' dispatch; None -> automatic
+  e.expert_parallel_capacity_factor = FieldReference(None, field_type=float)  # mesh.expert > 1: send-buffer rows per destination = ceil(f*T_local*k/P); None -> T_local*k (never drops)
   e.kernels = 'auto'  # router + 'block' dispatch: 'reference', 'xla' (gather-only VJPs), 'pallas', 'auto' (per platform)
   c.data = d = ml_collections.ConfigDict()
   d.source = 'stdlib'  # 'stdlib' (this interpreter's *.py), 'text:GLOB' (your files) or 'tfds:NAME'
@@ -97,8 +98,15 @@ def get_config(arg=None):
   v.max_batches = FieldReference(None, field_type=int)  # cap on eval batches; None -> the whole held-out set
 
   c.mesh = h = ml_collections.ConfigDict()
-  h.data = 1  # data-parallel mesh axis size
-  h.fsdp = 1  # parameter-sharding (FSDP) mesh axis size
-  h.expert = 1  # expert-parallel mesh axis size
-  h.tensor = 1  # tensor-parallel mesh axis size
+  h.data = 1  # data-parallel mesh axis size; one axis may be -1 = all remaining devices
+  h.fsdp = 1  # parameter-sharding (FSDP) mesh axis size; batch is split over data*fsdp*expert
+  h.expert = 1  # expert-parallel mesh axis size: experts split over it, tokens moved by all-to-all
+  h.tensor = 1  # tensor-parallel mesh axis size (attention heads, FFN hidden)
+
+  c.distributed = r = ml_collections.ConfigDict()
+  r.mode = 'auto'  # 'auto' joins a multi-process run when the environment describes one; 'multi' always; 'single' never
+  r.coordinator_address = ''  # host:port of process 0; '' -> JAX_COORDINATOR_ADDRESS or cluster auto-detection
+  r.num_processes = FieldReference(None, field_type=int)  # with an address; None -> JAX_NUM_PROCESSES
+  r.process_id = FieldReference(None, field_type=int)  # with an address; None -> JAX_PROCESS_ID
+  r.initialization_timeout_s = 120  # joining takes at most this long, then one error line and exit 4
   return c

@@ -171,8 +171,13 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _require(e.kernels in KERNELS, f'moe.kernels={e.kernels!r} must be one of {KERNELS}')
     _require(e.block_size is None or (e.block_size > 0 and e.block_size % 8 == 0),
              f'moe.block_size={e.block_size} must be a positive multiple of 8 (or None for automatic)')
-    _require(e.num_experts % cfg.mesh.expert == 0,
-             f'moe.num_experts={e.num_experts} must be divisible by mesh.expert={cfg.mesh.expert}')
+    if cfg.mesh.expert > 1:  # (-1 is checked against the resolved mesh when parameters are sharded)
+      _require(e.num_experts % cfg.mesh.expert == 0,
+               f'moe.num_experts={e.num_experts} must be divisible by mesh.expert={cfg.mesh.expert}')
+      counts = [c for c, _ in size_classes(m, e)]
+      _require(all(c % cfg.mesh.expert == 0 for c in counts),
+               f'moe.expert_size_classes={e.expert_size_classes!r}: every class count must be divisible by '
+               f'mesh.expert={cfg.mesh.expert} (each device holds a slice of every class)')
     _require(e.aux_loss_coef >= 0 and e.z_loss_coef >= 0 and e.aux_free_sequence_coef >= 0,
              'moe.aux_loss_coef, moe.z_loss_coef and moe.aux_free_sequence_coef must be >= 0')
     _validate_routing(cfg)
@@ -194,12 +199,17 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _positive(cfg, 'eval', ('batch_size',))
   _require(cfg.eval.max_batches is None or cfg.eval.max_batches > 0,
            f'eval.max_batches={cfg.eval.max_batches} must be > 0 (or None for all)')
-  _positive(cfg, 'mesh', ('data', 'fsdp', 'expert', 'tensor'))
-  batch_shards = cfg.mesh.data * cfg.mesh.fsdp
-  _require(t.batch_size % batch_shards == 0,
-           f'train.batch_size={t.batch_size} must be divisible by mesh.data*mesh.fsdp={batch_shards}')
-  _require(cfg.eval.batch_size % batch_shards == 0,
-           f'eval.batch_size={cfg.eval.batch_size} must be divisible by mesh.data*mesh.fsdp={batch_shards}')
+  _require(cfg.distributed.mode in ('auto', 'multi', 'single'),
+           f"distributed.mode={cfg.distributed.mode!r} must be 'auto', 'multi' or 'single'")
+  _positive(cfg, 'distributed', ('initialization_timeout_s',))
+  sizes = {a: cfg.mesh[a] for a in ('data', 'fsdp', 'expert', 'tensor')}
+  _require(all(n >= 1 or n == -1 for n in sizes.values()) and list(sizes.values()).count(-1) <= 1,
+           f'mesh sizes must be >= 1, with at most one -1 (all remaining devices): {sizes}')
+  if -1 not in sizes.values():  # with a -1 axis the mesh (and these checks) resolve against the devices
+    ways = sizes['data'] * sizes['fsdp'] * sizes['expert']
+    for key, value in (('train.batch_size', t.batch_size), ('eval.batch_size', cfg.eval.batch_size)):
+      _require(value % ways == 0,
+               f'{key}={value} must be divisible by the batch axes mesh.data*mesh.fsdp*mesh.expert={ways}')
   return cfg
 
 

@@ -179,17 +179,25 @@ class Windows:
 
 
 def train_dataset(corpus: Corpus, seq_len: int, batch_size: int, seed: int,
-                  process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
-  """Endless shuffled batches [batch_size / process_count, L+1] of training windows."""
+                  rows: tuple[int, int] | None = None) -> grain.IterDataset:
+  """Endless shuffled global batches [batch_size, L+1] of training windows.
+
+  rows=(start, stop): only those rows of every global batch (this process's share, from
+  `mesh.process_rows`). Every process walks the same seeded order, so the global batch is
+  the same for any number of processes, and each reads only its own windows.
+  """
   windows = Windows(corpus.train_tokens, seq_len)
   if len(windows) < batch_size:
     raise DataError(f'training split has {len(windows)} windows of {seq_len + 1} tokens; '
                     f'train.batch_size={batch_size} needs at least that many')
-  ds = grain.MapDataset.source(windows)
-  if process_count > 1:  # multi-host: each process reads a disjoint slice of the windows
-    ds = ds[process_index::process_count]
-  ds = ds.shuffle(seed=seed).repeat(None)
-  return ds.batch(batch_size // process_count, drop_remainder=True).to_iter_dataset()
+  ordered = grain.MapDataset.source(windows).shuffle(seed=seed).repeat(None)
+  if rows is None or tuple(rows) == (0, batch_size):
+    return ordered.batch(batch_size, drop_remainder=True).to_iter_dataset()
+  start, stop = rows
+  local = stop - start
+  mine = grain.MapDataset.range(len(ordered) // batch_size * local).map(
+      lambda j: ordered[(j // local) * batch_size + start + j % local])
+  return mine.batch(local, drop_remainder=True).to_iter_dataset()
 
 
 def heldout_batches(corpus: Corpus, seq_len: int, batch_size: int,

@@ -25,6 +25,12 @@ class CheckpointError(MoejaxError):
   """No checkpoint in a workdir can be restored."""
 
 
+class DistributedError(MoejaxError):
+  """This process could not join (or form) the multi-process runtime."""
+
+  exit_code = 4
+
+
 class NonFiniteLossError(MoejaxError):
   """The training loss became NaN or infinite; the last good checkpoint is kept."""
 

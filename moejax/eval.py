@@ -27,19 +27,22 @@ from moejax.train import Setup, cached, token_nll
 EVAL_ROUTING = ('expert_counts', 'drop_fraction', 'router_entropy')
 
 
-def make_eval_step(graphdef: nnx.GraphDef):
-  """step(params, buffers, batch) -> ((weighted nats, weights, weighted byte targets), routing stats)."""
+def make_eval_step(graphdef: nnx.GraphDef, mesh=None):
+  """step(params, buffers, batch) -> ((weighted nats, weights, weighted byte targets), routing stats).
 
-  @jax.jit
+  With `mesh`: traced under it (see `train.make_train_step`), outputs replicated.
+  """
+
   def step(params, buffers, batch):
     logits_BLV, aux = nnx.merge(graphdef, params, buffers)(batch['inputs'])  # train=False: eval capacity
     nll_BL = token_nll(logits_BLV, batch['targets'])
     w_BL = batch['weights']
     is_byte = (batch['targets'] < data.SEPARATOR).astype(jnp.float32)
     sums = (jnp.sum(nll_BL * w_BL), jnp.sum(w_BL), jnp.sum(w_BL * is_byte))
-    return sums, {k: aux[k] for k in EVAL_ROUTING if k in aux}
+    out = sums, {k: aux[k] for k in EVAL_ROUTING if k in aux}
+    return out if mesh is None else jax.lax.with_sharding_constraint(out, mesh_lib.replicated(mesh))
 
-  return step
+  return mesh_lib.under_mesh(jax.jit(step), mesh)
 
 
 def evaluate(s: Setup, state: dict | None = None) -> dict[str, Any]:
@@ -48,12 +51,15 @@ def evaluate(s: Setup, state: dict | None = None) -> dict[str, Any]:
   Also returns per-MoE-layer routing diagnostics on the held-out tokens (padded tail rows included).
   """
   state = s.state if state is None else state
-  step = cached('eval', s.cfg, lambda: make_eval_step(s.graphdef))
+  step = cached('eval', s.cfg, lambda: make_eval_step(s.graphdef, s.mesh))
   nats, tokens, byte_tokens = 0.0, 0.0, 0.0
   routing_sums, batches = {}, 0
   sharding = mesh_lib.batch_sharding(s.mesh, 2)
-  for batch in data.heldout_batches(s.corpus, s.cfg.data.seq_len, s.cfg.eval.batch_size, s.cfg.eval.max_batches):
-    sums, stats = jax.device_get(step(state['params'], state['buffers'], jax.device_put(batch, sharding)))
+  B = s.cfg.eval.batch_size
+  start, stop = mesh_lib.process_rows(sharding, B)  # every process builds the same batches, feeds its rows
+  for batch in data.heldout_batches(s.corpus, s.cfg.data.seq_len, B, s.cfg.eval.max_batches):
+    local = {k: mesh_lib.global_batch(v[start:stop], sharding, B) for k, v in batch.items()}
+    sums, stats = jax.device_get(step(state['params'], state['buffers'], local))
     nats, tokens, byte_tokens = nats + float(sums[0]), tokens + float(sums[1]), byte_tokens + float(sums[2])
     for key, value in stats.items():  # accumulate on the host in float64
       routing_sums[key] = routing_sums.get(key, 0.0) + np.asarray(value, np.float64)
@@ -116,7 +122,8 @@ def result_record(s: Setup, eval_metrics: dict, train_summary: dict) -> dict:
 
 
 def write_result(workdir: str, record: dict) -> str:
-  """Writes WORKDIR/result.json atomically; returns its path."""
+  """Writes WORKDIR/result.json atomically (the leader process only); returns its path."""
   path = os.path.join(workdir, 'result.json')
-  metrics_lib.atomic_write(path, json.dumps(record, indent=2, sort_keys=True) + '\n')
+  if jax.process_index() == 0:
+    metrics_lib.atomic_write(path, json.dumps(record, indent=2, sort_keys=True) + '\n')
   return path

@@ -18,7 +18,7 @@ import moejax
 from absl import app, flags
 from ml_collections import config_flags
 
-from moejax import config as config_lib, data, eval as eval_lib, train
+from moejax import config as config_lib, data, distributed, eval as eval_lib, train
 from moejax.errors import ConfigError, MoejaxError
 
 FLAGS = flags.FLAGS
@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 def execute(cfg, workdir: str, mode: str = 'train') -> dict:
   """Validates `cfg`, trains (mode 'train') and scores it; writes and returns the result record."""
   config_lib.validate(cfg)
+  distributed.initialize(cfg.distributed)  # before anything touches a device
   train.prepare_workdir(workdir)
   corpus = data.corpus_from_config(cfg.data)
   s = train.setup(cfg, corpus)

@@ -7,6 +7,7 @@ moejax writes a `PartitionSpec` by hand outside `shard_map` regions.
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any, Sequence
 
@@ -17,11 +18,13 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from moejax.errors import ConfigError
 
+log = logging.getLogger(__name__)
+
 MESH_AXES = ('data', 'fsdp', 'expert', 'tensor')
 
 # logical name -> mesh axis (or tuple of axes, or None = replicated).
 LOGICAL_AXIS_RULES: dict[str, Any] = {
-    'batch': ('data', 'fsdp'),  # activations' batch dim spans every data-like axis
+    'batch': ('data', 'fsdp', 'expert'),  # tokens span every axis but tensor: expert devices hold different tokens
     'length': None,
     'vocab': None,  # byte vocabularies (257) divide no mesh axis; the embed dim is sharded instead
     'embed': 'fsdp',  # FSDP shards parameters along the model dim
@@ -54,19 +57,59 @@ def logical_to_spec(names: Sequence[str | None]) -> PartitionSpec:
   return PartitionSpec(*spec)
 
 
-def make_mesh(mesh_cfg, devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """Builds a (data, fsdp, expert, tensor) mesh over the first prod(sizes) devices.
+def resolve_sizes(mesh_cfg, device_count: int) -> dict[str, int]:
+  """Mesh axis sizes with a -1 axis (at most one) filled by the remaining devices; checks the device count.
 
-  Axis types are Auto so jit propagates shardings (jax.make_mesh defaults to
-  Explicit, which rejects mixing differently sharded operands).
+  In a multi-process run the mesh must use every device (each process feeds its own).
+  A single process may use a subset (a warning says so), never more than it sees.
   """
-  shape = tuple(int(mesh_cfg[a]) for a in MESH_AXES)
+  sizes = {a: int(mesh_cfg[a]) for a in MESH_AXES}
+  fill = [a for a, n in sizes.items() if n == -1]
+  bad = [f'{a}={n}' for a, n in sizes.items() if n == 0 or n < -1]
+  if bad or len(fill) > 1:
+    raise ConfigError(f'mesh sizes must be >= 1 with at most one -1 (fill): got {", ".join(bad or fill)}')
+  fixed = math.prod(n for n in sizes.values() if n != -1)
+  if fill:
+    if device_count % fixed:
+      raise ConfigError(f'mesh.{fill[0]}=-1: {device_count} devices are not divisible by the other axes ({fixed})')
+    sizes[fill[0]] = device_count // fixed
+  need = math.prod(sizes.values())
+  if need > device_count:
+    raise ConfigError(f'mesh {sizes} needs {need} devices but only {device_count} are visible')
+  if need < device_count:
+    if jax.process_count() > 1:
+      raise ConfigError(f'mesh {sizes} uses {need} of {device_count} devices; a multi-process run must use all '
+                        '(set one mesh axis to -1)')
+    log.warning('mesh %s uses %d of the %d visible devices', sizes, need, device_count)
+  return sizes
+
+
+def make_mesh(mesh_cfg, devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """Builds a (data, fsdp, expert, tensor) mesh (sizes from `resolve_sizes`).
+
+  Axis types are Auto so jit propagates shardings (jax.make_mesh defaults to Explicit,
+  which rejects mixing differently sharded operands). Devices keep `jax.devices()` order:
+  process-major, so each process's devices hold a contiguous range of the batch.
+  """
   devices = list(jax.devices() if devices is None else devices)
-  need = math.prod(shape)
-  if need > len(devices):
-    raise ConfigError(f'mesh {dict(zip(MESH_AXES, shape))} needs {need} devices but only {len(devices)} are visible')
-  grid = np.array(devices[:need]).reshape(shape)
+  sizes = resolve_sizes(mesh_cfg, len(devices))
+  shape = tuple(sizes[a] for a in MESH_AXES)
+  grid = np.array(devices[:math.prod(shape)]).reshape(shape)
   return Mesh(grid, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
+
+
+def batch_shards(mesh: Mesh) -> int:
+  """How many ways the batch dim is split (the product of the 'batch' rule's axes)."""
+  axes = LOGICAL_AXIS_RULES['batch']
+  return math.prod(mesh.shape[a] for a in axes)
+
+
+def check_batch(batch_size: int, mesh: Mesh, what: str) -> None:
+  """Raises ConfigError unless `batch_size` splits evenly over the mesh's batch axes."""
+  ways = batch_shards(mesh)
+  if batch_size % ways:
+    axes = '*'.join(f'{a}={mesh.shape[a]}' for a in LOGICAL_AXIS_RULES['batch'])
+    raise ConfigError(f'{what}={batch_size} must be divisible by the batch axes {axes} ({ways})')
 
 
 def logical_axes_tree(state: nnx.State) -> Any:
@@ -122,6 +165,52 @@ def _leaf_at(tree: Any, path) -> Any:
   return tree
 
 
+def replicated(mesh: Mesh) -> NamedSharding:
+  """Every device holds the whole value."""
+  return NamedSharding(mesh, PartitionSpec())
+
+
+def under_mesh(fn, mesh: Mesh | None):
+  """`fn` called (and so traced) under `jax.set_mesh(mesh)`; `fn` itself when mesh is None.
+
+  The MoE layer reads the context mesh to decide on expert parallelism. The wrapper keeps
+  the jitted function's `lower` and `_cache_size` reachable.
+  """
+  if mesh is None:
+    return fn
+
+  def call(*args, **kwargs):
+    with jax.set_mesh(mesh):
+      return fn(*args, **kwargs)
+
+  def lower(*args, **kwargs):
+    with jax.set_mesh(mesh):
+      return fn.lower(*args, **kwargs)
+  call.lower, call._cache_size, call.jitted = lower, fn._cache_size, fn  # pylint: disable=protected-access
+  return call
+
+
 def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
-  """Sharding of a [B, ...] input batch: the batch dim across data-like axes."""
-  return NamedSharding(mesh, logical_to_spec(('batch',) + (None,) * (ndim - 1)))
+  """Sharding of a [B, ...] input batch: the batch dim across the 'batch' rule's axes."""
+  return NamedSharding(mesh, canonical_spec(logical_to_spec(('batch',) + (None,) * (ndim - 1)), mesh))
+
+
+def process_rows(sharding: NamedSharding, batch_size: int) -> tuple[int, int]:
+  """[start, stop) of the global batch rows this process's devices hold (one contiguous range).
+
+  The data pipeline reads exactly these rows of every global batch, so the global batch
+  is the same for any number of processes.
+  """
+  index_map = sharding.addressable_devices_indices_map((batch_size, 1))
+  starts = sorted({idx[0].indices(batch_size)[:2] for idx in index_map.values()})
+  start, stop = starts[0][0], starts[-1][1]
+  covered = sum(b - a for a, b in starts)
+  if covered != stop - start:
+    raise ConfigError(f'this process holds batch rows {starts}, not one contiguous range; '
+                      'keep the mesh in jax.devices() order')
+  return start, stop
+
+
+def global_batch(local_rows: np.ndarray, sharding: NamedSharding, batch_size: int) -> jax.Array:
+  """The global [B, ...] array from this process's rows (`process_rows`)."""
+  return jax.make_array_from_process_local_data(sharding, local_rows, (batch_size,) + local_rows.shape[1:])

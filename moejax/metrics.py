@@ -61,9 +61,12 @@ def peak_flops(override_tflops: float | None) -> float | None:
 class MetricsWriter:
   """Appends one JSON object per logged step to metrics.jsonl and scalars to TensorBoard."""
 
-  def __init__(self, workdir: str):
+  def __init__(self, workdir: str, enabled: bool = True):
     self.path = os.path.join(workdir, 'metrics.jsonl')
+    self.enabled = enabled  # False on every process but the leader of a multi-process run
     self._tb = None
+    if not enabled:
+      return
     try:
       from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
       self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'))
@@ -71,6 +74,8 @@ class MetricsWriter:
       pass
 
   def write(self, step: int, scalars: dict[str, Any]) -> None:
+    if not self.enabled:
+      return
     record = {'step': step, **to_jsonable(scalars)}
     with open(self.path, 'a') as f:
       f.write(json.dumps(record) + '\n')

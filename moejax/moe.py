@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from moejax import config as config_lib, kernels as kernels_lib, routing
+from moejax import config as config_lib, expert_parallel, kernels as kernels_lib, routing
 from moejax.kernels import gmm, permute, router
 from moejax.layers import MLP, param, swiglu
 
@@ -152,23 +152,35 @@ class MoE(nnx.Module):
     gates_TK = jnp.where(keep_TK, gates_TK, 0.0)
     capacity = group if factor is None else routing.capacity(group, c.experts_per_token, c.num_experts, factor)
     y_TD = jnp.zeros((T, D), jnp.float32)
-    offset = 0
+    offset, ep_mesh, ep_drops = 0, expert_parallel.active_mesh(), []
+    impl = kernels_lib.resolve(c.kernels)
     for (count, _), experts in zip(self.classes, self.experts):
       local_TK = experts_TK - offset
       valid_TK = keep_TK & (local_TK >= 0) & (local_TK < count)
       local_TK = jnp.where(valid_TK, local_TK, count)  # id `count` = not this class's / dropped
+      class_gates_TK = jnp.where(valid_TK, gates_TK, 0.0)
       w = (experts.w_gate[...].astype(dt), experts.w_up[...].astype(dt), experts.w_down[...].astype(dt))
-      bs = c.block_size or routing.auto_block_size(T * c.experts_per_token, count)
-      y_TD += DISPATCH[c.dispatch](x_TD, jnp.where(valid_TK, gates_TK, 0.0), local_TK, *w, block_size=bs,
-                                   rank_TK=rank_TK, group_tokens=group, capacity=capacity,
-                                   kernels=kernels_lib.resolve(c.kernels)).astype(jnp.float32)
+      if ep_mesh is not None:  # experts sharded over the mesh's expert axis: shard_map all-to-all
+        y_class, drop = expert_parallel.expert_parallel_dispatch(
+            x_TD, class_gates_TK, local_TK, *w, mesh=ep_mesh, capacity_factor=c.expert_parallel_capacity_factor,
+            block_size=lambda rows, n: c.block_size or routing.auto_block_size(rows, n), kernels=impl,
+            dispatch=block_dispatch)
+        ep_drops.append(drop)
+      else:
+        bs = c.block_size or routing.auto_block_size(T * c.experts_per_token, count)
+        y_class = DISPATCH[c.dispatch](x_TD, class_gates_TK, local_TK, *w, block_size=bs, rank_TK=rank_TK,
+                                       group_tokens=group, capacity=capacity, kernels=impl)
+      y_TD += y_class.astype(jnp.float32)
       offset += count
     if self.shared is not None:
       shared_TD = self.shared(x_TD).astype(jnp.float32)
       if self.w_shared_gate is not None:
         shared_TD = shared_TD * jax.nn.sigmoid(jnp.dot(x_TD.astype(jnp.float32), self.w_shared_gate[...]))
       y_TD += shared_TD
-    return y_TD.reshape(B, L, D).astype(dt), self._aux(logits_TE, scores_TE, experts_TK, keep_TK, L)
+    aux = self._aux(logits_TE, scores_TE, experts_TK, keep_TK, L)
+    if ep_drops:
+      aux['ep_drop_fraction'] = sum(ep_drops) / len(ep_drops)
+    return y_TD.reshape(B, L, D).astype(dt), aux
 
   def _aux(self, logits_TE, scores_TE, experts_TK, keep_TK, seq_len: int) -> dict[str, jax.Array]:
     c = self.cfg

@@ -24,7 +24,8 @@ import numpy as np
 import optax
 from flax import nnx
 
-from moejax import accounting, checkpoint, data, mesh as mesh_lib, metrics as metrics_lib, model as model_lib
+from moejax import accounting, checkpoint, data, distributed, mesh as mesh_lib, metrics as metrics_lib
+from moejax import model as model_lib
 from moejax import moe as moe_lib, optim
 from moejax.errors import DataError, NonFiniteLossError, Preempted, WorkdirError
 
@@ -36,17 +37,19 @@ def token_nll(logits_BLV: jax.Array, targets_BL: jax.Array) -> jax.Array:
   return optax.softmax_cross_entropy_with_integer_labels(logits_BLV.astype(jnp.float32), targets_BL)
 
 
-ROUTING_METRICS = ('expert_counts', 'load_max_over_mean', 'load_cv', 'dead_experts', 'drop_fraction',
+ROUTING_METRICS = ('expert_counts', 'load_max_over_mean', 'load_cv', 'dead_experts', 'drop_fraction', 'ep_drop_fraction',
                    'router_entropy', 'bias_abs_mean', 'aux_loss_per_layer', 'z_loss_per_layer')
 
 
 def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation, cfg,
-                    lr_schedule: optax.Schedule, state_shardings: Any = None) -> Callable:
+                    lr_schedule: optax.Schedule, state_shardings: Any = None, mesh=None) -> Callable:
   """Returns step(state, tokens_BL1, seed) -> (state, metrics); the state buffers are donated.
 
   `seed` is a traced int32 scalar (the run's `cfg.seed`), so one compiled step serves every
   seed of a configuration; see `cached_train_step`. `state_shardings` (from `shardings(state)`)
-  pins the new state to the shardings the state came in with.
+  pins the new state to the shardings the state came in with. With `mesh`, the step is traced
+  under `jax.set_mesh(mesh)` (the MoE layers find the expert axis there) and its metrics are
+  replicated, so every process can read them.
 
   The state is {'params', 'buffers', 'opt_state', 'step'}; only params get gradients. With
   load_balancing='aux_free' the expert biases in 'buffers' move after each step from that
@@ -78,9 +81,11 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
     # and parameters never silently become replicated.
     if state_shardings is not None:
       new_state = jax.lax.with_sharding_constraint(new_state, state_shardings)
+    if mesh is not None:
+      out = jax.lax.with_sharding_constraint(out, mesh_lib.replicated(mesh))
     return new_state, out
 
-  return jax.jit(step, donate_argnums=0)
+  return mesh_lib.under_mesh(jax.jit(step, donate_argnums=0), mesh)
 
 
 def shardings(tree: Any) -> Any:
@@ -90,7 +95,7 @@ def shardings(tree: Any) -> Any:
 
 # Fields that never change what the train or eval step computes: runs that differ only in
 # these share one compiled step (a sweep over seeds compiles once).
-_NOT_IN_STEP = ('name', 'seed', 'data.seed', 'data.source', 'data.heldout_fraction', 'checkpoint', 'eval',
+_NOT_IN_STEP = ('name', 'seed', 'data.seed', 'data.source', 'data.heldout_fraction', 'checkpoint', 'eval', 'distributed',
                 'train.log_every_steps', 'train.peak_tflops')
 _STEP_CACHE: collections.OrderedDict = collections.OrderedDict()
 _STEP_CACHE_SIZE = 8
@@ -125,7 +130,7 @@ def cached_train_step(s: 'Setup') -> Callable:
   cfg = s.cfg
   return cached('train', cfg, lambda: make_train_step(s.graphdef, optim.make(cfg.optim, cfg.train.steps), cfg,
                                                       optim.schedule(cfg.optim, cfg.train.steps),
-                                                      shardings(s.state)))
+                                                      shardings(s.state), s.mesh))
 
 
 @dataclasses.dataclass
@@ -143,7 +148,7 @@ def prepare_workdir(workdir: str) -> None:
   """Creates `workdir` and proves it writable; raises WorkdirError with one line otherwise."""
   try:
     os.makedirs(workdir, exist_ok=True)
-    probe = os.path.join(workdir, '.write_probe')
+    probe = os.path.join(workdir, f'.write_probe.{jax.process_index()}')
     with open(probe, 'w') as f:
       f.write('ok')
     os.remove(probe)
@@ -205,7 +210,9 @@ def run(cfg, workdir: str, stop_after: int | None = None, built: Setup | None = 
   t_cfg = cfg.train
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'), cfg.checkpoint.max_to_keep,
                                  cfg.checkpoint.use_async)
-  dataset = data.train_dataset(s.corpus, cfg.data.seq_len, t_cfg.batch_size, cfg.data.seed)
+  batch_sharding = mesh_lib.batch_sharding(s.mesh, 2)
+  dataset = data.train_dataset(s.corpus, cfg.data.seq_len, t_cfg.batch_size, cfg.data.seed,
+                               mesh_lib.process_rows(batch_sharding, t_cfg.batch_size))
   data_iter = iter(dataset)
   state, wall_before = s.state, 0.0
   restored = ckpt.restore_latest(checkpoint.abstract(state))
@@ -217,17 +224,16 @@ def run(cfg, workdir: str, stop_after: int | None = None, built: Setup | None = 
     data_iter.set_state(meta['data_iterator'])
     wall_before = meta['wall_s']
     log.info('resumed from step %d', step0)
-  else:
+  elif distributed.is_leader():
     metrics_lib.atomic_write(os.path.join(workdir, 'config.json'), cfg.to_json_best_effort(indent=2))
   step = int(state['step'])
   last_saved = step if restored is not None else None
   end = t_cfg.steps if stop_after is None else min(stop_after, t_cfg.steps)
   train_step = cached_train_step(s)
   seed = jnp.int32(cfg.seed)
-  writer = metrics_lib.MetricsWriter(workdir)
+  writer = metrics_lib.MetricsWriter(workdir, enabled=distributed.is_leader())
   tokens_per_step = t_cfg.batch_size * cfg.data.seq_len
   peak = metrics_lib.peak_flops(t_cfg.peak_tflops)
-  batch_sharding = mesh_lib.batch_sharding(s.mesh, 2)
 
   def save(at_step, wall):
     ckpt.save(at_step, state, {'step': at_step, 'data_iterator': data_iter.get_state(), 'wall_s': wall,
@@ -238,7 +244,7 @@ def run(cfg, workdir: str, stop_after: int | None = None, built: Setup | None = 
   try:
     with _SigtermFlag() as sigterm:
       while step < end and not sigterm.raised:
-        tokens = jax.device_put(next(data_iter), batch_sharding)
+        tokens = mesh_lib.global_batch(next(data_iter), batch_sharding, t_cfg.batch_size)
         state, out = train_step(state, tokens, seed)
         step += 1
         # Check the previous step's loss now, so the host never waits on the step just dispatched.

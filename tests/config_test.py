@@ -13,7 +13,7 @@ from moejax.errors import ConfigError
     ({'moe.experts_per_token': 9, 'moe.num_experts': 8}, 'moe.experts_per_token=9 must be in [1, moe.num_experts=8]'),
     ({'model.num_heads': 3}, 'model.model_dim=128 must be divisible by model.num_heads=3'),
     ({'model.num_kv_heads': 3}, 'model.num_heads=4 must be divisible by model.num_kv_heads=3'),
-    ({'train.batch_size': 30, 'mesh.data': 4}, 'train.batch_size=30 must be divisible by mesh.data*mesh.fsdp=4'),
+    ({'train.batch_size': 30, 'mesh.data': 4}, 'train.batch_size=30 must be divisible by the batch axes mesh.data*mesh.fsdp*mesh.expert=4'),
     ({'moe.num_experts': 6, 'mesh.expert': 4}, 'moe.num_experts=6 must be divisible by mesh.expert=4'),
     ({'moe.dispatch': 'magic'}, "moe.dispatch='magic' must be one of"),
     ({'moe.first_dense_layers': 4}, 'leaves no MoE layer'),

@@ -10,7 +10,7 @@ from moejax.errors import ConfigError
 
 def test_logical_to_spec_uses_rules_table():
   assert mesh_lib.logical_to_spec(('embed', 'mlp')) == P('fsdp', 'tensor')
-  assert mesh_lib.logical_to_spec(('batch', None)) == P(('data', 'fsdp'), None)
+  assert mesh_lib.logical_to_spec(('batch', None)) == P(('data', 'fsdp', 'expert'), None)
   assert mesh_lib.logical_to_spec(('expert', 'embed', 'expert_mlp')) == P('expert', 'fsdp', 'tensor')
 
 

@@ -61,6 +61,33 @@ def interpret() -> bool:
   return platform() == 'cpu'
 
 
+def out_struct(shape, dtype, *likes) -> jax.ShapeDtypeStruct:
+  """A pallas_call output type; inside `jax.shard_map` it varies over the union of `likes`' manual axes.
+
+  shard_map's type checking (check_vma) needs that on every Pallas output.
+  """
+  types = [getattr(jax.typeof(x), 'manual_axis_type', None) for x in likes]
+  varying = frozenset().union(*(t.varying for t in types if t is not None))
+  if not varying:
+    return jax.ShapeDtypeStruct(shape, dtype)
+  return jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=type(types[0])(varying=varying))
+
+
+def same_vma(*arrays):
+  """`arrays` cast to vary over the union of their manual axes (no-op outside `jax.shard_map`).
+
+  A custom VJP's backward must return cotangents with its inputs' types; casting before the
+  call makes autodiff of the cast do the psum that an input invariant over an axis needs
+  (e.g. expert weights shared by the data shards of an expert-parallel region).
+  """
+  types = [getattr(jax.typeof(x), 'manual_axis_type', None) for x in arrays]
+  if any(t is None for t in types):
+    return arrays
+  union = frozenset().union(*(t.varying for t in types))
+  return tuple(x if t.varying == union else jax.lax.pcast(x, tuple(sorted(union - t.varying)), to='varying')
+               for x, t in zip(arrays, types))
+
+
 def warn_once(key: str, message: str) -> None:
   """Logs `message` once per process (for fallbacks from a kernel to the XLA path)."""
   if key not in _warned:

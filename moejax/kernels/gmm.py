@@ -65,7 +65,7 @@ def _gmm_mosaic(x_RK, w_EKN, block_expert_N, block_size: int, tile: int):
       in_specs=[pl.BlockSpec((block_size, K), lambda n, j, be: (n, 0)),
                 pl.BlockSpec((None, K, tn), lambda n, j, be: (be[n], 0, j))],
       out_specs=pl.BlockSpec((block_size, tn), lambda n, j, be: (n, j)))
-  return pl.pallas_call(_gmm_kernel, out_shape=jax.ShapeDtypeStruct((R, N), x_RK.dtype), grid_spec=grid_spec,
+  return pl.pallas_call(_gmm_kernel, out_shape=kernels.out_struct((R, N), x_RK.dtype, x_RK, w_EKN, block_expert_N), grid_spec=grid_spec,
                         interpret=_interpret(), name='moejax_block_gmm')(block_expert_N, x_RK, w_EKN)
 
 
@@ -89,7 +89,7 @@ def _tgmm_mosaic(x_RK, dy_RN, block_expert_N, num_experts: int, block_size: int,
       in_specs=[pl.BlockSpec((block_size, tk), lambda i, j, n, be: (n, i)),
                 pl.BlockSpec((block_size, tn), lambda i, j, n, be: (n, j))],
       out_specs=pl.BlockSpec((None, tk, tn), lambda i, j, n, be: (be[n], i, j)))
-  dw = pl.pallas_call(_tgmm_kernel, out_shape=jax.ShapeDtypeStruct((num_experts, K, N), jnp.float32),
+  dw = pl.pallas_call(_tgmm_kernel, out_shape=kernels.out_struct((num_experts, K, N), jnp.float32, x_RK, dy_RN, block_expert_N),
                       grid_spec=grid_spec, interpret=_interpret(), name='moejax_block_tgmm')(block_expert_N, x_RK, dy_RN)
   visited = jnp.zeros((num_experts,), jnp.bool_).at[block_expert_N].set(True)
   return jnp.where(visited[:, None, None], dw, 0.0)  # experts without a block were never written
@@ -135,7 +135,7 @@ def _gmm_triton(x_RK, w_EKN, block_expert_N, block_size: int, tile: int, interpr
   whole = lambda a: pl.BlockSpec(a.shape, lambda n, j: (0,) * a.ndim)
   return pl.pallas_call(
       functools.partial(_gmm_triton_kernel, block_size=block_size, tk=tk, tn=tn),
-      out_shape=jax.ShapeDtypeStruct((R, N), x_RK.dtype), grid=(R // block_size, N // tn),
+      out_shape=kernels.out_struct((R, N), x_RK.dtype, x_RK, w_EKN, block_expert_N), grid=(R // block_size, N // tn),
       in_specs=[whole(block_expert_N), whole(x_RK), whole(w_EKN)],
       out_specs=pl.BlockSpec((block_size, tn), lambda n, j: (n, j)),
       compiler_params=pl_triton.CompilerParams(**TRITON), interpret=interpret,
@@ -164,7 +164,8 @@ def _tgmm_triton(x_RK, dy_RN, block_expert_N, num_experts: int, block_size: int,
   whole = lambda a: pl.BlockSpec(a.shape, lambda e, i, j: (0,) * a.ndim)
   return pl.pallas_call(
       functools.partial(_tgmm_triton_kernel, block_size=block_size, tk=tk, tn=tn),
-      out_shape=jax.ShapeDtypeStruct((num_experts, K, N), jnp.float32), grid=(num_experts, K // tk, N // tn),
+      out_shape=kernels.out_struct((num_experts, K, N), jnp.float32, x_RK, dy_RN, block_expert_N),
+      grid=(num_experts, K // tk, N // tn),
       in_specs=[whole(start_E), whole(count_E), whole(x_RK), whole(dy_RN)],
       out_specs=pl.BlockSpec((None, tk, tn), lambda e, i, j: (e, i, j)),
       compiler_params=pl_triton.CompilerParams(**TRITON), interpret=interpret,
@@ -229,5 +230,6 @@ def block_gmm(x_RK, w_EKN, block_expert_N, block_size: int, impl: str = 'xla', t
                         f'using the XLA path for this shape')
       impl = 'xla'
   if impl == 'pallas':
-    return _gmm(x_RK, w_EKN, block_expert_N.astype(jnp.int32), block_size, tile)
+    x_RK, w_EKN, block_expert_N = kernels.same_vma(x_RK, w_EKN, block_expert_N.astype(jnp.int32))
+    return _gmm(x_RK, w_EKN, block_expert_N, block_size, tile)
   return block_gmm_reference(x_RK, w_EKN, block_expert_N, block_size)

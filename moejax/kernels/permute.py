@@ -55,7 +55,7 @@ def gather_rows(x_ND, idx_M, impl: str = 'xla', rows_per_step: int = 8):
       in_specs=[pl.BlockSpec((N, D), lambda m, idx: (0, 0))],
       out_specs=pl.BlockSpec((per, D), lambda m, idx: (m, 0)))
   return pl.pallas_call(functools.partial(_gather_kernel, rows_per_step=per),
-                        out_shape=jax.ShapeDtypeStruct((M, D), x_ND.dtype), grid_spec=grid_spec,
+                        out_shape=kernels.out_struct((M, D), x_ND.dtype, x_ND, idx_M), grid_spec=grid_spec,
                         interpret=pltpu.InterpretParams() if kernels.interpret() else False,
                         name='moejax_gather_rows')(idx_M.astype(jnp.int32), x_ND)
 
@@ -97,7 +97,7 @@ def expert_ranks(flat_A, num_experts: int, impl: str = 'xla'):
   gpu = kernels.platform() == 'gpu'
   ranks = pl.pallas_call(
       functools.partial(_ranks_kernel, width=width), grid=(1,), in_specs=[whole], out_specs=whole,
-      out_shape=jax.ShapeDtypeStruct((n, C), jnp.int32),
+      out_shape=kernels.out_struct((n, C), jnp.int32, flat_A),
       interpret=pltpu.InterpretParams() if kernels.interpret() else False,
       compiler_params=pl_triton.CompilerParams(num_warps=4) if gpu else None, name='moejax_expert_ranks')(chunks)
   return ranks.reshape(-1)[:A]

@@ -83,8 +83,9 @@ def _route_pallas(logits_TE, bias_E, k, score, renormalize, scale, block_rows):
       kernel, grid=(n_blocks,),
       in_specs=[rows(E), pl.BlockSpec((1, E), lambda i: (0, 0))],
       out_specs=[rows(E), rows(k), rows(k), pl.BlockSpec((1, E), lambda i: (i, 0))],
-      out_shape=[jax.ShapeDtypeStruct((padded, E), jnp.float32), jax.ShapeDtypeStruct((padded, k), jnp.int32),
-                 jax.ShapeDtypeStruct((padded, k), jnp.float32), jax.ShapeDtypeStruct((n_blocks, E), jnp.float32)],
+      out_shape=[kernels.out_struct((padded, E), jnp.float32, z, bias_E), kernels.out_struct((padded, k), jnp.int32, z, bias_E),
+                 kernels.out_struct((padded, k), jnp.float32, z, bias_E),
+                 kernels.out_struct((n_blocks, E), jnp.float32, z, bias_E)],
       interpret=pltpu.InterpretParams() if kernels.interpret() else False, name='moejax_router',
       compiler_params=pl_triton.CompilerParams(num_warps=4) if kernels.platform() == 'gpu' else None,
   )(z, bias_E.reshape(1, E).astype(jnp.float32))

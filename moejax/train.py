@@ -160,6 +160,8 @@ def setup(cfg, corpus: data.Corpus | None = None) -> Setup:
   """Builds mesh, model, sharded params and optimizer state for a validated config."""
   corpus = corpus or data.corpus_from_config(cfg.data)
   mesh = mesh_lib.make_mesh(cfg.mesh)
+  mesh_lib.check_batch(cfg.train.batch_size, mesh, 'train.batch_size')  # (a -1 mesh axis resolves only here)
+  mesh_lib.check_batch(cfg.eval.batch_size, mesh, 'eval.batch_size')
   graphdef, param_state, buffer_state = model_lib.split(model_lib.build(cfg))
   param_sh = mesh_lib.param_shardings(param_state, mesh)
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())

@@ -5,6 +5,11 @@
 
 --mode=train (default) trains (resuming from the workdir's latest checkpoint), scores the
 held-out set and writes WORKDIR/result.json. --mode=eval only scores the latest checkpoint.
+--mode=compile lowers and compiles the train step for the configured mesh, without
+allocating the model or reading data, and prints its per-device memory and whether it fits
+in --device_memory (default: what the device reports); exit 1 when it does not fit. No
+--workdir needed. On a CPU machine, fake the target's device count with
+XLA_FLAGS=--xla_force_host_platform_device_count=N (docs/scaling-out.md).
 Any bad input ends with one line `moejax: error: ...` on stderr and a non-zero exit.
 """
 
@@ -18,7 +23,9 @@ import moejax
 from absl import app, flags
 from ml_collections import config_flags
 
-from moejax import config as config_lib, data, distributed, eval as eval_lib, train
+import jax
+
+from moejax import config as config_lib, data, design, distributed, eval as eval_lib, train
 from moejax.errors import ConfigError, MoejaxError
 
 FLAGS = flags.FLAGS
@@ -51,6 +58,38 @@ def execute(cfg, workdir: str, mode: str = 'train') -> dict:
   return record
 
 
+def _gb(n: float) -> str:
+  return f'{n / 1e9:.3f} GB'
+
+
+def compile_check(cfg, device_memory: str | None) -> int:
+  """--mode=compile: prints the memory report; returns the exit code (0 fits or unknown, 1 does not fit)."""
+  config_lib.validate(cfg)
+  distributed.initialize(cfg.distributed)
+  r = train.compile_step(cfg)
+  limit = design.parse_amount(device_memory)[0] if device_memory else None
+  if limit is None:
+    stats = getattr(jax.devices()[0], 'memory_stats', lambda: None)() or {}
+    limit = stats.get('bytes_limit')
+  print(f'{cfg.name}: train step compiled for mesh {r["mesh"]} ({r["devices"]} {r["platform"]} devices) '
+        f'in {r["compile_s"]:.1f} s')
+  print(f'  per device: params {_gb(r["params_bytes"])}, optimizer state {_gb(r["optimizer_bytes"])}')
+  if 'peak_bytes' not in r:
+    print('  the compiler gave no memory analysis on this platform')
+    return 0
+  print(f'  arguments {_gb(r["argument_bytes"])}, outputs {_gb(r["output_bytes"])} '
+        f'(donated {_gb(r["alias_bytes"])}), temporaries {_gb(r["temp_bytes"])}')
+  if limit is None:
+    print(f'  peak {_gb(r["peak_bytes"])} per device; fits: unknown (pass --device_memory=80GB)')
+    return 0
+  fits = r['peak_bytes'] <= limit
+  print(f'  peak {_gb(r["peak_bytes"])} of {_gb(limit)} per device: {"fits" if fits else "DOES NOT FIT"}')
+  if not fits:
+    print(f'moejax: error: {cfg.name} needs {_gb(r["peak_bytes"])} per device, over {_gb(limit)}; '
+          'use more devices (mesh.fsdp / mesh.expert) or a smaller batch', file=sys.stderr)
+  return 0 if fits else 1
+
+
 def fail(error: MoejaxError) -> None:
   """Prints the one-line error and exits with its code."""
   print(f'moejax: error: {error}', file=sys.stderr)
@@ -60,8 +99,12 @@ def fail(error: MoejaxError) -> None:
 def _main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  if FLAGS.config is None or FLAGS.workdir is None:
-    raise app.UsageError('--config and --workdir are required')
+  if FLAGS.config is None:
+    raise app.UsageError('--config is required')
+  if FLAGS.mode == 'compile':
+    sys.exit(compile_check(FLAGS.config, FLAGS.device_memory))
+  if FLAGS.workdir is None:
+    raise app.UsageError('--workdir is required')
   try:
     record = execute(FLAGS.config, FLAGS.workdir, FLAGS.mode)
   except MoejaxError as e:
@@ -98,5 +141,7 @@ def cli(main_fn) -> None:
 if __name__ == '__main__':
   define_config_flag()
   flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and result.json.')
-  flags.DEFINE_enum('mode', 'train', ['train', 'eval'], 'train (then eval) or eval only.')
+  flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'compile'],
+                    'train (then eval), eval only, or compile only (memory check).')
+  flags.DEFINE_string('device_memory', None, "--mode=compile: memory per device, e.g. '80GB' (default: reported)")
   cli(_main)

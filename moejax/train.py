@@ -12,6 +12,7 @@ import collections
 import dataclasses
 import json
 import logging
+import math
 import os
 import signal
 import sys
@@ -156,25 +157,73 @@ def prepare_workdir(workdir: str) -> None:
     raise WorkdirError(f'workdir {workdir!r} is not writable: {e.strerror or e}') from None
 
 
-def setup(cfg, corpus: data.Corpus | None = None) -> Setup:
-  """Builds mesh, model, sharded params and optimizer state for a validated config."""
-  corpus = corpus or data.corpus_from_config(cfg.data)
-  mesh = mesh_lib.make_mesh(cfg.mesh)
-  mesh_lib.check_batch(cfg.train.batch_size, mesh, 'train.batch_size')  # (a -1 mesh axis resolves only here)
-  mesh_lib.check_batch(cfg.eval.batch_size, mesh, 'eval.batch_size')
-  graphdef, param_state, buffer_state = model_lib.split(model_lib.build(cfg))
+def _placed(cfg, mesh, param_state, buffer_state, put) -> dict:
+  """The train state with every leaf placed by `put(tree, shardings)` (device_put, or abstract structs)."""
   param_sh = mesh_lib.param_shardings(param_state, mesh)
-  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  params = jax.device_put(nnx.to_pure_dict(param_state), param_sh)
-  buffers = jax.device_put(nnx.to_pure_dict(buffer_state), mesh_lib.param_shardings(buffer_state, mesh))
+  replicated = mesh_lib.replicated(mesh)
+  params = put(nnx.to_pure_dict(param_state), param_sh)
+  buffers = put(nnx.to_pure_dict(buffer_state), mesh_lib.param_shardings(buffer_state, mesh))
   optimizer = optim.make(cfg.optim, cfg.train.steps)
   # Adam moments shard like their parameters; counters are replicated.
   opt_sh = optax.tree_map_params(optimizer, lambda _, sh: sh, jax.eval_shape(optimizer.init, params), param_sh,
                                  transform_non_params=lambda _: replicated)
-  train_state = {'params': params, 'buffers': buffers,
-                 'opt_state': jax.jit(optimizer.init, out_shardings=opt_sh)(params),
-                 'step': jax.device_put(jnp.zeros((), jnp.int32), replicated)}
-  return Setup(cfg, mesh, graphdef, train_state, corpus, accounting.count(cfg))
+  if put is jax.device_put:
+    opt_state = jax.jit(optimizer.init, out_shardings=opt_sh)(params)
+  else:
+    opt_state = put(jax.eval_shape(optimizer.init, params), opt_sh)
+  return {'params': params, 'buffers': buffers, 'opt_state': opt_state,
+          'step': put(jax.ShapeDtypeStruct((), jnp.int32), replicated) if put is not jax.device_put
+          else jax.device_put(jnp.zeros((), jnp.int32), replicated)}
+
+
+def _make_mesh(cfg):
+  mesh = mesh_lib.make_mesh(cfg.mesh)
+  mesh_lib.check_batch(cfg.train.batch_size, mesh, 'train.batch_size')  # (a -1 mesh axis resolves only here)
+  mesh_lib.check_batch(cfg.eval.batch_size, mesh, 'eval.batch_size')
+  return mesh
+
+
+def setup(cfg, corpus: data.Corpus | None = None) -> Setup:
+  """Builds mesh, model, sharded params and optimizer state for a validated config."""
+  corpus = corpus or data.corpus_from_config(cfg.data)
+  mesh = _make_mesh(cfg)
+  graphdef, param_state, buffer_state = model_lib.split(model_lib.build(cfg))
+  state = _placed(cfg, mesh, param_state, buffer_state, jax.device_put)
+  return Setup(cfg, mesh, graphdef, state, corpus, accounting.count(cfg))
+
+
+def _abstract(tree, shardings):
+  return jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), tree, shardings)
+
+
+def compile_step(cfg) -> dict:
+  """Lowers and compiles the train step for cfg's mesh without allocating the model or reading data.
+
+  Returns the per-device memory analysis in bytes: state (arguments), temporaries, and the
+  peak estimate arguments + outputs - donated aliases + temporaries; plus compile time.
+  """
+  mesh = _make_mesh(cfg)
+  graphdef, param_state, buffer_state = model_lib.split(nnx.eval_shape(lambda: model_lib.build(cfg)))
+  state = _placed(cfg, mesh, param_state, buffer_state, _abstract)
+  step = make_train_step(graphdef, optim.make(cfg.optim, cfg.train.steps), cfg,
+                         optim.schedule(cfg.optim, cfg.train.steps), shardings(state), mesh)
+  tokens = jax.ShapeDtypeStruct((cfg.train.batch_size, cfg.data.seq_len + 1), jnp.int32,
+                                sharding=mesh_lib.batch_sharding(mesh, 2))
+  start = time.time()
+  compiled = step.lower(state, tokens, jax.ShapeDtypeStruct((), jnp.int32)).compile()
+  seconds = time.time() - start
+  m = compiled.memory_analysis()
+  per_device = lambda tree: sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
+                                for x in jax.tree.leaves(tree))
+  report = {'mesh': dict(mesh.shape), 'devices': mesh.size, 'platform': jax.default_backend(),
+            'compile_s': seconds, 'params_bytes': per_device(state['params']),
+            'optimizer_bytes': per_device(state['opt_state'])}
+  if m is not None:
+    report.update(argument_bytes=m.argument_size_in_bytes, output_bytes=m.output_size_in_bytes,
+                  alias_bytes=m.alias_size_in_bytes, temp_bytes=m.temp_size_in_bytes,
+                  peak_bytes=m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
+                  + m.temp_size_in_bytes)
+  return report
 
 
 class _SigtermFlag:

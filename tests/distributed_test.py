@@ -106,3 +106,27 @@ def test_bad_mesh_and_distributed_input_is_one_line(corpus_glob, tmp_path, extra
   assert p.returncode != 0
   lines = [line for line in err.strip().splitlines() if 'Traceback' in line or line.startswith('moejax: error:')]
   assert len(lines) == 1 and message in lines[0], err[-2000:]
+
+
+def test_compile_step_reports_memory_without_allocating(tiny_cfg):
+  """One device: params bytes == 4 * N_total (float32), Adam moments twice that; a sharded mesh divides them."""
+  from moejax import accounting  # pylint: disable=import-outside-toplevel
+  n_total = accounting.count(tiny_cfg)['n_total']
+  r = train.compile_step(tiny_cfg)
+  assert r['params_bytes'] == 4 * n_total
+  assert 2 * 4 * n_total <= r['optimizer_bytes'] <= 2 * 4 * n_total + 64
+  assert r['peak_bytes'] >= r['argument_bytes'] > r['params_bytes']
+  sharded = train.compile_step(config_lib.apply_overrides(tiny_cfg, {'mesh.fsdp': 2, 'mesh.expert': 2,
+                                                                     'train.batch_size': 8}))
+  assert sharded['devices'] == 4 and sharded['params_bytes'] < 0.75 * r['params_bytes']
+
+
+@pytest.mark.parametrize('memory,code,verdict', [('1GB', 0, 'fits'), ('10KB', 1, 'DOES NOT FIT')])
+def test_compile_mode_cli(corpus_glob, memory, code, verdict):
+  p = _main([f'--config=tests/testdata/tiny.py:{corpus_glob}', '--mode=compile', '--config.mesh.data=2',
+             '--config.mesh.expert=4', '--config.train.batch_size=8', '--config.eval.batch_size=8',
+             f'--device_memory={memory}'], devices=8)
+  out, err = p.communicate(timeout=120)
+  assert p.returncode == code, err[-2000:]
+  assert verdict in out and "mesh {'data': 2, 'fsdp': 1, 'expert': 4, 'tensor': 1}" in out
+  assert len([line for line in err.splitlines() if line.startswith('moejax: error:')]) == code

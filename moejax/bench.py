@@ -1,13 +1,15 @@
 """Benchmarks that print ratios measured side by side in one process (never asserted in tests).
 
-  python -m moejax.bench step [--config=experiments/quickstart.py] [--steps=10] [--rounds=5]
+  python -m moejax.bench step [--config=experiments/quickstart.py] [--steps=10] [--rounds=5] [--cpu_devices=N]
   python -m moejax.bench moe [--small] [--rounds=5] [--dtype=bfloat16]
 
 `step`: the train-step time of every point of an experiment's sweep, on one fixed random
 batch (data loading excluded), after compilation and warm-up. Points are timed in
 interleaved rounds (A B C, A B C, ...) so machine noise hits all alike; the table gives
 the median step time, tokens/s and the ratio to the first point (the dense baseline in
-the quickstart).
+the quickstart). Each point runs on its own mesh (`mesh.*`), so
+`--config=experiments/bench/expert_parallel.py --cpu_devices=8` compares expert-parallel
+steps with the one-device step.
 
 `moe`: per shape (E, D, F, routed rows M), forward and forward+backward TFLOP/s of a dense
 matmul with the same FLOPs, the balanced batched einsum (capacity dispatch at CF 1),
@@ -23,6 +25,7 @@ interpreter, not the kernel, and the layer table leaves them out.
 
 from __future__ import annotations
 
+import os
 import statistics
 import sys
 import time
@@ -32,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from moejax import accounting, config as config_lib, data, main as main_lib, optim, train
+from moejax import accounting, config as config_lib, data, main as main_lib, mesh as mesh_lib, optim, train
 
 FLAGS = flags.FLAGS
 
@@ -44,9 +47,10 @@ def step_benchmark(cfgs: list, steps: int, rounds: int) -> list[dict]:
   for cfg in cfgs:
     s = train.setup(cfg, corpus)
     fn = train.make_train_step(s.graphdef, optim.make(cfg.optim, cfg.train.steps), cfg,
-                               optim.schedule(cfg.optim, cfg.train.steps))
+                               optim.schedule(cfg.optim, cfg.train.steps), train.shardings(s.state), s.mesh)
     rng = np.random.default_rng(0)
-    tokens = jax.device_put(rng.integers(0, 256, (cfg.train.batch_size, cfg.data.seq_len + 1), dtype=np.int32))
+    tokens = jax.device_put(rng.integers(0, 256, (cfg.train.batch_size, cfg.data.seq_len + 1), dtype=np.int32),
+                            mesh_lib.batch_sharding(s.mesh, 2))
     state, seed = s.state, jnp.int32(cfg.seed)
     t0 = time.perf_counter()
     for _ in range(2):  # compile + warm-up
@@ -186,6 +190,9 @@ def moe_benchmark(shapes, rounds: int, dtype) -> list[str]:
 
 
 def _main(argv):
+  if FLAGS.cpu_devices:  # must happen before the first device query starts the CPU backend
+    os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '')
+                               + f' --xla_force_host_platform_device_count={FLAGS.cpu_devices}')
   if len(argv) == 2 and argv[1] == 'moe':
     shapes = MOE_SHAPES_SMALL if FLAGS.small else MOE_SHAPES
     dtype = jnp.dtype(FLAGS.dtype)
@@ -218,4 +225,5 @@ if __name__ == '__main__':
   flags.DEFINE_integer('rounds', 5, 'Interleaved rounds (median taken).')
   flags.DEFINE_bool('small', False, 'moe: CPU-sized shapes.')
   flags.DEFINE_string('dtype', 'bfloat16', 'moe: input and weight dtype.')
+  flags.DEFINE_integer('cpu_devices', 0, 'Fake this many CPU devices (for meshes on a CPU machine); 0 = as is.')
   main_lib.cli(_main)

@@ -41,11 +41,17 @@ AXIS = 'expert'
 
 
 def active_mesh():
-  """The mesh set by `jax.set_mesh` if its expert axis is larger than 1, else None."""
+  """The mesh set by `jax.set_mesh` if it splits the tokens (any batch axis > 1), else None.
+
+  With an expert axis of 1 the region still pays off: each device sorts and dispatches its
+  own tokens (the all-to-all is then a no-op), where the global-view dispatch would make
+  XLA partition a sort over the whole batch.
+  """
   mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty or AXIS not in mesh.axis_names or mesh.shape[AXIS] == 1:
+  if mesh.empty or AXIS not in mesh.axis_names:
     return None
-  return mesh
+  ways = math.prod(mesh.shape[a] for a in mesh_lib.LOGICAL_AXIS_RULES['batch'])
+  return mesh if ways > 1 else None
 
 
 def capacity_rows(assignments: int, ways: int, factor: float | None) -> int:

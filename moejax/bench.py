@@ -56,8 +56,10 @@ def step_benchmark(cfgs: list, steps: int, rounds: int) -> list[dict]:
     for _ in range(2):  # compile + warm-up
       state, out = fn(state, tokens, seed)
     jax.block_until_ready(out)
+    drop = out.get('ep_drop_fraction')
     runners.append({'cfg': cfg, 'fn': fn, 'seed': seed, 'state': state, 'tokens': tokens, 'times': [],
-                    'compile_s': time.perf_counter() - t0})
+                    'compile_s': time.perf_counter() - t0,
+                    'ep_dropped': None if drop is None else float(jnp.mean(drop))})
   for _ in range(rounds):
     for r in runners:
       state = r['state']
@@ -74,7 +76,7 @@ def step_benchmark(cfgs: list, steps: int, rounds: int) -> list[dict]:
     acc = accounting.count(cfg)
     rows.append({'name': cfg.name, 'n_total': acc['n_total'], 'n_active': acc['n_active'], 'step_ms': 1e3 * med,
                  'tokens_per_s': cfg.train.batch_size * cfg.data.seq_len / med, 'ratio': med / base,
-                 'compile_s': r['compile_s']})
+                 'compile_s': r['compile_s'], 'ep_dropped': r['ep_dropped']})
   return rows
 
 
@@ -211,11 +213,13 @@ def _main(argv):
   rows = step_benchmark(cfgs, FLAGS.steps, FLAGS.rounds)
   print(f'train-step benchmark: {FLAGS.config}, {jax.devices()[0].device_kind} x{jax.device_count()}, '
         f'{FLAGS.rounds} interleaved rounds of {FLAGS.steps} steps, median')
-  print('| name | N_total | N_active | step ms | tok/s | ratio to first | compile+warmup s |')
-  print('|---|---:|---:|---:|---:|---:|---:|')
-  for r in rows:
-    print(f'| {r["name"]} | {accounting.human(r["n_total"])} | {accounting.human(r["n_active"])} | '
-          f'{r["step_ms"]:.1f} | {r["tokens_per_s"]:,.0f} | {r["ratio"]:.2f}x | {r["compile_s"]:.1f} |')
+  print('| name | mesh | N_total | N_active | step ms | tok/s | ratio to first | EP dropped | compile+warmup s |')
+  print('|---|---|---:|---:|---:|---:|---:|---:|---:|')
+  for r, cfg in zip(rows, cfgs):
+    mesh = 'x'.join(f'{a}{cfg.mesh[a]}' for a in ('data', 'fsdp', 'expert', 'tensor') if cfg.mesh[a] != 1) or '1'
+    dropped = '-' if r['ep_dropped'] is None else f'{r["ep_dropped"]:.1%}'
+    print(f'| {r["name"]} | {mesh} | {accounting.human(r["n_total"])} | {accounting.human(r["n_active"])} | '
+          f'{r["step_ms"]:.1f} | {r["tokens_per_s"]:,.0f} | {r["ratio"]:.2f}x | {dropped} | {r["compile_s"]:.1f} |')
   sys.stdout.flush()
 
 

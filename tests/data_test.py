@@ -98,3 +98,18 @@ def test_tfds_source_with_mock_data():
   with tfds.testing.mock_data(num_examples=3):
     with pytest.raises(DataError, match='not a feature'):
       data.read_documents('tfds:lm1b', tfds_text_key='body')
+
+
+def test_process_shares_make_up_the_global_batch_and_resume(corpus_glob):
+  """Rows [start, stop) of every global batch, for any split into processes; iterator state resumes a share."""
+  corpus = data.load_corpus(corpus_glob, 4000)
+  whole = iter(data.train_dataset(corpus, 16, 8, seed=5))
+  shares = [iter(data.train_dataset(corpus, 16, 8, seed=5, rows=r)) for r in ((0, 2), (2, 6), (6, 8))]
+  for _ in range(4):
+    np.testing.assert_array_equal(np.concatenate([next(s) for s in shares]), next(whole))
+  state = shares[1].get_state()
+  expected = next(shares[1])
+  again = iter(data.train_dataset(corpus, 16, 8, seed=5, rows=(2, 6)))
+  again.set_state(state)
+  np.testing.assert_array_equal(next(again), expected)
+  assert expected.shape == (4, 17)

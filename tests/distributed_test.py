@@ -131,3 +131,34 @@ def test_compile_mode_cli(corpus_glob, memory, code, verdict):
   assert p.returncode == code, err[-2000:]
   assert verdict in out and "mesh {'data': 2, 'fsdp': 1, 'expert': 4, 'tensor': 1}" in out
   assert len([line for line in err.splitlines() if line.startswith('moejax: error:')]) == code
+
+
+@pytest.mark.parametrize('env,wanted', [
+    ({}, False), ({'SLURM_JOB_ID': '7', 'SLURM_NTASKS': '1'}, False), ({'SLURM_JOB_ID': '7', 'SLURM_NTASKS': '4'}, True),
+    ({'TPU_WORKER_HOSTNAMES': 'w0'}, False), ({'TPU_WORKER_HOSTNAMES': 'w0,w1'}, True),
+    ({'JAX_COORDINATOR_ADDRESS': '10.0.0.1:1234'}, True)])
+def test_auto_mode_joins_only_multi_process_environments(tiny_cfg, monkeypatch, env, wanted):
+  from moejax import distributed  # pylint: disable=import-outside-toplevel
+  for name in ('SLURM_JOB_ID', 'SLURM_NTASKS', 'TPU_WORKER_HOSTNAMES', 'JAX_COORDINATOR_ADDRESS'):
+    monkeypatch.delenv(name, raising=False)
+  for name, value in env.items():
+    monkeypatch.setenv(name, value)
+  assert distributed.wanted(tiny_cfg.distributed) == wanted
+  assert distributed.wanted(config_lib.apply_overrides(tiny_cfg, {'distributed.mode': 'single'}).distributed) is False
+  assert distributed.wanted(config_lib.apply_overrides(tiny_cfg, {'distributed.mode': 'multi'}).distributed) is True
+
+
+def test_arguments_from_config_or_environment(tiny_cfg, monkeypatch):
+  from moejax import distributed  # pylint: disable=import-outside-toplevel
+  from moejax.errors import ConfigError  # pylint: disable=import-outside-toplevel
+  monkeypatch.setenv('JAX_COORDINATOR_ADDRESS', 'head:999')
+  monkeypatch.setenv('JAX_NUM_PROCESSES', '4')
+  monkeypatch.setenv('JAX_PROCESS_ID', '3')
+  assert distributed.arguments(tiny_cfg.distributed) == {
+      'initialization_timeout': 120, 'coordinator_address': 'head:999', 'num_processes': 4, 'process_id': 3}
+  cfg = config_lib.apply_overrides(tiny_cfg, {'distributed.process_id': 1})
+  assert distributed.arguments(cfg.distributed)['process_id'] == 1  # config wins
+  with pytest.raises(ConfigError, match=r'process_id=5 must be in \[0, num_processes=4\)'):
+    distributed.arguments(config_lib.apply_overrides(tiny_cfg, {'distributed.process_id': 5}).distributed)
+  monkeypatch.delenv('JAX_COORDINATOR_ADDRESS')
+  assert distributed.arguments(tiny_cfg.distributed) == {'initialization_timeout': 120}  # cluster auto-detection

@@ -1,6 +1,7 @@
 """The logical-axis rules table and mesh construction."""
 
 import jax
+import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
@@ -47,3 +48,25 @@ def test_param_shardings_reject_indivisible_dims(tiny_cfg):
   state = nnx.state(model_lib.build(cfg), nnx.Param)
   with pytest.raises(ConfigError, match=r'parameter blocks.0.attn.wk dim 1 \(kv_heads=1\) is not divisible by mesh axes tensor=2'):
     mesh_lib.param_shardings(state, mesh_lib.make_mesh(cfg.mesh))
+
+
+def test_resolve_sizes_fills_one_axis_and_checks_devices(tiny_cfg):
+  sizes = lambda **kw: mesh_lib.resolve_sizes(config_lib.apply_overrides(
+      tiny_cfg, {f'mesh.{k}': v for k, v in kw.items()}).mesh, 8)
+  assert sizes(data=-1) == {'data': 8, 'fsdp': 1, 'expert': 1, 'tensor': 1}
+  assert sizes(data=2, expert=-1) == {'data': 2, 'fsdp': 1, 'expert': 4, 'tensor': 1}
+  with pytest.raises(ConfigError, match='not divisible by the other axes'):
+    sizes(data=-1, tensor=3)
+  with pytest.raises(ConfigError, match='at most one -1'):
+    sizes(data=-1, fsdp=-1)
+
+
+def test_process_rows_and_global_batch(tiny_cfg):
+  """One process holds the whole batch; the global array is the local rows on the batch sharding."""
+  mesh = mesh_lib.make_mesh(config_lib.apply_overrides(tiny_cfg, {'mesh.data': 2, 'mesh.expert': 4}).mesh)
+  sharding = mesh_lib.batch_sharding(mesh, 2)
+  assert mesh_lib.process_rows(sharding, 16) == (0, 16)
+  rows = np.arange(16 * 3).reshape(16, 3)
+  x = mesh_lib.global_batch(rows, sharding, 16)
+  np.testing.assert_array_equal(np.asarray(x), rows)
+  assert len(x.sharding.device_set) == 8 and x.addressable_shards[0].data.shape == (2, 3)

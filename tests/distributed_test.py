@@ -59,7 +59,7 @@ def test_two_processes_match_one_process_with_the_same_global_batch(corpus_glob,
 
 def test_checkpoint_restores_onto_another_mesh(tiny_cfg, tmp_path):
   """Save on (data 2, expert 2), resume on (data 1, fsdp 2, expert 4): the run ends where an unbroken run ends."""
-  cfg = config_lib.apply_overrides(tiny_cfg, {'train.batch_size': 8, 'mesh.data': 2, 'mesh.expert': 2,
+  cfg = config_lib.apply_overrides(tiny_cfg, {'train.batch_size': 8, 'eval.batch_size': 8, 'mesh.data': 2, 'mesh.expert': 2,
                                              'checkpoint.use_async': False})
   other = config_lib.apply_overrides(cfg, {'mesh.data': 1, 'mesh.fsdp': 2, 'mesh.expert': 4})
   train.run(cfg, str(tmp_path / 'moved'), stop_after=3)
@@ -122,7 +122,8 @@ def test_compile_step_reports_memory_without_allocating(tiny_cfg):
   assert sharded['devices'] == 4 and sharded['params_bytes'] < 0.75 * r['params_bytes']
 
 
-@pytest.mark.parametrize('memory,code,verdict', [('1GB', 0, 'fits'), ('10KB', 1, 'DOES NOT FIT')])
+@pytest.mark.parametrize('memory,code,verdict', [pytest.param('1GB', 0, 'fits', marks=pytest.mark.slow),
+                                                  ('10KB', 1, 'DOES NOT FIT')])
 def test_compile_mode_cli(corpus_glob, memory, code, verdict):
   p = _main([f'--config=tests/testdata/tiny.py:{corpus_glob}', '--mode=compile', '--config.mesh.data=2',
              '--config.mesh.expert=4', '--config.train.batch_size=8', '--config.eval.batch_size=8',

@@ -119,9 +119,10 @@ def test_gather_only_permutes_match_reference(skew):
   assert 'scatter' not in hlo
 
 
-@pytest.mark.parametrize('overrides', [{}, {'moe.router_score': 'sigmoid', 'moe.load_balancing': 'aux_free'},
-                                       {'moe.expert_size_classes': '2x16,2x48', 'moe.num_shared_experts': 1},
-                                       {'moe.num_expert_groups': 2, 'moe.topk_expert_groups': 1}])  # pallas falls back
+@pytest.mark.parametrize('overrides', [
+    {}, {'moe.router_score': 'sigmoid', 'moe.load_balancing': 'aux_free'},
+    pytest.param({'moe.expert_size_classes': '2x16,2x48', 'moe.num_shared_experts': 1}, marks=pytest.mark.slow),
+    pytest.param({'moe.num_expert_groups': 2, 'moe.topk_expert_groups': 1}, marks=pytest.mark.slow)])  # pallas falls back
 def test_moe_layer_is_the_same_with_every_kernel_implementation(tiny_cfg, overrides):
   tokens = jax.random.randint(jax.random.key(0), (2, 16), 0, 256)
   results = {}

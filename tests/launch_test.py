@@ -72,6 +72,7 @@ def test_gpu_slurm_dry_run(per_gpu, env, tasks, extra):
   assert f'{tasks} processes' in r.stderr and 'coordinator node001:' in r.stderr
 
 
+@pytest.mark.slow  # 15 s; the two-process run itself is in the default suite (distributed_test)
 def test_gpu_slurm_script_runs_two_processes(corpus_glob, tmp_path):
   """A fake `srun` (2 local tasks, 1 CPU device each) and `scontrol` run the real script end to end."""
   bin_dir = tmp_path / 'bin'

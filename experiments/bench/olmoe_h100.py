@@ -1,0 +1,53 @@
+"""An OLMoE-1B-7B-shaped model cut to fit one H100: the end-to-end MFU target of docs/performance.md.
+
+Question: what MFU does a dropless MoE training step reach on one H100 at OLMoE's width and
+expert shapes? (Target: >= 35%, printed by the trainer as `mfu`: 6 x active non-embedding
+matmul parameters plus causal attention FLOPs per token, over 989 TFLOP/s.)
+
+Run (needs a GPU; ~5 min):
+  python -m moejax.main --config=experiments/bench/olmoe_h100.py --workdir=runs/olmoe-h100
+Check memory first, on any machine:
+  python -m moejax.main --config=experiments/bench/olmoe_h100.py --mode=compile --device_memory=80GB
+
+OLMoE-1B-7B: d 2048, 16 layers, 16 heads of 128, 64 experts of hidden 1024, top-8, QK-norm,
+vocabulary 50304. Here 6 layers (float32 parameters and Adam moments of the full 16 would
+not fit in 80 GB), sequence length 4096, 4 sequences per step (16k tokens, the T of the
+layer benchmark), bfloat16 matmuls, the Pallas kernels. Byte data uses 257 of the 50304
+embedding rows; MFU counts non-embedding matmuls only, so the vocabulary only sets the
+output projection's cost.
+"""
+
+from experiments import base
+
+
+def get_config(arg=None):
+  del arg
+  c = base.get_config()
+  c.name = 'olmoe-h100'
+  m = c.model
+  m.vocab_size = 50304
+  m.model_dim = 2048
+  m.num_layers = 6
+  m.num_heads = 16
+  m.num_kv_heads = 16
+  m.ffn_hidden = 1024
+  m.use_qk_norm = True
+  m.use_tied_embeddings = False
+  m.compute_dtype = 'bfloat16'
+  e = c.moe
+  e.num_experts = 64
+  e.experts_per_token = 8
+  e.expert_hidden = 1024
+  e.kernels = 'pallas'
+  e.block_size = 128
+  c.data.seq_len = 4096
+  c.data.heldout_bytes = 1_000_000
+  c.train.batch_size = 4
+  c.train.steps = 60
+  c.train.log_every_steps = 10
+  c.train.peak_tflops = 989.0
+  c.optim.peak_learning_rate = 3e-4
+  c.checkpoint.every_steps = 1000
+  c.eval.batch_size = 4
+  c.eval.max_batches = 4
+  return c

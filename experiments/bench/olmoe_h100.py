@@ -15,6 +15,13 @@ not fit in 80 GB), sequence length 4096, 4 sequences per step (16k tokens, the T
 layer benchmark), bfloat16 matmuls, the Pallas kernels. Byte data uses 257 of the 50304
 embedding rows; MFU counts non-embedding matmuls only, so the vocabulary only sets the
 output projection's cost.
+
+Status (2026-11-23, no GPU yet): the compile check on CPU (`--config.moe.kernels=xla`) says
+this does NOT fit: 331 GB peak per device, 298 GB of it temporaries. A dense model of the
+same active size shows 109 GB of temporaries, mostly the materialized [B, H, L, L] attention
+scores at L = 4096; the rest is the `xla` grouped matmul's per-block weight copies (about
+4.5 GB per expert matmul here), which the Pallas kernels avoid. Reaching the target needs a
+fused attention (e.g. jax.nn.dot_product_attention with cuDNN) as well: GPU work.
 """
 
 from experiments import base

@@ -17,11 +17,12 @@ embedding rows; MFU counts non-embedding matmuls only, so the vocabulary only se
 output projection's cost.
 
 Status (2026-11-23, no GPU yet): the compile check on CPU (`--config.moe.kernels=xla`) says
-this does NOT fit: 331 GB peak per device, 298 GB of it temporaries. A dense model of the
-same active size shows 109 GB of temporaries, mostly the materialized [B, H, L, L] attention
-scores at L = 4096; the rest is the `xla` grouped matmul's per-block weight copies (about
-4.5 GB per expert matmul here), which the Pallas kernels avoid. Reaching the target needs a
-fused attention (e.g. jax.nn.dot_product_attention with cuDNN) as well: GPU work.
+this does NOT fit: 173 GB peak per device, 140 GB of it temporaries (331 / 298 GB before
+the `xla` grouped matmul gathered its block weights in chunks). A dense model of the same
+active size shows 109 GB of temporaries, mostly the materialized [B, H, L, L] attention
+scores at L = 4096. Reaching the target needs a fused attention (e.g.
+jax.nn.dot_product_attention with cuDNN) as well: GPU work. XLA:CPU's temporaries are
+only an estimate of the GPU's.
 """
 
 from experiments import base

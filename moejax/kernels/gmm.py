@@ -20,8 +20,12 @@ GPU (Triton): no scalar prefetch, so the kernel reads block_expert_N[n] itself a
   needs power-of-two tiles of at least 16: tn = largest power of two <= `tile` dividing N,
   tk = largest power of two <= 64 dividing K; shapes with none (or blocks under 16 rows) fall
   back to the XLA path with a one-time warning.
-The 'reference' and 'xla' versions gather each block's weights (an [N, K, N_out] copy) and
-use one batched einsum; autodiff gives their gradients.
+The 'reference' version gathers each block's weights (an [n_blocks, K, N] copy) and uses one
+batched einsum. The 'xla' version does the same in chunks of blocks whose gathered weights
+fit `WEIGHT_COPY_BYTES` (a `lax.map` with a rematerialized body, so neither the forward nor
+the saved residuals hold more than one chunk's copy): at OLMoE's shapes the one-shot copy
+is about 4.5 GB per matmul. Small problems fit one chunk and take the one-shot path.
+Autodiff gives both gradients.
 """
 
 from __future__ import annotations
@@ -41,6 +45,30 @@ def block_gmm_reference(x_RK, w_EKN, block_expert_N, block_size: int):
   n_blocks = block_expert_N.shape[0]
   x_NBK = x_RK.reshape(n_blocks, block_size, -1)
   return jnp.einsum('nbk,nkm->nbm', x_NBK, w_EKN[block_expert_N]).reshape(n_blocks * block_size, -1)
+
+
+WEIGHT_COPY_BYTES = 256 << 20
+
+
+def block_gmm_chunked(x_RK, w_EKN, block_expert_N, block_size: int, budget_bytes: int = WEIGHT_COPY_BYTES):
+  """block_gmm_reference, gathering at most `budget_bytes` of block weights at a time."""
+  n_blocks = block_expert_N.shape[0]
+  K, N = w_EKN.shape[1:]
+  per_chunk = max(1, budget_bytes // (K * N * w_EKN.dtype.itemsize))
+  if per_chunk >= n_blocks:
+    return block_gmm_reference(x_RK, w_EKN, block_expert_N, block_size)
+  chunks = -(-n_blocks // per_chunk)
+  pad = chunks * per_chunk - n_blocks  # zero blocks on expert 0, cut off below
+  x = jnp.pad(x_RK.reshape(n_blocks, block_size, K), ((0, pad), (0, 0), (0, 0)))
+  be = jnp.pad(block_expert_N, (0, pad))
+
+  @jax.checkpoint  # keep only each chunk's inputs for the backward pass, not its weight copy
+  def chunk(args):
+    x_cBK, be_c = args
+    return jnp.einsum('cbk,ckm->cbm', x_cBK, w_EKN[be_c])
+
+  y = jax.lax.map(chunk, (x.reshape(chunks, per_chunk, block_size, K), be.reshape(chunks, per_chunk)))
+  return y.reshape(chunks * per_chunk * block_size, N)[:n_blocks * block_size]
 
 
 def _tile(n: int, tile: int) -> int:
@@ -232,4 +260,6 @@ def block_gmm(x_RK, w_EKN, block_expert_N, block_size: int, impl: str = 'xla', t
   if impl == 'pallas':
     x_RK, w_EKN, block_expert_N = kernels.same_vma(x_RK, w_EKN, block_expert_N.astype(jnp.int32))
     return _gmm(x_RK, w_EKN, block_expert_N, block_size, tile)
+  if impl == 'xla':
+    return block_gmm_chunked(x_RK, w_EKN, block_expert_N, block_size)
   return block_gmm_reference(x_RK, w_EKN, block_expert_N, block_size)

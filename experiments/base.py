@@ -61,7 +61,8 @@ def get_config(arg=None):
   e.capacity_group_tokens = FieldReference(None, field_type=int)  # tokens per capacity group; None -> the whole batch
   e.dispatch = 'block'  # 'block' (sorted block-padded), 'ragged' (lax.ragged_dot), 'capacity' ([E, C] slots), 'dense' (reference)
   e.block_size = FieldReference(None, field_type=int)  # rows per block for 'block' dispatch; None -> automatic
-  e.expert_parallel_capacity_factor = FieldReference(None, field_type=float)  # mesh.expert > 1: send-buffer rows per destination = ceil(f*T_local*k/P); None -> T_local*k (never drops)
+  e.expert_parallel_capacity_factor = FieldReference(None, field_type=float)  # EP buffer: all_to_all rows per destination ceil(f*T_local*k/P), ragged receive rows ceil(f*T_local*k); None -> never drops
+  e.expert_parallel_exchange = 'auto'  # 'all_to_all' (padded rows per destination) or 'ragged' (ragged_all_to_all); 'auto': ragged on GPU/TPU
   e.kernels = 'auto'  # router + 'block' dispatch: 'reference', 'xla' (gather-only VJPs), 'pallas', 'auto' (per platform)
   c.data = d = ml_collections.ConfigDict()
   d.source = 'stdlib'  # 'stdlib' (this interpreter's *.py), 'text:GLOB' (your files) or 'tfds:NAME'

@@ -169,6 +169,10 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
              'layer (set moe.num_experts=0 for a dense model)')
     _require(e.dispatch in DISPATCHES, f'moe.dispatch={e.dispatch!r} must be one of {DISPATCHES}')
     _require(e.kernels in KERNELS, f'moe.kernels={e.kernels!r} must be one of {KERNELS}')
+    _require(e.expert_parallel_exchange in ('auto', 'all_to_all', 'ragged'),
+             f"moe.expert_parallel_exchange={e.expert_parallel_exchange!r} must be 'auto', 'all_to_all' or 'ragged'")
+    _require(e.expert_parallel_capacity_factor is None or e.expert_parallel_capacity_factor > 0,
+             f'moe.expert_parallel_capacity_factor={e.expert_parallel_capacity_factor} must be > 0 (or None)')
     _require(e.block_size is None or (e.block_size > 0 and e.block_size % 8 == 0),
              f'moe.block_size={e.block_size} must be a positive multiple of 8 (or None for automatic)')
     if cfg.mesh.expert > 1:  # (-1 is checked against the resolved mesh when parameters are sharded)

@@ -20,6 +20,14 @@ dropped and the layer equals the single-device one. A factor f gives C = ceil(f*
 (less memory and padding compute), and assignments past it are dropped (counted in
 `ep_drop_fraction`).
 
+`moe.expert_parallel_exchange` picks how rows travel: 'all_to_all' (above: fixed C rows
+per destination, padded) or 'ragged' (`jax.lax.ragged_all_to_all`: each device sends only
+its real rows, packed by destination, into a receive buffer of M rows; M = P*A with no
+factor (never drops), else ceil(f*A); the per-pair counts are all-gathered first, so every
+device agrees which rows fit). 'auto' = 'ragged' on GPU and TPU, 'all_to_all' on CPU, where
+XLA has no ragged-all-to-all; there `emulated_ragged_all_to_all` (the same semantics from
+all_to_all over padded chunks) stands in, so the ragged logic is tested on CPU.
+
 Router, capacity policy and load-balancing losses stay outside the region in the global
 (GSPMD) view: their counts span the global batch, so XLA inserts the all-reduce over the
 data shards that a global-batch balance loss needs.
@@ -84,8 +92,100 @@ def send_plan(experts_TK: jax.Array, local_experts: int, ways: int, capacity: in
   return plan, local_R[:trash].astype(jnp.int32), keep_A.reshape(T, K)
 
 
+EXCHANGES = ('auto', 'all_to_all', 'ragged')
+
+
+def exchange_kind(setting: str) -> str:
+  """'all_to_all' or 'ragged' for `moe.expert_parallel_exchange`."""
+  if setting not in EXCHANGES:
+    raise ValueError(f'moe.expert_parallel_exchange={setting!r} must be one of {EXCHANGES}')
+  if setting == 'auto':
+    return 'all_to_all' if kernels_lib.platform() == 'cpu' else 'ragged'
+  return setting
+
+
+def emulated_ragged_all_to_all(operand, output, input_offsets, send_sizes, output_offsets, recv_sizes):
+  """`jax.lax.ragged_all_to_all` over AXIS, built from all_to_all of padded chunks (reference twin).
+
+  Chunk q of the sender (operand[input_offsets[q]:][:send_sizes[q]]) is written into
+  receiver q's `output` at the sender's output_offsets[q]; recv_sizes[s] rows arrive from s.
+  """
+  n, ways = operand.shape[0], input_offsets.shape[0]
+  i = jnp.arange(n)
+  src = jnp.clip(input_offsets[:, None] + i[None, :], 0, n - 1)
+  mask = (i[None, :] < send_sizes[:, None]).reshape((ways, n) + (1,) * (operand.ndim - 1))
+  chunks = jnp.where(mask, operand[src], jnp.zeros((), operand.dtype)).reshape((ways * n,) + operand.shape[1:])
+  got = jax.lax.all_to_all(chunks, AXIS, 0, 0, tiled=True)  # block s: what s sent me
+  where_from = jax.lax.all_to_all(output_offsets, AXIS, 0, 0, tiled=True)  # s's offset for its chunk to me
+  dst = jnp.where(i[None, :] < recv_sizes[:, None], where_from[:, None] + i[None, :], output.shape[0])
+  return output.at[dst.reshape(-1)].set(got, mode='drop')
+
+
+def _exchange(operand, output, input_offsets, send_sizes, output_offsets, recv_sizes):
+  # ragged_all_to_all types its result like `output`: make that buffer vary like the rows sent into it.
+  operand, output = kernels_lib.same_vma(operand, output)
+  if kernels_lib.platform() == 'cpu':  # XLA:CPU cannot run ragged-all-to-all
+    return emulated_ragged_all_to_all(operand, output, input_offsets, send_sizes, output_offsets, recv_sizes)
+  return jax.lax.ragged_all_to_all(operand, output, input_offsets, send_sizes, output_offsets, recv_sizes,
+                                   axis_name=AXIS)
+
+
+def receive_rows(assignments: int, ways: int, factor: float | None) -> int:
+  """Receive-buffer rows of the ragged exchange: P*A (never drops) or ceil(f*A), a multiple of 8."""
+  if factor is None:
+    return ways * assignments
+  return min(ways * assignments, max(8, -(-math.ceil(factor * assignments) // 8) * 8))
+
+
+def _local_ragged(x_TD, gates_TK, experts_TK, w_gate, w_up, w_down, *, capacity_factor, block_size, kernels,
+                  dispatch):
+  """The per-device body with the ragged exchange (see the module docstring)."""
+  ways, me = jax.lax.axis_size(AXIS), jax.lax.axis_index(AXIS)
+  T, K = experts_TK.shape
+  A, E_loc = T * K, w_gate.shape[0]
+  M = receive_rows(A, ways, capacity_factor)
+  flat_A = experts_TK.reshape(-1)
+  valid_A = flat_A < E_loc * ways
+  dest_A = jnp.where(valid_A, flat_A // E_loc, ways)
+  rank_A = permute.expert_ranks(dest_A, ways + 1, kernels)
+  sizes = jnp.bincount(dest_A, length=ways + 1)[:ways].astype(jnp.int32)
+  offsets = (jnp.cumsum(sizes) - sizes).astype(jnp.int32)
+  # Every device sees every (source, destination) count, so all agree which rows fit in M.
+  all_sizes = jax.lax.all_gather(sizes, AXIS)  # [source, destination]
+  fits = jnp.clip(M - (jnp.cumsum(all_sizes, 0) - all_sizes), 0, all_sizes).astype(jnp.int32)
+  placed = (jnp.cumsum(fits, 0) - fits).astype(jnp.int32)  # where each source's rows start at a destination
+  send = fits[me]
+  keep_A = valid_A & (rank_A < send[jnp.minimum(dest_A, ways - 1)])
+  row_A = jnp.where(keep_A, offsets[jnp.minimum(dest_A, ways - 1)] + rank_A, A).astype(jnp.int32)
+  row_assign_R = jnp.full((A + 1,), A, jnp.int32).at[row_A].set(jnp.arange(A, dtype=jnp.int32)).at[A].set(A)
+  expert_R = jnp.concatenate([flat_A, jnp.zeros((1,), flat_A.dtype)])[row_assign_R]
+  local_R = jnp.where(row_assign_R < A, expert_R % E_loc, E_loc).astype(jnp.int32)[:A]
+  plan = BlockPlan(row_assign_R // K, row_A.reshape(T, K), jnp.zeros((1,), jnp.int32), row_assign_R)
+  x_send = permute.dispatch_rows(x_TD, plan, kernels)[:A]
+  recv_sizes, recv_at = fits[:, me], placed[:, me]
+  recv_x = _exchange(x_send, jnp.zeros((M,) + x_send.shape[1:], x_send.dtype), offsets, send, placed[me], recv_sizes)
+  recv_e = _exchange(local_R, jnp.full((M,), E_loc, jnp.int32), offsets, send, placed[me], recv_sizes)
+  real = (recv_e < E_loc).astype(recv_x.dtype)[:, None]
+  y_recv = dispatch(recv_x, real, recv_e[:, None], w_gate, w_up, w_down, block_size=block_size(M, E_loc),
+                    kernels=kernels).astype(x_TD.dtype)
+  # Back: my rows from source s (at recv_at[s]) return to s's send-buffer offset for me.
+  back_to = jax.lax.all_gather(offsets, AXIS)[:, me]
+  y_RD = _exchange(y_recv, jnp.zeros((A,) + y_recv.shape[1:], y_recv.dtype), recv_at, recv_sizes, back_to, send)
+  y_RD = jnp.concatenate([y_RD, jnp.zeros((1,) + y_RD.shape[1:], y_RD.dtype)])
+  y_TD = permute.combine_rows(y_RD, jnp.where(keep_A.reshape(T, K), gates_TK, 0.0), plan, kernels)
+  return y_TD, _drop_fraction(experts_TK < E_loc * ways, keep_A.reshape(T, K))
+
+
+def _drop_fraction(sent_TK, keep_TK):
+  """Global fraction of sent assignments that found no room (psum over the batch axes)."""
+  sent = jnp.sum(sent_TK.astype(jnp.float32))
+  dropped = sent - jnp.sum(keep_TK.astype(jnp.float32))
+  batch_axes = tuple(mesh_lib.LOGICAL_AXIS_RULES['batch'])
+  return jax.lax.psum(dropped, batch_axes) / jnp.maximum(jax.lax.psum(sent, batch_axes), 1.0)
+
+
 def _local(x_TD, gates_TK, experts_TK, w_gate, w_up, w_down, *, capacity_factor, block_size, kernels, dispatch):
-  """The per-device body of the region (see the module docstring)."""
+  """The per-device body of the region with the all_to_all exchange (see the module docstring)."""
   ways = jax.lax.axis_size(AXIS)
   T, K = experts_TK.shape
   E_loc = w_gate.shape[0]
@@ -100,14 +200,12 @@ def _local(x_TD, gates_TK, experts_TK, w_gate, w_up, w_down, *, capacity_factor,
   y_RD = jax.lax.all_to_all(y_recv.astype(x_TD.dtype), AXIS, 0, 0, tiled=True)
   y_RD = jnp.concatenate([y_RD, jnp.zeros((1,) + y_RD.shape[1:], y_RD.dtype)])  # the trash row
   y_TD = permute.combine_rows(y_RD, jnp.where(keep_TK, gates_TK, 0.0), plan, kernels)
-  sent = jnp.sum((experts_TK < E_loc * ways).astype(jnp.float32))
-  dropped = sent - jnp.sum(keep_TK.astype(jnp.float32))
-  batch_axes = tuple(mesh_lib.LOGICAL_AXIS_RULES['batch'])
-  return y_TD, jax.lax.psum(dropped, batch_axes) / jnp.maximum(jax.lax.psum(sent, batch_axes), 1.0)
+  return y_TD, _drop_fraction(experts_TK < E_loc * ways, keep_TK)
 
 
 def expert_parallel_dispatch(x_TD, gates_TK, experts_TK, w_gate_EDF, w_up_EDF, w_down_EFD, *, mesh,
-                             capacity_factor: float | None, block_size, kernels: str, dispatch):
+                             capacity_factor: float | None, block_size, kernels: str, dispatch,
+                             exchange: str = 'auto'):
   """(y_TD, ep_drop_fraction): one size class's routed experts, expert-parallel over `mesh`.
 
   Same contract as the single-device dispatches in `moe.py` (ids >= E contribute nothing);
@@ -119,7 +217,8 @@ def expert_parallel_dispatch(x_TD, gates_TK, experts_TK, w_gate_EDF, w_up_EDF, w
     kernels = 'xla'
   tokens = mesh_lib.logical_to_spec(('batch', None))
   weights = mesh_lib.logical_to_spec(('expert', None, None))
-  body = functools.partial(_local, capacity_factor=capacity_factor, block_size=block_size, kernels=kernels,
+  local = _local_ragged if exchange_kind(exchange) == 'ragged' else _local
+  body = functools.partial(local, capacity_factor=capacity_factor, block_size=block_size, kernels=kernels,
                            dispatch=dispatch)
   region = jax.shard_map(body, mesh=mesh, in_specs=(tokens, tokens, tokens, weights, weights, weights),
                          out_specs=(tokens, jax.sharding.PartitionSpec()))

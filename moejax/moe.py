@@ -164,7 +164,7 @@ class MoE(nnx.Module):
         y_class, drop = expert_parallel.expert_parallel_dispatch(
             x_TD, class_gates_TK, local_TK, *w, mesh=ep_mesh, capacity_factor=c.expert_parallel_capacity_factor,
             block_size=lambda rows, n: c.block_size or routing.auto_block_size(rows, n), kernels=impl,
-            dispatch=block_dispatch)
+            dispatch=block_dispatch, exchange=c.expert_parallel_exchange)
         ep_drops.append(drop)
       else:
         bs = c.block_size or routing.auto_block_size(T * c.experts_per_token, count)

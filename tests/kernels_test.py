@@ -119,8 +119,8 @@ def test_gather_only_permutes_match_reference(skew):
   assert 'scatter' not in hlo
 
 
-@pytest.mark.parametrize('overrides', [
-    {}, {'moe.router_score': 'sigmoid', 'moe.load_balancing': 'aux_free'},
+@pytest.mark.parametrize('overrides', [  # the sigmoid case runs every default-suite code path; the rest are slow
+    pytest.param({}, marks=pytest.mark.slow), {'moe.router_score': 'sigmoid', 'moe.load_balancing': 'aux_free'},
     pytest.param({'moe.expert_size_classes': '2x16,2x48', 'moe.num_shared_experts': 1}, marks=pytest.mark.slow),
     pytest.param({'moe.num_expert_groups': 2, 'moe.topk_expert_groups': 1}, marks=pytest.mark.slow)])  # pallas falls back
 def test_moe_layer_is_the_same_with_every_kernel_implementation(tiny_cfg, overrides):

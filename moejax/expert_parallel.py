@@ -69,27 +69,31 @@ def capacity_rows(assignments: int, ways: int, factor: float | None) -> int:
   return min(assignments, max(8, -(-math.ceil(factor * assignments / ways) // 8) * 8))
 
 
-def send_plan(experts_TK: jax.Array, local_experts: int, ways: int, capacity: int, impl: str):
-  """(BlockPlan over the P*C+1 send rows (the last one a trash row), local id per row, kept mask).
+def destinations(experts_TK: jax.Array, local_experts: int, ways: int, impl: str):
+  """(dest_A, rank_A): each assignment's device (`ways` = not sent: an id past this class) and its
+  rank among the assignments to that device (counting sort; `kernels.permute.expert_ranks`)."""
+  flat_A = experts_TK.reshape(-1)
+  dest_A = jnp.where(flat_A < local_experts * ways, flat_A // local_experts, ways)
+  return dest_A, permute.expert_ranks(dest_A, ways + 1, impl)
 
-  experts_TK holds global ids of this class; ids >= local_experts * ways mean 'not sent'.
+
+def send_plan(experts_TK: jax.Array, dest_A, rank_A, start_P, limit_P, rows: int, local_experts: int):
+  """(BlockPlan over `rows` send rows plus a trash row, local expert id per send row, kept mask [T, K]).
+
+  Assignment a goes to row start_P[dest] + rank if rank < limit_P[dest], else it is dropped
+  (the trash row). Rows no assignment takes hold expert id `local_experts` (none).
   """
   T, K = experts_TK.shape
-  A = T * K
-  flat_A = experts_TK.reshape(-1)
-  valid_A = flat_A < local_experts * ways
-  dest_A = jnp.where(valid_A, flat_A // local_experts, ways)
-  rank_A = permute.expert_ranks(dest_A, ways + 1, impl)
-  keep_A = valid_A & (rank_A < capacity)
-  trash = ways * capacity
-  row_A = jnp.where(keep_A, dest_A * capacity + rank_A, trash).astype(jnp.int32)
-  row_assign_R = jnp.full((trash + 1,), A, jnp.int32).at[row_A].set(jnp.arange(A, dtype=jnp.int32))
-  row_assign_R = row_assign_R.at[trash].set(A)  # dropped assignments all hit the trash row
-  real_R = row_assign_R < A
-  expert_R = jnp.concatenate([flat_A, jnp.zeros((1,), flat_A.dtype)])[row_assign_R]
-  local_R = jnp.where(real_R, expert_R - (jnp.arange(trash + 1) // capacity) * local_experts, local_experts)
+  A, ways = T * K, start_P.shape[0]
+  d = jnp.minimum(dest_A, ways - 1)
+  keep_A = (dest_A < ways) & (rank_A < limit_P[d])
+  row_A = jnp.where(keep_A, start_P[d] + rank_A, rows).astype(jnp.int32)
+  row_assign_R = jnp.full((rows + 1,), A, jnp.int32).at[row_A].set(jnp.arange(A, dtype=jnp.int32))
+  row_assign_R = row_assign_R.at[rows].set(A)  # dropped assignments all hit the trash row
+  expert_R = jnp.concatenate([experts_TK.reshape(-1), jnp.zeros((1,), experts_TK.dtype)])[row_assign_R]
+  local_R = jnp.where(row_assign_R < A, expert_R % local_experts, local_experts).astype(jnp.int32)
   plan = BlockPlan(row_assign_R // K, row_A.reshape(T, K), jnp.zeros((1,), jnp.int32), row_assign_R)
-  return plan, local_R[:trash].astype(jnp.int32), keep_A.reshape(T, K)
+  return plan, local_R[:rows], keep_A.reshape(T, K)
 
 
 EXCHANGES = ('auto', 'all_to_all', 'ragged')
@@ -144,10 +148,7 @@ def _local_ragged(x_TD, gates_TK, experts_TK, w_gate, w_up, w_down, *, capacity_
   T, K = experts_TK.shape
   A, E_loc = T * K, w_gate.shape[0]
   M = receive_rows(A, ways, capacity_factor)
-  flat_A = experts_TK.reshape(-1)
-  valid_A = flat_A < E_loc * ways
-  dest_A = jnp.where(valid_A, flat_A // E_loc, ways)
-  rank_A = permute.expert_ranks(dest_A, ways + 1, kernels)
+  dest_A, rank_A = destinations(experts_TK, E_loc, ways, kernels)
   sizes = jnp.bincount(dest_A, length=ways + 1)[:ways].astype(jnp.int32)
   offsets = (jnp.cumsum(sizes) - sizes).astype(jnp.int32)
   # Every device sees every (source, destination) count, so all agree which rows fit in M.
@@ -155,12 +156,7 @@ def _local_ragged(x_TD, gates_TK, experts_TK, w_gate, w_up, w_down, *, capacity_
   fits = jnp.clip(M - (jnp.cumsum(all_sizes, 0) - all_sizes), 0, all_sizes).astype(jnp.int32)
   placed = (jnp.cumsum(fits, 0) - fits).astype(jnp.int32)  # where each source's rows start at a destination
   send = fits[me]
-  keep_A = valid_A & (rank_A < send[jnp.minimum(dest_A, ways - 1)])
-  row_A = jnp.where(keep_A, offsets[jnp.minimum(dest_A, ways - 1)] + rank_A, A).astype(jnp.int32)
-  row_assign_R = jnp.full((A + 1,), A, jnp.int32).at[row_A].set(jnp.arange(A, dtype=jnp.int32)).at[A].set(A)
-  expert_R = jnp.concatenate([flat_A, jnp.zeros((1,), flat_A.dtype)])[row_assign_R]
-  local_R = jnp.where(row_assign_R < A, expert_R % E_loc, E_loc).astype(jnp.int32)[:A]
-  plan = BlockPlan(row_assign_R // K, row_A.reshape(T, K), jnp.zeros((1,), jnp.int32), row_assign_R)
+  plan, local_R, keep_TK = send_plan(experts_TK, dest_A, rank_A, offsets, send, A, E_loc)
   x_send = permute.dispatch_rows(x_TD, plan, kernels)[:A]
   recv_sizes, recv_at = fits[:, me], placed[:, me]
   recv_x = _exchange(x_send, jnp.zeros((M,) + x_send.shape[1:], x_send.dtype), offsets, send, placed[me], recv_sizes)
@@ -172,8 +168,8 @@ def _local_ragged(x_TD, gates_TK, experts_TK, w_gate, w_up, w_down, *, capacity_
   back_to = jax.lax.all_gather(offsets, AXIS)[:, me]
   y_RD = _exchange(y_recv, jnp.zeros((A,) + y_recv.shape[1:], y_recv.dtype), recv_at, recv_sizes, back_to, send)
   y_RD = jnp.concatenate([y_RD, jnp.zeros((1,) + y_RD.shape[1:], y_RD.dtype)])
-  y_TD = permute.combine_rows(y_RD, jnp.where(keep_A.reshape(T, K), gates_TK, 0.0), plan, kernels)
-  return y_TD, _drop_fraction(experts_TK < E_loc * ways, keep_A.reshape(T, K))
+  y_TD = permute.combine_rows(y_RD, jnp.where(keep_TK, gates_TK, 0.0), plan, kernels)
+  return y_TD, _drop_fraction(experts_TK < E_loc * ways, keep_TK)
 
 
 def _drop_fraction(sent_TK, keep_TK):
@@ -190,7 +186,10 @@ def _local(x_TD, gates_TK, experts_TK, w_gate, w_up, w_down, *, capacity_factor,
   T, K = experts_TK.shape
   E_loc = w_gate.shape[0]
   C = capacity_rows(T * K, ways, capacity_factor)
-  plan, local_R, keep_TK = send_plan(experts_TK, E_loc, ways, C, kernels)
+  dest_A, rank_A = destinations(experts_TK, E_loc, ways, kernels)
+  per_device = jnp.full((ways,), C, jnp.int32)
+  plan, local_R, keep_TK = send_plan(experts_TK, dest_A, rank_A, jnp.arange(ways, dtype=jnp.int32) * C, per_device,
+                                     ways * C, E_loc)
   x_RD = permute.dispatch_rows(x_TD, plan, kernels)[:-1]
   recv_x = jax.lax.all_to_all(x_RD, AXIS, 0, 0, tiled=True)
   recv_e = jax.lax.all_to_all(local_R, AXIS, 0, 0, tiled=True)

@@ -10,9 +10,12 @@ if [[ $# -lt 2 ]]; then
   echo "usage: launch/local.sh [--dry_run] experiments/X.py[:arg] WORKDIR [--config.key=value ...]" >&2
   exit 2
 fi
+config=$1; workdir=$2; shift 2
+# Paths given relative to the caller's directory keep meaning that after the cd below.
+[[ $config == /* ]] || config=$PWD/$config
+[[ $workdir == /* || $workdir == *://* ]] || workdir=$PWD/$workdir
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
-config=$1; workdir=$2; shift 2
 cmd=("$PY" -m moejax.main --config="$config" --workdir="$workdir" "$@")
 if (( dry_run )); then
   printf '%q ' "${cmd[@]}"; echo

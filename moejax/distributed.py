@@ -2,7 +2,8 @@
 
 `distributed.mode`:
   'auto'    join when the environment describes a multi-process run: a coordinator address
-            (config or JAX_COORDINATOR_ADDRESS), a SLURM step with more than one task, or a
+            (config or JAX_COORDINATOR_ADDRESS), a SLURM step (srun) with more than one task
+            (SLURM_STEP_NUM_TASKS; a command typed in the job's own shell runs alone), or a
             TPU slice with more than one worker (TPU_WORKER_HOSTNAMES); else run alone;
   'multi'   always join (JAX detects SLURM, Cloud TPU, GKE, ... when no address is given);
   'single'  never join.
@@ -42,7 +43,7 @@ def wanted(dist_cfg) -> bool:
     return dist_cfg.mode == 'multi'
   if dist_cfg.coordinator_address or os.environ.get('JAX_COORDINATOR_ADDRESS'):
     return True
-  if 'SLURM_JOB_ID' in os.environ and (_env_int('SLURM_NTASKS') or 1) > 1:
+  if (_env_int('SLURM_STEP_NUM_TASKS') or 1) > 1:  # inside an srun step of several tasks (not the batch shell)
     return True
   return len([h for h in os.environ.get('TPU_WORKER_HOSTNAMES', '').split(',') if h]) > 1
 

@@ -24,7 +24,7 @@ from moejax.errors import CheckpointError
 from moejax.train import Setup, cached, token_nll
 
 
-EVAL_ROUTING = ('expert_counts', 'drop_fraction', 'router_entropy')
+EVAL_ROUTING = ('expert_counts', 'drop_fraction', 'router_entropy', 'ep_drop_fraction')
 
 
 def make_eval_step(graphdef: nnx.GraphDef, mesh=None):

@@ -20,6 +20,19 @@ dropped and the layer equals the single-device one. A factor f gives C = ceil(f*
 (less memory and padding compute), and assignments past it are dropped (counted in
 `ep_drop_fraction`).
 
+Which assignments a capped buffer drops: with 'all_to_all', each (source, destination) pair
+keeps its first C assignments in token order (t*k + j), so later tokens lose even their
+first choice before earlier ones lose any; `moe.drop_policy` applies only to the layer's own
+capacity (`moe.*_capacity_factor`), which is decided before the region. With 'ragged', a
+full destination takes sources in device order, so the highest-index devices lose rows
+first. The two exchanges therefore drop different assignments at the same factor (both
+drop nothing without one). The factor applies in training and eval alike; eval reports
+`ep_drop_fraction` per layer too.
+
+`moe.dispatch` does not apply inside the region: the local experts always run the block
+dispatch. That changes speed, not results: the dispatches agree (tests), and capacity
+dropping is decided before the region.
+
 `moe.expert_parallel_exchange` picks how rows travel: 'all_to_all' (above: fixed C rows
 per destination, padded) or 'ragged' (`jax.lax.ragged_all_to_all`: each device sends only
 its real rows, packed by destination, into a receive buffer of M rows; M = P*A with no
@@ -63,7 +76,8 @@ def active_mesh():
 
 
 def capacity_rows(assignments: int, ways: int, factor: float | None) -> int:
-  """Send-buffer rows per destination: every assignment (None) or ceil(factor * A / P), a multiple of 8."""
+  """Send-buffer rows per destination: every assignment (None) or ceil(factor * A / P) rounded up
+  to a multiple of 8, at most A."""
   if factor is None:
     return assignments
   return min(assignments, max(8, -(-math.ceil(factor * assignments / ways) // 8) * 8))
@@ -135,7 +149,8 @@ def _exchange(operand, output, input_offsets, send_sizes, output_offsets, recv_s
 
 
 def receive_rows(assignments: int, ways: int, factor: float | None) -> int:
-  """Receive-buffer rows of the ragged exchange: P*A (never drops) or ceil(f*A), a multiple of 8."""
+  """Receive-buffer rows of the ragged exchange: P*A (never drops) or ceil(f*A) rounded up to a
+  multiple of 8, at most P*A."""
   if factor is None:
     return ways * assignments
   return min(ways * assignments, max(8, -(-math.ceil(factor * assignments) // 8) * 8))
@@ -210,6 +225,14 @@ def expert_parallel_dispatch(x_TD, gates_TK, experts_TK, w_gate_EDF, w_up_EDF, w
   Same contract as the single-device dispatches in `moe.py` (ids >= E contribute nothing);
   `block_size(rows, experts)` picks the local block size; `dispatch` is the local block dispatch.
   """
+  ways = mesh.shape[AXIS]
+  if ways == 1:  # nothing is exchanged: every assignment stays on its device, whatever the factor
+    capacity_factor = None
+  elif capacity_factor is None:
+    kernels_lib.warn_once('ep-dropless', f'expert parallelism over {ways} devices with the never-dropping buffer: '
+                          f'every device runs {ways}x the balanced expert rows (padding included, with any '
+                          'kernels); set moe.expert_parallel_capacity_factor (e.g. 2.0) to trade a few drops '
+                          '(logged as ep_drop_fraction) for speed')
   if kernels == 'pallas' and kernels_lib.interpret():
     kernels_lib.warn_once('ep-interpret', 'moe.kernels=pallas: the Pallas CPU interpreter does not run inside '
                           'shard_map regions; the expert-parallel region uses the xla kernels on CPU')

@@ -67,7 +67,11 @@ def compile_check(cfg, device_memory: str | None) -> int:
   config_lib.validate(cfg)
   distributed.initialize(cfg.distributed)
   r = train.compile_step(cfg)
-  limit = design.parse_amount(device_memory)[0] if device_memory else None
+  limit = None
+  if device_memory:
+    limit, is_bytes = design.parse_amount(device_memory)
+    if not is_bytes:
+      raise ConfigError(f'--device_memory={device_memory} needs a unit, e.g. 80GB or 16GiB')
   if limit is None:
     stats = getattr(jax.devices()[0], 'memory_stats', lambda: None)() or {}
     limit = stats.get('bytes_limit')
@@ -102,7 +106,11 @@ def _main(argv):
   if FLAGS.config is None:
     raise app.UsageError('--config is required')
   if FLAGS.mode == 'compile':
-    sys.exit(compile_check(FLAGS.config, FLAGS.device_memory))
+    try:
+      code = compile_check(FLAGS.config, FLAGS.device_memory)
+    except MoejaxError as e:
+      fail(e)
+    sys.exit(code)
   if FLAGS.workdir is None:
     raise app.UsageError('--workdir is required')
   try:

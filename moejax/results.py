@@ -36,6 +36,12 @@ from moejax.errors import ConfigError, DataError
 FLAGS = flags.FLAGS
 
 SEED_FIELDS = ('name', 'seed', 'data.seed')
+# How a run was launched (joining a multi-process runtime) never changes what it computes.
+LAUNCH_PREFIXES = ('distributed.',)
+
+
+def _identity_key(key: str) -> bool:
+  return key not in SEED_FIELDS and not key.startswith(LAUNCH_PREFIXES)
 REQUIRED = (('name',), ('config',), ('accounting', 'n_total'), ('accounting', 'n_active'), ('eval', 'loss'),
             ('eval', 'bits_per_byte'))
 # Config keys that have their own columns, so they are not repeated as "varied".
@@ -117,8 +123,8 @@ def gather(root: str) -> Gathered:
 
 
 def raw_config_hash(flat_config: dict) -> str:
-  """A short hash of a flattened config without its seed fields, exactly as given."""
-  kept = {k: v for k, v in flat_config.items() if k not in SEED_FIELDS}
+  """A short hash of a flattened config without its seed and launch (`distributed.*`) fields, exactly as given."""
+  kept = {k: v for k, v in flat_config.items() if _identity_key(k)}
   return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:8]
 
 
@@ -145,7 +151,7 @@ def config_hash(flat_config: dict) -> str:
 def varied_fields(flat_configs: list[dict]) -> list[str]:
   """Config keys (seed fields excluded) whose values differ across the runs, sorted."""
   keys = sorted(set().union(*flat_configs)) if flat_configs else []
-  return [k for k in keys if k not in SEED_FIELDS and
+  return [k for k in keys if _identity_key(k) and
           len({json.dumps(c.get(k), default=str) for c in flat_configs}) > 1]
 
 

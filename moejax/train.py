@@ -244,6 +244,18 @@ class _SigtermFlag:
     signal.signal(signal.SIGTERM, self._previous)
 
 
+def _agreed(flag: bool) -> bool:
+  """True on every process when any process has `flag` set (all stop, and save, at the same step).
+
+  SIGTERM may reach one process of a multi-process run first; stopping alone would leave
+  the others waiting in the next step's collectives, or start a collective save alone.
+  """
+  if jax.process_count() == 1:
+    return flag
+  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+  return bool(np.any(multihost_utils.process_allgather(np.array([flag], np.int32))))
+
+
 def _check_finite(step: int, out: dict[str, jax.Array]) -> None:
   loss = float(jax.device_get(out['loss']))
   if not np.isfinite(loss):
@@ -294,7 +306,7 @@ def run(cfg, workdir: str, stop_after: int | None = None, built: Setup | None = 
   t_start, t_window, window_steps, pending = time.time(), time.time(), 0, None
   try:
     with _SigtermFlag() as sigterm:
-      while step < end and not sigterm.raised:
+      while step < end and not _agreed(sigterm.raised):
         tokens = mesh_lib.global_batch(next(data_iter), batch_sharding, t_cfg.batch_size)
         state, out = train_step(state, tokens, seed)
         step += 1
@@ -308,7 +320,7 @@ def run(cfg, workdir: str, stop_after: int | None = None, built: Setup | None = 
           _check_finite(*pending)
           elapsed = time.time() - t_window
           scalars = dict(jax.device_get(out), tokens_per_s=window_steps * tokens_per_step / elapsed)
-          flops_per_s = scalars['tokens_per_s'] * s.accounting['flops_per_token'] / jax.device_count()
+          flops_per_s = scalars['tokens_per_s'] * s.accounting['flops_per_token'] / s.mesh.size
           scalars['model_tflops_per_device'] = flops_per_s / 1e12
           if peak:
             scalars['mfu'] = flops_per_s / peak
@@ -319,7 +331,7 @@ def run(cfg, workdir: str, stop_after: int | None = None, built: Setup | None = 
           _check_finite(*pending)
           save(step, wall_before + time.time() - t_start)
           last_saved = step
-      if sigterm.raised:
+      if _agreed(sigterm.raised):
         if step != last_saved and step > 0:
           _check_finite(*pending)
           save(step, wall_before + time.time() - t_start)

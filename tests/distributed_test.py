@@ -135,12 +135,13 @@ def test_compile_mode_cli(corpus_glob, memory, code, verdict):
 
 
 @pytest.mark.parametrize('env,wanted', [
-    ({}, False), ({'SLURM_JOB_ID': '7', 'SLURM_NTASKS': '1'}, False), ({'SLURM_JOB_ID': '7', 'SLURM_NTASKS': '4'}, True),
+    ({}, False), ({'SLURM_JOB_ID': '7', 'SLURM_NTASKS': '4'}, False),  # the job's shell, not a step
+    ({'SLURM_STEP_NUM_TASKS': '1'}, False), ({'SLURM_STEP_NUM_TASKS': '4'}, True),
     ({'TPU_WORKER_HOSTNAMES': 'w0'}, False), ({'TPU_WORKER_HOSTNAMES': 'w0,w1'}, True),
     ({'JAX_COORDINATOR_ADDRESS': '10.0.0.1:1234'}, True)])
 def test_auto_mode_joins_only_multi_process_environments(tiny_cfg, monkeypatch, env, wanted):
   from moejax import distributed  # pylint: disable=import-outside-toplevel
-  for name in ('SLURM_JOB_ID', 'SLURM_NTASKS', 'TPU_WORKER_HOSTNAMES', 'JAX_COORDINATOR_ADDRESS'):
+  for name in ('SLURM_JOB_ID', 'SLURM_NTASKS', 'SLURM_STEP_NUM_TASKS', 'TPU_WORKER_HOSTNAMES', 'JAX_COORDINATOR_ADDRESS'):
     monkeypatch.delenv(name, raising=False)
   for name, value in env.items():
     monkeypatch.setenv(name, value)

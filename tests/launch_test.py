@@ -21,10 +21,11 @@ def _script(name, *args, env=None):
 
 
 def test_local_dry_run_prints_the_command():
-  r = _script('local.sh', '--dry_run', 'experiments/quickstart.py:x', '/tmp/w', '--config.seed=3')
+  r = subprocess.run(['bash', os.path.join(ROOT, 'launch', 'local.sh'), '--dry_run', 'experiments/quickstart.py:x',
+                      'runs/w', '--config.seed=3'], capture_output=True, text=True, timeout=60, cwd=ROOT)
   assert r.returncode == 0, r.stderr
-  assert shlex.split(r.stdout)[1:] == ['-m', 'moejax.main', '--config=experiments/quickstart.py:x', '--workdir=/tmp/w',
-                                       '--config.seed=3']
+  assert shlex.split(r.stdout)[1:] == ['-m', 'moejax.main', f'--config={ROOT}/experiments/quickstart.py:x',
+                                       f'--workdir={ROOT}/runs/w', '--config.seed=3']
 
 
 def test_tpu_pod_dry_run_lists_every_step():
@@ -37,7 +38,8 @@ def test_tpu_pod_dry_run_lists_every_step():
   assert '--accelerator-type=v5litepod-32' in create and '--spot' in create and '--zone=us-east5-a' in create
   assert archive[:2] == ['git', 'archive']
   assert scp[4] == 'scp' and '--worker=all' in scp
-  assert install[4] == 'ssh' and "pip install -q -e '.[tpu]'" in install[-1]
+  assert install[4] == 'ssh' and "uv pip install -q --python .venv/bin/python -e '.[tpu]'" in install[-1]
+  assert train[-1].startswith('set -o pipefail; ')  # the trainer's exit status, not tee's
   remote = shlex.split(train[-1].split(' 2>&1')[0].split('&& ', 1)[1])
   assert '--worker=all' in train and remote[:3] == ['.venv/bin/python', '-m', 'moejax.main']
   assert remote[3:] == ['--config=experiments/paper_b.py:gpu,B1', '--workdir=gs-mount/run 1',
@@ -47,7 +49,9 @@ def test_tpu_pod_dry_run_lists_every_step():
 
 def test_tpu_pod_keeps_the_slice_and_checks_its_arguments():
   r = _script('tpu_pod.sh', '--name', 'pod1', '--zone', 'z', '--dry_run', 'experiments/x.py', '/w')
-  assert r.returncode == 0 and 'delete' not in r.stdout and '--spot' not in r.stdout
+  commands = [line for line in r.stdout.splitlines() if not line.startswith('#')]
+  assert r.returncode == 0 and not any('delete' in c or '--spot' in c for c in commands)
+  assert commands[-1].rstrip().endswith('--config.distributed.mode=multi\\ 2\\>\\&1\\ \\|\\ tee\\ -a\\ ~/moejax-run.log')  # no '' arg
   for args in (['--zone', 'z', 'experiments/x.py', '/w'], ['--name', 'p', '--zone', 'z', 'experiments/x.py'],
                ['--name', 'p', '--zone', 'z', '--bogus', 'experiments/x.py', '/w']):
     r = _script('tpu_pod.sh', *args)
@@ -63,7 +67,9 @@ def test_gpu_slurm_dry_run(per_gpu, env, tasks, extra):
   r = _script('gpu_slurm.sbatch', *flags, '--dry_run', 'experiments/quickstart.py', '/shared/w', '--config.mesh.data=-1',
               env=env)
   assert r.returncode == 0, r.stderr
-  cmd = shlex.split(r.stdout)
+  cd, exports, srun = r.stdout.strip().splitlines()
+  assert cd == f'cd {ROOT}' and exports == f'export JAX_COORDINATOR_ADDRESS=node001:20000 JAX_NUM_PROCESSES={tasks}'
+  cmd = shlex.split(srun)
   assert cmd[0] == 'srun' and f'--ntasks={tasks}' in cmd and all(e in cmd for e in extra)
   inner = cmd[-1]
   assert inner.startswith('export JAX_PROCESS_ID=$SLURM_PROCID; exec ')

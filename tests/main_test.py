@@ -63,4 +63,4 @@ def test_launch_local_usage_and_passthrough(tmp_path):
   assert out.returncode == 2 and out.stderr.startswith('usage: launch/local.sh')
   out = subprocess.run(['bash', 'launch/local.sh', 'experiments/missing.py', str(tmp_path)], cwd=ROOT,
                        capture_output=True, text=True, timeout=120, env=dict(os.environ, PYTHON=sys.executable))
-  assert out.returncode == 2 and 'config file not found: experiments/missing.py' in out.stderr
+  assert out.returncode == 2 and f'config file not found: {ROOT}/experiments/missing.py' in out.stderr

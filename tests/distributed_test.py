@@ -98,6 +98,7 @@ def test_missing_peer_or_unreachable_coordinator_is_one_line_within_the_timeout(
     (['--config.mesh.data=-1', '--config.mesh.expert=-1'], 'at most one -1'),
     (['--config.mesh.data=-1', '--config.mesh.tensor=3'], 'mesh.data=-1: 8 devices are not divisible'),
     (['--config.mesh.data=-1', '--config.train.batch_size=4'], 'train.batch_size=4 must be divisible by the batch axes'),
+    (['--mode=compile', '--device_memory=80'], '--device_memory=80 needs a unit'),
     (['--config.mesh.expert=-1', '--config.moe.num_experts=6', '--config.train.batch_size=8',
       '--config.eval.batch_size=8'], 'is not divisible by mesh axes expert=8'),
 ])

@@ -70,6 +70,15 @@ def test_expert_parallel_capacity_buffer_drops_and_reports(ep_cfg, single, excha
   assert abs(float(got_value) - float(value)) > 1e-6
 
 
+def test_a_capacity_factor_drops_nothing_without_an_expert_axis(ep_cfg, single):
+  """data 8 x expert 1: nothing is exchanged, so even a tiny factor keeps every assignment."""
+  tokens, (value, _, _) = single
+  cfg = config_lib.apply_overrides(ep_cfg, {'mesh.data': 8, 'moe.expert_parallel_capacity_factor': 0.25})
+  got_value, aux, _ = _loss_and_grads(cfg, tokens)
+  assert float(jnp.max(aux['ep_drop_fraction'])) == 0.0
+  np.testing.assert_allclose(got_value, value, rtol=2e-5)
+
+
 def test_capacity_rows():
   assert expert_parallel.capacity_rows(64, 4, None) == 64
   assert expert_parallel.capacity_rows(64, 4, 1.0) == 16

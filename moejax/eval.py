@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from moejax import accounting, checkpoint, data, mesh as mesh_lib, metrics as metrics_lib, routing
+from moejax import accounting, checkpoint, data, distributed, mesh as mesh_lib, metrics as metrics_lib, routing
 from moejax.errors import CheckpointError
 from moejax.train import Setup, cached, token_nll
 
@@ -124,6 +124,6 @@ def result_record(s: Setup, eval_metrics: dict, train_summary: dict) -> dict:
 def write_result(workdir: str, record: dict) -> str:
   """Writes WORKDIR/result.json atomically (the leader process only); returns its path."""
   path = os.path.join(workdir, 'result.json')
-  if jax.process_index() == 0:
+  if distributed.is_leader():
     metrics_lib.atomic_write(path, json.dumps(record, indent=2, sort_keys=True) + '\n')
   return path

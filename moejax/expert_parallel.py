@@ -75,12 +75,15 @@ def active_mesh():
   return mesh if ways > 1 else None
 
 
+def _buffer_rows(wanted: float, most: int) -> int:
+  """ceil(wanted) rounded up to a multiple of 8 (at least 8), at most `most`."""
+  return min(most, max(8, -(-math.ceil(wanted) // 8) * 8))
+
+
 def capacity_rows(assignments: int, ways: int, factor: float | None) -> int:
   """Send-buffer rows per destination: every assignment (None) or ceil(factor * A / P) rounded up
   to a multiple of 8, at most A."""
-  if factor is None:
-    return assignments
-  return min(assignments, max(8, -(-math.ceil(factor * assignments / ways) // 8) * 8))
+  return assignments if factor is None else _buffer_rows(factor * assignments / ways, assignments)
 
 
 def destinations(experts_TK: jax.Array, local_experts: int, ways: int, impl: str):
@@ -151,9 +154,7 @@ def _exchange(operand, output, input_offsets, send_sizes, output_offsets, recv_s
 def receive_rows(assignments: int, ways: int, factor: float | None) -> int:
   """Receive-buffer rows of the ragged exchange: P*A (never drops) or ceil(f*A) rounded up to a
   multiple of 8, at most P*A."""
-  if factor is None:
-    return ways * assignments
-  return min(ways * assignments, max(8, -(-math.ceil(factor * assignments) // 8) * 8))
+  return ways * assignments if factor is None else _buffer_rows(factor * assignments, ways * assignments)
 
 
 def _local_ragged(x_TD, gates_TK, experts_TK, w_gate, w_up, w_down, *, capacity_factor, block_size, kernels,

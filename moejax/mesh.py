@@ -186,7 +186,7 @@ def under_mesh(fn, mesh: Mesh | None):
   def lower(*args, **kwargs):
     with jax.set_mesh(mesh):
       return fn.lower(*args, **kwargs)
-  call.lower, call._cache_size, call.jitted = lower, fn._cache_size, fn  # pylint: disable=protected-access
+  call.lower, call._cache_size = lower, fn._cache_size  # pylint: disable=protected-access
   return call
 
 

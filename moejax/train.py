@@ -157,8 +157,9 @@ def prepare_workdir(workdir: str) -> None:
     raise WorkdirError(f'workdir {workdir!r} is not writable: {e.strerror or e}') from None
 
 
-def _placed(cfg, mesh, param_state, buffer_state, put) -> dict:
-  """The train state with every leaf placed by `put(tree, shardings)` (device_put, or abstract structs)."""
+def _placed(cfg, mesh, param_state, buffer_state, abstract: bool = False) -> dict:
+  """The sharded train state: arrays on their devices, or (abstract) ShapeDtypeStructs carrying the shardings."""
+  put = _abstract if abstract else jax.device_put
   param_sh = mesh_lib.param_shardings(param_state, mesh)
   replicated = mesh_lib.replicated(mesh)
   params = put(nnx.to_pure_dict(param_state), param_sh)
@@ -167,13 +168,10 @@ def _placed(cfg, mesh, param_state, buffer_state, put) -> dict:
   # Adam moments shard like their parameters; counters are replicated.
   opt_sh = optax.tree_map_params(optimizer, lambda _, sh: sh, jax.eval_shape(optimizer.init, params), param_sh,
                                  transform_non_params=lambda _: replicated)
-  if put is jax.device_put:
-    opt_state = jax.jit(optimizer.init, out_shardings=opt_sh)(params)
-  else:
-    opt_state = put(jax.eval_shape(optimizer.init, params), opt_sh)
+  opt_state = (put(jax.eval_shape(optimizer.init, params), opt_sh) if abstract
+               else jax.jit(optimizer.init, out_shardings=opt_sh)(params))
   return {'params': params, 'buffers': buffers, 'opt_state': opt_state,
-          'step': put(jax.ShapeDtypeStruct((), jnp.int32), replicated) if put is not jax.device_put
-          else jax.device_put(jnp.zeros((), jnp.int32), replicated)}
+          'step': put(jnp.zeros((), jnp.int32), replicated)}
 
 
 def _make_mesh(cfg):
@@ -188,7 +186,7 @@ def setup(cfg, corpus: data.Corpus | None = None) -> Setup:
   corpus = corpus or data.corpus_from_config(cfg.data)
   mesh = _make_mesh(cfg)
   graphdef, param_state, buffer_state = model_lib.split(model_lib.build(cfg))
-  state = _placed(cfg, mesh, param_state, buffer_state, jax.device_put)
+  state = _placed(cfg, mesh, param_state, buffer_state)
   return Setup(cfg, mesh, graphdef, state, corpus, accounting.count(cfg))
 
 
@@ -204,7 +202,7 @@ def compile_step(cfg) -> dict:
   """
   mesh = _make_mesh(cfg)
   graphdef, param_state, buffer_state = model_lib.split(nnx.eval_shape(lambda: model_lib.build(cfg)))
-  state = _placed(cfg, mesh, param_state, buffer_state, _abstract)
+  state = _placed(cfg, mesh, param_state, buffer_state, abstract=True)
   step = make_train_step(graphdef, optim.make(cfg.optim, cfg.train.steps), cfg,
                          optim.schedule(cfg.optim, cfg.train.steps), shardings(state), mesh)
   tokens = jax.ShapeDtypeStruct((cfg.train.batch_size, cfg.data.seq_len + 1), jnp.int32,

@@ -61,16 +61,22 @@ def interpret() -> bool:
   return platform() == 'cpu'
 
 
+def _manual_types(arrays):
+  """(each array's manual-axis type or None, the union of their varying axes)."""
+  types = [getattr(jax.typeof(x), 'manual_axis_type', None) for x in arrays]
+  return types, frozenset().union(*(t.varying for t in types if t is not None))
+
+
 def out_struct(shape, dtype, *likes) -> jax.ShapeDtypeStruct:
   """A pallas_call output type; inside `jax.shard_map` it varies over the union of `likes`' manual axes.
 
   shard_map's type checking (check_vma) needs that on every Pallas output.
   """
-  types = [getattr(jax.typeof(x), 'manual_axis_type', None) for x in likes]
-  varying = frozenset().union(*(t.varying for t in types if t is not None))
+  types, varying = _manual_types(likes)
   if not varying:
     return jax.ShapeDtypeStruct(shape, dtype)
-  return jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=type(types[0])(varying=varying))
+  kind = type(next(t for t in types if t is not None))
+  return jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=kind(varying=varying))
 
 
 def same_vma(*arrays):
@@ -80,10 +86,9 @@ def same_vma(*arrays):
   call makes autodiff of the cast do the psum that an input invariant over an axis needs
   (e.g. expert weights shared by the data shards of an expert-parallel region).
   """
-  types = [getattr(jax.typeof(x), 'manual_axis_type', None) for x in arrays]
+  types, union = _manual_types(arrays)
   if any(t is None for t in types):
     return arrays
-  union = frozenset().union(*(t.varying for t in types))
   return tuple(x if t.varying == union else jax.lax.pcast(x, tuple(sorted(union - t.varying)), to='varying')
                for x, t in zip(arrays, types))
 

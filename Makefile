@@ -17,11 +17,12 @@ run: $(VENV)/.installed
 	$(PY) -m moejax.sweep --config=experiments/quickstart.py --root=$(RUN_ROOT)
 	$(PY) -m moejax.report --root=$(RUN_ROOT) --out=$(RUN_ROOT)/report
 
+# Two pytest workers: compilation is single-threaded, so two cores run two tests at once.
 test: $(VENV)/.installed
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2
 
 test-slow: $(VENV)/.installed
-	$(PY) -m pytest -q -m slow
+	$(PY) -m pytest -q -n 2 -m slow
 
 # The paper grids at one scale, then the claims report (docs/reproducing-the-papers.md).
 papers: $(VENV)/.installed

@@ -70,7 +70,9 @@ def get_config(arg=None):
   d.tfds_text_key = 'text'  # feature holding the document text in a 'tfds:' source
   d.tfds_data_dir = FieldReference(None, field_type=str)  # tfds data_dir; None -> tfds default
   d.seq_len = 128  # tokens per training sequence
-  d.heldout_bytes = 131072  # held-out documents are taken in path-hash order until this many bytes
+  d.heldout_bytes = 131072  # held-out split: documents in key-hash order, at most this many bytes in all
+  d.heldout_max_fraction = 0.1  # ... and at most this share of the corpus bytes (a warning says when it binds)
+  d.binary_documents = 'error'  # a document that looks binary (NUL bytes, >10% non-text): 'error', 'skip' or 'keep'
   d.seed = 0  # data-order seed; equal seeds give paired data order across configs
 
   c.optim = o = ml_collections.ConfigDict()
@@ -97,6 +99,7 @@ def get_config(arg=None):
   c.eval = v = ml_collections.ConfigDict()
   v.batch_size = 32  # held-out sequences per eval batch
   v.max_batches = FieldReference(None, field_type=int)  # cap on eval batches; None -> the whole held-out set
+  v.every_steps = FieldReference(None, field_type=int)  # also score the held-out set every n steps (learning curve); None -> at the end only
 
   c.mesh = h = ml_collections.ConfigDict()
   h.data = 1  # data-parallel mesh axis size; one axis may be -1 = all remaining devices

@@ -30,6 +30,12 @@ A4 = {
 A4_RANDOM = 4
 
 get_config = papers.get_config
+GRIDS = ('A1', 'A2a', 'A2b', 'A4')  # every grid id at some scale (sweep_of checks the scale's own set)
+
+
+def check_arg(arg):
+  """`SCALE[,GRID...]`: a known scale and grid ids of this file."""
+  papers.check_arg(arg, GRIDS)
 
 
 def grids(scale):

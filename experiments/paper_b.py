@@ -19,6 +19,12 @@ from experiments import papers
 from experiments.papers import point, seeds
 
 get_config = papers.get_config
+GRIDS = ('B1', 'B2', 'B2s32', 'B2p', 'B3', 'B4', 'B5', 'B6')  # every grid id at some scale (sweep_of checks the scale's own set)
+
+
+def check_arg(arg):
+  """`SCALE[,GRID...]`: a known scale and grid ids of this file."""
+  papers.check_arg(arg, GRIDS)
 
 
 def grids(scale):

@@ -41,6 +41,14 @@ def parse_arg(arg):
   return scale, ('all' if grids == ['all'] else grids or None)
 
 
+def check_arg(arg, grid_names):
+  """Refuses an argument whose scale or grid names this file does not have (before anything is built)."""
+  _, chosen = parse_arg(arg)
+  unknown = [g for g in (chosen if isinstance(chosen, list) else []) if g not in grid_names]
+  if unknown:
+    raise ConfigError(f'unknown grids {unknown}; use SCALE[,GRID...] with grids from {sorted(grid_names)} or all')
+
+
 def get_config(arg=None):
   """The shared settings of every grid point at a scale."""
   scale, _ = parse_arg(arg)

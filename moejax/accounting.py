@@ -17,7 +17,6 @@ import json
 import math
 from typing import Any
 
-import jax
 from absl import app, flags
 
 from moejax import config as config_lib
@@ -116,6 +115,7 @@ def human(n: float) -> str:
 
 def param_count_tree(params: Any) -> int:
   """Total number of scalars in a parameter pytree."""
+  import jax  # pylint: disable=import-outside-toplevel  (the study tools import this module without jax)
   return sum(math.prod(x.shape) for x in jax.tree.leaves(params))
 
 
@@ -129,11 +129,26 @@ def _main(argv):
     print(json.dumps(record, indent=2))
     return
   for key, value in record.items():
-    print(f'{key:>24}: {value:,}' if isinstance(value, int) else f'{key:>24}: {value:.4g}')
+    print(f'{key:>24}: {format_value(value)}')
+
+
+def format_value(value: Any) -> str:
+  """A table cell: 1,234 for ints, 4 significant digits for floats, lists and the rest element-wise."""
+  if isinstance(value, bool) or value is None or isinstance(value, str):
+    return str(value)
+  if isinstance(value, int):
+    return f'{value:,}'
+  if isinstance(value, float):
+    return f'{value:.4g}'
+  if isinstance(value, (list, tuple)):
+    return '[' + ', '.join(format_value(v) for v in value) + ']'
+  if isinstance(value, dict):
+    return '{' + ', '.join(f'{k}: {format_value(v)}' for k, v in value.items()) + '}'
+  return str(value)
 
 
 if __name__ == '__main__':
-  from moejax import main as main_lib  # pylint: disable=import-outside-toplevel
-  main_lib.define_config_flag()
+  from moejax import cli  # pylint: disable=import-outside-toplevel
+  cli.define_config_flag()
   flags.DEFINE_bool('json', False, 'Print the record as JSON.')
-  main_lib.cli(_main)
+  cli.cli(_main)

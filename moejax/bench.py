@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from moejax import accounting, config as config_lib, data, main as main_lib, mesh as mesh_lib, optim, train
+from moejax import accounting, cli, config as config_lib, data, mesh as mesh_lib, optim, train
 
 FLAGS = flags.FLAGS
 
@@ -230,4 +230,4 @@ if __name__ == '__main__':
   flags.DEFINE_bool('small', False, 'moe: CPU-sized shapes.')
   flags.DEFINE_string('dtype', 'bfloat16', 'moe: input and weight dtype.')
   flags.DEFINE_integer('cpu_devices', 0, 'Fake this many CPU devices (for meshes on a CPU machine); 0 = as is.')
-  main_lib.cli(_main)
+  cli.cli(_main)

@@ -1,15 +1,22 @@
 """Orbax checkpoints of the train state plus a JSON record (step, data-iterator state, config).
 
 Orbax writes each step into a temporary directory and renames it when complete, so a
-crash mid-save never replaces the previous checkpoint. On restore, a latest step that
-cannot be read (corrupt or truncated files) is reported and the next older one is used.
+crash mid-save never replaces the previous checkpoint. On restore, a step that cannot be
+read (corrupt or truncated files) is moved aside to `<directory>-unreadable/<step>` (never
+deleted) with one warning line, and the next older one is used; the run then retrains
+from there and saves that step again. A save that fails (disk full, permissions) raises
+`CheckpointError` naming the directory and the cause, after removing Orbax's temporary
+folder; the previous checkpoints are untouched.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-from typing import Any
+import shutil
+import time
+from typing import Any, Iterator
 
 import jax
 import orbax.checkpoint as ocp
@@ -18,6 +25,32 @@ from etils import epath
 from moejax.errors import CheckpointError
 
 log = logging.getLogger(__name__)
+
+_TMP_MARK = '.orbax-checkpoint-tmp'
+
+
+def _cause(e: BaseException) -> str:
+  """The innermost error's first line: what went wrong, without Orbax's wrapping."""
+  while e.__cause__ is not None or e.__context__ is not None:
+    e = e.__cause__ or e.__context__
+  if isinstance(e, OSError) and e.strerror:
+    return f'{e.strerror} ({e.filename})' if e.filename else e.strerror
+  text = str(e).strip().splitlines()[0][:300] if str(e).strip() else ''
+  return f'{type(e).__name__}: {text}' if text else type(e).__name__
+
+
+@contextlib.contextmanager
+def _quiet_orbax() -> Iterator[None]:
+  """Orbax logs every failed write (with tracebacks) before raising; we report the failure in one line."""
+  loggers = [logging.getLogger(n) for n in ('absl', 'orbax', 'orbax.checkpoint')]
+  levels = [lg.level for lg in loggers]
+  for lg in loggers:
+    lg.setLevel(logging.CRITICAL)
+  try:
+    yield
+  finally:
+    for lg, level in zip(loggers, levels):
+      lg.setLevel(level)
 
 
 class Checkpointer:
@@ -28,39 +61,106 @@ class Checkpointer:
     self.directory = epath.Path(directory if '://' in directory else os.path.abspath(directory))
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, enable_async_checkpointing=use_async,
                                            create=True)
-    self._mngr = ocp.CheckpointManager(self.directory, options=options)
+    try:
+      with _quiet_orbax():
+        self._mngr = ocp.CheckpointManager(self.directory, options=options)
+    except OSError as e:
+      raise CheckpointError(f'cannot open checkpoint directory {self.directory}: {_cause(e)}') from None
+    self._saving: int | None = None
 
   def save(self, step: int, state: Any, meta: dict) -> None:
     """Starts saving (asynchronously when enabled); `wait` blocks until it is on disk."""
-    self._mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
-                    force=True)
+    self._finish()  # a failure of the previous async save surfaces here, before anything new is written
+    self._saving = step
+    with self._guard():
+      self._mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                    meta=ocp.args.JsonSave(meta)), force=True)
+
+  @contextlib.contextmanager
+  def _guard(self) -> Iterator[None]:
+    try:
+      with _quiet_orbax():
+        yield
+    except Exception as e:  # pylint: disable=broad-except  (orbax/tensorstore raise many types)
+      step, self._saving = self._saving, None
+      self._remove_temporaries()
+      kept = self.steps()
+      raise CheckpointError(f'saving checkpoint step {step} in {self.directory} failed: {_cause(e)}; '
+                            f'kept {"steps " + ", ".join(map(str, kept)) if kept else "no earlier checkpoint"}'
+                            ) from None
+
+  def _finish(self) -> None:
+    if self._saving is not None:
+      with self._guard():
+        self._mngr.wait_until_finished()
+      self._saving = None
+
+  def _remove_temporaries(self) -> None:
+    """Deletes Orbax's half-written temporary step folders (never a finished step)."""
+    if jax.process_index() != 0 or '://' in str(self.directory):
+      return
+    with contextlib.suppress(OSError):
+      for name in os.listdir(self.directory):
+        if _TMP_MARK in name:
+          shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
 
   def steps(self) -> list[int]:
+    """The finished steps on disk, oldest first."""
+    with contextlib.suppress(Exception):
+      self._mngr.reload()
     return sorted(self._mngr.all_steps())
 
-  def restore_latest(self, abstract_state: Any) -> tuple[int, Any, dict] | None:
-    """(step, state, meta) of the newest readable checkpoint, or None when there is none."""
-    steps = self.steps()
+  def _move_aside(self, step: int) -> str:
+    """Renames an unreadable step folder to `<directory>-unreadable/<step>[-<time>]`; returns the new path."""
+    aside = f'{self.directory}-unreadable'
+    target = os.path.join(aside, str(step))
+    if jax.process_index() == 0:
+      os.makedirs(aside, exist_ok=True)
+      if os.path.exists(target):
+        target = f'{target}-{time.strftime("%Y%m%d-%H%M%S")}'
+      os.replace(os.path.join(str(self.directory), str(step)), target)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+      multihost_utils.sync_global_devices(f'moejax_move_aside_{step}')
+    self._mngr.reload()
+    return target
+
+  def restore_latest(self, abstract_state: Any, move_aside: bool = True) -> tuple[int, Any, dict] | None:
+    """(step, state, meta) of the newest readable checkpoint, or None when there is none.
+
+    An unreadable newer step is moved aside (`move_aside=True`, what training does, so its
+    step can be saved again) or skipped (False, what evaluation does).
+    """
     errors = []
-    for step in reversed(steps):
+    for step in reversed(self.steps()):
       try:
-        restored = self._mngr.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
-        if errors:
-          log.warning('restored older checkpoint step %d; newer ones unreadable: %s', step, '; '.join(errors))
-        return step, restored['state'], restored['meta']
-      except Exception as e:  # orbax/tensorstore raise many error types for damaged files
-        errors.append(f'step {step}: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ""}')
+        with _quiet_orbax():
+          restored = self._mngr.restore(step, args=ocp.args.Composite(
+              state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+      except Exception as e:  # pylint: disable=broad-except  (orbax/tensorstore raise many types for damaged files)
+        if move_aside and '://' not in str(self.directory):
+          where = self._move_aside(step)
+          log.warning('checkpoint step %d is unreadable (%s); moved it to %s', step, _cause(e), where)
+        else:
+          log.warning('checkpoint step %d is unreadable (%s); trying an older one', step, _cause(e))
+        errors.append(f'step {step}: {_cause(e)}')
+        continue
+      return step, restored['state'], restored['meta']
     if errors:
       raise CheckpointError(f'no readable checkpoint in {self.directory}: {errors[0]}')
     return None
 
   def wait(self) -> None:
-    self._mngr.wait_until_finished()
+    """Blocks until the last save is on disk; raises CheckpointError if it failed."""
+    self._finish()
 
   def close(self) -> None:
-    self._mngr.wait_until_finished()
-    self._mngr.close()
+    """Waits for the last save, then releases Orbax's threads (also after a failure)."""
+    try:
+      self._finish()
+    finally:
+      with contextlib.suppress(Exception), _quiet_orbax():
+        self._mngr.close()
 
 
 def abstract(tree: Any) -> Any:

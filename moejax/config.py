@@ -12,6 +12,7 @@ import importlib.util
 import itertools
 import os
 import sys
+import traceback
 from typing import Any, Iterable, Sequence
 
 import ml_collections
@@ -25,17 +26,61 @@ LOAD_BALANCING = ('none', 'global_batch', 'micro_batch', 'sequence', 'aux_free')
 ROUTER_SCORES = ('softmax', 'sigmoid')
 DROP_POLICIES = ('position', 'probs')
 SOURCE_KINDS = ('stdlib', 'text:', 'tfds:')
+BINARY_DOCUMENTS = ('error', 'skip', 'keep')
 
 
 def load_module(path: str):
-  """Imports an experiment file (`experiments/x.py`) as a module."""
+  """Imports an experiment file (`experiments/x.py`) as a module; errors name the file (and line)."""
   if not os.path.isfile(path):
     raise ConfigError(f'config file not found: {path}')
+  try:
+    with open(path, 'rb') as f:
+      source = f.read()
+  except OSError as e:
+    raise ConfigError(f'config file {path} cannot be read: {e.strerror or e}') from None
+  if b'\0' in source:
+    raise ConfigError(f'experiment file {path} is not Python source (it has NUL bytes)')
+  try:
+    code = compile(source, path, 'exec')
+  except SyntaxError as e:
+    raise ConfigError(f'experiment file {path}, line {e.lineno}: SyntaxError: {e.msg}') from None
+  except ValueError as e:  # e.g. NUL bytes: not a text file at all
+    raise ConfigError(f'experiment file {path} is not Python source ({e})') from None
   name = 'moejax_experiment_' + os.path.splitext(os.path.basename(path))[0]
   spec = importlib.util.spec_from_file_location(name, path)
   module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
+  try:
+    exec(code, module.__dict__)  # pylint: disable=exec-used
+  except ConfigError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except  (any error in a user's file is one line)
+    raise ConfigError(f'experiment file {path}, line {_error_line(e, path)}: {type(e).__name__}: {e}') from None
   return module
+
+
+def _error_line(error: BaseException, path: str) -> str:
+  frames = [f for f in traceback.extract_tb(error.__traceback__) if os.path.abspath(f.filename) == os.path.abspath(path)]
+  return str(frames[-1].lineno) if frames else '?'
+
+
+def check_arg(module, path: str, arg: str | None) -> None:
+  """Refuses an `:arg` the experiment file does not declare.
+
+  A file declares its variants with `ARGS = ('tiny', ...)` or a function `check_arg(arg)` that
+  raises ConfigError for a bad one; a file with neither takes no argument.
+  """
+  if hasattr(module, 'check_arg'):
+    module.check_arg(arg)
+    return
+  declared = tuple(getattr(module, 'ARGS', ()))
+  if arg is not None and arg not in declared:
+    known = f'its variants are {", ".join(repr(a) for a in declared)}' if declared else 'it declares none (ARGS)'
+    raise ConfigError(f'{path} has no variant {arg!r}: {known}')
+
+
+def check_experiment_file(path: str, arg: str | None) -> None:
+  """Loads `path` and checks `arg` against its declared variants (one ConfigError line on any problem)."""
+  check_arg(load_module(path), path, arg)
 
 
 def config_flag(argv: Sequence[str]) -> tuple[str, str | None] | None:
@@ -158,23 +203,13 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _require(m.vocab_size >= 257, f'model.vocab_size={m.vocab_size} must be >= 257 (256 bytes + separator)')
 
   _require(e.num_experts >= 0, f'moe.num_experts={e.num_experts} must be >= 0 (0 = dense model)')
+  _validate_moe_values(cfg)  # the same for dense configs: a bad value is never silently ignored
   if e.num_experts > 0:
     _require(1 <= e.experts_per_token <= e.num_experts,
              f'moe.experts_per_token={e.experts_per_token} must be in [1, moe.num_experts={e.num_experts}]')
-    _require(expert_hidden(m, e) > 0, f'moe.expert_hidden={e.expert_hidden} must be > 0')
-    _require(e.every_n_layers >= 1, f'moe.every_n_layers={e.every_n_layers} must be >= 1')
-    _require(0 <= e.first_dense_layers, f'moe.first_dense_layers={e.first_dense_layers} must be >= 0')
     _require(bool(moe_layers(m, e)),
              f'moe.first_dense_layers={e.first_dense_layers} with model.num_layers={m.num_layers} leaves no MoE '
              'layer (set moe.num_experts=0 for a dense model)')
-    _require(e.dispatch in DISPATCHES, f'moe.dispatch={e.dispatch!r} must be one of {DISPATCHES}')
-    _require(e.kernels in KERNELS, f'moe.kernels={e.kernels!r} must be one of {KERNELS}')
-    _require(e.expert_parallel_exchange in ('auto', 'all_to_all', 'ragged'),
-             f"moe.expert_parallel_exchange={e.expert_parallel_exchange!r} must be 'auto', 'all_to_all' or 'ragged'")
-    _require(e.expert_parallel_capacity_factor is None or e.expert_parallel_capacity_factor > 0,
-             f'moe.expert_parallel_capacity_factor={e.expert_parallel_capacity_factor} must be > 0 (or None)')
-    _require(e.block_size is None or (e.block_size > 0 and e.block_size % 8 == 0),
-             f'moe.block_size={e.block_size} must be a positive multiple of 8 (or None for automatic)')
     if cfg.mesh.expert > 1:  # (-1 is checked against the resolved mesh when parameters are sharded)
       _require(e.num_experts % cfg.mesh.expert == 0,
                f'moe.num_experts={e.num_experts} must be divisible by mesh.expert={cfg.mesh.expert}')
@@ -182,14 +217,15 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
       _require(all(c % cfg.mesh.expert == 0 for c in counts),
                f'moe.expert_size_classes={e.expert_size_classes!r}: every class count must be divisible by '
                f'mesh.expert={cfg.mesh.expert} (each device holds a slice of every class)')
-    _require(e.aux_loss_coef >= 0 and e.z_loss_coef >= 0 and e.aux_free_sequence_coef >= 0,
-             'moe.aux_loss_coef, moe.z_loss_coef and moe.aux_free_sequence_coef must be >= 0')
     _validate_routing(cfg)
   _require(isinstance(d.source, str) and d.source.startswith(SOURCE_KINDS) and
            (d.source == 'stdlib' or len(d.source.split(':', 1)[1]) > 0),
            f"data.source={d.source!r} must be 'stdlib', 'text:GLOB' or 'tfds:NAME'")
   _require(d.seq_len >= 2, f'data.seq_len={d.seq_len} must be >= 2')
   _positive(cfg, 'data', ('heldout_bytes',))
+  _require(0 < d.heldout_max_fraction <= 0.5, f'data.heldout_max_fraction={d.heldout_max_fraction} must be in (0, 0.5]')
+  _require(d.binary_documents in BINARY_DOCUMENTS,
+           f'data.binary_documents={d.binary_documents!r} must be one of {BINARY_DOCUMENTS}')
 
   _positive(cfg, 'optim', ('peak_learning_rate', 'adam_eps'))
   _require(0 <= o.warmup_fraction < 1, f'optim.warmup_fraction={o.warmup_fraction} must be in [0, 1)')
@@ -203,6 +239,8 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _positive(cfg, 'eval', ('batch_size',))
   _require(cfg.eval.max_batches is None or cfg.eval.max_batches > 0,
            f'eval.max_batches={cfg.eval.max_batches} must be > 0 (or None for all)')
+  _require(cfg.eval.every_steps is None or cfg.eval.every_steps > 0,
+           f'eval.every_steps={cfg.eval.every_steps} must be > 0 (or None: held-out loss at the end only)')
   _require(cfg.distributed.mode in ('auto', 'multi', 'single'),
            f"distributed.mode={cfg.distributed.mode!r} must be 'auto', 'multi' or 'single'")
   _positive(cfg, 'distributed', ('initialization_timeout_s',))
@@ -217,38 +255,64 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   return cfg
 
 
+def _validate_moe_values(cfg) -> None:
+  """Rules on single MoE values (enums, ranges): checked for dense configs too."""
+  m, e = cfg.model, cfg.moe
+  _require(isinstance(e.experts_per_token, int) and e.experts_per_token >= 1,
+           f'moe.experts_per_token={e.experts_per_token} must be >= 1')
+  _require(expert_hidden(m, e) > 0, f'moe.expert_hidden={e.expert_hidden} must be > 0')
+  _require(e.every_n_layers >= 1, f'moe.every_n_layers={e.every_n_layers} must be >= 1')
+  _require(0 <= e.first_dense_layers, f'moe.first_dense_layers={e.first_dense_layers} must be >= 0')
+  size_classes(m, e)  # the spec's syntax
+  _require(e.dispatch in DISPATCHES, f'moe.dispatch={e.dispatch!r} must be one of {DISPATCHES}')
+  _require(e.kernels in KERNELS, f'moe.kernels={e.kernels!r} must be one of {KERNELS}')
+  _require(e.expert_parallel_exchange in ('auto', 'all_to_all', 'ragged'),
+           f"moe.expert_parallel_exchange={e.expert_parallel_exchange!r} must be 'auto', 'all_to_all' or 'ragged'")
+  _require(e.expert_parallel_capacity_factor is None or e.expert_parallel_capacity_factor > 0,
+           f'moe.expert_parallel_capacity_factor={e.expert_parallel_capacity_factor} must be > 0 (or None)')
+  _require(e.block_size is None or (e.block_size > 0 and e.block_size % 8 == 0),
+           f'moe.block_size={e.block_size} must be a positive multiple of 8 (or None for automatic)')
+  _require(e.aux_loss_coef >= 0 and e.z_loss_coef >= 0 and e.aux_free_sequence_coef >= 0,
+           'moe.aux_loss_coef, moe.z_loss_coef and moe.aux_free_sequence_coef must be >= 0')
+  _require(e.router_score in ROUTER_SCORES, f'moe.router_score={e.router_score!r} must be one of {ROUTER_SCORES}')
+  _require(e.routed_scaling_factor > 0, f'moe.routed_scaling_factor={e.routed_scaling_factor} must be > 0')
+  _require(e.num_expert_groups >= 1, f'moe.num_expert_groups={e.num_expert_groups} must be >= 1')
+  _require(e.topk_expert_groups >= 1, f'moe.topk_expert_groups={e.topk_expert_groups} must be >= 1')
+  _require(0 <= e.router_jitter < 1, f'moe.router_jitter={e.router_jitter} must be in [0, 1)')
+  _require(e.load_balancing in LOAD_BALANCING, f'moe.load_balancing={e.load_balancing!r} must be one of {LOAD_BALANCING}')
+  _require(e.balance_group_sequences >= 1, f'moe.balance_group_sequences={e.balance_group_sequences} must be >= 1')
+  _require(e.bias_update_rate >= 0, f'moe.bias_update_rate={e.bias_update_rate} must be >= 0')
+  for key in ('train_capacity_factor', 'eval_capacity_factor'):
+    _require(e[key] is None or e[key] > 0, f'moe.{key}={e[key]} must be > 0 (or None for dropless)')
+  _require(e.drop_policy in DROP_POLICIES, f'moe.drop_policy={e.drop_policy!r} must be one of {DROP_POLICIES}')
+  _require(e.capacity_group_tokens is None or e.capacity_group_tokens > 0,
+           f'moe.capacity_group_tokens={e.capacity_group_tokens} must be > 0 (or None)')
+  _require(e.num_shared_experts >= 0, f'moe.num_shared_experts={e.num_shared_experts} must be >= 0')
+  _require(shared_hidden(m, e) > 0, f'moe.shared_expert_hidden={e.shared_expert_hidden} must be > 0')
+
+
 def _validate_routing(cfg) -> None:
-  """Rules of the router, load balancing, capacity and expert-shape keys."""
+  """Cross-field rules of the router, load balancing, capacity and expert shapes (MoE configs)."""
   m, e = cfg.model, cfg.moe
   classes = size_classes(m, e)
   _require(sum(c for c, _ in classes) == e.num_experts,
            f'moe.expert_size_classes={e.expert_size_classes!r} has {sum(c for c, _ in classes)} experts '
            f'but moe.num_experts={e.num_experts}')
-  _require(e.router_score in ROUTER_SCORES, f'moe.router_score={e.router_score!r} must be one of {ROUTER_SCORES}')
-  _require(e.routed_scaling_factor > 0, f'moe.routed_scaling_factor={e.routed_scaling_factor} must be > 0')
-  _require(e.num_expert_groups >= 1 and e.num_experts % e.num_expert_groups == 0,
+  _require(e.num_experts % e.num_expert_groups == 0,
            f'moe.num_expert_groups={e.num_expert_groups} must divide moe.num_experts={e.num_experts}')
-  _require(1 <= e.topk_expert_groups <= e.num_expert_groups,
+  _require(e.topk_expert_groups <= e.num_expert_groups,
            f'moe.topk_expert_groups={e.topk_expert_groups} must be in [1, moe.num_expert_groups={e.num_expert_groups}]')
   _require(e.topk_expert_groups * (e.num_experts // e.num_expert_groups) >= e.experts_per_token,
            f'moe.topk_expert_groups={e.topk_expert_groups} groups of {e.num_experts // e.num_expert_groups} experts '
            f'cannot supply moe.experts_per_token={e.experts_per_token}')
-  _require(0 <= e.router_jitter < 1, f'moe.router_jitter={e.router_jitter} must be in [0, 1)')
-  _require(e.load_balancing in LOAD_BALANCING, f'moe.load_balancing={e.load_balancing!r} must be one of {LOAD_BALANCING}')
   for batch_key in ('train', 'eval'):
-    _require(e.balance_group_sequences >= 1 and cfg[batch_key].batch_size % e.balance_group_sequences == 0,
+    _require(cfg[batch_key].batch_size % e.balance_group_sequences == 0,
              f'moe.balance_group_sequences={e.balance_group_sequences} must divide '
              f'{batch_key}.batch_size={cfg[batch_key].batch_size}')
-  _require(e.bias_update_rate >= 0, f'moe.bias_update_rate={e.bias_update_rate} must be >= 0')
-  for key in ('train_capacity_factor', 'eval_capacity_factor'):
-    _require(e[key] is None or e[key] > 0, f'moe.{key}={e[key]} must be > 0 (or None for dropless)')
-  _require(e.drop_policy in DROP_POLICIES, f'moe.drop_policy={e.drop_policy!r} must be one of {DROP_POLICIES}')
   for batch_key in ('train.batch_size', 'eval.batch_size'):
     tokens = cfg[batch_key.split('.')[0]].batch_size * cfg.data.seq_len
-    _require(e.capacity_group_tokens is None or (e.capacity_group_tokens > 0 and tokens % e.capacity_group_tokens == 0),
+    _require(e.capacity_group_tokens is None or tokens % e.capacity_group_tokens == 0,
              f'moe.capacity_group_tokens={e.capacity_group_tokens} must divide {batch_key} * data.seq_len = {tokens}')
-  _require(e.num_shared_experts >= 0, f'moe.num_shared_experts={e.num_shared_experts} must be >= 0')
-  _require(shared_hidden(m, e) > 0, f'moe.shared_expert_hidden={e.shared_expert_hidden} must be > 0')
 
 
 # Sweep helpers: build lists of dotted-override dicts.

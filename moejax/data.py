@@ -11,9 +11,15 @@ Tokens are bytes 0..255; SEPARATOR (256) starts every document. The corpus
 fingerprint is the sha256 of every (key, document) pair in order; it is recorded in
 every result, because the stdlib differs across Python versions.
 
-Split: documents are ordered by sha256(key) and taken into the held-out set until it
-holds `data.heldout_bytes` bytes; the rest is training data. The split depends only on
-the keys and that one number, so it is deterministic and disjoint by construction.
+Split: documents are walked in sha256(key) order; each one that still fits is taken into
+the held-out set, whose size is capped at min(`data.heldout_bytes`, `data.heldout_max_fraction`
+x corpus bytes); the rest is training data. The split depends only on the keys, the sizes and
+those two numbers, so it is deterministic and disjoint by construction, and one large
+document can never become the whole held-out set.
+
+Binary files: a document with a NUL byte, or with more than 10% control bytes and invalid
+UTF-8, looks binary; `data.binary_documents` says whether that is an error (default), the
+document is skipped, or kept.
 
 Packing: each split is one token stream; a window i covers tokens [i*L, i*L + L] (L+1
 tokens: inputs are the first L, targets the last L), so every token is a target once.
@@ -27,8 +33,10 @@ import dataclasses
 import functools
 import glob
 import hashlib
+import logging
 import os
 import sysconfig
+import time
 from typing import Iterator
 
 import grain
@@ -37,6 +45,9 @@ import numpy as np
 from moejax.errors import DataError
 
 SEPARATOR = 256
+BINARY_SHARE = 0.10  # a document with more non-text bytes than this share looks binary
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,8 +79,44 @@ def stdlib_files() -> tuple[str, list[str]]:
 def _read_files(root: str, rels: list[str]) -> list[tuple[str, bytes]]:
   docs = []
   for rel in rels:
-    with open(os.path.join(root, rel), 'rb') as f:
-      docs.append((rel, f.read()))
+    path = os.path.join(root, rel)
+    try:
+      with open(path, 'rb') as f:
+        docs.append((rel, f.read()))
+    except OSError as e:
+      raise DataError(f'corpus file {path} cannot be read: {e.strerror or e}') from None
+  return docs
+
+
+_TEXT_CONTROLS = np.array([ord(c) for c in '\t\n\r\f\v\b\x1b'], np.uint8)
+
+
+def non_text_share(data: bytes) -> float:
+  """Share of bytes that are control characters (other than whitespace) or not valid UTF-8."""
+  if not data:
+    return 0.0
+  arr = np.frombuffer(data, np.uint8)
+  control = int(np.count_nonzero(((arr < 32) & ~np.isin(arr, _TEXT_CONTROLS)) | (arr == 127)))
+  invalid = data.decode('utf-8', errors='replace').count('\ufffd') - data.decode('utf-8', errors='ignore').count('\ufffd')
+  return (control + invalid) / len(data)
+
+
+def looks_binary(data: bytes) -> bool:
+  """A NUL byte, or more than BINARY_SHARE of the bytes non-text (see `non_text_share`)."""
+  return b'\0' in data or non_text_share(data) > BINARY_SHARE
+
+
+def _screen_binary(docs, source: str, policy: str):
+  binary = [k for k, d in docs if looks_binary(d)]
+  if not binary:
+    return docs
+  if policy == 'error':
+    raise DataError(f'data.source={source!r}: {len(binary)} document(s) look binary, e.g. {binary[0]!r} (NUL bytes '
+                    f"or >{BINARY_SHARE:.0%} non-text); set data.binary_documents='skip' to leave them out or 'keep'")
+  if policy == 'skip':
+    log.warning('data.source=%r: skipped %d binary-looking document(s), e.g. %r', source, len(binary), binary[0])
+    dropped = set(binary)
+    return [(k, d) for k, d in docs if k not in dropped]
   return docs
 
 
@@ -123,15 +170,20 @@ def fingerprint(docs: list[tuple[str, bytes]]) -> str:
   return h.hexdigest()
 
 
-def split_documents(docs, heldout_bytes: int):
-  """(train, heldout) document lists; held-out = first docs in sha256(key) order until heldout_bytes."""
+def split_documents(docs, heldout_bytes: int, max_fraction: float = 1.0):
+  """(train, heldout) document lists.
+
+  Documents are walked in sha256(key) order and each one that still fits under
+  cap = min(heldout_bytes, max_fraction * total bytes) joins the held-out split.
+  """
+  total = sum(len(d) for _, d in docs)
+  cap = min(heldout_bytes, int(max_fraction * total))
   ranked = sorted(docs, key=lambda kd: hashlib.sha256(kd[0].encode()).hexdigest())
   held, size = set(), 0
   for key, data in ranked:
-    if size >= heldout_bytes:
-      break
-    held.add(key)
-    size += len(data)
+    if size + len(data) <= cap:
+      held.add(key)
+      size += len(data)
   train = [(k, d) for k, d in docs if k not in held]
   heldout = [(k, d) for k, d in docs if k in held]
   return train, heldout
@@ -148,19 +200,36 @@ def pack(docs) -> np.ndarray:
 
 @functools.lru_cache(maxsize=4)
 def load_corpus(source: str, heldout_bytes: int, tfds_split: str = 'train', tfds_text_key: str = 'text',
-                tfds_data_dir: str | None = None) -> Corpus:
+                tfds_data_dir: str | None = None, heldout_max_fraction: float = 1.0,
+                binary_documents: str = 'error') -> Corpus:
   """Reads, fingerprints, splits and packs a corpus (cached per process)."""
-  docs = read_documents(source, tfds_split, tfds_text_key, tfds_data_dir)
-  train, heldout = split_documents(docs, heldout_bytes)
+  t0 = time.time()
+  docs = _screen_binary(read_documents(source, tfds_split, tfds_text_key, tfds_data_dir), source, binary_documents)
+  total = sum(len(d) for _, d in docs)
+  train, heldout = split_documents(docs, heldout_bytes, heldout_max_fraction)
+  held = sum(len(d) for _, d in heldout)
+  if not heldout:
+    raise DataError(f'data.source={source!r}: no document fits a held-out split of at most {heldout_bytes:,} bytes '
+                    f'({heldout_max_fraction:.0%} of {total:,}); raise data.heldout_bytes or add smaller documents')
   if not train:
     raise DataError(f'data.heldout_bytes={heldout_bytes} takes every document of {source!r}; none left to train on')
-  return Corpus(source, fingerprint(docs), pack(train), pack(heldout), len(train), len(heldout))
+  if heldout_max_fraction * total < heldout_bytes:
+    log.warning('data.heldout_bytes=%d is more than data.heldout_max_fraction=%g of the corpus (%d bytes): the '
+                'held-out split holds %d bytes', heldout_bytes, heldout_max_fraction, total, held)
+  elif held < heldout_bytes // 2:
+    log.warning('the held-out split holds only %d of data.heldout_bytes=%d bytes (its documents are larger than '
+                'what was left)', held, heldout_bytes)
+  corpus = Corpus(source, fingerprint(docs), pack(train), pack(heldout), len(train), len(heldout))
+  log.info('corpus %s: %d documents, %.1f MB, read in %.1f s; train %d tokens (%d docs), held-out %d tokens (%d docs)',
+           source, len(docs), total / 1e6, time.time() - t0, corpus.train_tokens.size, len(train),
+           corpus.heldout_tokens.size, len(heldout))
+  return corpus
 
 
 def corpus_from_config(data_cfg) -> Corpus:
   """`load_corpus` with the arguments of a `data` config section."""
   return load_corpus(data_cfg.source, data_cfg.heldout_bytes, data_cfg.tfds_split, data_cfg.tfds_text_key,
-                     data_cfg.tfds_data_dir)
+                     data_cfg.tfds_data_dir, data_cfg.heldout_max_fraction, data_cfg.binary_documents)
 
 
 class Windows:

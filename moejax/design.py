@@ -33,34 +33,20 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import os
-import re
 import sys
 
 import numpy as np
 from absl import app, flags
 
-from moejax import accounting, config as config_lib, metrics as metrics_lib
+from moejax import accounting, cli, config as config_lib, metrics as metrics_lib
+from moejax.cli import parse_amount
 from moejax.errors import ConfigError
 
 FLAGS = flags.FLAGS
 
 BYTES_PER_PARAM = {'float32': 4, 'bfloat16': 2, 'float16': 2, 'int8': 1, 'fp8': 1}
-_UNITS = {'b': 1, 'kb': 1e3, 'mb': 1e6, 'gb': 1e9, 'tb': 1e12, 'kib': 2**10, 'mib': 2**20, 'gib': 2**30, 'tib': 2**40}
 BUCKET = 0.03
 TIEBREAKS = ('n_exp_asc', 'granularity')
-
-
-def parse_amount(text: str) -> tuple[float, bool]:
-  """'2GB' -> (2e9, True) (bytes); '1.5e9' -> (1.5e9, False) (parameters)."""
-  match = re.fullmatch(r'\s*([0-9.]+(?:e[+-]?[0-9]+)?)\s*([a-zA-Z]*)\s*', str(text))
-  if not match:
-    raise ConfigError(f'cannot parse the amount {text!r}; use e.g. 1.5e9 (parameters) or 2GB / 3GiB (bytes)')
-  value, unit = float(match.group(1)), match.group(2).lower()
-  if not unit:
-    return value, False
-  if unit not in _UNITS:
-    raise ConfigError(f'unknown unit {match.group(2)!r} in {text!r}; use one of B, KB, MB, GB, TB, KiB, MiB, GiB, TiB')
-  return value * _UNITS[unit], True
 
 
 def parse_grid(text: str, cast=int) -> list:
@@ -373,7 +359,6 @@ def _main(argv):
 
 
 if __name__ == '__main__':
-  from moejax import main as main_lib  # pylint: disable=import-outside-toplevel
   flags.DEFINE_string('config', None, 'Experiment file whose vocab, tying, QK-norm and seq_len the designs use '
                       '(default experiments/base.py); also the base of --emit.')
   flags.DEFINE_string('memory', None, 'Memory budget: parameters (1.5e9) or bytes (2GB, 3GiB).')
@@ -397,4 +382,4 @@ if __name__ == '__main__':
   flags.DEFINE_integer('max_topk', 16, 'Largest top-k.')
   flags.DEFINE_integer('top', 20, 'Rows to print and designs to --emit.')
   flags.DEFINE_string('emit', None, 'Write an experiment file whose sweep trains the top designs.')
-  main_lib.cli(_main)
+  cli.cli(_main)

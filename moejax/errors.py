@@ -41,3 +41,21 @@ class Preempted(MoejaxError):
   """SIGTERM arrived; a checkpoint was saved and the run can be resumed."""
 
   exit_code = 143
+
+
+class Interrupted(MoejaxError):
+  """Ctrl-C (SIGINT) arrived; a checkpoint was saved when training had started."""
+
+  exit_code = 130
+
+
+class WorkdirBusy(MoejaxError):
+  """Another live run holds the workdir's lock."""
+
+  exit_code = 5
+
+
+class ConfigMismatch(MoejaxError):
+  """The workdir was started with another configuration."""
+
+  exit_code = 2

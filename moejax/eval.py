@@ -79,6 +79,8 @@ def routing_summary(cfg, sums: dict[str, np.ndarray], batches: int) -> dict[str,
     stats = {k: float(v) for k, v in routing.load_stats(row).items()}
     layers.append({'tokens_per_expert': row.tolist(), **stats, 'dead_experts': int(stats['dead_experts']),
                    'drop_fraction': float(sums['drop_fraction'][i] / batches),
+                   **({'ep_drop_fraction': float(sums['ep_drop_fraction'][i] / batches)}
+                      if 'ep_drop_fraction' in sums else {}),
                    'router_entropy': float(sums['router_entropy'][i] / batches)})
   return {'layers': layers, **accounting.measured_active(cfg, counts.tolist())}
 
@@ -87,7 +89,7 @@ def restore_state(s: Setup, workdir: str) -> tuple[int, dict]:
   """(step, state) of the latest checkpoint in `workdir`."""
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'), use_async=False)
   try:
-    restored = ckpt.restore_latest(checkpoint.abstract(s.state))
+    restored = ckpt.restore_latest(checkpoint.abstract(s.state), move_aside=False)
   finally:
     ckpt.close()
   if restored is None:
@@ -105,9 +107,30 @@ def git_revision() -> str | None:
     return None
 
 
-def result_record(s: Setup, eval_metrics: dict, train_summary: dict) -> dict:
-  """The result.json record of one run."""
+def learning_curve(workdir: str | None) -> list[dict]:
+  """[{'step', 'tokens', 'loss', 'bits_per_byte'}] of the periodic held-out scores in WORKDIR/metrics.jsonl."""
+  path = os.path.join(workdir, 'metrics.jsonl') if workdir else None
+  if not path or not os.path.exists(path):
+    return []
+  curve = {}
+  with open(path) as f:
+    for line in f:
+      try:
+        row = json.loads(line)
+      except ValueError:
+        continue  # a line cut by a crash mid-write
+      if 'eval_loss' in row:  # a resumed run may repeat a step: the last score wins
+        curve[row['step']] = {'step': row['step'], 'tokens': row.get('tokens'), 'loss': row['eval_loss'],
+                              'bits_per_byte': row.get('eval_bits_per_byte')}
+  return [curve[k] for k in sorted(curve)]
+
+
+def result_record(s: Setup, eval_metrics: dict, train_summary: dict, config_changes: list | None = None,
+                  workdir: str | None = None) -> dict:
+  """The result.json record of one run (with the workdir's deliberate config changes and learning curve)."""
   return metrics_lib.to_jsonable({
+      'config_changes': config_changes or [],
+      'eval_curve': learning_curve(workdir),
       'name': s.cfg.name,
       'config': json.loads(s.cfg.to_json_best_effort()),
       'accounting': s.accounting,

@@ -16,45 +16,44 @@ Any bad input ends with one line `moejax: error: ...` on stderr and a non-zero e
 from __future__ import annotations
 
 import logging
-import os
 import sys
 
-import moejax
 from absl import app, flags
-from ml_collections import config_flags
 
-import jax
-
-from moejax import config as config_lib, data, design, distributed, eval as eval_lib, train
+from moejax import cli, config as config_lib
 from moejax.errors import ConfigError, MoejaxError
 
 FLAGS = flags.FLAGS
+log = logging.getLogger('moejax.main')  # (not __name__: run as -m it is '__main__')
 
 
-def define_config_flag() -> None:
-  """--config=experiments/x.py[:arg] with --config.a.b=v overrides; lock_config makes typos fail."""
-  config_flags.DEFINE_config_file('config', None, 'Experiment file, optionally with :arg.', lock_config=True)
+def execute(cfg, workdir: str, mode: str = 'train', allow_config_change: bool = False) -> dict:
+  """Validates `cfg`, trains (mode 'train') and scores it; writes and returns the result record.
 
-log = logging.getLogger(__name__)
-
-
-def execute(cfg, workdir: str, mode: str = 'train') -> dict:
-  """Validates `cfg`, trains (mode 'train') and scores it; writes and returns the result record."""
+  The workdir is locked for the whole call and bound to cfg's configuration (`moejax.workdir`).
+  """
   config_lib.validate(cfg)
+  # jax, flax and orbax load only now, so bad flags and configs fail in a fraction of a second.
+  import jax  # pylint: disable=import-outside-toplevel
+  from moejax import data, distributed, eval as eval_lib, train, workdir as workdir_lib  # pylint: disable=import-outside-toplevel
   distributed.initialize(cfg.distributed)  # before anything touches a device
-  train.prepare_workdir(workdir)
-  corpus = data.corpus_from_config(cfg.data)
-  s = train.setup(cfg, corpus)
-  if mode == 'train':
-    summary = train.run(cfg, workdir, built=s)
-    state = s.state
-  else:
-    step, state = eval_lib.restore_state(s, workdir)
-    summary = {'steps': step, 'tokens': step * cfg.train.batch_size * cfg.data.seq_len, 'wall_s': None}
-  record = eval_lib.result_record(s, eval_lib.evaluate(s, state), summary)
-  eval_lib.write_result(workdir, record)
+  leader = distributed.is_leader()
+  workdir_lib.prepare(workdir, jax.process_index())
+  with workdir_lib.lock(workdir, enabled=leader):
+    changes = workdir_lib.bind(workdir, cfg, mode, allow_config_change, write=leader)
+    corpus = data.corpus_from_config(cfg.data)
+    s = train.setup(cfg, corpus)
+    if mode == 'train':
+      summary = train.run(cfg, workdir, built=s)
+      state = s.state
+    else:
+      step, state = eval_lib.restore_state(s, workdir)
+      summary = {'steps': step, 'tokens': step * cfg.train.batch_size * cfg.data.seq_len, 'wall_s': None}
+    log.info('scoring the held-out split')
+    record = eval_lib.result_record(s, eval_lib.evaluate(s, state), summary, changes, workdir)
+    eval_lib.write_result(workdir, record)
   log.info('%s: held-out loss %.4f nats/token (%.4f bits/byte) over %d tokens', cfg.name,
-               record['eval']['loss'], record['eval']['bits_per_byte'], record['eval']['tokens'])
+           record['eval']['loss'], record['eval']['bits_per_byte'], record['eval']['tokens'])
   return record
 
 
@@ -65,13 +64,15 @@ def _gb(n: float) -> str:
 def compile_check(cfg, device_memory: str | None) -> int:
   """--mode=compile: prints the memory report; returns the exit code (0 fits or unknown, 1 does not fit)."""
   config_lib.validate(cfg)
+  import jax  # pylint: disable=import-outside-toplevel
+  from moejax import distributed, train  # pylint: disable=import-outside-toplevel
   distributed.initialize(cfg.distributed)
-  r = train.compile_step(cfg)
   limit = None
   if device_memory:
-    limit, is_bytes = design.parse_amount(device_memory)
+    limit, is_bytes = cli.parse_amount(device_memory)
     if not is_bytes:
       raise ConfigError(f'--device_memory={device_memory} needs a unit, e.g. 80GB or 16GiB')
+  r = train.compile_step(cfg)
   if limit is None:
     stats = getattr(jax.devices()[0], 'memory_stats', lambda: None)() or {}
     limit = stats.get('bytes_limit')
@@ -94,12 +95,6 @@ def compile_check(cfg, device_memory: str | None) -> int:
   return 0 if fits else 1
 
 
-def fail(error: MoejaxError) -> None:
-  """Prints the one-line error and exits with its code."""
-  print(f'moejax: error: {error}', file=sys.stderr)
-  sys.exit(error.exit_code)
-
-
 def _main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
@@ -109,47 +104,24 @@ def _main(argv):
     try:
       code = compile_check(FLAGS.config, FLAGS.device_memory)
     except MoejaxError as e:
-      fail(e)
+      cli.fail(e)
     sys.exit(code)
   if FLAGS.workdir is None:
     raise app.UsageError('--workdir is required')
   try:
-    record = execute(FLAGS.config, FLAGS.workdir, FLAGS.mode)
+    record = execute(FLAGS.config, FLAGS.workdir, FLAGS.mode, FLAGS.allow_config_change)
   except MoejaxError as e:
-    fail(e)
+    cli.fail(e)
   print(f'{record["name"]}: held-out loss {record["eval"]["loss"]:.4f} nats/token, '
         f'{record["eval"]["bits_per_byte"]:.4f} bits/byte -> {FLAGS.workdir}/result.json')
 
 
-def parse_flags(argv: list[str]) -> list[str]:
-  """absl flag parsing where a bad flag or --config override is one line and exit code 2."""
-  found = config_lib.config_flag(argv)
-  if found and not os.path.isfile(found[0]):
-    fail(ConfigError(f'config file not found: {found[0]}'))
-  try:
-    return flags.FLAGS(argv)
-  except MoejaxError as e:
-    fail(e)
-  except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
-    message = ' '.join(str(e).replace('\\n', ' ').replace("\\'", "'").strip("'").split())
-    fail(ConfigError(f'bad flag or config override: {message}'))
-  return []
-
-
-def cli(main_fn) -> None:
-  """Runs an absl main with moejax logging, importable experiment files and one-line errors."""
-  moejax.setup_logging()
-  config_lib.add_experiment_root(sys.argv)
-  try:
-    app.run(main_fn, flags_parser=parse_flags)
-  except MoejaxError as e:
-    fail(e)
-
-
 if __name__ == '__main__':
-  define_config_flag()
+  cli.define_config_flag()
   flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and result.json.')
   flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'compile'],
                     'train (then eval), eval only, or compile only (memory check).')
   flags.DEFINE_string('device_memory', None, "--mode=compile: memory per device, e.g. '80GB' (default: reported)")
-  cli(_main)
+  flags.DEFINE_bool('allow_config_change', False, 'Resume or rescore a workdir with a different configuration; '
+                    'the change is recorded in provenance.json and result.json.')
+  cli.cli(_main)

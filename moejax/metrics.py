@@ -8,7 +8,6 @@ import os
 import tempfile
 from typing import Any
 
-import jax
 import numpy as np
 
 # bf16 dense peak FLOP/s per device, by `device_kind` substring (PERF.md §3; TPU figures from vendor docs).
@@ -41,7 +40,7 @@ def to_jsonable(x: Any) -> Any:
     return {str(k): to_jsonable(v) for k, v in x.items()}
   if isinstance(x, (list, tuple)):
     return [to_jsonable(v) for v in x]
-  if isinstance(x, (jax.Array, np.ndarray, np.generic)):
+  if isinstance(x, (np.ndarray, np.generic)) or type(x).__module__.startswith('jax'):
     arr = np.asarray(x)
     return arr.item() if arr.ndim == 0 else arr.tolist()
   return x
@@ -51,6 +50,7 @@ def peak_flops(override_tflops: float | None) -> float | None:
   """Per-device peak FLOP/s for MFU: the config override, else a lookup by device kind (None on CPU)."""
   if override_tflops is not None:
     return override_tflops * 1e12
+  import jax  # pylint: disable=import-outside-toplevel  (the study tools import this module without jax)
   kind = jax.devices()[0].device_kind
   for name, flops in PEAK_FLOPS.items():
     if name in kind:

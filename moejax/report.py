@@ -124,7 +124,7 @@ def _main(argv):
 
 
 if __name__ == '__main__':
-  from moejax import main as main_lib  # pylint: disable=import-outside-toplevel
+  from moejax import cli  # pylint: disable=import-outside-toplevel
   flags.DEFINE_string('root', None, 'Directory holding result.json files (as for moejax.results).')
   flags.DEFINE_string('out', None, 'Directory for report.md and the PNG figures.')
-  main_lib.cli(_main)
+  cli.cli(_main)

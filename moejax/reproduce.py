@@ -18,7 +18,7 @@ import sys
 import jax
 from absl import app, flags
 
-from moejax import config as config_lib, data, main as main_lib
+from moejax import cli, config as config_lib, data, main as main_lib
 from moejax.errors import ConfigError, DataError
 
 FLAGS = flags.FLAGS
@@ -75,4 +75,4 @@ def _main(argv):
 
 if __name__ == '__main__':
   flags.DEFINE_string('workdir', None, 'New directory for the re-run.')
-  main_lib.cli(_main)
+  cli.cli(_main)

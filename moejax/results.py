@@ -304,8 +304,8 @@ def _main(argv):
 
 
 if __name__ == '__main__':
-  from moejax import main as main_lib  # pylint: disable=import-outside-toplevel
+  from moejax import cli  # pylint: disable=import-outside-toplevel
   flags.DEFINE_string('root', None, 'Directory (or gs:// prefix) holding result.json files, at any depth.')
   flags.DEFINE_enum('format', 'md', ['md', 'csv', 'json'], 'Output format.')
   flags.DEFINE_string('out', None, 'Write the table here (atomically) instead of stdout.')
-  main_lib.cli(_main)
+  cli.cli(_main)

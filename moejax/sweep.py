@@ -14,7 +14,8 @@ failing point gets ROOT/<name>/failed.json with its error and the sweep goes on.
 end the table of the whole root (`moejax.results`) is printed and written to
 ROOT/results.md and ROOT/results.csv.
 
---dry_run lists the points with their parameter counts and status. --point=I runs only
+--dry_run lists the points with their parameter counts and status (todo, done, failed, or stale:
+a result.json made with another config). --point=I runs only
 point I (the form cluster jobs use). --emit=slurm writes ROOT/sweep.slurm, a job-array
 script with one task per point; --emit=tpu writes ROOT/sweep_tpu.sh, one command per TPU
 slice. Neither runs anything.
@@ -33,7 +34,7 @@ import time
 
 from absl import app, flags
 
-from moejax import accounting, config as config_lib, main as main_lib, metrics as metrics_lib, results
+from moejax import accounting, cli, config as config_lib, main as main_lib, metrics as metrics_lib, results
 from moejax.errors import ConfigError, MoejaxError, WorkdirError
 
 FLAGS = flags.FLAGS
@@ -124,8 +125,10 @@ def dry_run_text(resolved: list[tuple[str, object]], root: str) -> str:
   lines = [f'{len(resolved)} points under {root}:']
   for i, (name, cfg) in enumerate(resolved):
     acc = accounting.count(cfg)
-    status = 'done' if _done(root, name) else 'failed' if os.path.exists(
-        os.path.join(root, name, 'failed.json')) else 'todo'
+    if _done(root, name):  # 'stale': a result made with another config; the run would fail on it
+      status = 'stale' if _stale(os.path.join(root, name, 'result.json'), cfg) else 'done'
+    else:
+      status = 'failed' if os.path.exists(os.path.join(root, name, 'failed.json')) else 'todo'
     lines.append(f'{i:4d}  {name:<50} N_total {accounting.human(acc["n_total"]):>8}  '
                  f'N_active {accounting.human(acc["n_active"]):>8}  s {acc["sparsity"]:<5g} seed {cfg.seed:<3d} {status}')
   return '\n'.join(lines) + '\n'
@@ -229,9 +232,9 @@ def _main(argv):
 
 
 if __name__ == '__main__':
-  main_lib.define_config_flag()
+  cli.define_config_flag()
   flags.DEFINE_string('root', None, 'Directory holding one workdir per sweep point.')
   flags.DEFINE_bool('dry_run', False, 'List the points (with parameter counts and status) and exit.')
   flags.DEFINE_integer('point', None, 'Run only the point with this index (what cluster jobs run).')
   flags.DEFINE_enum('emit', None, ['slurm', 'tpu'], 'Write a cluster script for the points instead of running.')
-  main_lib.cli(_main)
+  cli.cli(_main)

@@ -28,7 +28,8 @@ from flax import nnx
 from moejax import accounting, checkpoint, data, distributed, mesh as mesh_lib, metrics as metrics_lib
 from moejax import model as model_lib
 from moejax import moe as moe_lib, optim
-from moejax.errors import DataError, NonFiniteLossError, Preempted, WorkdirError
+from moejax import workdir as workdir_lib
+from moejax.errors import DataError, Interrupted, NonFiniteLossError, Preempted
 
 log = logging.getLogger(__name__)
 
@@ -147,14 +148,7 @@ class Setup:
 
 def prepare_workdir(workdir: str) -> None:
   """Creates `workdir` and proves it writable; raises WorkdirError with one line otherwise."""
-  try:
-    os.makedirs(workdir, exist_ok=True)
-    probe = os.path.join(workdir, f'.write_probe.{jax.process_index()}')
-    with open(probe, 'w') as f:
-      f.write('ok')
-    os.remove(probe)
-  except OSError as e:
-    raise WorkdirError(f'workdir {workdir!r} is not writable: {e.strerror or e}') from None
+  workdir_lib.prepare(workdir, jax.process_index())
 
 
 def _placed(cfg, mesh, param_state, buffer_state, abstract: bool = False) -> dict:
@@ -185,9 +179,13 @@ def setup(cfg, corpus: data.Corpus | None = None) -> Setup:
   """Builds mesh, model, sharded params and optimizer state for a validated config."""
   corpus = corpus or data.corpus_from_config(cfg.data)
   mesh = _make_mesh(cfg)
+  t0 = time.time()
   graphdef, param_state, buffer_state = model_lib.split(model_lib.build(cfg))
   state = _placed(cfg, mesh, param_state, buffer_state)
-  return Setup(cfg, mesh, graphdef, state, corpus, accounting.count(cfg))
+  acc = accounting.count(cfg)
+  log.info('model %s: N_total %s, N_active %s, built on mesh %s in %.1f s', cfg.name, accounting.human(acc['n_total']),
+           accounting.human(acc['n_active']), dict(mesh.shape), time.time() - t0)
+  return Setup(cfg, mesh, graphdef, state, corpus, acc)
 
 
 def _abstract(tree, shardings):
@@ -224,22 +222,36 @@ def compile_step(cfg) -> dict:
   return report
 
 
-class _SigtermFlag:
-  """Records SIGTERM instead of dying mid-step; restores the previous handler on exit."""
+class _StopSignals:
+  """Records SIGTERM and Ctrl-C instead of dying mid-step; restores the previous handlers on exit.
+
+  The loop saves a checkpoint and stops at the next step boundary. A second Ctrl-C aborts at
+  once (KeyboardInterrupt), for a user who does not want to wait for the save.
+  """
 
   def __init__(self):
-    self.raised = False
+    self.signum: int | None = None
 
   def __enter__(self):
-    self._previous = signal.signal(signal.SIGTERM, self._handle)
+    self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT)}
     return self
 
   def _handle(self, signum, frame):
-    del signum, frame
-    self.raised = True
+    del frame
+    if signum == signal.SIGINT and self.signum == signal.SIGINT:
+      raise KeyboardInterrupt
+    if self.signum is None:
+      self.signum = signum
+      if signum == signal.SIGINT:
+        log.warning('Ctrl-C: saving a checkpoint at the end of this step (press Ctrl-C again to abort at once)')
+
+  @property
+  def raised(self) -> bool:
+    return self.signum is not None
 
   def __exit__(self, *exc):
-    signal.signal(signal.SIGTERM, self._previous)
+    for sig, previous in self._previous.items():
+      signal.signal(sig, previous)
 
 
 def _agreed(flag: bool) -> bool:
@@ -255,16 +267,30 @@ def _agreed(flag: bool) -> bool:
 
 
 def _check_finite(step: int, out: dict[str, jax.Array]) -> None:
-  loss = float(jax.device_get(out['loss']))
-  if not np.isfinite(loss):
-    raise NonFiniteLossError(f'loss is {loss} at step {step}; stopped without saving this state '
+  """Stops on a non-finite loss or gradient norm (a finite loss with an infinite gradient still makes NaN params)."""
+  loss, grad_norm = (float(v) for v in jax.device_get((out['loss'], out['grad_norm'])))
+  if not (np.isfinite(loss) and np.isfinite(grad_norm)):
+    what = f'loss is {loss}' if not np.isfinite(loss) else f'gradient norm is {grad_norm}'
+    raise NonFiniteLossError(f'{what} at step {step}; stopped without saving this state '
                              '(the last good checkpoint is kept; lower optim.peak_learning_rate?)')
+
+
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
+def _duration(seconds: float) -> str:
+  seconds = int(round(seconds))
+  return f'{seconds // 3600}h{seconds % 3600 // 60:02d}m' if seconds >= 3600 else f'{seconds // 60}m{seconds % 60:02d}s'
 
 
 def run(cfg, workdir: str, stop_after: int | None = None, built: Setup | None = None) -> dict:
   """Trains `cfg` in `workdir` (resuming if possible); returns {'steps', 'tokens', 'wall_s', 'setup'}.
 
   `stop_after` stops (with a checkpoint) after that many total steps, as a preemption would.
+  With `eval.every_steps`, the held-out loss is also scored every that many steps and
+  written to the metrics (`eval_loss`, `eval_bits_per_byte`): the run's learning curve.
   """
   prepare_workdir(workdir)
   s = built or setup(cfg)
@@ -276,72 +302,136 @@ def run(cfg, workdir: str, stop_after: int | None = None, built: Setup | None = 
                                mesh_lib.process_rows(batch_sharding, t_cfg.batch_size))
   data_iter = iter(dataset)
   state, wall_before = s.state, 0.0
-  restored = ckpt.restore_latest(checkpoint.abstract(state))
+  try:
+    restored = ckpt.restore_latest(checkpoint.abstract(state))
+  except BaseException:
+    ckpt.close()
+    raise
   if restored is not None:
     step0, state, meta = restored
     if meta['data_fingerprint'] != s.corpus.fingerprint:
+      ckpt.close()
       raise DataError(f'checkpoint in {workdir} was trained on corpus {meta["data_fingerprint"][:12]}, '
                       f'but data.source now gives {s.corpus.fingerprint[:12]}')
     data_iter.set_state(meta['data_iterator'])
     wall_before = meta['wall_s']
     log.info('resumed from step %d', step0)
-  elif distributed.is_leader():
+  elif distributed.is_leader() and not os.path.exists(os.path.join(workdir, 'config.json')):
     metrics_lib.atomic_write(os.path.join(workdir, 'config.json'), cfg.to_json_best_effort(indent=2))
-  step = int(state['step'])
-  last_saved = step if restored is not None else None
+  loop = _Loop(cfg, s, workdir, ckpt, data_iter, batch_sharding, state, wall_before, restored is not None)
   end = t_cfg.steps if stop_after is None else min(stop_after, t_cfg.steps)
-  train_step = cached_train_step(s)
-  seed = jnp.int32(cfg.seed)
-  writer = metrics_lib.MetricsWriter(workdir, enabled=distributed.is_leader())
-  tokens_per_step = t_cfg.batch_size * cfg.data.seq_len
-  peak = metrics_lib.peak_flops(t_cfg.peak_tflops)
-
-  def save(at_step, wall):
-    ckpt.save(at_step, state, {'step': at_step, 'data_iterator': data_iter.get_state(), 'wall_s': wall,
-                               'data_fingerprint': s.corpus.fingerprint, 'config': cfg.to_json_best_effort()})
-
-  progress = _Progress(step, end)
-  t_start, t_window, window_steps, pending = time.time(), time.time(), 0, None
   try:
-    with _SigtermFlag() as sigterm:
-      while step < end and not _agreed(sigterm.raised):
-        tokens = mesh_lib.global_batch(next(data_iter), batch_sharding, t_cfg.batch_size)
-        state, out = train_step(state, tokens, seed)
-        step += 1
+    loop.train_until(end)
+  finally:
+    loop.close()
+  s.state = loop.state
+  return {'steps': loop.step, 'tokens': loop.step * loop.tokens_per_step,
+          'wall_s': wall_before + time.time() - loop.t_start, 'setup': s}
+
+
+class _Loop:
+  """The state of one training loop: steps, saves, signals, logging and periodic held-out scores."""
+
+  def __init__(self, cfg, s: Setup, workdir, ckpt, data_iter, batch_sharding, state, wall_before, resumed):
+    self.cfg, self.s, self.workdir, self.ckpt, self.data_iter = cfg, s, workdir, ckpt, data_iter
+    self.batch_sharding, self.state, self.wall_before = batch_sharding, state, wall_before
+    self.step = int(state['step'])
+    self.last_saved = self.step if resumed else None
+    self.train_step = cached_train_step(s)
+    self.seed = jnp.int32(cfg.seed)
+    self.writer = metrics_lib.MetricsWriter(workdir, enabled=distributed.is_leader())
+    self.tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
+    self.peak = metrics_lib.peak_flops(cfg.train.peak_tflops)
+    self.progress = None
+    self.t_start = time.time()
+
+  def save(self) -> None:
+    """Saves the current state (never a non-finite one)."""
+    if not bool(_all_finite(self.state['params'])):
+      raise NonFiniteLossError(f'parameters are not finite at step {self.step}; stopped without saving this state '
+                               '(the last good checkpoint is kept; lower optim.peak_learning_rate?)')
+    self.ckpt.save(self.step, self.state, {
+        'step': self.step, 'data_iterator': self.data_iter.get_state(),
+        'wall_s': self.wall_before + time.time() - self.t_start,
+        'data_fingerprint': self.s.corpus.fingerprint, 'config': self.cfg.to_json_best_effort()})
+    self.last_saved = self.step
+
+  def train_until(self, end: int) -> None:
+    cfg, t_cfg = self.cfg, self.cfg.train
+    self.progress = _Progress(self.step, end)
+    if self.peak is None:
+      log.info('MFU is not reported: no peak FLOP/s known for %s; set train.peak_tflops', jax.devices()[0].device_kind)
+    if self.step < end:
+      log.info('training steps %d..%d; compiling the train step', self.step + 1, end)
+    t_window, window_steps, pending, first = time.time(), 0, None, True
+    with _StopSignals() as stop:
+      while self.step < end and not _agreed(stop.raised):
+        tokens = mesh_lib.global_batch(next(self.data_iter), self.batch_sharding, t_cfg.batch_size)
+        self.state, out = self.train_step(self.state, tokens, self.seed)
+        self.step += 1
+        if first:  # the first step includes compilation: time it apart, and keep it out of tokens/s
+          jax.block_until_ready(out['loss'])
+          log.info('step %d: compiled and ran in %.1f s', self.step, time.time() - t_window)
+          t_window, first = time.time(), False
+        else:
+          window_steps += 1
         # Check the previous step's loss now, so the host never waits on the step just dispatched.
         if pending is not None:
           _check_finite(*pending)
-        pending = (step, out)
-        window_steps += 1
-        progress.update(1)
-        if step % t_cfg.log_every_steps == 0 or step == end:
+        pending = (self.step, out)
+        self.progress.update(1)
+        if self.step % t_cfg.log_every_steps == 0 or self.step == end:
           _check_finite(*pending)
           elapsed = time.time() - t_window
-          scalars = dict(jax.device_get(out), tokens_per_s=window_steps * tokens_per_step / elapsed)
-          flops_per_s = scalars['tokens_per_s'] * s.accounting['flops_per_token'] / s.mesh.size
-          scalars['model_tflops_per_device'] = flops_per_s / 1e12
-          if peak:
-            scalars['mfu'] = flops_per_s / peak
-          writer.write(step, scalars)
-          progress.log(step, scalars)
+          self._log(out, window_steps, elapsed, end)
           t_window, window_steps = time.time(), 0
-        if step % cfg.checkpoint.every_steps == 0 or step == end:
+        if cfg.eval.every_steps and self.step % cfg.eval.every_steps == 0 and self.step != end:
+          self._score()
+          t_window, window_steps = time.time(), 0
+        if self.step % cfg.checkpoint.every_steps == 0 or self.step == end:
           _check_finite(*pending)
-          save(step, wall_before + time.time() - t_start)
-          last_saved = step
-      if _agreed(sigterm.raised):
-        if step != last_saved and step > 0:
-          _check_finite(*pending)
-          save(step, wall_before + time.time() - t_start)
-        ckpt.wait()
-        saved = f'checkpoint step {step} is in {workdir}' if step > 0 else 'no step had run, nothing to save'
-        raise Preempted(f'SIGTERM at step {step}: {saved}; rerun the same command to resume')
-  finally:
-    progress.close()
-    writer.close()
-    ckpt.close()
-  s.state = state
-  return {'steps': step, 'tokens': step * tokens_per_step, 'wall_s': wall_before + time.time() - t_start, 'setup': s}
+          self.save()
+      if _agreed(stop.raised):
+        self._stop(stop.signum, pending)
+
+  def _log(self, out, window_steps: int, elapsed: float, end: int) -> None:
+    scalars = dict(jax.device_get(out))
+    if window_steps:
+      scalars['tokens_per_s'] = window_steps * self.tokens_per_step / elapsed
+      flops_per_s = scalars['tokens_per_s'] * self.s.accounting['flops_per_token'] / self.s.mesh.size
+      scalars['model_tflops_per_device'] = flops_per_s / 1e12
+      if self.peak:
+        scalars['mfu'] = flops_per_s / self.peak
+      scalars['eta_s'] = (end - self.step) * elapsed / window_steps
+    self.writer.write(self.step, scalars)
+    self.progress.log(self.step, scalars)
+
+  def _score(self) -> None:
+    from moejax import eval as eval_lib  # pylint: disable=import-outside-toplevel  (eval imports this module)
+    t0 = time.time()
+    result = eval_lib.evaluate(self.s, self.state)
+    self.writer.write(self.step, {'eval_loss': result['loss'], 'eval_bits_per_byte': result['bits_per_byte'],
+                                  'tokens': self.step * self.tokens_per_step})
+    log.info('step %d: held-out loss %.4f (%.4f bits/byte) in %.1f s', self.step, result['loss'],
+             result['bits_per_byte'], time.time() - t0)
+
+  def _stop(self, signum: int, pending) -> None:
+    if self.step != self.last_saved and self.step > 0:
+      _check_finite(*pending)
+      self.save()
+    self.ckpt.wait()
+    saved = f'checkpoint step {self.step} is in {self.workdir}' if self.step > 0 else 'no step had run, nothing to save'
+    if signum == signal.SIGINT:
+      raise Interrupted(f'Ctrl-C at step {self.step}: {saved}; rerun the same command to resume')
+    raise Preempted(f'SIGTERM at step {self.step}: {saved}; rerun the same command to resume')
+
+  def close(self) -> None:
+    try:
+      if self.progress is not None:
+        self.progress.close()
+      self.writer.close()
+    finally:
+      self.ckpt.close()
 
 
 class _Progress:
@@ -358,9 +448,10 @@ class _Progress:
       self.bar.update(n)
 
   def log(self, step: int, scalars: dict) -> None:
-    text = (f'step {step}: loss {scalars["loss"]:.4f} ce {scalars["ce"]:.4f} '
-            f'{scalars["tokens_per_s"]:,.0f} tok/s {scalars["model_tflops_per_device"]:.3f} TFLOP/s/device'
-            + (f' mfu {scalars["mfu"]:.1%}' if 'mfu' in scalars else ' (mfu: peak unknown, set train.peak_tflops)'))
+    text = f'step {step}: loss {scalars["loss"]:.4f} ce {scalars["ce"]:.4f}'
+    if 'tokens_per_s' in scalars:
+      text += (f' {scalars["tokens_per_s"]:,.0f} tok/s {scalars["model_tflops_per_device"]:.3f} TFLOP/s/device'
+               + (f' mfu {scalars["mfu"]:.1%}' if 'mfu' in scalars else '') + f' eta {_duration(scalars["eta_s"])}')
     if self.bar is not None:
       self.bar.set_postfix_str(text)
     else:

@@ -5,6 +5,12 @@ import sys
 
 os.environ['XLA_FLAGS'] = os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8'
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+# Compile time dominates these tests; many compile the same tiny model again, in this process,
+# in the other xdist worker or in a subprocess (CLI tests inherit the environment). A persistent
+# compilation cache inside the checkout shares those executables; a fresh clone starts cold.
+os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', os.path.join(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__))), '.cache', 'jax-tests'))
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.3')
 
 import pytest  # pylint: disable=wrong-import-position
 

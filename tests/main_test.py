@@ -27,9 +27,9 @@ def test_execute_writes_complete_result_record(tiny_cfg, tmp_path):
   for key in ('load_max_over_mean', 'load_cv', 'dead_experts', 'drop_fraction', 'router_entropy'):
     assert key in layers[0]
   assert record['routing']['n_active_measured'] == record['accounting']['n_active']  # uniform experts
-  assert 'git' in record
+  assert 'git' in record and record['config_changes'] == [] and record['eval_curve'] == []
   assert json.loads((tmp_path / 'config.json').read_text())['train']['steps'] == 2
-  assert not [f for f in os.listdir(tmp_path) if f.startswith('.')]  # no temp files left behind
+  assert [f for f in os.listdir(tmp_path) if f.startswith('.')] == ['.lock']  # no temp files left behind
 
 
 def _cli(args, tmp_path):

@@ -13,15 +13,15 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from moejax import checkpoint, config as config_lib, data, eval as eval_lib, train
-from moejax.errors import CheckpointError, NonFiniteLossError
+from moejax import checkpoint, config as config_lib, data, eval as eval_lib, main as main_lib, train
+from moejax.errors import Interrupted, NonFiniteLossError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _losses(workdir):
   with open(os.path.join(workdir, 'metrics.jsonl')) as f:
-    return {r['step']: r['loss'] for r in map(json.loads, f)}
+    return {r['step']: r['loss'] for r in map(json.loads, f) if 'loss' in r}
 
 
 def test_resume_is_bitwise_equal_to_uninterrupted_run(tiny_cfg, tmp_path):
@@ -62,25 +62,88 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tiny_cfg, tmp_path
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(state['params']))
 
 
-def test_corrupt_latest_checkpoint_falls_back_then_errors(tiny_cfg, tmp_path):
-  train.run(tiny_cfg, str(tmp_path))
-  ckdir = tmp_path / 'checkpoints'
+def test_corrupt_latest_checkpoint_is_moved_aside_and_the_run_finishes(tiny_cfg, tmp_path):
+  straight = train.run(tiny_cfg, str(tmp_path / 'a'))
+  ckdir = tmp_path / 'a' / 'checkpoints'
   assert sorted(os.listdir(ckdir)) == ['3', '6']
+  for dirpath, _, files in os.walk(ckdir / '6' / 'state'):
+    for f in files:
+      with open(os.path.join(dirpath, f), 'wb') as fh:
+        fh.write(b'garbage')
+  # Before the fix the rerun retrained from step 3, then failed on saving step 6 again, forever.
+  again = train.run(tiny_cfg, str(tmp_path / 'a'))
+  assert again['steps'] == 6 and sorted(os.listdir(ckdir)) == ['3', '6']
+  assert os.listdir(tmp_path / 'a' / 'checkpoints-unreadable') == ['6']
+  for x, y in zip(jax.tree.leaves(straight['setup'].state['params']), jax.tree.leaves(again['setup'].state['params'])):
+    np.testing.assert_array_equal(x, y)  # steps 4..6 retrained from step 3, bit for bit
 
-  def corrupt(step):
-    for dirpath, _, files in os.walk(ckdir / step / 'state'):
-      for f in files:
-        with open(os.path.join(dirpath, f), 'wb') as fh:
-          fh.write(b'garbage')
 
-  s = train.setup(tiny_cfg)
-  corrupt('6')
-  ckpt = checkpoint.Checkpointer(str(ckdir))
-  assert ckpt.restore_latest(checkpoint.abstract(s.state))[0] == 3
-  corrupt('3')
-  with pytest.raises(CheckpointError, match='no readable checkpoint'):
-    ckpt.restore_latest(checkpoint.abstract(s.state))
-  ckpt.close()
+def _poison(monkeypatch, at_step, **out_overrides):
+  """Makes the train step produce NaN parameters from `at_step` on, with `out_overrides` in its metrics."""
+  make = train.make_train_step
+
+  def poisoned(*args, **kwargs):
+    step_fn = make(*args, **kwargs)
+
+    def step(state, tokens, seed):
+      new_state, out = step_fn(state, tokens, seed)
+      if int(new_state['step']) >= at_step:
+        new_state['params'] = jax.tree.map(lambda p: p * jnp.nan, new_state['params'])
+        out = dict(out, **{k: jnp.float32(v) for k, v in out_overrides.items()})
+      return new_state, out
+    return step
+
+  monkeypatch.setattr(train, 'make_train_step', poisoned)
+  monkeypatch.setattr(train, '_STEP_CACHE', train.collections.OrderedDict())
+
+
+@pytest.mark.parametrize('overrides,message', [({'grad_norm': np.inf}, 'gradient norm is inf at step 3'),
+                                               ({}, 'parameters are not finite at step 3')])
+def test_nan_parameters_behind_a_finite_loss_are_never_saved(tiny_cfg, tmp_path, monkeypatch, overrides, message):
+  # An infinite gradient gives a finite loss and NaN parameters; the checkpoint at step 3 must not hold them.
+  _poison(monkeypatch, 3, **overrides)
+  with pytest.raises(NonFiniteLossError, match=message):
+    train.run(tiny_cfg, str(tmp_path))
+  assert not (tmp_path / 'checkpoints').exists() or os.listdir(tmp_path / 'checkpoints') == []
+
+
+def test_ctrl_c_saves_a_checkpoint_and_a_second_aborts(tiny_cfg, tmp_path, monkeypatch):
+  make = train.make_train_step
+  presses = {}
+
+  def pressing(*args, **kwargs):
+    step_fn = make(*args, **kwargs)
+
+    def step(state, tokens, seed):
+      new_state, out = step_fn(state, tokens, seed)
+      for _ in range(presses.get(int(new_state['step']), 0)):
+        os.kill(os.getpid(), signal.SIGINT)
+      return new_state, out
+    return step
+
+  monkeypatch.setattr(train, 'make_train_step', pressing)
+  monkeypatch.setattr(train, '_STEP_CACHE', train.collections.OrderedDict())
+  presses[2] = 1
+  with pytest.raises(Interrupted, match='Ctrl-C at step 2: checkpoint step 2'):
+    train.run(tiny_cfg, str(tmp_path / 'once'))
+  assert os.listdir(tmp_path / 'once' / 'checkpoints') == ['2']
+  presses.clear()
+  assert train.run(tiny_cfg, str(tmp_path / 'once'))['steps'] == 6  # resumes
+  presses[2] = 2
+  with pytest.raises(KeyboardInterrupt):
+    train.run(tiny_cfg, str(tmp_path / 'twice'))
+  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+
+
+def test_periodic_heldout_scores_give_a_learning_curve(tiny_cfg, tmp_path):
+  cfg = config_lib.apply_overrides(tiny_cfg, {'eval.every_steps': 2})
+  record = main_lib.execute(cfg, str(tmp_path))
+  rows = [json.loads(l) for l in open(tmp_path / 'metrics.jsonl')]
+  scored = [r for r in rows if 'eval_loss' in r]
+  assert [r['step'] for r in scored] == [2, 4]  # the end is scored once, into result.json
+  assert [c['step'] for c in record['eval_curve']] == [2, 4] and record['eval_curve'][0]['tokens'] == 2 * 4 * 16
+  assert scored[0]['eval_loss'] > scored[1]['eval_loss'] > record['eval']['loss'] - 0.05
+  assert all(r['tokens_per_s'] > 0 for r in rows if 'tokens_per_s' in r) and 'tokens_per_s' not in rows[0]
 
 
 def test_eval_equals_hand_computed_cross_entropy(tiny_cfg):
@@ -115,9 +178,13 @@ def test_sigterm_saves_restorable_checkpoint(corpus_glob, tmp_path):
   _, err = proc.communicate(timeout=60)
   assert proc.returncode == 143
   assert 'moejax: error: SIGTERM at step' in err
+  # Start-up is visible: the corpus, the model, the compile; the MFU note comes once.
+  for needle in ('moejax corpus text:', 'moejax model tiny: N_total', 'compiled and ran in'):
+    assert needle in err, err
+  assert err.count('MFU is not reported') == 1 and 'peak unknown' not in err
   steps = os.listdir(workdir / 'checkpoints')
   assert len(steps) == 1 and int(steps[0]) >= 1
-  result = subprocess.run(cmd[:5] + ['--mode=eval'], cwd=ROOT, capture_output=True, text=True, timeout=120)
+  result = subprocess.run(cmd + ['--mode=eval'], cwd=ROOT, capture_output=True, text=True, timeout=120)
   assert result.returncode == 0, result.stderr
   record = json.loads((workdir / 'result.json').read_text())
   assert record['train']['steps'] == int(steps[0]) and np.isfinite(record['eval']['loss'])

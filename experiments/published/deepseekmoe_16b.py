@@ -7,6 +7,8 @@ Published: 16.4B total, 2.8B active parameters. Not trained here.
 from experiments import base
 from experiments.published import shrink
 
+ARGS = ('tiny',)  # ':tiny': the same design shrunk to train in seconds on CPU
+
 
 def get_config(arg=None):
   c = base.get_config()

@@ -6,6 +6,8 @@ Published: 46.7B total, 12.9B active parameters. Not trained here.
 from experiments import base
 from experiments.published import shrink
 
+ARGS = ('tiny',)  # ':tiny': the same design shrunk to train in seconds on CPU
+
 
 def get_config(arg=None):
   c = base.get_config()

@@ -7,6 +7,8 @@ query/key projection; moejax's QK-norm is per head, 2*128 instead of 2*2048 scal
 from experiments import base
 from experiments.published import shrink
 
+ARGS = ('tiny',)  # ':tiny': the same design shrunk to train in seconds on CPU
+
 
 def get_config(arg=None):
   c = base.get_config()

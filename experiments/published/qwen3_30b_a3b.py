@@ -6,6 +6,8 @@ Published: 30.5B total (29.9B non-embedding), 3.3B active parameters. Not traine
 from experiments import base
 from experiments.published import shrink
 
+ARGS = ('tiny',)  # ':tiny': the same design shrunk to train in seconds on CPU
+
 
 def get_config(arg=None):
   c = base.get_config()

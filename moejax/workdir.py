@@ -1,0 +1,159 @@
+"""A run's workdir: writable, owned by one run at a time, and bound to one configuration.
+
+Files (see docs/reliability.md):
+  config.json       the resolved config the workdir trains (written before step 0)
+  provenance.json   {'config_hash', 'created', 'changes': [...]}: the hash the workdir was
+                    started with and every deliberate configuration change since
+  .lock             an advisory `flock` held by the run that owns the workdir (released by
+                    the kernel when that process ends, even on SIGKILL)
+
+A rerun, or `--mode=eval`, with a configuration that differs from config.json in any key
+outside `PLUMBING` is refused with one line naming the differing keys, unless the caller
+passes `allow_change=True` (`--allow_config_change`); the change is then recorded in
+provenance.json and, through `changes()`, in result.json. A workdir that holds no
+checkpoint and no result has trained nothing, so a new configuration simply claims it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import fcntl
+import hashlib
+import json
+import os
+import socket
+from typing import Any, Iterator
+
+from moejax import config as config_lib
+from moejax.errors import ConfigMismatch, WorkdirBusy, WorkdirError
+
+# Keys that never change what a run computes or how its result is labelled: how it was
+# launched, how often it logs and saves, and how the devices are arranged (checkpoints
+# restore onto any mesh; results agree to float32 rounding, see docs/scaling-out.md).
+PLUMBING = ('distributed.', 'checkpoint.', 'mesh.', 'train.log_every_steps', 'train.peak_tflops', 'eval.every_steps')
+
+
+def _is_plumbing(key: str) -> bool:
+  return any(key == p or (p.endswith('.') and key.startswith(p)) for p in PLUMBING)
+
+
+def _flat(cfg) -> dict[str, Any]:
+  return config_lib.flatten(json.loads(cfg.to_json_best_effort()))
+
+
+def config_hash(flat: dict[str, Any]) -> str:
+  """sha256 (12 hex digits) of a flattened config without its PLUMBING keys."""
+  kept = {k: v for k, v in flat.items() if not _is_plumbing(k)}
+  return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def differences(old: dict[str, Any], new: dict[str, Any]) -> dict[str, list]:
+  """{key: [old, new]} for the non-PLUMBING keys both configs have and that differ.
+
+  Keys present on one side only (added to moejax after the workdir was started) are not compared.
+  """
+  same = lambda a, b: json.dumps(a, sort_keys=True, default=str) == json.dumps(b, sort_keys=True, default=str)
+  return {k: [old[k], new[k]] for k in sorted(set(old) & set(new)) if not _is_plumbing(k) and not same(old[k], new[k])}
+
+
+def prepare(workdir: str, index: int = 0) -> None:
+  """Creates `workdir` and proves it writable; raises WorkdirError with one line otherwise."""
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    probe = os.path.join(workdir, f'.write_probe.{index}')
+    with open(probe, 'w') as f:
+      f.write('ok')
+    os.remove(probe)
+  except OSError as e:
+    raise WorkdirError(f'workdir {workdir!r} is not writable: {e.strerror or e}') from None
+
+
+@contextlib.contextmanager
+def lock(workdir: str, enabled: bool = True) -> Iterator[None]:
+  """Holds WORKDIR/.lock for the duration; raises WorkdirBusy when another live process holds it."""
+  if not enabled:
+    yield
+    return
+  path = os.path.join(workdir, '.lock')
+  try:
+    f = open(path, 'a+')
+  except OSError as e:
+    raise WorkdirError(f'cannot create the lock {path}: {e.strerror or e}') from None
+  try:
+    try:
+      fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+      f.seek(0)
+      holder = f.read().strip() or 'another process'
+      raise WorkdirBusy(f'workdir {workdir} is in use by {holder}; wait for it, stop it, or use another --workdir'
+                        ) from None
+    f.seek(0)
+    f.truncate()
+    f.write(f'pid {os.getpid()} on {socket.gethostname()} since {_now()}\n')
+    f.flush()
+    yield
+  finally:
+    f.close()  # closing releases the flock
+
+
+def _now() -> str:
+  return datetime.datetime.now().isoformat(timespec='seconds')
+
+
+def _read_json(path: str) -> dict | None:
+  if not os.path.exists(path):
+    return None
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (OSError, ValueError) as e:
+    raise WorkdirError(f'{path} is unreadable ({e}); move it away or use another --workdir') from None
+
+
+def has_trained(workdir: str) -> bool:
+  """Whether the workdir holds a checkpoint or a result (so its configuration is bound)."""
+  ckpts = os.path.join(workdir, 'checkpoints')
+  return os.path.exists(os.path.join(workdir, 'result.json')) or (
+      os.path.isdir(ckpts) and any(n.isdigit() for n in os.listdir(ckpts)))
+
+
+def last_step(workdir: str) -> int | None:
+  """The newest finished checkpoint step on disk, or None."""
+  ckpts = os.path.join(workdir, 'checkpoints')
+  steps = [int(n) for n in os.listdir(ckpts) if n.isdigit()] if os.path.isdir(ckpts) else []
+  return max(steps) if steps else None
+
+
+def bind(workdir: str, cfg, mode: str = 'train', allow_change: bool = False, write: bool = True) -> list[dict]:
+  """Checks `cfg` against the configuration the workdir was started with; returns the change history.
+
+  Fresh (or untrained) workdir: records cfg (config.json, provenance.json). Same configuration:
+  nothing to do. Another configuration: ConfigMismatch naming the keys, or with `allow_change`
+  a recorded change. `write=False` (non-leader processes) checks without writing.
+  """
+  from moejax import metrics as metrics_lib  # pylint: disable=import-outside-toplevel  (metrics imports jax)
+  flat = _flat(cfg)
+  config_path, prov_path = os.path.join(workdir, 'config.json'), os.path.join(workdir, 'provenance.json')
+  stored = _read_json(config_path)
+  provenance = _read_json(prov_path) or {}
+  if stored is None or not has_trained(workdir):
+    if mode == 'eval':
+      return provenance.get('changes', [])  # eval on an empty workdir fails later with "no checkpoint"
+    provenance = {'config_hash': config_hash(flat), 'created': _now(), 'changes': []}
+  else:
+    diff = differences(config_lib.flatten(stored), flat)
+    if not diff:
+      return provenance.get('changes', [])
+    shown = ', '.join(f'{k} ({json.dumps(a, default=str)} -> {json.dumps(b, default=str)})'
+                      for k, (a, b) in list(diff.items())[:6]) + (f' and {len(diff) - 6} more' if len(diff) > 6 else '')
+    if not allow_change:
+      raise ConfigMismatch(f'workdir {workdir} was started with another configuration: {shown}; use another '
+                           '--workdir, or pass --allow_config_change to change it deliberately (recorded in result.json)')
+    provenance.setdefault('config_hash', config_hash(config_lib.flatten(stored)))
+    provenance.setdefault('changes', []).append({'time': _now(), 'mode': mode, 'at_step': last_step(workdir),
+                                                 'new_config_hash': config_hash(flat), 'keys': diff})
+  if write:
+    metrics_lib.atomic_write(config_path, cfg.to_json_best_effort(indent=2))
+    metrics_lib.atomic_write(prov_path, json.dumps(provenance, indent=2, default=str) + '\n')
+  return provenance['changes']

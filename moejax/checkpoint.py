@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import shutil
 import time
 from typing import Any, Iterator
@@ -30,19 +31,32 @@ _TMP_MARK = '.orbax-checkpoint-tmp'
 
 
 def _cause(e: BaseException) -> str:
-  """The innermost error's first line: what went wrong, without Orbax's wrapping."""
+  """The innermost error's gist: what went wrong, without Orbax's and tensorstore's wrapping."""
   while e.__cause__ is not None or e.__context__ is not None:
     e = e.__cause__ or e.__context__
   if isinstance(e, OSError) and e.strerror:
     return f'{e.strerror} ({e.filename})' if e.filename else e.strerror
-  text = str(e).strip().splitlines()[0][:300] if str(e).strip() else ''
+  text = str(e).strip()
+  code = re.search(r"os_error_code='?(\d+)", text)  # tensorstore wraps OS errors in long ValueErrors
+  if code:
+    return os.strerror(int(code.group(1)))
+  text = text.splitlines()[0][:200] if text else ''
   return f'{type(e).__name__}: {text}' if text else type(e).__name__
+
+
+def _free_bytes(directory: str) -> int | None:
+  if '://' in directory:
+    return None
+  with contextlib.suppress(OSError):
+    st = os.statvfs(directory)
+    return st.f_bavail * st.f_frsize
+  return None
 
 
 @contextlib.contextmanager
 def _quiet_orbax() -> Iterator[None]:
   """Orbax logs every failed write (with tracebacks) before raising; we report the failure in one line."""
-  loggers = [logging.getLogger(n) for n in ('absl', 'orbax', 'orbax.checkpoint')]
+  loggers = [logging.getLogger(n) for n in ('absl', 'orbax', 'orbax.checkpoint', 'asyncio')]
   levels = [lg.level for lg in loggers]
   for lg in loggers:
     lg.setLevel(logging.CRITICAL)
@@ -51,6 +65,10 @@ def _quiet_orbax() -> Iterator[None]:
   finally:
     for lg, level in zip(loggers, levels):
       lg.setLevel(level)
+
+
+def _kept(steps: list[int]) -> str:
+  return 'steps ' + ', '.join(map(str, steps)) if steps else 'no earlier checkpoint'
 
 
 class Checkpointer:
@@ -71,6 +89,14 @@ class Checkpointer:
   def save(self, step: int, state: Any, meta: dict) -> None:
     """Starts saving (asynchronously when enabled); `wait` blocks until it is on disk."""
     self._finish()  # a failure of the previous async save surfaces here, before anything new is written
+    # Check the space first: a write that fails midway makes tensorstore print a traceback per
+    # pending write (the arrays' raw size bounds the zstd-compressed checkpoint from above).
+    needed = sum(x.nbytes for x in jax.tree.leaves(state)) + (1 << 20)
+    free = _free_bytes(str(self.directory))
+    if free is not None and free < needed:
+      raise CheckpointError(f'saving checkpoint step {step} in {self.directory} failed: No space left on device '
+                            f'(needs up to {needed / 1e6:.1f} MB, {free / 1e6:.1f} MB free); '
+                            f'kept {_kept(self.steps())}')
     self._saving = step
     with self._guard():
       self._mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
@@ -84,10 +110,9 @@ class Checkpointer:
     except Exception as e:  # pylint: disable=broad-except  (orbax/tensorstore raise many types)
       step, self._saving = self._saving, None
       self._remove_temporaries()
-      kept = self.steps()
+      logging.getLogger('asyncio').setLevel(logging.CRITICAL)  # its futures of the failed writes are garbage now
       raise CheckpointError(f'saving checkpoint step {step} in {self.directory} failed: {_cause(e)}; '
-                            f'kept {"steps " + ", ".join(map(str, kept)) if kept else "no earlier checkpoint"}'
-                            ) from None
+                            f'kept {_kept(self.steps())}') from None
 
   def _finish(self) -> None:
     if self._saving is not None:

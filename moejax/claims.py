@@ -286,14 +286,14 @@ def scaling_rows(rows: list[dict]) -> list[dict]:
           and not r.get('moe.expert_size_classes')]
 
 
-def fit_laws(rows: list[dict], bootstrap: int = 100) -> dict[str, scaling.Fit]:
+def fit_laws(rows: list[dict], bootstrap: int = 100, starts: int = 32) -> dict[str, scaling.Fit]:
   """Every scaling form that the default-design MoE rows can support (more configurations than parameters + 1)."""
   moe_rows = scaling_rows(rows)
   x, y = scaling.inputs_from_rows(moe_rows)
   fits = {}
   for name, form in scaling.FORMS.items():
     if len(y) > len(form.raw_names) + 1:
-      fits[name] = scaling.fit(name, x, y, max_starts=32, bootstrap=bootstrap)
+      fits[name] = scaling.fit(name, x, y, max_starts=starts, bootstrap=bootstrap)
   return fits
 
 
@@ -314,13 +314,13 @@ def markdown(claims: list[Claim], noise: dict, fits: dict[str, scaling.Fit], hea
   return '\n'.join(lines)
 
 
-def run(root: str, scale: str, out: str, bootstrap: int = 100) -> str:
+def run(root: str, scale: str, out: str, bootstrap: int = 100, fit_starts: int = 32) -> str:
   """Writes OUT/claims.md (claims + fits), OUT/report.md and the figures; returns the claims Markdown."""
   gathered = results.gather(root)
   if not gathered.records:
     raise DataError(f'no complete result.json under {root}; run the paper grids first')
   rows, _ = results.table(gathered.records)
-  fits = fit_laws(rows, bootstrap)
+  fits = fit_laws(rows, bootstrap, fit_starts)
   claims, noise = evaluate(rows, scale, fits)
   platforms = sorted({f'{r["platform"]["device_kind"]} ({r["platform"]["backend"]}, jax {r["platform"]["jax"]})'
                       for r in gathered.records if r.get('platform')})

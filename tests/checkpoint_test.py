@@ -2,15 +2,18 @@
 
 import errno
 import os
+import subprocess
+import sys
 
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from moejax import checkpoint
+from moejax import checkpoint, train
 from moejax.errors import CheckpointError
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STATE = {'w': jnp.arange(6, dtype=jnp.float32), 'step': jnp.int32(0)}
 
 
@@ -83,3 +86,31 @@ def test_failed_save_is_one_error_and_keeps_the_previous_step(tmp_path, monkeypa
   step, state, _ = fresh.restore_latest(checkpoint.abstract(STATE))
   assert step == 1 and np.array_equal(state['w'], STATE['w'])
   fresh.close()
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+  """A 4 MB tmpfs (root only: CI and the dev machines run as root); skipped where it cannot be mounted."""
+  mount = tmp_path / 'disk'
+  mount.mkdir()
+  if subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=4m', 'tmpfs', str(mount)], capture_output=True).returncode:
+    pytest.skip('cannot mount a tmpfs here (needs root)')
+  yield mount
+  subprocess.run(['umount', '-l', str(mount)], capture_output=True)
+
+
+def test_full_disk_during_a_save_is_one_line_and_keeps_the_last_checkpoint(tiny_cfg, corpus_glob, small_disk):
+  workdir = small_disk / 'run'
+  train.run(tiny_cfg, str(workdir), stop_after=3)
+  free = os.statvfs(small_disk)
+  with open(small_disk / 'ballast', 'wb') as f:  # leave 48 KB: enough for logs, not for a checkpoint
+    f.write(b'\0' * (free.f_bavail * free.f_frsize - 48 * 1024))
+  out = subprocess.run([sys.executable, '-m', 'moejax.main', f'--config=tests/testdata/tiny.py:{corpus_glob}',
+                        f'--workdir={workdir}'], cwd=ROOT, capture_output=True, text=True, timeout=180)
+  errors = [l for l in out.stderr.splitlines() if 'Traceback' in l or 'error' in l.lower()]
+  assert out.returncode == 1, out.stderr
+  assert len(errors) == 1 and errors[0].startswith('moejax: error: saving checkpoint step 6 in '), out.stderr
+  assert 'No space left on device' in errors[0] and 'kept steps 3' in errors[0]
+  assert os.listdir(workdir / 'checkpoints') == ['3']  # no temporary folder, the last good step intact
+  os.remove(small_disk / 'ballast')
+  assert train.run(tiny_cfg, str(workdir))['steps'] == 6  # resumes from step 3 and finishes

@@ -61,7 +61,7 @@ def _loss(p):
 
 def test_verdicts_on_constructed_losses(tmp_path):
   _write_grid_results(str(tmp_path), _loss)
-  text = claims.run(str(tmp_path), 'tiny', str(tmp_path / 'out'), bootstrap=5)
+  text = claims.run(str(tmp_path), 'tiny', str(tmp_path / 'out'), bootstrap=5, fit_starts=4)  # (fits: scaling_test)
   found = {}
   for line in text.splitlines():
     if line.startswith('| C-') or line.startswith('| prior'):

@@ -11,6 +11,9 @@ os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', os.path.join(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__))), '.cache', 'jax-tests'))
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.3')
+# XLA's fewer optimization passes compile these tiny programs ~30% faster (measured on the suite's
+# MoE and model tests: 163 s -> 115 s); every comparison is between programs compiled alike.
+os.environ.setdefault('JAX_DISABLE_MOST_OPTIMIZATIONS', '1')
 
 import pytest  # pylint: disable=wrong-import-position
 

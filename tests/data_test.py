@@ -16,7 +16,57 @@ def test_split_is_deterministic_and_disjoint():
   assert {k for k, _ in held} == {k for k, _ in held2}
   assert not {k for k, _ in train} & {k for k, _ in held}
   assert len(train) + len(held) == len(docs)
-  assert sum(len(d) for _, d in held) >= 1000 > sum(len(d) for _, d in held) - max(len(d) for _, d in held)
+  assert 1000 - 150 < sum(len(d) for _, d in held) <= 1000  # a cap, filled to within one document
+
+
+def test_one_large_document_never_becomes_the_heldout_split():
+  docs = [(f'd{i}', b'x' * 100) for i in range(100)]
+  big = next(f'big{i}' for i in range(1000) if data.hashlib.sha256(f'big{i}'.encode()).hexdigest() <
+             min(data.hashlib.sha256(k.encode()).hexdigest() for k, _ in docs))  # ranks first
+  docs.append((big, b'y' * 2_000_000))
+  train, held = data.split_documents(docs, 5000, max_fraction=0.1)
+  assert big not in {k for k, _ in held} and sum(len(d) for _, d in held) == 5000
+  # The share cap binds when data.heldout_bytes is more than 10% of a small corpus.
+  _, held = data.split_documents(docs[:100], 5000, max_fraction=0.1)
+  assert sum(len(d) for _, d in held) == 1000
+
+
+def test_heldout_cap_warns_when_the_share_binds(tmp_path, caplog):
+  for i in range(20):
+    (tmp_path / f'{i}.txt').write_bytes(b'word ' * 200)
+  corpus = data.load_corpus(f'text:{tmp_path}/*.txt', 10_000, heldout_max_fraction=0.1)
+  assert corpus.num_heldout_docs == 2 and corpus.num_train_docs == 18
+  assert any('more than data.heldout_max_fraction=0.1' in r.getMessage() for r in caplog.records)
+
+
+def test_binary_documents_are_refused_skipped_or_kept(tmp_path):
+  rng = np.random.default_rng(0)
+  for i in range(10):
+    (tmp_path / f'{i}.txt').write_text('def f(x):\n  return x  # ünïcode is text\n' * 20)
+  (tmp_path / 'blob.txt').write_bytes(rng.integers(0, 256, 20_000, dtype=np.uint8).tobytes())
+  source = f'text:{tmp_path}/*.txt'
+  with pytest.raises(DataError, match=r"1 document\(s\) look binary, e.g. '.*blob.txt'"):
+    data.load_corpus(source, 1000)
+  assert data.load_corpus(source, 1000, heldout_max_fraction=0.5, binary_documents='skip').num_train_docs == 9
+  kept = data.load_corpus(source, 1000, heldout_max_fraction=0.5, binary_documents='keep')
+  assert kept.num_train_docs + kept.num_heldout_docs == 11
+  assert not data.looks_binary('latin-1 is mostly text: caf\xe9 na\xefve'.encode('latin-1'))
+  assert data.looks_binary(b'text with a NUL\0 byte')
+
+
+def test_unreadable_corpus_file_is_one_error_naming_it(tmp_path, monkeypatch):
+  (tmp_path / 'a.txt').write_text('fine')
+  (tmp_path / 'b.txt').write_text('locked')
+  real_open = open
+
+  def guarded(path, *args, **kwargs):  # (chmod cannot stop root, who runs CI)
+    if str(path).endswith('b.txt'):
+      raise PermissionError(13, 'Permission denied', str(path))
+    return real_open(path, *args, **kwargs)
+
+  monkeypatch.setattr('builtins.open', guarded)
+  with pytest.raises(DataError, match=r'corpus file .*b.txt cannot be read: Permission denied'):
+    data.read_documents(f'text:{tmp_path}/*.txt')
 
 
 def test_fingerprint_changes_with_content_and_names():

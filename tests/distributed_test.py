@@ -34,6 +34,7 @@ def _losses(workdir):
     return [json.loads(line)['loss'] for line in f]
 
 
+@pytest.mark.slow  # 70 s: two processes compile the model; per-process rows are unit-tested in the default suite
 def test_two_processes_match_one_process_with_the_same_global_batch(corpus_glob, tmp_path):
   """2 processes x 2 CPU devices on a (data 2, expert 2) mesh == 1 process x 4 devices: every step's loss and
   the held-out loss. Process 1 writes no result.json, metrics or config of its own."""
@@ -57,6 +58,7 @@ def test_two_processes_match_one_process_with_the_same_global_batch(corpus_glob,
     assert f'joined the distributed run: process {i} of 2, 2 local / 4 global devices' in err
 
 
+@pytest.mark.slow  # 40 s; train_test's sharded-mesh test covers sharded training in the default suite
 def test_checkpoint_restores_onto_another_mesh(tiny_cfg, tmp_path):
   """Save on (data 2, expert 2), resume on (data 1, fsdp 2, expert 4): the run ends where an unbroken run ends."""
   cfg = config_lib.apply_overrides(tiny_cfg, {'train.batch_size': 8, 'eval.batch_size': 8, 'mesh.data': 2, 'mesh.expert': 2,

@@ -40,8 +40,10 @@ def single(ep_cfg):
   return tokens, _loss_and_grads(ep_cfg, tokens)
 
 
-@pytest.mark.parametrize('data,expert,exchange', [(1, 8, 'all_to_all'), (2, 4, 'all_to_all'), (8, 1, 'all_to_all'),
-                                                  (1, 8, 'ragged'), (2, 4, 'ragged')])
+@pytest.mark.parametrize('data,expert,exchange', [  # the default suite keeps one mesh per exchange
+    pytest.param(1, 8, 'all_to_all', marks=pytest.mark.slow), (2, 4, 'all_to_all'),
+    pytest.param(8, 1, 'all_to_all', marks=pytest.mark.slow), (1, 8, 'ragged'),
+    pytest.param(2, 4, 'ragged', marks=pytest.mark.slow)])
 def test_expert_parallel_matches_single_device(ep_cfg, single, data, expert, exchange):
   """Meshes (data x expert) 1x8, 2x4, 8x1, both exchanges (ragged emulated on CPU): same loss, global-batch
   balance loss, counts and every gradient."""

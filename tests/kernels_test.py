@@ -26,7 +26,7 @@ def _plan(T, K, E, block, skew, key):
 @pytest.mark.parametrize('T,K,E,D,F,block,tile,skew', [
     (40, 2, 5, 16, 24, 8, 8, True),     # skewed, one empty expert, F tiled by 8
     (33, 3, 7, 8, 20, 16, 128, False),  # T*K not a block multiple; F not a tile multiple (whole-width tile)
-    (16, 1, 3, 32, 16, 8, 16, True),
+    pytest.param(16, 1, 3, 32, 16, 8, 16, True, marks=pytest.mark.slow),  # (the two above cover its paths)
 ])
 def test_block_gmm_matches_reference(dtype, T, K, E, D, F, block, tile, skew):
   _, plan = _plan(T, K, E, block, skew, jax.random.key(T))
@@ -120,7 +120,8 @@ def test_gather_only_permutes_match_reference(skew):
 
 
 @pytest.mark.parametrize('overrides', [  # the sigmoid case runs every default-suite code path; the rest are slow
-    pytest.param({}, marks=pytest.mark.slow), {'moe.router_score': 'sigmoid', 'moe.load_balancing': 'aux_free'},
+    pytest.param({}, marks=pytest.mark.slow),
+    pytest.param({'moe.router_score': 'sigmoid', 'moe.load_balancing': 'aux_free'}, marks=pytest.mark.slow),
     pytest.param({'moe.expert_size_classes': '2x16,2x48', 'moe.num_shared_experts': 1}, marks=pytest.mark.slow),
     pytest.param({'moe.num_expert_groups': 2, 'moe.topk_expert_groups': 1}, marks=pytest.mark.slow)])  # pallas falls back
 def test_moe_layer_is_the_same_with_every_kernel_implementation(tiny_cfg, overrides):

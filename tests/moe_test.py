@@ -18,7 +18,8 @@ def _loss_and_grads(cfg, tokens, train_mode=False):
   def loss(p):
     logits, aux = nnx.merge(graphdef, p, buffers)(tokens, train=train_mode)
     return jnp.mean(jax.nn.logsumexp(logits, -1) - logits[..., 0]) + aux['aux_loss'] + aux['z_loss']
-  return jax.value_and_grad(loss)(nnx.to_pure_dict(params))
+  # Jitted: one compilation is far cheaper on CPU than dispatching every op of the backward pass eagerly.
+  return jax.jit(jax.value_and_grad(loss))(nnx.to_pure_dict(params))
 
 
 DESIGNS = {
@@ -31,7 +32,9 @@ DESIGNS = {
 }
 
 
-@pytest.mark.parametrize('design', sorted(DESIGNS))
+@pytest.mark.parametrize('design', [  # heterogeneous+shared runs every code path of uniform; both are 20-35 s
+    'heterogeneous+shared', pytest.param('sigmoid+groups', marks=pytest.mark.slow),
+    pytest.param('uniform', marks=pytest.mark.slow)])
 def test_dispatches_agree_on_outputs_and_gradients(tiny_cfg, design):
   tokens = jax.random.randint(jax.random.key(3), (2, 16), 0, 257)
   results = {}

@@ -41,6 +41,7 @@ def test_fit_recovers_known_parameters(form, truth, check):
   assert 'LOO RMSE' in scaling.markdown([result]) and f'| {form} | 28 |' in scaling.markdown([result])
 
 
+@pytest.mark.slow  # 20-55 s of multi-start fits
 def test_expert_size_optimum_is_recovered_and_a_wrong_form_predicts_worse():
   x = _grid(seed=3, n=40)
   truth = {'e': np.log(1.5), 'a': np.log(30.0), 'alpha': 0.3, 'kappa_raw': 0.0, 'c_E': 0.0, 'h': np.log(0.02),

@@ -228,3 +228,13 @@ def test_config_hash_ignores_keys_added_after_a_run(tiny_cfg):
   assert results.config_hash(dict(flat, **{'moe.num_experts': 8})) != results.config_hash(flat)
   assert results.config_hash(dict(flat, **{'moe.removed_key': 1})) == results.raw_config_hash(
       dict(flat, **{'moe.removed_key': 1}))
+
+
+def test_dry_run_marks_a_result_made_with_another_config_stale(tiny_cfg, tmp_path):
+  resolved = sweep.resolve_points(tiny_cfg, [{'name': 'a'}, {'name': 'b'}])
+  for name, lr in (('a', tiny_cfg.optim.peak_learning_rate), ('b', 1.0)):  # b's result: another learning rate
+    cfg = config_lib.apply_overrides(resolved[0][1], {'name': name, 'optim.peak_learning_rate': lr})
+    os.makedirs(tmp_path / name)
+    (tmp_path / name / 'result.json').write_text(json.dumps({'config': json.loads(cfg.to_json_best_effort())}))
+  lines = sweep.dry_run_text(resolved, str(tmp_path)).splitlines()
+  assert lines[1].rstrip().endswith('done') and lines[2].rstrip().endswith('stale')  # before: 'done' for both

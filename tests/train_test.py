@@ -151,9 +151,10 @@ def test_eval_equals_hand_computed_cross_entropy(tiny_cfg):
   s = train.setup(cfg)
   got = eval_lib.evaluate(s)
   model = nnx.merge(s.graphdef, s.state['params'])
+  forward = jax.jit(lambda x: model(x)[0])  # the plain model, outside the eval step (eager takes 20 s)
   nats, count, byte_count = 0.0, 0.0, 0.0
   for batch in data.heldout_batches(s.corpus, cfg.data.seq_len, cfg.eval.batch_size, 2):
-    logits = np.asarray(model(jnp.asarray(batch['inputs']))[0], np.float64)
+    logits = np.asarray(forward(jnp.asarray(batch['inputs'])), np.float64)
     logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logits.max(-1, keepdims=True)
     nll = -np.take_along_axis(logp, batch['targets'][..., None], -1)[..., 0]
     nats += float((nll * batch['weights']).sum())

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import platform
 import subprocess
 from typing import Any
 
@@ -140,8 +141,21 @@ def result_record(s: Setup, eval_metrics: dict, train_summary: dict, config_chan
       'train': {k: v for k, v in train_summary.items() if k in ('steps', 'tokens', 'wall_s')},
       'git': git_revision(),
       'platform': {'backend': jax.default_backend(), 'device_kind': jax.devices()[0].device_kind,
-                   'device_count': jax.device_count(), 'jax': jax.__version__, 'numpy': np.__version__},
+                   'device_count': jax.device_count(), 'jax': jax.__version__, 'numpy': np.__version__,
+                   'python': platform.python_version(), 'host_cpu': host_cpu()},
   })
+
+
+def host_cpu() -> str | None:
+  """The host CPU model: XLA:CPU compiles for the host's instruction set, so float results follow it."""
+  try:
+    with open('/proc/cpuinfo') as f:
+      for line in f:
+        if line.startswith('model name'):
+          return line.split(':', 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or None
 
 
 def write_result(workdir: str, record: dict) -> str:

@@ -72,7 +72,7 @@ def get_config(arg=None):
   d.seq_len = 128  # tokens per training sequence
   d.heldout_bytes = 131072  # held-out split: documents in key-hash order, at most this many bytes in all
   d.heldout_max_fraction = 0.1  # ... and at most this share of the corpus bytes (a warning says when it binds)
-  d.binary_documents = 'error'  # a document that looks binary (NUL bytes, >10% non-text): 'error', 'skip' or 'keep'
+  d.binary_documents = 'error'  # a document that looks binary (NUL bytes, >5% control bytes): 'error', 'skip' or 'keep'
   d.seed = 0  # data-order seed; equal seeds give paired data order across configs
 
   c.optim = o = ml_collections.ConfigDict()

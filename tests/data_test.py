@@ -51,6 +51,7 @@ def test_binary_documents_are_refused_skipped_or_kept(tmp_path):
   kept = data.load_corpus(source, 1000, heldout_max_fraction=0.5, binary_documents='keep')
   assert kept.num_train_docs + kept.num_heldout_docs == 11
   assert not data.looks_binary('latin-1 is mostly text: caf\xe9 na\xefve'.encode('latin-1'))
+  assert not data.looks_binary('# -*- coding: koi8-r -*-\nпривет = 1\n'.encode('koi8_r'))  # the stdlib ships such files
   assert data.looks_binary(b'text with a NUL\0 byte')
 
 

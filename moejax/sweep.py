@@ -35,7 +35,7 @@ import time
 from absl import app, flags
 
 from moejax import accounting, cli, config as config_lib, main as main_lib, metrics as metrics_lib, results
-from moejax.errors import ConfigError, MoejaxError, WorkdirError
+from moejax.errors import ConfigError, Interrupted, MoejaxError, Preempted, WorkdirError
 
 FLAGS = flags.FLAGS
 
@@ -104,6 +104,8 @@ def run_points(resolved: list[tuple[str, object]], root: str, only: int | None =
     t0 = time.time()
     try:
       record = main_lib.execute(cfg, workdir)
+    except (Preempted, Interrupted):
+      raise  # SIGTERM / Ctrl-C stop the whole sweep (the point saved a checkpoint; rerunning resumes it)
     except MoejaxError as e:
       failures.append((name, str(e)))
       print(f'{head}: FAILED: {e}', flush=True)

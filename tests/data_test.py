@@ -1,5 +1,6 @@
 """Corpora, the document split, packing, and the checkpointable iterator."""
 
+import hashlib
 import os
 
 import numpy as np
@@ -21,8 +22,8 @@ def test_split_is_deterministic_and_disjoint():
 
 def test_one_large_document_never_becomes_the_heldout_split():
   docs = [(f'd{i}', b'x' * 100) for i in range(100)]
-  big = next(f'big{i}' for i in range(1000) if data.hashlib.sha256(f'big{i}'.encode()).hexdigest() <
-             min(data.hashlib.sha256(k.encode()).hexdigest() for k, _ in docs))  # ranks first
+  big = next(f'big{i}' for i in range(1000) if hashlib.sha256(f'big{i}'.encode()).hexdigest() <
+             min(hashlib.sha256(k.encode()).hexdigest() for k, _ in docs))  # ranks first
   docs.append((big, b'y' * 2_000_000))
   train, held = data.split_documents(docs, 5000, max_fraction=0.1)
   assert big not in {k for k, _ in held} and sum(len(d) for _, d in held) == 5000

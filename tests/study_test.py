@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from moejax import config as config_lib, results, sweep
-from moejax.errors import ConfigError
+from moejax.errors import ConfigError, Interrupted, Preempted
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -238,3 +238,18 @@ def test_dry_run_marks_a_result_made_with_another_config_stale(tiny_cfg, tmp_pat
     (tmp_path / name / 'result.json').write_text(json.dumps({'config': json.loads(cfg.to_json_best_effort())}))
   lines = sweep.dry_run_text(resolved, str(tmp_path)).splitlines()
   assert lines[1].rstrip().endswith('done') and lines[2].rstrip().endswith('stale')  # before: 'done' for both
+
+
+@pytest.mark.parametrize('error', [Preempted, Interrupted])
+def test_a_signal_stops_the_whole_sweep(tiny_cfg, tmp_path, monkeypatch, error):
+  resolved = sweep.resolve_points(tiny_cfg, [{'name': 'a'}, {'name': 'b'}])
+  ran = []
+
+  def execute(cfg, workdir):
+    ran.append(cfg.name)
+    raise error('stop')
+
+  monkeypatch.setattr(sweep.main_lib, 'execute', execute)
+  with pytest.raises(error):
+    sweep.run_points(resolved, str(tmp_path))
+  assert ran == ['a'] and not (tmp_path / 'a' / 'failed.json').exists()  # before: recorded as failed, then b ran

@@ -140,10 +140,13 @@ class Checkpointer:
     aside = f'{self.directory}-unreadable'
     target = os.path.join(aside, str(step))
     if jax.process_index() == 0:
-      os.makedirs(aside, exist_ok=True)
-      if os.path.exists(target):
-        target = f'{target}-{time.strftime("%Y%m%d-%H%M%S")}'
-      os.replace(os.path.join(str(self.directory), str(step)), target)
+      try:
+        os.makedirs(aside, exist_ok=True)
+        if os.path.exists(target):
+          target = f'{target}-{time.strftime("%Y%m%d-%H%M%S")}'
+        os.replace(os.path.join(str(self.directory), str(step)), target)
+      except OSError as e:
+        raise CheckpointError(f'cannot move unreadable checkpoint step {step} to {aside}: {e.strerror or e}') from None
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
       multihost_utils.sync_global_devices(f'moejax_move_aside_{step}')
@@ -156,23 +159,25 @@ class Checkpointer:
     An unreadable newer step is moved aside (`move_aside=True`, what training does, so its
     step can be saved again) or skipped (False, what evaluation does).
     """
-    errors = []
+    failed = []
     for step in reversed(self.steps()):
       try:
         with _quiet_orbax():
           restored = self._mngr.restore(step, args=ocp.args.Composite(
               state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
       except Exception as e:  # pylint: disable=broad-except  (orbax/tensorstore raise many types for damaged files)
-        if move_aside and '://' not in str(self.directory):
-          where = self._move_aside(step)
-          log.warning('checkpoint step %d is unreadable (%s); moved it to %s', step, _cause(e), where)
-        else:
-          log.warning('checkpoint step %d is unreadable (%s); trying an older one', step, _cause(e))
-        errors.append(f'step {step}: {_cause(e)}')
+        log.warning('checkpoint step %d is unreadable (%s); trying an older one', step, _cause(e))
+        failed.append((step, _cause(e)))
         continue
+      # Only once an older step restored are the newer ones known to be damaged rather than
+      # unreadable for another reason (a shape change, no memory): then they move aside.
+      if move_aside and failed and '://' not in str(self.directory):
+        for bad, _ in failed:
+          log.warning('moved unreadable checkpoint step %d to %s', bad, self._move_aside(bad))
       return step, restored['state'], restored['meta']
-    if errors:
-      raise CheckpointError(f'no readable checkpoint in {self.directory}: {errors[0]}')
+    if failed:
+      raise CheckpointError(f'no readable checkpoint in {self.directory} (left in place): step {failed[0][0]}: '
+                            f'{failed[0][1]}')
     return None
 
   def wait(self) -> None:

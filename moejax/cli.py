@@ -103,4 +103,5 @@ def cli(main_fn) -> None:
   except MoejaxError as e:
     fail(e)
   except KeyboardInterrupt:
-    fail(Interrupted('interrupted (Ctrl-C) before training started or after it ended; nothing to save'))
+    fail(Interrupted('interrupted (Ctrl-C): nothing saved since the last checkpoint (a single Ctrl-C during '
+                     'training saves one first)'))

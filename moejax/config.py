@@ -70,7 +70,13 @@ def check_arg(module, path: str, arg: str | None) -> None:
   raises ConfigError for a bad one; a file with neither takes no argument.
   """
   if hasattr(module, 'check_arg'):
-    module.check_arg(arg)
+    try:
+      module.check_arg(arg)
+    except ConfigError:
+      raise
+    except Exception as e:  # pylint: disable=broad-except
+      raise ConfigError(f'experiment file {path}, line {_error_line(e, path)}: check_arg({arg!r}): '
+                        f'{type(e).__name__}: {e}') from None
     return
   declared = tuple(getattr(module, 'ARGS', ()))
   if arg is not None and arg not in declared:

@@ -304,6 +304,11 @@ from moejax import config as config_lib
 _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), {rel!r})
 
 
+def check_arg(arg):
+  """The source experiment's variants."""
+  config_lib.check_arg(config_lib.load_module(_SOURCE), _SOURCE, arg)
+
+
 def get_config(arg=None):
   """The source experiment's config; the designs are sweep points."""
   return config_lib.load_module(_SOURCE).get_config(arg)

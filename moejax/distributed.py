@@ -100,6 +100,15 @@ def initialize(dist_cfg) -> bool:
   return jax.process_count() > 1
 
 
+def any_process(flag: bool) -> bool:
+  """True on every process when any process has `flag` set (a tiny all-gather; no-op with one process)."""
+  if jax.process_count() == 1:
+    return flag
+  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  return bool(np.any(multihost_utils.process_allgather(np.array([flag], np.int32))))
+
+
 def is_leader() -> bool:
   """Process 0 writes the run's shared files (result.json, metrics, config)."""
   return jax.process_index() == 0

@@ -15,13 +15,14 @@ Any bad input ends with one line `moejax: error: ...` on stderr and a non-zero e
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 
 from absl import app, flags
 
 from moejax import cli, config as config_lib
-from moejax.errors import ConfigError, MoejaxError
+from moejax.errors import ConfigError, MoejaxError, WorkdirError
 
 FLAGS = flags.FLAGS
 log = logging.getLogger('moejax.main')  # (not __name__: run as -m it is '__main__')
@@ -39,8 +40,15 @@ def execute(cfg, workdir: str, mode: str = 'train', allow_config_change: bool = 
   distributed.initialize(cfg.distributed)  # before anything touches a device
   leader = distributed.is_leader()
   workdir_lib.prepare(workdir, jax.process_index())
-  with workdir_lib.lock(workdir, enabled=leader):
-    changes = workdir_lib.bind(workdir, cfg, mode, allow_config_change, write=leader)
+  with contextlib.ExitStack() as stack:
+    error = None
+    try:  # process 0 takes the lock; every process checks the binding (process 0 records it)
+      stack.enter_context(workdir_lib.lock(workdir, enabled=leader))
+      changes = workdir_lib.bind(workdir, cfg, mode, allow_config_change, write=leader)
+    except MoejaxError as e:
+      error = e
+    if distributed.any_process(error is not None):  # all stop together, or the others hang in collectives
+      raise error or WorkdirError(f'another process of this run could not take or bind workdir {workdir}')
     corpus = data.corpus_from_config(cfg.data)
     s = train.setup(cfg, corpus)
     if mode == 'train':

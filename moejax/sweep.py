@@ -23,6 +23,7 @@ slice. Neither runs anything.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import hashlib
 import json
@@ -38,6 +39,12 @@ from moejax import accounting, cli, config as config_lib, main as main_lib, metr
 from moejax.errors import ConfigError, Interrupted, MoejaxError, Preempted, WorkdirError
 
 FLAGS = flags.FLAGS
+
+
+def distributed_leader() -> bool:
+  """Process 0 writes the sweep's bookkeeping files (every process runs every point)."""
+  import jax  # pylint: disable=import-outside-toplevel  (jax is loaded by the first point already)
+  return jax.process_index() == 0
 
 
 def point_name(point: dict) -> str:
@@ -110,14 +117,16 @@ def run_points(resolved: list[tuple[str, object]], root: str, only: int | None =
       failures.append((name, str(e)))
       print(f'{head}: FAILED: {e}', flush=True)
       try:
-        metrics_lib.atomic_write(failed_path, json.dumps(
-            {'name': name, 'error': f'{type(e).__name__}: {e}', 'point': i,
-             'time': datetime.datetime.now().isoformat(timespec='seconds')}, indent=2) + '\n')
+        if distributed_leader():
+          metrics_lib.atomic_write(failed_path, json.dumps(
+              {'name': name, 'error': f'{type(e).__name__}: {e}', 'point': i,
+               'time': datetime.datetime.now().isoformat(timespec='seconds')}, indent=2) + '\n')
       except OSError:
         pass  # the workdir itself is unwritable; the failure is still printed and returned
       continue
-    if os.path.exists(failed_path):
-      os.remove(failed_path)
+    if distributed_leader():
+      with contextlib.suppress(FileNotFoundError):
+        os.remove(failed_path)
     print(f'{head}: held-out loss {record["eval"]["loss"]:.4f} ({time.time() - t0:.0f}s)', flush=True)
   return failures
 
@@ -202,7 +211,12 @@ def _main(argv):
   root = FLAGS.root if '://' in FLAGS.root else os.path.abspath(FLAGS.root)
   path, arg = config_lib.config_flag(sys.argv)
   module = config_lib.load_module(path)
-  points = module.get_sweep(arg) if hasattr(module, 'get_sweep') else [{}]
+  try:
+    points = module.get_sweep(arg) if hasattr(module, 'get_sweep') else [{}]
+  except MoejaxError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except  (a user's file: one line, not a traceback)
+    raise ConfigError(f'{path}: get_sweep({arg!r}) raised {type(e).__name__}: {e}') from None
   if not points:
     raise ConfigError(f'{path}: get_sweep({arg!r}) returned no points')
   resolved = resolve_points(FLAGS.config, points)

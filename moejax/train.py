@@ -97,8 +97,9 @@ def shardings(tree: Any) -> Any:
 
 # Fields that never change what the train or eval step computes: runs that differ only in
 # these share one compiled step (a sweep over seeds compiles once).
-_NOT_IN_STEP = ('name', 'seed', 'data.seed', 'data.source', 'data.heldout_fraction', 'checkpoint', 'eval', 'distributed',
-                'train.log_every_steps', 'train.peak_tflops')
+_NOT_IN_STEP = ('name', 'seed', 'data.seed', 'data.source', 'data.heldout_bytes', 'data.heldout_max_fraction',
+                'data.binary_documents', 'data.tfds_split', 'data.tfds_text_key', 'data.tfds_data_dir', 'checkpoint', 'eval',
+                'distributed', 'train.log_every_steps', 'train.peak_tflops')
 _STEP_CACHE: collections.OrderedDict = collections.OrderedDict()
 _STEP_CACHE_SIZE = 8
 
@@ -260,10 +261,7 @@ def _agreed(flag: bool) -> bool:
   SIGTERM may reach one process of a multi-process run first; stopping alone would leave
   the others waiting in the next step's collectives, or start a collective save alone.
   """
-  if jax.process_count() == 1:
-    return flag
-  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
-  return bool(np.any(multihost_utils.process_allgather(np.array([flag], np.int32))))
+  return distributed.any_process(flag)
 
 
 def _check_finite(step: int, out: dict[str, jax.Array]) -> None:
@@ -295,35 +293,34 @@ def run(cfg, workdir: str, stop_after: int | None = None, built: Setup | None = 
   prepare_workdir(workdir)
   s = built or setup(cfg)
   t_cfg = cfg.train
-  ckpt = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'), cfg.checkpoint.max_to_keep,
-                                 cfg.checkpoint.use_async)
   batch_sharding = mesh_lib.batch_sharding(s.mesh, 2)
   dataset = data.train_dataset(s.corpus, cfg.data.seq_len, t_cfg.batch_size, cfg.data.seed,
                                mesh_lib.process_rows(batch_sharding, t_cfg.batch_size))
   data_iter = iter(dataset)
-  state, wall_before = s.state, 0.0
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'), cfg.checkpoint.max_to_keep,
+                                 cfg.checkpoint.use_async)
+  loop = None
   try:
+    state, wall_before = s.state, 0.0
     restored = ckpt.restore_latest(checkpoint.abstract(state))
-  except BaseException:
-    ckpt.close()
-    raise
-  if restored is not None:
-    step0, state, meta = restored
-    if meta['data_fingerprint'] != s.corpus.fingerprint:
-      ckpt.close()
-      raise DataError(f'checkpoint in {workdir} was trained on corpus {meta["data_fingerprint"][:12]}, '
-                      f'but data.source now gives {s.corpus.fingerprint[:12]}')
-    data_iter.set_state(meta['data_iterator'])
-    wall_before = meta['wall_s']
-    log.info('resumed from step %d', step0)
-  elif distributed.is_leader() and not os.path.exists(os.path.join(workdir, 'config.json')):
-    metrics_lib.atomic_write(os.path.join(workdir, 'config.json'), cfg.to_json_best_effort(indent=2))
-  loop = _Loop(cfg, s, workdir, ckpt, data_iter, batch_sharding, state, wall_before, restored is not None)
-  end = t_cfg.steps if stop_after is None else min(stop_after, t_cfg.steps)
-  try:
+    if restored is not None:
+      step0, state, meta = restored
+      if meta.get('data_fingerprint') != s.corpus.fingerprint:
+        raise DataError(f'checkpoint in {workdir} was trained on corpus {str(meta.get("data_fingerprint"))[:12]}, '
+                        f'but data.source now gives {s.corpus.fingerprint[:12]}')
+      data_iter.set_state(meta['data_iterator'])
+      wall_before = meta['wall_s']
+      log.info('resumed from step %d', step0)
+    elif distributed.is_leader() and not os.path.exists(os.path.join(workdir, 'config.json')):
+      metrics_lib.atomic_write(os.path.join(workdir, 'config.json'), cfg.to_json_best_effort(indent=2))
+    loop = _Loop(cfg, s, workdir, ckpt, data_iter, batch_sharding, state, wall_before, restored is not None)
+    end = t_cfg.steps if stop_after is None else min(stop_after, t_cfg.steps)
     loop.train_until(end)
   finally:
-    loop.close()
+    if loop is not None:
+      loop.close()  # (closes the checkpointer too)
+    else:
+      ckpt.close()
   s.state = loop.state
   return {'steps': loop.step, 'tokens': loop.step * loop.tokens_per_step,
           'wall_s': wall_before + time.time() - loop.t_start, 'setup': s}
@@ -347,8 +344,8 @@ class _Loop:
 
   def save(self) -> None:
     """Saves the current state (never a non-finite one)."""
-    if not bool(_all_finite(self.state['params'])):
-      raise NonFiniteLossError(f'parameters are not finite at step {self.step}; stopped without saving this state '
+    if not bool(_all_finite(self.state)):
+      raise NonFiniteLossError(f'parameters or optimizer state are not finite at step {self.step}; stopped without saving this state '
                                '(the last good checkpoint is kept; lower optim.peak_learning_rate?)')
     self.ckpt.save(self.step, self.state, {
         'step': self.step, 'data_iterator': self.data_iter.get_state(),
@@ -391,7 +388,7 @@ class _Loop:
         if self.step % cfg.checkpoint.every_steps == 0 or self.step == end:
           _check_finite(*pending)
           self.save()
-      if _agreed(stop.raised):
+      if _agreed(stop.raised) and self.step < end:  # (a signal during the last step: the run is complete)
         self._stop(stop.signum, pending)
 
   def _log(self, out, window_steps: int, elapsed: float, end: int) -> None:

@@ -88,10 +88,13 @@ def lock(workdir: str, enabled: bool = True) -> Iterator[None]:
       holder = f.read().strip() or 'another process'
       raise WorkdirBusy(f'workdir {workdir} is in use by {holder}; wait for it, stop it, or use another --workdir'
                         ) from None
-    f.seek(0)
-    f.truncate()
-    f.write(f'pid {os.getpid()} on {socket.gethostname()} since {_now()}\n')
-    f.flush()
+    try:
+      f.seek(0)
+      f.truncate()
+      f.write(f'pid {os.getpid()} on {socket.gethostname()} since {_now()}\n')
+      f.flush()
+    except OSError as e:
+      raise WorkdirError(f'cannot write the lock {path}: {e.strerror or e}') from None
     yield
   finally:
     f.close()  # closing releases the flock
@@ -154,6 +157,10 @@ def bind(workdir: str, cfg, mode: str = 'train', allow_change: bool = False, wri
     provenance.setdefault('changes', []).append({'time': _now(), 'mode': mode, 'at_step': last_step(workdir),
                                                  'new_config_hash': config_hash(flat), 'keys': diff})
   if write:
-    metrics_lib.atomic_write(config_path, cfg.to_json_best_effort(indent=2))
-    metrics_lib.atomic_write(prov_path, json.dumps(provenance, indent=2, default=str) + '\n')
+    try:
+      if mode != 'eval':  # a rescoring changes no trained weights: config.json stays what was trained
+        metrics_lib.atomic_write(config_path, cfg.to_json_best_effort(indent=2))
+      metrics_lib.atomic_write(prov_path, json.dumps(provenance, indent=2, default=str) + '\n')
+    except OSError as e:
+      raise WorkdirError(f'cannot record the configuration in {workdir}: {e.strerror or e}') from None
   return provenance['changes']

@@ -39,7 +39,7 @@ def test_unreadable_newest_step_is_moved_aside_and_can_be_saved_again(tmp_path, 
   assert step == 1 and meta == {'step': 1} and int(state['step']) == 1
   assert (tmp_path / 'checkpoints-unreadable' / '2').is_dir()  # renamed, not deleted
   assert ckpt.steps() == [1]
-  assert sum('moved it to' in r.getMessage() for r in caplog.records) == 1
+  assert sum('moved unreadable checkpoint step 2' in r.getMessage() for r in caplog.records) == 1
   ckpt.save(2, dict(STATE, step=jnp.int32(2)), {'step': 2})  # before the fix: StepAlreadyExistsError
   ckpt.wait()
   assert ckpt.steps() == [1, 2]
@@ -57,8 +57,18 @@ def test_eval_restore_skips_but_keeps_an_unreadable_step(tmp_path):
 def test_no_readable_step_is_one_error(tmp_path):
   ckpt = _saved(tmp_path / 'checkpoints', steps=(1,))
   _corrupt(tmp_path / 'checkpoints' / '1' / 'state')
-  with pytest.raises(CheckpointError, match='no readable checkpoint'):
+  with pytest.raises(CheckpointError, match=r'no readable checkpoint .* \(left in place\)'):
     ckpt.restore_latest(checkpoint.abstract(STATE))
+  assert ckpt.steps() == [1] and not (tmp_path / 'checkpoints-unreadable').exists()
+  ckpt.close()
+
+
+def test_a_step_that_fails_for_another_reason_is_never_moved(tmp_path):
+  # A restore target of another shape (a changed config) fails on every step: none is damaged.
+  ckpt = _saved(tmp_path / 'checkpoints')
+  with pytest.raises(CheckpointError, match='no readable checkpoint'):
+    ckpt.restore_latest(checkpoint.abstract(dict(STATE, w=jnp.zeros(7))))
+  assert ckpt.steps() == [1, 2] and not (tmp_path / 'checkpoints-unreadable').exists()
   ckpt.close()
 
 

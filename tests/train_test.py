@@ -98,7 +98,7 @@ def _poison(monkeypatch, at_step, **out_overrides):
 
 
 @pytest.mark.parametrize('overrides,message', [({'grad_norm': np.inf}, 'gradient norm is inf at step 3'),
-                                               ({}, 'parameters are not finite at step 3')])
+                                               ({}, 'parameters or optimizer state are not finite at step 3')])
 def test_nan_parameters_behind_a_finite_loss_are_never_saved(tiny_cfg, tmp_path, monkeypatch, overrides, message):
   # An infinite gradient gives a finite loss and NaN parameters; the checkpoint at step 3 must not hold them.
   _poison(monkeypatch, 3, **overrides)

@@ -120,6 +120,8 @@ def _main(argv):
     record = execute(FLAGS.config, FLAGS.workdir, FLAGS.mode, FLAGS.allow_config_change)
   except MoejaxError as e:
     cli.fail(e)
+  from moejax import distributed  # pylint: disable=import-outside-toplevel
+  distributed.finish()
   print(f'{record["name"]}: held-out loss {record["eval"]["loss"]:.4f} nats/token, '
         f'{record["eval"]["bits_per_byte"]:.4f} bits/byte -> {FLAGS.workdir}/result.json')
 

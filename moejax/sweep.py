@@ -236,6 +236,8 @@ def _main(argv):
       print(f'wrote {out} ({len(resolved)} points); nothing was run')
       return
     failures = run_points(resolved, root, FLAGS.point)
+    from moejax import distributed  # pylint: disable=import-outside-toplevel  (loads jax: only once points ran)
+    distributed.finish()
     text = write_tables(root) if FLAGS.point is None else ''
   except OSError as e:
     raise WorkdirError(f'cannot write under --root {root}: {e.strerror or e}') from None

@@ -8,10 +8,8 @@ No module here imports an entry point, so entry points can import each other fre
 
 from __future__ import annotations
 
-import os
 import re
 import sys
-import traceback
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -59,11 +57,10 @@ def _one_line(text: str) -> str:
 
 def _experiment_file_error(path: str, error: BaseException) -> ConfigError | None:
   """One line naming the experiment file and line, when `error` was raised inside that file; else None."""
-  frames = [f for f in traceback.extract_tb(error.__traceback__)
-            if os.path.abspath(f.filename) == os.path.abspath(path)]
-  if not frames:
+  line = config_lib.error_line(error, path)
+  if line is None:
     return None
-  return ConfigError(f'experiment file {path}, line {frames[-1].lineno}: {type(error).__name__}: {_one_line(error)}')
+  return ConfigError(f'experiment file {path}, line {line}: {type(error).__name__}: {_one_line(error)}')
 
 
 def parse_flags(argv: list[str]) -> list[str]:

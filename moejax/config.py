@@ -44,8 +44,6 @@ def load_module(path: str):
     code = compile(source, path, 'exec')
   except SyntaxError as e:
     raise ConfigError(f'experiment file {path}, line {e.lineno}: SyntaxError: {e.msg}') from None
-  except ValueError as e:  # e.g. NUL bytes: not a text file at all
-    raise ConfigError(f'experiment file {path} is not Python source ({e})') from None
   name = 'moejax_experiment_' + os.path.splitext(os.path.basename(path))[0]
   spec = importlib.util.spec_from_file_location(name, path)
   module = importlib.util.module_from_spec(spec)
@@ -54,13 +52,14 @@ def load_module(path: str):
   except ConfigError:
     raise
   except Exception as e:  # pylint: disable=broad-except  (any error in a user's file is one line)
-    raise ConfigError(f'experiment file {path}, line {_error_line(e, path)}: {type(e).__name__}: {e}') from None
+    raise ConfigError(f'experiment file {path}, line {error_line(e, path) or "?"}: {type(e).__name__}: {e}') from None
   return module
 
 
-def _error_line(error: BaseException, path: str) -> str:
+def error_line(error: BaseException, path: str) -> int | None:
+  """The line of `path` where `error` was raised (its innermost frame in that file), or None."""
   frames = [f for f in traceback.extract_tb(error.__traceback__) if os.path.abspath(f.filename) == os.path.abspath(path)]
-  return str(frames[-1].lineno) if frames else '?'
+  return frames[-1].lineno if frames else None
 
 
 def check_arg(module, path: str, arg: str | None) -> None:
@@ -75,7 +74,7 @@ def check_arg(module, path: str, arg: str | None) -> None:
     except ConfigError:
       raise
     except Exception as e:  # pylint: disable=broad-except
-      raise ConfigError(f'experiment file {path}, line {_error_line(e, path)}: check_arg({arg!r}): '
+      raise ConfigError(f'experiment file {path}, line {error_line(e, path) or "?"}: check_arg({arg!r}): '
                         f'{type(e).__name__}: {e}') from None
     return
   declared = tuple(getattr(module, 'ARGS', ()))

@@ -41,12 +41,6 @@ from moejax.errors import ConfigError, Interrupted, MoejaxError, Preempted, Work
 FLAGS = flags.FLAGS
 
 
-def distributed_leader() -> bool:
-  """Process 0 writes the sweep's bookkeeping files (every process runs every point)."""
-  import jax  # pylint: disable=import-outside-toplevel  (jax is loaded by the first point already)
-  return jax.process_index() == 0
-
-
 def point_name(point: dict) -> str:
   """A readable, unique workdir name: the point's `name`, else its shortened overrides plus a hash."""
   digest = hashlib.sha256(json.dumps(point, sort_keys=True, default=str).encode()).hexdigest()[:6]
@@ -93,6 +87,7 @@ def _stale(result_path: str, cfg) -> str | None:
 
 def run_points(resolved: list[tuple[str, object]], root: str, only: int | None = None) -> list[tuple[str, str]]:
   """Runs (or skips) each point; returns the failures [(name, error)]."""
+  from moejax import distributed  # pylint: disable=import-outside-toplevel  (jax: only when points run)
   failures = []
   indices = range(len(resolved)) if only is None else [only]
   for i in indices:
@@ -117,14 +112,14 @@ def run_points(resolved: list[tuple[str, object]], root: str, only: int | None =
       failures.append((name, str(e)))
       print(f'{head}: FAILED: {e}', flush=True)
       try:
-        if distributed_leader():
+        if distributed.is_leader():  # every process runs every point; process 0 keeps the books
           metrics_lib.atomic_write(failed_path, json.dumps(
               {'name': name, 'error': f'{type(e).__name__}: {e}', 'point': i,
                'time': datetime.datetime.now().isoformat(timespec='seconds')}, indent=2) + '\n')
       except OSError:
         pass  # the workdir itself is unwritable; the failure is still printed and returned
       continue
-    if distributed_leader():
+    if distributed.is_leader():
       with contextlib.suppress(FileNotFoundError):
         os.remove(failed_path)
     print(f'{head}: held-out loss {record["eval"]["loss"]:.4f} ({time.time() - t0:.0f}s)', flush=True)

@@ -147,11 +147,6 @@ class Setup:
   accounting: dict
 
 
-def prepare_workdir(workdir: str) -> None:
-  """Creates `workdir` and proves it writable; raises WorkdirError with one line otherwise."""
-  workdir_lib.prepare(workdir, jax.process_index())
-
-
 def _placed(cfg, mesh, param_state, buffer_state, abstract: bool = False) -> dict:
   """The sharded train state: arrays on their devices, or (abstract) ShapeDtypeStructs carrying the shardings."""
   put = _abstract if abstract else jax.device_put
@@ -255,15 +250,6 @@ class _StopSignals:
       signal.signal(sig, previous)
 
 
-def _agreed(flag: bool) -> bool:
-  """True on every process when any process has `flag` set (all stop, and save, at the same step).
-
-  SIGTERM may reach one process of a multi-process run first; stopping alone would leave
-  the others waiting in the next step's collectives, or start a collective save alone.
-  """
-  return distributed.any_process(flag)
-
-
 def _check_finite(step: int, out: dict[str, jax.Array]) -> None:
   """Stops on a non-finite loss or gradient norm (a finite loss with an infinite gradient still makes NaN params)."""
   loss, grad_norm = (float(v) for v in jax.device_get((out['loss'], out['grad_norm'])))
@@ -290,7 +276,7 @@ def run(cfg, workdir: str, stop_after: int | None = None, built: Setup | None = 
   With `eval.every_steps`, the held-out loss is also scored every that many steps and
   written to the metrics (`eval_loss`, `eval_bits_per_byte`): the run's learning curve.
   """
-  prepare_workdir(workdir)
+  workdir_lib.prepare(workdir, jax.process_index())
   s = built or setup(cfg)
   t_cfg = cfg.train
   batch_sharding = mesh_lib.batch_sharding(s.mesh, 2)
@@ -345,8 +331,8 @@ class _Loop:
   def save(self) -> None:
     """Saves the current state (never a non-finite one)."""
     if not bool(_all_finite(self.state)):
-      raise NonFiniteLossError(f'parameters or optimizer state are not finite at step {self.step}; stopped without saving this state '
-                               '(the last good checkpoint is kept; lower optim.peak_learning_rate?)')
+      raise NonFiniteLossError(f'parameters or optimizer state are not finite at step {self.step}; stopped without '
+                               'saving this state (the last good checkpoint is kept; lower optim.peak_learning_rate?)')
     self.ckpt.save(self.step, self.state, {
         'step': self.step, 'data_iterator': self.data_iter.get_state(),
         'wall_s': self.wall_before + time.time() - self.t_start,
@@ -362,7 +348,9 @@ class _Loop:
       log.info('training steps %d..%d; compiling the train step', self.step + 1, end)
     t_window, window_steps, pending, first = time.time(), 0, None, True
     with _StopSignals() as stop:
-      while self.step < end and not _agreed(stop.raised):
+      # A signal may reach one process of a multi-process run first; stopping alone would leave the
+      # others waiting in the next step's collectives, so every process asks all the others.
+      while self.step < end and not distributed.any_process(stop.raised):
         tokens = mesh_lib.global_batch(next(self.data_iter), self.batch_sharding, t_cfg.batch_size)
         self.state, out = self.train_step(self.state, tokens, self.seed)
         self.step += 1
@@ -388,7 +376,7 @@ class _Loop:
         if self.step % cfg.checkpoint.every_steps == 0 or self.step == end:
           _check_finite(*pending)
           self.save()
-      if _agreed(stop.raised) and self.step < end:  # (a signal during the last step: the run is complete)
+      if distributed.any_process(stop.raised) and self.step < end:  # (a signal during the last step: the run is complete)
         self._stop(stop.signum, pending)
 
   def _log(self, out, window_steps: int, elapsed: float, end: int) -> None:

@@ -116,9 +116,7 @@ def _read_json(path: str) -> dict | None:
 
 def has_trained(workdir: str) -> bool:
   """Whether the workdir holds a checkpoint or a result (so its configuration is bound)."""
-  ckpts = os.path.join(workdir, 'checkpoints')
-  return os.path.exists(os.path.join(workdir, 'result.json')) or (
-      os.path.isdir(ckpts) and any(n.isdigit() for n in os.listdir(ckpts)))
+  return os.path.exists(os.path.join(workdir, 'result.json')) or last_step(workdir) is not None
 
 
 def last_step(workdir: str) -> int | None:

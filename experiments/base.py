@@ -19,7 +19,7 @@ def get_config(arg=None):
   c.seed = 0  # model-init seed; per-layer keys are folded in from it
 
   c.model = m = ml_collections.ConfigDict()
-  m.vocab_size = 257  # byte tokens 0..255 plus the document separator 256
+  m.vocab_size = FieldReference(None, field_type=int)  # None -> the tokenizer's (bytes: 257 = 256 bytes + separator); set, it must match
   m.model_dim = 128  # residual width D
   m.num_layers = 4  # decoder blocks
   m.num_heads = 4  # query heads H
@@ -65,10 +65,18 @@ def get_config(arg=None):
   e.expert_parallel_exchange = 'auto'  # 'all_to_all' (padded rows per destination) or 'ragged' (ragged_all_to_all); 'auto': ragged on GPU/TPU
   e.kernels = 'auto'  # router + 'block' dispatch: 'reference', 'xla' (gather-only VJPs), 'pallas', 'auto' (per platform)
   c.data = d = ml_collections.ConfigDict()
-  d.source = 'stdlib'  # 'stdlib' (this interpreter's *.py), 'text:GLOB' (your files) or 'tfds:NAME'
+  d.source = 'stdlib'  # 'stdlib' (this interpreter's *.py), 'text:GLOB', 'jsonl:GLOB', 'parquet:GLOB', 'tfds:NAME' or 'store:DIR' (moejax.prepare)
+  d.tokenizer = 'bytes'  # 'bytes', 'sentencepiece:PATH', 'hf:PATH' (tokenizer.json), 'train:bpe:N' or 'train:unigram:N'
+  d.separator_token = FieldReference(None, field_type=str)  # a tokenizer file's token that starts documents; None -> a known special token
+  d.tokenizer_train_bytes = 200 << 20  # a 'train:' tokenizer learns from at most this many training bytes, in document order
   d.tfds_split = 'train'  # split read by a 'tfds:' source
   d.tfds_text_key = 'text'  # feature holding the document text in a 'tfds:' source
   d.tfds_data_dir = FieldReference(None, field_type=str)  # tfds data_dir; None -> tfds default
+  d.text_field = 'text'  # JSON field / Parquet column holding the document text ('jsonl:', 'parquet:')
+  d.cache_dir = FieldReference(None, field_type=str)  # where subword-tokenized in-memory sources are cached as stores; None -> $MOEJAX_CACHE or ~/.cache/moejax
+  d.verify_store = 'full'  # opening a store: 'full' (sha256 and token range of every shard) or 'size' (sizes only)
+  d.read_threads = 2  # grain threads reading training windows ahead of the step
+  d.prefetch_batches = 4  # training batches read ahead (bounds host memory: batch bytes x this)
   d.seq_len = 128  # tokens per training sequence
   d.heldout_bytes = 131072  # held-out split: documents in key-hash order, at most this many bytes in all
   d.heldout_max_fraction = 0.1  # ... and at most this share of the corpus bytes (a warning says when it binds)

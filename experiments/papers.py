@@ -7,7 +7,14 @@ Scales (SCIENCE.md §4):
          600 at 4e-3 1.757/1.949; 600 at 2e-3 1.860/1.854, spread 0.006.)
   gpu    one H100: d=256, L=4, 1000 steps of 64x256 tokens (16M tokens per run), bfloat16.
   paper  a cluster plan near the studies' scale: d=1024, L=16, 20k steps of 256x2048 tokens
-         (10.5B tokens per run); set data.source to a large corpus.
+         (10.5B tokens per run).
+The tiny scale reads the stdlib's bytes. The gpu and paper scales read token stores of a
+public web corpus (FineWeb-Edu) with a BPE trained on it: 8k tokens at gpu scale (a 32k
+embedding would outweigh the routed experts of a d=256 model and break the fixed-N_total
+grids), 32k at paper scale. Build them as docs/data.md shows, or point
+--config.data.source=store:DIR at your own store with the same tokenizer spec. Their
+vocabulary is set explicitly, so accounting and design searches work before a store
+exists, and a store with another tokenizer is refused.
 
 Every run of a scale uses the same data seed (paired data order); `seed` (model
 initialization) is the seed axis. Gates are renormalized over the top k when k > 1 (the
@@ -22,11 +29,14 @@ from moejax.errors import ConfigError
 
 SCALES = {
     'tiny': dict(model_dim=64, num_layers=2, num_heads=2, seq_len=128, batch_size=32, steps=600, lr=2e-3,
-                 heldout_bytes=131072, seeds=3, compute_dtype='float32'),
+                 heldout_bytes=131072, seeds=3, compute_dtype='float32', source='stdlib', tokenizer='bytes',
+                 vocab_size=None),
     'gpu': dict(model_dim=256, num_layers=4, num_heads=4, seq_len=256, batch_size=64, steps=1000, lr=2e-3,
-                heldout_bytes=1 << 20, seeds=3, compute_dtype='bfloat16'),
+                heldout_bytes=1 << 20, seeds=3, compute_dtype='bfloat16', source='store:~/moejax-data/fineweb-edu-bpe8k',
+                tokenizer='train:bpe:8192', vocab_size=8192),
     'paper': dict(model_dim=1024, num_layers=16, num_heads=16, seq_len=2048, batch_size=256, steps=20000, lr=1e-3,
-                  heldout_bytes=1 << 24, seeds=2, compute_dtype='bfloat16'),
+                  heldout_bytes=1 << 24, seeds=2, compute_dtype='bfloat16',
+                  source='store:~/moejax-data/fineweb-edu-bpe32k', tokenizer='train:bpe:32768', vocab_size=32768),
 }
 TIER1 = ('B1', 'B2', 'A1', 'A2a', 'B6')
 
@@ -61,6 +71,9 @@ def get_config(arg=None):
   c.model.ffn_hidden = 4 * s['model_dim']
   c.model.compute_dtype = s['compute_dtype']
   c.moe.use_renormalized_gates = True
+  c.model.vocab_size = s['vocab_size']
+  c.data.source = s['source']
+  c.data.tokenizer = s['tokenizer']
   c.data.seq_len = s['seq_len']
   c.data.heldout_bytes = s['heldout_bytes']
   c.train.steps = s['steps']

@@ -45,7 +45,7 @@ def count(cfg) -> dict[str, Any]:
   gives the value under the routing a trained model actually produced.
   """
   m, e = cfg.model, cfg.moe
-  D, V = m.model_dim, m.vocab_size
+  D, V = m.model_dim, config_lib.vocab_size(cfg)
   n_moe = len(config_lib.moe_layers(m, e))
   n_dense = m.num_layers - n_moe
   attn = _attention_params(m)

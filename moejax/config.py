@@ -25,8 +25,9 @@ KERNELS = ('auto', 'reference', 'xla', 'pallas')
 LOAD_BALANCING = ('none', 'global_batch', 'micro_batch', 'sequence', 'aux_free')
 ROUTER_SCORES = ('softmax', 'sigmoid')
 DROP_POLICIES = ('position', 'probs')
-SOURCE_KINDS = ('stdlib', 'text:', 'tfds:')
+SOURCE_KINDS = ('stdlib', 'text:', 'jsonl:', 'parquet:', 'tfds:', 'store:')
 BINARY_DOCUMENTS = ('error', 'skip', 'keep')
+VERIFY_STORE = ('full', 'size')
 
 
 def load_module(path: str):
@@ -138,6 +139,14 @@ def apply_overrides(cfg: ml_collections.ConfigDict, overrides: dict[str, Any]) -
   return cfg
 
 
+def vocab_size(cfg) -> int:
+  """`model.vocab_size`, or (unset, before `validate`) the vocabulary of the config's tokenizer."""
+  if cfg.model.vocab_size is not None:
+    return cfg.model.vocab_size
+  from moejax import data  # pylint: disable=import-outside-toplevel
+  return data.vocab_size(cfg.data)
+
+
 def head_dim(model_cfg) -> int:
   """The per-head width: `model.head_dim`, or model_dim // num_heads when unset."""
   return model_cfg.head_dim if model_cfg.head_dim is not None else model_cfg.model_dim // model_cfg.num_heads
@@ -190,9 +199,33 @@ def _positive(cfg, section: str, keys: Sequence[str]) -> None:
     _require(isinstance(value, (int, float)) and value > 0, f'{section}.{key}={value!r} must be > 0')
 
 
+def _validate_data(cfg) -> None:
+  """The data section; also fills an unset `model.vocab_size` from the tokenizer (reading a file or manifest if it must)."""
+  d, m = cfg.data, cfg.model
+  _require(isinstance(d.source, str) and d.source.startswith(SOURCE_KINDS) and
+           (d.source == 'stdlib' or len(d.source.split(':', 1)[1]) > 0),
+           f"data.source={d.source!r} must be 'stdlib', 'text:GLOB', 'jsonl:GLOB', 'parquet:GLOB', 'tfds:NAME' or "
+           "'store:DIR'")
+  from moejax.data import tokenizers  # pylint: disable=import-outside-toplevel  (light: numpy only)
+  try:
+    tokenizers.parse_spec(d.tokenizer)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  _require(d.seq_len >= 2, f'data.seq_len={d.seq_len} must be >= 2')
+  _positive(cfg, 'data', ('heldout_bytes', 'tokenizer_train_bytes', 'read_threads', 'prefetch_batches'))
+  _require(0 < d.heldout_max_fraction <= 0.5, f'data.heldout_max_fraction={d.heldout_max_fraction} must be in (0, 0.5]')
+  _require(d.binary_documents in BINARY_DOCUMENTS,
+           f'data.binary_documents={d.binary_documents!r} must be one of {BINARY_DOCUMENTS}')
+  _require(d.verify_store in VERIFY_STORE, f'data.verify_store={d.verify_store!r} must be one of {VERIFY_STORE}')
+  if m.vocab_size is None:
+    from moejax import data  # pylint: disable=import-outside-toplevel
+    m.vocab_size = data.vocab_size(d)
+
+
 def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Checks every cross-field rule; raises ConfigError naming the key and the rule."""
   m, e, d, o, t = cfg.model, cfg.moe, cfg.data, cfg.optim, cfg.train
+  _validate_data(cfg)
   _positive(cfg, 'model', ('vocab_size', 'model_dim', 'num_layers', 'num_heads', 'num_kv_heads', 'ffn_hidden',
                            'rope_base', 'norm_eps', 'init_std'))
   if m.head_dim is None:
@@ -205,7 +238,6 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _require(m.num_heads % m.num_kv_heads == 0,
            f'model.num_heads={m.num_heads} must be divisible by model.num_kv_heads={m.num_kv_heads}')
   _require(m.compute_dtype in COMPUTE_DTYPES, f'model.compute_dtype={m.compute_dtype!r} must be one of {COMPUTE_DTYPES}')
-  _require(m.vocab_size >= 257, f'model.vocab_size={m.vocab_size} must be >= 257 (256 bytes + separator)')
 
   _require(e.num_experts >= 0, f'moe.num_experts={e.num_experts} must be >= 0 (0 = dense model)')
   _validate_moe_values(cfg)  # the same for dense configs: a bad value is never silently ignored
@@ -223,15 +255,6 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
                f'moe.expert_size_classes={e.expert_size_classes!r}: every class count must be divisible by '
                f'mesh.expert={cfg.mesh.expert} (each device holds a slice of every class)')
     _validate_routing(cfg)
-  _require(isinstance(d.source, str) and d.source.startswith(SOURCE_KINDS) and
-           (d.source == 'stdlib' or len(d.source.split(':', 1)[1]) > 0),
-           f"data.source={d.source!r} must be 'stdlib', 'text:GLOB' or 'tfds:NAME'")
-  _require(d.seq_len >= 2, f'data.seq_len={d.seq_len} must be >= 2')
-  _positive(cfg, 'data', ('heldout_bytes',))
-  _require(0 < d.heldout_max_fraction <= 0.5, f'data.heldout_max_fraction={d.heldout_max_fraction} must be in (0, 0.5]')
-  _require(d.binary_documents in BINARY_DOCUMENTS,
-           f'data.binary_documents={d.binary_documents!r} must be one of {BINARY_DOCUMENTS}')
-
   _positive(cfg, 'optim', ('peak_learning_rate', 'adam_eps'))
   _require(0 <= o.warmup_fraction < 1, f'optim.warmup_fraction={o.warmup_fraction} must be in [0, 1)')
   _require(0 <= o.final_lr_fraction <= 1, f'optim.final_lr_fraction={o.final_lr_fraction} must be in [0, 1]')

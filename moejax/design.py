@@ -98,7 +98,7 @@ def space_from_config(cfg, **overrides) -> Space:
   fields = dict(layers=[2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64],
                 widths=list(range(128, 1024, 64)) + list(range(1024, 4096, 128)) + list(range(4096, 8193, 256)),
                 granularities=[0.25, 0.5, 1, 2, 4, 8], experts=[1] + [2**i for i in range(1, 10)], max_topk=16,
-                shared=[0, 1], head_dim=64, kv_group=1, vocab_size=m.vocab_size,
+                shared=[0, 1], head_dim=64, kv_group=1, vocab_size=config_lib.vocab_size(cfg),
                 tied_embeddings=bool(m.use_tied_embeddings), qk_norm=bool(m.use_qk_norm),
                 shared_gate=bool(cfg.moe.use_shared_expert_gate), seq_len=cfg.data.seq_len, aspect_range=(16, 512))
   fields.update(overrides)

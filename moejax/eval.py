@@ -2,8 +2,9 @@
 
 Loss is the token-weighted mean cross-entropy in nats per target token over the whole
 fixed held-out stream (every held-out token is a target exactly once; document
-separators count as targets). Bits per byte = total nats / ln 2 / (number of byte
-targets), so separator costs are charged to the bytes. Evaluation is always dropless.
+separators count as targets). Bits per byte = total nats / ln 2 / (UTF-8 bytes of the
+scored held-out text, decoded with the run's tokenizer: `data.scored_bytes`), so separator
+costs are charged to the bytes and the number is comparable across tokenizers.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ EVAL_ROUTING = ('expert_counts', 'drop_fraction', 'router_entropy', 'ep_drop_fra
 
 
 def make_eval_step(graphdef: nnx.GraphDef, mesh=None):
-  """step(params, buffers, batch) -> ((weighted nats, weights, weighted byte targets), routing stats).
+  """step(params, buffers, batch) -> ((weighted nats, weights), routing stats).
 
   With `mesh`: traced under it (see `train.make_train_step`), outputs replicated.
   """
@@ -38,8 +39,7 @@ def make_eval_step(graphdef: nnx.GraphDef, mesh=None):
     logits_BLV, aux = nnx.merge(graphdef, params, buffers)(batch['inputs'])  # train=False: eval capacity
     nll_BL = token_nll(logits_BLV, batch['targets'])
     w_BL = batch['weights']
-    is_byte = (batch['targets'] < data.SEPARATOR).astype(jnp.float32)
-    sums = (jnp.sum(nll_BL * w_BL), jnp.sum(w_BL), jnp.sum(w_BL * is_byte))
+    sums = (jnp.sum(nll_BL * w_BL), jnp.sum(w_BL))
     out = sums, {k: aux[k] for k in EVAL_ROUTING if k in aux}
     return out if mesh is None else jax.lax.with_sharding_constraint(out, mesh_lib.replicated(mesh))
 
@@ -53,7 +53,7 @@ def evaluate(s: Setup, state: dict | None = None) -> dict[str, Any]:
   """
   state = s.state if state is None else state
   step = cached('eval', s.cfg, lambda: make_eval_step(s.graphdef, s.mesh))
-  nats, tokens, byte_tokens = 0.0, 0.0, 0.0
+  nats, tokens = 0.0, 0.0
   routing_sums, batches = {}, 0
   sharding = mesh_lib.batch_sharding(s.mesh, 2)
   B = s.cfg.eval.batch_size
@@ -61,15 +61,27 @@ def evaluate(s: Setup, state: dict | None = None) -> dict[str, Any]:
   for batch in data.heldout_batches(s.corpus, s.cfg.data.seq_len, B, s.cfg.eval.max_batches):
     local = {k: mesh_lib.global_batch(v[start:stop], sharding, B) for k, v in batch.items()}
     sums, stats = jax.device_get(step(state['params'], state['buffers'], local))
-    nats, tokens, byte_tokens = nats + float(sums[0]), tokens + float(sums[1]), byte_tokens + float(sums[2])
+    nats, tokens = nats + float(sums[0]), tokens + float(sums[1])
     for key, value in stats.items():  # accumulate on the host in float64
       routing_sums[key] = routing_sums.get(key, 0.0) + np.asarray(value, np.float64)
     batches += 1
-  result = {'loss': nats / tokens, 'bits_per_byte': nats / math.log(2) / max(byte_tokens, 1.0),
-            'tokens': int(tokens)}
+  scored = _scored_bytes(s.corpus, s.cfg.data.seq_len, B, s.cfg.eval.max_batches)
+  result = {'loss': nats / tokens, 'bits_per_byte': nats / math.log(2) / max(scored, 1), 'tokens': int(tokens),
+            'bytes': scored}
   if routing_sums:
     result['routing'] = routing_summary(s.cfg, routing_sums, batches)
   return result
+
+
+_SCORED_BYTES: dict = {}
+
+
+def _scored_bytes(corpus, seq_len: int, batch_size: int, max_batches) -> int:
+  """`data.scored_bytes`, once per corpus and eval shape (periodic evals reuse it)."""
+  key = (corpus.fingerprint, corpus.name, seq_len, batch_size, max_batches)
+  if key not in _SCORED_BYTES:
+    _SCORED_BYTES[key] = data.scored_bytes(corpus, seq_len, batch_size, max_batches)
+  return _SCORED_BYTES[key]
 
 
 def routing_summary(cfg, sums: dict[str, np.ndarray], batches: int) -> dict[str, Any]:

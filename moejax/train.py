@@ -98,7 +98,9 @@ def shardings(tree: Any) -> Any:
 # Fields that never change what the train or eval step computes: runs that differ only in
 # these share one compiled step (a sweep over seeds compiles once).
 _NOT_IN_STEP = ('name', 'seed', 'data.seed', 'data.source', 'data.heldout_bytes', 'data.heldout_max_fraction',
-                'data.binary_documents', 'data.tfds_split', 'data.tfds_text_key', 'data.tfds_data_dir', 'checkpoint', 'eval',
+                'data.binary_documents', 'data.tfds_split', 'data.tfds_text_key', 'data.tfds_data_dir', 'data.tokenizer',
+                'data.separator_token', 'data.tokenizer_train_bytes', 'data.text_field', 'data.cache_dir',
+                'data.verify_store', 'data.read_threads', 'data.prefetch_batches', 'checkpoint', 'eval',
                 'distributed', 'train.log_every_steps', 'train.peak_tflops')
 _STEP_CACHE: collections.OrderedDict = collections.OrderedDict()
 _STEP_CACHE_SIZE = 8
@@ -174,6 +176,7 @@ def _make_mesh(cfg):
 def setup(cfg, corpus: data.Corpus | None = None) -> Setup:
   """Builds mesh, model, sharded params and optimizer state for a validated config."""
   corpus = corpus or data.corpus_from_config(cfg.data)
+  data.check_vocab(cfg, corpus)
   mesh = _make_mesh(cfg)
   t0 = time.time()
   graphdef, param_state, buffer_state = model_lib.split(model_lib.build(cfg))
@@ -281,7 +284,8 @@ def run(cfg, workdir: str, stop_after: int | None = None, built: Setup | None = 
   t_cfg = cfg.train
   batch_sharding = mesh_lib.batch_sharding(s.mesh, 2)
   dataset = data.train_dataset(s.corpus, cfg.data.seq_len, t_cfg.batch_size, cfg.data.seed,
-                               mesh_lib.process_rows(batch_sharding, t_cfg.batch_size))
+                               mesh_lib.process_rows(batch_sharding, t_cfg.batch_size), cfg.data.read_threads,
+                               cfg.data.prefetch_batches)
   data_iter = iter(dataset)
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'), cfg.checkpoint.max_to_keep,
                                  cfg.checkpoint.use_async)

@@ -31,7 +31,8 @@ from moejax.errors import ConfigMismatch, WorkdirBusy, WorkdirError
 # Keys that never change what a run computes or how its result is labelled: how it was
 # launched, how often it logs and saves, and how the devices are arranged (checkpoints
 # restore onto any mesh; results agree to float32 rounding, see docs/scaling-out.md).
-PLUMBING = ('distributed.', 'checkpoint.', 'mesh.', 'train.log_every_steps', 'train.peak_tflops', 'eval.every_steps')
+PLUMBING = ('distributed.', 'checkpoint.', 'mesh.', 'train.log_every_steps', 'train.peak_tflops', 'eval.every_steps',
+            'data.cache_dir', 'data.verify_store', 'data.read_threads', 'data.prefetch_batches', 'data.tfds_data_dir')
 
 
 def _is_plumbing(key: str) -> bool:

@@ -42,7 +42,7 @@ def test_grids_hold_fixed_what_they_should(scale):
   a2b = _counts(a, scale, 'A2b')
   assert max(c['n_total'] for c in a2b) / min(c['n_total'] for c in a2b) < 1.05 and len({c['sparsity'] for c in a2b}) == 1
   b1 = _counts(b, scale, 'B1')
-  routed_active = {c['n_active'] - c['num_moe_layers'] * c['num_experts'] * (c['n_embed'] // 257) for c in b1}
+  routed_active = {c['n_active'] - c['num_moe_layers'] * c['num_experts'] * (c['n_embed'] // config_lib.vocab_size(b.get_config(scale))) for c in b1}
   assert len(routed_active) == 1  # fixed active parameters apart from the router
   b2 = _counts(b, scale, 'B2')
   assert len({c['experts_per_token'] * c['expert_hidden'] for c in b2}) == 1  # k * d_exp fixed

@@ -1,19 +1,25 @@
-"""The data layer: sources, corpora (split and packing) and grain pipelines.
+"""The data layer: sources, tokenizers, the on-disk token store, corpora and grain pipelines.
 
 | module | owns |
 |---|---|
-| `sources.py` | reading (key, bytes) documents from `stdlib`, `text:GLOB`, `tfds:NAME`; the binary-file screen |
-| `corpus.py` | `Corpus`, the fingerprint, the capped document-level held-out split, packing, `load_corpus` |
-| `pipeline.py` | training windows (seeded shuffle, per-process rows, checkpointable state) and held-out batches |
+| `sources.py` | reading (key, bytes) documents from `stdlib`, `text:`, `jsonl:`, `parquet:`, `tfds:`, positionally; the binary-file screen |
+| `tokenizers.py` | the `bytes`, SentencePiece and HuggingFace tokenizers, training BPE/unigram ones, spec parsing |
+| `store.py` | the token-store format: manifest, shard verification, `TokenStream` (positional reads across shards) |
+| `preparation.py` | building a store: plan, parallel/sharded chunk tokenization, resume, finalize (`moejax.prepare`) |
+| `corpus.py` | `Corpus`, the fingerprint, the held-out split of in-memory corpora, `corpus_from_config`, vocabulary checks |
+| `pipeline.py` | training windows (seeded shuffle, per-process rows, checkpointable state, prefetch), held-out batches, exact bits-per-byte bytes |
 
-Everything a caller needs is importable from `moejax.data` itself.
+Everything a caller needs is importable from `moejax.data` itself. Importing it is cheap:
+grain, `tokenizers` and `sentencepiece` load only when used.
 """
 
-from moejax.data.corpus import (SEPARATOR, Corpus, corpus_from_config, fingerprint, load_corpus, pack,
-                                split_documents)
-from moejax.data.pipeline import Windows, heldout_batches, train_dataset
-from moejax.data.sources import BINARY_SHARE, looks_binary, non_text_share, read_documents, stdlib_files
+from moejax.data.corpus import (SEPARATOR, Corpus, check_vocab, corpus_from_config, fingerprint, load_corpus,
+                                open_store, pack, split_documents, vocab_size)
+from moejax.data.pipeline import Windows, heldout_batches, scored_bytes, train_dataset
+from moejax.data.sources import (BINARY_DOCUMENTS, BINARY_SHARE, SourceOptions, looks_binary, non_text_share,
+                                 read_documents, stdlib_files)
 
-__all__ = ['SEPARATOR', 'Corpus', 'corpus_from_config', 'fingerprint', 'load_corpus', 'pack', 'split_documents',
-           'Windows', 'heldout_batches', 'train_dataset', 'BINARY_SHARE', 'looks_binary', 'non_text_share',
-           'read_documents', 'stdlib_files']
+__all__ = ['SEPARATOR', 'Corpus', 'check_vocab', 'corpus_from_config', 'fingerprint', 'load_corpus', 'open_store',
+           'pack', 'split_documents', 'vocab_size', 'Windows', 'heldout_batches', 'scored_bytes', 'train_dataset',
+           'BINARY_DOCUMENTS', 'BINARY_SHARE', 'SourceOptions', 'looks_binary', 'non_text_share', 'read_documents',
+           'stdlib_files']

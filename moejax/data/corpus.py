@@ -1,116 +1,198 @@
-"""A tokenized, split corpus: fingerprint, the document-level held-out split, and packing.
+"""A tokenized, split corpus: where its token streams come from, and its fingerprint.
 
-Tokens are bytes 0..255; SEPARATOR (256) starts every document. The corpus fingerprint is
-the sha256 of every (key, document) pair in order; it is recorded in every result, because
-the stdlib differs across Python versions.
+Three ways to a `Corpus` (`corpus_from_config`):
+  - `data.source='store:DIR'`: a store prepared by `python -m moejax.prepare`, read from disk
+    (`store.py`); nothing is tokenized or held in memory.
+  - an in-memory source ('stdlib', 'text:', 'jsonl:', 'parquet:', 'tfds:') with the 'bytes'
+    tokenizer: read, split and packed in memory (`load_corpus`), as the quickstart does.
+  - an in-memory source with a subword tokenizer: prepared once into a store under
+    `data.cache_dir` keyed by the source's fingerprint and the settings, then read from there.
 
-Split: documents are walked in sha256(key) order; each one that still fits is taken into
-the held-out set, whose size is capped at min(`data.heldout_bytes`, `data.heldout_max_fraction`
-x corpus bytes); the rest is training data. The split depends only on the keys, the sizes and
-those two numbers, so it is deterministic and disjoint by construction, and one large
-document can never become the whole held-out set.
+Each split is one stream [separator, doc tokens, separator, doc tokens, ...] in document
+order; the first two ways give identical streams for the same documents (tested).
+
+The fingerprint is the sha256 of every (key, length, bytes) document in order; with a
+subword tokenizer it also covers the tokenizer file's sha256 and separator. It is recorded
+in every checkpoint and result (the stdlib differs across Python versions).
+
+Split: documents are walked in sha256(key) order; each one that still fits joins the
+held-out set, capped at min(`data.heldout_bytes`, `data.heldout_max_fraction` x corpus
+bytes); the rest is training data (`preparation.split_keys`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import functools
 import hashlib
+import json
 import logging
+import os
 import time
 
 import numpy as np
 
-from moejax.data.sources import read_documents, screen_binary
-from moejax.errors import DataError
+from moejax.data import preparation, store as store_lib, tokenizers as tok_lib
+from moejax.data.sources import SourceOptions, read_documents
+from moejax.errors import ConfigError, DataError
 
-SEPARATOR = 256
+SEPARATOR = tok_lib.BYTES_SEPARATOR
 
 log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
 class Corpus:
-  """A tokenized, split corpus."""
+  """A tokenized, split corpus: two token streams (numpy arrays or `store.TokenStream`s) and their tokenizer."""
   name: str
   fingerprint: str
-  train_tokens: np.ndarray  # uint16 stream
-  heldout_tokens: np.ndarray  # uint16 stream
+  train_tokens: object  # .size, [a:b] -> np.ndarray
+  heldout_tokens: object
   num_train_docs: int
   num_heldout_docs: int
+  tokenizer: tok_lib.Tokenizer = dataclasses.field(default_factory=tok_lib.ByteTokenizer)
+  store: str | None = None
 
   def metadata(self) -> dict:
     return {'name': self.name, 'fingerprint': self.fingerprint, 'train_tokens': int(self.train_tokens.size),
             'heldout_tokens': int(self.heldout_tokens.size), 'train_docs': self.num_train_docs,
-            'heldout_docs': self.num_heldout_docs}
+            'heldout_docs': self.num_heldout_docs, 'tokenizer': self.tokenizer.describe(),
+            **({'store': self.store} if self.store else {})}
 
 
 def fingerprint(docs: list[tuple[str, bytes]]) -> str:
   """sha256 over every (key, length, bytes) in order."""
   h = hashlib.sha256()
   for key, data in docs:
-    h.update(key.encode() + b'\0' + str(len(data)).encode() + b'\0')
-    h.update(data)
+    preparation.doc_hash_update(h, key, data)
   return h.hexdigest()
 
 
 def split_documents(docs, heldout_bytes: int, max_fraction: float = 1.0):
-  """(train, heldout) document lists.
-
-  Documents are walked in sha256(key) order and each one that still fits under
-  cap = min(heldout_bytes, max_fraction * total bytes) joins the held-out split.
-  """
-  total = sum(len(d) for _, d in docs)
-  cap = min(heldout_bytes, int(max_fraction * total))
-  ranked = sorted(docs, key=lambda kd: hashlib.sha256(kd[0].encode()).hexdigest())
-  held, size = set(), 0
-  for key, data in ranked:
-    if size + len(data) <= cap:
-      held.add(key)
-      size += len(data)
-  train = [(k, d) for k, d in docs if k not in held]
-  heldout = [(k, d) for k, d in docs if k in held]
-  return train, heldout
+  """(train, heldout) document lists (the rule of `preparation.split_keys`)."""
+  held = preparation.split_keys([(k, len(d)) for k, d in docs], heldout_bytes, max_fraction)
+  return [(k, d) for k, d in docs if k not in held], [(k, d) for k, d in docs if k in held]
 
 
 def pack(docs) -> np.ndarray:
-  """One uint16 token stream: SEPARATOR, doc bytes, SEPARATOR, doc bytes, ..."""
-  parts = []
-  for _, data in docs:
-    parts.append(np.array([SEPARATOR], np.uint16))
-    parts.append(np.frombuffer(data, np.uint8).astype(np.uint16))
-  return np.concatenate(parts) if parts else np.zeros((0,), np.uint16)
+  """One uint16 byte-token stream: SEPARATOR, doc bytes, SEPARATOR, doc bytes, ..."""
+  parts = tok_lib.ByteTokenizer().encode_documents([d for _, d in docs])
+  return np.concatenate(parts).astype(np.uint16) if parts else np.zeros((0,), np.uint16)
+
+
+def load_corpus(source: str | SourceOptions, heldout_bytes: int, heldout_max_fraction: float = 1.0,
+                **options) -> Corpus:
+  """Reads, fingerprints, splits and packs an in-memory corpus of byte tokens (cached per process).
+
+  `source` is a source string (with `SourceOptions` fields as keyword `options`) or options.
+  """
+  opts = source if isinstance(source, SourceOptions) else SourceOptions(source, **options)
+  return _load_corpus(opts, heldout_bytes, heldout_max_fraction)
 
 
 @functools.lru_cache(maxsize=4)
-def load_corpus(source: str, heldout_bytes: int, tfds_split: str = 'train', tfds_text_key: str = 'text',
-                tfds_data_dir: str | None = None, heldout_max_fraction: float = 1.0,
-                binary_documents: str = 'error') -> Corpus:
-  """Reads, fingerprints, splits and packs a corpus (cached per process)."""
+def _load_corpus(opts: SourceOptions, heldout_bytes: int, heldout_max_fraction: float) -> Corpus:
   t0 = time.time()
-  docs = screen_binary(read_documents(source, tfds_split, tfds_text_key, tfds_data_dir), source, binary_documents)
+  docs = read_documents(opts)
   total = sum(len(d) for _, d in docs)
   train, heldout = split_documents(docs, heldout_bytes, heldout_max_fraction)
   held = sum(len(d) for _, d in heldout)
-  if not heldout:
-    raise DataError(f'data.source={source!r}: no document fits a held-out split of at most {heldout_bytes:,} bytes '
-                    f'({heldout_max_fraction:.0%} of {total:,}); raise data.heldout_bytes or add smaller documents')
-  if not train:
-    raise DataError(f'data.heldout_bytes={heldout_bytes} takes every document of {source!r}; none left to train on')
-  if heldout_max_fraction * total < heldout_bytes:
-    log.warning('data.heldout_bytes=%d is more than data.heldout_max_fraction=%g of the corpus (%d bytes): the '
-                'held-out split holds %d bytes', heldout_bytes, heldout_max_fraction, total, held)
-  elif held < heldout_bytes // 2:
-    log.warning('the held-out split holds only %d of data.heldout_bytes=%d bytes (its documents are larger than '
-                'what was left)', held, heldout_bytes)
-  corpus = Corpus(source, fingerprint(docs), pack(train), pack(heldout), len(train), len(heldout))
+  preparation.check_split(opts.source, len(heldout), len(train), heldout_bytes, heldout_max_fraction, total)
+  preparation.heldout_warnings(opts.source, heldout_bytes, heldout_max_fraction, total, held)
+  corpus = Corpus(opts.source, fingerprint(docs), pack(train), pack(heldout), len(train), len(heldout))
   log.info('corpus %s: %d documents, %.1f MB, read in %.1f s; train %d tokens (%d docs), held-out %d tokens (%d docs)',
-           source, len(docs), total / 1e6, time.time() - t0, corpus.train_tokens.size, len(train),
+           opts.source, len(docs), total / 1e6, time.time() - t0, corpus.train_tokens.size, len(train),
            corpus.heldout_tokens.size, len(heldout))
   return corpus
 
 
+def _check_store_tokenizer(directory: str, manifest: dict, spec_text: str) -> None:
+  """A store is read only with the tokenizer the config names (one line naming both otherwise)."""
+  spec = tok_lib.parse_spec(spec_text)
+  if spec.is_file and not os.path.isfile(spec.path):
+    raise DataError(f'tokenizer file {spec.path} does not exist (data.tokenizer)')
+  want, have = preparation.tokenizer_id(spec), manifest['settings']['tokenizer']
+  if want != have:
+    raise DataError(f'token store {directory} was prepared with tokenizer {have}, but data.tokenizer={spec_text!r} '
+                    f'is {want}; set data.tokenizer to the store\'s, or prepare a store with this one')
+
+
+@functools.lru_cache(maxsize=4)
+def open_store(directory: str, tokenizer: str = 'bytes', verify: str = 'full') -> Corpus:
+  """The corpus of a prepared store (cached per process)."""
+  t0 = time.time()
+  directory = os.path.abspath(os.path.expanduser(directory))
+  manifest = store_lib.read_manifest(directory)
+  _check_store_tokenizer(directory, manifest, tokenizer)
+  manifest, streams = store_lib.open_streams(directory, verify)
+  tok = preparation.store_tokenizer(directory, manifest)
+  splits = manifest['splits']
+  corpus = Corpus(f'store:{directory}', manifest['fingerprint'], streams['train'], streams['heldout'],
+                  splits['train']['docs'], splits['heldout']['docs'], tok, directory)
+  log.info('token store %s: %s tokenizer (vocabulary %d), train %d tokens (%d docs), held-out %d tokens (%d docs); '
+           'opened in %.1f s (verify=%s)', directory, tok.kind, tok.vocab_size, streams['train'].size,
+           corpus.num_train_docs, streams['heldout'].size, corpus.num_heldout_docs, time.time() - t0, verify)
+  return corpus
+
+
+def default_cache_dir() -> str:
+  return os.environ.get('MOEJAX_CACHE') or os.path.join(os.path.expanduser('~'), '.cache', 'moejax')
+
+
+def cached_store(d) -> str:
+  """Prepares an in-memory source with a subword tokenizer into the cache (once); returns the store directory."""
+  opts = SourceOptions.from_config(d)
+  docs = read_documents(opts)
+  spec = tok_lib.parse_spec(d.tokenizer)
+  settings = {'fingerprint': fingerprint(docs), 'tokenizer': preparation.tokenizer_id(spec), 'source': d.source,
+              'separator_token': d.separator_token, 'heldout_bytes': d.heldout_bytes,
+              'heldout_max_fraction': d.heldout_max_fraction, 'binary_documents': d.binary_documents,
+              'text_field': d.text_field, 'tokenizer_train_bytes': d.tokenizer_train_bytes}
+  key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:20]
+  root = os.path.join(os.path.expanduser(d.cache_dir or default_cache_dir()), 'stores')
+  directory = os.path.join(root, key)
+  try:
+    os.makedirs(root, exist_ok=True)
+    lock = open(os.path.join(root, key + '.lock'), 'w')
+  except OSError as e:
+    raise DataError(f'cannot write the data cache {root} (data.cache_dir): {e.strerror or e}') from None
+  with lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)  # one preparation per store, however many processes ask
+    if not os.path.exists(os.path.join(directory, store_lib.MANIFEST)):
+      log.info('preparing %s with tokenizer %s into the cache %s', d.source, d.tokenizer, directory)
+      preparation.prepare(directory, opts, spec, d.heldout_bytes, d.heldout_max_fraction,
+                          separator_token=d.separator_token, tokenizer_train_bytes=d.tokenizer_train_bytes,
+                          progress=False)
+  return directory
+
+
 def corpus_from_config(data_cfg) -> Corpus:
-  """`load_corpus` with the arguments of a `data` config section."""
-  return load_corpus(data_cfg.source, data_cfg.heldout_bytes, data_cfg.tfds_split, data_cfg.tfds_text_key,
-                     data_cfg.tfds_data_dir, data_cfg.heldout_max_fraction, data_cfg.binary_documents)
+  """The corpus of a `data` config section (a store, in memory, or a cached store)."""
+  d = data_cfg
+  if d.source.startswith('store:'):
+    return open_store(d.source[len('store:'):], d.tokenizer, d.verify_store)
+  if d.tokenizer == 'bytes':
+    return load_corpus(SourceOptions.from_config(d), d.heldout_bytes, d.heldout_max_fraction)
+  corpus = open_store(cached_store(d), d.tokenizer, 'size')
+  return dataclasses.replace(corpus, name=d.source)
+
+
+def vocab_size(data_cfg) -> int:
+  """The vocabulary the `data` section's tokenizer has (reads a tokenizer file or store manifest if it must)."""
+  d = data_cfg
+  if d.source.startswith('store:'):
+    directory = os.path.abspath(os.path.expanduser(d.source[len('store:'):]))
+    manifest = store_lib.read_manifest(directory)
+    _check_store_tokenizer(directory, manifest, d.tokenizer)
+    return int(manifest['tokenizer']['vocab_size'])
+  known = tok_lib.vocab_size_without_io(d.tokenizer)
+  return known if known is not None else tok_lib.load(d.tokenizer, separator_token=d.separator_token).vocab_size
+
+
+def check_vocab(cfg, corpus: Corpus) -> None:
+  """model.vocab_size must be the tokenizer's (one line otherwise)."""
+  if cfg.model.vocab_size != corpus.tokenizer.vocab_size:
+    raise ConfigError(f'model.vocab_size={cfg.model.vocab_size} but the tokenizer of {corpus.name} '
+                      f'({corpus.tokenizer.kind}) has {corpus.tokenizer.vocab_size} tokens; leave model.vocab_size '
+                      'unset (None) to take the tokenizer\'s')

@@ -1,0 +1,432 @@
+"""Preparing a token store: plan, tokenize chunks in parallel, finalize (`python -m moejax.prepare`).
+
+1. Plan (one process, one read pass, no tokenizing): walk the source's documents in order,
+   screen binary ones, fingerprint them, cut them into chunks of about `chunk_bytes`, and
+   choose the held-out documents with the same rule as in-memory corpora (`split_keys`).
+   A 'train:' tokenizer is trained here on the training documents. Written to plan.json.
+2. Chunks (any number of worker processes and of independent jobs): chunk i re-reads its
+   documents from its recorded position, checks they are the planned ones (sha256),
+   tokenizes them and writes train/i.bin and heldout/i.bin, then chunks/i.json. Every file
+   is written under a temporary name and renamed, so a killed job leaves no partial chunk;
+   a rerun skips finished chunks. Job j of `--num_shards=n` takes chunks i with i % n == j.
+3. Finalize (whichever job finishes the last chunk): checks every chunk and writes
+   manifest.json last. Its content is a function of the plan and the chunks only, so any
+   number of workers or jobs gives a byte-identical store.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import multiprocessing
+import os
+import shutil
+import sys
+import time
+
+import numpy as np
+
+from moejax.data import store as store_lib
+from moejax.data import tokenizers as tok_lib
+from moejax.data.sources import Position, SourceOptions, iter_documents
+from moejax.errors import DataError
+
+log = logging.getLogger(__name__)
+
+CHUNK_BYTES = 16 << 20  # source bytes per chunk (the unit of parallel work and of a shard file)
+TOKENIZER_TRAIN_BYTES = 200 << 20  # a 'train:' tokenizer sees at most this many training bytes, in order
+ENCODE_BATCH_BYTES = 4 << 20
+
+
+def split_keys(sizes: list[tuple[str, int]], heldout_bytes: int, max_fraction: float) -> set[str]:
+  """The held-out document keys.
+
+  Documents are walked in sha256(key) order and each one that still fits under
+  cap = min(heldout_bytes, max_fraction * total bytes) joins the held-out split. The split
+  depends only on the keys, sizes and the two numbers: deterministic, and one large
+  document can never become the whole held-out set.
+  """
+  total = sum(n for _, n in sizes)
+  cap = min(heldout_bytes, int(max_fraction * total))
+  held, size = set(), 0
+  for key, n in sorted(sizes, key=lambda kn: hashlib.sha256(kn[0].encode()).hexdigest()):
+    if size + n <= cap:
+      held.add(key)
+      size += n
+  return held
+
+
+def doc_hash_update(h, key: str, data: bytes) -> None:
+  """The corpus fingerprint's per-document update: key, length, bytes."""
+  h.update(key.encode() + b'\0' + str(len(data)).encode() + b'\0')
+  h.update(data)
+
+
+def combined_fingerprint(docs_fingerprint: str, tokenizer: tok_lib.Tokenizer) -> str:
+  """The corpus fingerprint: the documents' for bytes (as it always was), else documents + tokenizer."""
+  if tokenizer.kind == 'bytes':
+    return docs_fingerprint
+  return hashlib.sha256(f'{docs_fingerprint}:{tokenizer.hash}:{tokenizer.separator}'.encode()).hexdigest()
+
+
+def tokenizer_id(spec: tok_lib.Spec) -> str:
+  """What identifies a tokenizer in a store's settings: the spec, or a file's sha256 (not its path)."""
+  if spec.is_file:
+    return f'{spec.kind}:sha256:{tok_lib.file_hash(spec.path)}' if os.path.isfile(spec.path) else f'{spec.kind}:{spec.path}'
+  return 'bytes' if spec.kind == 'bytes' else f'train:{spec.train_kind}:{spec.vocab_size}'
+
+
+def heldout_warnings(source: str, heldout_bytes: int, max_fraction: float, total: int, held: int) -> None:
+  if max_fraction * total < heldout_bytes:
+    log.warning('data.heldout_bytes=%d is more than data.heldout_max_fraction=%g of the corpus (%d bytes): the '
+                'held-out split holds %d bytes', heldout_bytes, max_fraction, total, held)
+  elif held < heldout_bytes // 2:
+    log.warning('the held-out split of %s holds only %d of data.heldout_bytes=%d bytes (its documents are larger '
+                'than what was left)', source, held, heldout_bytes)
+
+
+def check_split(source: str, held_docs: int, train_docs: int, heldout_bytes: int, max_fraction: float,
+                total: int) -> None:
+  if not held_docs:
+    raise DataError(f'data.source={source!r}: no document fits a held-out split of at most {heldout_bytes:,} bytes '
+                    f'({max_fraction:.0%} of {total:,}); raise data.heldout_bytes or add smaller documents')
+  if not train_docs:
+    raise DataError(f'data.heldout_bytes={heldout_bytes} takes every document of {source!r}; none left to train on')
+
+
+# --- 1. plan ---------------------------------------------------------------------------------------------------
+
+
+def _settings(opts: SourceOptions, spec: tok_lib.Spec, separator_token, heldout_bytes, max_fraction, chunk_bytes,
+              dtype, tokenizer_train_bytes) -> dict:
+  return {'source': opts.source, 'tfds_split': opts.tfds_split, 'tfds_text_key': opts.tfds_text_key,
+          'text_field': opts.text_field, 'binary_documents': opts.binary_documents,
+          'tokenizer': tokenizer_id(spec), 'separator_token': separator_token, 'heldout_bytes': int(heldout_bytes),
+          'heldout_max_fraction': float(max_fraction), 'chunk_bytes': int(chunk_bytes), 'dtype': dtype,
+          'tokenizer_train_bytes': int(tokenizer_train_bytes)}
+
+
+def make_plan(directory: str, opts: SourceOptions, spec: tok_lib.Spec, settings: dict) -> dict:
+  """Reads the source once, writes the tokenizer and plan.json into `directory`; returns the plan."""
+  t0 = time.time()
+  fingerprint = hashlib.sha256()
+  sizes, chunks, skipped = [], [], []
+  start, chunk_hash, chunk_docs, chunk_bytes = Position(), hashlib.sha256(), 0, 0
+  for position, key, data in iter_documents(opts, skipped=skipped):
+    doc_hash_update(fingerprint, key, data)
+    doc_hash_update(chunk_hash, key, data)
+    sizes.append((key, len(data)))
+    chunk_docs, chunk_bytes = chunk_docs + 1, chunk_bytes + len(data)
+    if chunk_bytes >= settings['chunk_bytes']:
+      chunks.append({'start': start.to_json(), 'docs': chunk_docs, 'bytes': chunk_bytes, 'sha256': chunk_hash.hexdigest()})
+      start, chunk_hash, chunk_docs, chunk_bytes = position, hashlib.sha256(), 0, 0
+  if chunk_docs:
+    chunks.append({'start': start.to_json(), 'docs': chunk_docs, 'bytes': chunk_bytes, 'sha256': chunk_hash.hexdigest()})
+  if not sizes:
+    raise DataError(f'data.source={opts.source!r} has no non-empty documents')
+  if skipped:
+    log.warning('data.source=%r: skipped %d binary-looking document(s), e.g. %r', opts.source, len(skipped), skipped[0])
+  total = sum(n for _, n in sizes)
+  held = split_keys(sizes, settings['heldout_bytes'], settings['heldout_max_fraction'])
+  held_bytes = sum(n for k, n in sizes if k in held)
+  check_split(opts.source, len(held), len(sizes) - len(held), settings['heldout_bytes'],
+              settings['heldout_max_fraction'], total)
+  heldout_warnings(opts.source, settings['heldout_bytes'], settings['heldout_max_fraction'], total, held_bytes)
+  log.info('plan: %d documents, %.1f MB in %d chunks, %d held out (%.2f MB), read in %.1f s', len(sizes), total / 1e6,
+           len(chunks), len(held), held_bytes / 1e6, time.time() - t0)
+
+  tokenizer_file = _install_tokenizer(directory, opts, spec, held, settings)
+  tokenizer = _load_installed(directory, spec, tokenizer_file, settings['separator_token'])  # the store's own copy
+  dtype = _dtype(settings['dtype'], tokenizer.vocab_size, directory)
+  docs_fp = fingerprint.hexdigest()
+  plan = {'format': store_lib.FORMAT, 'version': store_lib.VERSION, 'settings': settings,
+          'tokenizer': {**tokenizer.describe(), 'spec': settings['tokenizer'], 'file': tokenizer_file},
+          'dtype': dtype.name, 'docs_fingerprint': docs_fp, 'fingerprint': combined_fingerprint(docs_fp, tokenizer),
+          'documents': len(sizes), 'bytes': total, 'skipped_binary': len(skipped),
+          'heldout': {'docs': len(held), 'bytes': held_bytes}, 'heldout_keys': sorted(held), 'chunks': chunks}
+  store_lib.write_json(os.path.join(directory, 'plan.json'), plan)
+  return plan
+
+
+def _dtype(requested: str, vocab_size: int, directory: str) -> np.dtype:
+  if requested == 'auto':
+    return tok_lib.dtype_for(vocab_size)
+  dtype = np.dtype(requested)
+  if vocab_size > np.iinfo(dtype).max + 1:
+    raise DataError(f'--dtype={requested} cannot hold a vocabulary of {vocab_size} tokens (store {directory}); '
+                    'use --dtype=uint32 or auto')
+  return dtype
+
+
+def _install_tokenizer(directory: str, opts: SourceOptions, spec: tok_lib.Spec, held: set[str],
+                       settings: dict) -> str | None:
+  """Copies a tokenizer file into the store, or trains one there; returns its file name (None for bytes)."""
+  if spec.kind == 'bytes':
+    return None
+  if spec.is_file:
+    tok_lib.load(spec, separator_token=settings['separator_token'])  # fails with one line before copying
+    name = 'tokenizer.json' if spec.kind == 'hf' else 'tokenizer.model'
+    shutil.copyfile(spec.path, os.path.join(directory, name + '.tmp'))
+    os.replace(os.path.join(directory, name + '.tmp'), os.path.join(directory, name))
+    return name
+  name = tok_lib.TRAIN_KINDS[spec.train_kind]
+  t0 = time.time()
+  budget = settings['tokenizer_train_bytes']
+
+  def texts():
+    seen = 0
+    for _, key, data in iter_documents(opts):
+      if key in held:
+        continue
+      if seen >= budget:
+        return
+      seen += len(data)
+      yield data
+
+  tok_lib.train(spec, texts(), os.path.join(directory, name))
+  log.info('trained tokenizer train:%s:%d on at most %d training bytes in %.1f s', spec.train_kind, spec.vocab_size,
+           budget, time.time() - t0)
+  return name
+
+
+def _load_installed(directory: str, spec: tok_lib.Spec, name: str | None, separator_token) -> tok_lib.Tokenizer:
+  if spec.kind == 'bytes':
+    return tok_lib.ByteTokenizer()
+  path = os.path.join(directory, name)
+  if spec.kind == 'train':
+    return tok_lib.load(spec, path)
+  return tok_lib.load(tok_lib.Spec(spec.kind, path=path), separator_token=separator_token)
+
+
+def store_tokenizer(directory: str, manifest: dict) -> tok_lib.Tokenizer:
+  """The tokenizer a store (or plan) was prepared with, loaded from the store's own copy."""
+  info = manifest['tokenizer']
+  if info['kind'] == 'bytes':
+    return tok_lib.ByteTokenizer()
+  path = os.path.join(directory, info['file'])
+  kind = 'hf' if info['file'].endswith('.json') else 'sentencepiece'
+  separator = tok_lib.TRAINED_BPE_SEPARATOR if info['spec'].startswith('train:bpe') else manifest['settings'][
+      'separator_token']
+  tokenizer = tok_lib.load(tok_lib.Spec(kind, path=path), separator_token=separator)
+  if tokenizer.hash != info['hash']:
+    raise DataError(f'tokenizer file {path} does not match the sha256 its store recorded (damaged store)')
+  return tokenizer
+
+
+# --- 2. chunks -------------------------------------------------------------------------------------------------
+
+_WORKER = {}
+
+
+def _worker_init(single_thread: bool) -> None:
+  if single_thread:  # one process per core: the tokenizer libraries' own threads would oversubscribe
+    os.environ['RAYON_NUM_THREADS'] = '1'
+  logging.basicConfig(level=logging.WARNING)
+
+
+def _chunk_name(i: int) -> str:
+  return f'{i:06d}'
+
+
+def chunk_done(directory: str, i: int) -> dict | None:
+  """The record of a finished chunk whose shard files are in place, else None."""
+  path = os.path.join(directory, 'chunks', _chunk_name(i) + '.json')
+  if not os.path.exists(path):
+    return None
+  try:
+    record = store_lib.read_json(path, 'chunk record')
+    for split in store_lib.SPLITS:
+      entry = record['splits'][split]
+      if os.path.getsize(os.path.join(directory, entry['file'])) != entry['tokens'] * np.dtype(record['dtype']).itemsize:
+        return None
+  except (DataError, OSError, KeyError, TypeError):
+    return None
+  return record
+
+
+def prepare_chunk(directory: str, i: int, tfds_data_dir: str | None = None) -> dict:
+  """Tokenizes chunk i of the plan in `directory` and writes its shards and record; returns the record."""
+  if _WORKER.get('directory') != directory:
+    plan = store_lib.read_json(os.path.join(directory, 'plan.json'), 'preparation plan')
+    _WORKER.clear()
+    _WORKER.update(directory=directory, plan=plan, held=set(plan['heldout_keys']),
+                   tokenizer=store_tokenizer(directory, plan))
+  plan, held, tokenizer = _WORKER['plan'], _WORKER['held'], _WORKER['tokenizer']
+  s = plan['settings']
+  opts = SourceOptions(s['source'], s['tfds_split'], s['tfds_text_key'], tfds_data_dir, s['text_field'],
+                       s['binary_documents'])
+  chunk = plan['chunks'][i]
+  dtype = np.dtype(plan['dtype'])
+  name = _chunk_name(i)
+  tmp = f'.tmp-{os.getpid()}'
+  files = {split: os.path.join(split, name + '.bin') for split in store_lib.SPLITS}
+  outs = {split: open(os.path.join(directory, files[split] + tmp), 'wb') for split in store_lib.SPLITS}
+  hashes = {split: hashlib.sha256() for split in store_lib.SPLITS}
+  counts = {split: {'docs': 0, 'tokens': 0, 'bytes': 0} for split in store_lib.SPLITS}
+  chunk_hash = hashlib.sha256()
+  pending = {split: [] for split in store_lib.SPLITS}
+
+  def flush(split):
+    if not pending[split]:
+      return
+    arrays = tokenizer.encode_documents(pending[split])
+    tokens = np.concatenate(arrays).astype(dtype)
+    raw = tokens.tobytes()
+    outs[split].write(raw)
+    hashes[split].update(raw)
+    counts[split]['tokens'] += int(tokens.size)
+    pending[split] = []
+
+  try:
+    seen, sizes = 0, {split: 0 for split in store_lib.SPLITS}
+    for _, key, data in iter_documents(opts, Position.from_json(chunk['start'])):
+      if seen == chunk['docs']:
+        break
+      seen += 1
+      doc_hash_update(chunk_hash, key, data)
+      split = 'heldout' if key in held else 'train'
+      pending[split].append(data)
+      counts[split]['docs'] += 1
+      counts[split]['bytes'] += len(data)
+      sizes[split] += len(data)
+      if sizes[split] >= ENCODE_BATCH_BYTES:
+        flush(split)
+        sizes[split] = 0
+    if seen != chunk['docs'] or chunk_hash.hexdigest() != chunk['sha256']:
+      raise DataError(f'the documents of chunk {i} of {s["source"]!r} differ from the plan in {directory}/plan.json '
+                      '(the source changed since; prepare into a new directory)')
+    for split in store_lib.SPLITS:
+      flush(split)
+      outs[split].close()
+    for split in store_lib.SPLITS:
+      os.replace(os.path.join(directory, files[split] + tmp), os.path.join(directory, files[split]))
+  finally:
+    for split in store_lib.SPLITS:
+      outs[split].close()
+      if os.path.exists(os.path.join(directory, files[split] + tmp)):
+        os.remove(os.path.join(directory, files[split] + tmp))
+  record = {'index': i, 'dtype': dtype.name,
+            'splits': {split: {'file': files[split], **counts[split], 'sha256': hashes[split].hexdigest()}
+                       for split in store_lib.SPLITS}}
+  store_lib.write_json(os.path.join(directory, 'chunks', name + '.json'), record)
+  return record
+
+
+# --- 3. finalize -----------------------------------------------------------------------------------------------
+
+
+def finalize(directory: str, plan: dict) -> dict | None:
+  """Writes manifest.json when every chunk is done; returns it, or None while chunks are missing."""
+  records = [chunk_done(directory, i) for i in range(len(plan['chunks']))]
+  if any(r is None for r in records):
+    return None
+  splits = {}
+  for split in store_lib.SPLITS:
+    entries = [r['splits'][split] for r in records]
+    splits[split] = {'docs': sum(e['docs'] for e in entries), 'tokens': sum(e['tokens'] for e in entries),
+                     'bytes': sum(e['bytes'] for e in entries),
+                     'shards': [{'file': e['file'], 'tokens': e['tokens'], 'sha256': e['sha256']} for e in entries]}
+  manifest = {k: plan[k] for k in ('format', 'version', 'settings', 'tokenizer', 'dtype', 'docs_fingerprint',
+                                   'fingerprint', 'documents', 'bytes', 'skipped_binary')}
+  manifest['splits'] = splits
+  store_lib.write_json(os.path.join(directory, store_lib.MANIFEST), manifest)
+  return manifest
+
+
+# --- the driver ------------------------------------------------------------------------------------------------
+
+
+def _check_writable(directory: str) -> None:
+  try:
+    for sub in ('', *store_lib.SPLITS, 'chunks'):
+      os.makedirs(os.path.join(directory, sub), exist_ok=True)
+    probe = os.path.join(directory, f'.probe-{os.getpid()}')
+    with open(probe, 'w'):
+      pass
+    os.remove(probe)
+  except OSError as e:
+    raise DataError(f'cannot write the token store {directory}: {e.strerror or e}') from None
+
+
+def load_or_make_plan(directory: str, opts: SourceOptions, spec: tok_lib.Spec, settings: dict,
+                      make: bool = True) -> dict:
+  path = os.path.join(directory, 'plan.json')
+  if os.path.exists(path):
+    plan = store_lib.read_json(path, 'preparation plan')
+    if plan.get('version') != store_lib.VERSION:
+      raise DataError(f'{path} has format version {plan.get("version")}, this moejax writes {store_lib.VERSION}; '
+                      'prepare into a new directory')
+    if plan['settings'] != settings:
+      changed = [f'{k} ({plan["settings"].get(k)!r} -> {v!r})' for k, v in settings.items()
+                 if plan['settings'].get(k) != v]
+      raise DataError(f'{directory} holds a preparation with other settings: {", ".join(changed)}; '
+                      'use another directory or delete it')
+    return plan
+  if not make:
+    raise DataError(f'{path} does not exist: run the same command with --plan_only once before the sharded jobs '
+                    '(the script from --emit does)')
+  return make_plan(directory, opts, spec, settings)
+
+
+def prepare(directory: str, opts: SourceOptions, tokenizer: str = 'bytes', heldout_bytes: int = 131072,
+            heldout_max_fraction: float = 0.1, chunk_bytes: int = CHUNK_BYTES, dtype: str = 'auto', workers: int = 1,
+            num_shards: int = 1, shard_index: int = 0, plan_only: bool = False, separator_token: str | None = None,
+            tokenizer_train_bytes: int = TOKENIZER_TRAIN_BYTES, progress: bool = True) -> dict | None:
+  """Prepares (or resumes) the store in `directory`; returns its manifest, or None while other shards are pending."""
+  spec = tok_lib.parse_spec(tokenizer) if isinstance(tokenizer, str) else tokenizer
+  if spec.is_file and not os.path.isfile(spec.path):
+    raise DataError(f'tokenizer file {spec.path} does not exist')
+  if not 0 <= shard_index < num_shards:
+    raise DataError(f'--shard_index={shard_index} must be in [0, --num_shards={num_shards})')
+  settings = _settings(opts, spec, separator_token, heldout_bytes, heldout_max_fraction, chunk_bytes, dtype,
+                       tokenizer_train_bytes)
+  manifest_path = os.path.join(directory, store_lib.MANIFEST)
+  if os.path.exists(manifest_path):
+    manifest = store_lib.read_manifest(directory)
+    if manifest['settings'] != settings:
+      raise DataError(f'{directory} already holds a store prepared with other settings; use another directory')
+    return manifest
+  _check_writable(directory)
+  plan = load_or_make_plan(directory, opts, spec, settings, make=num_shards == 1 or plan_only)
+  if plan_only:
+    return None
+  mine = [i for i in range(len(plan['chunks'])) if i % num_shards == shard_index]
+  todo = [i for i in mine if chunk_done(directory, i) is None]
+  if todo:
+    _run_chunks(directory, plan, todo, len(mine) - len(todo), workers, progress, opts.tfds_data_dir)
+  return finalize(directory, plan)
+
+
+def _run_chunks(directory: str, plan: dict, todo: list[int], done: int, workers: int, progress: bool,
+                tfds_data_dir: str | None) -> None:
+  from tqdm import tqdm  # pylint: disable=import-outside-toplevel
+  total = sum(plan['chunks'][i]['bytes'] for i in todo)
+  bar = tqdm(total=total, unit='B', unit_scale=True, desc=f'prepare {os.path.basename(directory.rstrip("/"))}',
+             disable=not progress, file=sys.stderr, mininterval=1.0, smoothing=0.1)
+  if done:
+    log.info('resuming: %d chunk(s) of this job already done, %d to go', done, len(todo))
+  t0, tokens = time.time(), 0
+
+  def advance(i, record):
+    nonlocal tokens
+    tokens += sum(record['splits'][s]['tokens'] for s in store_lib.SPLITS)
+    bar.update(plan['chunks'][i]['bytes'])
+    bar.set_postfix_str(f'{tokens / max(time.time() - t0, 1e-9) / 1e6:.2f}M tokens/s', refresh=False)
+
+  try:
+    if workers <= 1:
+      for i in todo:
+        advance(i, prepare_chunk(directory, i, tfds_data_dir))
+    else:
+      ctx = multiprocessing.get_context('spawn')
+      with ctx.Pool(min(workers, len(todo)), initializer=_worker_init, initargs=(True,)) as pool:
+        for i, record in zip(todo, pool.imap(_prepare_chunk_star, [(directory, i, tfds_data_dir) for i in todo])):
+          advance(i, record)
+  finally:
+    bar.close()
+  log.info('prepared %d chunk(s): %d tokens in %.1f s (%.2fM tokens/s)', len(todo), tokens, time.time() - t0,
+           tokens / max(time.time() - t0, 1e-9) / 1e6)
+
+
+def _prepare_chunk_star(args):
+  return prepare_chunk(*args)

@@ -31,7 +31,7 @@ from absl import app, flags
 from etils import epath
 
 from moejax import accounting, config as config_lib
-from moejax.errors import ConfigError, DataError
+from moejax.errors import ConfigError, DataError, MoejaxError
 
 FLAGS = flags.FLAGS
 
@@ -145,6 +145,11 @@ def config_hash(flat_config: dict) -> str:
     rebuilt = config_lib.apply_overrides(_base_config(), flat_config)
   except (ConfigError, KeyError, TypeError, ValueError, AttributeError):
     return raw_config_hash(flat_config)
+  if rebuilt.model.vocab_size is None:  # an unvalidated grid point: the vocabulary its run records
+    try:
+      rebuilt.model.vocab_size = config_lib.vocab_size(rebuilt)
+    except MoejaxError:
+      pass
   return raw_config_hash(config_lib.flatten(json.loads(rebuilt.to_json_best_effort())))
 
 

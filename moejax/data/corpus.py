@@ -113,7 +113,7 @@ def _check_store_tokenizer(directory: str, manifest: dict, spec_text: str) -> No
   if spec.is_file and not os.path.isfile(spec.path):
     raise DataError(f'tokenizer file {spec.path} does not exist (data.tokenizer)')
   want, have = preparation.tokenizer_id(spec), manifest['settings']['tokenizer']
-  if want != have:
+  if want != have and want != f'{spec.kind}:sha256:{manifest["tokenizer"]["hash"]}':  # (or the store's own file)
     raise DataError(f'token store {directory} was prepared with tokenizer {have}, but data.tokenizer={spec_text!r} '
                     f'is {want}; set data.tokenizer to the store\'s, or prepare a store with this one')
 

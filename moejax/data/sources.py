@@ -152,13 +152,16 @@ def _parquet_records(path: str, rel: str, field: str, start: int):
     pf = pq.ParquetFile(path)
     if field not in pf.schema_arrow.names:
       raise DataError(f'{path}: no text column {field!r} (data.text_field); it has {pf.schema_arrow.names[:8]}')
-    row, groups = 0, []
-    for g in range(pf.num_row_groups):
+    row, groups, first = 0, [], 0
+    for g in range(pf.num_row_groups):  # the row groups from the one holding row `start` on
       n = pf.metadata.row_group(g).num_rows
-      if row + n > start:
+      if first + n > start:
         groups.append(g)
-      elif not groups:
-        row += n
+      else:
+        row = first + n
+      first += n
+    if not groups:  # (a chunk that starts at the end of this file; pyarrow reads every group for [])
+      return
     for batch in pf.iter_batches(columns=[field], row_groups=groups, batch_size=4096):
       for text in batch.column(0).to_pylist():
         row += 1

@@ -1,0 +1,343 @@
+"""Tokenizers, the token store, moejax.prepare, and training on a store."""
+
+import filecmp
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from moejax import config as config_lib, data
+from moejax.data import preparation, store as store_lib, tokenizers as tok_lib
+from moejax.data.sources import SourceOptions
+from moejax.errors import ConfigError, DataError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TEXT = 'naïve café — 北京 ✓\n\tdef f(x):\n    return x ** 2  # ünïcode\n'
+
+
+def _prepare(out, source, **kw):
+  kw.setdefault('heldout_bytes', 4000)
+  kw.setdefault('chunk_bytes', 20_000)  # several chunks, so windows cross shard files
+  return preparation.prepare(str(out), SourceOptions(source), progress=False, **kw)
+
+
+@pytest.fixture(scope='module')
+def trained(tmp_path_factory, corpus_glob):
+  """A trained BPE store and a trained unigram tokenizer file (trained once for the module)."""
+  root = tmp_path_factory.mktemp('trained')
+  manifest = _prepare(root / 'bpe', corpus_glob, tokenizer='train:bpe:400')
+  tok_lib.train(tok_lib.parse_spec('train:unigram:400'), [d for _, d in data.read_documents(corpus_glob)],
+                str(root / 'uni.model'))
+  return {'bpe_store': str(root / 'bpe'), 'bpe_json': str(root / 'bpe' / 'tokenizer.json'),
+          'unigram': str(root / 'uni.model'), 'manifest': manifest}
+
+
+@pytest.fixture(scope='module')
+def byte_store(tmp_path_factory, corpus_glob):
+  out = tmp_path_factory.mktemp('bytes') / 'store'
+  _prepare(out, corpus_glob)
+  return str(out)
+
+
+def _tree(directory):
+  return sorted(os.path.relpath(os.path.join(d, f), directory) for d, _, fs in os.walk(directory) for f in fs)
+
+
+def _same_store(a, b):
+  assert _tree(a) == _tree(b)
+  for rel in _tree(a):
+    assert filecmp.cmp(os.path.join(a, rel), os.path.join(b, rel), shallow=False), rel
+
+
+# --- tokenizers ------------------------------------------------------------------------------------------------
+
+
+def test_tokenizers_round_trip_text(trained, corpus_glob):
+  docs = [TEXT.encode()] + [d for _, d in data.read_documents(corpus_glob)[:5]]
+  for tok in (tok_lib.ByteTokenizer(), tok_lib.load(f'hf:{trained["bpe_json"]}'),
+              tok_lib.load(f'sentencepiece:{trained["unigram"]}'),
+              tok_lib.load('train:bpe:400', trained['bpe_json'])):
+    for doc, ids in zip(docs, tok.encode_documents(docs)):
+      assert ids[0] == tok.separator and (ids[1:] != tok.separator).all()
+      assert tok.decode(ids[1:]) == doc, tok.kind
+      assert ids.max() < tok.vocab_size
+  bpe = tok_lib.load(f'hf:{trained["bpe_json"]}')
+  assert bpe.vocab_size == 400 and len(bpe.encode_documents([TEXT.encode()])[0]) < len(TEXT.encode())
+  assert tok_lib.load(f'sentencepiece:{trained["unigram"]}').vocab_size == 400
+
+
+def test_tokenizer_training_is_deterministic(trained, corpus_glob, tmp_path):
+  docs = data.read_documents(corpus_glob)
+  with open(os.path.join(trained['bpe_store'], 'plan.json')) as f:
+    held = set(json.load(f)['heldout_keys'])  # the store's tokenizer saw the training split only
+  for kind, path, texts in (('bpe', trained['bpe_json'], [d for k, d in docs if k not in held]),
+                            ('unigram', trained['unigram'], [d for _, d in docs])):
+    again = str(tmp_path / kind)
+    tok_lib.train(tok_lib.parse_spec(f'train:{kind}:400'), texts, again)
+    assert tok_lib.file_hash(again) == tok_lib.file_hash(path)
+
+
+def test_bad_tokenizer_specs_and_files(tmp_path):
+  for bad in ('gpt2', 'train:bpe:10', 'train:wordpiece:1000', 'hf:'):
+    with pytest.raises(ValueError, match='data.tokenizer'):
+      tok_lib.parse_spec(bad)
+  junk = tmp_path / 'tokenizer.json'
+  junk.write_text('{"not": "a tokenizer"}')
+  with pytest.raises(DataError, match=f'tokenizer file {junk} does not load as a HuggingFace'):
+    tok_lib.load(f'hf:{junk}')
+  with pytest.raises(DataError, match=f'tokenizer file {junk} does not load as a SentencePiece'):
+    tok_lib.load(f'sentencepiece:{junk}')
+  with pytest.raises(DataError, match='does not exist'):
+    tok_lib.load(f'hf:{tmp_path}/missing.json')
+
+
+def test_scored_bytes_counts_decoded_utf8_bytes(trained):
+  """The bits-per-byte denominator is the UTF-8 size of the scored held-out text, for every tokenizer."""
+  docs = [TEXT.encode(), 'second döcument ✓'.encode()]
+  for tok in (tok_lib.ByteTokenizer(), tok_lib.load(f'hf:{trained["bpe_json"]}')):
+    stream = np.concatenate(tok.encode_documents(docs)).astype(np.uint16)
+    corpus = data.Corpus('x', 'f', stream, stream, 2, 2, tok)
+    assert data.scored_bytes(corpus, 8, 2) == len(docs[0]) + len(docs[1]) == 70 + 20  # (counted by hand)
+    # a cut after the first window: the bytes of the first 8 target tokens only
+    assert data.scored_bytes(corpus, 8, 1, max_batches=1) == len(tok.decode(stream[1:9]))
+
+
+# --- the store ---------------------------------------------------------------------------------------------------
+
+
+def test_byte_store_equals_the_in_memory_corpus(byte_store, corpus_glob):
+  memory = data.load_corpus(corpus_glob, 4000, 0.1)
+  store = data.open_store(byte_store)
+  assert store.fingerprint == memory.fingerprint
+  assert len(store.train_tokens.paths) > 2  # several shard files
+  np.testing.assert_array_equal(store.train_tokens[0:store.train_tokens.size], memory.train_tokens)
+  np.testing.assert_array_equal(store.heldout_tokens[0:store.heldout_tokens.size], memory.heldout_tokens)
+  for seq_len in (16, 1000):
+    a, b = data.Windows(memory.train_tokens, seq_len), data.Windows(store.train_tokens, seq_len)
+    assert len(a) == len(b)
+    boundaries = store.train_tokens.starts[1:-1]
+    spanning = [i for i in range(len(a)) if any(i * seq_len < s < i * seq_len + seq_len + 1 for s in boundaries)]
+    assert spanning  # windows that cross shard files
+    for i in spanning + list(range(0, len(a), 97)):
+      np.testing.assert_array_equal(a[i], b[i])
+
+
+def test_store_is_identical_for_any_workers_or_shards(byte_store, corpus_glob, tmp_path):
+  _prepare(tmp_path / 'two', corpus_glob, workers=2)
+  _same_store(byte_store, tmp_path / 'two')
+  sharded = tmp_path / 'sharded'
+  assert _prepare(sharded, corpus_glob, plan_only=True) is None
+  assert _prepare(sharded, corpus_glob, num_shards=2, shard_index=1) is None  # shard 0 still missing
+  assert not os.path.exists(sharded / 'manifest.json')
+  with pytest.raises(DataError, match='manifest.json is missing: the preparation of this store has not finished'):
+    data.open_store(str(sharded))
+  assert _prepare(sharded, corpus_glob, num_shards=2, shard_index=0) is not None
+  _same_store(byte_store, sharded)
+
+
+def test_killed_preparation_resumes_to_the_same_store(byte_store, corpus_glob, tmp_path):
+  out = tmp_path / 'killed'
+  shutil.copytree(byte_store, out)
+  os.remove(out / 'manifest.json')  # as if killed before the end:
+  os.remove(out / 'chunks' / '000001.json')  # chunk 1 wrote its shards but not its record,
+  with open(out / 'train' / '000002.bin', 'r+b') as f:  # chunk 2 was half-written
+    f.truncate(10)
+  (out / 'train' / '000003.bin.tmp-999').write_bytes(b'partial')
+  with pytest.raises(DataError, match='has not finished'):
+    data.open_store(str(out))
+  _prepare(out, corpus_glob)
+  os.remove(out / 'train' / '000003.bin.tmp-999')  # (a dead process's temp file is left, never read)
+  _same_store(byte_store, out)
+
+
+def test_store_shares_concatenate_and_resume(byte_store):
+  corpus = data.open_store(byte_store)
+  whole = iter(data.train_dataset(corpus, 16, 8, seed=5))
+  shares = [iter(data.train_dataset(corpus, 16, 8, seed=5, rows=r)) for r in ((0, 3), (3, 8))]
+  for _ in range(3):
+    np.testing.assert_array_equal(np.concatenate([next(s) for s in shares]), next(whole))
+  it = iter(data.train_dataset(corpus, 16, 8, seed=5))
+  for _ in range(4):
+    next(it)
+  state = it.get_state()
+  expected = [next(it) for _ in range(3)]
+  again = iter(data.train_dataset(corpus, 16, 8, seed=5))
+  again.set_state(state)
+  for e in expected:
+    np.testing.assert_array_equal(next(again), e)
+
+
+def test_multi_epoch_reading_repeats_the_windows(byte_store):
+  corpus = data.open_store(byte_store)
+  w = len(data.Windows(corpus.train_tokens, 1000))
+  it = iter(data.train_dataset(corpus, 1000, 4, seed=1))
+  rows = np.concatenate([next(it) for _ in range(2 * w // 4)])
+  first, second = sorted(map(bytes, rows[:w])), sorted(map(bytes, rows[w:2 * w]))
+  assert first == second and len(set(first)) == w  # every window once per epoch, in a new order
+
+
+def _damaged(byte_store, tmp_path, name):
+  out = tmp_path / name
+  shutil.copytree(byte_store, out)
+  return out
+
+
+def test_damaged_stores_are_one_error_naming_the_file(byte_store, tmp_path):
+  out = _damaged(byte_store, tmp_path, 'missing')
+  os.remove(out / 'train' / '000001.bin')
+  with pytest.raises(DataError, match=r'token shard .*train/000001.bin is missing'):
+    store_lib.open_streams(str(out))
+  out = _damaged(byte_store, tmp_path, 'truncated')
+  with open(out / 'train' / '000001.bin', 'r+b') as f:
+    f.truncate(1000)
+  with pytest.raises(DataError, match=r'token shard .*train/000001.bin has 1000 bytes, the manifest says'):
+    store_lib.open_streams(str(out), 'size')
+  out = _damaged(byte_store, tmp_path, 'corrupt')
+  with open(out / 'train' / '000001.bin', 'r+b') as f:
+    f.seek(100)
+    f.write(b'\x07\x00')
+  with pytest.raises(DataError, match=r'token shard .*train/000001.bin does not match its sha256'):
+    store_lib.open_streams(str(out))
+  out = _damaged(byte_store, tmp_path, 'version')
+  manifest = json.load(open(out / 'manifest.json'))
+  store_lib.write_json(str(out / 'manifest.json'), dict(manifest, version=0))
+  with pytest.raises(DataError, match=r'manifest.json has format version 0; this moejax reads version 1'):
+    store_lib.read_manifest(str(out))
+  with pytest.raises(DataError, match='not a token store'):
+    store_lib.read_manifest(str(tmp_path))
+
+
+def test_store_tokenizer_must_match_the_config(byte_store, trained):
+  with pytest.raises(DataError, match=r"prepared with tokenizer bytes, but data.tokenizer='train:bpe:400'"):
+    data.open_store(byte_store, 'train:bpe:400')
+  data.open_store(trained['bpe_store'], 'train:bpe:400')
+  data.open_store(trained['bpe_store'], f'hf:{trained["bpe_json"]}')  # the same file, named by path
+  with pytest.raises(DataError, match=r'prepared with tokenizer train:bpe:400, but data.tokenizer=.*sentencepiece'):
+    data.open_store(trained['bpe_store'], f'sentencepiece:{trained["unigram"]}')
+
+
+def test_bad_sources_and_settings(tmp_path, corpus_glob):
+  jsonl = tmp_path / 'a.jsonl'
+  jsonl.write_text(json.dumps({'text': 'hello ' * 100}) + '\n\n' + json.dumps({'body': 'x'}) + '\n')
+  with pytest.raises(DataError, match=rf'{jsonl}, line 3: no text field \'text\''):
+    _prepare(tmp_path / 's1', f'jsonl:{jsonl}')
+  with pytest.raises(DataError, match='no document fits a held-out split'):
+    _prepare(tmp_path / 's2', corpus_glob, heldout_bytes=10)
+  words = {f'w{i}': i for i in range(70_000)}
+  big = tmp_path / 'big.json'
+  from tokenizers import Tokenizer, models, pre_tokenizers  # pylint: disable=import-outside-toplevel
+  tok = Tokenizer(models.WordLevel(dict(words, **{'<unk>': 70_000, '<|endoftext|>': 70_001}), unk_token='<unk>'))
+  tok.pre_tokenizer = pre_tokenizers.Whitespace()
+  tok.save(str(big))
+  with pytest.raises(DataError, match='--dtype=uint16 cannot hold a vocabulary of 70002 tokens'):
+    _prepare(tmp_path / 's3', corpus_glob, tokenizer=f'hf:{big}', dtype='uint16')
+  manifest = _prepare(tmp_path / 's4', corpus_glob, tokenizer=f'hf:{big}')
+  assert manifest['dtype'] == 'uint32' and data.open_store(str(tmp_path / 's4'), f'hf:{big}').tokenizer.vocab_size == 70002
+  _prepare(tmp_path / 's5', corpus_glob, plan_only=True)
+  with pytest.raises(DataError, match=r'holds a preparation with other settings: heldout_bytes \(4000 -> 5000\)'):
+    _prepare(tmp_path / 's5', corpus_glob, heldout_bytes=5000)
+  with pytest.raises(DataError, match='already holds a store prepared with other settings'):
+    _prepare(tmp_path / 's4', corpus_glob, tokenizer=f'hf:{big}', heldout_bytes=5000)
+
+
+def test_jsonl_and_parquet_sources(tmp_path):
+  pa = pytest.importorskip('pyarrow')
+  import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
+  texts = [f'document {i}: ' + 'lorem ipsum ' * (i % 7 + 1) for i in range(60)]
+  (tmp_path / 'j').mkdir()
+  for part in range(2):
+    with open(tmp_path / 'j' / f'part{part}.jsonl', 'w') as f:
+      for t in texts[part * 30:(part + 1) * 30]:
+        f.write(json.dumps({'text': t, 'id': 1}) + '\n')
+  (tmp_path / 'p').mkdir()
+  for part in range(2):
+    pq.write_table(pa.table({'text': texts[part * 30:(part + 1) * 30]}), tmp_path / 'p' / f'part{part}.parquet',
+                   row_group_size=7)
+  a = data.read_documents(f'jsonl:{tmp_path}/j/*.jsonl')
+  b = data.read_documents(f'parquet:{tmp_path}/p/*.parquet')
+  assert [d.decode() for _, d in a] == [d.decode() for _, d in b] == texts
+  assert a[31][0] == 'part1.jsonl:0000000001' and b[31][0] == 'part1.parquet:0000000001'
+  for kind in ('jsonl', 'parquet'):  # chunks that start inside files read the same documents
+    source = f'{kind}:{tmp_path}/{kind[0]}/*.{kind}'
+    whole = data.load_corpus(source, 300, 0.2)
+    _prepare(tmp_path / f'{kind}-store', source, heldout_bytes=300, heldout_max_fraction=0.2, chunk_bytes=200)
+    store = data.open_store(str(tmp_path / f'{kind}-store'))
+    assert store.fingerprint == whole.fingerprint
+    np.testing.assert_array_equal(store.train_tokens[0:store.train_tokens.size], whole.train_tokens)
+
+
+def test_vocabulary_comes_from_the_tokenizer(tiny_cfg, trained):
+  cfg = config_lib.apply_overrides(tiny_cfg, {'data.source': f'store:{trained["bpe_store"]}',
+                                              'data.tokenizer': 'train:bpe:400', 'model.vocab_size': None})
+  assert config_lib.validate(cfg).model.vocab_size == 400
+  wrong = config_lib.apply_overrides(cfg, {'model.vocab_size': 257})
+  with pytest.raises(ConfigError, match=r'model.vocab_size=257 but the tokenizer of store:.* has 400 tokens'):
+    data.check_vocab(wrong, data.corpus_from_config(wrong.data))
+
+
+def test_in_memory_source_with_a_subword_tokenizer_is_cached_as_a_store(tiny_cfg, tmp_path):
+  d = config_lib.apply_overrides(tiny_cfg, {'data.tokenizer': 'train:bpe:400',
+                                            'data.cache_dir': str(tmp_path / 'cache')}).data
+  corpus = data.corpus_from_config(d)
+  assert corpus.tokenizer.vocab_size == 400 and corpus.store.startswith(str(tmp_path / 'cache'))
+  again = data.corpus_from_config(d)
+  assert again.store == corpus.store and os.listdir(tmp_path / 'cache' / 'stores').count(
+      os.path.basename(corpus.store)) == 1
+
+
+# --- the command line --------------------------------------------------------------------------------------------
+
+
+def _prepare_cli(*args):
+  return subprocess.run([sys.executable, '-m', 'moejax.prepare', *args], cwd=ROOT, capture_output=True, text=True,
+                        timeout=120)
+
+
+def test_prepare_cli_builds_verifies_and_emits(corpus_glob, byte_store, tmp_path):
+  out = _prepare_cli(f'--source={corpus_glob}', f'--out={tmp_path}/cli', '--heldout_bytes=4000',
+                     '--chunk_bytes=20000', '--workers=1')
+  assert out.returncode == 0, out.stderr
+  assert 'train on it with --config.data.source=store:' in out.stdout
+  _same_store(byte_store, tmp_path / 'cli')
+  verify = _prepare_cli(f'--verify={tmp_path}/cli')
+  assert verify.returncode == 0 and 'every shard matches its sha256' in verify.stdout
+  for kind, name in (('slurm', 'prepare.slurm'), ('tpu', 'prepare_tpu.sh')):
+    out = _prepare_cli(f'--source={corpus_glob}', f'--out={tmp_path}/emit', '--num_shards=3', f'--emit={kind}')
+    assert out.returncode == 0, out.stderr
+    script = open(tmp_path / 'emit' / name).read()
+    assert '--plan_only' in script and '--num_shards=3' in script
+    assert ('--array=0-2' in script) if kind == 'slurm' else ('--shard_index=2' in script)
+
+
+def test_prepare_cli_errors_are_one_line(tmp_path):
+  jsonl = tmp_path / 'a.jsonl'
+  jsonl.write_text('{"body": "x"}\n')
+  for args, message in (([f'--source=jsonl:{jsonl}', f'--out={tmp_path}/x'], "no text field 'text'"),
+                        ([f'--source=text:{tmp_path}/none/*', f'--out={tmp_path}/y'], 'matches no files'),
+                        ([f'--verify={tmp_path}'], 'not a token store'),
+                        (['--source=stdlib', f'--out={tmp_path}/z', '--tokenizer=hf:/nonexistent.json'],
+                         'tokenizer file /nonexistent.json does not exist')):
+    out = _prepare_cli(*args)
+    assert out.returncode == 1, (args, out.stderr)
+    lines = out.stderr.strip().splitlines()
+    assert lines[-1].startswith('moejax: error: ') and message in lines[-1], out.stderr
+    assert 'Traceback' not in out.stderr
+
+
+# --- training ------------------------------------------------------------------------------------------------------
+
+
+def test_training_on_a_store_equals_training_in_memory(tiny_cfg, byte_store, tmp_path):
+  from moejax import train  # pylint: disable=import-outside-toplevel
+  cfg = config_lib.apply_overrides(tiny_cfg, {'train.steps': 3})
+  on_store = config_lib.apply_overrides(cfg, {'data.source': f'store:{byte_store}'})
+  losses = []
+  for c, name in ((cfg, 'memory'), (on_store, 'store')):
+    train.run(c, str(tmp_path / name))
+    with open(tmp_path / name / 'metrics.jsonl') as f:
+      losses.append([r['loss'] for r in map(json.loads, f) if 'loss' in r])
+  assert len(losses[0]) == 3 and losses[0] == losses[1]  # exactly

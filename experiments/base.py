@@ -20,6 +20,7 @@ def get_config(arg=None):
 
   c.model = m = ml_collections.ConfigDict()
   m.vocab_size = FieldReference(None, field_type=int)  # None -> the tokenizer's (bytes: 257 = 256 bytes + separator); set, it must match
+  m.allow_padded_vocab = False  # accept a model.vocab_size above the tokenizer's (unused rows, as OLMoE's 50304 for 50280 tokens)
   m.model_dim = 128  # residual width D
   m.num_layers = 4  # decoder blocks
   m.num_heads = 4  # query heads H

@@ -2,6 +2,7 @@
 
   python -m moejax.bench step [--config=experiments/quickstart.py] [--steps=10] [--rounds=5] [--cpu_devices=N]
   python -m moejax.bench moe [--small] [--rounds=5] [--dtype=bfloat16]
+  python -m moejax.bench data [--store_gb=2.2] [--workdir=/tmp/moejax-bench-data]
 
 `step`: the train-step time of every point of an experiment's sweep, on one fixed random
 batch (data loading excluded), after compilation and warm-up. Points are timed in
@@ -21,10 +22,19 @@ top-k share" is 1 - (the layer with a fixed balanced assignment) / (the layer); 
 is in both. `--small` uses CPU-sized
 shapes; on CPU the Pallas kernels run interpreted, so their times there measure the
 interpreter, not the kernel, and the layer table leaves them out.
+
+`data`: (1) tokens/s the token-store pipeline delivers to the host at the OLMoE-shaped
+config's batch (experiments/bench/olmoe_h100.py: 4 x 4096) in this one process, against
+the tokens/s an H100 would consume at 40% MFU for that config (from the accounting's
+training FLOPs per token); (2) `moejax.prepare` tokens/s per worker for bytes and a 32k BPE
+(one tokenizer thread per worker), with 1 and 2 workers; (3) the peak resident memory of a
+short training run reading a synthetic store of `--store_gb` GB, beside the same run on
+the in-memory stdlib corpus. Scratch files go under --workdir (about 3x store_gb of disk).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import statistics
 import sys
@@ -191,7 +201,115 @@ def moe_benchmark(shapes, rounds: int, dtype) -> list[str]:
   return lines
 
 
+def _pipeline_rate(store_dir: str, seq_len: int, batch: int, batches: int) -> float:
+  corpus = data.open_store(store_dir)
+  it = iter(data.train_dataset(corpus, seq_len, batch, seed=0))
+  next(it)  # (thread start-up)
+  t0 = time.perf_counter()
+  for _ in range(batches):
+    next(it)
+  return batches * batch * seq_len / (time.perf_counter() - t0)
+
+
+def _prepare_rate(source: str, tokenizer: str, out: str, workers: int) -> tuple[float, int]:
+  """(tokens/s of the chunk phase, tokens) of a fresh `moejax.prepare` run with one tokenizer thread per worker."""
+  import re  # pylint: disable=import-outside-toplevel
+  import shutil  # pylint: disable=import-outside-toplevel
+  import subprocess  # pylint: disable=import-outside-toplevel
+  shutil.rmtree(out, ignore_errors=True)
+  env = dict(os.environ, RAYON_NUM_THREADS='1')
+  done = subprocess.run([sys.executable, '-m', 'moejax.prepare', f'--source={source}', f'--out={out}',
+                         f'--tokenizer={tokenizer}', f'--workers={workers}', '--chunk_bytes=2MiB', '--quiet'],
+                        capture_output=True, text=True, env=env, check=True)
+  m = re.search(r'prepared \d+ chunk\(s\): (\d+) tokens in ([0-9.]+) s', done.stderr)
+  return int(m.group(1)) / float(m.group(2)), int(m.group(1))
+
+
+def _synthetic_store(directory: str, gigabytes: float) -> str:
+  """A bytes-tokenizer store of about `gigabytes` GB of uint16 tokens, prepared from generated text files."""
+  text_dir = os.path.join(directory, 'text')
+  store_dir = os.path.join(directory, 'store')
+  if os.path.exists(os.path.join(store_dir, 'manifest.json')):
+    return store_dir
+  os.makedirs(text_dir, exist_ok=True)
+  rng = np.random.default_rng(0)
+  words = np.array([''.join(rng.choice(list('abcdefghijklmnopqrstuvwxyz'), n)) for n in rng.integers(2, 9, 5000)])
+  per_file, files = 8 << 20, int(gigabytes * 1e9 / 2 / (8 << 20)) + 1
+  for i in range(files):
+    path = os.path.join(text_dir, f'{i:05d}.txt')
+    if not os.path.exists(path):
+      chunk = ' '.join(words[rng.integers(0, len(words), per_file // 5)]).encode()[:per_file]
+      with open(path, 'wb') as f:
+        f.write(chunk)
+  from moejax.data import preparation  # pylint: disable=import-outside-toplevel
+  preparation.prepare(store_dir, data.SourceOptions(f'text:{text_dir}/*.txt'), 'bytes', heldout_bytes=1 << 20,
+                      chunk_bytes=64 << 20, workers=2, progress=False)
+  return store_dir
+
+
+def _peak_rss_mb(source: str, workdir: str) -> float:
+  """Peak RSS (MB) of a 40-step quickstart-sized training run (a subprocess) reading `source`."""
+  import shutil  # pylint: disable=import-outside-toplevel
+  import subprocess  # pylint: disable=import-outside-toplevel
+  shutil.rmtree(workdir, ignore_errors=True)
+  script = ('import resource, runpy, sys; sys.argv = sys.argv[1:]\n'
+            'try:\n  runpy.run_module("moejax.main", run_name="__main__")\n'
+            'finally:\n  print("PEAK_RSS_KB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)')
+  done = subprocess.run([sys.executable, '-c', script, 'moejax.main', '--config=experiments/quickstart.py',
+                         f'--workdir={workdir}', f'--config.data.source={source}', '--config.train.steps=40',
+                         '--config.eval.max_batches=4', '--config.checkpoint.every_steps=20'],
+                        capture_output=True, text=True)
+  line = [l for l in done.stderr.splitlines() if l.startswith('PEAK_RSS_KB')]
+  if done.returncode != 0 or not line:
+    raise RuntimeError(f'training run on {source} failed: {done.stderr[-2000:]}')
+  return int(line[-1].split()[1]) / 1024
+
+
+def data_benchmark(workdir: str, store_gb: float) -> list[str]:
+  """The three tables of `bench data`."""
+  from experiments.bench import olmoe_h100  # pylint: disable=import-outside-toplevel
+  from moejax.data import preparation  # pylint: disable=import-outside-toplevel
+  os.makedirs(workdir, exist_ok=True)
+  lines = []
+  stdlib_store = os.path.join(workdir, 'stdlib-bytes')
+  preparation.prepare(stdlib_store, data.SourceOptions('stdlib'), 'bytes', progress=False)
+  cfg = config_lib.validate(config_lib.apply_overrides(olmoe_h100.get_config(), {}))
+  acc = accounting.count(cfg)
+  consumed = 0.40 * 989e12 / acc['flops_per_token']
+  L, B = cfg.data.seq_len, cfg.train.batch_size
+  delivered = _pipeline_rate(stdlib_store, L, B, 400)
+  lines += ['## Store pipeline vs an H100 at 40% MFU (OLMoE-shaped config)', '',
+            '| batch | delivered tokens/s (1 process) | H100 @ 40% MFU tokens/s | ratio |', '|---|---:|---:|---:|',
+            f'| {B} x {L} | {delivered:,.0f} | {consumed:,.0f} | {delivered / consumed:.0f}x |', '']
+  bpe = os.path.join(workdir, 'bpe32k')
+  if not os.path.exists(os.path.join(bpe, 'tokenizer.json')):
+    preparation.prepare(bpe, data.SourceOptions('stdlib'), 'train:bpe:32000', progress=False)
+  lines += ['## moejax.prepare on the stdlib (one tokenizer thread per worker)', '',
+            '| tokenizer | workers | tokens | tokens/s | tokens/s per worker | speed-up |', '|---|---:|---:|---:|---:|---:|']
+  for name, spec in (('bytes', 'bytes'), ('32k BPE', f'hf:{bpe}/tokenizer.json')):
+    base_rate = None
+    for workers in (1, 2):
+      rate, tokens = _prepare_rate('stdlib', spec, os.path.join(workdir, f'prep-{workers}'), workers)
+      base_rate = base_rate or rate
+      lines.append(f'| {name} | {workers} | {tokens:,} | {rate:,.0f} | {rate / workers:,.0f} | {rate / base_rate:.2f}x |')
+  big = _synthetic_store(os.path.join(workdir, 'synthetic'), store_gb)
+  with open(os.path.join(big, 'manifest.json')) as f:
+    splits = json.load(f)['splits']
+  size = sum(os.path.getsize(os.path.join(big, s['file'])) for sp in splits.values() for s in sp['shards'])
+  in_memory = data.load_corpus('stdlib', 131072, 0.1).train_tokens.nbytes
+  lines += ['', '## Peak resident memory of a 40-step quickstart training run', '',
+            '| corpus | corpus size | peak RSS |', '|---|---:|---:|',
+            f'| stdlib, in memory (bytes) | {in_memory / 1e9:.2f} GB | '
+            f'{_peak_rss_mb("stdlib", os.path.join(workdir, "rss-memory")):,.0f} MB |',
+            f'| synthetic token store | {size / 1e9:.2f} GB | {_peak_rss_mb("store:" + big, os.path.join(workdir, "rss-store")):,.0f} MB |']
+  return lines
+
+
 def _main(argv):
+  if len(argv) == 2 and argv[1] == 'data':
+    print(f'data benchmark: {os.cpu_count()} CPUs, {sys.platform}, python {sys.version.split()[0]}')
+    print('\n'.join(data_benchmark(FLAGS.workdir, FLAGS.store_gb)))
+    return
   if FLAGS.cpu_devices:  # must happen before the first device query starts the CPU backend
     os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '')
                                + f' --xla_force_host_platform_device_count={FLAGS.cpu_devices}')
@@ -206,7 +324,7 @@ def _main(argv):
     print('\n'.join(moe_benchmark(shapes, FLAGS.rounds, dtype)))
     return
   if len(argv) != 2 or argv[1] != 'step':
-    raise app.UsageError('usage: python -m moejax.bench step|moe [--config=...] [--steps=N] [--rounds=N] [--small]')
+    raise app.UsageError('usage: python -m moejax.bench step|moe|data [--config=...] [--steps=N] [--rounds=N] [--small]')
   module = config_lib.load_module(FLAGS.config)
   points = module.get_sweep() if hasattr(module, 'get_sweep') else [{}]
   cfgs = [config_lib.validate(config_lib.apply_overrides(module.get_config(), p)) for p in points]
@@ -229,5 +347,7 @@ if __name__ == '__main__':
   flags.DEFINE_integer('rounds', 5, 'Interleaved rounds (median taken).')
   flags.DEFINE_bool('small', False, 'moe: CPU-sized shapes.')
   flags.DEFINE_string('dtype', 'bfloat16', 'moe: input and weight dtype.')
+  flags.DEFINE_float('store_gb', 2.2, 'data: size of the synthetic token store for the memory measurement.')
+  flags.DEFINE_string('workdir', '/tmp/moejax-bench-data', 'data: scratch directory (stores, runs).')
   flags.DEFINE_integer('cpu_devices', 0, 'Fake this many CPU devices (for meshes on a CPU machine); 0 = as is.')
   cli.cli(_main)

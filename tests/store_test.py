@@ -175,7 +175,7 @@ def test_multi_epoch_reading_repeats_the_windows(byte_store):
   corpus = data.open_store(byte_store)
   w = len(data.Windows(corpus.train_tokens, 1000))
   it = iter(data.train_dataset(corpus, 1000, 4, seed=1))
-  rows = np.concatenate([next(it) for _ in range(2 * w // 4)])
+  rows = np.concatenate([next(it) for _ in range(-(-2 * w // 4))])
   first, second = sorted(map(bytes, rows[:w])), sorted(map(bytes, rows[w:2 * w]))
   assert first == second and len(set(first)) == w  # every window once per epoch, in a new order
 

@@ -34,6 +34,7 @@ def get_config(arg=None):
   c.name = 'olmoe-h100'
   m = c.model
   m.vocab_size = 50304
+  m.allow_padded_vocab = True  # (byte data: 257 of the 50304 rows are ever used)
   m.model_dim = 2048
   m.num_layers = 6
   m.num_heads = 16

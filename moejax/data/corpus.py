@@ -191,8 +191,10 @@ def vocab_size(data_cfg) -> int:
 
 
 def check_vocab(cfg, corpus: Corpus) -> None:
-  """model.vocab_size must be the tokenizer's (one line otherwise)."""
-  if cfg.model.vocab_size != corpus.tokenizer.vocab_size:
-    raise ConfigError(f'model.vocab_size={cfg.model.vocab_size} but the tokenizer of {corpus.name} '
-                      f'({corpus.tokenizer.kind}) has {corpus.tokenizer.vocab_size} tokens; leave model.vocab_size '
-                      'unset (None) to take the tokenizer\'s')
+  """model.vocab_size must be the tokenizer's, or above it with `model.allow_padded_vocab` (one line otherwise)."""
+  have, want = cfg.model.vocab_size, corpus.tokenizer.vocab_size
+  if have == want or (have > want and cfg.model.allow_padded_vocab):
+    return
+  raise ConfigError(f'model.vocab_size={have} but the tokenizer of {corpus.name} ({corpus.tokenizer.kind}) has {want} '
+                    'tokens; leave model.vocab_size unset (None) to take the tokenizer\'s' +
+                    (', or set model.allow_padded_vocab=True for unused padding rows' if have > want else ''))

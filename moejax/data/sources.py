@@ -12,9 +12,10 @@ Sources (config `data.source`, or `moejax.prepare --source`):
                   needed), one document per example, text from `data.tfds_text_key`.
 ('store:DIR', a prepared token store, is read by `moejax.data.store`, not here.)
 
-Keys: the relative path for stdlib, the path for text, `RELPATH:LINE` (10 digits, relative
-to the directory before the first wildcard) for JSONL and Parquet, the index for tfds. The
-held-out split hashes keys, so it does not move when a corpus directory does (JSONL/Parquet).
+Keys: the path relative to the stdlib directory, or for text to the directory before the
+glob's first wildcard; `RELPATH:LINE` (10 digits) for JSONL and `RELPATH:ROW` for Parquet;
+the index for tfds. The held-out split and the fingerprint hash keys, so they do not move
+when a corpus directory does.
 Empty documents are left out (blank JSONL lines are not records).
 
 Binary documents: a NUL byte, or more than 5% control bytes (other than whitespace,
@@ -207,7 +208,7 @@ def iter_records(opts: SourceOptions, start: Position = Position()) -> Iterator[
   for fi in range(start.file, len(files)):
     first, offset = (start.record, start.offset) if fi == start.file else (0, 0)
     path = files[fi]
-    rel = path if kind in ('text', 'tfds') else os.path.relpath(path, root).replace(os.sep, '/')
+    rel = path if kind == 'tfds' else os.path.relpath(path, root).replace(os.sep, '/')
     if kind in ('stdlib', 'text'):
       if first == 0:
         yield Position(fi + 1, 0, 0), rel, _read_file(path)

@@ -341,3 +341,13 @@ def test_training_on_a_store_equals_training_in_memory(tiny_cfg, byte_store, tmp
     with open(tmp_path / name / 'metrics.jsonl') as f:
       losses.append([r['loss'] for r in map(json.loads, f) if 'loss' in r])
   assert len(losses[0]) == 3 and losses[0] == losses[1]  # exactly
+
+
+def test_tfds_source_prepares_like_in_memory(tmp_path):
+  tfds = pytest.importorskip('tensorflow_datasets')
+  with tfds.testing.mock_data(num_examples=40):
+    whole = data.load_corpus('tfds:lm1b', 300, 0.2)
+    _prepare(tmp_path / 'tfds', 'tfds:lm1b', heldout_bytes=300, heldout_max_fraction=0.2, chunk_bytes=100)
+  store = data.open_store(str(tmp_path / 'tfds'))
+  assert store.fingerprint == whole.fingerprint and len(json.load(open(tmp_path / 'tfds' / 'plan.json'))['chunks']) > 2
+  np.testing.assert_array_equal(store.train_tokens[0:store.train_tokens.size], whole.train_tokens)

@@ -6,7 +6,8 @@ Conventions:
   input embedding and the output projection (tied or not); the final norm stays.
 - Memory budgets use totals with embeddings; scaling-law fits use non-embedding counts.
 - flops_per_token is the *training* cost, 3x the forward: forward = 2 * N_active_matmul
-  + 2 * L * H * d_head * n_ctx (causal QK^T and AV, halved for the mask), where
+  + 4 * L * H * d_head * n_ctx (QK^T and AV over every position: the attention computes the
+  masked blocks too, so the causal mask halves nothing; SCIENCE.md §1), where
   N_active_matmul is the active non-embedding matmul weights (router included) plus the
   output projection V*D. Input-embedding lookups and norms are not FLOPs here.
 """
@@ -62,7 +63,7 @@ def count(cfg) -> dict[str, Any]:
   total_nonembed = base + n_moe * (always + routed) + D  # + final norm
   active_nonembed = _exact(base + n_moe * (always + (routed * k / E if E else 0)) + D)
   active_matmul = active_nonembed - D - m.num_layers * norms + V * D
-  attn_flops = 2 * m.num_layers * m.num_heads * config_lib.head_dim(m) * cfg.data.seq_len
+  attn_flops = 4 * m.num_layers * m.num_heads * config_lib.head_dim(m) * cfg.data.seq_len
   forward = _exact(2 * active_matmul + attn_flops)
   classes = config_lib.size_classes(m, e) if E else []
   return {

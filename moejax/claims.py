@@ -8,15 +8,18 @@ point shared by two grids is one row. For every claim the report gives the expec
 direction, the measured difference in held-out loss (nats/token), a 95% interval and a
 verdict:
 
-  holds          the interval excludes zero on the expected side (for "small effect"
-                 claims: |difference| is below the threshold T);
-  contradicted   the interval excludes zero on the other side (|difference| minus the
-                 interval half-width exceeds T);
-  inconclusive   otherwise, or the runs are missing, or there is no seed-noise estimate.
+  holds          the interval excludes zero on the expected side and every step of the
+                 series goes that way (for "small effect" claims: an equivalence test,
+                 the 90% interval lies inside +-T, i.e. TOST at 5%);
+  contradicted   the interval excludes zero on the other side and every step goes that
+                 way (small effects: |difference| minus the 95% half-width exceeds T);
+  inconclusive   otherwise, or the runs are missing, or the noise estimate has fewer than
+                 MIN_DOF = 6 degrees of freedom.
 
 Noise: sigma is the pooled sample standard deviation of every configuration with two or
-more seeds; a difference of seed means over n_a and n_b seeds gets the interval
-+-1.96 * sigma * sqrt(1/n_a + 1/n_b). T = max(2 sigma, 0.25 |L(s=16) - L(s=4)|) from B1.
+more seeds; a difference of seed means over n_a and n_b seeds gets the t interval
++-t(0.975, dof) * sigma * sqrt(1/n_a + 1/n_b). T = 0.25 |L(s=16) - L(s=4)| from B1: half
+the mean gain of one doubling of E at this scale.
 The fitted scaling laws (`moejax.scaling`) and the report figures (`moejax.report`)
 are written alongside: OUT/claims.md, OUT/report.md, OUT/*.png.
 """
@@ -38,8 +41,8 @@ from moejax.errors import DataError
 
 FLAGS = flags.FLAGS
 
-Z95 = 1.959964
 EXPERIMENTS = ('paper_a', 'paper_b')
+MIN_DOF = 6  # fewer pooled degrees of freedom than this: no interval, every verdict inconclusive
 
 
 @dataclasses.dataclass
@@ -87,8 +90,30 @@ def pooled_sigma(rows: list[dict]) -> tuple[float | None, int]:
   return (math.sqrt(num / dof), int(dof)) if dof else (None, 0)
 
 
-def _half_width(sigma, a, b):
-  return None if sigma is None else Z95 * sigma * math.sqrt(1 / a['seeds'] + 1 / b['seeds'])
+@dataclasses.dataclass(frozen=True)
+class Noise:
+  """The pooled seed noise: sigma and its degrees of freedom."""
+  sigma: float | None
+  dof: int
+
+  @property
+  def usable(self) -> bool:
+    return self.sigma is not None and self.dof >= MIN_DOF
+
+  def half_width(self, a: dict, b: dict, level: float = 0.95) -> float | None:
+    """Two-sided `level` t-interval half-width of a difference of seed means over a['seeds'] and b['seeds'] runs."""
+    if not self.usable:
+      return None
+    return t_quantile(0.5 + level / 2, self.dof) * self.sigma * math.sqrt(1 / a['seeds'] + 1 / b['seeds'])
+
+
+def t_quantile(p: float, dof: int) -> float:
+  from scipy import stats  # pylint: disable=import-outside-toplevel
+  return float(stats.t.ppf(p, dof))
+
+
+def _half_width(noise: Noise, a, b):
+  return noise.half_width(a, b)
 
 
 def _fmt(delta, hw):
@@ -121,9 +146,10 @@ def _trend_claim(cid, statement, expected, grid, points, key, sign, sigma, note=
   delta = pts[-1]['loss_mean'] - pts[0]['loss_mean']
   hw = _half_width(sigma, pts[0], pts[-1])
   steps = [b['loss_mean'] - a['loss_mean'] for a, b in zip(pts, pts[1:])]
-  monotone = all(sign * s > 0 for s in steps)
   verdict = _direction(delta, hw, sign)
-  if verdict == 'holds' and not monotone:
+  # The same rule both ways: a verdict needs every step in its own direction.
+  monotone = all(s * (sign if verdict != 'contradicted' else -sign) > 0 for s in steps)
+  if verdict != 'inconclusive' and not monotone:
     verdict = 'inconclusive'
   series = ', '.join(f'{key}={p[key]:g}: {p["loss_mean"]:.4f}' for p in pts)
   measured, interval = _fmt(delta, hw)
@@ -136,10 +162,11 @@ def _small_effect(cid, grid, statement, center, variant, threshold, sigma, extra
     return _missing(cid, statement, 'abs(Δ) < T', grid)
   delta = variant['loss_mean'] - center['loss_mean']
   hw = _half_width(sigma, center, variant)
+  hw90 = sigma.half_width(center, variant, level=0.90)  # TOST at 5%: both one-sided tests = the 90% interval
   if threshold is None or hw is None:
     verdict = 'inconclusive'
-  elif abs(delta) < threshold:
-    verdict = 'holds'
+  elif abs(delta) + hw90 < threshold:
+    verdict = 'holds'  # equivalent within the margin T
   elif abs(delta) - hw > threshold:
     verdict = 'contradicted'
   else:
@@ -153,7 +180,7 @@ def _small_effect(cid, grid, statement, center, variant, threshold, sigma, extra
 def evaluate(rows: list[dict], scale: str, fits: dict[str, scaling.Fit] | None = None) -> tuple[list[Claim], dict]:
   """Every claim of SCIENCE.md §4 on `rows` (results.table rows); returns (claims, noise info)."""
   g = grid_rows(rows, scale)
-  sigma, dof = pooled_sigma(rows)
+  sigma = Noise(*pooled_sigma(rows))
   claims = []
   claims.append(_trend_claim('C-A1', 'At fixed N_total and core, loss rises monotonically with s (A1).',
                              'Δ = L(s_max) − L(s_min) > 0', 'A1', g.get('A1'), 'sparsity', +1, sigma))
@@ -177,8 +204,8 @@ def evaluate(rows: list[dict], scale: str, fits: dict[str, scaling.Fit] | None =
   if b1 and all(b1):
     by_s = {r['sparsity']: r for r in b1}
     lo, hi = by_s.get(4.0), by_s.get(16.0)
-    if lo and hi and sigma is not None:
-      threshold = max(2 * sigma, 0.25 * abs(hi['loss_mean'] - lo['loss_mean']))
+    if lo and hi:  # half the mean gain of one doubling of E (s = 4 -> 16 is two doublings)
+      threshold = 0.25 * abs(hi['loss_mean'] - lo['loss_mean'])
     s1 = by_s.get(1.0)
     if s1 and lo:
       delta, hw = lo['loss_mean'] - s1['loss_mean'], _half_width(sigma, s1, lo)
@@ -201,7 +228,7 @@ def evaluate(rows: list[dict], scale: str, fits: dict[str, scaling.Fit] | None =
     claims.append(_small_effect('C-B5', 'B5', f'Load balancing ({(variant or {}).get("load_balancing", "?")}) changes loss '
                                 'little (no LB may collapse).', center, variant, threshold, sigma, extra))
   claims.append(_b6_claim(center, b6, sigma))
-  return claims, {'sigma': sigma, 'dof': dof, 'threshold': threshold}
+  return claims, {'sigma': sigma.sigma, 'dof': sigma.dof, 'threshold': threshold}
 
 
 def _diminishing(b1):
@@ -272,6 +299,10 @@ def _b6_claim(center, b6, sigma):
   verdict = _direction(d1, hw1, +1)
   if verdict == 'holds' and hw1 is not None and d2 < -hw1:
     verdict = 'inconclusive'
+  evals = {r.get('eval_drop_policy', 'dropless') for r in (center, cf10, cf125)}
+  if evals != {'dropless'}:  # the claim compares training policies under one dropless evaluation
+    return Claim('C-B6', statement, expected, '-', '-', 'inconclusive',
+                 f'not every B6 run was evaluated dropless ({", ".join(sorted(evals))})')
   m, i = _fmt(d1, hw1)
   return Claim('C-B6', statement, expected, m, i, verdict,
                f'dropless {center["loss_mean"]:.4f}, CF1.25 {cf125["loss_mean"]:.4f}, CF1.0 {cf10["loss_mean"]:.4f} '
@@ -282,7 +313,8 @@ def scaling_rows(rows: list[dict]) -> list[dict]:
   """The MoE rows with the default design choices (global-batch balancing, dropless, no shared and uniform
   experts): the B3-B6 variants change other axes than the counts the laws are about."""
   return [r for r in rows if (r.get('num_experts') or 0) > 0 and r.get('load_balancing') == 'global_batch'
-          and r.get('drop_policy') == 'dropless' and not r.get('num_shared_experts')
+          and r.get('drop_policy') == 'dropless' and r.get('eval_drop_policy') == 'dropless'
+          and not r.get('num_shared_experts')
           and not r.get('moe.expert_size_classes')]
 
 
@@ -302,7 +334,13 @@ def markdown(claims: list[Claim], noise: dict, fits: dict[str, scaling.Fit], hea
   threshold = '-' if noise['threshold'] is None else f'{noise["threshold"]:.4f}'
   lines = [header, '## Claims', '',
            f'Seed noise: σ = {sigma} nats (pooled, {noise["dof"]} degrees of freedom); small-effect threshold '
-           f'T = {threshold}. Intervals are 95% (±1.96 σ √(1/n_a + 1/n_b)).', '',
+           f'T = {threshold} (half the mean gain of one doubling of E in B1). Intervals are 95% t intervals '
+           f'(± t(0.975, dof) σ √(1/n_a + 1/n_b)); with fewer than {MIN_DOF} degrees of freedom there are none and '
+           'every verdict is inconclusive. Small effects are equivalence tests (TOST at 5%: the 90% interval inside '
+           '±T). The monotonicity rule applies to "holds" and "contradicted" alike. '
+           f'{sum(c.verdict != "inconclusive" for c in claims)} of {len(claims)} verdicts are decided; each is at the '
+           '5% level on its own, with no multiple-comparison correction: among that many, about one false verdict '
+           'in 20 decided is expected by chance.', '',
            '| claim | statement | expected | measured Δ (nats) | 95% interval | verdict | detail |',
            '|---|---|---|---:|---|---|---|']
   for c in claims:

@@ -18,8 +18,9 @@ active parameters and forward FLOPs per token fit the budgets, and ranks them:
 
 Memory is parameters (a plain number) or bytes (a number with B, KB, MB, GB, TB or KiB, MiB,
 GiB, TiB), converted with --dtype: `weights` counts N_total (embeddings included);
-`inference` adds the KV cache of --kv_batch sequences of --seq_len tokens; `training`
-adds a gradient in --dtype and two float32 Adam moments per parameter. Forward FLOPs per
+`inference` adds the KV cache of --kv_batch sequences of --seq_len tokens; `training` is
+16 bytes per parameter whatever --dtype says (TRAINING_BYTES_PER_PARAM: moejax keeps float32
+master parameters, float32 gradients and two float32 Adam moments; activations not included). Forward FLOPs per
 token follow moejax.accounting (matmuls of the active parameters plus attention at
 --seq_len). Counts follow moejax.accounting exactly; the vocabulary, tied embeddings,
 QK-norm and shared-expert gate come from --config.
@@ -141,10 +142,13 @@ def enumerate_designs(space: Space) -> dict[str, np.ndarray]:
   total_nonembed = L * (attn + norms + ffn_total) + d
   active_nonembed = L * (attn + norms + ffn_active) + d
   active_matmul = active_nonembed - d - L * norms + V * d
-  flops = 2 * active_matmul + 2 * L * h * dh * space.seq_len
+  flops = 2 * active_matmul + 4 * L * h * dh * space.seq_len  # (as moejax.accounting: no causal halving)
   return {'layers': L, 'width': d, 'heads': h, 'kv_heads': hkv, 'expert_hidden': f, 'granularity': g,
           'experts': e, 'topk': k, 'shared': sh, 'n_total': total_nonembed + embed,
           'n_active': active_nonembed + embed, 'flops': flops}
+
+
+TRAINING_BYTES_PER_PARAM = 16  # float32 parameters (4) + float32 gradients (4) + two float32 Adam moments (8)
 
 
 def memory_bytes(designs: dict[str, np.ndarray], space: Space, budget: Budget) -> np.ndarray:
@@ -156,7 +160,7 @@ def memory_bytes(designs: dict[str, np.ndarray], space: Space, budget: Budget) -
     kv = 2 * designs['layers'] * designs['kv_heads'] * space.head_dim * space.seq_len * budget.kv_batch
     return weights + kv * budget.bytes_per_param
   if budget.memory_for == 'training':
-    return weights + designs['n_total'] * (budget.bytes_per_param + 8)  # gradient + two float32 Adam moments
+    return designs['n_total'] * TRAINING_BYTES_PER_PARAM
   raise ConfigError(f'memory_for={budget.memory_for!r} must be weights, inference or training')
 
 

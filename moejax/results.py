@@ -46,7 +46,8 @@ REQUIRED = (('name',), ('config',), ('accounting', 'n_total'), ('accounting', 'n
             ('eval', 'bits_per_byte'))
 # Config keys that have their own columns, so they are not repeated as "varied".
 SHOWN_CONFIG_KEYS = ('moe.num_experts', 'moe.experts_per_token', 'moe.expert_hidden', 'moe.num_shared_experts',
-                     'moe.load_balancing', 'moe.train_capacity_factor', 'moe.capacity_policy')
+                     'moe.load_balancing', 'moe.train_capacity_factor', 'moe.eval_capacity_factor',
+                     'moe.drop_policy', 'moe.expert_parallel_capacity_factor')
 
 
 @dataclasses.dataclass
@@ -160,9 +161,22 @@ def varied_fields(flat_configs: list[dict]) -> list[str]:
           len({json.dumps(c.get(k), default=str) for c in flat_configs}) > 1]
 
 
-def _drop_policy(flat: dict) -> str:
-  cf = flat.get('moe.train_capacity_factor')
-  return 'dropless' if cf is None else f'CF {cf:g} ({flat.get("moe.capacity_policy", "position")})'
+def drop_settings(flat: dict) -> tuple[str, str]:
+  """(train, eval) labels of what can drop tokens: 'dropless', or e.g. 'CF 1.25 (probs) + EP CF 1'.
+
+  Training drops with `moe.train_capacity_factor`, evaluation with `moe.eval_capacity_factor`
+  (both keeping tokens by `moe.drop_policy`), and both with the expert-parallel buffer
+  `moe.expert_parallel_capacity_factor` when the expert mesh axis is larger than 1.
+  """
+  policy = flat.get('moe.drop_policy', 'position')
+  ep_cf = flat.get('moe.expert_parallel_capacity_factor')
+  ep = ep_cf is not None and flat.get('mesh.expert', 1) not in (0, 1)  # (-1: every device)
+
+  def label(cf):
+    parts = ([f'CF {cf:g} ({policy})'] if cf is not None else []) + ([f'EP CF {ep_cf:g}'] if ep else [])
+    return ' + '.join(parts) or 'dropless'
+
+  return label(flat.get('moe.train_capacity_factor')), label(flat.get('moe.eval_capacity_factor'))
 
 
 def _layer_mean(record: dict, key: str) -> float | None:
@@ -198,7 +212,8 @@ def table(records: list[dict]) -> tuple[list[dict], list[str]]:
            'experts_per_token': acc.get('experts_per_token'), 'expert_hidden': acc.get('expert_hidden'),
            'num_shared_experts': acc.get('num_shared_experts'),
            'load_balancing': flat.get('moe.load_balancing') if acc.get('num_experts') else '-',
-           'drop_policy': _drop_policy(flat) if acc.get('num_experts') else '-',
+           'drop_policy': drop_settings(flat)[0] if acc.get('num_experts') else '-',
+           'eval_drop_policy': drop_settings(flat)[1] if acc.get('num_experts') else '-',
            'tokens': (first.get('train') or {}).get('tokens'),
            'loss_mean': loss_mean, 'loss_std': loss_std, 'seeds': len(runs),
            'bits_per_byte_mean': _mean_std([r['eval']['bits_per_byte'] for r in runs])[0],
@@ -229,7 +244,7 @@ def _fmt(value: Any, key: str) -> str:
 MD_COLUMNS = (('config_hash', 'hash'), ('name', 'name'), ('n_total', 'N_total'), ('n_active', 'N_active'),
               ('sparsity', 's'), ('granularity', 'G'), ('num_experts', 'E'), ('experts_per_token', 'k'),
               ('expert_hidden', 'd_exp'), ('num_shared_experts', 'shared'), ('load_balancing', 'LB'),
-              ('drop_policy', 'drop'), ('tokens', 'tokens'), ('loss_mean', 'loss'), ('loss_std', '± std'),
+              ('drop_policy', 'drop'), ('eval_drop_policy', 'eval drop'), ('tokens', 'tokens'), ('loss_mean', 'loss'), ('loss_std', '± std'),
               ('seeds', 'n'), ('bits_per_byte_mean', 'bits/byte'), ('load_max_over_mean', 'max/mean load'),
               ('dead_experts', 'dead'), ('drop_fraction', 'dropped'))
 

@@ -40,7 +40,7 @@ def test_accounting_flops_per_token_formula(tiny_cfg):
   hd = m.model_dim // m.num_heads
   attn_w = m.num_layers * (2 * m.model_dim * m.num_heads * hd + 2 * m.model_dim * m.num_kv_heads * hd)
   ffn_w = m.num_layers * 3 * m.model_dim * m.ffn_hidden
-  forward = 2 * (attn_w + ffn_w + m.vocab_size * m.model_dim) + 2 * m.num_layers * m.num_heads * hd * cfg.data.seq_len
+  forward = 2 * (attn_w + ffn_w + m.vocab_size * m.model_dim) + 4 * m.num_layers * m.num_heads * hd * cfg.data.seq_len
   assert acc['flops_per_token_forward'] == forward
   assert acc['flops_per_token'] == 3 * forward
   assert acc['sparsity'] == 1.0

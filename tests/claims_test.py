@@ -21,18 +21,20 @@ def _write_grid_results(root, loss_of, skip=()):
     for grid, points in module.grids('tiny').items():
       if grid in skip:
         continue
-      for p in points:
-        if p['name'] in written:
-          continue
-        written.add(p['name'])
-        cfg = config_lib.validate(config_lib.apply_overrides(base, p))
-        record = {'name': p['name'], 'config': json.loads(cfg.to_json_best_effort()),
-                  'accounting': accounting.count(cfg), 'eval': {'loss': loss_of(p), 'bits_per_byte': 3.0},
-                  'train': {'tokens': 1000}, 'data': {'fingerprint': 'ab' * 32},
-                  'platform': {'device_kind': 'cpu', 'backend': 'cpu', 'jax': 'x'}}
-        os.makedirs(os.path.join(root, p['name']))
-        with open(os.path.join(root, p['name'], 'result.json'), 'w') as f:
-          json.dump(record, f)
+      for p0 in points:
+        for seed in (0, 1, 2):  # three seeds of every configuration: the pooled noise has enough dof
+          p = dict(p0, seed=seed, name=p0['name'].split('-seed')[0] + (f'-seed{seed}' if seed else ''))
+          if p['name'] in written:
+            continue
+          written.add(p['name'])
+          cfg = config_lib.validate(config_lib.apply_overrides(base, p))
+          record = {'name': p['name'], 'config': json.loads(cfg.to_json_best_effort()),
+                    'accounting': accounting.count(cfg), 'eval': {'loss': loss_of(p), 'bits_per_byte': 3.0},
+                    'train': {'tokens': 1000}, 'data': {'fingerprint': 'ab' * 32},
+                    'platform': {'device_kind': 'cpu', 'backend': 'cpu', 'jax': 'x'}}
+          os.makedirs(os.path.join(root, p['name']))
+          with open(os.path.join(root, p['name'], 'result.json'), 'w') as f:
+            json.dump(record, f)
 
 
 CENTER = 1.90  # B1 at s = 16 (e32k2f64), the reference of B3-B6
@@ -53,10 +55,11 @@ LOSSES = {
 
 
 def _loss(p):
-  """Built so every claim but C-A2b (finer experts win) holds; seeds of the center differ by +-0.004."""
+  """Built so every claim but C-A2b (finer experts win) holds; seeds differ by +-0.004 (sigma 0.004)."""
+  noise = {0: 0.0, 1: 0.004, 2: -0.004}[p['seed']]
   if p['name'].startswith('A4-'):  # the searched design wins
-    return 1.85 if p['name'].startswith('A4-top') else 1.95 + 0.01 * int(p['name'][7])
-  return LOSSES[p['name'].split('-seed')[0]] + {0: 0.0, 1: 0.004, 2: -0.004}[p['seed']]
+    return (1.85 if p['name'].startswith('A4-top') else 1.95 + 0.01 * int(p['name'][7])) + noise
+  return LOSSES[p['name'].split('-seed')[0]] + noise
 
 
 def test_verdicts_on_constructed_losses(tmp_path):
@@ -88,6 +91,23 @@ def test_missing_grids_and_no_replicates_are_inconclusive(tmp_path):
   assert got['C-B2'].verdict == 'inconclusive' and 'B2s32' in got['C-B2'].detail
   assert got['C-B6'].verdict == 'inconclusive'
   assert claims.pooled_sigma(rows)[0] == pytest.approx(0.01)
+
+
+def test_intervals_use_t_quantiles_and_need_six_degrees_of_freedom():
+  a, b = {'seeds': 2}, {'seeds': 2}
+  assert claims.Noise(0.01, 2).half_width(a, b) is None  # too few degrees of freedom: no interval
+  assert claims.Noise(0.01, 6).half_width(a, b) == pytest.approx(2.446912 * 0.01)  # t(0.975, 6), not 1.96
+  assert claims.Noise(0.01, 6).half_width(a, b, level=0.90) == pytest.approx(1.943180 * 0.01)
+  big = {'loss_mean': 2.0, 'name': 'c', 'seeds': 2}
+  near = dict(big, loss_mean=2.001, name='v')
+  # TOST: equivalence needs the 90% interval inside +-T, not only |delta| < T
+  assert claims._small_effect('X', 'g', 's', big, near, 0.005, claims.Noise(0.01, 6)).verdict == 'inconclusive'
+  assert claims._small_effect('X', 'g', 's', big, near, 0.05, claims.Noise(0.01, 6)).verdict == 'holds'
+  # a non-monotone series is inconclusive whichever way its ends point
+  series = [dict(big, sparsity=s, loss_mean=l) for s, l in ((1, 2.0), (2, 1.7), (4, 1.8))]
+  for sign in (+1, -1):
+    c = claims._trend_claim('X', 's', 'e', 'g', series, 'sparsity', sign, claims.Noise(0.001, 20))
+    assert c.verdict == 'inconclusive' and 'not monotone' in c.detail
 
 
 def test_claims_cli_without_runs(tmp_path):

@@ -131,3 +131,11 @@ def test_design_cli(tmp_path):
                        capture_output=True, text=True, timeout=120)
   lines = out.stderr.strip().splitlines()
   assert out.returncode == 2 and len(lines) == 1 and 'smallest feasible: --memory >= ' in lines[0]
+
+
+def test_training_memory_is_16_bytes_per_parameter_for_any_dtype():
+  space = _small_space()
+  designs = design.enumerate_designs(space)
+  for dtype_bytes in (2.0, 4.0):
+    budget = design.Budget(1e12, 1e12, None, dtype_bytes, 'training')
+    np.testing.assert_array_equal(design.memory_bytes(designs, space, budget), designs['n_total'] * 16)

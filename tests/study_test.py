@@ -253,3 +253,16 @@ def test_a_signal_stops_the_whole_sweep(tiny_cfg, tmp_path, monkeypatch, error):
   with pytest.raises(error):
     sweep.run_points(resolved, str(tmp_path))
   assert ran == ['a'] and not (tmp_path / 'a' / 'failed.json').exists()  # before: recorded as failed, then b ran
+
+
+def test_rows_are_labelled_by_the_real_drop_settings_train_and_eval():
+  base_flat = {'moe.num_experts': 8}
+  cases = [({}, ('dropless', 'dropless')),
+           ({'moe.train_capacity_factor': 1.25, 'moe.drop_policy': 'probs'}, ('CF 1.25 (probs)', 'dropless')),
+           ({'moe.eval_capacity_factor': 2.0}, ('dropless', 'CF 2 (position)')),
+           ({'moe.expert_parallel_capacity_factor': 1.0}, ('dropless', 'dropless')),  # no expert axis: never drops
+           ({'moe.expert_parallel_capacity_factor': 1.0, 'mesh.expert': 4}, ('EP CF 1', 'EP CF 1')),
+           ({'moe.train_capacity_factor': 1.0, 'moe.expert_parallel_capacity_factor': 1.5, 'mesh.expert': -1},
+            ('CF 1 (position) + EP CF 1.5', 'EP CF 1.5'))]
+  for overrides, expected in cases:
+    assert results.drop_settings(dict(base_flat, **overrides)) == expected, overrides

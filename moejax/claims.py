@@ -258,7 +258,12 @@ def _kappa_claim(fits):
   statement = 'Across the runs, the fitted κ < 1: total parameters matter beyond the active ones (§3.3).'
   fit = (fits or {}).get('effective_params')
   if fit is None:
-    return Claim('C-A3', statement, 'κ < 1', '-', '-', 'inconclusive', 'no effective_params fit (too few runs)')
+    return Claim('C-A3', statement, 'κ < 1', '-', '-', 'inconclusive',
+                 f'no effective_params fit (needs {POINTS_PER_PARAMETER} configurations per parameter)')
+  if not beats_baselines(fits, 'effective_params'):
+    return Claim('C-A3', statement, 'κ < 1', f'κ = {fit.values["kappa"]:.3f}', '-', 'inconclusive',
+                 'the effective_params fit does not predict held-out configurations better than the constant and '
+                 'log-linear baselines, so no verdict rests on it')
   kappa = fit.values['kappa']
   lo, hi = fit.intervals.get('kappa', (None, None))
   interval = '-' if lo is None else f'[{lo:.3f}, {hi:.3f}]'
@@ -318,15 +323,26 @@ def scaling_rows(rows: list[dict]) -> list[dict]:
           and not r.get('moe.expert_size_classes')]
 
 
+POINTS_PER_PARAMETER = 5  # a form is fitted only with at least this many configurations per free parameter
+BASELINES = ('constant', 'log_linear')
+
+
 def fit_laws(rows: list[dict], bootstrap: int = 100, starts: int = 32) -> dict[str, scaling.Fit]:
-  """Every scaling form that the default-design MoE rows can support (more configurations than parameters + 1)."""
+  """The baselines and every form the default-design MoE rows support (>= 5 configurations per free parameter)."""
   moe_rows = scaling_rows(rows)
   x, y = scaling.inputs_from_rows(moe_rows)
   fits = {}
   for name, form in scaling.FORMS.items():
-    if len(y) > len(form.raw_names) + 1:
+    if len(y) >= POINTS_PER_PARAMETER * len(form.raw_names) and len(y) > len(form.raw_names) + 1:
       fits[name] = scaling.fit(name, x, y, max_starts=starts, bootstrap=bootstrap)
   return fits
+
+
+def beats_baselines(fits: dict[str, scaling.Fit], name: str) -> bool:
+  """Whether form `name` predicts held-out configurations (LOO RMSE) better than every baseline fitted beside it."""
+  fit = fits.get(name)
+  rivals = [fits[b].loo_rmse for b in BASELINES if b in fits and fits[b].loo_rmse is not None]
+  return fit is not None and fit.loo_rmse is not None and bool(rivals) and fit.loo_rmse < min(rivals)
 
 
 def markdown(claims: list[Claim], noise: dict, fits: dict[str, scaling.Fit], header: str = '') -> str:
@@ -348,6 +364,9 @@ def markdown(claims: list[Claim], noise: dict, fits: dict[str, scaling.Fit], hea
   lines += ['', '## Fitted scaling laws', '',
             'Non-embedding counts, one point per configuration (seed mean); MoE runs with the default design '
             '(global-batch balancing, dropless, no shared or heterogeneous experts); see moejax/scaling.py.', '',
+            f'A form is fitted only with at least {POINTS_PER_PARAMETER} configurations per free parameter, always '
+            'beside the constant and log-linear baselines; a form that does not beat both on leave-one-out RMSE '
+            'supports no verdict.', '',
             scaling.markdown(list(fits.values())) if fits else 'Too few configurations to fit any form.\n']
   return '\n'.join(lines)
 

@@ -67,3 +67,28 @@ def test_inputs_from_rows_use_nonembedding_counts():
   x, y = scaling.inputs_from_rows(rows)
   assert x['n_total'].tolist() == [8, 10] and x['n_active'].tolist() == [3, 10] and x['num_experts'].tolist() == [8, 1]
   assert y.tolist() == [2.0, 2.5]
+
+
+def test_bootstrap_intervals_cover_the_true_exponent():
+  """Seed-noise-sized errors (0.5%) on 20 points: the 95% interval must cover alpha = 0.3 in most replicates."""
+  truth = _theta('total_sparsity', {'e': np.log(1.5), 'a': np.log(30.0), 'alpha': 0.3, 'gamma': 0.08})
+  covered, widths = 0, []
+  for rep in range(5):
+    x = {k: v[:20] for k, v in _grid(seed=10 + rep).items()}
+    noise = np.exp(np.random.default_rng(100 + rep).normal(0, 5e-3, 20))
+    y = scaling.FORMS['total_sparsity'].predict(truth, x) * noise
+    result = scaling.fit('total_sparsity', x, y, max_starts=12, bootstrap=20, loo=False, seed=rep, refit_starts=4)
+    lo, hi = result.intervals['alpha']
+    covered += lo <= 0.3 <= hi
+    widths.append(hi - lo)
+  assert covered >= 4, (covered, widths)
+  assert min(widths) > 0.01  # (before the fix: about 0.005, from resamples that never left the full-data optimum)
+
+
+def test_baselines_are_fitted_and_compared():
+  x = _grid()
+  y = 1.5 + 30.0 * x['n_total'] ** -0.3
+  fits = {name: scaling.fit(name, x, y, max_starts=8, bootstrap=0) for name in ('constant', 'log_linear')}
+  # (Huber with delta 1e-3 is an L1 fit for residuals this large: the constant sits at the median)
+  assert np.percentile(y, 40) <= fits['constant'].values['L'] <= np.percentile(y, 60)
+  assert fits['log_linear'].loo_rmse < fits['constant'].loo_rmse

@@ -87,7 +87,9 @@ def get_config(arg=None):
   c.optim = o = ml_collections.ConfigDict()
   o.peak_learning_rate = 2e-3  # AdamW learning rate after warmup
   o.warmup_fraction = 0.05  # fraction of train.steps spent in linear warmup from 0
-  o.final_lr_fraction = 0.1  # cosine decay ends at this fraction of the peak
+  o.schedule = 'cosine'  # after warmup: 'cosine' decay, or 'wsd' (hold the peak, then decay linearly over decay_fraction)
+  o.decay_fraction = 0.2  # wsd: the last share of the steps spent decaying
+  o.final_lr_fraction = 0.1  # the decay ends at this fraction of the peak
   o.adam_b1 = 0.9  # AdamW first-moment decay
   o.adam_b2 = 0.95  # AdamW second-moment decay
   o.adam_eps = 1e-8  # AdamW epsilon

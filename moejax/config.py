@@ -28,6 +28,7 @@ DROP_POLICIES = ('position', 'probs')
 SOURCE_KINDS = ('stdlib', 'text:', 'jsonl:', 'parquet:', 'tfds:', 'store:')
 BINARY_DOCUMENTS = ('error', 'skip', 'keep')
 VERIFY_STORE = ('full', 'size')
+SCHEDULES = ('cosine', 'wsd')
 
 
 def load_module(path: str):
@@ -258,6 +259,9 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _positive(cfg, 'optim', ('peak_learning_rate', 'adam_eps'))
   _require(0 <= o.warmup_fraction < 1, f'optim.warmup_fraction={o.warmup_fraction} must be in [0, 1)')
   _require(0 <= o.final_lr_fraction <= 1, f'optim.final_lr_fraction={o.final_lr_fraction} must be in [0, 1]')
+  _require(o.schedule in SCHEDULES, f'optim.schedule={o.schedule!r} must be one of {SCHEDULES}')
+  _require(0 < o.decay_fraction <= 1 - o.warmup_fraction,
+           f'optim.decay_fraction={o.decay_fraction} must be in (0, 1 - optim.warmup_fraction]')
   _require(0 <= o.adam_b1 < 1 and 0 <= o.adam_b2 < 1, 'optim.adam_b1 and optim.adam_b2 must be in [0, 1)')
   _require(o.weight_decay >= 0 and o.grad_clip_norm >= 0,
            'optim.weight_decay and optim.grad_clip_norm must be >= 0')

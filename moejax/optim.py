@@ -1,4 +1,10 @@
-"""The optax chain: global-norm clipping, then AdamW with linear warmup and cosine decay.
+"""The optax chain: global-norm clipping, then AdamW with linear warmup and a cosine or WSD decay.
+
+Schedules (`optim.schedule`): 'cosine' decays from the end of warmup to final_lr_fraction x
+peak at the last step; 'wsd' (warmup-stable-decay) holds the peak until the last
+`optim.decay_fraction` of the steps, then decays linearly to final_lr_fraction x peak. In
+WSD the learning rate of a step before the decay does not depend on the run's length (once
+warmup is over), so runs of different lengths share their stable phase.
 
 Weight decay applies to matrices only (ndim >= 2): norm scales are never decayed.
 """
@@ -11,10 +17,22 @@ import jax
 import optax
 
 
+def wsd(peak: float, warmup: int, decay_start: int, decay_end: int, final: float) -> optax.Schedule:
+  """Linear warmup 0 -> peak over `warmup` steps, peak until `decay_start`, linear to `final` at `decay_end`."""
+  return optax.join_schedules([
+      optax.linear_schedule(0.0, peak, max(warmup, 1)),
+      optax.constant_schedule(peak),
+      optax.linear_schedule(peak, final, max(decay_end - decay_start, 1)),
+  ], [max(warmup, 1), max(decay_start, warmup + 1)])
+
+
 def schedule(optim_cfg, total_steps: int) -> optax.Schedule:
-  """Linear warmup from 0 over warmup_fraction*steps, then cosine to final_lr_fraction * peak."""
+  """Linear warmup from 0 over warmup_fraction*steps, then cosine or WSD to final_lr_fraction * peak."""
   peak = optim_cfg.peak_learning_rate
   warmup = int(round(optim_cfg.warmup_fraction * total_steps))
+  if optim_cfg.schedule == 'wsd':
+    decay_start = total_steps - int(round(optim_cfg.decay_fraction * total_steps))
+    return wsd(peak, warmup, decay_start, total_steps, peak * optim_cfg.final_lr_fraction)
   return optax.warmup_cosine_decay_schedule(
       init_value=0.0, peak_value=peak, warmup_steps=warmup, decay_steps=max(total_steps, warmup + 1),
       end_value=peak * optim_cfg.final_lr_fraction)

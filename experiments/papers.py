@@ -99,6 +99,13 @@ def point(E, k, f, *, d=None, L=None, seed=0, tag='', **extra):
   return o
 
 
+def dense(hidden, *, seed=0, **extra):
+  """A true dense baseline: no experts, the SwiGLU FFN of hidden `hidden` (= k * d_exp of the MoE it is matched to)."""
+  o = {'moe.num_experts': 0, 'model.ffn_hidden': hidden, **extra, 'seed': seed}
+  o['name'] = f'dense-f{hidden}' + (f'-seed{seed}' if seed else '')
+  return o
+
+
 def seeds(p, n):
   """`p` at seeds 0..n-1."""
   return [dict(p, seed=i, name=p['name'].split('-seed')[0] + (f'-seed{i}' if i else '')) for i in range(n)]

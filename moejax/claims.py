@@ -112,10 +112,6 @@ def t_quantile(p: float, dof: int) -> float:
   return float(stats.t.ppf(p, dof))
 
 
-def _half_width(noise: Noise, a, b):
-  return noise.half_width(a, b)
-
-
 def _fmt(delta, hw):
   return f'{delta:+.4f}', ('-' if hw is None else f'[{delta - hw:+.4f}, {delta + hw:+.4f}]')
 
@@ -139,12 +135,12 @@ def _ordered(points, key):
   return sorted(points, key=lambda r: r[key])
 
 
-def _trend_claim(cid, statement, expected, grid, points, key, sign, sigma, note=''):
+def _trend_claim(cid, statement, expected, grid, points, key, sign, noise, note=''):
   if not points or any(p is None for p in points):
     return _missing(cid, statement, expected, grid)
   pts = _ordered(points, key)
   delta = pts[-1]['loss_mean'] - pts[0]['loss_mean']
-  hw = _half_width(sigma, pts[0], pts[-1])
+  hw = noise.half_width(pts[0], pts[-1])
   steps = [b['loss_mean'] - a['loss_mean'] for a, b in zip(pts, pts[1:])]
   verdict = _direction(delta, hw, sign)
   # The same rule both ways: a verdict needs every step in its own direction.
@@ -157,12 +153,12 @@ def _trend_claim(cid, statement, expected, grid, points, key, sign, sigma, note=
                f'{series}; {"monotone" if monotone else "not monotone"}' + (f'; {note}' if note else ''))
 
 
-def _small_effect(cid, grid, statement, center, variant, threshold, sigma, extra=''):
+def _small_effect(cid, grid, statement, center, variant, threshold, noise, extra=''):
   if center is None or variant is None:
     return _missing(cid, statement, 'abs(Δ) < T', grid)
   delta = variant['loss_mean'] - center['loss_mean']
-  hw = _half_width(sigma, center, variant)
-  hw90 = sigma.half_width(center, variant, level=0.90)  # TOST at 5%: both one-sided tests = the 90% interval
+  hw = noise.half_width(center, variant)
+  hw90 = noise.half_width(center, variant, level=0.90)  # TOST at 5%: both one-sided tests = the 90% interval
   if threshold is None or hw is None:
     verdict = 'inconclusive'
   elif abs(delta) + hw90 < threshold:
@@ -180,26 +176,26 @@ def _small_effect(cid, grid, statement, center, variant, threshold, sigma, extra
 def evaluate(rows: list[dict], scale: str, fits: dict[str, scaling.Fit] | None = None) -> tuple[list[Claim], dict]:
   """Every claim of SCIENCE.md §4 on `rows` (results.table rows); returns (claims, noise info)."""
   g = grid_rows(rows, scale)
-  sigma = Noise(*pooled_sigma(rows))
+  noise = Noise(*pooled_sigma(rows))
   claims = []
   claims.append(_trend_claim('C-A1', 'At fixed N_total and core, loss rises monotonically with s (A1).',
-                             'Δ = L(s_max) − L(s_min) > 0', 'A1', g.get('A1'), 'sparsity', +1, sigma))
+                             'Δ = L(s_max) − L(s_min) > 0', 'A1', g.get('A1'), 'sparsity', +1, noise))
   claims.append(_trend_claim('C-A2', 'At fixed N_total, s and G, loss rises slightly with E (A2a: width shrinks).',
-                             'Δ = L(E_max) − L(E_min) > 0, small', 'A2a', g.get('A2a'), 'num_experts', +1, sigma))
+                             'Δ = L(E_max) − L(E_min) > 0, small', 'A2a', g.get('A2a'), 'num_experts', +1, noise))
   a2b = _trend_claim('C-A2b', 'Expert size free (fixed L, d, N_total, N_active, s): paper A predicts equal or worse '
                      'loss with more experts; fine-grained MoE work predicts better.',
-                     'Δ = L(E_max) − L(E_min) ≥ 0 (A)', 'A2b', g.get('A2b'), 'num_experts', +1, sigma)
+                     'Δ = L(E_max) − L(E_min) ≥ 0 (A)', 'A2b', g.get('A2b'), 'num_experts', +1, noise)
   if a2b.verdict == 'contradicted':
     a2b.detail += '; finer experts win (Krajewski/OLMoE/DeepSeekMoE side)'
   elif a2b.verdict == 'holds':
     a2b.detail += '; fewer experts win (paper A side)'
   claims.append(a2b)
   claims.append(_kappa_claim(fits))
-  claims.append(_a4_claim(g.get('A4'), sigma))
+  claims.append(_a4_claim(g.get('A4'), noise))
   b1_all = g.get('B1')
   dense, b1 = (b1_all[0], b1_all[1:]) if b1_all else (None, None)  # B1 starts with the true dense baseline
   claims.append(_trend_claim('C-B1', 'At fixed N_active, loss falls monotonically with E (B1), diminishing returns.',
-                             'Δ = L(E_max) − L(E_min) < 0', 'B1', b1, 'num_experts', -1, sigma,
+                             'Δ = L(E_max) − L(E_min) < 0', 'B1', b1, 'num_experts', -1, noise,
                              note=_diminishing(b1)))
   threshold = None
   if b1 and all(b1):
@@ -212,7 +208,7 @@ def evaluate(rows: list[dict], scale: str, fits: dict[str, scaling.Fit] | None =
   if dense is None or lo4 is None:
     claims.append(_missing('prior', statement, 'Δ = L(s=4) − L(dense) < 0', 'B1'))
   else:
-    delta, hw = lo4['loss_mean'] - dense['loss_mean'], _half_width(sigma, dense, lo4)
+    delta, hw = lo4['loss_mean'] - dense['loss_mean'], noise.half_width(dense, lo4)
     m, i = _fmt(delta, hw)
     claims.append(Claim('prior', statement, 'Δ = L(s=4) − L(dense) < 0', m, i, _direction(delta, hw, -1),
                         f'dense {dense["loss_mean"]:.4f}, s=4 {lo4["loss_mean"]:.4f}'))
@@ -220,18 +216,18 @@ def evaluate(rows: list[dict], scale: str, fits: dict[str, scaling.Fit] | None =
   center = next((r for r in (b1 or []) if r and r['sparsity'] == 16.0), None)  # B1 at s = 16, the B3-B6 reference
   b3, b4, b5, b6 = (g.get(k) or [] for k in ('B3', 'B4', 'B5', 'B6'))
   claims.append(_small_effect('C-B3', 'B3', 'A shared expert instead of one routed expert changes loss little.',
-                              center, b3[1] if len(b3) > 1 else None, threshold, sigma))
+                              center, b3[1] if len(b3) > 1 else None, threshold, noise))
   claims.append(_small_effect('C-B4', 'B4', 'Heterogeneous expert sizes change loss little.', center,
-                              b4[1] if len(b4) > 1 else None, threshold, sigma))
+                              b4[1] if len(b4) > 1 else None, threshold, noise))
   for variant in b5[1:]:
     extra = ''
     if variant is not None and variant.get('load_max_over_mean') is not None:
       extra = f'; max/mean load {variant["load_max_over_mean"]:.2f} (center {center["load_max_over_mean"]:.2f})' \
           if center and center.get('load_max_over_mean') is not None else ''
     claims.append(_small_effect('C-B5', 'B5', f'Load balancing ({(variant or {}).get("load_balancing", "?")}) changes loss '
-                                'little (no LB may collapse).', center, variant, threshold, sigma, extra))
-  claims.append(_b6_claim(center, b6, sigma))
-  return claims, {'sigma': sigma.sigma, 'dof': sigma.dof, 'threshold': threshold}
+                                'little (no LB may collapse).', center, variant, threshold, noise, extra))
+  claims.append(_b6_claim(center, b6, noise))
+  return claims, {'sigma': noise.sigma, 'dof': noise.dof, 'threshold': threshold}
 
 
 def _diminishing(b1):
@@ -243,14 +239,14 @@ def _diminishing(b1):
   return 'gain per doubling of E: ' + ', '.join(f'{x:+.4f}' for x in gains) + (' (diminishing)' if shrinking else '')
 
 
-def _a4_claim(points, sigma):
+def _a4_claim(points, noise):
   statement = 'The top design of the §5 ranking beats the median of feasible random designs (A4).'
   expected = 'Δ = median L(random) − L(top) > 0'
   if not points or any(p is None for p in points):
     return _missing('C-A4', statement, expected, 'A4')
   top, rand = points[0], sorted(points[1:], key=lambda r: r['loss_mean'])
   delta = float(np.median([r['loss_mean'] for r in rand])) - top['loss_mean']
-  hw = _half_width(sigma, top, {'seeds': 1})  # the median is treated as one run
+  hw = noise.half_width(top, {'seeds': 1})  # the median is treated as one run
   m, i = _fmt(delta, hw)
   return Claim('C-A4', statement, expected, m, i, _direction(delta, hw, +1),
                f'top {top["name"]} {top["loss_mean"]:.4f}; random: ' +
@@ -296,13 +292,13 @@ def _b2_claim(g):
   return Claim('C-B2', statement, expected, f'Δ index = {shift}', '-', 'holds' if shift <= 1 else 'contradicted', detail)
 
 
-def _b6_claim(center, b6, sigma):
+def _b6_claim(center, b6, noise):
   statement = 'Dropless training beats token dropping: dropless < CF 1.25 ≤ CF 1.0 (dropless eval).'
   expected = 'L(CF1.25) − L(dropless) > 0 and L(CF1.0) ≥ L(CF1.25)'
   if center is None or len(b6) < 3 or b6[1] is None or b6[2] is None:
     return _missing('C-B6', statement, expected, 'B6')
   cf10, cf125 = b6[1], b6[2]
-  d1, hw1 = cf125['loss_mean'] - center['loss_mean'], _half_width(sigma, center, cf125)
+  d1, hw1 = cf125['loss_mean'] - center['loss_mean'], noise.half_width(center, cf125)
   d2 = cf10['loss_mean'] - cf125['loss_mean']
   verdict = _direction(d1, hw1, +1)
   if verdict == 'holds' and hw1 is not None and d2 < -hw1:

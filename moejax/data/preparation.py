@@ -136,7 +136,8 @@ def make_plan(directory: str, opts: SourceOptions, spec: tok_lib.Spec, settings:
            len(chunks), len(held), held_bytes / 1e6, time.time() - t0)
 
   tokenizer_file = _install_tokenizer(directory, opts, spec, held, settings)
-  tokenizer = _load_installed(directory, spec, tokenizer_file, settings['separator_token'])  # the store's own copy
+  tokenizer = installed_tokenizer(directory, tokenizer_file, settings['tokenizer'],
+                                  settings['separator_token'])  # the store's own copy
   dtype = _dtype(settings['dtype'], tokenizer.vocab_size, directory)
   docs_fp = fingerprint.hexdigest()
   plan = {'format': store_lib.FORMAT, 'version': store_lib.VERSION, 'settings': settings,
@@ -189,28 +190,27 @@ def _install_tokenizer(directory: str, opts: SourceOptions, spec: tok_lib.Spec, 
   return name
 
 
-def _load_installed(directory: str, spec: tok_lib.Spec, name: str | None, separator_token) -> tok_lib.Tokenizer:
-  if spec.kind == 'bytes':
+def installed_tokenizer(directory: str, file: str | None, spec_id: str, separator_token: str | None,
+                        expected_hash: str | None = None) -> tok_lib.Tokenizer:
+  """The tokenizer file `file` of a store (None: bytes). Trained tokenizers bring their own separator
+  (`separator_token` applies to a user's file only); with `expected_hash` the file must match it."""
+  if file is None:
     return tok_lib.ByteTokenizer()
-  path = os.path.join(directory, name)
-  if spec.kind == 'train':
-    return tok_lib.load(spec, path)
-  return tok_lib.load(tok_lib.Spec(spec.kind, path=path), separator_token=separator_token)
+  path = os.path.join(directory, file)
+  if spec_id.startswith('train:'):
+    separator_token = tok_lib.TRAINED_BPE_SEPARATOR if spec_id.startswith('train:bpe') else None
+  kind = 'hf' if file.endswith('.json') else 'sentencepiece'
+  tokenizer = tok_lib.load(tok_lib.Spec(kind, path=path), separator_token=separator_token)
+  if expected_hash is not None and tokenizer.hash != expected_hash:
+    raise DataError(f'tokenizer file {path} does not match the sha256 its store recorded (damaged store)')
+  return tokenizer
 
 
 def store_tokenizer(directory: str, manifest: dict) -> tok_lib.Tokenizer:
   """The tokenizer a store (or plan) was prepared with, loaded from the store's own copy."""
   info = manifest['tokenizer']
-  if info['kind'] == 'bytes':
-    return tok_lib.ByteTokenizer()
-  path = os.path.join(directory, info['file'])
-  kind = 'hf' if info['file'].endswith('.json') else 'sentencepiece'
-  separator = tok_lib.TRAINED_BPE_SEPARATOR if info['spec'].startswith('train:bpe') else manifest['settings'][
-      'separator_token']
-  tokenizer = tok_lib.load(tok_lib.Spec(kind, path=path), separator_token=separator)
-  if tokenizer.hash != info['hash']:
-    raise DataError(f'tokenizer file {path} does not match the sha256 its store recorded (damaged store)')
-  return tokenizer
+  return installed_tokenizer(directory, info['file'], info['spec'], manifest['settings']['separator_token'],
+                             info['hash'])
 
 
 # --- 2. chunks -------------------------------------------------------------------------------------------------

@@ -78,7 +78,7 @@ def split_documents(docs, heldout_bytes: int, max_fraction: float = 1.0):
 def pack(docs) -> np.ndarray:
   """One uint16 byte-token stream: SEPARATOR, doc bytes, SEPARATOR, doc bytes, ..."""
   parts = tok_lib.ByteTokenizer().encode_documents([d for _, d in docs])
-  return np.concatenate(parts).astype(np.uint16) if parts else np.zeros((0,), np.uint16)
+  return np.concatenate(parts) if parts else np.zeros((0,), np.uint16)
 
 
 def load_corpus(source: str | SourceOptions, heldout_bytes: int, heldout_max_fraction: float = 1.0,

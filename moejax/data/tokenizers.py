@@ -90,7 +90,7 @@ class Tokenizer:
   path: str | None = None
 
   def encode_documents(self, docs: Sequence[bytes]) -> list[np.ndarray]:
-    """Each document as [separator, tokens...] (int64)."""
+    """Each document as an integer array [separator, tokens...] (uint16 for bytes, int64 otherwise)."""
     raise NotImplementedError
 
   def decode(self, ids: Sequence[int]) -> bytes:
@@ -106,7 +106,8 @@ class ByteTokenizer(Tokenizer):
   kind, vocab_size, separator, hash = 'bytes', BYTES_VOCAB, BYTES_SEPARATOR, 'bytes'
 
   def encode_documents(self, docs):
-    return [np.concatenate([[BYTES_SEPARATOR], np.frombuffer(d, np.uint8)]).astype(np.int64) for d in docs]
+    sep = np.array([BYTES_SEPARATOR], np.uint16)  # (uint16: packing the stdlib in int64 would take 4x the memory)
+    return [np.concatenate([sep, np.frombuffer(d, np.uint8)]) for d in docs]
 
   def decode(self, ids):
     ids = np.asarray(ids)

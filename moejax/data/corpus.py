@@ -125,7 +125,7 @@ def open_store(directory: str, tokenizer: str = 'bytes', verify: str = 'full') -
   directory = os.path.abspath(os.path.expanduser(directory))
   manifest = store_lib.read_manifest(directory)
   _check_store_tokenizer(directory, manifest, tokenizer)
-  manifest, streams = store_lib.open_streams(directory, verify)
+  manifest, streams = store_lib.open_streams(directory, verify, manifest)
   tok = preparation.store_tokenizer(directory, manifest)
   splits = manifest['splits']
   corpus = Corpus(f'store:{directory}', manifest['fingerprint'], streams['train'], streams['heldout'],

@@ -168,9 +168,10 @@ def read_manifest(directory: str) -> dict:
   return manifest
 
 
-def open_streams(directory: str, verify: str = 'full') -> tuple[dict, dict[str, TokenStream]]:
-  """(manifest, {'train': TokenStream, 'heldout': TokenStream}) of a complete store."""
-  manifest = read_manifest(directory)
+def open_streams(directory: str, verify: str = 'full',
+                 manifest: dict | None = None) -> tuple[dict, dict[str, TokenStream]]:
+  """(manifest, {'train': TokenStream, 'heldout': TokenStream}) of a complete store (`manifest`: already read)."""
+  manifest = manifest or read_manifest(directory)
   dtype = np.dtype(manifest['dtype'])
   vocab = int(manifest['tokenizer']['vocab_size'])
   streams = {}

@@ -205,6 +205,7 @@ def table(records: list[dict]) -> tuple[list[dict], list[str]]:
     acc = first['accounting']
     runs = [records[i] for i in members]
     loss_mean, loss_std = _mean_std([r['eval']['loss'] for r in runs])
+    train_drop, eval_drop = drop_settings(flat) if acc.get('num_experts') else ('-', '-')
     row = {'config_hash': digest, 'name': first['name'], **{k: flat.get(k) for k in varied},
            'n_total': acc['n_total'], 'n_active': acc['n_active'], 'n_total_nonembed': acc.get('n_total_nonembed'),
            'n_active_nonembed': acc.get('n_active_nonembed'), 'sparsity': acc.get('sparsity'),
@@ -212,8 +213,7 @@ def table(records: list[dict]) -> tuple[list[dict], list[str]]:
            'experts_per_token': acc.get('experts_per_token'), 'expert_hidden': acc.get('expert_hidden'),
            'num_shared_experts': acc.get('num_shared_experts'),
            'load_balancing': flat.get('moe.load_balancing') if acc.get('num_experts') else '-',
-           'drop_policy': drop_settings(flat)[0] if acc.get('num_experts') else '-',
-           'eval_drop_policy': drop_settings(flat)[1] if acc.get('num_experts') else '-',
+           'drop_policy': train_drop, 'eval_drop_policy': eval_drop,
            'tokens': (first.get('train') or {}).get('tokens'),
            'loss_mean': loss_mean, 'loss_std': loss_std, 'seeds': len(runs),
            'bits_per_byte_mean': _mean_std([r['eval']['bits_per_byte'] for r in runs])[0],

@@ -145,10 +145,8 @@ def cached_store(d) -> str:
   opts = SourceOptions.from_config(d)
   docs = read_documents(opts)
   spec = tok_lib.parse_spec(d.tokenizer)
-  settings = {'fingerprint': fingerprint(docs), 'tokenizer': preparation.tokenizer_id(spec), 'source': d.source,
-              'separator_token': d.separator_token, 'heldout_bytes': d.heldout_bytes,
-              'heldout_max_fraction': d.heldout_max_fraction, 'binary_documents': d.binary_documents,
-              'text_field': d.text_field, 'tokenizer_train_bytes': d.tokenizer_train_bytes}
+  settings = {'fingerprint': fingerprint(docs), **preparation.settings_of(
+      opts, spec, d.separator_token, d.heldout_bytes, d.heldout_max_fraction, tokenizer_train_bytes=d.tokenizer_train_bytes)}
   key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:20]
   root = os.path.join(os.path.expanduser(d.cache_dir or default_cache_dir()), 'stores')
   directory = os.path.join(root, key)

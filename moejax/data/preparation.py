@@ -97,8 +97,9 @@ def check_split(source: str, held_docs: int, train_docs: int, heldout_bytes: int
 # --- 1. plan ---------------------------------------------------------------------------------------------------
 
 
-def _settings(opts: SourceOptions, spec: tok_lib.Spec, separator_token, heldout_bytes, max_fraction, chunk_bytes,
-              dtype, tokenizer_train_bytes) -> dict:
+def settings_of(opts: SourceOptions, spec: tok_lib.Spec, separator_token, heldout_bytes, max_fraction,
+                chunk_bytes=CHUNK_BYTES, dtype='auto', tokenizer_train_bytes=TOKENIZER_TRAIN_BYTES) -> dict:
+  """Everything a store's content depends on besides the documents (plan.json `settings`)."""
   return {'source': opts.source, 'tfds_split': opts.tfds_split, 'tfds_text_key': opts.tfds_text_key,
           'text_field': opts.text_field, 'binary_documents': opts.binary_documents,
           'tokenizer': tokenizer_id(spec), 'separator_token': separator_token, 'heldout_bytes': int(heldout_bytes),
@@ -378,7 +379,7 @@ def prepare(directory: str, opts: SourceOptions, tokenizer: str = 'bytes', heldo
     raise DataError(f'tokenizer file {spec.path} does not exist')
   if not 0 <= shard_index < num_shards:
     raise DataError(f'--shard_index={shard_index} must be in [0, --num_shards={num_shards})')
-  settings = _settings(opts, spec, separator_token, heldout_bytes, heldout_max_fraction, chunk_bytes, dtype,
+  settings = settings_of(opts, spec, separator_token, heldout_bytes, heldout_max_fraction, chunk_bytes, dtype,
                        tokenizer_train_bytes)
   manifest_path = os.path.join(directory, store_lib.MANIFEST)
   if os.path.exists(manifest_path):

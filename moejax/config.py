@@ -218,9 +218,7 @@ def _validate_data(cfg) -> None:
   _require(d.binary_documents in BINARY_DOCUMENTS,
            f'data.binary_documents={d.binary_documents!r} must be one of {BINARY_DOCUMENTS}')
   _require(d.verify_store in VERIFY_STORE, f'data.verify_store={d.verify_store!r} must be one of {VERIFY_STORE}')
-  if m.vocab_size is None:
-    from moejax import data  # pylint: disable=import-outside-toplevel
-    m.vocab_size = data.vocab_size(d)
+  m.vocab_size = vocab_size(cfg)
 
 
 def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

@@ -90,6 +90,7 @@ def get_config(arg=None):
   o.schedule = 'cosine'  # after warmup: 'cosine' decay, or 'wsd' (hold the peak, then decay linearly over decay_fraction)
   o.decay_fraction = 0.2  # wsd: the last share of the steps spent decaying
   o.final_lr_fraction = 0.1  # the decay ends at this fraction of the peak
+  o.decay_branches = ''  # wsd: also score shorter runs, e.g. '0.25,0.5': decays branched from the stable phase (loss vs tokens)
   o.adam_b1 = 0.9  # AdamW first-moment decay
   o.adam_b2 = 0.95  # AdamW second-moment decay
   o.adam_eps = 1e-8  # AdamW epsilon

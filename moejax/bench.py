@@ -56,18 +56,18 @@ def step_benchmark(cfgs: list, steps: int, rounds: int) -> list[dict]:
   corpus = data.corpus_from_config(cfgs[0].data)
   for cfg in cfgs:
     s = train.setup(cfg, corpus)
-    fn = train.make_train_step(s.graphdef, optim.make(cfg.optim, cfg.train.steps), cfg,
-                               optim.schedule(cfg.optim, cfg.train.steps), train.shardings(s.state), s.mesh)
+    fn = train.make_train_step(s.graphdef, optim.make(cfg.optim), cfg, train.shardings(s.state), s.mesh)
+    lr = np.float32(cfg.optim.peak_learning_rate)
     rng = np.random.default_rng(0)
     tokens = jax.device_put(rng.integers(0, 256, (cfg.train.batch_size, cfg.data.seq_len + 1), dtype=np.int32),
                             mesh_lib.batch_sharding(s.mesh, 2))
     state, seed = s.state, jnp.int32(cfg.seed)
     t0 = time.perf_counter()
     for _ in range(2):  # compile + warm-up
-      state, out = fn(state, tokens, seed)
+      state, out = fn(state, tokens, seed, lr)
     jax.block_until_ready(out)
     drop = out.get('ep_drop_fraction')
-    runners.append({'cfg': cfg, 'fn': fn, 'seed': seed, 'state': state, 'tokens': tokens, 'times': [],
+    runners.append({'cfg': cfg, 'fn': fn, 'seed': seed, 'lr': lr, 'state': state, 'tokens': tokens, 'times': [],
                     'compile_s': time.perf_counter() - t0,
                     'ep_dropped': None if drop is None else float(jnp.mean(drop))})
   for _ in range(rounds):
@@ -75,7 +75,7 @@ def step_benchmark(cfgs: list, steps: int, rounds: int) -> list[dict]:
       state = r['state']
       t0 = time.perf_counter()
       for _ in range(steps):
-        state, out = r['fn'](state, r['tokens'], r['seed'])
+        state, out = r['fn'](state, r['tokens'], r['seed'], r['lr'])
       jax.block_until_ready(out)
       r['times'].append((time.perf_counter() - t0) / steps)
       r['state'] = state

@@ -260,6 +260,7 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _require(o.schedule in SCHEDULES, f'optim.schedule={o.schedule!r} must be one of {SCHEDULES}')
   _require(0 < o.decay_fraction <= 1 - o.warmup_fraction,
            f'optim.decay_fraction={o.decay_fraction} must be in (0, 1 - optim.warmup_fraction]')
+  _validate_branches(cfg)
   _require(0 <= o.adam_b1 < 1 and 0 <= o.adam_b2 < 1, 'optim.adam_b1 and optim.adam_b2 must be in [0, 1)')
   _require(o.weight_decay >= 0 and o.grad_clip_norm >= 0,
            'optim.weight_decay and optim.grad_clip_norm must be >= 0')
@@ -283,6 +284,26 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
       _require(value % ways == 0,
                f'{key}={value} must be divisible by the batch axes mesh.data*mesh.fsdp*mesh.expert={ways}')
   return cfg
+
+
+def _validate_branches(cfg) -> None:
+  """optim.decay_branches: fractions of train.steps in (0, 1), WSD only, each decaying after warmup ends."""
+  o = cfg.optim
+  text = str(o.decay_branches or '').strip()
+  if not text:
+    return
+  _require(o.schedule == 'wsd', f'optim.decay_branches={text!r} needs optim.schedule=wsd (branches leave its stable phase)')
+  try:
+    fractions = [float(f) for f in text.split(',')]
+  except ValueError:
+    raise ConfigError(f"optim.decay_branches={text!r} must be comma-separated fractions of train.steps, e.g. '0.25,0.5'") from None
+  warmup = int(round(o.warmup_fraction * cfg.train.steps))
+  for f in fractions:
+    _require(0 < f < 1, f'optim.decay_branches: {f} must be in (0, 1) (a fraction of train.steps)')
+    end = int(round(f * cfg.train.steps))
+    start = end - int(round(o.decay_fraction * end))
+    _require(start > warmup, f'optim.decay_branches: the branch ending at step {end} would decay from step {start}, '
+             f'before warmup ends at step {warmup}; use a larger fraction')
 
 
 def _validate_moe_values(cfg) -> None:

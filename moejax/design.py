@@ -80,6 +80,7 @@ class Space:
   seq_len: int
   aspect_range: tuple[float, float]
   min_expert_hidden: int = 8
+  min_topk: int = 1  # 2 excludes top-1 MoE designs (whose renormalized gate is a constant 1)
 
 
 @dataclasses.dataclass
@@ -110,7 +111,7 @@ def enumerate_designs(space: Space) -> dict[str, np.ndarray]:
   """Every grid point that passes the shape guards, as columns, with exact counts (float64, exact below 2^53)."""
   rows = []
   routed = sorted({(1, 1)} | {(e, k) for e in space.experts if e > 1
-                              for k in range(1, min(e, space.max_topk) + 1) if e % k == 0})
+                              for k in range(space.min_topk, min(e, space.max_topk) + 1) if e % k == 0})
   for L in space.layers:
     for d in space.widths:
       if d % space.head_dim or not space.aspect_range[0] <= d / L <= space.aspect_range[1]:

@@ -120,8 +120,12 @@ def git_revision() -> str | None:
     return None
 
 
-def learning_curve(workdir: str | None) -> list[dict]:
-  """[{'step', 'tokens', 'loss', 'bits_per_byte'}] of the periodic held-out scores in WORKDIR/metrics.jsonl."""
+def learning_curve(workdir: str | None, prefix: str = 'eval_') -> list[dict]:
+  """[{'step', 'tokens', 'loss', 'bits_per_byte'}] of held-out scores in WORKDIR/metrics.jsonl.
+
+  prefix 'eval_': the periodic scores of the main run (`eval.every_steps`); 'branch_eval_':
+  the decay branches (`optim.decay_branches`), at the step each branch ends.
+  """
   path = os.path.join(workdir, 'metrics.jsonl') if workdir else None
   if not path or not os.path.exists(path):
     return []
@@ -132,10 +136,19 @@ def learning_curve(workdir: str | None) -> list[dict]:
         row = json.loads(line)
       except ValueError:
         continue  # a line cut by a crash mid-write
-      if 'eval_loss' in row:  # a resumed run may repeat a step: the last score wins
-        curve[row['step']] = {'step': row['step'], 'tokens': row.get('tokens'), 'loss': row['eval_loss'],
-                              'bits_per_byte': row.get('eval_bits_per_byte')}
+      if prefix + 'loss' in row:  # a resumed run may repeat a step: the last score wins
+        curve[row['step']] = {'step': row['step'], 'tokens': row.get('tokens'), 'loss': row[prefix + 'loss'],
+                              'bits_per_byte': row.get(prefix + 'bits_per_byte')}
   return [curve[k] for k in sorted(curve)]
+
+
+def decay_curve(cfg, eval_metrics: dict, train_summary: dict, workdir: str | None) -> list[dict]:
+  """Loss versus run length of a WSD run: its decay branches, then the finished run itself; [] otherwise."""
+  if cfg.optim.schedule != 'wsd' or train_summary.get('steps') != cfg.train.steps:
+    return []
+  final = {'step': cfg.train.steps, 'tokens': train_summary.get('tokens'), 'loss': eval_metrics['loss'],
+           'bits_per_byte': eval_metrics['bits_per_byte']}
+  return [p for p in learning_curve(workdir, 'branch_eval_') if p['step'] < cfg.train.steps] + [final]
 
 
 def result_record(s: Setup, eval_metrics: dict, train_summary: dict, config_changes: list | None = None,
@@ -144,6 +157,7 @@ def result_record(s: Setup, eval_metrics: dict, train_summary: dict, config_chan
   return metrics_lib.to_jsonable({
       'config_changes': config_changes or [],
       'eval_curve': learning_curve(workdir),
+      'decay_curve': decay_curve(s.cfg, eval_metrics, train_summary, workdir),
       'name': s.cfg.name,
       'config': json.loads(s.cfg.to_json_best_effort()),
       'accounting': s.accounting,

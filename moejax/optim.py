@@ -1,10 +1,21 @@
-"""The optax chain: global-norm clipping, then AdamW with linear warmup and a cosine or WSD decay.
+"""The optax chain (global-norm clipping, then AdamW) and the learning-rate schedules.
+
+The learning rate is not inside the optimizer: the train step takes it as an argument, and
+the loop reads it from `learning_rates(...)`, a table computed once per run. One compiled
+step therefore serves every schedule, peak learning rate and run length (a learning-rate
+sweep or a decay branch never recompiles). The optimizer keeps a unit schedule, so its
+state has the same layout as before the schedule moved out (old checkpoints restore).
 
 Schedules (`optim.schedule`): 'cosine' decays from the end of warmup to final_lr_fraction x
 peak at the last step; 'wsd' (warmup-stable-decay) holds the peak until the last
 `optim.decay_fraction` of the steps, then decays linearly to final_lr_fraction x peak. In
 WSD the learning rate of a step before the decay does not depend on the run's length (once
 warmup is over), so runs of different lengths share their stable phase.
+
+Decay branches (`optim.decay_branches`, WSD only): a branch ending at T_b steps is the WSD
+run of length T_b that shares the main run's warmup and stable phase: it leaves the stable
+phase at T_b - round(decay_fraction * T_b) and decays linearly to the final learning rate at
+T_b (Hägele et al. 2024: such branches match separate runs of each length).
 
 Weight decay applies to matrices only (ndim >= 2): norm scales are never decayed.
 """
@@ -14,6 +25,7 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import numpy as np
 import optax
 
 
@@ -26,16 +38,45 @@ def wsd(peak: float, warmup: int, decay_start: int, decay_end: int, final: float
   ], [max(warmup, 1), max(decay_start, warmup + 1)])
 
 
-def schedule(optim_cfg, total_steps: int) -> optax.Schedule:
-  """Linear warmup from 0 over warmup_fraction*steps, then cosine or WSD to final_lr_fraction * peak."""
+def warmup_steps(optim_cfg, total_steps: int) -> int:
+  return int(round(optim_cfg.warmup_fraction * total_steps))
+
+
+def decay_start(optim_cfg, end: int) -> int:
+  """The step at which a WSD run (or branch) of `end` steps leaves the stable phase."""
+  return end - int(round(optim_cfg.decay_fraction * end))
+
+
+def schedule(optim_cfg, total_steps: int, end: int | None = None) -> optax.Schedule:
+  """The learning rate of each step (the optimizer's update count) of a run of `total_steps` steps.
+
+  `end` (WSD only): the decay branch that ends at step `end` (main warmup and stable phase).
+  """
   peak = optim_cfg.peak_learning_rate
-  warmup = int(round(optim_cfg.warmup_fraction * total_steps))
+  warmup = warmup_steps(optim_cfg, total_steps)
   if optim_cfg.schedule == 'wsd':
-    decay_start = total_steps - int(round(optim_cfg.decay_fraction * total_steps))
-    return wsd(peak, warmup, decay_start, total_steps, peak * optim_cfg.final_lr_fraction)
+    end = total_steps if end is None else end
+    return wsd(peak, warmup, decay_start(optim_cfg, end), end, peak * optim_cfg.final_lr_fraction)
+  if end is not None:
+    raise ValueError('decay branches need optim.schedule=wsd')
   return optax.warmup_cosine_decay_schedule(
       init_value=0.0, peak_value=peak, warmup_steps=warmup, decay_steps=max(total_steps, warmup + 1),
       end_value=peak * optim_cfg.final_lr_fraction)
+
+
+def learning_rates(optim_cfg, total_steps: int, end: int | None = None) -> np.ndarray:
+  """float32 [n]: the learning rate of steps 0..n-1 (n = end or total_steps), computed once on the host."""
+  n = total_steps if end is None else end
+  with jax.default_device(jax.local_devices(backend='cpu')[0]):
+    return np.asarray(jax.vmap(schedule(optim_cfg, total_steps, end))(np.arange(n)), np.float32)
+
+
+def branch_ends(optim_cfg, total_steps: int) -> list[int]:
+  """The lengths T_b of the decay branches (`optim.decay_branches`: fractions of train.steps), ascending."""
+  text = str(optim_cfg.decay_branches or '').strip()
+  if not text:
+    return []
+  return sorted({int(round(float(f) * total_steps)) for f in text.split(',') if f.strip()})
 
 
 def decay_mask(params: Any) -> Any:
@@ -43,9 +84,13 @@ def decay_mask(params: Any) -> Any:
   return jax.tree.map(lambda p: p.ndim >= 2, params)
 
 
-def make(optim_cfg, total_steps: int) -> optax.GradientTransformation:
-  """The optimizer for a run of `total_steps` steps."""
-  adamw = optax.adamw(schedule(optim_cfg, total_steps), b1=optim_cfg.adam_b1, b2=optim_cfg.adam_b2,
+def make(optim_cfg) -> optax.GradientTransformation:
+  """The optimizer at unit learning rate: the train step multiplies its updates by the step's learning rate.
+
+  AdamW's update is -lr * (adam + wd * p), so scaling a unit-rate update by lr is exactly AdamW
+  at lr (decoupled weight decay included).
+  """
+  adamw = optax.adamw(lambda count: 1.0, b1=optim_cfg.adam_b1, b2=optim_cfg.adam_b2,
                       eps=optim_cfg.adam_eps, weight_decay=optim_cfg.weight_decay, mask=decay_mask)
   if optim_cfg.grad_clip_norm > 0:
     return optax.chain(optax.clip_by_global_norm(optim_cfg.grad_clip_norm), adamw)

@@ -3,7 +3,10 @@
 The loop resumes from the latest checkpoint (state, step and data-iterator position),
 saves every `checkpoint.every_steps` and at the end, turns SIGTERM into a saved
 checkpoint plus `Preempted`, and stops with `NonFiniteLossError` on a NaN/inf loss
-without ever saving the bad state.
+without ever saving the bad state. With `optim.decay_branches` it also runs the WSD decay
+branches (`optim.py`): at a branch's decay start it copies the state, decays it on the
+batches the main run is about to see (the data iterator is rewound afterwards), scores the
+held-out set and drops the copy, so one run gives the loss of several run lengths.
 """
 
 from __future__ import annotations
@@ -44,11 +47,12 @@ ROUTING_METRICS = ('expert_counts', 'load_max_over_mean', 'load_cv', 'dead_exper
 
 
 def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation, cfg,
-                    lr_schedule: optax.Schedule, state_shardings: Any = None, mesh=None) -> Callable:
-  """Returns step(state, tokens_BL1, seed) -> (state, metrics); the state buffers are donated.
+                    state_shardings: Any = None, mesh=None) -> Callable:
+  """Returns step(state, tokens_BL1, seed, lr) -> (state, metrics); the state buffers are donated.
 
-  `seed` is a traced int32 scalar (the run's `cfg.seed`), so one compiled step serves every
-  seed of a configuration; see `cached_train_step`. `state_shardings` (from `shardings(state)`)
+  `seed` (the run's `cfg.seed`, int32) and `lr` (this step's learning rate, float32) are
+  traced scalars, so one compiled step serves every seed, schedule and run length of a
+  configuration; see `cached_train_step`. `optimizer` is `optim.make` (unit learning rate). `state_shardings` (from `shardings(state)`)
   pins the new state to the shardings the state came in with. With `mesh`, the step is traced
   under `jax.set_mesh(mesh)` (the MoE layers find the expert axis there) and its metrics are
   replicated, so every process can read them.
@@ -66,17 +70,19 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
     loss = ce + balance_coef * aux['aux_loss'] + moe_cfg.z_loss_coef * aux['z_loss']
     return loss, (ce, aux)
 
-  def step(state, tokens_BL1, seed):
+  def step(state, tokens_BL1, seed, lr):
     rng = jax.random.fold_in(jax.random.key(seed), state['step'])
     (loss, (ce, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         state['params'], state['buffers'], tokens_BL1, rng)
     updates, opt_state = optimizer.update(grads, state['opt_state'], state['params'])
+    lr = jnp.asarray(lr, jnp.float32)
+    updates = jax.tree.map(lambda u: (lr * u).astype(u.dtype), updates)
     params = optax.apply_updates(state['params'], updates)
     buffers = state['buffers']
     if moe_cfg.load_balancing == 'aux_free' and 'expert_counts' in aux:
       buffers = moe_lib.update_expert_biases(buffers, aux['expert_counts'], moe_cfg.bias_update_rate)
     out = {'loss': loss, 'ce': ce, 'aux_loss': aux['aux_loss'], 'z_loss': aux['z_loss'],
-           'grad_norm': optax.tree.norm(grads), 'learning_rate': lr_schedule(state['step'])}
+           'grad_norm': optax.tree.norm(grads), 'learning_rate': lr}
     out.update({k: aux[k] for k in ROUTING_METRICS if k in aux})
     new_state = {'params': params, 'buffers': buffers, 'opt_state': opt_state, 'step': state['step'] + 1}
     # Keep every leaf on the sharding it came in with, so step n+1 reuses step n's executable
@@ -96,8 +102,9 @@ def shardings(tree: Any) -> Any:
 
 
 # Fields that never change what the train or eval step computes: runs that differ only in
-# these share one compiled step (a sweep over seeds compiles once).
-_NOT_IN_STEP = ('name', 'seed', 'data.seed', 'data.source', 'data.heldout_bytes', 'data.heldout_max_fraction',
+# these share one compiled step (a sweep over seeds, learning rates or run lengths compiles once).
+_NOT_IN_STEP = ('name', 'seed', 'data.seed', 'train.steps', 'optim.peak_learning_rate', 'optim.warmup_fraction',
+                'optim.schedule', 'optim.decay_fraction', 'optim.final_lr_fraction', 'optim.decay_branches', 'data.source', 'data.heldout_bytes', 'data.heldout_max_fraction',
                 'data.binary_documents', 'data.tfds_split', 'data.tfds_text_key', 'data.tfds_data_dir', 'data.tokenizer',
                 'data.separator_token', 'data.tokenizer_train_bytes', 'data.text_field', 'data.cache_dir',
                 'data.verify_store', 'data.read_threads', 'data.prefetch_batches', 'checkpoint', 'eval',
@@ -133,9 +140,8 @@ def cached(kind: str, cfg, build: Callable[[], Callable]) -> Callable:
 def cached_train_step(s: 'Setup') -> Callable:
   """The jitted train step for `s.cfg`, shared with earlier runs whose step_key is equal."""
   cfg = s.cfg
-  return cached('train', cfg, lambda: make_train_step(s.graphdef, optim.make(cfg.optim, cfg.train.steps), cfg,
-                                                      optim.schedule(cfg.optim, cfg.train.steps),
-                                                      shardings(s.state), s.mesh))
+  return cached('train', cfg, lambda: make_train_step(s.graphdef, optim.make(cfg.optim), cfg, shardings(s.state),
+                                                      s.mesh))
 
 
 @dataclasses.dataclass
@@ -156,7 +162,7 @@ def _placed(cfg, mesh, param_state, buffer_state, abstract: bool = False) -> dic
   replicated = mesh_lib.replicated(mesh)
   params = put(nnx.to_pure_dict(param_state), param_sh)
   buffers = put(nnx.to_pure_dict(buffer_state), mesh_lib.param_shardings(buffer_state, mesh))
-  optimizer = optim.make(cfg.optim, cfg.train.steps)
+  optimizer = optim.make(cfg.optim)
   # Adam moments shard like their parameters; counters are replicated.
   opt_sh = optax.tree_map_params(optimizer, lambda _, sh: sh, jax.eval_shape(optimizer.init, params), param_sh,
                                  transform_non_params=lambda _: replicated)
@@ -200,12 +206,12 @@ def compile_step(cfg) -> dict:
   mesh = _make_mesh(cfg)
   graphdef, param_state, buffer_state = model_lib.split(nnx.eval_shape(lambda: model_lib.build(cfg)))
   state = _placed(cfg, mesh, param_state, buffer_state, abstract=True)
-  step = make_train_step(graphdef, optim.make(cfg.optim, cfg.train.steps), cfg,
-                         optim.schedule(cfg.optim, cfg.train.steps), shardings(state), mesh)
+  step = make_train_step(graphdef, optim.make(cfg.optim), cfg, shardings(state), mesh)
   tokens = jax.ShapeDtypeStruct((cfg.train.batch_size, cfg.data.seq_len + 1), jnp.int32,
                                 sharding=mesh_lib.batch_sharding(mesh, 2))
   start = time.time()
-  compiled = step.lower(state, tokens, jax.ShapeDtypeStruct((), jnp.int32)).compile()
+  compiled = step.lower(state, tokens, jax.ShapeDtypeStruct((), jnp.int32),
+                        jax.ShapeDtypeStruct((), jnp.float32)).compile()
   seconds = time.time() - start
   m = compiled.memory_analysis()
   per_device = lambda tree: sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
@@ -291,7 +297,7 @@ def run(cfg, workdir: str, stop_after: int | None = None, built: Setup | None = 
                                  cfg.checkpoint.use_async)
   loop = None
   try:
-    state, wall_before = s.state, 0.0
+    state, wall_before, branches_done = s.state, 0.0, []
     restored = ckpt.restore_latest(checkpoint.abstract(state))
     if restored is not None:
       step0, state, meta = restored
@@ -300,10 +306,12 @@ def run(cfg, workdir: str, stop_after: int | None = None, built: Setup | None = 
                         f'but data.source now gives {s.corpus.fingerprint[:12]}')
       data_iter.set_state(meta['data_iterator'])
       wall_before = meta['wall_s']
+      branches_done = meta.get('branches_done', [])
       log.info('resumed from step %d', step0)
     elif distributed.is_leader() and not os.path.exists(os.path.join(workdir, 'config.json')):
       metrics_lib.atomic_write(os.path.join(workdir, 'config.json'), cfg.to_json_best_effort(indent=2))
-    loop = _Loop(cfg, s, workdir, ckpt, data_iter, batch_sharding, state, wall_before, restored is not None)
+    loop = _Loop(cfg, s, workdir, ckpt, data_iter, batch_sharding, state, wall_before, restored is not None,
+                 branches_done)
     end = t_cfg.steps if stop_after is None else min(stop_after, t_cfg.steps)
     loop.train_until(end)
   finally:
@@ -319,8 +327,14 @@ def run(cfg, workdir: str, stop_after: int | None = None, built: Setup | None = 
 class _Loop:
   """The state of one training loop: steps, saves, signals, logging and periodic held-out scores."""
 
-  def __init__(self, cfg, s: Setup, workdir, ckpt, data_iter, batch_sharding, state, wall_before, resumed):
+  def __init__(self, cfg, s: Setup, workdir, ckpt, data_iter, batch_sharding, state, wall_before, resumed,
+               branches_done=()):
     self.cfg, self.s, self.workdir, self.ckpt, self.data_iter = cfg, s, workdir, ckpt, data_iter
+    self.lrs = optim.learning_rates(cfg.optim, cfg.train.steps)
+    self.branches: dict[int, list[int]] = {}  # decay start -> ends of the branches leaving the stable phase there
+    for end in optim.branch_ends(cfg.optim, cfg.train.steps):
+      self.branches.setdefault(optim.decay_start(cfg.optim, end), []).append(end)
+    self.branches_done = set(branches_done)
     self.batch_sharding, self.state, self.wall_before = batch_sharding, state, wall_before
     self.step = int(state['step'])
     self.last_saved = self.step if resumed else None
@@ -339,7 +353,7 @@ class _Loop:
                                'saving this state (the last good checkpoint is kept; lower optim.peak_learning_rate?)')
     self.ckpt.save(self.step, self.state, {
         'step': self.step, 'data_iterator': self.data_iter.get_state(),
-        'wall_s': self.wall_before + time.time() - self.t_start,
+        'wall_s': self.wall_before + time.time() - self.t_start, 'branches_done': sorted(self.branches_done),
         'data_fingerprint': self.s.corpus.fingerprint, 'config': self.cfg.to_json_best_effort()})
     self.last_saved = self.step
 
@@ -352,11 +366,12 @@ class _Loop:
       log.info('training steps %d..%d; compiling the train step', self.step + 1, end)
     t_window, window_steps, pending, first = time.time(), 0, None, True
     with _StopSignals() as stop:
+      self._run_branches(stop)  # (resumed exactly at a branch's decay start)
       # A signal may reach one process of a multi-process run first; stopping alone would leave the
       # others waiting in the next step's collectives, so every process asks all the others.
       while self.step < end and not distributed.any_process(stop.raised):
         tokens = mesh_lib.global_batch(next(self.data_iter), self.batch_sharding, t_cfg.batch_size)
-        self.state, out = self.train_step(self.state, tokens, self.seed)
+        self.state, out = self.train_step(self.state, tokens, self.seed, self.lrs[self.step])
         self.step += 1
         if first:  # the first step includes compilation: time it apart, and keep it out of tokens/s
           jax.block_until_ready(out['loss'])
@@ -374,6 +389,10 @@ class _Loop:
           elapsed = time.time() - t_window
           self._log(out, window_steps, elapsed, end)
           t_window, window_steps = time.time(), 0
+        if self.step in self.branches:
+          _check_finite(*pending)
+          self._run_branches(stop)
+          t_window, window_steps = time.time(), 0
         if cfg.eval.every_steps and self.step % cfg.eval.every_steps == 0 and self.step != end:
           self._score()
           t_window, window_steps = time.time(), 0
@@ -382,6 +401,36 @@ class _Loop:
           self.save()
       if distributed.any_process(stop.raised) and self.step < end:  # (a signal during the last step: the run is complete)
         self._stop(stop.signum, pending)
+
+  def _run_branches(self, stop) -> None:
+    for end in self.branches.get(self.step, []):
+      if end not in self.branches_done and not distributed.any_process(stop.raised):
+        self._branch(end, stop)
+
+  def _branch(self, end: int, stop) -> None:
+    """Decays a copy of the state from this step to `end` on the main run's next batches, scores it, rewinds."""
+    from moejax import eval as eval_lib  # pylint: disable=import-outside-toplevel  (eval imports this module)
+    t0, start = time.time(), self.step
+    lrs = optim.learning_rates(self.cfg.optim, self.cfg.train.steps, end)
+    position = self.data_iter.get_state()
+    state = jax.tree.map(lambda x: x.copy(), self.state)  # the step donates its input; the main state stays
+    out = None
+    try:
+      for i in range(start, end):
+        if distributed.any_process(stop.raised):
+          log.info('decay branch to step %d abandoned at step %d (stop signal); it reruns on resume', end, i)
+          return
+        tokens = mesh_lib.global_batch(next(self.data_iter), self.batch_sharding, self.cfg.train.batch_size)
+        state, out = self.train_step(state, tokens, self.seed, lrs[i])
+      _check_finite(end, out)
+      result = eval_lib.evaluate(self.s, state)
+    finally:
+      self.data_iter.set_state(position)
+    self.branches_done.add(end)
+    self.writer.write(end, {'branch_eval_loss': result['loss'], 'branch_eval_bits_per_byte': result['bits_per_byte'],
+                            'tokens': end * self.tokens_per_step})
+    log.info('decay branch %d..%d: held-out loss %.4f (%.4f bits/byte) in %.1f s', start, end, result['loss'],
+             result['bits_per_byte'], time.time() - t0)
 
   def _log(self, out, window_steps: int, elapsed: float, end: int) -> None:
     scalars = dict(jax.device_get(out))

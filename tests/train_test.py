@@ -42,8 +42,8 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tiny_cfg, tmp_path
   def poisoned(*args, **kwargs):
     step_fn = make(*args, **kwargs)
 
-    def step(state, tokens, seed):
-      new_state, out = step_fn(state, tokens, seed)
+    def step(state, tokens, seed, lr):
+      new_state, out = step_fn(state, tokens, seed, lr)
       if int(new_state['step']) >= 5:  # the 5th step blows up
         new_state['params'] = jax.tree.map(lambda p: p * jnp.nan, new_state['params'])
         out = dict(out, loss=jnp.float32(jnp.nan))
@@ -85,8 +85,8 @@ def _poison(monkeypatch, at_step, **out_overrides):
   def poisoned(*args, **kwargs):
     step_fn = make(*args, **kwargs)
 
-    def step(state, tokens, seed):
-      new_state, out = step_fn(state, tokens, seed)
+    def step(state, tokens, seed, lr):
+      new_state, out = step_fn(state, tokens, seed, lr)
       if int(new_state['step']) >= at_step:
         new_state['params'] = jax.tree.map(lambda p: p * jnp.nan, new_state['params'])
         out = dict(out, **{k: jnp.float32(v) for k, v in out_overrides.items()})
@@ -115,8 +115,8 @@ def test_ctrl_c_saves_a_checkpoint_and_a_second_aborts(tiny_cfg, tmp_path, monke
   def pressing(*args, **kwargs):
     step_fn = make(*args, **kwargs)
 
-    def step(state, tokens, seed):
-      new_state, out = step_fn(state, tokens, seed)
+    def step(state, tokens, seed, lr):
+      new_state, out = step_fn(state, tokens, seed, lr)
       for _ in range(presses.get(int(new_state['step']), 0)):
         os.kill(os.getpid(), signal.SIGINT)
       return new_state, out
@@ -227,3 +227,40 @@ def test_runs_differing_only_in_seed_share_one_compiled_step(tiny_cfg, tmp_path,
   # A change that alters the step (here the optimizer) compiles a new one.
   changed = config_lib.apply_overrides(tiny_cfg, {'optim.weight_decay': 0.5})
   assert train.step_key(changed) != train.step_key(tiny_cfg) == train.step_key(other)
+
+
+def _branched(cfg, **extra):
+  return config_lib.validate(config_lib.apply_overrides(cfg, {
+      'train.steps': 8, 'optim.schedule': 'wsd', 'optim.warmup_fraction': 0.25, 'optim.decay_fraction': 0.25,
+      'checkpoint.every_steps': 4, **extra}))
+
+
+def test_decay_branch_equals_a_separate_shorter_run_and_leaves_the_main_run_alone(tiny_cfg, tmp_path):
+  cfg = _branched(tiny_cfg)
+  plain = main_lib.execute(cfg, str(tmp_path / 'plain'))
+  branched = main_lib.execute(_branched(tiny_cfg, **{'optim.decay_branches': '0.75'}), str(tmp_path / 'branched'))
+  # The branch (decay from step 4 to 6) rewinds the data iterator: the main run sees the same batches.
+  assert _losses(tmp_path / 'plain') == _losses(tmp_path / 'branched')
+  assert branched['eval']['loss'] == plain['eval']['loss']
+  # ... and it equals a 6-step WSD run with the same warmup (2 steps) and decay (2 steps).
+  short = main_lib.execute(_branched(tiny_cfg, **{'train.steps': 6, 'optim.warmup_fraction': 2 / 6}),
+                           str(tmp_path / 'short'))
+  curve = branched['decay_curve']
+  assert [p['step'] for p in curve] == [6, 8] and plain['decay_curve'] == [
+      {'step': 8, 'tokens': 8 * 4 * 16, 'loss': plain['eval']['loss'], 'bits_per_byte': plain['eval']['bits_per_byte']}]
+  assert curve[0]['loss'] == pytest.approx(short['eval']['loss'], rel=1e-6)
+  assert curve[0]['tokens'] == 6 * 4 * 16 and curve[1]['loss'] == branched['eval']['loss']
+
+
+def test_decay_branch_interrupted_at_its_start_reruns_on_resume(tiny_cfg, tmp_path):
+  cfg = _branched(tiny_cfg, **{'optim.decay_branches': '0.75'})
+  straight = main_lib.execute(cfg, str(tmp_path / 'a'))
+  train.run(cfg, str(tmp_path / 'b'), stop_after=4)  # saved at the branch's decay start, branch not yet run
+  resumed = main_lib.execute(cfg, str(tmp_path / 'b'))
+  assert [p['loss'] for p in resumed['decay_curve']] == [p['loss'] for p in straight['decay_curve']]
+
+
+def test_learning_rate_sweeps_and_run_lengths_share_one_compiled_step(tiny_cfg):
+  other = config_lib.apply_overrides(tiny_cfg, {'optim.peak_learning_rate': 5e-3, 'train.steps': 9,
+                                                'optim.schedule': 'wsd', 'optim.decay_branches': '0.5'})
+  assert train.step_key(other) == train.step_key(tiny_cfg)

@@ -1,26 +1,32 @@
 """Paper B ("Slicing and Dicing", 2026): at fixed active parameters, what the MoE design space buys.
 
-Grids (SCIENCE.md §4; `--config=experiments/paper_b.py:SCALE[,GRID...]`):
+Grids (SCIENCE.md §4; `--config=experiments/paper_b.py:SCALE[,GRID...]`). Every point runs
+at the scale's seeds (papers.SCALES) with the protocol of experiments/papers.py; points of a
+grid differ only in the variables its claim names.
+  LR   the learning-rate sweep: anchor configurations (dense, the B1 centre, the largest E,
+       the finest B2 expert) at the learning rates of papers.LR[scale]['sweep'], seed 0. The
+       rule in papers.LR is chosen from it (points at the chosen rate are grid points too).
   B1   total parameters at fixed active: a true dense model (no experts, FFN hidden k * d_exp,
-       first), then E grows at fixed k and expert size; the s=16 point has 3 seeds (the
-       seed-noise estimate). Claims C-B1 (loss falls with E, diminishing returns) and the
-       prior "MoE beats the active-matched dense model" (dense vs s = 4).
-  B2   expert size at fixed active (k * d_exp fixed) at s = 8 (and s = 32 at gpu scale,
-       `B2s32` at tiny): C-B2, the best d_exp barely moves with s.
-  B2p  (gpu/paper) B2 at a 1.5x wider model: does the best d_exp move with N_active?
+       first), then E grows at fixed k and expert size. Claims C-B1 (loss falls with E,
+       diminishing returns) and the prior "MoE beats the active-matched dense model"
+       (dense vs s = 4). B1's s = 4 -> 16 step also sets the equivalence margin T.
+  B2   expert size at fixed active (k * d_exp fixed, s = 8): 5 sizes (k = 2..8), plus B2s32
+       (the same at s = 32, 3 sizes) and B2p (5 sizes at a 1.5x wider model, a second active
+       scale): C-B2, the best d_exp follows the active scale, not s.
   B3   shared expert vs one more routed expert (equal total and active): small effect.
-  B4   heterogeneous expert sizes vs uniform (equal total): small effect.
-  B5   load balancing: sequence-wise aux, aux-free bias (+ sequence aux 1e-4), none.
-  B6   token dropping in training (capacity factor 1.0 and 1.25, position policy) vs
-       dropless; evaluation is dropless. C-B6: dropless < CF 1.25 <= CF 1.0.
+  B4   heterogeneous expert sizes vs uniform (equal total, equal expected active): small effect.
+  B5   load balancing: sequence-wise aux, aux-free bias (+ sequence aux 1e-4) (small effects),
+       and none (a collapse check, reported apart).
+  B6   token dropping in training, a dose-response over capacity factors 0.5, 1.0, 1.25
+       (position policy) and dropless; evaluation is dropless. C-B6: loss falls as CF rises.
 Tier 1 (the default selection): B1, B2 and B6.
 """
 
 from experiments import papers
-from experiments.papers import dense, point, seeds
+from experiments.papers import dense, lr_points, point
 
 get_config = papers.get_config
-GRIDS = ('B1', 'B2', 'B2s32', 'B2p', 'B3', 'B4', 'B5', 'B6')  # every grid id at some scale (sweep_of checks the scale's own set)
+GRIDS = ('LR', 'B1', 'B2', 'B2s32', 'B2p', 'B3', 'B4', 'B5', 'B6')  # every grid id
 
 
 def check_arg(arg):
@@ -28,39 +34,46 @@ def check_arg(arg):
   papers.check_arg(arg, GRIDS)
 
 
-def grids(scale):
-  """{grid id: [point overrides]} at `scale`."""
+def designs(scale):
+  """{grid id: [point overrides at seed 0]}: one entry per configuration."""
   if scale == 'tiny':
-    center = point(32, 2, 64)  # B1 at s = 16: the reference of B3-B6 and the seed replicates
-    return {
-        'B1': [dense(2 * 64), point(2, 2, 64), point(8, 2, 64), *seeds(center, papers.SCALES['tiny']['seeds']), point(128, 2, 64)],
-        'B2': [point(8, 1, 128), point(32, 4, 32), point(128, 16, 8)],
-        'B2s32': [point(32, 1, 128), point(128, 4, 32), point(512, 16, 8)],
-        'B3': [center, point(31, 1, 64, tag='sh1', **{'moe.num_shared_experts': 1})],
-        'B4': [center, point(32, 2, 64, tag='het', **{'moe.expert_size_classes': '16x32,16x96'})],
-        'B5': [center, point(32, 2, 64, tag='lb_sequence', **{'moe.load_balancing': 'sequence'}),
-               point(32, 2, 64, tag='lb_auxfree', **{'moe.load_balancing': 'aux_free',
-                                                     'moe.aux_free_sequence_coef': 1e-4}),
-               point(32, 2, 64, tag='lb_none', **{'moe.load_balancing': 'none'})],
-        'B6': [center, point(32, 2, 64, tag='cf1.0', **{'moe.train_capacity_factor': 1.0}),
-               point(32, 2, 64, tag='cf1.25', **{'moe.train_capacity_factor': 1.25})],
+    d, k, f = 64, 2, 64
+    center = point(32, k, f)  # B1 at s = 16: the reference of B4-B6
+    b2 = lambda s, dd, ks: [point(s * kk, kk, 3 * dd // kk, d=dd if dd != d else None) for kk in ks]
+    out = {
+        'B1': [dense(k * f), point(8, k, f), center, point(128, k, f)],
+        'B2': b2(8, d, (2, 3, 4, 6, 8)),
+        'B2s32': b2(32, d, (2, 4, 8)),
+        'B2p': b2(8, 96, (2, 3, 4, 6, 8)),
+        'B3': [point(32, 4, 32), point(31, 3, 32, tag='sh1', **{'moe.num_shared_experts': 1})],
+        'B4': [center, point(32, k, f, tag='het', **{'moe.expert_size_classes': '16x32,16x96'})],
     }
-  m = 4 if scale == 'paper' else 1  # the paper scale is the gpu grid at 4x width and depth
-  f, k = 128 * m, 4
-  center = point(64, k, f)
-  n_seeds = papers.SCALES[scale]['seeds']
-  return {
-      'B1': [dense(k * f), point(4, k, f), point(16, k, f), *seeds(center, n_seeds), point(256, k, f), point(512, k, f)],
-      'B2': [point(s * kk, kk, 512 * m // kk) for s in (8, 32) for kk in (2, 4, 8, 16)],
-      'B2p': [point(8 * kk, kk, 768 * m // kk, d=384 * m) for kk in (2, 4, 8, 16)],
-      'B3': [center, point(63, 3, f, tag='sh1', **{'moe.num_shared_experts': 1})],
-      'B4': [center, point(64, k, f, tag='het', **{'moe.expert_size_classes': f'32x{f // 2},32x{3 * f // 2}'})],
-      'B5': [center, point(64, k, f, tag='lb_sequence', **{'moe.load_balancing': 'sequence'}),
-             point(64, k, f, tag='lb_auxfree', **{'moe.load_balancing': 'aux_free', 'moe.aux_free_sequence_coef': 1e-4}),
-             point(64, k, f, tag='lb_none', **{'moe.load_balancing': 'none'})],
-      'B6': [center, point(64, k, f, tag='cf1.0', **{'moe.train_capacity_factor': 1.0}),
-             point(64, k, f, tag='cf1.25', **{'moe.train_capacity_factor': 1.25})],
-  }
+  else:
+    m = 4 if scale == 'paper' else 1  # the paper scale is the gpu grid at 4x width
+    d, k, f = 256 * m, 4, 128 * m
+    center = point(64, k, f)
+    b2 = lambda s, dd, ks: [point(s * kk, kk, 3 * dd // kk, d=dd if dd != d else None) for kk in ks]
+    out = {
+        'B1': [dense(k * f), point(16, k, f), center, point(256, k, f), point(512, k, f)],
+        'B2': b2(8, d, (2, 3, 4, 6, 8, 12, 16)),
+        'B2s32': b2(32, d, (2, 4, 8, 16)),
+        'B2p': b2(8, 384 * m, (2, 3, 4, 6, 8, 12, 16)),
+        'B3': [point(64, 4, f), point(63, 3, f, tag='sh1', **{'moe.num_shared_experts': 1})],
+        'B4': [center, point(64, k, f, tag='het', **{'moe.expert_size_classes': f'32x{f // 2},32x{3 * f // 2}'})],
+    }
+  E = center['moe.num_experts']
+  out['B5'] = [center, point(E, k, f, tag='lb_sequence', **{'moe.load_balancing': 'sequence'}),
+               point(E, k, f, tag='lb_auxfree', **{'moe.load_balancing': 'aux_free', 'moe.aux_free_sequence_coef': 1e-4}),
+               point(E, k, f, tag='lb_none', **{'moe.load_balancing': 'none'})]
+  out['B6'] = [point(E, k, f, tag=f'cf{cf:g}', **{'moe.train_capacity_factor': cf}) for cf in (0.5, 1.0, 1.25)] + [center]
+  anchors = [out['B1'][0], center, out['B1'][-1], out['B2'][-1]]
+  out = {'LR': [q for p in anchors for q in lr_points(p, scale)], **out}
+  return out
+
+
+def grids(scale):
+  """{grid id: [point overrides]} at `scale`: every design at the scale's seeds (LR: seed 0 only)."""
+  return {g: (pts if g == 'LR' else papers.seeded(pts, scale)) for g, pts in designs(scale).items()}
 
 
 def get_sweep(arg=None):

@@ -1,13 +1,27 @@
 """Shared pieces of the paper grids (experiments/paper_a.py, experiments/paper_b.py).
 
-Scales (SCIENCE.md §4):
-  tiny   2-core CPU: d=64, L=2, 600 steps of 32x128 tokens (2.5M tokens per run) at peak LR
-         2e-3; the tier-1 grids take about 25 minutes. (Measured at the B1 s=16 point, 2 seeds:
-         300 steps at 4e-3 gave 2.318/2.403 nats, a seed spread of 0.085; 300 at 2e-3 2.220/2.260;
-         600 at 4e-3 1.757/1.949; 600 at 2e-3 1.860/1.854, spread 0.006.)
-  gpu    one H100: d=256, L=4, 1000 steps of 64x256 tokens (16M tokens per run), bfloat16.
-  paper  a cluster plan near the studies' scale: d=1024, L=16, 20k steps of 256x2048 tokens
-         (10.5B tokens per run).
+The protocol (SCIENCE.md §4; docs/reproducing-the-papers.md says why each rule is there):
+- Gates: softmax top-k, renormalized over the k selected experts and multiplied by
+  routed_scaling_factor = k. Every selected expert's gate is then about 1 whatever k is, and
+  at gates of exactly 1 a top-k layer of experts of width d_exp computes a SwiGLU of width
+  k * d_exp, the active-matched dense baseline: changing k changes nothing but k. Top-1 is
+  left out of every grid (a renormalized top-1 gate is the constant 1, so the router gets no
+  gradient from the loss; a raw softmax top-1 gate is a different parameterization).
+- Dense baselines are true dense models (no experts, FFN hidden k * d_exp).
+- Schedule: warmup-stable-decay (5% warmup, 20% linear decay to 0.1x), with decay branches
+  at 25% and 50% of the run (`optim.decay_branches`), so each run also gives the held-out
+  loss at 1/4 and 1/2 of its tokens.
+- Learning rate: `LR` below, chosen by the sweep of grid `LR` (paper_b.py) on anchor
+  configurations (dense, the B1 centre, the largest E, the finest B2 expert); the rule and
+  its evidence are recorded there.
+- Seeds: every point runs at seeds 0..seeds-1; seed i sets both the initialization
+  (`seed`) and the data order (`data.seed`), so points of one seed are paired (same batches).
+
+Scales:
+  tiny   2-core CPU: d=64, L=2, 500 steps of 32x128 tokens (2.05M tokens per run), 2 seeds.
+  gpu    one H100: d=256, L=4, bfloat16, on a FineWeb-Edu token store (8k BPE); sized in
+         docs/reproducing-the-papers.md.
+  paper  a cluster plan near the studies' scale: d=1024, L=16, 20k steps of 256x2048 tokens.
 The tiny scale reads the stdlib's bytes. The gpu and paper scales read token stores of a
 public web corpus (FineWeb-Edu) with a BPE trained on it: 8k tokens at gpu scale (a 32k
 embedding would outweigh the routed experts of a d=256 model and break the fixed-N_total
@@ -16,27 +30,38 @@ grids), 32k at paper scale. Build them as docs/data.md shows, or point
 vocabulary is set explicitly, so accounting and design searches work before a store
 exists, and a store with another tokenizer is refused.
 
-Every run of a scale uses the same data seed (paired data order); `seed` (model
-initialization) is the seed axis. Gates are renormalized over the top k when k > 1 (the
-quickstart showed raw softmax gates handicap large E at this scale); with k = 1 that would make
-every gate 1 and starve the router of gradient, so k = 1 points keep the raw softmax gate. The experiment argument is
-`SCALE[,GRID...]`: `tiny` runs the scale's tier-1 grids, `tiny,all` every grid,
-`tiny,B3,B5` the named grids.
+The experiment argument is `SCALE[,GRID...]`: `tiny` runs the scale's tier-1 grids,
+`tiny,all` every grid, `tiny,B3,B5` the named grids.
 """
 
 from experiments import base
+from moejax import config as config_lib
 from moejax.errors import ConfigError
 
 SCALES = {
-    'tiny': dict(model_dim=64, num_layers=2, num_heads=2, seq_len=128, batch_size=32, steps=600, lr=2e-3,
-                 heldout_bytes=131072, seeds=3, compute_dtype='float32', source='stdlib', tokenizer='bytes',
+    'tiny': dict(model_dim=64, num_layers=2, num_heads=2, seq_len=128, batch_size=32, steps=500,
+                 heldout_bytes=131072, seeds=2, compute_dtype='float32', source='stdlib', tokenizer='bytes',
                  vocab_size=None),
-    'gpu': dict(model_dim=256, num_layers=4, num_heads=4, seq_len=256, batch_size=64, steps=1000, lr=2e-3,
-                heldout_bytes=1 << 20, seeds=3, compute_dtype='bfloat16', source='store:~/moejax-data/fineweb-edu-bpe8k',
+    'gpu': dict(model_dim=256, num_layers=4, num_heads=4, seq_len=256, batch_size=64, steps=1000,
+                heldout_bytes=1 << 20, seeds=2, compute_dtype='bfloat16', source='store:~/moejax-data/fineweb-edu-bpe8k',
                 tokenizer='train:bpe:8192', vocab_size=8192),
-    'paper': dict(model_dim=1024, num_layers=16, num_heads=16, seq_len=2048, batch_size=256, steps=20000, lr=1e-3,
+    'paper': dict(model_dim=1024, num_layers=16, num_heads=16, seq_len=2048, batch_size=256, steps=20000,
                   heldout_bytes=1 << 24, seeds=2, compute_dtype='bfloat16',
                   source='store:~/moejax-data/fineweb-edu-bpe32k', tokenizer='train:bpe:32768', vocab_size=32768),
+}
+SCHEDULE = {'optim.schedule': 'wsd', 'optim.warmup_fraction': 0.05, 'optim.decay_fraction': 0.2,
+            'optim.final_lr_fraction': 0.1, 'optim.decay_branches': '0.25,0.5'}
+
+# The learning-rate rule of each scale and its evidence (the sweep of grid LR at that scale).
+# rule 'constant': every point uses `peak`. `sweep`: the peak learning rates grid LR tries on
+# the anchors (factor 2 apart); the one equal to `peak` is the grid point itself.
+LR = {
+    'tiny': dict(rule='constant', peak=2e-3, sweep=(1e-3, 2e-3, 4e-3, 8e-3),
+                 evidence='pending: grid LR (paper_b.py:tiny,LR)'),
+    'gpu': dict(rule='constant', peak=2e-3, sweep=(1e-3, 2e-3, 4e-3),
+                evidence='not measured: run grid LR first (paper_b.py:gpu,LR)'),
+    'paper': dict(rule='constant', peak=1e-3, sweep=(5e-4, 1e-3, 2e-3),
+                  evidence='not measured: run grid LR first (paper_b.py:paper,LR)'),
 }
 TIER1 = ('B1', 'B2', 'A1', 'A2a', 'B6')
 
@@ -78,37 +103,55 @@ def get_config(arg=None):
   c.data.heldout_bytes = s['heldout_bytes']
   c.train.steps = s['steps']
   c.train.batch_size = s['batch_size']
-  c.optim.peak_learning_rate = s['lr']
+  c.optim.peak_learning_rate = LR[scale]['peak']
   c.checkpoint.every_steps = max(s['steps'] // 4, 1)
-  return c
+  return config_lib.apply_overrides(c, SCHEDULE)
+
+
+def gates(k):
+  """The gate parameterization of every grid point: renormalized top-k gates times k (module docstring)."""
+  if k < 2:
+    raise ConfigError(f'top-{k} points are not part of the grids: a renormalized top-1 gate is the constant 1 '
+                      '(no router gradient from the loss); see experiments/papers.py')
+  return {'moe.use_renormalized_gates': True, 'moe.routed_scaling_factor': float(k)}
 
 
 def point(E, k, f, *, d=None, L=None, seed=0, tag='', **extra):
   """Overrides of one grid point: E experts, top-k, expert hidden f (plus width, depth, other keys)."""
   name = f'e{E}k{k}f{f}' + (f'-d{d}' if d else '') + (f'-L{L}' if L else '') + (f'-{tag}' if tag else '')
-  # Top-k gates are renormalized (Mixtral) for k > 1; for k = 1 a renormalized gate is always 1 and
-  # the router would get no gradient from the loss, so k = 1 keeps the raw softmax gate (Switch).
-  o = {'moe.num_experts': E, 'moe.experts_per_token': k, 'moe.expert_hidden': f, 'moe.use_renormalized_gates': k > 1}
+  o = {'moe.num_experts': E, 'moe.experts_per_token': k, 'moe.expert_hidden': f, **gates(k)}
   if d:
     o['model.model_dim'] = d
   if L:
     o['model.num_layers'] = L
   o.update(extra)
-  o['seed'] = seed
-  o['name'] = name + (f'-seed{seed}' if seed else '')
-  return o
+  return _seeded(o, name, seed)
+
+
+def _seeded(o, name, seed):
+  """`o` at `seed`: initialization and data order both follow it (paired across points of one seed)."""
+  return dict(o, seed=seed, name=name + (f'-seed{seed}' if seed else ''), **{'data.seed': seed})
 
 
 def dense(hidden, *, seed=0, **extra):
   """A true dense baseline: no experts, the SwiGLU FFN of hidden `hidden` (= k * d_exp of the MoE it is matched to)."""
-  o = {'moe.num_experts': 0, 'model.ffn_hidden': hidden, **extra, 'seed': seed}
-  o['name'] = f'dense-f{hidden}' + (f'-seed{seed}' if seed else '')
-  return o
+  return _seeded({'moe.num_experts': 0, 'model.ffn_hidden': hidden, **extra}, f'dense-f{hidden}', seed)
 
 
 def seeds(p, n):
   """`p` at seeds 0..n-1."""
-  return [dict(p, seed=i, name=p['name'].split('-seed')[0] + (f'-seed{i}' if i else '')) for i in range(n)]
+  return [_seeded(p, p['name'].split('-seed')[0], i) for i in range(n)]
+
+
+def seeded(points, scale):
+  """Every point of `points` at the scale's seeds."""
+  return [q for p in points for q in seeds(p, SCALES[scale]['seeds'])]
+
+
+def lr_points(p, scale):
+  """Anchor point `p` (seed 0) at each learning rate of the scale's sweep; the scale's own is the grid point itself."""
+  return [p if lr == LR[scale]['peak'] else dict(p, name=p['name'] + f'-lr{lr:g}', **{'optim.peak_learning_rate': lr})
+          for lr in LR[scale]['sweep']]
 
 
 def sweep_of(grids, arg):

@@ -10,6 +10,11 @@ seed means and error bars one sample standard deviation (none for a single seed)
 Dense runs sit at s = 1 and at "1 expert". Points at one x in one budget (other design
 choices) are drawn separately and the line joins their mean. The results table
 (`moejax.results`) follows.
+
+Called by `moejax.claims` with the paper grids, it also draws one figure per grid
+(`grid_<ID>.png`): the held-out loss of each configuration against the grid's variable with
+95% t intervals of its seed mean (pooled sigma), and beside it every configuration's loss
+against training tokens from its decay branches (error bars: one seed standard deviation).
 """
 
 from __future__ import annotations
@@ -80,12 +85,82 @@ def plot(rows: list[dict], x_key: str, x_label: str, path: str) -> None:
   os.replace(tmp, path)
 
 
+# Each paper grid's variable: (row key or None for categorical grids, axis label, log2 axis).
+GRID_AXES = {'A1': ('sparsity', 's = E / k', True), 'A2a': ('num_experts', 'E (width shrinks)', True),
+             'A2b': ('num_experts', 'E (d_exp = 192 / k)', True), 'A4': (None, 'design', False),
+             'B1': ('num_experts', 'E (dense = 1)', True), 'B2': ('expert_hidden', 'd_exp', True),
+             'B2s32': ('expert_hidden', 'd_exp', True), 'B2p': ('expert_hidden', 'd_exp', True),
+             'B3': (None, 'design', False), 'B4': (None, 'design', False), 'B5': (None, 'load balancing', False),
+             'B6': ('train_capacity_factor', 'training capacity factor (dropless at the right)', False),
+             'LR': ('peak_learning_rate', 'peak learning rate', True)}
+
+
+def grid_figure(grid: str, points: list[dict], noise, path: str) -> None:
+  """One PNG for a grid: loss vs the grid's variable (95% t intervals) and loss vs tokens (decay branches)."""
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use('Agg')
+  from matplotlib import pyplot as plt  # pylint: disable=import-outside-toplevel
+  key, label, log2 = GRID_AXES.get(grid, (None, 'configuration', False))
+  fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8), dpi=110)
+  if key == 'num_experts':
+    xs = [max(p.get('num_experts') or 0, 1) for p in points]
+  elif key == 'train_capacity_factor':
+    finite = [p[key] for p in points if p.get(key)]
+    top = max(finite, default=1.0) * 1.6
+    xs = [p.get(key) or top for p in points]
+  elif key:
+    xs = [p.get(key) for p in points]
+  else:
+    xs = list(range(len(points)))
+  if grid == 'LR':  # one line per anchor configuration
+    groups: dict[str, list[int]] = {}
+    for i, p in enumerate(points):
+      groups.setdefault(p['name'].split('-lr')[0], []).append(i)
+  else:
+    groups = {'': list(range(len(points)))}
+  t = None
+  if noise is not None and noise.usable:
+    from moejax import claims  # pylint: disable=import-outside-toplevel
+    t = claims.t_quantile(0.975, noise.dof) * noise.sigma
+  for name, idx in groups.items():
+    idx = sorted(idx, key=lambda i: xs[i])
+    ys = [points[i]['loss_mean'] for i in idx]
+    err = [t / points[i]['seeds'] ** 0.5 for i in idx] if t else None
+    left.errorbar([xs[i] for i in idx], ys, yerr=err, marker='o', capsize=3, label=name or None)
+  if key is None:
+    left.set_xticks(xs, [p['name'].replace('-', '\n', 1) for p in points], fontsize=7)
+  elif log2:
+    left.set_xscale('log', base=2)
+  left.set_xlabel(label)
+  left.set_ylabel('held-out loss (nats/token)')
+  left.set_title(f'{grid}: seed mean, 95% t interval' if t else f'{grid}: seed mean')
+  if grid == 'LR':
+    left.legend(fontsize=7)
+  for p in points:
+    curve = p.get('decay_curve') or []
+    if curve:
+      right.errorbar([c['tokens'] for c in curve], [c['loss'] for c in curve],
+                     yerr=[c.get('std') or 0.0 for c in curve], marker='.', capsize=2, label=p['name'])
+  right.set_xscale('log')
+  right.set_xlabel('training tokens (decay branches)')
+  right.set_ylabel('held-out loss (nats/token)')
+  right.legend(fontsize=6)
+  for ax in (left, right):
+    ax.grid(True, which='both', alpha=0.3)
+  fig.tight_layout()
+  tmp = path + '.tmp.png'
+  fig.savefig(tmp)
+  plt.close(fig)
+  os.replace(tmp, path)
+
+
 def write_report(root: str, out: str, extra: str = '', figure_rows=None, figure_note: str = '',
-                 gathered: results.Gathered | None = None) -> str:
+                 gathered: results.Gathered | None = None, grids: dict | None = None, noise=None) -> str:
   """Writes OUT/report.md (figures, then `extra` Markdown, then the table); returns its path.
 
   `figure_rows(rows)` may select the rows the figures show (default: all); `figure_note` says which.
-  `gathered` saves reading ROOT again when the caller already has it.
+  `gathered` saves reading ROOT again when the caller already has it. `grids` ({grid id: rows})
+  adds one figure per grid (`grid_figure`) with intervals from `noise` (a `claims.Noise`).
   """
   gathered = gathered or results.gather(root)
   if not gathered.records:
@@ -96,6 +171,12 @@ def write_report(root: str, out: str, extra: str = '', figure_rows=None, figure_
     os.makedirs(out, exist_ok=True)
     for key, label, name in PLOTS:
       plot(shown or rows, key, label, os.path.join(out, name))
+    drawn = []
+    for grid, points in (grids or {}).items():
+      present = [p for p in points if p is not None]
+      if present:
+        grid_figure(grid, present, noise, os.path.join(out, f'grid_{grid}.png'))
+        drawn.append(grid)
   except OSError as e:
     raise WorkdirError(f'cannot write the report under {out}: {e.strerror or e}') from None
   seeds = sum(r['seeds'] for r in rows)
@@ -106,6 +187,12 @@ def write_report(root: str, out: str, extra: str = '', figure_rows=None, figure_
            f'standard deviation.{" " + figure_note if figure_note else ""}', '']
   for _, label, name in PLOTS:
     lines += [f'![held-out loss vs {label}]({name})', '']
+  if grids:
+    lines += ['## Per grid', '', 'Left: each configuration\'s held-out loss against the grid\'s variable (seed mean, 95% t '
+              'interval from the pooled σ). Right: held-out loss against training tokens, from the decay branches '
+              '(error bars: one seed standard deviation).', '']
+    for grid in drawn:
+      lines += [f'![grid {grid}](grid_{grid}.png)', '']
   if extra:
     lines += [extra, '']
   lines += ['## Table', '', results.markdown(rows, varied, gathered)]

@@ -192,6 +192,21 @@ def _mean_std(values: list[float | None]) -> tuple[float | None, float | None]:
   return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
 
 
+def mean_curve(curves: list[list[dict]]) -> list[dict]:
+  """[{'step', 'tokens', 'loss', 'std', 'n'}]: the seeds' decay curves averaged at the steps every seed has."""
+  by_step: dict[int, list[dict]] = {}
+  for curve in curves:
+    for p in curve:
+      by_step.setdefault(p['step'], []).append(p)
+  out = []
+  for step in sorted(by_step):
+    points = by_step[step]
+    if len(points) == len(curves):
+      mean, std = _mean_std([p['loss'] for p in points])
+      out.append({'step': step, 'tokens': points[0].get('tokens'), 'loss': mean, 'std': std, 'n': len(points)})
+  return out
+
+
 def table(records: list[dict]) -> tuple[list[dict], list[str]]:
   """One row per configuration (seeds grouped) and the list of varied config fields."""
   flats = [config_lib.flatten(r['config']) for r in records]
@@ -221,6 +236,11 @@ def table(records: list[dict]) -> tuple[list[dict], list[str]]:
            'dead_experts': _mean_std([_layer_mean(r, 'dead_experts') for r in runs])[0],
            'drop_fraction': _mean_std([_layer_mean(r, 'drop_fraction') for r in runs])[0],
            'n_active_measured': _mean_std([(r.get('routing') or {}).get('n_active_measured') for r in runs])[0],
+           'train_capacity_factor': flat.get('moe.train_capacity_factor'),
+           'peak_learning_rate': flat.get('optim.peak_learning_rate'),
+           'flops_per_token': acc.get('flops_per_token'),
+           'wall_s': sum((r.get('train') or {}).get('wall_s') or 0.0 for r in runs),
+           'decay_curve': mean_curve([r.get('decay_curve') or [] for r in runs]),
            'losses': [r['eval']['loss'] for r in runs], 'paths': [r['_path'] for r in runs]}
     if not acc.get('num_experts'):  # dense: no expert columns
       row.update(granularity=None, experts_per_token=None, expert_hidden=None, num_shared_experts=None)
@@ -267,6 +287,12 @@ def markdown(rows: list[dict], varied: list[str], gathered: Gathered | None = No
   return out
 
 
+def _csv_value(key: str, value: Any) -> Any:
+  if key == 'decay_curve':  # tokens:mean loss per point
+    return ';'.join(f'{p["tokens"]}:{p["loss"]:.6f}' for p in value)
+  return ';'.join(map(str, value)) if isinstance(value, list) else value
+
+
 def csv_text(rows: list[dict], varied: list[str]) -> str:
   """The table as CSV with full-precision numbers (seed losses joined by ';')."""
   fields = ['config_hash', 'name', *varied] + [k for k in rows[0] if k not in ('config_hash', 'name', *varied)] \
@@ -275,7 +301,7 @@ def csv_text(rows: list[dict], varied: list[str]) -> str:
   writer = csv.DictWriter(out, fieldnames=fields)
   writer.writeheader()
   for r in rows:
-    writer.writerow({k: ';'.join(map(str, v)) if isinstance(v, list) else v for k, v in r.items()})
+    writer.writerow({k: _csv_value(k, v) for k, v in r.items()})
   return out.getvalue()
 
 

@@ -158,14 +158,21 @@ class Fit:
   loo_rmse: float | None
   loo_max: float | None
   n: int
+  extrapolation_rmse: float | None = None  # fitted without the largest-N_total configurations, scored on them
+  extrapolation_n: int = 0
+  residuals: np.ndarray | None = None  # in-sample prediction - measurement per configuration (nats)
 
   def predict(self, x: dict) -> np.ndarray:
     return FORMS[self.form].predict(self.theta, {k: np.asarray(v, np.float64) for k, v in x.items()})
 
 
 def fit(form_name: str, x: dict, y, max_starts: int = 64, bootstrap: int = 100, loo: bool = True,
-        seed: int = 0, refit_starts: int = 8) -> Fit:
-  """Fits `form_name` to losses `y` (nats) at inputs `x` (dict of arrays); see the module docstring."""
+        seed: int = 0, refit_starts: int = 8, holdout_fraction: float = 0.2) -> Fit:
+  """Fits `form_name` to losses `y` (nats) at inputs `x` (dict of arrays); see the module docstring.
+
+  Besides leave-one-out, the form is refitted without the `holdout_fraction` of configurations
+  with the largest N_total and scored on them (extrapolation, the use a law is fitted for).
+  """
   form = FORMS[form_name]
   x = {k: np.asarray(x[k], np.float64) for k in form.needs}
   y = np.asarray(y, np.float64)
@@ -194,7 +201,14 @@ def fit(form_name: str, x: dict, y, max_starts: int = 64, bootstrap: int = 100, 
       t = _best(form, {k: v[keep] for k, v in x.items()}, y[keep], refit_grid)
       errors.append(float(form.predict(t, {k: v[i:i + 1] for k, v in x.items()})[0] - y[i]))
     loo_rmse, loo_max = float(np.sqrt(np.mean(np.square(errors)))), float(np.max(np.abs(errors)))
-  return Fit(form_name, form.values(theta), intervals, theta, rmse, loo_rmse, loo_max, n)
+  extra_rmse, n_out = None, int(round(holdout_fraction * n))
+  if n_out >= 1 and n - n_out > len(form.raw_names) + 1:
+    order = np.argsort(x['n_total'] if 'n_total' in x else np.arange(n), kind='stable')
+    inside, outside = order[:n - n_out], order[n - n_out:]
+    t = _best(form, {k: v[inside] for k, v in x.items()}, y[inside], refit_grid)
+    extra_rmse = float(np.sqrt(np.mean((form.predict(t, {k: v[outside] for k, v in x.items()}) - y[outside]) ** 2)))
+  return Fit(form_name, form.values(theta), intervals, theta, rmse, loo_rmse, loo_max, n, extra_rmse,
+             n_out if extra_rmse is not None else 0, form.predict(theta, x) - y)
 
 
 def inputs_from_rows(rows: list[dict]) -> tuple[dict[str, np.ndarray], np.ndarray]:
@@ -212,14 +226,15 @@ def inputs_from_rows(rows: list[dict]) -> tuple[dict[str, np.ndarray], np.ndarra
 
 
 def markdown(fits: list[Fit]) -> str:
-  """The fits as a Markdown table: values with 95% intervals, in-sample RMSE and leave-one-out error."""
-  lines = ['| form | n | parameters (95% bootstrap interval) | RMSE (nats) | LOO RMSE | LOO max |',
-           '|---|---:|---|---:|---:|---:|']
+  """The fits as a Markdown table: values with 95% intervals, in-sample RMSE, leave-one-out and extrapolation error."""
+  lines = ['| form | n | parameters (95% bootstrap interval) | RMSE (nats) | LOO RMSE | LOO max | largest-N_total RMSE |',
+           '|---|---:|---|---:|---:|---:|---:|']
   fits = sorted(fits, key=lambda f: f.form not in ('constant', 'log_linear'))  # baselines first
   for f in fits:
     params = ', '.join(f'{k} = {v:.3g}' + (f' [{f.intervals[k][0]:.3g}, {f.intervals[k][1]:.3g}]'
                                            if k in f.intervals else '') for k, v in f.values.items())
     loo = '-' if f.loo_rmse is None else f'{f.loo_rmse:.4f}'
     loo_max = '-' if f.loo_max is None else f'{f.loo_max:.4f}'
-    lines.append(f'| {f.form} | {f.n} | {params} | {f.rmse:.4f} | {loo} | {loo_max} |')
+    extra = '-' if f.extrapolation_rmse is None else f'{f.extrapolation_rmse:.4f} ({f.extrapolation_n})'
+    lines.append(f'| {f.form} | {f.n} | {params} | {f.rmse:.4f} | {loo} | {loo_max} | {extra} |')
   return '\n'.join(lines) + '\n'

@@ -21,14 +21,18 @@ def test_every_point_validates_and_names_are_unique(name, scale):
   points = module.get_sweep(f'{scale},all')
   resolved = sweep.resolve_points(module.get_config(scale), points)  # validates every point
   assert len({n for n, _ in resolved}) == len(points)
-  assert len({c.data.seed for _, c in resolved}) == 1  # paired data order across the whole scale
+  assert all(c.data.seed == c.seed for _, c in resolved)  # a seed sets the data order too: paired within a seed
+  for _, c in resolved:  # the gate scale does not depend on k: renormalized gates times k, never top-1
+    if c.moe.num_experts:
+      assert c.moe.experts_per_token >= 2 and c.moe.use_renormalized_gates
+      assert c.moe.routed_scaling_factor == c.moe.experts_per_token
   tier1 = module.get_sweep(scale)
   assert 0 < len(tier1) <= len(points)
 
 
 def _counts(module, scale, grid):
   base = module.get_config(scale)
-  return [accounting.count(config_lib.validate(config_lib.apply_overrides(base, p))) for p in module.grids(scale)[grid]]
+  return [accounting.count(config_lib.validate(config_lib.apply_overrides(base, p))) for p in module.designs(scale)[grid]]
 
 
 @pytest.mark.parametrize('scale', ['tiny', 'gpu'])
@@ -37,15 +41,23 @@ def test_grids_hold_fixed_what_they_should(scale):
   a1 = _counts(a, scale, 'A1')
   assert len({c['n_total'] for c in a1}) == 1 and len({c['sparsity'] for c in a1}) == len(a1)  # fixed N_total, s varies
   a2a = _counts(a, scale, 'A2a')
-  assert max(c['n_total'] for c in a2a) / min(c['n_total'] for c in a2a) < 1.12  # ~fixed N_total
+  assert max(c['n_total'] for c in a2a) / min(c['n_total'] for c in a2a) < 1.07  # ~fixed N_total
   assert len({c['sparsity'] for c in a2a}) == 1
   a2b = _counts(a, scale, 'A2b')
   assert max(c['n_total'] for c in a2b) / min(c['n_total'] for c in a2b) < 1.05 and len({c['sparsity'] for c in a2b}) == 1
   b1 = _counts(b, scale, 'B1')
   routed_active = {c['n_active'] - c['num_moe_layers'] * c['num_experts'] * (c['n_embed'] // config_lib.vocab_size(b.get_config(scale))) for c in b1}
   assert len(routed_active) == 1  # fixed active parameters apart from the router
-  b2 = _counts(b, scale, 'B2')
-  assert len({c['experts_per_token'] * c['expert_hidden'] for c in b2}) == 1  # k * d_exp fixed
+  for grid in ('B2', 'B2s32', 'B2p'):
+    b2 = _counts(b, scale, grid)
+    assert len({c['experts_per_token'] * c['expert_hidden'] for c in b2}) == 1  # k * d_exp fixed
+    assert len({c['sparsity'] for c in b2}) == 1 and len(b2) >= 3
+  assert len(_counts(b, scale, 'B2')) >= 5 and len(_counts(b, scale, 'B2p')) >= 5  # >= 5 sizes at 2 active scales
+  a4 = _counts(a, scale, 'A4')
+  top = a4[0]['n_total']
+  assert all(abs(c['n_total'] - top) <= 0.03 * top for c in a4)  # A4: random designs of matched N_total
+  b6 = b.designs(scale)['B6']
+  assert len({p.get('moe.train_capacity_factor') for p in b6}) >= 4  # a dose-response, dropless included
   for grid in ('B3', 'B4'):
     center, variant = _counts(b, scale, grid)
     assert abs(variant['n_total'] - center['n_total']) / center['n_total'] < 0.01
@@ -56,3 +68,35 @@ def test_unknown_scale_or_grid_is_a_config_error():
     _module('paper_b').get_config('huge')
   with pytest.raises(ConfigError, match='unknown grids'):
     _module('paper_b').get_sweep('tiny,B9')
+
+
+@pytest.mark.parametrize('name', ['paper_a', 'paper_b'])
+def test_grid_neighbours_differ_only_in_the_claimed_variables(name):
+  """Within a grid, every key that differs between points is one the grid is about (or the point's name)."""
+  allowed = {'name', 'moe.num_experts', 'moe.experts_per_token', 'moe.expert_hidden', 'moe.routed_scaling_factor',
+             'model.model_dim'}
+  extra = {'B3': {'moe.num_shared_experts'}, 'B4': {'moe.expert_size_classes'},
+           'B5': {'moe.load_balancing', 'moe.aux_free_sequence_coef'}, 'B6': {'moe.train_capacity_factor'},
+           'LR': {'optim.peak_learning_rate'}, 'B1': {'model.ffn_hidden'}}
+  module = _module(name)
+  for grid, points in module.designs('tiny').items():
+    if grid == 'A4':
+      continue  # searched designs differ in everything by construction (matched N_total)
+    groups = {'': points}
+    if grid == 'LR':  # anchors differ by design; within an anchor only the learning rate moves
+      groups = {}
+      for p in points:
+        groups.setdefault(p['name'].split('-lr')[0], []).append(p)
+    base = module.get_config('tiny')
+    for group in groups.values():
+      flat = [config_lib.flatten(config_lib.apply_overrides(base, p).to_dict()) for p in group]
+      keys = set().union(*flat)
+      varied = {k for k in keys if len({repr(f.get(k)) for f in flat}) > 1}
+      limit = {'name', 'optim.peak_learning_rate'} if grid == 'LR' else allowed | extra.get(grid, set())
+      assert varied <= limit, (grid, varied - limit)
+
+
+def test_top1_points_are_refused():
+  papers = config_lib.load_module(os.path.join(ROOT, 'experiments', 'papers.py'))
+  with pytest.raises(ConfigError, match='top-1'):
+    papers.point(8, 1, 64)

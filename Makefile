@@ -25,10 +25,13 @@ test-slow: $(VENV)/.installed
 	$(PY) -m pytest -q -n 2 -m slow
 
 # The paper grids at one scale, then the claims report (docs/reproducing-the-papers.md).
+# ROOT=docs/results/tiny/runs OUT=docs/results/tiny resumes the shipped tiny runs (finished points are skipped).
+ROOT ?= runs/papers-$(SCALE)
+OUT ?= $(ROOT)/claims
 papers: $(VENV)/.installed
-	$(PY) -m moejax.sweep --config=experiments/paper_b.py:$(SCALE),all --root=runs/papers-$(SCALE)
-	$(PY) -m moejax.sweep --config=experiments/paper_a.py:$(SCALE),all --root=runs/papers-$(SCALE)
-	$(PY) -m moejax.claims --root=runs/papers-$(SCALE) --scale=$(SCALE) --out=runs/papers-$(SCALE)/claims
+	$(PY) -m moejax.sweep --config=experiments/paper_b.py:$(SCALE),all --root=$(ROOT)
+	$(PY) -m moejax.sweep --config=experiments/paper_a.py:$(SCALE),all --root=$(ROOT)
+	$(PY) -m moejax.claims --root=$(ROOT) --scale=$(SCALE) --out=$(OUT)
 
 bench: $(VENV)/.installed
 	$(PY) -m moejax.bench step

@@ -20,7 +20,9 @@ Baselines, fitted and scored the same way beside every form:
 Uncertainty: bootstrap over configurations (resample rows with replacement and refit
 each resample from the whole start grid plus the full-data optimum), 95% percentile
 intervals (`refit_starts` of the grid's points, 8 by default). Prediction:
-leave-one-configuration-out error (each fold refitted the same way), reported as RMSE and max |error| in nats. The objective is the Huber sum divided
+leave-one-configuration-out error (each fold refitted the same way), reported as RMSE and max |error| in nats,
+and extrapolation: refitted without the 20% of configurations with the largest N_total, RMSE on them.
+In-sample residuals are kept per configuration (`Fit.residuals`) so callers can look for a bias by k. The objective is the Huber sum divided
 by delta^2 (values of order 1, not 1e-5), with tight L-BFGS-B tolerances: at the raw
 scale L-BFGS-B's relative stop test ended resample fits at their start, which made the
 bootstrap intervals several times too narrow (true alpha 0.3: [0.275, 0.280]) and left

@@ -585,6 +585,36 @@ def speedup_table(g: dict) -> str:
   return '\n'.join(lines) + '\n'
 
 
+def lr_table(g: dict) -> str:
+  """The learning-rate sweep (grid LR): loss per anchor and rate, the best rate, and the vertex of a parabola
+  in log2(rate) through the best point and its neighbours (only when the best is interior: a bracketed optimum)."""
+  anchors: dict[str, list[dict]] = {}
+  for r in g.get('LR') or []:
+    if r is not None:
+      anchors.setdefault(r['name'].split('-lr')[0].split('-seed')[0], []).append(r)
+  if not anchors:
+    return 'No runs of grid LR.\n'
+  rates = sorted({r['peak_learning_rate'] for rs in anchors.values() for r in rs})
+  lines = ['| anchor | N_total | ' + ' | '.join(f'LR {x:g}' for x in rates) + ' | best | parabola vertex |',
+           '|---|---:|' + '---:|' * len(rates) + '---:|---:|']
+  for name, rs in anchors.items():
+    by_rate = {r['peak_learning_rate']: r['loss_mean'] for r in rs}
+    best = min(by_rate, key=by_rate.get)
+    known = sorted(by_rate)
+    i = known.index(best)
+    vertex = '-'
+    if 0 < i < len(known) - 1:  # three points around an interior minimum
+      x = np.log2(known[i - 1:i + 2])
+      y = [by_rate[k] for k in known[i - 1:i + 2]]
+      a, b, _ = np.polyfit(x, y, 2)
+      vertex = f'{2 ** (-b / (2 * a)):.2g}' if a > 0 else '-'
+    else:
+      vertex = 'not bracketed'
+    cells = ' | '.join(f'{by_rate[x]:.4f}' if x in by_rate else '-' for x in rates)
+    lines.append(f'| {name} | {accounting.human(rs[0]["n_total"])} | {cells} | {best:g} | {vertex} |')
+  return '\n'.join(lines) + '\n'
+
+
 def compute_summary(rows: list[dict]) -> str:
   """The measured compute of everything under the root: runs, wall time, training FLOPs."""
   runs = sum(r['seeds'] for r in rows)
@@ -661,7 +691,7 @@ def residuals_by_k(fits: dict[str, scaling.Fit], rows: list[dict]) -> str:
 
 
 def markdown(claims: list[Claim], noise: dict, fits: dict[str, dict[str, scaling.Fit]], header: str = '',
-             families: dict[str, list[dict]] | None = None, speedup: str = '') -> str:
+             families: dict[str, list[dict]] | None = None, speedup: str = '', lr: str = '') -> str:
   sigma = '-' if noise['sigma'] is None else f'{noise["sigma"]:.4f}'
   threshold = '-' if noise['threshold'] is None else f'{noise["threshold"]:.4f}'
   survives = holm(claims)
@@ -691,6 +721,8 @@ def markdown(claims: list[Claim], noise: dict, fits: dict[str, dict[str, scaling
             'scale.', '', literature_table(claims)]
   if speedup:
     lines += ['## Effective speedup over dense', '', speedup]
+  if lr:
+    lines += ['## Learning-rate sweep (grid LR, seed 0)', '', lr]
   lines += ['## Fitted scaling laws', '',
             'Non-embedding counts, one point per configuration (seed mean); MoE runs with the default design '
             '(global-batch balancing, dropless, no shared or heterogeneous experts); see moejax/scaling.py. '
@@ -733,7 +765,7 @@ def run(root: str, scale: str, out: str, bootstrap: int = 100, fit_starts: int =
             f'`{root}`; machine: {", ".join(platforms) or "?"}; corpus sha256 {", ".join(fingerprints) or "?"}; '
             f'evaluated {datetime.date.today().isoformat()}. {compute_summary(rows)} Figures and the full table: '
             '[report.md](report.md).\n')
-  text = markdown(claims, noise, fits, header, families, speedup_table(g))
+  text = markdown(claims, noise, fits, header, families, speedup_table(g), lr_table(g))
   report.write_report(root, out, extra=text.split('\n', 2)[2], figure_rows=scaling_rows,
                       figure_note='Figures show the default-design MoE runs (as the fits); the table has every run.',
                       gathered=gathered, grids=g, noise=Noise(noise['sigma'], noise['dof']))

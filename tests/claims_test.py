@@ -99,6 +99,7 @@ def test_verdicts_on_constructed_losses(tmp_path):
   assert '| C-B6 |' in text.split('## The literature')[1]  # the literature table has every claim
   assert 'Family A' in text and 'Family B' in text and 'largest-N_total RMSE' in text
   assert 'e128k2f64 | 64 |' in text  # the speedup table
+  assert '| dense-f128 | 98.69K |' in text  # the learning-rate table
   out = tmp_path / 'out'
   assert os.path.exists(out / 'report.md') and os.path.exists(out / 'loss_vs_sparsity.png')
   assert os.path.exists(out / 'grid_B2.png') and os.path.exists(out / 'grid_LR.png')

@@ -294,8 +294,7 @@ def evaluate(rows: list[dict], scale: str, fits: dict[str, dict[str, scaling.Fit
                               b3[0] if b3 else None, b3[1] if len(b3) > 1 else None, threshold, noise))
   claims.append(_small_effect('C-B4', 'B4', 'Heterogeneous expert sizes change loss little.', center,
                               b4[1] if len(b4) > 1 else None, threshold, noise, _measured_active(b4)))
-  for variant in b5[1:3]:
-    kind = (variant or {}).get('load_balancing', '?')
+  for variant, kind in zip(b5[1:3] + [None, None], ('sequence', 'aux_free')):
     claims.append(_small_effect('C-B5', 'B5', f'Load balancing ({kind} instead of global-batch) changes loss little.',
                                 center, variant, threshold, noise, _load_note(variant, center)))
   claims.append(_collapse_check(center, b5[3] if len(b5) > 3 else None, noise))
@@ -640,13 +639,17 @@ FAMILIES = {'A': ('A1', 'A2a', 'A2b', 'A4'), 'B': ('B1', 'B2', 'B2s32', 'B2p')}
 
 
 def family_rows(rows: list[dict], g: dict) -> dict[str, list[dict]]:
-  """{'A': paper A's grids, 'B': paper B's count grids, 'all': every default-design MoE row} (deduplicated)."""
+  """{'A': paper A's grids, 'B': paper B's count grids, 'all': both} (default-design MoE rows, deduplicated).
+
+  Only grid points enter: runs outside the grids (the learning-rate sweep's other rates) would mix protocols.
+  """
   default = {r['config_hash'] for r in scaling_rows(rows)}
-  out = {}
+  out, every = {}, {}
   for fam, grids in FAMILIES.items():
     chosen = {r['config_hash']: r for grid in grids for r in (g.get(grid) or []) if r and r['config_hash'] in default}
     out[fam] = list(chosen.values())
-  out['all'] = scaling_rows(rows)
+    every.update(chosen)
+  out['all'] = list(every.values())
   return out
 
 
@@ -722,7 +725,8 @@ def markdown(claims: list[Claim], noise: dict, fits: dict[str, dict[str, scaling
   if speedup:
     lines += ['## Effective speedup over dense', '', speedup]
   if lr:
-    lines += ['## Learning-rate sweep (grid LR, seed 0)', '', lr]
+    lines += ['## Learning-rate sweep (grid LR)', '', 'Seed 0 at each rate; the column of the rate the scale uses is '
+              'the grid point itself, so it shows the mean of its seeds.', '', lr]
   lines += ['## Fitted scaling laws', '',
             'Non-embedding counts, one point per configuration (seed mean); MoE runs with the default design '
             '(global-batch balancing, dropless, no shared or heterogeneous experts); see moejax/scaling.py. '

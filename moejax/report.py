@@ -98,6 +98,7 @@ GRID_AXES = {'A1': ('sparsity', 's = E / k', True), 'A2a': ('num_experts', 'E (w
 def grid_figure(grid: str, points: list[dict], noise, path: str) -> None:
   """One PNG for a grid: loss vs the grid's variable (95% t intervals) and loss vs tokens (decay branches)."""
   import matplotlib  # pylint: disable=import-outside-toplevel
+  import matplotlib.ticker  # pylint: disable=import-outside-toplevel
   matplotlib.use('Agg')
   from matplotlib import pyplot as plt  # pylint: disable=import-outside-toplevel
   key, label, log2 = GRID_AXES.get(grid, (None, 'configuration', False))
@@ -131,6 +132,9 @@ def grid_figure(grid: str, points: list[dict], noise, path: str) -> None:
     left.set_xticks(xs, [p['name'].replace('-', '\n', 1) for p in points], fontsize=7)
   elif log2:
     left.set_xscale('log', base=2)
+    left.set_xticks(sorted(set(xs)))
+    left.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f'{v:g}'))
+    left.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
   left.set_xlabel(label)
   left.set_ylabel('held-out loss (nats/token)')
   left.set_title(f'{grid}: seed mean, 95% t interval' if t else f'{grid}: seed mean')

@@ -17,10 +17,13 @@ interval, a one-sided p-value and a verdict:
   inconclusive   otherwise, or the runs are missing, or the noise estimate has fewer than
                  MIN_DOF = 6 degrees of freedom.
 
-Noise: sigma is the pooled sample standard deviation of every configuration with two or
-more seeds; a difference of seed means over n_a and n_b seeds gets the t interval
-+-t(0.975, dof) * sigma * sqrt(1/n_a + 1/n_b). (Points of one seed share their data order,
-so a paired analysis would be tighter; the unpaired interval is the conservative choice.)
+Noise: a seed sets initialization and data order, so the configurations run at one seed set
+are paired: seeds are the blocks of a randomized complete block design. A difference between
+two such configurations uses the residual sigma of the additive model loss = configuration +
+seed (`block_sigma`, dof = (C-1)(S-1)), in which the seed's shared effect cancels; any other
+comparison uses the pooled sample standard deviation of every configuration with two or more
+seeds. A difference of seed means over n_a and n_b seeds gets the t interval
++-t(0.975, dof) * sigma * sqrt(1/n_a + 1/n_b).
 T = 0.25 |L(s=16) - L(s=4)| from B1: half the mean gain of one doubling of E at this scale.
 
 Also reported: which decided verdicts survive a Holm correction over all decided ones; for
@@ -101,11 +104,46 @@ def pooled_sigma(rows: list[dict]) -> tuple[float | None, int]:
   return (math.sqrt(num / dof), int(dof)) if dof else (None, 0)
 
 
+def block_sigma(rows: list[dict]) -> tuple[float | None, int, frozenset]:
+  """Residual sigma of the additive model loss = configuration + seed, its degrees of freedom, and the seed set.
+
+  A seed sets the data order of every point (paired runs), so seeds are blocks of a randomized
+  complete block design: the seed's shared effect (one data order is harder than another for
+  every configuration) cancels in a difference of two configurations' means over the same seeds.
+  Uses the configurations run at the most common seed set of two or more seeds; dof = (C-1)(S-1).
+  """
+  sets: dict[frozenset, list[dict]] = {}
+  for r in rows:
+    seeds = frozenset((r.get('seed_losses') or {}).keys())
+    if len(seeds) >= 2:
+      sets.setdefault(seeds, []).append(r)
+  if not sets:
+    return None, 0, frozenset()
+  seeds, chosen = max(sets.items(), key=lambda kv: (len(kv[1]), len(kv[0])))
+  order = sorted(seeds)
+  m = np.array([[r['seed_losses'][k] for k in order] for r in chosen], np.float64)
+  dof = (m.shape[0] - 1) * (m.shape[1] - 1)
+  if dof == 0:
+    return None, 0, seeds
+  resid = m - m.mean(axis=1, keepdims=True) - m.mean(axis=0, keepdims=True) + m.mean()
+  return float(math.sqrt(np.sum(resid ** 2) / dof)), int(dof), seeds
+
+
 @dataclasses.dataclass(frozen=True)
 class Noise:
-  """The pooled seed noise: sigma and its degrees of freedom."""
+  """The seed noise: pooled sigma and its degrees of freedom; with `paired`, the block-design sigma used for
+  differences between configurations run at the same seeds (`seed_set`)."""
   sigma: float | None
   dof: int
+  paired: 'Noise | None' = None
+  seed_set: frozenset = frozenset()
+
+  def for_pair(self, *points: dict) -> 'Noise':
+    """The noise that applies to a comparison of `points`: paired when all were run at the blocked seed set."""
+    if self.paired is not None and self.paired.usable and all(
+        frozenset((p.get('seed_losses') or {}).keys()) == self.seed_set for p in points):
+      return self.paired
+    return self
 
   @property
   def usable(self) -> bool:
@@ -170,7 +208,7 @@ def _ordered(points, key):
 def _trend_verdict(pts, sign, noise):
   """(verdict, delta, hw, monotone) of an ordered series: the end-to-end interval plus the step rule."""
   delta = pts[-1]['loss_mean'] - pts[0]['loss_mean']
-  hw = noise.half_width(pts[0], pts[-1])
+  hw = noise.for_pair(pts[0], pts[-1]).half_width(pts[0], pts[-1])
   steps = [b['loss_mean'] - a['loss_mean'] for a, b in zip(pts, pts[1:])]
   verdict = _direction(delta, hw, sign)
   # The same rule both ways: a verdict needs every step in its own direction.
@@ -188,15 +226,16 @@ def _trend_claim(cid, statement, expected, grid, points, key, sign, noise, note=
   series = ', '.join(f'{key}={p[key]:g}: {p["loss_mean"]:.4f}' for p in pts)
   measured, interval = _fmt(delta, hw)
   decided_sign = -sign if verdict == 'contradicted' else sign
+  ends = noise.for_pair(pts[0], pts[-1])
   c = Claim(cid, statement, expected, measured, interval, verdict,
             f'{series}; {"monotone" if monotone else "not monotone"}' + (f'; {note}' if note else ''),
-            p=_p_direction(delta, noise.se(pts[0], pts[-1]), noise.dof, decided_sign))
+            p=_p_direction(delta, ends.se(pts[0], pts[-1]), ends.dof, decided_sign))
   if verdict != 'inconclusive' and len(pts) >= 3:  # does the verdict rest on a single point?
     hinges = [p['name'] for i, p in enumerate(pts) if _trend_verdict(pts[:i] + pts[i + 1:], sign, noise)[0] != verdict]
     if hinges:
       c.flags.append('hinges on ' + ', '.join(hinges))
   if verdict == 'inconclusive':
-    c.needs = _needs_direction(delta, noise, monotone)
+    c.needs = _needs_direction(delta, ends, monotone)
   return c
 
 
@@ -212,6 +251,7 @@ def _small_effect(cid, grid, statement, center, variant, threshold, noise, extra
   if center is None or variant is None:
     return _missing(cid, statement, 'abs(Δ) < T', grid)
   delta = variant['loss_mean'] - center['loss_mean']
+  noise = noise.for_pair(center, variant)
   hw = noise.half_width(center, variant)
   hw90 = noise.half_width(center, variant, level=0.90)  # TOST at 5%: both one-sided tests = the 90% interval
   se, p = noise.se(center, variant), None
@@ -243,7 +283,7 @@ def evaluate(rows: list[dict], scale: str, fits: dict[str, dict[str, scaling.Fit
              ) -> tuple[list[Claim], dict]:
   """Every claim of SCIENCE.md §4 on `rows` (results.table rows); returns (claims, noise info)."""
   g = grid_rows(rows, scale)
-  noise = Noise(*pooled_sigma(rows))
+  noise = make_noise(rows)
   claims = []
   claims.append(_trend_claim('C-A1', 'At fixed N_total and core, loss rises monotonically with s (A1).',
                              'Δ = L(s_max) − L(s_min) > 0', 'A1', g.get('A1'), 'sparsity', +1, noise))
@@ -278,14 +318,15 @@ def evaluate(rows: list[dict], scale: str, fits: dict[str, dict[str, scaling.Fit
   if dense is None or lo4 is None:
     claims.append(_missing('prior', statement, 'Δ = L(s=4) − L(dense) < 0', 'B1'))
   else:
-    delta, hw = lo4['loss_mean'] - dense['loss_mean'], noise.half_width(dense, lo4)
+    pair = noise.for_pair(dense, lo4)
+    delta, hw = lo4['loss_mean'] - dense['loss_mean'], pair.half_width(dense, lo4)
     m, i = _fmt(delta, hw)
     verdict = _direction(delta, hw, -1)
     c = Claim('prior', statement, 'Δ = L(s=4) − L(dense) < 0', m, i, verdict,
               f'dense {dense["loss_mean"]:.4f}, s=4 {lo4["loss_mean"]:.4f}',
-              p=_p_direction(delta, noise.se(dense, lo4), noise.dof, +1 if verdict == 'contradicted' else -1))
+              p=_p_direction(delta, pair.se(dense, lo4), pair.dof, +1 if verdict == 'contradicted' else -1))
     if verdict == 'inconclusive':
-      c.needs = _needs_direction(delta, noise)
+      c.needs = _needs_direction(delta, pair)
     claims.append(c)
   claims.extend(_b2_claims(g, noise))
   center = next((r for r in (b1 or []) if r and r['sparsity'] == 16.0), None)  # B1 at s = 16, the B4-B6 reference
@@ -299,7 +340,15 @@ def evaluate(rows: list[dict], scale: str, fits: dict[str, dict[str, scaling.Fit
                                 center, variant, threshold, noise, _load_note(variant, center)))
   claims.append(_collapse_check(center, b5[3] if len(b5) > 3 else None, noise))
   claims.append(_b6_claim(b6, noise))
-  return claims, {'sigma': noise.sigma, 'dof': noise.dof, 'threshold': threshold}
+  return claims, {'sigma': noise.sigma, 'dof': noise.dof, 'threshold': threshold,
+                  'paired_sigma': noise.paired.sigma if noise.paired else None,
+                  'paired_dof': noise.paired.dof if noise.paired else 0, 'noise': noise}
+
+
+def make_noise(rows: list[dict]) -> Noise:
+  """The unpaired pooled noise with the paired (block-design) noise attached."""
+  sigma, dof, seeds = block_sigma(rows)
+  return Noise(*pooled_sigma(rows), paired=Noise(sigma, dof), seed_set=seeds)
 
 
 def _load_note(variant, center):
@@ -322,6 +371,7 @@ def _collapse_check(center, none, noise):
   expected = 'Δ = L(none) − L(global-batch) > 0, max/mean load higher'
   if center is None or none is None:
     return _missing('C-B5n', statement, expected, 'B5')
+  noise = noise.for_pair(center, none)
   delta, hw = none['loss_mean'] - center['loss_mean'], noise.half_width(center, none)
   verdict = _direction(delta, hw, +1)
   load_up = (none.get('load_max_over_mean') or 0) > (center.get('load_max_over_mean') or 0)
@@ -355,6 +405,7 @@ def _a4_claim(points, noise):
     return _missing('C-A4', statement, expected, 'A4')
   top, rand = points[0], sorted(points[1:], key=lambda r: r['loss_mean'])
   median = rand[len(rand) // 2] if len(rand) % 2 else None
+  noise = noise.for_pair(top, *rand)
   delta = float(np.median([r['loss_mean'] for r in rand])) - top['loss_mean']
   hw = noise.half_width(top, median or {'seeds': min(r['seeds'] for r in rand)})
   se = noise.se(top, median or {'seeds': min(r['seeds'] for r in rand)})
@@ -405,6 +456,7 @@ def argmin_interval(points: list[dict], noise: Noise, seed: int = 0) -> tuple[fl
   the pooled degrees of freedom (one chi-square per draw: sigma is one shared estimate); the
   interval is the 2.5 and 97.5 percentiles of log2 d_exp at the draws' minima.
   """
+  noise = noise.for_pair(*points)  # the seed's shared effect moves every point alike: it never moves the argmin
   if not noise.usable:
     return None
   rng = np.random.default_rng(seed)
@@ -699,8 +751,14 @@ def markdown(claims: list[Claim], noise: dict, fits: dict[str, dict[str, scaling
   threshold = '-' if noise['threshold'] is None else f'{noise["threshold"]:.4f}'
   survives = holm(claims)
   decided = len(survives)
+  paired = ('-' if noise.get('paired_sigma') is None else
+            f'{noise["paired_sigma"]:.4f} nats ({noise["paired_dof"]} degrees of freedom)')
   lines = [header, '## Claims', '',
-           f'Seed noise: σ = {sigma} nats (pooled, {noise["dof"]} degrees of freedom); small-effect margin '
+           f'Seed noise: a seed sets both initialization and data order, so configurations run at the same seeds '
+           f'are paired (a randomized complete block design, seeds as blocks). Differences between such '
+           f'configurations use the residual σ of the model loss = configuration + seed: σ = {paired}; others '
+           f'use the pooled seed standard deviation σ = {sigma} nats ({noise["dof"]} degrees of freedom), which also '
+           'carries the seed\'s shared effect. Small-effect margin '
            f'T = {threshold} (half the mean gain of one doubling of E in B1). Intervals are 95% t intervals '
            f'(± t(0.975, dof) σ √(1/n_a + 1/n_b)); with fewer than {MIN_DOF} degrees of freedom there are none and '
            'every verdict is inconclusive. Small effects are equivalence tests (TOST at 5%: the 90% interval inside '
@@ -772,7 +830,7 @@ def run(root: str, scale: str, out: str, bootstrap: int = 100, fit_starts: int =
   text = markdown(claims, noise, fits, header, families, speedup_table(g), lr_table(g))
   report.write_report(root, out, extra=text.split('\n', 2)[2], figure_rows=scaling_rows,
                       figure_note='Figures show the default-design MoE runs (as the fits); the table has every run.',
-                      gathered=gathered, grids=g, noise=Noise(noise['sigma'], noise['dof']))
+                      gathered=gathered, grids=g, noise=noise['noise'])
   metrics_lib.atomic_write(os.path.join(out, 'claims.md'), text)
   return text
 

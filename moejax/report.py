@@ -120,6 +120,8 @@ def grid_figure(grid: str, points: list[dict], noise, path: str) -> None:
   else:
     groups = {'': list(range(len(points)))}
   t = None
+  if noise is not None:
+    noise = noise.for_pair(*points)  # (paired when the grid's points share their seeds)
   if noise is not None and noise.usable:
     from moejax import claims  # pylint: disable=import-outside-toplevel
     t = claims.t_quantile(0.975, noise.dof) * noise.sigma

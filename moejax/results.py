@@ -241,6 +241,7 @@ def table(records: list[dict]) -> tuple[list[dict], list[str]]:
            'flops_per_token': acc.get('flops_per_token'),
            'wall_s': sum((r.get('train') or {}).get('wall_s') or 0.0 for r in runs),
            'decay_curve': mean_curve([r.get('decay_curve') or [] for r in runs]),
+           'seed_losses': {str(r['config'].get('seed', 0)): r['eval']['loss'] for r in runs},
            'losses': [r['eval']['loss'] for r in runs], 'paths': [r['_path'] for r in runs]}
     if not acc.get('num_experts'):  # dense: no expert columns
       row.update(granularity=None, experts_per_token=None, expert_hidden=None, num_shared_experts=None)

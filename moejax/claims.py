@@ -67,6 +67,7 @@ class Claim:
   verdict: str
   detail: str = ''
   p: float | None = None  # one-sided p-value of the decided direction (TOST: the larger of its two)
+  alpha: float = ALPHA  # the level its verdict is decided at (TOST: 5% per one-sided test)
   flags: list[str] = dataclasses.field(default_factory=list)
   needs: str = ''  # what would decide an inconclusive verdict at this scale
 
@@ -269,7 +270,8 @@ def _small_effect(cid, grid, statement, center, variant, threshold, noise, extra
   measured, interval = _fmt(delta, hw)
   t = '-' if threshold is None else f'{threshold:.4f}'
   c = Claim(cid, statement, f'abs(Δ) < T = {t}', measured, interval, verdict,
-            f'{variant["name"]} {variant["loss_mean"]:.4f} vs {center["name"]} {center["loss_mean"]:.4f}' + extra, p=p)
+            f'{variant["name"]} {variant["loss_mean"]:.4f} vs {center["name"]} {center["loss_mean"]:.4f}' + extra, p=p,
+            alpha=0.05 if verdict != 'contradicted' else ALPHA)
   if verdict == 'inconclusive' and threshold is not None and noise.usable:
     if abs(delta) < threshold:
       n = noise.seeds_to_resolve(delta, threshold, level=0.90)
@@ -283,7 +285,7 @@ def evaluate(rows: list[dict], scale: str, fits: dict[str, dict[str, scaling.Fit
              ) -> tuple[list[Claim], dict]:
   """Every claim of SCIENCE.md §4 on `rows` (results.table rows); returns (claims, noise info)."""
   g = grid_rows(rows, scale)
-  noise = make_noise(rows)
+  noise = make_noise(noise_rows(g))
   claims = []
   claims.append(_trend_claim('C-A1', 'At fixed N_total and core, loss rises monotonically with s (A1).',
                              'Δ = L(s_max) − L(s_min) > 0', 'A1', g.get('A1'), 'sparsity', +1, noise))
@@ -345,6 +347,17 @@ def evaluate(rows: list[dict], scale: str, fits: dict[str, dict[str, scaling.Fit
                   'paired_dof': noise.paired.dof if noise.paired else 0, 'noise': noise}
 
 
+def noise_rows(g: dict) -> list[dict]:
+  """The rows the noise is estimated from: every grid point (deduplicated) but the learning-rate sweep's and the
+  no-balancing collapse check's (whose variance is its own)."""
+  out = {}
+  for grid, rows in g.items():
+    for r in rows:
+      if r is not None and grid != 'LR' and r.get('load_balancing') != 'none':
+        out[r['config_hash']] = r
+  return list(out.values())
+
+
 def make_noise(rows: list[dict]) -> Noise:
   """The unpaired pooled noise with the paired (block-design) noise attached."""
   sigma, dof, seeds = block_sigma(rows)
@@ -404,6 +417,9 @@ def _a4_claim(points, noise):
   if not points or any(p is None for p in points):
     return _missing('C-A4', statement, expected, 'A4')
   top, rand = points[0], sorted(points[1:], key=lambda r: r['loss_mean'])
+  if not rand:
+    return Claim('C-A4', statement, expected, '-', '-', 'inconclusive',
+                 'no random design within 3% of the top design\'s N_total: widen the A4 search grid')
   median = rand[len(rand) // 2] if len(rand) % 2 else None
   noise = noise.for_pair(top, *rand)
   delta = float(np.median([r['loss_mean'] for r in rand])) - top['loss_mean']
@@ -543,12 +559,18 @@ def _b6_claim(b6, noise):
 # ---- beyond single claims: multiple comparisons, literature, speedup over dense ----
 
 def holm(claims: list[Claim], family_alpha: float = ALPHA) -> dict[str, bool]:
-  """{claim key: survives} for the decided verdicts under Holm's step-down correction at `family_alpha`."""
-  decided = sorted(((c.p, i) for i, c in enumerate(claims) if c.verdict != 'inconclusive' and c.p is not None))
-  out, m, stopped = {}, len(decided), False
-  for rank, (p, i) in enumerate(decided):
+  """{claim key: survives} for the decided verdicts under Holm's step-down correction.
+
+  The family is every claim with a p-value (inconclusive ones included: they were tested too).
+  Each p is first put on the family's scale, p * family_alpha / alpha_i, since equivalence
+  verdicts are decided at 5% per one-sided test and directional ones at 2.5%.
+  """
+  tested = sorted((c.p * family_alpha / c.alpha, i) for i, c in enumerate(claims) if c.p is not None)
+  out, m, stopped = {}, len(tested), False
+  for rank, (p, i) in enumerate(tested):
     stopped = stopped or p > family_alpha / (m - rank)
-    out[_key(claims[i], i)] = not stopped
+    if claims[i].verdict != 'inconclusive':
+      out[_key(claims[i], i)] = not stopped
   return out
 
 
@@ -597,7 +619,7 @@ def tokens_to_reach(curve: list[dict], target: float) -> tuple[float | None, str
   Returns (tokens, '') inside the curve, (first tokens, '<') if its first point is already below,
   (None, '>') if it never gets there.
   """
-  pts = [(p['tokens'], p['loss']) for p in curve if p.get('tokens')]
+  pts = [(p['tokens'], p['loss']) for p in curve if p.get('tokens') and p.get('loss') is not None]
   if not pts:
     return None, '>'
   if pts[0][1] <= target:
@@ -643,13 +665,14 @@ def lr_table(g: dict) -> str:
   for r in g.get('LR') or []:
     if r is not None:
       anchors.setdefault(r['name'].split('-lr')[0].split('-seed')[0], []).append(r)
+  seed0 = lambda r: (r.get('seed_losses') or {}).get('0/0', r['loss_mean'])  # every column at seed 0
   if not anchors:
     return 'No runs of grid LR.\n'
   rates = sorted({r['peak_learning_rate'] for rs in anchors.values() for r in rs})
   lines = ['| anchor | N_total | ' + ' | '.join(f'LR {x:g}' for x in rates) + ' | best | parabola vertex |',
            '|---|---:|' + '---:|' * len(rates) + '---:|---:|']
   for name, rs in anchors.items():
-    by_rate = {r['peak_learning_rate']: r['loss_mean'] for r in rs}
+    by_rate = {r['peak_learning_rate']: seed0(r) for r in rs}
     best = min(by_rate, key=by_rate.get)
     known = sorted(by_rate)
     i = known.index(best)
@@ -751,6 +774,7 @@ def markdown(claims: list[Claim], noise: dict, fits: dict[str, dict[str, scaling
   threshold = '-' if noise['threshold'] is None else f'{noise["threshold"]:.4f}'
   survives = holm(claims)
   decided = len(survives)
+  tested = sum(c.p is not None for c in claims)
   paired = ('-' if noise.get('paired_sigma') is None else
             f'{noise["paired_sigma"]:.4f} nats ({noise["paired_dof"]} degrees of freedom)')
   lines = [header, '## Claims', '',
@@ -765,9 +789,10 @@ def markdown(claims: list[Claim], noise: dict, fits: dict[str, dict[str, scaling
            '±T). The monotonicity rule applies to "holds" and "contradicted" alike. p is the one-sided p-value of '
            'the decided direction (for equivalence: the larger of the two TOST p-values).', '',
            f'Multiple comparisons: {decided} of {len(claims)} verdicts are decided, each at the 2.5% one-sided level on '
-           f'its own. Under Holm\'s step-down correction over those {decided} (family-wise 2.5%), '
-           f'{sum(survives.values())} survive (column "Holm"). A verdict marked "hinges" changes if one point of its '
-           'series is dropped.', '',
+           f'its own (equivalence: 5% per one-sided test). Under Holm\'s step-down correction over all {tested} '
+           f'tested claims (family-wise 2.5%, equivalence p-values put on that scale), {sum(survives.values())} of the '
+           f'{decided} decided verdicts survive (column "Holm"). A verdict marked "hinges" changes if one point of '
+           'its series is dropped.', '',
            '| claim | statement | expected | measured Δ (nats) | 95% interval | verdict | p | Holm | detail | '
            'to decide at this scale |',
            '|---|---|---|---:|---|---|---:|---|---|---|']
@@ -783,8 +808,8 @@ def markdown(claims: list[Claim], noise: dict, fits: dict[str, dict[str, scaling
   if speedup:
     lines += ['## Effective speedup over dense', '', speedup]
   if lr:
-    lines += ['## Learning-rate sweep (grid LR)', '', 'Seed 0 at each rate; the column of the rate the scale uses is '
-              'the grid point itself, so it shows the mean of its seeds.', '', lr]
+    lines += ['## Learning-rate sweep (grid LR)', '', 'Held-out loss at seed 0 for every rate (the rate the scale '
+              'uses is the grid point itself; its seed-1 run is not in this table).', '', lr]
   lines += ['## Fitted scaling laws', '',
             'Non-embedding counts, one point per configuration (seed mean); MoE runs with the default design '
             '(global-batch balancing, dropless, no shared or heterogeneous experts); see moejax/scaling.py. '
@@ -828,8 +853,9 @@ def run(root: str, scale: str, out: str, bootstrap: int = 100, fit_starts: int =
             f'evaluated {datetime.date.today().isoformat()}. {compute_summary(rows)} Figures and the full table: '
             '[report.md](report.md).\n')
   text = markdown(claims, noise, fits, header, families, speedup_table(g), lr_table(g))
-  report.write_report(root, out, extra=text.split('\n', 2)[2], figure_rows=scaling_rows,
-                      figure_note='Figures show the default-design MoE runs (as the fits); the table has every run.',
+  report.write_report(root, out, extra=text.split('\n', 2)[2], figure_rows=lambda _: families['all'],
+                      figure_note='Figures show the default-design MoE grid points (as the fits); the table has '
+                      'every run.',
                       gathered=gathered, grids=g, noise=noise['noise'])
   metrics_lib.atomic_write(os.path.join(out, 'claims.md'), text)
   return text

@@ -304,6 +304,8 @@ def _validate_branches(cfg) -> None:
     start = end - int(round(o.decay_fraction * end))
     _require(start > warmup, f'optim.decay_branches: the branch ending at step {end} would decay from step {start}, '
              f'before warmup ends at step {warmup}; use a larger fraction')
+    _require(start < end, f'optim.decay_branches: the branch ending at step {end} has no decay steps '
+             '(optim.decay_fraction * its length rounds to 0); use a larger fraction')
 
 
 def _validate_moe_values(cfg) -> None:

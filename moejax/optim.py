@@ -67,8 +67,7 @@ def schedule(optim_cfg, total_steps: int, end: int | None = None) -> optax.Sched
 def learning_rates(optim_cfg, total_steps: int, end: int | None = None) -> np.ndarray:
   """float32 [n]: the learning rate of steps 0..n-1 (n = end or total_steps), computed once on the host."""
   n = total_steps if end is None else end
-  with jax.default_device(jax.local_devices(backend='cpu')[0]):
-    return np.asarray(jax.vmap(schedule(optim_cfg, total_steps, end))(np.arange(n)), np.float32)
+  return np.asarray(jax.vmap(schedule(optim_cfg, total_steps, end))(np.arange(n)), np.float32)
 
 
 def branch_ends(optim_cfg, total_steps: int) -> list[int]:

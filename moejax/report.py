@@ -120,15 +120,17 @@ def grid_figure(grid: str, points: list[dict], noise, path: str) -> None:
   else:
     groups = {'': list(range(len(points)))}
   t = None
-  if noise is not None:
-    noise = noise.for_pair(*points)  # (paired when the grid's points share their seeds)
-  if noise is not None and noise.usable:
+  if noise is not None and noise.usable:  # (pooled sigma: the interval of one configuration's mean)
     from moejax import claims  # pylint: disable=import-outside-toplevel
     t = claims.t_quantile(0.975, noise.dof) * noise.sigma
   for name, idx in groups.items():
     idx = sorted(idx, key=lambda i: xs[i])
-    ys = [points[i]['loss_mean'] for i in idx]
-    err = [t / points[i]['seeds'] ** 0.5 for i in idx] if t else None
+    if grid == 'LR':  # one seed per rate: compare like with like (the chosen rate's grid point has more)
+      ys = [(points[i].get('seed_losses') or {}).get('0/0', points[i]['loss_mean']) for i in idx]
+      err = None
+    else:
+      ys = [points[i]['loss_mean'] for i in idx]
+      err = [t / points[i]['seeds'] ** 0.5 for i in idx] if t else None
     left.errorbar([xs[i] for i in idx], ys, yerr=err, marker='o', capsize=3, label=name or None)
   if key is None:
     left.set_xticks(xs, [p['name'].replace('-', '\n', 1) for p in points], fontsize=7)
@@ -139,7 +141,8 @@ def grid_figure(grid: str, points: list[dict], noise, path: str) -> None:
     left.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
   left.set_xlabel(label)
   left.set_ylabel('held-out loss (nats/token)')
-  left.set_title(f'{grid}: seed mean, 95% t interval' if t else f'{grid}: seed mean')
+  left.set_title(f'{grid}: seed 0' if grid == 'LR' else f'{grid}: seed mean, 95% t interval' if t
+                 else f'{grid}: seed mean')
   if grid == 'LR':
     left.legend(fontsize=7)
   for p in points:

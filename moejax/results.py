@@ -192,12 +192,18 @@ def _mean_std(values: list[float | None]) -> tuple[float | None, float | None]:
   return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
 
 
+def seed_key(config: dict) -> str:
+  """'seed/data.seed' of a run's (nested) config: the block a run belongs to in a paired design."""
+  return f'{config.get("seed", 0)}/{(config.get("data") or {}).get("seed", 0)}'
+
+
 def mean_curve(curves: list[list[dict]]) -> list[dict]:
   """[{'step', 'tokens', 'loss', 'std', 'n'}]: the seeds' decay curves averaged at the steps every seed has."""
   by_step: dict[int, list[dict]] = {}
   for curve in curves:
     for p in curve:
-      by_step.setdefault(p['step'], []).append(p)
+      if p.get('loss') is not None:  # (a diverged decay branch has none)
+        by_step.setdefault(p['step'], []).append(p)
   out = []
   for step in sorted(by_step):
     points = by_step[step]
@@ -241,7 +247,7 @@ def table(records: list[dict]) -> tuple[list[dict], list[str]]:
            'flops_per_token': acc.get('flops_per_token'),
            'wall_s': sum((r.get('train') or {}).get('wall_s') or 0.0 for r in runs),
            'decay_curve': mean_curve([r.get('decay_curve') or [] for r in runs]),
-           'seed_losses': {str(r['config'].get('seed', 0)): r['eval']['loss'] for r in runs},
+           'seed_losses': {seed_key(r['config']): r['eval']['loss'] for r in runs},
            'losses': [r['eval']['loss'] for r in runs], 'paths': [r['_path'] for r in runs]}
     if not acc.get('num_experts'):  # dense: no expert columns
       row.update(granularity=None, experts_per_token=None, expert_hidden=None, num_shared_experts=None)

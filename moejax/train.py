@@ -422,15 +422,20 @@ class _Loop:
           return
         tokens = mesh_lib.global_batch(next(self.data_iter), self.batch_sharding, self.cfg.train.batch_size)
         state, out = self.train_step(state, tokens, self.seed, lrs[i])
-      _check_finite(end, out)
-      result = eval_lib.evaluate(self.s, state)
+      try:
+        _check_finite(end, out)
+        result = eval_lib.evaluate(self.s, state)
+      except NonFiniteLossError as e:  # a diverged branch is a result (recorded as no loss); the main run goes on
+        log.warning('decay branch %d..%d diverged (%s); recorded without a loss', start, end, e)
+        result = {'loss': None, 'bits_per_byte': None}
     finally:
       self.data_iter.set_state(position)
     self.branches_done.add(end)
     self.writer.write(end, {'branch_eval_loss': result['loss'], 'branch_eval_bits_per_byte': result['bits_per_byte'],
                             'tokens': end * self.tokens_per_step})
-    log.info('decay branch %d..%d: held-out loss %.4f (%.4f bits/byte) in %.1f s', start, end, result['loss'],
-             result['bits_per_byte'], time.time() - t0)
+    if result['loss'] is not None:
+      log.info('decay branch %d..%d: held-out loss %.4f (%.4f bits/byte) in %.1f s', start, end, result['loss'],
+               result['bits_per_byte'], time.time() - t0)
 
   def _log(self, out, window_steps: int, elapsed: float, end: int) -> None:
     scalars = dict(jax.device_get(out))

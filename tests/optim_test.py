@@ -55,6 +55,8 @@ def test_decay_branch_schedule_shares_warmup_and_stable_phase(tiny_cfg):
     ({'optim.schedule': 'wsd', 'optim.decay_branches': '1.5'}, 'must be in \\(0, 1\\)'),
     ({'optim.schedule': 'wsd', 'optim.decay_branches': 'half'}, 'comma-separated fractions'),
     ({'optim.schedule': 'wsd', 'optim.warmup_fraction': 0.3, 'optim.decay_branches': '0.3'}, 'before warmup ends'),
+    ({'optim.schedule': 'wsd', 'optim.warmup_fraction': 0.0, 'optim.decay_fraction': 0.001,
+      'optim.decay_branches': '0.5'}, 'has no decay steps'),
 ])
 def test_bad_decay_branches_are_one_line_errors(tiny_cfg, overrides, message):
   with pytest.raises(ConfigError, match=message):

@@ -14,7 +14,7 @@ import pytest
 from flax import nnx
 
 from moejax import checkpoint, config as config_lib, data, eval as eval_lib, main as main_lib, train
-from moejax.errors import Interrupted, NonFiniteLossError
+from moejax.errors import Interrupted, NonFiniteLossError, Preempted
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -252,12 +252,30 @@ def test_decay_branch_equals_a_separate_shorter_run_and_leaves_the_main_run_alon
   assert curve[0]['tokens'] == 6 * 4 * 16 and curve[1]['loss'] == branched['eval']['loss']
 
 
-def test_decay_branch_interrupted_at_its_start_reruns_on_resume(tiny_cfg, tmp_path):
+def test_decay_branch_interrupted_by_sigterm_reruns_on_resume(tiny_cfg, tmp_path, monkeypatch):
   cfg = _branched(tiny_cfg, **{'optim.decay_branches': '0.75'})
   straight = main_lib.execute(cfg, str(tmp_path / 'a'))
-  train.run(cfg, str(tmp_path / 'b'), stop_after=4)  # saved at the branch's decay start, branch not yet run
-  resumed = main_lib.execute(cfg, str(tmp_path / 'b'))
+  make, signals = train.make_train_step, {'sent': False}
+
+  def terminating(*args, **kwargs):
+    step_fn = make(*args, **kwargs)
+
+    def step(state, tokens, seed, lr):
+      new_state, out = step_fn(state, tokens, seed, lr)
+      if int(new_state['step']) == 5 and not signals['sent']:  # the branch's first step (decay from step 4)
+        signals['sent'] = True
+        os.kill(os.getpid(), signal.SIGTERM)
+      return new_state, out
+    return step
+
+  monkeypatch.setattr(train, 'make_train_step', terminating)
+  monkeypatch.setattr(train, '_STEP_CACHE', train.collections.OrderedDict())
+  with pytest.raises(Preempted, match='at step 4'):  # the branch is abandoned; the main state at 4 is saved
+    train.run(cfg, str(tmp_path / 'b'))
+  assert not any('branch_eval_loss' in json.loads(line) for line in open(tmp_path / 'b' / 'metrics.jsonl'))
+  resumed = main_lib.execute(cfg, str(tmp_path / 'b'))  # resumes at step 4 and runs the branch first
   assert [p['loss'] for p in resumed['decay_curve']] == [p['loss'] for p in straight['decay_curve']]
+  assert _losses(tmp_path / 'b') == _losses(tmp_path / 'a')
 
 
 def test_learning_rate_sweeps_and_run_lengths_share_one_compiled_step(tiny_cfg):

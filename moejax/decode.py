@@ -109,3 +109,70 @@ def forward(model: Transformer, tokens_BL: jax.Array, positions_BL: jax.Array, c
   else:
     logits = jnp.einsum('bld,dv->blv', x, model.unembed[...].astype(model.dtype))
   return logits.astype(jnp.float32), Cache(tuple(keys), tuple(values))
+
+
+def sample(logits_BV: jax.Array, key: jax.Array, temperature: jax.Array, top_p: jax.Array) -> jax.Array:
+  """Next tokens [B]: greedy when temperature == 0, else a draw from softmax(logits / temperature) restricted to
+  the smallest set of most likely tokens whose probability reaches top_p (nucleus sampling)."""
+  logits_BV = logits_BV.astype(jnp.float32)
+  greedy = jnp.argmax(logits_BV, axis=-1)
+  scaled = logits_BV / jnp.maximum(temperature, 1e-6)
+  order = jnp.argsort(-scaled, axis=-1)
+  sorted_logits = jnp.take_along_axis(scaled, order, axis=-1)
+  probs = jax.nn.softmax(sorted_logits, axis=-1)
+  before = jnp.cumsum(probs, axis=-1) - probs  # probability mass strictly ahead of each token
+  kept = jnp.where(before < top_p, sorted_logits, -jnp.inf)  # (the most likely token is always kept)
+  drawn = jnp.take_along_axis(order, jax.random.categorical(key, kept)[:, None], axis=-1)[:, 0]
+  return jnp.where(temperature > 0, drawn, greedy).astype(jnp.int32)
+
+
+class Generator:
+  """Compiled prefill and decode step for one model and batch shape; `__call__` generates for a batch of prompts.
+
+  The decode step is jitted once (its cache is donated and updated in place) and serves every
+  step of every generation of this shape: temperature, top-p and the random key are traced.
+  """
+
+  def __init__(self, model: Transformer, batch: int, max_len: int):
+    from flax import nnx  # pylint: disable=import-outside-toplevel
+    self.graphdef, self.state = nnx.split(model)
+    self.model, self.batch, self.max_len = model, batch, max_len
+
+    def prefill(state, cache, tokens_BL, lengths_B, key, temperature, top_p):
+      positions = jnp.broadcast_to(jnp.arange(tokens_BL.shape[1]), tokens_BL.shape)
+      logits, cache = forward(nnx.merge(self.graphdef, state), tokens_BL, positions, cache)
+      last = logits[jnp.arange(tokens_BL.shape[0]), lengths_B - 1]
+      return sample(last, key, temperature, top_p), cache
+
+    def step(state, cache, tokens_B, positions_B, key, temperature, top_p):
+      logits, cache = forward(nnx.merge(self.graphdef, state), tokens_B[:, None], positions_B[:, None], cache)
+      return sample(logits[:, 0], key, temperature, top_p), cache
+
+    self.prefill = jax.jit(prefill, donate_argnums=1)
+    self.step = jax.jit(step, donate_argnums=1)
+
+  def __call__(self, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
+               seed: int = 0) -> list[list[int]]:
+    """The `max_new_tokens` tokens generated after each prompt (token ids)."""
+    if len(prompts) != self.batch:
+      raise ConfigError(f'{len(prompts)} prompts for a generator of batch {self.batch}')
+    if not all(prompts):
+      raise ConfigError('every prompt needs at least one token')
+    longest = max(len(p) for p in prompts)
+    if longest + max_new_tokens > self.max_len:
+      raise ConfigError(f'a prompt of {longest} tokens plus {max_new_tokens} new ones exceeds the context of '
+                        f'{self.max_len} tokens')
+    if temperature < 0 or not 0 < top_p <= 1:
+      raise ConfigError(f'temperature={temperature} must be >= 0 and top_p={top_p} in (0, 1]')
+    padded = jnp.asarray([p + [0] * (longest - len(p)) for p in prompts], jnp.int32)
+    lengths = jnp.asarray([len(p) for p in prompts], jnp.int32)
+    keys = jax.random.split(jax.random.key(seed), max_new_tokens)
+    t, p = jnp.float32(temperature), jnp.float32(top_p)
+    cache = init_cache(self.model, self.batch, self.max_len)
+    token, cache = self.prefill(self.state, cache, padded, lengths, keys[0], t, p)
+    out, positions = [token], lengths
+    for i in range(1, max_new_tokens):
+      token, cache = self.step(self.state, cache, token, positions, keys[i], t, p)
+      out.append(token)
+      positions = positions + 1
+    return jax.device_get(jnp.stack(out, axis=1)).tolist()

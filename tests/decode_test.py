@@ -62,3 +62,35 @@ def test_decoding_refuses_a_capacity_limited_evaluation(tiny_cfg):
   _, cfg = _model(tiny_cfg, {'moe.eval_capacity_factor': 1.0})
   with pytest.raises(ConfigError, match='dropless evaluation'):
     decode.check_decodable(cfg)
+
+
+def test_greedy_generation_equals_repeated_full_forwards_and_compiles_once(tiny_cfg):
+  model, cfg = _model(tiny_cfg, {})
+  prompts = [[5, 9, 13], [7, 1, 2, 3, 4, 8]]
+  gen = decode.Generator(model, batch=2, max_len=16)
+  got = gen(prompts, max_new_tokens=5)
+  for prompt, new in zip(prompts, got):  # the slow twin: the whole sequence through the model at every step
+    seq = list(prompt)
+    for _ in range(5):
+      logits, _ = model(jnp.asarray([seq], jnp.int32))
+      seq.append(int(jnp.argmax(logits[0, -1])))
+    assert new == seq[len(prompt):]
+  again = gen(prompts, max_new_tokens=5, temperature=1.0, top_p=1e-6, seed=3)  # a nucleus of one token is greedy
+  assert again == got
+  sampled = gen(prompts, max_new_tokens=5, temperature=1.0, top_p=0.9, seed=3)
+  assert sampled == gen(prompts, max_new_tokens=5, temperature=1.0, top_p=0.9, seed=3)  # seeded
+  assert gen.step._cache_size() == 1  # pylint: disable=protected-access  (every step of every generation)
+  with pytest.raises(ConfigError, match='exceeds the context'):
+    gen(prompts, max_new_tokens=11)
+  with pytest.raises(ConfigError, match='top_p'):
+    gen(prompts, max_new_tokens=2, top_p=0.0)
+
+
+def test_nucleus_sampling_keeps_only_the_top_mass():
+  logits = jnp.tile(jnp.asarray([[0.0, 10.0, 9.0, -10.0, -10.0]]), (4000, 1))  # p ~ 0, .73, .27, 0, 0
+  keys = jax.random.key(0)
+  drawn = np.asarray(decode.sample(logits, keys, jnp.float32(1.0), jnp.float32(0.5)))
+  assert set(drawn.tolist()) == {1}  # the top token alone reaches 0.5
+  drawn = np.asarray(decode.sample(logits, keys, jnp.float32(1.0), jnp.float32(0.9)))
+  assert set(drawn.tolist()) == {1, 2} and 0.65 < np.mean(drawn == 1) < 0.81  # renormalized over the two
+  assert np.asarray(decode.sample(logits, keys, jnp.float32(0.0), jnp.float32(0.9))).tolist() == [1] * 4000

@@ -94,3 +94,31 @@ def test_nucleus_sampling_keeps_only_the_top_mass():
   drawn = np.asarray(decode.sample(logits, keys, jnp.float32(1.0), jnp.float32(0.9)))
   assert set(drawn.tolist()) == {1, 2} and 0.65 < np.mean(drawn == 1) < 0.81  # renormalized over the two
   assert np.asarray(decode.sample(logits, keys, jnp.float32(0.0), jnp.float32(0.9))).tolist() == [1] * 4000
+
+
+def test_generate_from_a_trained_workdir_and_its_bad_inputs(tiny_cfg, tmp_path):
+  import os  # pylint: disable=import-outside-toplevel
+  import subprocess  # pylint: disable=import-outside-toplevel
+  import sys  # pylint: disable=import-outside-toplevel
+  from moejax import generate, main as main_lib  # pylint: disable=import-outside-toplevel
+  from moejax.errors import CheckpointError, WorkdirError  # pylint: disable=import-outside-toplevel
+  workdir = str(tmp_path / 'run')
+  main_lib.execute(tiny_cfg, workdir)
+  texts = generate.generate_text(workdir, ['def ', 'import'], max_new_tokens=6)
+  assert len(texts) == 2 and all(isinstance(t, str) and len(t.encode()) <= 6 for t in texts)
+  assert texts == generate.generate_text(workdir, ['def ', 'import'], max_new_tokens=6)  # greedy: deterministic
+  with pytest.raises(ConfigError, match="exceeds the run's context of 16 tokens"):
+    generate.generate_text(workdir, ['x' * 12], max_new_tokens=6)
+  with pytest.raises(ConfigError, match='--top_p'):
+    generate.generate_text(workdir, ['x'], top_p=2.0)
+  with pytest.raises(WorkdirError, match='holds no trained run'):
+    generate.generate_text(str(tmp_path / 'empty'), ['x'])
+  bare = tmp_path / 'bare'
+  bare.mkdir()
+  (bare / 'config.json').write_text(open(os.path.join(workdir, 'config.json')).read())
+  with pytest.raises(CheckpointError, match='no checkpoint'):
+    generate.generate_text(str(bare), ['x'], max_new_tokens=2)
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  out = subprocess.run([sys.executable, '-m', 'moejax.generate', f'--workdir={tmp_path}/empty', '--prompt=x'],
+                       cwd=root, capture_output=True, text=True, timeout=120)
+  assert out.returncode != 0 and out.stderr.strip().splitlines()[-1].startswith('moejax: error:')

@@ -1,0 +1,88 @@
+"""Sample text from a trained run's latest checkpoint with KV-cache decoding (`moejax.decode`).
+
+  python -m moejax.generate --workdir=DIR --prompt='def main(' [--prompt=...] [--max_new_tokens=64]
+      [--temperature=0] [--top_p=1.0] [--seed=0]
+
+Each prompt is encoded as a new document with the run's tokenizer (a separator token, then the
+prompt's tokens, as in training), the prompts are decoded together as one batch, and each
+continuation is printed after its prompt, detokenized with the same tokenizer. Temperature 0
+is greedy. The context is the run's `data.seq_len`: a prompt plus its new tokens must fit.
+A workdir without a config or a checkpoint, a prompt that does not fit, or a bad sampling
+option is one line `moejax: error: ...` and a non-zero exit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+from absl import app, flags
+
+from moejax import cli, config as config_lib
+from moejax.errors import ConfigError, WorkdirError
+
+FLAGS = flags.FLAGS
+
+
+def load_config(workdir: str):
+  """The run's resolved config (WORKDIR/config.json), rebuilt on experiments/base.py and validated."""
+  path = os.path.join(workdir, 'config.json')
+  try:
+    with open(path) as f:
+      stored = json.load(f)
+  except FileNotFoundError:
+    raise WorkdirError(f'{path} does not exist: {workdir} holds no trained run') from None
+  except (OSError, ValueError) as e:
+    raise WorkdirError(f'cannot read {path}: {e}') from None
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  from experiments import base  # pylint: disable=import-outside-toplevel
+  return config_lib.validate(config_lib.apply_overrides(base.get_config(), config_lib.flatten(stored)))
+
+
+def generate_text(workdir: str, prompts: list[str], max_new_tokens: int = 64, temperature: float = 0.0,
+                  top_p: float = 1.0, seed: int = 0) -> list[str]:
+  """The continuation of each prompt, as text, from the latest checkpoint in `workdir`."""
+  if not prompts:
+    raise ConfigError('give at least one --prompt')
+  if max_new_tokens < 1 or temperature < 0 or not 0 < top_p <= 1:
+    raise ConfigError(f'--max_new_tokens={max_new_tokens} must be >= 1, --temperature={temperature} >= 0 and '
+                      f'--top_p={top_p} in (0, 1]')
+  cfg = load_config(workdir)
+  from flax import nnx  # pylint: disable=import-outside-toplevel  (jax loads only after the checks above)
+  from moejax import data, decode, eval as eval_lib, train  # pylint: disable=import-outside-toplevel
+  decode.check_decodable(cfg)
+  corpus = data.corpus_from_config(cfg.data)  # (the run's tokenizer)
+  encoded = [doc.astype(int).tolist() for doc in corpus.tokenizer.encode_documents([p.encode() for p in prompts])]
+  context = cfg.data.seq_len
+  for text, ids in zip(prompts, encoded):
+    if len(ids) + max_new_tokens > context:
+      raise ConfigError(f'prompt {text[:30]!r} is {len(ids)} tokens; with --max_new_tokens={max_new_tokens} it '
+                        f'exceeds the run\'s context of {context} tokens (data.seq_len)')
+  s = train.setup(cfg, corpus)
+  _, state = eval_lib.restore_state(s, workdir)
+  model = nnx.merge(s.graphdef, state['params'], state['buffers'])
+  out = decode.Generator(model, len(prompts), context)(encoded, max_new_tokens, temperature, top_p, seed)
+  sep = corpus.tokenizer.separator
+  return [corpus.tokenizer.decode([t for t in ids if t != sep]).decode('utf-8', errors='replace') for ids in out]
+
+
+def _main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  if not FLAGS.workdir:
+    raise app.UsageError('--workdir is required')
+  texts = generate_text(FLAGS.workdir, FLAGS.prompt or [], FLAGS.max_new_tokens, FLAGS.temperature, FLAGS.top_p,
+                        FLAGS.seed)
+  for prompt, text in zip(FLAGS.prompt, texts):
+    print(f'--- {prompt!r}\n{prompt}{text}')
+
+
+if __name__ == '__main__':
+  flags.DEFINE_string('workdir', None, 'A trained run (config.json and checkpoints/).')
+  flags.DEFINE_multi_string('prompt', None, 'A prompt (repeat the flag for a batch of prompts).')
+  flags.DEFINE_integer('max_new_tokens', 64, 'Tokens to generate after each prompt.')
+  flags.DEFINE_float('temperature', 0.0, 'Sampling temperature; 0 is greedy.')
+  flags.DEFINE_float('top_p', 1.0, 'Nucleus sampling: keep the most likely tokens up to this probability mass.')
+  flags.DEFINE_integer('seed', 0, 'Random seed of the sampling.')
+  cli.cli(_main)

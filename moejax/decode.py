@@ -27,6 +27,7 @@ import jax.numpy as jnp
 from moejax.errors import ConfigError
 from moejax.layers import Attention
 from moejax.model import Transformer
+from moejax.moe import MoE
 
 
 class Cache(NamedTuple):
@@ -89,17 +90,51 @@ def _attention(attn: Attention, x_BLD, keys_BTHK, values_BTHK, positions_BL):
   return jnp.einsum('blhk,hkd->bld', o, attn.wo[...].astype(dt)), keys_BTHK, values_BTHK
 
 
-def forward(model: Transformer, tokens_BL: jax.Array, positions_BL: jax.Array, cache: Cache
-            ) -> tuple[jax.Array, Cache]:
+def moe_gather(moe: MoE, x_BLD: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """The MoE layer for a few tokens: gathers only the selected experts' weights ([T, k, D, F] per size class).
+
+  At decode a step has B tokens, so the block dispatch's sort, padding and per-block matmuls over
+  all E experts are overhead; this reads k experts per token and nothing else. Same routing
+  (`MoE._route`), gates and shared experts as `MoE.__call__` (dropless). Returns (y_BLD, experts_TK).
+  """
+  B, L, D = x_BLD.shape
+  dt = x_BLD.dtype
+  x_TD = x_BLD.reshape(B * L, D)
+  _, _, experts_TK, gates_TK = moe._route(x_TD, False, None)  # pylint: disable=protected-access
+  y_TD = jnp.zeros((B * L, D), jnp.float32)
+  offset = 0
+  for (count, _), experts in zip(moe.classes, moe.experts):
+    local_TK = experts_TK - offset
+    valid_TK = (local_TK >= 0) & (local_TK < count)
+    idx_TK = jnp.clip(local_TK, 0, count - 1)
+    w_gate, w_up, w_down = (w[...].astype(dt)[idx_TK] for w in (experts.w_gate, experts.w_up, experts.w_down))
+    h_TKF = jax.nn.silu(jnp.einsum('td,tkdf->tkf', x_TD, w_gate)) * jnp.einsum('td,tkdf->tkf', x_TD, w_up)
+    out_TKD = jnp.einsum('tkf,tkfd->tkd', h_TKF, w_down).astype(jnp.float32)
+    y_TD += jnp.sum(jnp.where(valid_TK, gates_TK, 0.0)[..., None] * out_TKD, axis=1)
+    offset += count
+  if moe.shared is not None:
+    shared_TD = moe.shared(x_TD).astype(jnp.float32)
+    if moe.w_shared_gate is not None:
+      shared_TD = shared_TD * jax.nn.sigmoid(jnp.dot(x_TD.astype(jnp.float32), moe.w_shared_gate[...]))
+    y_TD += shared_TD
+  return y_TD.reshape(B, L, D).astype(dt), experts_TK
+
+
+def forward(model: Transformer, tokens_BL: jax.Array, positions_BL: jax.Array, cache: Cache,
+            moe_dispatch: str = 'gather') -> tuple[jax.Array, Cache]:
   """Logits [B, L, V] (float32) of `tokens_BL` at `positions_BL` (prefill: L prompt tokens; decode: L = 1), and the
-  cache with their keys and values written."""
+  cache with their keys and values written.
+
+  moe_dispatch 'gather' runs MoE layers with `moe_gather` (few tokens: decode steps); 'model' with the
+  model's own dispatch (`moe.dispatch`: many tokens, prefill).
+  """
   x = model.embed(tokens_BL, model.dtype)
   keys, values = list(cache.keys), list(cache.values)
   for i, block in enumerate(model.blocks):
     y, keys[i], values[i] = _attention(block.attn, block.attn_norm(x), keys[i], values[i], positions_BL)
     x = x + y
     if block.use_moe:
-      f, _ = block.ffn(block.ffn_norm(x))
+      f, _ = moe_gather(block.ffn, block.ffn_norm(x)) if moe_dispatch == 'gather' else block.ffn(block.ffn_norm(x))
     else:
       f = block.ffn(block.ffn_norm(x))
     x = x + f
@@ -140,7 +175,7 @@ class Generator:
 
     def prefill(state, cache, tokens_BL, lengths_B, key, temperature, top_p):
       positions = jnp.broadcast_to(jnp.arange(tokens_BL.shape[1]), tokens_BL.shape)
-      logits, cache = forward(nnx.merge(self.graphdef, state), tokens_BL, positions, cache)
+      logits, cache = forward(nnx.merge(self.graphdef, state), tokens_BL, positions, cache, moe_dispatch='model')
       last = logits[jnp.arange(tokens_BL.shape[0]), lengths_B - 1]
       return sample(last, key, temperature, top_p), cache
 

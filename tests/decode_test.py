@@ -33,13 +33,13 @@ def test_prefill_then_decode_equals_the_full_forward(tiny_cfg, design):
   lengths = np.array([3, 6])  # prompts of different lengths in one batch, right-padded to 6 for prefill
   cache = decode.init_cache(model, 2, 12)
   positions = jnp.broadcast_to(jnp.arange(6), (2, 6))
-  logits, cache = decode.forward(model, tokens[:, :6], positions, cache)
+  logits, cache = decode.forward(model, tokens[:, :6], positions, cache, moe_dispatch='model')  # prefill
   for b, n in enumerate(lengths):
     np.testing.assert_allclose(logits[b, :n], full[b, :n], rtol=1e-5, atol=2e-5)
   pos = jnp.asarray(lengths)
   for _ in range(12 - 6):  # teacher-forced decode: each row feeds its true next token at its own position
     step_tokens = tokens[jnp.arange(2), pos][:, None]
-    logits, cache = decode.forward(model, step_tokens, pos[:, None], cache)
+    logits, cache = decode.forward(model, step_tokens, pos[:, None], cache)  # few-token gather dispatch
     np.testing.assert_allclose(logits[:, 0], full[jnp.arange(2), pos], rtol=1e-5, atol=2e-5)
     pos = pos + 1
 
@@ -122,3 +122,15 @@ def test_generate_from_a_trained_workdir_and_its_bad_inputs(tiny_cfg, tmp_path):
   out = subprocess.run([sys.executable, '-m', 'moejax.generate', f'--workdir={tmp_path}/empty', '--prompt=x'],
                        cwd=root, capture_output=True, text=True, timeout=120)
   assert out.returncode != 0 and out.stderr.strip().splitlines()[-1].startswith('moejax: error:')
+
+
+@pytest.mark.parametrize('design', ['moe', 'shared_heterogeneous', 'sigmoid_auxfree_qknorm'])
+def test_few_token_gather_dispatch_equals_the_layer_and_routes_alike(tiny_cfg, design):
+  model, cfg = _model(tiny_cfg, DESIGNS[design])
+  moe = next(b.ffn for b in model.blocks if b.use_moe)
+  x = jax.random.normal(jax.random.key(1), (3, 2, cfg.model.model_dim), jnp.float32)
+  want, _ = moe(x)
+  got, experts = decode.moe_gather(moe, x)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+  _, _, experts_ref, _ = moe._route(x.reshape(-1, cfg.model.model_dim), False, None)  # pylint: disable=protected-access
+  np.testing.assert_array_equal(experts, experts_ref)

@@ -773,7 +773,7 @@ def markdown(claims: list[Claim], noise: dict, fits: dict[str, dict[str, scaling
   sigma = '-' if noise['sigma'] is None else f'{noise["sigma"]:.4f}'
   threshold = '-' if noise['threshold'] is None else f'{noise["threshold"]:.4f}'
   survives = holm(claims)
-  decided = len(survives)
+  decided = sum(c.verdict != 'inconclusive' for c in claims)
   tested = sum(c.p is not None for c in claims)
   paired = ('-' if noise.get('paired_sigma') is None else
             f'{noise["paired_sigma"]:.4f} nats ({noise["paired_dof"]} degrees of freedom)')
@@ -791,8 +791,9 @@ def markdown(claims: list[Claim], noise: dict, fits: dict[str, dict[str, scaling
            f'Multiple comparisons: {decided} of {len(claims)} verdicts are decided, each at the 2.5% one-sided level on '
            f'its own (equivalence: 5% per one-sided test). Under Holm\'s step-down correction over all {tested} '
            f'tested claims (family-wise 2.5%, equivalence p-values put on that scale), {sum(survives.values())} of the '
-           f'{decided} decided verdicts survive (column "Holm"). A verdict marked "hinges" changes if one point of '
-           'its series is dropped.', '',
+           f'{len(survives)} decided verdicts with a p-value survive (column "Holm"; the argmin verdicts C-B2/C-B2a rest '
+           'on simulated intervals, not a p-value). A verdict marked "hinges" changes if one point of its series is '
+           'dropped.', '',
            '| claim | statement | expected | measured Δ (nats) | 95% interval | verdict | p | Holm | detail | '
            'to decide at this scale |',
            '|---|---|---|---:|---|---|---:|---|---|---|']

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from moejax.errors import ConfigError
-from moejax.layers import Attention
+from moejax.layers import Attention, swiglu
 from moejax.model import Transformer
 from moejax.moe import MoE
 
@@ -108,15 +108,11 @@ def moe_gather(moe: MoE, x_BLD: jax.Array) -> tuple[jax.Array, jax.Array]:
     valid_TK = (local_TK >= 0) & (local_TK < count)
     idx_TK = jnp.clip(local_TK, 0, count - 1)
     w_gate, w_up, w_down = (w[...].astype(dt)[idx_TK] for w in (experts.w_gate, experts.w_up, experts.w_down))
-    h_TKF = jax.nn.silu(jnp.einsum('td,tkdf->tkf', x_TD, w_gate)) * jnp.einsum('td,tkdf->tkf', x_TD, w_up)
-    out_TKD = jnp.einsum('tkf,tkfd->tkd', h_TKF, w_down).astype(jnp.float32)
+    out_TKD = swiglu(x_TD, w_gate, w_up, w_down, 'td,tkdf->tkf;tkf,tkfd->tkd').astype(jnp.float32)
     y_TD += jnp.sum(jnp.where(valid_TK, gates_TK, 0.0)[..., None] * out_TKD, axis=1)
     offset += count
   if moe.shared is not None:
-    shared_TD = moe.shared(x_TD).astype(jnp.float32)
-    if moe.w_shared_gate is not None:
-      shared_TD = shared_TD * jax.nn.sigmoid(jnp.dot(x_TD.astype(jnp.float32), moe.w_shared_gate[...]))
-    y_TD += shared_TD
+    y_TD += moe.shared_output(x_TD)
   return y_TD.reshape(B, L, D).astype(dt), experts_TK
 
 

@@ -173,14 +173,18 @@ class MoE(nnx.Module):
       y_TD += y_class.astype(jnp.float32)
       offset += count
     if self.shared is not None:
-      shared_TD = self.shared(x_TD).astype(jnp.float32)
-      if self.w_shared_gate is not None:
-        shared_TD = shared_TD * jax.nn.sigmoid(jnp.dot(x_TD.astype(jnp.float32), self.w_shared_gate[...]))
-      y_TD += shared_TD
+      y_TD += self.shared_output(x_TD)
     aux = self._aux(logits_TE, scores_TE, experts_TK, keep_TK, L)
     if ep_drops:
       aux['ep_drop_fraction'] = sum(ep_drops) / len(ep_drops)
     return y_TD.reshape(B, L, D).astype(dt), aux
+
+  def shared_output(self, x_TD: jax.Array) -> jax.Array:
+    """The shared experts' output [T, D] in float32 (times sigmoid(x . w) with the Qwen2-MoE gate)."""
+    shared_TD = self.shared(x_TD).astype(jnp.float32)
+    if self.w_shared_gate is not None:
+      shared_TD = shared_TD * jax.nn.sigmoid(jnp.dot(x_TD.astype(jnp.float32), self.w_shared_gate[...]))
+    return shared_TD
 
   def _aux(self, logits_TE, scores_TE, experts_TK, keep_TK, seq_len: int) -> dict[str, jax.Array]:
     c = self.cfg

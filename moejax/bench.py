@@ -3,6 +3,8 @@
   python -m moejax.bench step [--config=experiments/quickstart.py] [--steps=10] [--rounds=5] [--cpu_devices=N]
   python -m moejax.bench moe [--small] [--rounds=5] [--dtype=bfloat16]
   python -m moejax.bench data [--store_gb=2.2] [--workdir=/tmp/moejax-bench-data]
+  python -m moejax.bench decode [--config=experiments/quickstart.py] [--points=a,b] [--run=DIR ...]
+      [--batches=1,8,64] [--context=N] [--decode_steps=32] [--rounds=5] [--copy_mb=512]
 
 `step`: the train-step time of every point of an experiment's sweep, on one fixed random
 batch (data loading excluded), after compilation and warm-up. Points are timed in
@@ -30,6 +32,8 @@ training FLOPs per token); (2) `moejax.prepare` tokens/s per worker for bytes an
 (one tokenizer thread per worker), with 1 and 2 workers; (3) the peak resident memory of a
 short training run reading a synthetic store of `--store_gb` GB, beside the same run on
 the in-memory stdlib corpus. Scratch files go under --workdir (about 3x store_gb of disk).
+
+`decode`: KV-cache decoding against the bandwidth model; see `moejax.decode_bench`.
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ import numpy as np
 from absl import app, flags
 
 from moejax import accounting, cli, config as config_lib, data, mesh as mesh_lib, optim, train
+from moejax.errors import ConfigError
 
 FLAGS = flags.FLAGS
 
@@ -318,6 +323,19 @@ def _main(argv):
   if FLAGS.cpu_devices:  # must happen before the first device query starts the CPU backend
     os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '')
                                + f' --xla_force_host_platform_device_count={FLAGS.cpu_devices}')
+  if len(argv) == 2 and argv[1] == 'decode':
+    from moejax import decode_bench  # pylint: disable=import-outside-toplevel
+    config = FLAGS.config if (FLAGS['config'].present or not FLAGS.run) else None
+    points = [p for p in (FLAGS.points or '').split(',') if p]
+    batches = [int(b) for b in FLAGS.batches.split(',') if b]
+    try:
+      models = decode_bench.load_models(config, points, FLAGS.run or [])
+    except ValueError as e:
+      raise ConfigError(str(e)) from None
+    print(f'decode benchmark: {jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}, '
+          f'{os.cpu_count()} CPUs; {FLAGS.rounds} interleaved rounds of {FLAGS.decode_steps} greedy steps, median')
+    print('\n'.join(decode_bench.run(models, batches, FLAGS.context, FLAGS.decode_steps, FLAGS.rounds, FLAGS.copy_mb)))
+    return
   if len(argv) == 2 and argv[1] == 'moe':
     shapes = MOE_SHAPES_SMALL if FLAGS.small else MOE_SHAPES
     dtype = jnp.dtype(FLAGS.dtype)
@@ -329,7 +347,7 @@ def _main(argv):
     print('\n'.join(moe_benchmark(shapes, FLAGS.rounds, dtype)))
     return
   if len(argv) != 2 or argv[1] != 'step':
-    raise app.UsageError('usage: python -m moejax.bench step|moe|data [--config=...] [--steps=N] [--rounds=N] [--small]')
+    raise app.UsageError('usage: python -m moejax.bench step|moe|data|decode [--config=...] [--steps=N] [--rounds=N] [--small]')
   module = config_lib.load_module(FLAGS.config)
   points = module.get_sweep() if hasattr(module, 'get_sweep') else [{}]
   cfgs = [config_lib.validate(config_lib.apply_overrides(module.get_config(), p)) for p in points]
@@ -354,5 +372,11 @@ if __name__ == '__main__':
   flags.DEFINE_string('dtype', 'bfloat16', 'moe: input and weight dtype.')
   flags.DEFINE_float('store_gb', 2.2, 'data: size of the synthetic token store for the memory measurement.')
   flags.DEFINE_string('workdir', '/tmp/moejax-bench-data', 'data: scratch directory (stores, runs).')
+  flags.DEFINE_string('points', None, 'decode: comma-separated sweep point names of --config (default: all).')
+  flags.DEFINE_multi_string('run', None, 'decode: a trained run (workdir with checkpoints); repeat for several.')
+  flags.DEFINE_string('batches', '1,8,64', 'decode: batch sizes.')
+  flags.DEFINE_integer('context', None, 'decode: prompt length (default: data.seq_len - decode_steps).')
+  flags.DEFINE_integer('decode_steps', 32, 'decode: greedy steps per timed round.')
+  flags.DEFINE_integer('copy_mb', 512, 'decode: size of the array of the memory-bandwidth measurement.')
   flags.DEFINE_integer('cpu_devices', 0, 'Fake this many CPU devices (for meshes on a CPU machine); 0 = as is.')
   cli.cli(_main)

@@ -19,13 +19,14 @@ from prefill + decode equal it (tests/decode_test.py).
 
 from __future__ import annotations
 
+import os
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from moejax.errors import ConfigError
-from moejax.layers import Attention, swiglu
+from moejax.layers import Attention, rotary, swiglu
 from moejax.model import Transformer
 from moejax.moe import MoE
 
@@ -55,17 +56,6 @@ def init_cache(model: Transformer, batch: int, max_len: int) -> Cache:
   return Cache(zeros, tuple(jnp.zeros(s, model.dtype) for s in shapes))
 
 
-def rotary_at(x_BLHK: jax.Array, positions_BL: jax.Array, base: float) -> jax.Array:
-  """Rotary embedding at absolute positions (rotate-half form, float32); equals `layers.rotary` at 0..L-1."""
-  K = x_BLHK.shape[-1]
-  inv_freq = base ** (-jnp.arange(0, K, 2, dtype=jnp.float32) / K)
-  angles_BLK = positions_BL.astype(jnp.float32)[..., None] * inv_freq
-  sin, cos = jnp.sin(angles_BLK)[:, :, None, :], jnp.cos(angles_BLK)[:, :, None, :]
-  x = x_BLHK.astype(jnp.float32)
-  x1, x2 = jnp.split(x, 2, axis=-1)
-  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x_BLHK.dtype)
-
-
 def _attention(attn: Attention, x_BLD, keys_BTHK, values_BTHK, positions_BL):
   """Attention of L new tokens at `positions_BL` over the cache; returns (output, keys, values) with theirs written."""
   dt = x_BLD.dtype
@@ -73,7 +63,7 @@ def _attention(attn: Attention, x_BLD, keys_BTHK, values_BTHK, positions_BL):
   k = jnp.einsum('bld,dhk->blhk', x_BLD, attn.wk[...].astype(dt))
   if attn.q_norm is not None:
     q, k = attn.q_norm(q), attn.k_norm(k)
-  q, k = rotary_at(q, positions_BL, attn.rope_base), rotary_at(k, positions_BL, attn.rope_base)
+  q, k = rotary(q, attn.rope_base, positions_BL), rotary(k, attn.rope_base, positions_BL)
   v = jnp.einsum('bld,dhk->blhk', x_BLD, attn.wv[...].astype(dt))
   rows = jnp.arange(x_BLD.shape[0])[:, None]
   keys_BTHK = keys_BTHK.at[rows, positions_BL].set(k.astype(keys_BTHK.dtype))
@@ -94,8 +84,10 @@ def moe_gather(moe: MoE, x_BLD: jax.Array) -> tuple[jax.Array, jax.Array]:
   """The MoE layer for a few tokens: gathers only the selected experts' weights ([T, k, D, F] per size class).
 
   At decode a step has B tokens, so the block dispatch's sort, padding and per-block matmuls over
-  all E experts are overhead; this reads k experts per token and nothing else. Same routing
-  (`MoE._route`), gates and shared experts as `MoE.__call__` (dropless). Returns (y_BLD, experts_TK).
+  all E experts are overhead; this reads the T*k selected experts (with repeats) and nothing else:
+  the weights are gathered in their stored dtype and cast afterwards, so the other experts are
+  never touched. Same routing (`MoE._route`), gates and shared experts as `MoE.__call__`
+  (dropless). Returns (y_BLD, experts_TK).
   """
   B, L, D = x_BLD.shape
   dt = x_BLD.dtype
@@ -107,7 +99,7 @@ def moe_gather(moe: MoE, x_BLD: jax.Array) -> tuple[jax.Array, jax.Array]:
     local_TK = experts_TK - offset
     valid_TK = (local_TK >= 0) & (local_TK < count)
     idx_TK = jnp.clip(local_TK, 0, count - 1)
-    w_gate, w_up, w_down = (w[...].astype(dt)[idx_TK] for w in (experts.w_gate, experts.w_up, experts.w_down))
+    w_gate, w_up, w_down = (w[...][idx_TK].astype(dt) for w in (experts.w_gate, experts.w_up, experts.w_down))
     out_TKD = swiglu(x_TD, w_gate, w_up, w_down, 'td,tkdf->tkf;tkf,tkfd->tkd').astype(jnp.float32)
     y_TD += jnp.sum(jnp.where(valid_TK, gates_TK, 0.0)[..., None] * out_TKD, axis=1)
     offset += count
@@ -116,30 +108,52 @@ def moe_gather(moe: MoE, x_BLD: jax.Array) -> tuple[jax.Array, jax.Array]:
   return y_TD.reshape(B, L, D).astype(dt), experts_TK
 
 
+DISPATCHES = ('auto', 'gather', 'model')
+
+
+def pick_dispatch(moe_dispatch: str, tokens: int, topk: int, num_experts: int) -> str:
+  """'auto': the gather while it reads no more expert weights than the model's dispatch does (tokens * k <= E),
+  else the model's own dispatch (`moe.dispatch`), which reads every expert once."""
+  if moe_dispatch not in DISPATCHES:
+    raise ConfigError(f'moe_dispatch={moe_dispatch!r} must be one of {DISPATCHES}')
+  if moe_dispatch != 'auto':
+    return moe_dispatch
+  return 'gather' if tokens * topk <= num_experts else 'model'
+
+
 def forward(model: Transformer, tokens_BL: jax.Array, positions_BL: jax.Array, cache: Cache,
-            moe_dispatch: str = 'gather') -> tuple[jax.Array, Cache]:
-  """Logits [B, L, V] (float32) of `tokens_BL` at `positions_BL` (prefill: L prompt tokens; decode: L = 1), and the
-  cache with their keys and values written.
+            moe_dispatch: str = 'auto', ffn: bool = True) -> tuple[jax.Array, Cache, tuple[jax.Array, ...]]:
+  """Logits [B, L, V] (float32) of `tokens_BL` at `positions_BL` (prefill: L prompt tokens; decode: L = 1), the
+  cache with their keys and values written, and each MoE layer's routing: experts [B*L, k] (int32), in layer order.
 
   moe_dispatch 'gather' runs MoE layers with `moe_gather` (few tokens: decode steps); 'model' with the
-  model's own dispatch (`moe.dispatch`: many tokens, prefill).
+  model's own dispatch (`moe.dispatch`: many tokens, prefill); 'auto' chooses by `pick_dispatch`.
+  ffn=False skips every FFN (dense and MoE): an ablation for `moejax.bench decode`'s time breakdown only.
   """
   x = model.embed(tokens_BL, model.dtype)
-  keys, values = list(cache.keys), list(cache.values)
+  keys, values, routes = list(cache.keys), list(cache.values), []
+  T = tokens_BL.shape[0] * tokens_BL.shape[1]
   for i, block in enumerate(model.blocks):
     y, keys[i], values[i] = _attention(block.attn, block.attn_norm(x), keys[i], values[i], positions_BL)
     x = x + y
-    if block.use_moe:
-      f, _ = moe_gather(block.ffn, block.ffn_norm(x)) if moe_dispatch == 'gather' else block.ffn(block.ffn_norm(x))
+    h = block.ffn_norm(x)
+    if not ffn:
+      continue
+    if not block.use_moe:
+      f = block.ffn(h)
+    elif pick_dispatch(moe_dispatch, T, block.ffn.cfg.experts_per_token, block.ffn.cfg.num_experts) == 'gather':
+      f, experts = moe_gather(block.ffn, h)
+      routes.append(experts)
     else:
-      f = block.ffn(block.ffn_norm(x))
+      f, _ = block.ffn(h)
+      routes.append(block.ffn._route(h.reshape(T, -1), False, None)[2])  # pylint: disable=protected-access  (CSE'd)
     x = x + f
   x = model.final_norm(x)
   if model.unembed is None:
     logits = model.embed.attend(x)
   else:
     logits = jnp.einsum('bld,dv->blv', x, model.unembed[...].astype(model.dtype))
-  return logits.astype(jnp.float32), Cache(tuple(keys), tuple(values))
+  return logits.astype(jnp.float32), Cache(tuple(keys), tuple(values)), tuple(routes)
 
 
 def sample(logits_BV: jax.Array, key: jax.Array, temperature: jax.Array, top_p: jax.Array) -> jax.Array:
@@ -157,53 +171,126 @@ def sample(logits_BV: jax.Array, key: jax.Array, temperature: jax.Array, top_p: 
   return jnp.where(temperature > 0, drawn, greedy).astype(jnp.int32)
 
 
+def free_memory_bytes() -> int | None:
+  """Bytes the first device can still allocate: the accelerator's limit minus what is in use, or the host's
+  available physical memory on CPU; None when unknown."""
+  stats = getattr(jax.devices()[0], 'memory_stats', lambda: None)() or {}
+  if 'bytes_limit' in stats:
+    return int(stats['bytes_limit'] - stats.get('bytes_in_use', 0))
+  if jax.default_backend() == 'cpu':
+    try:
+      return os.sysconf('SC_AVPHYS_PAGES') * os.sysconf('SC_PAGE_SIZE')
+    except (ValueError, OSError):
+      return None
+  return None
+
+
+def _tree_bytes(tree) -> int:
+  return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
+
+
 class Generator:
   """Compiled prefill and decode step for one model and batch shape; `__call__` generates for a batch of prompts.
 
-  The decode step is jitted once (its cache is donated and updated in place) and serves every
-  step of every generation of this shape: temperature, top-p and the random key are traced.
+  The decode step is compiled once, ahead of time, from the shapes alone (the cache is donated and
+  updated in place) and serves every step of every generation of this shape: temperature, top-p
+  and the random key are traced. Before any cache is allocated, the compiler's memory analysis of
+  the step (and of each prefill length) is checked against the device's free memory
+  (`memory_limit`, default `free_memory_bytes()`): a batch or cache that does not fit is a
+  ConfigError, not an out-of-memory crash. `compilations` counts what was compiled.
   """
 
-  def __init__(self, model: Transformer, batch: int, max_len: int):
+  def __init__(self, model: Transformer, batch: int, max_len: int, moe_dispatch: str = 'auto',
+               memory_limit: int | None = None):
     from flax import nnx  # pylint: disable=import-outside-toplevel
+    if batch < 1 or max_len < 2:
+      raise ConfigError(f'batch={batch} must be >= 1 and the context max_len={max_len} >= 2')
+    pick_dispatch(moe_dispatch, 1, 1, 1)  # (validates the name)
     self.graphdef, self.state = nnx.split(model)
-    self.model, self.batch, self.max_len = model, batch, max_len
+    self.model, self.batch, self.max_len, self.moe_dispatch = model, batch, max_len, moe_dispatch
+    self.memory_limit = free_memory_bytes() if memory_limit is None else memory_limit
+    self.state_bytes = _tree_bytes(self.state)
+    self.compilations = {'step': 0, 'prefill': 0}
+    self.memory = {}
 
     def prefill(state, cache, tokens_BL, lengths_B, key, temperature, top_p):
       positions = jnp.broadcast_to(jnp.arange(tokens_BL.shape[1]), tokens_BL.shape)
-      logits, cache = forward(nnx.merge(self.graphdef, state), tokens_BL, positions, cache, moe_dispatch='model')
+      logits, cache, routes = forward(nnx.merge(self.graphdef, state), tokens_BL, positions, cache, 'model')
       last = logits[jnp.arange(tokens_BL.shape[0]), lengths_B - 1]
-      return sample(last, key, temperature, top_p), cache
+      return sample(last, key, temperature, top_p), cache, routes
 
     def step(state, cache, tokens_B, positions_B, key, temperature, top_p):
-      logits, cache = forward(nnx.merge(self.graphdef, state), tokens_B[:, None], positions_B[:, None], cache)
-      return sample(logits[:, 0], key, temperature, top_p), cache
+      logits, cache, routes = forward(nnx.merge(self.graphdef, state), tokens_B[:, None], positions_B[:, None],
+                                      cache, moe_dispatch)
+      return sample(logits[:, 0], key, temperature, top_p), cache, routes
 
-    self.prefill = jax.jit(prefill, donate_argnums=1)
-    self.step = jax.jit(step, donate_argnums=1)
+    self._prefill_fn = jax.jit(prefill, donate_argnums=1)
+    self._prefills = {}
+    self.cache_shape = jax.eval_shape(lambda: init_cache(model, batch, max_len))
+    scalar = jax.ShapeDtypeStruct((), jnp.float32)
+    vector = jax.ShapeDtypeStruct((batch,), jnp.int32)
+    key = jax.eval_shape(lambda: jax.random.key(0))
+    self.step = self._compile(jax.jit(step, donate_argnums=1), 'step', vector, vector, key, scalar, scalar)
 
-  def __call__(self, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
-               seed: int = 0) -> list[list[int]]:
-    """The `max_new_tokens` tokens generated after each prompt (token ids)."""
+  def _compile(self, fn, what: str, *args):
+    """Lowers and compiles fn(state, cache, *args) from shapes; refuses it if it would not fit in memory."""
+    compiled = fn.lower(self.state, self.cache_shape, *args).compile()
+    self.compilations[what] += 1
+    m = compiled.memory_analysis()
+    if m is not None:
+      # The state is already resident; the cache, the outputs that do not reuse a donated buffer and the
+      # temporaries are new.
+      need = (m.argument_size_in_bytes - self.state_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
+              + m.temp_size_in_bytes)
+      self.memory[what] = need
+      if self.memory_limit is not None and need > self.memory_limit:
+        raise ConfigError(f'the {what} for batch {self.batch} and a context of {self.max_len} tokens needs '
+                          f'{need / 1e9:.3g} GB (cache {_tree_bytes(self.cache_shape) / 1e9:.3g} GB, compiler memory '
+                          f'analysis) but {self.memory_limit / 1e9:.3g} GB is free: use a smaller batch or context')
+    return compiled
+
+  def prefill_for(self, tokens_BL, lengths_B, key, temperature, top_p):
+    """The compiled prefill for this padded prompt length (compiled, and memory-checked, on first use)."""
+    L = tokens_BL.shape[1]
+    if L not in self._prefills:
+      spec = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype)
+      self._prefills[L] = self._compile(self._prefill_fn, 'prefill', *(spec(x) for x in (tokens_BL, lengths_B, key,
+                                                                                          temperature, top_p)))
+    return self._prefills[L]
+
+  def check(self, prompts: list[list[int]], max_new_tokens: int, temperature: float, top_p: float) -> None:
+    """ConfigError for a batch of prompts this generator cannot serve."""
     if len(prompts) != self.batch:
       raise ConfigError(f'{len(prompts)} prompts for a generator of batch {self.batch}')
     if not all(prompts):
       raise ConfigError('every prompt needs at least one token')
     longest = max(len(p) for p in prompts)
+    if max_new_tokens < 1:
+      raise ConfigError(f'max_new_tokens={max_new_tokens} must be >= 1')
     if longest + max_new_tokens > self.max_len:
       raise ConfigError(f'a prompt of {longest} tokens plus {max_new_tokens} new ones exceeds the context of '
                         f'{self.max_len} tokens')
     if temperature < 0 or not 0 < top_p <= 1:
       raise ConfigError(f'temperature={temperature} must be >= 0 and top_p={top_p} in (0, 1]')
+
+  def __call__(self, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
+               seed: int = 0, routes: list | None = None) -> list[list[int]]:
+    """The `max_new_tokens` tokens generated after each prompt (token ids). If `routes` is a list, each decode
+    step's routing (a tuple over MoE layers of experts [B, k]) is appended to it."""
+    self.check(prompts, max_new_tokens, temperature, top_p)
+    longest = max(len(p) for p in prompts)
     padded = jnp.asarray([p + [0] * (longest - len(p)) for p in prompts], jnp.int32)
     lengths = jnp.asarray([len(p) for p in prompts], jnp.int32)
     keys = jax.random.split(jax.random.key(seed), max_new_tokens)
     t, p = jnp.float32(temperature), jnp.float32(top_p)
+    prefill = self.prefill_for(padded, lengths, keys[0], t, p)  # (before the cache is allocated)
     cache = init_cache(self.model, self.batch, self.max_len)
-    token, cache = self.prefill(self.state, cache, padded, lengths, keys[0], t, p)
+    token, cache, _ = prefill(self.state, cache, padded, lengths, keys[0], t, p)
     out, positions = [token], lengths
     for i in range(1, max_new_tokens):
-      token, cache = self.step(self.state, cache, token, positions, keys[i], t, p)
+      token, cache, step_routes = self.step(self.state, cache, token, positions, keys[i], t, p)
+      if routes is not None:
+        routes.append(step_routes)
       out.append(token)
       positions = positions + 1
     return jax.device_get(jnp.stack(out, axis=1)).tolist()

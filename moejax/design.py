@@ -1,13 +1,14 @@
 """The best MoE for a memory and an inference budget (SCIENCE.md §5, paper A's principle).
 
   python -m moejax.design --memory=2GB --active=2e8 [--flops_per_token=1e9] [--dtype=bfloat16]
-      [--memory_for=weights|inference|training] [--tiebreak=n_exp_asc|granularity] [--top=20]
+      [--memory_for=weights|inference|training] [--decode_bytes=300MB | --decode_ms=0.1 --bandwidth=3.35TB]
+      [--decode_batch=8] [--decode_context=N] [--tiebreak=n_exp_asc|granularity] [--top=20]
       [--config=experiments/base.py] [--emit=experiments/my_design.py]
 
 Enumerates depth L, width d (heads = d / head_dim), granularity G = d / d_exp, routed
 experts E (E = 1 is a dense FFN of width d_exp), top-k (k divides E) and 0 or 1 shared
 expert of width d_exp; every layer is MoE. It keeps the configurations whose memory,
-active parameters and forward FLOPs per token fit the budgets, and ranks them:
+active parameters, forward FLOPs per token and decode bytes per step fit the budgets, and ranks them:
 
   1. N_total, in buckets of 3% of the largest feasible N_total (bucket 0 = within 3%),
   2. sparsity s = E / k ascending (spend the active budget on k),
@@ -25,6 +26,12 @@ token follow moejax.accounting (matmuls of the active parameters plus attention 
 --seq_len). Counts follow moejax.accounting exactly; the vocabulary, tied embeddings,
 QK-norm and shared-expert gate come from --config.
 
+The decode budget prices inference by memory traffic, the bound at decode: the bytes one decode
+step of --decode_batch sequences reads (non-expert weights, the expected distinct experts
+E(1 - (1 - k/E)^B) per layer, the KV cache of --decode_context positions), the bandwidth model
+of `moejax.decode_cost` that `python -m moejax.bench decode` checks against measurements.
+--decode_ms=X --bandwidth=Y is the same budget as --decode_bytes=X/1000*Y.
+
 --emit=FILE writes an experiment file whose get_sweep() trains the top --top designs
 on --config's settings (`python -m moejax.sweep --config=FILE --root=DIR`).
 """
@@ -39,7 +46,7 @@ import sys
 import numpy as np
 from absl import app, flags
 
-from moejax import accounting, cli, config as config_lib, metrics as metrics_lib
+from moejax import accounting, cli, config as config_lib, decode_cost, metrics as metrics_lib
 from moejax.cli import parse_amount
 from moejax.errors import ConfigError
 
@@ -92,6 +99,9 @@ class Budget:
   bytes_per_param: float
   memory_for: str = 'weights'
   kv_batch: int = 1
+  decode_bytes: float | None = None  # bytes one decode step may read (moejax.decode_cost)
+  decode_batch: int = 1  # sequences per decode step
+  decode_context: int | None = None  # positions in each sequence's KV cache (default: the space's seq_len)
 
 
 def space_from_config(cfg, **overrides) -> Space:
@@ -165,6 +175,21 @@ def memory_bytes(designs: dict[str, np.ndarray], space: Space, budget: Budget) -
   raise ConfigError(f'memory_for={budget.memory_for!r} must be weights, inference or training')
 
 
+def decode_bytes(designs: dict[str, np.ndarray], space: Space, budget: Budget) -> np.ndarray:
+  """Bytes a decode step of `budget.decode_batch` tokens reads (`moejax.decode_cost.step_bytes`'s bandwidth
+  model, uniform routing): non-expert weights, the expected touched experts, the KV cache, at --dtype."""
+  B, bpp = budget.decode_batch, budget.bytes_per_param
+  context = budget.decode_context or space.seq_len
+  L, d, e, k = designs['layers'], designs['width'], designs['experts'], designs['topk']
+  routed = np.where(e > 1, L * e * 3 * d * designs['expert_hidden'], 0.0)
+  nonexpert = designs['n_total'] - routed
+  if not space.tied_embeddings:  # only the looked-up rows of the input table are read
+    nonexpert = nonexpert - (space.vocab_size - min(B, space.vocab_size)) * d
+  touched = routed * (1.0 - (1.0 - k / e) ** B)
+  kv = decode_cost.kv_bytes(L, designs['kv_heads'], space.head_dim, B, context + 1, bpp)  # (+1: the write)
+  return (nonexpert + touched) * bpp + kv
+
+
 def _ratios(designs, mem, budget: Budget) -> dict[str, np.ndarray]:
   out = {}
   if budget.memory_bytes is not None:
@@ -173,6 +198,8 @@ def _ratios(designs, mem, budget: Budget) -> dict[str, np.ndarray]:
     out['active'] = designs['n_active'] / budget.active
   if budget.flops_per_token is not None:
     out['flops'] = designs['flops'] / budget.flops_per_token
+  if budget.decode_bytes is not None:
+    out['decode'] = designs['decode_bytes'] / budget.decode_bytes
   return out
 
 
@@ -203,11 +230,14 @@ class Result:
 def search(space: Space, budget: Budget, tiebreak: str = 'n_exp_asc', target_granularity: float = 2.0,
            aspect: float = 64.0) -> Result:
   """The ranked feasible designs; raises ConfigError naming the smallest feasible budget if none fit."""
-  if budget.memory_bytes is None and budget.active is None and budget.flops_per_token is None:
-    raise ConfigError('give at least one budget: --memory, --active or --flops_per_token')
+  if all(b is None for b in (budget.memory_bytes, budget.active, budget.flops_per_token, budget.decode_bytes)):
+    raise ConfigError('give at least one budget: --memory, --active, --flops_per_token or --decode_bytes/--decode_ms')
+  if budget.decode_batch < 1:
+    raise ConfigError(f'--decode_batch={budget.decode_batch} must be >= 1')
   designs = enumerate_designs(space)
   mem = memory_bytes(designs, space, budget)
   designs['memory_bytes'] = mem
+  designs['decode_bytes'] = decode_bytes(designs, space, budget)
   ratios = _ratios(designs, mem, budget)
   fits = {name: r <= 1 + 1e-12 for name, r in ratios.items()}
   ok = np.logical_and.reduce(list(fits.values()))
@@ -226,12 +256,14 @@ def _infeasible_message(designs, mem, fits, budget: Budget) -> str:
   """Per budget: the smallest value at which some design fits, with the other budgets as given."""
   parts, alone = [], []
   for name, column, unit in (('memory', mem, 'bytes'), ('active', designs['n_active'], 'parameters'),
-                             ('flops', designs['flops'], 'FLOPs/token')):
+                             ('flops', designs['flops'], 'FLOPs/token'), ('decode', designs['decode_bytes'],
+                                                                          'bytes/step')):
     if name not in fits:
       continue
     others = np.logical_and.reduce([v for k, v in fits.items() if k != name] or [np.ones_like(mem, bool)])
     pool = column[others] if others.any() else column
-    flag = {'memory': '--memory', 'active': '--active', 'flops': '--flops_per_token'}[name]
+    flag = {'memory': '--memory', 'active': '--active', 'flops': '--flops_per_token',
+            'decode': '--decode_bytes'}[name]
     value = pool.min()
     shown = (f'{value / budget.bytes_per_param:.4g} parameters = {value:.4g} bytes' if name == 'memory'
              else f'{value:.4g} {unit}')
@@ -246,14 +278,14 @@ def table(result: Result, top: int) -> str:
   """The top rows as Markdown."""
   d = result.designs
   lines = ['| rank | L | d | heads | d_exp | G | E | k | s | shared | N_total | memory | N_active | GFLOPs/token (fwd) '
-           '| binds |', '|' + '---:|' * 14 + '---|']
+           '| decode bytes/step | binds |', '|' + '---:|' * 15 + '---|']
   for i in range(min(top, len(d['n_total']))):
     lines.append(
         f'| {i + 1} | {d["layers"][i]:.0f} | {d["width"][i]:.0f} | {d["heads"][i]:.0f} | {d["expert_hidden"][i]:.0f} '
         f'| {d["granularity"][i]:g} | {d["experts"][i]:.0f} | {d["topk"][i]:.0f} | '
         f'{d["experts"][i] / d["topk"][i]:g} | {d["shared"][i]:.0f} | {accounting.human(d["n_total"][i])} | '
         f'{_human_bytes(d["memory_bytes"][i])} | {accounting.human(d["n_active"][i])} | '
-        f'{d["flops"][i] / 1e9:.3g} | {result.binding[i]} |')
+        f'{d["flops"][i] / 1e9:.3g} | {_human_bytes(d["decode_bytes"][i])} | {result.binding[i]} |')
   return '\n'.join(lines) + '\n'
 
 
@@ -354,13 +386,23 @@ def _main(argv):
   lo, hi = parse_grid(FLAGS.aspect_range, float)
   space = space_from_config(cfg, head_dim=FLAGS.head_dim, kv_group=FLAGS.kv_group, max_topk=FLAGS.max_topk,
                             shared=parse_grid(FLAGS.shared), aspect_range=(lo, hi), **extra)
-  budget = Budget(memory, active, flops, bpp, FLAGS.memory_for, FLAGS.kv_batch)
+  decode = parse_amount(FLAGS.decode_bytes)[0] if FLAGS.decode_bytes else None
+  if FLAGS.decode_ms is not None:
+    if decode is not None or not FLAGS.bandwidth:
+      raise ConfigError('--decode_ms needs --bandwidth (bytes/s, e.g. 3.35TB for an H100) and excludes --decode_bytes')
+    bandwidth, is_bytes = parse_amount(FLAGS.bandwidth)
+    if not is_bytes:
+      raise ConfigError(f'--bandwidth={FLAGS.bandwidth} needs a byte unit per second, e.g. 3.35TB or 20GB')
+    decode = FLAGS.decode_ms / 1e3 * bandwidth
+  budget = Budget(memory, active, flops, bpp, FLAGS.memory_for, FLAGS.kv_batch, decode, FLAGS.decode_batch,
+                  FLAGS.decode_context)
   result = search(space, budget, FLAGS.tiebreak, FLAGS.target_granularity, FLAGS.aspect)
   n = len(result.designs['n_total'])
   print(f'{n:,} of {result.considered:,} grid designs fit (memory {"-" if memory is None else _human_bytes(memory)} '
         f'for {FLAGS.memory_for} at {FLAGS.dtype}, active {"-" if active is None else accounting.human(active)}, '
-        f'forward FLOPs/token {"-" if flops is None else f"{flops:.3g}"}); ranked by N_total (3% buckets), then s, '
-        f'then {FLAGS.tiebreak}:\n')
+        f'forward FLOPs/token {"-" if flops is None else f"{flops:.3g}"}, decode '
+        f'{"-" if decode is None else _human_bytes(decode)}/step at batch {FLAGS.decode_batch}); ranked by N_total '
+        f'(3% buckets), then s, then {FLAGS.tiebreak}:\n')
   print(table(result, FLAGS.top))
   if FLAGS.emit:
     command = 'python -m moejax.design ' + ' '.join(a for a in sys.argv[1:])
@@ -377,6 +419,12 @@ if __name__ == '__main__':
   flags.DEFINE_enum('dtype', 'bfloat16', list(BYTES_PER_PARAM), 'Parameter dtype for byte budgets.')
   flags.DEFINE_enum('memory_for', 'weights', ['weights', 'inference', 'training'], 'What the memory budget holds.')
   flags.DEFINE_integer('kv_batch', 1, 'Sequences in the KV cache for --memory_for=inference.')
+  flags.DEFINE_string('decode_bytes', None, 'Decode budget: bytes one decode step may read (e.g. 2GB).')
+  flags.DEFINE_float('decode_ms', None, 'Decode budget: predicted ms per decode step at --bandwidth.')
+  flags.DEFINE_string('bandwidth', None, 'Memory bandwidth in bytes/s for --decode_ms, e.g. 3.35TB (H100 HBM3).')
+  flags.DEFINE_integer('decode_batch', 1, 'Sequences per decode step for the decode budget.')
+  flags.DEFINE_integer('decode_context', None, 'KV-cache positions per sequence for the decode budget (default '
+                       '--seq_len).')
   flags.DEFINE_integer('seq_len', None, 'Context for FLOPs and the KV cache (default: the config data.seq_len).')
   flags.DEFINE_enum('tiebreak', 'n_exp_asc', list(TIEBREAKS), 'Third ranking key.')
   flags.DEFINE_float('target_granularity', 2.0, 'G = d/d_exp preferred by --tiebreak=granularity (2 = G_K 8).')

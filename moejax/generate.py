@@ -40,6 +40,17 @@ def load_config(workdir: str):
   return config_lib.validate(config_lib.apply_overrides(base.get_config(), config_lib.flatten(stored)))
 
 
+def load_model(workdir: str, cfg=None):
+  """(config, corpus, model) of the latest checkpoint in a trained run's workdir (the corpus carries its tokenizer)."""
+  cfg = load_config(workdir) if cfg is None else cfg
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  from moejax import data, eval as eval_lib, train  # pylint: disable=import-outside-toplevel
+  corpus = data.corpus_from_config(cfg.data)
+  s = train.setup(cfg, corpus)
+  _, state = eval_lib.restore_state(s, workdir)
+  return cfg, corpus, nnx.merge(s.graphdef, state['params'], state['buffers'])
+
+
 def generate_text(workdir: str, prompts: list[str], max_new_tokens: int = 64, temperature: float = 0.0,
                   top_p: float = 1.0, seed: int = 0) -> list[str]:
   """The continuation of each prompt, as text, from the latest checkpoint in `workdir`."""
@@ -49,19 +60,15 @@ def generate_text(workdir: str, prompts: list[str], max_new_tokens: int = 64, te
     raise ConfigError(f'--max_new_tokens={max_new_tokens} must be >= 1, --temperature={temperature} >= 0 and '
                       f'--top_p={top_p} in (0, 1]')
   cfg = load_config(workdir)
-  from flax import nnx  # pylint: disable=import-outside-toplevel  (jax loads only after the checks above)
-  from moejax import data, decode, eval as eval_lib, train  # pylint: disable=import-outside-toplevel
+  from moejax import decode  # pylint: disable=import-outside-toplevel  (jax loads only after the checks above)
   decode.check_decodable(cfg)
-  corpus = data.corpus_from_config(cfg.data)  # (the run's tokenizer)
+  cfg, corpus, model = load_model(workdir, cfg)
   encoded = [doc.astype(int).tolist() for doc in corpus.tokenizer.encode_documents([p.encode() for p in prompts])]
   context = cfg.data.seq_len
   for text, ids in zip(prompts, encoded):
     if len(ids) + max_new_tokens > context:
       raise ConfigError(f'prompt {text[:30]!r} is {len(ids)} tokens; with --max_new_tokens={max_new_tokens} it '
                         f'exceeds the run\'s context of {context} tokens (data.seq_len)')
-  s = train.setup(cfg, corpus)
-  _, state = eval_lib.restore_state(s, workdir)
-  model = nnx.merge(s.graphdef, state['params'], state['buffers'])
   out = decode.Generator(model, len(prompts), context)(encoded, max_new_tokens, temperature, top_p, seed)
   sep = corpus.tokenizer.separator
   return [corpus.tokenizer.decode([t for t in ids if t != sep]).decode('utf-8', errors='replace') for ids in out]

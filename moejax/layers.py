@@ -42,12 +42,13 @@ class Embed(nnx.Module):
     return jnp.einsum('bld,vd->blv', x_BLD, self.table[...].astype(x_BLD.dtype))
 
 
-def rotary(x_BLHK: jax.Array, base: float) -> jax.Array:
-  """Rotary position embedding (rotate-half form) over positions 0..L-1, in float32."""
+def rotary(x_BLHK: jax.Array, base: float, positions_BL: jax.Array | None = None) -> jax.Array:
+  """Rotary position embedding (rotate-half form) in float32, at `positions_BL` (default 0..L-1 in every row)."""
   L, K = x_BLHK.shape[1], x_BLHK.shape[-1]
   inv_freq = base ** (-jnp.arange(0, K, 2, dtype=jnp.float32) / K)
-  angles_LK = jnp.arange(L, dtype=jnp.float32)[:, None] * inv_freq[None, :]
-  sin, cos = jnp.sin(angles_LK)[None, :, None, :], jnp.cos(angles_LK)[None, :, None, :]
+  positions = jnp.arange(L)[None] if positions_BL is None else positions_BL
+  angles_BLK = positions.astype(jnp.float32)[..., None] * inv_freq
+  sin, cos = jnp.sin(angles_BLK)[:, :, None, :], jnp.cos(angles_BLK)[:, :, None, :]
   x = x_BLHK.astype(jnp.float32)
   x1, x2 = jnp.split(x, 2, axis=-1)
   out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)

@@ -8,6 +8,7 @@ from flax import nnx
 
 from moejax import config as config_lib, decode, model as model_lib
 from moejax.errors import ConfigError
+from moejax.moe import MoE
 
 DESIGNS = {
     'dense': {'moe.num_experts': 0},
@@ -25,22 +26,37 @@ def _model(tiny_cfg, overrides):
 
 
 @pytest.mark.parametrize('design', list(DESIGNS))
-def test_prefill_then_decode_equals_the_full_forward(tiny_cfg, design):
+def test_prefill_then_decode_equals_the_full_forward_in_logits_and_routing(tiny_cfg, design, monkeypatch):
   model, cfg = _model(tiny_cfg, DESIGNS[design])
   rng = np.random.default_rng(0)
   tokens = jnp.asarray(rng.integers(0, cfg.model.vocab_size, (2, 12)), jnp.int32)
-  full, _ = model(tokens)
+  recorded, route = [], MoE._route  # pylint: disable=protected-access
+
+  def recording(self, x_TD, train, rng):
+    out = route(self, x_TD, train, rng)
+    recorded.append(out[2])
+    return out
+
+  monkeypatch.setattr(MoE, '_route', recording)
+  full, _ = model(tokens)  # the reference twin, run eagerly: its routing per MoE layer is recorded
+  monkeypatch.setattr(MoE, '_route', route)
+  full_routes = [r.reshape(2, 12, -1) for r in recorded]
+  assert len(full_routes) == sum(b.use_moe for b in model.blocks)
   lengths = np.array([3, 6])  # prompts of different lengths in one batch, right-padded to 6 for prefill
   cache = decode.init_cache(model, 2, 12)
   positions = jnp.broadcast_to(jnp.arange(6), (2, 6))
-  logits, cache = decode.forward(model, tokens[:, :6], positions, cache, moe_dispatch='model')  # prefill
+  logits, cache, routes = decode.forward(model, tokens[:, :6], positions, cache, moe_dispatch='model')  # prefill
   for b, n in enumerate(lengths):
     np.testing.assert_allclose(logits[b, :n], full[b, :n], rtol=1e-5, atol=2e-5)
+    for got, want in zip(routes, full_routes):
+      np.testing.assert_array_equal(got.reshape(2, 6, -1)[b, :n], want[b, :n])
   pos = jnp.asarray(lengths)
   for _ in range(12 - 6):  # teacher-forced decode: each row feeds its true next token at its own position
     step_tokens = tokens[jnp.arange(2), pos][:, None]
-    logits, cache = decode.forward(model, step_tokens, pos[:, None], cache)  # few-token gather dispatch
+    logits, cache, routes = decode.forward(model, step_tokens, pos[:, None], cache, 'gather')
     np.testing.assert_allclose(logits[:, 0], full[jnp.arange(2), pos], rtol=1e-5, atol=2e-5)
+    for got, want in zip(routes, full_routes):  # the decode step routes every token as the full forward did
+      np.testing.assert_array_equal(got, want[jnp.arange(2), pos])
     pos = pos + 1
 
 
@@ -49,7 +65,7 @@ def test_a_jitted_donated_decode_step_compiles_once(tiny_cfg):
   graphdef, state = nnx.split(model)
 
   def step(state, cache, tokens_B1, positions_B1):
-    return decode.forward(nnx.merge(graphdef, state), tokens_B1, positions_B1, cache)
+    return decode.forward(nnx.merge(graphdef, state), tokens_B1, positions_B1, cache)[:2]
 
   step = jax.jit(step, donate_argnums=1)  # the cache is updated in place
   cache = decode.init_cache(model, 2, 8)
@@ -79,7 +95,9 @@ def test_greedy_generation_equals_repeated_full_forwards_and_compiles_once(tiny_
   assert again == got
   sampled = gen(prompts, max_new_tokens=5, temperature=1.0, top_p=0.9, seed=3)
   assert sampled == gen(prompts, max_new_tokens=5, temperature=1.0, top_p=0.9, seed=3)  # seeded
-  assert gen.step._cache_size() == 1  # pylint: disable=protected-access  (every step of every generation)
+  assert gen.compilations == {'step': 1, 'prefill': 1}  # every step of every generation, ahead of time
+  for dispatch in ('gather', 'model'):  # both MoE dispatches decode the same tokens
+    assert decode.Generator(model, batch=2, max_len=16, moe_dispatch=dispatch)(prompts, max_new_tokens=5) == got
   with pytest.raises(ConfigError, match='exceeds the context'):
     gen(prompts, max_new_tokens=11)
   with pytest.raises(ConfigError, match='top_p'):
@@ -134,3 +152,69 @@ def test_few_token_gather_dispatch_equals_the_layer_and_routes_alike(tiny_cfg, d
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
   _, _, experts_ref, _ = moe._route(x.reshape(-1, cfg.model.model_dim), False, None)  # pylint: disable=protected-access
   np.testing.assert_array_equal(experts, experts_ref)
+
+
+def test_a_batch_that_does_not_fit_is_refused_before_the_cache_is_allocated(tiny_cfg):
+  model, _ = _model(tiny_cfg, {})
+  gen = decode.Generator(model, batch=4, max_len=32)
+  cache_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(gen.cache_shape))
+  assert gen.memory['step'] >= cache_bytes  # the compiler's estimate includes the cache it will need
+  with pytest.raises(ConfigError, match=r'needs .* GB .* but .* GB is free'):
+    decode.Generator(model, batch=4, max_len=32, memory_limit=cache_bytes // 2)
+  with pytest.raises(ConfigError, match='moe_dispatch'):
+    decode.Generator(model, batch=4, max_len=32, moe_dispatch='ragged')
+
+
+def test_auto_dispatch_gathers_only_while_it_reads_fewer_experts_than_the_model():
+  assert decode.pick_dispatch('auto', tokens=4, topk=2, num_experts=8) == 'gather'
+  assert decode.pick_dispatch('auto', tokens=5, topk=2, num_experts=8) == 'model'
+  assert decode.pick_dispatch('model', tokens=1, topk=2, num_experts=8) == 'model'
+
+
+@pytest.fixture(scope='module')
+def trained16(corpus_glob, tmp_path_factory):
+  """A run of the tiny model with 16 experts (top-2) trained for 40 steps: a routing with some skew."""
+  from testdata import tiny  # pylint: disable=import-outside-toplevel
+  from moejax import main as main_lib  # pylint: disable=import-outside-toplevel
+  cfg = config_lib.validate(config_lib.apply_overrides(tiny.get_config(corpus_glob), {
+      'moe.num_experts': 16, 'moe.expert_hidden': 16, 'train.steps': 40, 'checkpoint.every_steps': 40,
+      'moe.use_renormalized_gates': True}))
+  workdir = str(tmp_path_factory.mktemp('trained16'))
+  main_lib.execute(cfg, workdir)
+  return workdir
+
+
+def test_distinct_expert_formulas_against_a_trained_models_routing(trained16):
+  from moejax import decode_cost, generate  # pylint: disable=import-outside-toplevel
+  cfg, corpus, model = generate.load_model(trained16)
+  held = np.asarray(corpus.heldout_tokens)[:8 * 16].reshape(8, 16).astype(np.int32)
+  _, _, routes = decode.forward(model, jnp.asarray(held), jnp.broadcast_to(jnp.arange(16), (8, 16)),
+                                decode.init_cache(model, 8, 16), 'model')
+  rng = np.random.default_rng(0)
+  E, k = 16, 2
+  for layer in routes:  # the trained model's routing of 128 held-out tokens, per MoE layer
+    pool = np.asarray(layer)
+    loads = np.bincount(pool.reshape(-1), minlength=E) / len(pool)  # P(a token selects expert e); sums to k
+    assert loads.sum() == pytest.approx(k)
+    for B in (1, 4, 16):
+      draws = [len(np.unique(pool[rng.integers(0, len(pool), B)])) for _ in range(2000)]
+      measured, se = np.mean(draws), np.std(draws) / np.sqrt(len(draws))
+      from_loads = decode_cost.expected_distinct_from_loads(loads, B)
+      uniform = float(decode_cost.expected_distinct(E, k, B))
+      assert abs(measured - from_loads) <= 4 * se + 1e-9, (B, measured, from_loads)  # skew accounted for
+      assert measured <= uniform + 4 * se  # skew touches fewer experts than uniform routing
+    assert loads.max() > 1.3 * k / E  # (the trained routing is skewed, so the two formulas differ)
+
+
+def test_the_decode_benchmark_measures_a_trained_run(trained16):
+  from moejax import decode_bench  # pylint: disable=import-outside-toplevel
+  models = decode_bench.load_models(None, [], [trained16])
+  lines = decode_bench.run(models, batches=[1, 4], context=8, steps=3, rounds=1, copy_mb=4)
+  rows = [l for l in lines if l.startswith(f'| {trained16.rstrip("/").split("/")[-1]} |')]
+  assert len(rows) == 4  # (two batch sizes, in the table and the breakdown)
+  cells = rows[0].split('|')
+  measured = float(cells[8].split('/')[0])  # distinct experts at B = 1: exactly k
+  assert measured == 2.0 and cells[4].strip() == 'gather'
+  assert float(rows[1].split('|')[8].split('/')[0]) <= 8
+  with pytest.raises(ValueError, match='not points of'):
+    decode_bench.load_models('experiments/quickstart.py', ['nope'], [])

@@ -1,0 +1,224 @@
+"""`python -m moejax.bench decode`: KV-cache decode measured against the bandwidth model (`moejax.decode_cost`).
+
+  python -m moejax.bench decode [--config=experiments/quickstart.py[:arg]] [--points=a,b] [--workdir=RUN ...]
+      [--batches=1,8,64] [--context=N] [--steps=32] [--rounds=5] [--copy_mb=512]
+
+Models: every point of --config's sweep (random initialization), or the latest checkpoint of each
+--workdir (a trained run, whose routing is what a trained model does). Prompts are windows of the
+run's held-out tokens, `--context` long (default: data.seq_len - steps); the cache holds
+context + steps positions.
+
+Per model and batch size B, timed in interleaved rounds (median): the prefill, and `--steps`
+greedy decode steps of the compiled, donated step (`decode.Generator`, dispatch 'auto'). Beside
+each: the distinct experts the step's B tokens touched per MoE layer (measured from the step's own
+routing), the uniform expectation E(1 - (1 - k/E)^B) and the expectation from the measured expert
+loads; the bytes a step reads (`decode_cost.step_bytes` with the measured touched experts); the
+achieved bytes/s; and the model's time, bytes / the memory bandwidth this process measures with a
+large read (a float32 sum over --copy_mb MB; a copy's read+write rate is printed too), with
+measured/model.
+
+A breakdown (the profile behind the ratio) times two ablations of the same step: `floor`, a
+compiled function taking the same arguments (state and donated cache) that does almost nothing
+(dispatch and argument handling), and `no FFN`, the step with every FFN skipped (attention,
+norms, output projection, sampling). The step's top-level compiled ops are counted as well.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from moejax import accounting, config as config_lib, decode, decode_cost
+
+
+def memory_bandwidth(megabytes: int, rounds: int = 5) -> dict[str, float]:
+  """Bytes/s of a float32 sum (read) and of x + 1 (read + write) over `megabytes` MB, median of `rounds`."""
+  x = jnp.ones((megabytes * (1 << 20) // 4,), jnp.float32)
+  read = jax.jit(jnp.sum)
+  copy = jax.jit(lambda x: x + 1.0)
+  out = {}
+  for name, fn, factor in (('read', read, 1), ('copy', copy, 2)):
+    jax.block_until_ready(fn(x))
+    times = []
+    for _ in range(rounds):
+      t0 = time.perf_counter()
+      jax.block_until_ready(fn(x))
+      times.append(time.perf_counter() - t0)
+    out[name] = factor * x.nbytes / statistics.median(times)
+  del x
+  return out
+
+
+def _prompts(corpus, batch: int, context: int, seed: int = 0) -> np.ndarray:
+  held = np.asarray(corpus.heldout_tokens)
+  if held.size < context + 1:
+    raise ValueError(f'the held-out split has {held.size} tokens, fewer than a context of {context}')
+  starts = np.random.default_rng(seed).integers(0, held.size - context, batch)
+  return np.stack([held[s:s + context] for s in starts]).astype(np.int32)
+
+
+def _entry_ops(compiled) -> int:
+  """Top-level instructions of the compiled entry computation (each a kernel, copy or call the runtime issues)."""
+  text = compiled.as_text()
+  entry = text[text.index('ENTRY'):]
+  body = entry[entry.index('{') + 1:entry.index('\n}')]
+  return sum(1 for line in body.splitlines() if '=' in line and not line.strip().startswith(('ROOT %tuple', '//'))
+             and ' parameter(' not in line)
+
+
+class _Case:
+  """One model at one batch size: the generator, its ablations and the timings."""
+
+  def __init__(self, name, cfg, model, batch: int, context: int, steps: int, corpus):
+    from flax import nnx  # pylint: disable=import-outside-toplevel
+    self.name, self.cfg, self.batch, self.context, self.steps = name, cfg, batch, context, steps
+    self.max_len = context + steps
+    self.gen = decode.Generator(model, batch, self.max_len)
+    self.tokens = jnp.asarray(_prompts(corpus, batch, context))
+    self.lengths = jnp.full((batch,), context, jnp.int32)
+    self.key, self.zero, self.one = jax.random.key(0), jnp.float32(0.0), jnp.float32(1.0)
+    self.prefill = self.gen.prefill_for(self.tokens, self.lengths, self.key, self.zero, self.one)
+    graphdef = self.gen.graphdef
+
+    def no_ffn(state, cache, tokens_B, positions_B):
+      logits, cache, _ = decode.forward(nnx.merge(graphdef, state), tokens_B[:, None], positions_B[:, None], cache,
+                                        ffn=False)
+      return jnp.argmax(logits[:, 0], axis=-1).astype(jnp.int32), cache
+
+    def floor(state, cache, tokens_B, positions_B):
+      del state
+      keys = cache.keys[:-1] + (cache.keys[-1].at[0, 0, 0, 0].add(positions_B[0].astype(cache.keys[-1].dtype)),)
+      return tokens_B + 1, decode.Cache(keys, cache.values)
+
+    self.ablations = {'no FFN': jax.jit(no_ffn, donate_argnums=1), 'floor': jax.jit(floor, donate_argnums=1)}
+    self.ops = _entry_ops(self.gen.step)
+    self.times = {'prefill': [], 'step': [], 'no FFN': [], 'floor': []}
+    self.routes = []
+
+  def round(self, record_routes: bool) -> None:
+    g = self.gen
+    cache = decode.init_cache(g.model, self.batch, self.max_len)
+    t0 = time.perf_counter()
+    token, cache, _ = self.prefill(g.state, cache, self.tokens, self.lengths, self.key, self.zero, self.one)
+    jax.block_until_ready(token)
+    self.times['prefill'].append(time.perf_counter() - t0)
+    positions = self.lengths
+    routes = []
+    t0 = time.perf_counter()
+    for _ in range(self.steps):
+      token, cache, step_routes = g.step(g.state, cache, token, positions, self.key, self.zero, self.one)
+      routes.append(step_routes)
+      positions = positions + 1
+    jax.block_until_ready(token)
+    self.times['step'].append((time.perf_counter() - t0) / self.steps)
+    if record_routes:
+      self.routes = [tuple(np.asarray(r) for r in rs) for rs in routes]
+    for name, fn in self.ablations.items():
+      cache = decode.init_cache(g.model, self.batch, self.max_len)
+      positions, tok = self.lengths, token
+      tok, cache = fn(g.state, cache, tok, positions)  # (compile + warm-up outside the timing)
+      jax.block_until_ready(tok)
+      t0 = time.perf_counter()
+      for _ in range(self.steps):
+        tok, cache = fn(g.state, cache, tok, positions)
+        positions = positions + 1
+      jax.block_until_ready(tok)
+      self.times[name].append((time.perf_counter() - t0) / self.steps)
+      del cache
+
+  def row(self, bandwidth: float) -> dict:
+    cfg = self.cfg
+    acc = accounting.count(cfg)
+    E, k = acc['num_experts'], acc['experts_per_token']
+    sizes = np.asarray(accounting.routed_expert_sizes(cfg) if E else [], np.float64)
+    med = {name: statistics.median(v) for name, v in self.times.items()}
+    distinct, touched, from_loads = [], [], []
+    if E and self.routes:
+      layers = len(self.routes[0])
+      for layer in range(layers):
+        per_step = [np.unique(rs[layer]) for rs in self.routes]
+        distinct.append(np.mean([u.size for u in per_step]))
+        touched.append(np.mean([sizes[u].sum() for u in per_step]))
+        counts = np.bincount(np.concatenate([rs[layer].reshape(-1) for rs in self.routes]), minlength=E)
+        from_loads.append(decode_cost.expected_distinct_from_loads(counts / (len(self.routes) * self.batch),
+                                                                    self.batch))
+    param_bytes = jax.tree.leaves(self.gen.state)[0].dtype.itemsize
+    kv_item = jnp.dtype(cfg.model.compute_dtype).itemsize
+    cost = decode_cost.step_bytes(cfg, self.batch, self.max_len, param_bytes, kv_item, touched if E else None)
+    uniform = cost['distinct_experts_uniform']
+    model_s = cost['total'] / bandwidth
+    return {
+        'name': self.name, 'batch': self.batch, 'context': self.context, 'cache': self.max_len,
+        'dispatch': decode.pick_dispatch('auto', self.batch, k or 1, E or 1) if E else '-',
+        'prefill_ms': 1e3 * med['prefill'], 'step_ms': 1e3 * med['step'], 'tokens_per_s': self.batch / med['step'],
+        'distinct': float(np.mean(distinct)) if distinct else None, 'distinct_uniform': uniform if E else None,
+        'distinct_from_loads': float(np.mean(from_loads)) if from_loads else None,
+        'weight_bytes': cost['weights_nonexpert'] + cost['weights_experts'], 'kv_bytes': cost['kv'],
+        'total_bytes': cost['total'], 'achieved_bytes_per_s': cost['total'] / med['step'], 'model_ms': 1e3 * model_s,
+        'ratio': med['step'] / model_s, 'floor_ms': 1e3 * med['floor'], 'no_ffn_ms': 1e3 * med['no FFN'],
+        'ops': self.ops, 'step_memory_bytes': self.gen.memory.get('step'),
+    }
+
+
+def load_models(config: str | None, points: list[str], workdirs: list[str]):
+  """[(name, cfg, model, corpus)]: the sweep points of `config` (random init) and the trained `workdirs`."""
+  from moejax import data, generate, model as model_lib  # pylint: disable=import-outside-toplevel
+  out = []
+  if config:
+    module = config_lib.load_module(config)
+    arg = config.split(':', 1)[1] if ':' in config else None
+    sweep = module.get_sweep(arg) if hasattr(module, 'get_sweep') else [{'name': module.get_config(arg).name}]
+    chosen = [p for p in sweep if not points or p.get('name') in points]
+    missing = set(points) - {p.get('name') for p in sweep}
+    if missing:
+      raise ValueError(f'--points {sorted(missing)} are not points of {config}')
+    corpus = None
+    for p in chosen:
+      cfg = config_lib.validate(config_lib.apply_overrides(module.get_config(arg), p))
+      decode.check_decodable(cfg)
+      corpus = corpus or data.corpus_from_config(cfg.data)
+      out.append((p.get('name', cfg.name), cfg, model_lib.build(cfg), corpus))
+  for workdir in workdirs:
+    cfg, corpus, model = generate.load_model(workdir)
+    decode.check_decodable(cfg)
+    out.append((workdir.rstrip('/').split('/')[-1], cfg, model, corpus))
+  return out
+
+
+def run(models, batches: list[int], context: int | None, steps: int, rounds: int, copy_mb: int) -> list[str]:
+  """Markdown lines of the decode benchmark."""
+  bw = memory_bandwidth(copy_mb)
+  lines = [f'memory bandwidth ({copy_mb} MB, median of 5): read {bw["read"] / 1e9:.1f} GB/s, copy (read + write) '
+           f'{bw["copy"] / 1e9:.1f} GB/s; the model uses the read rate', '']
+  rows = []
+  for name, cfg, model, corpus in models:
+    ctx = context or max(1, cfg.data.seq_len - steps)
+    cases = [_Case(name, cfg, model, b, ctx, steps, corpus) for b in batches]
+    for r in range(rounds):
+      for case in cases:  # interleaved: machine noise hits every batch size alike
+        case.round(record_routes=r == 0)
+    rows += [case.row(bw['read']) for case in cases]
+    del cases
+  fmt = lambda v, f: '-' if v is None else format(v, f)
+  lines += ['| model | B | ctx | dispatch | prefill ms | ms/step | tok/s | distinct experts/layer (measured / uniform / '
+            'from loads) | weight MB/step | KV MB/step | achieved GB/s | model ms | measured/model |',
+            '|---|---:|---:|---|---:|---:|---:|---|---:|---:|---:|---:|---:|']
+  for r in rows:
+    lines.append(f'| {r["name"]} | {r["batch"]} | {r["context"]} | {r["dispatch"]} | {r["prefill_ms"]:.2f} | '
+                 f'{r["step_ms"]:.3f} | {r["tokens_per_s"]:,.0f} | {fmt(r["distinct"], ".1f")} / '
+                 f'{fmt(r["distinct_uniform"], ".1f")} / {fmt(r["distinct_from_loads"], ".1f")} | '
+                 f'{r["weight_bytes"] / 1e6:.2f} | {r["kv_bytes"] / 1e6:.2f} | {r["achieved_bytes_per_s"] / 1e9:.2f} | '
+                 f'{r["model_ms"]:.3f} | {r["ratio"]:.1f}x |')
+  lines += ['', 'Where the step time goes (the same step, ablated; medians):', '',
+            '| model | B | floor ms (dispatch, no work) | no-FFN step ms | full step ms | FFN ms (full - no FFN) | '
+            'compiled top-level ops | bytes at bandwidth ms | measured distinct / uniform |',
+            '|---|---:|---:|---:|---:|---:|---:|---:|---:|']
+  for r in rows:
+    skew = '-' if not r['distinct'] else f'{r["distinct"] / r["distinct_uniform"]:.2f}'
+    lines.append(f'| {r["name"]} | {r["batch"]} | {r["floor_ms"]:.3f} | {r["no_ffn_ms"]:.3f} | {r["step_ms"]:.3f} | '
+                 f'{r["step_ms"] - r["no_ffn_ms"]:.3f} | {r["ops"]} | {r["model_ms"]:.3f} | {skew} |')
+  return lines

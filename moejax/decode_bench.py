@@ -1,14 +1,14 @@
 """`python -m moejax.bench decode`: KV-cache decode measured against the bandwidth model (`moejax.decode_cost`).
 
-  python -m moejax.bench decode [--config=experiments/quickstart.py[:arg]] [--points=a,b] [--workdir=RUN ...]
-      [--batches=1,8,64] [--context=N] [--steps=32] [--rounds=5] [--copy_mb=512]
+  python -m moejax.bench decode [--config=experiments/quickstart.py[:arg]] [--points=a,b] [--run=RUN ...]
+      [--batches=1,8,64] [--context=N] [--decode_steps=32] [--rounds=5] [--copy_mb=512]
 
 Models: every point of --config's sweep (random initialization), or the latest checkpoint of each
---workdir (a trained run, whose routing is what a trained model does). Prompts are windows of the
-run's held-out tokens, `--context` long (default: data.seq_len - steps); the cache holds
+--run (a trained run, whose routing is what a trained model does). Prompts are windows of the
+run's held-out tokens, `--context` long (default: data.seq_len - decode_steps); the cache holds
 context + steps positions.
 
-Per model and batch size B, timed in interleaved rounds (median): the prefill, and `--steps`
+Per model and batch size B, timed in interleaved rounds (median): the prefill, and `--decode_steps`
 greedy decode steps of the compiled, donated step (`decode.Generator`, dispatch 'auto'). Beside
 each: the distinct experts the step's B tokens touched per MoE layer (measured from the step's own
 routing), the uniform expectation E(1 - (1 - k/E)^B) and the expectation from the measured expert

@@ -1,6 +1,6 @@
 """KV-cache decoding: prefill a batch of prompts, then one jitted, donated step per token.
 
-The cache is preallocated per attention layer: keys and values [B, T_max, H_kv, K] in the
+The cache is preallocated per attention layer: keys and values [B, H_kv, T_max, K] in the
 compute dtype, written at each row's own positions (prompts of different lengths share a
 batch). Prefill runs the prompts right-padded to one length and writes every position; a row's
 padding is overwritten by its generated tokens before any query can attend to it, because a
@@ -32,7 +32,12 @@ from moejax.moe import MoE
 
 
 class Cache(NamedTuple):
-  """Keys and values per attention layer, [B, T_max, H_kv, K] each."""
+  """Keys and values per attention layer, [B, H_kv, T_max, K] each.
+
+  Heads before positions: the attention's batched matmuls (batch dims b, h) then read the cache in
+  place; with [B, T, H, K] XLA:CPU transposed the whole cache every step and rewrote it in the
+  scatter's loop fusion (docs/inference.md).
+  """
   keys: tuple[jax.Array, ...]
   values: tuple[jax.Array, ...]
 
@@ -51,74 +56,125 @@ def init_cache(model: Transformer, batch: int, max_len: int) -> Cache:
   for block in model.blocks:
     attn = block.attn
     kv_heads, head_dim = attn.wk.shape[1], attn.wk.shape[2]
-    shapes.append((batch, max_len, kv_heads, head_dim))
+    shapes.append((batch, kv_heads, max_len, head_dim))
   zeros = tuple(jnp.zeros(s, model.dtype) for s in shapes)
   return Cache(zeros, tuple(jnp.zeros(s, model.dtype) for s in shapes))
 
 
-def _attention(attn: Attention, x_BLD, keys_BTHK, values_BTHK, positions_BL):
+def _attention(attn: Attention, x_BLD, keys_BGTK, values_BGTK, positions_BL):
   """Attention of L new tokens at `positions_BL` over the cache; returns (output, keys, values) with theirs written."""
   dt = x_BLD.dtype
-  q = jnp.einsum('bld,dhk->blhk', x_BLD, attn.wq[...].astype(dt))
-  k = jnp.einsum('bld,dhk->blhk', x_BLD, attn.wk[...].astype(dt))
-  if attn.q_norm is not None:
-    q, k = attn.q_norm(q), attn.k_norm(k)
+  q, k, v = attn.project(x_BLD)  # (biases and QK-norm, per head or per projection, as in `Attention`)
   q, k = rotary(q, attn.rope_base, positions_BL), rotary(k, attn.rope_base, positions_BL)
-  v = jnp.einsum('bld,dhk->blhk', x_BLD, attn.wv[...].astype(dt))
   rows = jnp.arange(x_BLD.shape[0])[:, None]
-  keys_BTHK = keys_BTHK.at[rows, positions_BL].set(k.astype(keys_BTHK.dtype))
-  values_BTHK = values_BTHK.at[rows, positions_BL].set(v.astype(values_BTHK.dtype))
+  # (advanced indices split by a slice: the indexed block is [B, L, H_kv, K], the layout of k and v)
+  keys_BGTK = keys_BGTK.at[rows, :, positions_BL].set(k.astype(keys_BGTK.dtype))
+  values_BGTK = values_BGTK.at[rows, :, positions_BL].set(v.astype(values_BGTK.dtype))
   B, L, H, K = q.shape
-  Hkv = keys_BTHK.shape[2]
+  Hkv = keys_BGTK.shape[1]
   q_BLGRK = q.reshape(B, L, Hkv, H // Hkv, K)  # query heads grouped over their kv head (GQA)
-  scores = jnp.einsum('blgrk,btgk->bgrlt', q_BLGRK, keys_BTHK.astype(dt)).astype(jnp.float32) / jnp.sqrt(
+  scores = jnp.einsum('blgrk,bgtk->bgrlt', q_BLGRK, keys_BGTK.astype(dt)).astype(jnp.float32) / jnp.sqrt(
       jnp.float32(K))
-  visible_BLT = jnp.arange(keys_BTHK.shape[1])[None, None, :] <= positions_BL[:, :, None]
+  visible_BLT = jnp.arange(keys_BGTK.shape[2])[None, None, :] <= positions_BL[:, :, None]
   scores = jnp.where(visible_BLT[:, None, None], scores, -jnp.inf)
   probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-  o = jnp.einsum('bgrlt,btgk->blgrk', probs, values_BTHK.astype(dt)).reshape(B, L, H, K)
-  return jnp.einsum('blhk,hkd->bld', o, attn.wo[...].astype(dt)), keys_BTHK, values_BTHK
+  o = jnp.einsum('bgrlt,bgtk->blgrk', probs, values_BGTK.astype(dt)).reshape(B, L, H, K)
+  return jnp.einsum('blhk,hkd->bld', o, attn.wo[...].astype(dt)), keys_BGTK, values_BGTK
+
+
+def _few_tokens_route(moe: MoE, x_BLD: jax.Array):
+  B, L, D = x_BLD.shape
+  x_TD = x_BLD.reshape(B * L, D)
+  _, _, experts_TK, gates_TK = moe._route(x_TD, False, None)  # pylint: disable=protected-access
+  return x_TD, experts_TK, gates_TK
+
+
+def _class_slots(experts_TK, gates_TK, offset: int, count: int):
+  """(local expert ids [T, k], gates [T, k] zeroed where the slot routes to another size class)."""
+  local_TK = experts_TK - offset
+  valid_TK = (local_TK >= 0) & (local_TK < count)
+  return jnp.where(valid_TK, local_TK, count), jnp.where(valid_TK, gates_TK, 0.0)
 
 
 def moe_gather(moe: MoE, x_BLD: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """The MoE layer for a few tokens: gathers only the selected experts' weights ([T, k, D, F] per size class).
+  """The MoE layer for a few tokens: gathers the selected experts' weights ([T, k, D, F] per size class).
 
-  At decode a step has B tokens, so the block dispatch's sort, padding and per-block matmuls over
-  all E experts are overhead; this reads the T*k selected experts (with repeats) and nothing else:
-  the weights are gathered in their stored dtype and cast afterwards, so the other experts are
-  never touched. Same routing (`MoE._route`), gates and shared experts as `MoE.__call__`
-  (dropless). Returns (y_BLD, experts_TK).
+  Reads the T*k selected experts (with repeats) and nothing else: the weights are gathered in
+  their stored dtype and cast afterwards. The gather materializes a copy (a read and a write of
+  T*k experts) before the matmuls read it again, which on a CPU costs several times the read
+  alone (docs/inference.md); `moe_distinct` avoids it. Same routing (`MoE._route`), gates and
+  shared experts as `MoE.__call__` (dropless). Returns (y_BLD, experts_TK).
   """
   B, L, D = x_BLD.shape
   dt = x_BLD.dtype
-  x_TD = x_BLD.reshape(B * L, D)
-  _, _, experts_TK, gates_TK = moe._route(x_TD, False, None)  # pylint: disable=protected-access
+  x_TD, experts_TK, gates_TK = _few_tokens_route(moe, x_BLD)
   y_TD = jnp.zeros((B * L, D), jnp.float32)
   offset = 0
   for (count, _), experts in zip(moe.classes, moe.experts):
-    local_TK = experts_TK - offset
-    valid_TK = (local_TK >= 0) & (local_TK < count)
-    idx_TK = jnp.clip(local_TK, 0, count - 1)
+    local_TK, g_TK = _class_slots(experts_TK, gates_TK, offset, count)
+    idx_TK = jnp.minimum(local_TK, count - 1)
     w_gate, w_up, w_down = (w[...][idx_TK].astype(dt) for w in (experts.w_gate, experts.w_up, experts.w_down))
     out_TKD = swiglu(x_TD, w_gate, w_up, w_down, 'td,tkdf->tkf;tkf,tkfd->tkd').astype(jnp.float32)
-    y_TD += jnp.sum(jnp.where(valid_TK, gates_TK, 0.0)[..., None] * out_TKD, axis=1)
+    y_TD += jnp.sum(g_TK[..., None] * out_TKD, axis=1)
     offset += count
   if moe.shared is not None:
     y_TD += moe.shared_output(x_TD)
   return y_TD.reshape(B, L, D).astype(dt), experts_TK
 
 
-DISPATCHES = ('auto', 'gather', 'model')
+def moe_distinct(moe: MoE, x_BLD: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """The MoE layer for a few tokens, reading each distinct selected expert once and copying nothing.
+
+  A loop over the step's distinct experts (`jnp.unique` with a static bound of min(E, T*k)
+  slots; the trip count is the number actually touched): each iteration indexes one expert's
+  weights in place (a dynamic index on the leading axis, no gather copy), applies them to all
+  T tokens and adds the result weighted by each token's gate for that expert (zero for tokens
+  that did not pick it). Weight traffic is exactly the bandwidth model's (`decode_cost`:
+  distinct experts x expert bytes); compute is T x distinct experts, so it suits T*k <= E.
+  Same routing, gates and shared experts as `MoE.__call__` (dropless). Returns (y_BLD, experts_TK).
+  """
+  B, L, D = x_BLD.shape
+  dt = x_BLD.dtype
+  x_TD, experts_TK, gates_TK = _few_tokens_route(moe, x_BLD)
+  T, k = experts_TK.shape
+  y_TD = jnp.zeros((T, D), jnp.float32)
+  offset = 0
+  for (count, _), experts in zip(moe.classes, moe.experts):
+    local_TK, g_TK = _class_slots(experts_TK, gates_TK, offset, count)
+    distinct = jnp.unique(local_TK.reshape(-1), size=min(count + 1, T * k), fill_value=count)  # sorted; `count` last
+    touched = jnp.sum(distinct < count)
+    weights = (experts.w_gate[...], experts.w_up[...], experts.w_down[...])
+
+    def body(i, y_TD, distinct=distinct, local_TK=local_TK, g_TK=g_TK, weights=weights):
+      e = distinct[i]
+      g_T = jnp.sum(jnp.where(local_TK == e, g_TK, 0.0), axis=1)
+      w_gate, w_up, w_down = (jax.lax.dynamic_index_in_dim(w, e, 0, keepdims=False).astype(dt) for w in weights)
+      out_TD = swiglu(x_TD, w_gate, w_up, w_down, 'td,df->tf;tf,fd->td').astype(jnp.float32)
+      return y_TD + g_T[:, None] * out_TD
+
+    y_TD = jax.lax.fori_loop(0, touched, body, y_TD)
+    offset += count
+  if moe.shared is not None:
+    y_TD += moe.shared_output(x_TD)
+  return y_TD.reshape(B, L, D).astype(dt), experts_TK
 
 
-def pick_dispatch(moe_dispatch: str, tokens: int, topk: int, num_experts: int) -> str:
-  """'auto': the gather while it reads no more expert weights than the model's dispatch does (tokens * k <= E),
-  else the model's own dispatch (`moe.dispatch`), which reads every expert once."""
+DISPATCHES = ('auto', 'distinct', 'gather', 'model')
+FEW_TOKEN_DISPATCHES = {'distinct': moe_distinct, 'gather': moe_gather}
+
+
+def pick_dispatch(moe_dispatch: str, tokens: int, topk: int, num_experts: int, backend: str | None = None) -> str:
+  """'auto': a few-token dispatch while tokens * k <= E (it then reads no more expert weights than the model's
+  dispatch, which reads every expert once), else the model's own dispatch (`moe.dispatch`). The few-token one is
+  'distinct' on CPU (measured: docs/inference.md) and 'gather' on accelerators, where a loop of small matmuls
+  pays a launch per expert (not yet measured there)."""
   if moe_dispatch not in DISPATCHES:
     raise ConfigError(f'moe_dispatch={moe_dispatch!r} must be one of {DISPATCHES}')
   if moe_dispatch != 'auto':
     return moe_dispatch
-  return 'gather' if tokens * topk <= num_experts else 'model'
+  if tokens * topk > num_experts:
+    return 'model'
+  return 'distinct' if (backend or jax.default_backend()) == 'cpu' else 'gather'
 
 
 def forward(model: Transformer, tokens_BL: jax.Array, positions_BL: jax.Array, cache: Cache,
@@ -126,8 +182,9 @@ def forward(model: Transformer, tokens_BL: jax.Array, positions_BL: jax.Array, c
   """Logits [B, L, V] (float32) of `tokens_BL` at `positions_BL` (prefill: L prompt tokens; decode: L = 1), the
   cache with their keys and values written, and each MoE layer's routing: experts [B*L, k] (int32), in layer order.
 
-  moe_dispatch 'gather' runs MoE layers with `moe_gather` (few tokens: decode steps); 'model' with the
-  model's own dispatch (`moe.dispatch`: many tokens, prefill); 'auto' chooses by `pick_dispatch`.
+  moe_dispatch 'distinct' or 'gather' runs MoE layers with `moe_distinct` or `moe_gather` (few tokens: decode
+  steps); 'model' with the model's own dispatch (`moe.dispatch`: many tokens, prefill); 'auto' chooses by
+  `pick_dispatch`.
   ffn=False skips every FFN (dense and MoE): an ablation for `moejax.bench decode`'s time breakdown only.
   """
   x = model.embed(tokens_BL, model.dtype)
@@ -141,8 +198,9 @@ def forward(model: Transformer, tokens_BL: jax.Array, positions_BL: jax.Array, c
       continue
     if not block.use_moe:
       f = block.ffn(h)
-    elif pick_dispatch(moe_dispatch, T, block.ffn.cfg.experts_per_token, block.ffn.cfg.num_experts) == 'gather':
-      f, experts = moe_gather(block.ffn, h)
+    elif (dispatch := pick_dispatch(moe_dispatch, T, block.ffn.cfg.experts_per_token,
+                                    block.ffn.cfg.num_experts)) in FEW_TOKEN_DISPATCHES:
+      f, experts = FEW_TOKEN_DISPATCHES[dispatch](block.ffn, h)
       routes.append(experts)
     else:
       f, _ = block.ffn(h)

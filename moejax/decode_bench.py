@@ -20,7 +20,10 @@ measured/model.
 A breakdown (the profile behind the ratio) times two ablations of the same step: `floor`, a
 compiled function taking the same arguments (state and donated cache) that does almost nothing
 (dispatch and argument handling), and `no FFN`, the step with every FFN skipped (attention,
-norms, output projection, sampling). The step's top-level compiled ops are counted as well.
+norms, output projection, sampling). The step's top-level compiled ops are counted as well, and
+the compute side of a roofline is printed beside the bytes: `decode_cost.step_flops` at the
+rate of a float32 1024^3 matmul measured in the same process (where it exceeds the bytes' time,
+the step is compute-bound and the bandwidth model is only a lower bound).
 """
 
 from __future__ import annotations
@@ -51,6 +54,19 @@ def memory_bandwidth(megabytes: int, rounds: int = 5) -> dict[str, float]:
     out[name] = factor * x.nbytes / statistics.median(times)
   del x
   return out
+
+
+def matmul_rate(size: int = 1024, rounds: int = 5) -> float:
+  """FLOP/s of a float32 [size, size] x [size, size] matmul, median of `rounds` (the roofline's compute rate)."""
+  a = jnp.ones((size, size), jnp.float32)
+  mm = jax.jit(lambda a: a @ a)
+  jax.block_until_ready(mm(a))
+  times = []
+  for _ in range(rounds):
+    t0 = time.perf_counter()
+    jax.block_until_ready(mm(a))
+    times.append(time.perf_counter() - t0)
+  return 2.0 * size ** 3 / statistics.median(times)
 
 
 def _prompts(corpus, batch: int, context: int, seed: int = 0) -> np.ndarray:
@@ -90,11 +106,12 @@ class _Case:
       return jnp.argmax(logits[:, 0], axis=-1).astype(jnp.int32), cache
 
     def floor(state, cache, tokens_B, positions_B):
-      del state
-      keys = cache.keys[:-1] + (cache.keys[-1].at[0, 0, 0, 0].add(positions_B[0].astype(cache.keys[-1].dtype)),)
-      return tokens_B + 1, decode.Cache(keys, cache.values)
+      # The same arguments, nothing computed and the cache neither donated nor returned: XLA:CPU rewrote even a
+      # one-element in-place update of a donated cache array as a whole-array select (13 ms at B = 64).
+      del state, cache
+      return tokens_B + positions_B[0]
 
-    self.ablations = {'no FFN': jax.jit(no_ffn, donate_argnums=1), 'floor': jax.jit(floor, donate_argnums=1)}
+    self.ablations = {'no FFN': jax.jit(no_ffn, donate_argnums=1), 'floor': jax.jit(floor)}
     self.ops = _entry_ops(self.gen.step)
     self.times = {'prefill': [], 'step': [], 'no FFN': [], 'floor': []}
     self.routes = []
@@ -120,17 +137,22 @@ class _Case:
     for name, fn in self.ablations.items():
       cache = decode.init_cache(g.model, self.batch, self.max_len)
       positions, tok = self.lengths, token
-      tok, cache = fn(g.state, cache, tok, positions)  # (compile + warm-up outside the timing)
+
+      def call(tok, cache, positions, fn=fn):  # (the floor returns the token only; the cache stays as it is)
+        out = fn(g.state, cache, tok, positions)
+        return out if isinstance(out, tuple) else (out, cache)
+
+      tok, cache = call(tok, cache, positions)  # (compile + warm-up outside the timing)
       jax.block_until_ready(tok)
       t0 = time.perf_counter()
       for _ in range(self.steps):
-        tok, cache = fn(g.state, cache, tok, positions)
+        tok, cache = call(tok, cache, positions)
         positions = positions + 1
       jax.block_until_ready(tok)
       self.times[name].append((time.perf_counter() - t0) / self.steps)
       del cache
 
-  def row(self, bandwidth: float) -> dict:
+  def row(self, bandwidth: float, flop_rate: float) -> dict:
     cfg = self.cfg
     acc = accounting.count(cfg)
     E, k = acc['num_experts'], acc['experts_per_token']
@@ -161,6 +183,8 @@ class _Case:
         'total_bytes': cost['total'], 'achieved_bytes_per_s': cost['total'] / med['step'], 'model_ms': 1e3 * model_s,
         'ratio': med['step'] / model_s, 'floor_ms': 1e3 * med['floor'], 'no_ffn_ms': 1e3 * med['no FFN'],
         'ops': self.ops, 'step_memory_bytes': self.gen.memory.get('step'),
+        'flops': decode_cost.step_flops(cfg, self.batch, self.max_len),
+        'compute_ms': 1e3 * decode_cost.step_flops(cfg, self.batch, self.max_len) / flop_rate,
     }
 
 
@@ -192,8 +216,10 @@ def load_models(config: str | None, points: list[str], workdirs: list[str]):
 def run(models, batches: list[int], context: int | None, steps: int, rounds: int, copy_mb: int) -> list[str]:
   """Markdown lines of the decode benchmark."""
   bw = memory_bandwidth(copy_mb)
+  rate = matmul_rate()
   lines = [f'memory bandwidth ({copy_mb} MB, median of 5): read {bw["read"] / 1e9:.1f} GB/s, copy (read + write) '
-           f'{bw["copy"] / 1e9:.1f} GB/s; the model uses the read rate', '']
+           f'{bw["copy"] / 1e9:.1f} GB/s; the model uses the read rate. float32 matmul (1024^3): '
+           f'{rate / 1e9:.1f} GFLOP/s', '']
   rows = []
   for name, cfg, model, corpus in models:
     ctx = context or max(1, cfg.data.seq_len - steps)
@@ -201,7 +227,7 @@ def run(models, batches: list[int], context: int | None, steps: int, rounds: int
     for r in range(rounds):
       for case in cases:  # interleaved: machine noise hits every batch size alike
         case.round(record_routes=r == 0)
-    rows += [case.row(bw['read']) for case in cases]
+    rows += [case.row(bw['read'], rate) for case in cases]
     del cases
   fmt = lambda v, f: '-' if v is None else format(v, f)
   lines += ['| model | B | ctx | dispatch | prefill ms | ms/step | tok/s | distinct experts/layer (measured / uniform / '
@@ -215,10 +241,10 @@ def run(models, batches: list[int], context: int | None, steps: int, rounds: int
                  f'{r["model_ms"]:.3f} | {r["ratio"]:.1f}x |')
   lines += ['', 'Where the step time goes (the same step, ablated; medians):', '',
             '| model | B | floor ms (dispatch, no work) | no-FFN step ms | full step ms | FFN ms (full - no FFN) | '
-            'compiled top-level ops | bytes at bandwidth ms | measured distinct / uniform |',
-            '|---|---:|---:|---:|---:|---:|---:|---:|---:|']
+            'compiled top-level ops | bytes at bandwidth ms | FLOPs at matmul rate ms | measured distinct / uniform |',
+            '|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|']
   for r in rows:
     skew = '-' if not r['distinct'] else f'{r["distinct"] / r["distinct_uniform"]:.2f}'
     lines.append(f'| {r["name"]} | {r["batch"]} | {r["floor_ms"]:.3f} | {r["no_ffn_ms"]:.3f} | {r["step_ms"]:.3f} | '
-                 f'{r["step_ms"] - r["no_ffn_ms"]:.3f} | {r["ops"]} | {r["model_ms"]:.3f} | {skew} |')
+                 f'{r["step_ms"] - r["no_ffn_ms"]:.3f} | {r["ops"]} | {r["model_ms"]:.3f} | {r["compute_ms"]:.3f} | {skew} |')
   return lines

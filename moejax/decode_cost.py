@@ -77,6 +77,17 @@ def step_bytes(cfg, batch: int, context: int, param_bytes: float, kv_bytes_per_e
   return out
 
 
+def step_flops(cfg, batch: int, context: int) -> float:
+  """Matmul FLOPs of one decode step of `batch` tokens attending over `context` positions (the compute side of
+  the roofline): per token, 2 x active matmul parameters (k experts per MoE layer, the output projection) plus
+  4 * layers * heads * head_dim * context for the scores and the weighted values."""
+  m = cfg.model
+  acc = accounting.count(cfg)
+  attention_per_position = 4 * m.num_layers * m.num_heads * config_lib.head_dim(m)
+  per_token = acc['flops_per_token_forward'] - attention_per_position * cfg.data.seq_len
+  return float(batch) * (per_token + attention_per_position * context)
+
+
 def predicted_seconds(total_bytes, bandwidth_bytes_per_s):
   """The bandwidth model's time for a step: bytes read / memory bandwidth."""
   return np.asarray(total_bytes, np.float64) / bandwidth_bytes_per_s

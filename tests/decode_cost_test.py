@@ -56,6 +56,18 @@ def test_step_bytes_counts_what_a_step_reads():
       accounting.count(untied)['n_total'] - routed - (V - 2) * 64)
 
 
+def test_step_flops_count_the_active_matmuls_and_attention_over_the_context():
+  cfg = _cfg()
+  D, V, hd = 64, config_lib.vocab_size(cfg), config_lib.head_dim(cfg.model)
+  attention_weights = 64 * 2 * hd * 2 + 2 * 64 * 1 * hd  # q, o and k, v of one layer
+  active_ffn = 2 * 3 * 64 * 32 + 64 * 16  # k experts and the router
+  per_token = 2 * (2 * (attention_weights + active_ffn) + V * D) + 4 * 2 * 2 * hd * 100
+  assert decode_cost.step_flops(cfg, 1, 100) == pytest.approx(per_token)
+  assert decode_cost.step_flops(cfg, 8, 100) == pytest.approx(8 * per_token)
+  assert decode_cost.step_flops(cfg, 1, 200) - decode_cost.step_flops(cfg, 1, 100) == pytest.approx(
+      4 * 2 * 2 * hd * 100)
+
+
 def test_the_design_search_prices_decode_with_the_same_model_and_can_rank_differently():
   from experiments import base  # pylint: disable=import-outside-toplevel
   cfg = config_lib.validate(base.get_config())

@@ -17,6 +17,8 @@ DESIGNS = {
                              'moe.num_shared_experts': 1, 'moe.use_shared_expert_gate': True},
     'sigmoid_auxfree_qknorm': {'moe.router_score': 'sigmoid', 'moe.load_balancing': 'aux_free',
                                'model.use_qk_norm': True},
+    'qkv_bias_projection_qknorm': {'model.use_qkv_bias': True, 'model.use_qk_norm': True,
+                                   'model.qk_norm_scope': 'projection', 'model.num_kv_heads': 2},
 }
 
 
@@ -51,9 +53,10 @@ def test_prefill_then_decode_equals_the_full_forward_in_logits_and_routing(tiny_
     for got, want in zip(routes, full_routes):
       np.testing.assert_array_equal(got.reshape(2, 6, -1)[b, :n], want[b, :n])
   pos = jnp.asarray(lengths)
-  for _ in range(12 - 6):  # teacher-forced decode: each row feeds its true next token at its own position
+  for step in range(12 - 6):  # teacher-forced decode: each row feeds its true next token at its own position
     step_tokens = tokens[jnp.arange(2), pos][:, None]
-    logits, cache, routes = decode.forward(model, step_tokens, pos[:, None], cache, 'gather')
+    dispatch = ('distinct', 'gather')[step % 2]  # both few-token dispatches, on the same cache
+    logits, cache, routes = decode.forward(model, step_tokens, pos[:, None], cache, dispatch)
     np.testing.assert_allclose(logits[:, 0], full[jnp.arange(2), pos], rtol=1e-5, atol=2e-5)
     for got, want in zip(routes, full_routes):  # the decode step routes every token as the full forward did
       np.testing.assert_array_equal(got, want[jnp.arange(2), pos])
@@ -96,7 +99,7 @@ def test_greedy_generation_equals_repeated_full_forwards_and_compiles_once(tiny_
   sampled = gen(prompts, max_new_tokens=5, temperature=1.0, top_p=0.9, seed=3)
   assert sampled == gen(prompts, max_new_tokens=5, temperature=1.0, top_p=0.9, seed=3)  # seeded
   assert gen.compilations == {'step': 1, 'prefill': 1}  # every step of every generation, ahead of time
-  for dispatch in ('gather', 'model'):  # both MoE dispatches decode the same tokens
+  for dispatch in ('distinct', 'gather', 'model'):  # every MoE dispatch decodes the same tokens
     assert decode.Generator(model, batch=2, max_len=16, moe_dispatch=dispatch)(prompts, max_new_tokens=5) == got
   with pytest.raises(ConfigError, match='exceeds the context'):
     gen(prompts, max_new_tokens=11)
@@ -142,13 +145,14 @@ def test_generate_from_a_trained_workdir_and_its_bad_inputs(tiny_cfg, tmp_path):
   assert out.returncode != 0 and out.stderr.strip().splitlines()[-1].startswith('moejax: error:')
 
 
+@pytest.mark.parametrize('dispatch', ['distinct', 'gather'])
 @pytest.mark.parametrize('design', ['moe', 'shared_heterogeneous', 'sigmoid_auxfree_qknorm'])
-def test_few_token_gather_dispatch_equals_the_layer_and_routes_alike(tiny_cfg, design):
+def test_few_token_dispatches_equal_the_layer_and_route_alike(tiny_cfg, design, dispatch):
   model, cfg = _model(tiny_cfg, DESIGNS[design])
   moe = next(b.ffn for b in model.blocks if b.use_moe)
   x = jax.random.normal(jax.random.key(1), (3, 2, cfg.model.model_dim), jnp.float32)
   want, _ = moe(x)
-  got, experts = decode.moe_gather(moe, x)
+  got, experts = jax.jit(decode.FEW_TOKEN_DISPATCHES[dispatch])(moe, x)
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
   _, _, experts_ref, _ = moe._route(x.reshape(-1, cfg.model.model_dim), False, None)  # pylint: disable=protected-access
   np.testing.assert_array_equal(experts, experts_ref)
@@ -165,8 +169,9 @@ def test_a_batch_that_does_not_fit_is_refused_before_the_cache_is_allocated(tiny
     decode.Generator(model, batch=4, max_len=32, moe_dispatch='ragged')
 
 
-def test_auto_dispatch_gathers_only_while_it_reads_fewer_experts_than_the_model():
-  assert decode.pick_dispatch('auto', tokens=4, topk=2, num_experts=8) == 'gather'
+def test_auto_dispatch_uses_a_few_token_one_only_while_it_reads_fewer_experts_than_the_model():
+  assert decode.pick_dispatch('auto', tokens=4, topk=2, num_experts=8, backend='cpu') == 'distinct'
+  assert decode.pick_dispatch('auto', tokens=4, topk=2, num_experts=8, backend='gpu') == 'gather'
   assert decode.pick_dispatch('auto', tokens=5, topk=2, num_experts=8) == 'model'
   assert decode.pick_dispatch('model', tokens=1, topk=2, num_experts=8) == 'model'
 
@@ -214,7 +219,7 @@ def test_the_decode_benchmark_measures_a_trained_run(trained16):
   assert len(rows) == 4  # (two batch sizes, in the table and the breakdown)
   cells = rows[0].split('|')
   measured = float(cells[8].split('/')[0])  # distinct experts at B = 1: exactly k
-  assert measured == 2.0 and cells[4].strip() == 'gather'
+  assert measured == 2.0 and cells[4].strip() == 'distinct'
   assert float(rows[1].split('|')[8].split('/')[0]) <= 8
   with pytest.raises(ValueError, match='not points of'):
     decode_bench.load_models('experiments/quickstart.py', ['nope'], [])

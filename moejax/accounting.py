@@ -25,7 +25,20 @@ from moejax import config as config_lib
 
 def _attention_params(m) -> int:
   hd = config_lib.head_dim(m)
-  return m.model_dim * m.num_heads * hd * 2 + 2 * m.model_dim * m.num_kv_heads * hd
+  return m.model_dim * m.num_heads * hd * 2 + 2 * m.model_dim * m.num_kv_heads * hd + _qkv_bias_params(m)
+
+
+def _qkv_bias_params(m) -> int:
+  """Query, key and value biases per layer (`model.use_qkv_bias`): counted as parameters, not as matmul FLOPs."""
+  return (m.num_heads + 2 * m.num_kv_heads) * config_lib.head_dim(m) if m.use_qkv_bias else 0
+
+
+def _qk_norm_params(m) -> int:
+  """QK-norm scales per layer: 2 * d_h per head, or (H + H_kv) * d_h over the whole projections."""
+  if not m.use_qk_norm:
+    return 0
+  hd = config_lib.head_dim(m)
+  return 2 * hd if m.qk_norm_scope == 'head' else (m.num_heads + m.num_kv_heads) * hd
 
 
 def _exact(x: float) -> int | float:
@@ -50,7 +63,7 @@ def count(cfg) -> dict[str, Any]:
   n_moe = len(config_lib.moe_layers(m, e))
   n_dense = m.num_layers - n_moe
   attn = _attention_params(m)
-  norms = 2 * D + (2 * config_lib.head_dim(m) if m.use_qk_norm else 0)
+  norms = 2 * D + _qk_norm_params(m)
   dense_ffn = 3 * D * m.ffn_hidden
   E = e.num_experts
   k = e.experts_per_token if E else 0
@@ -62,7 +75,7 @@ def count(cfg) -> dict[str, Any]:
   base = m.num_layers * (attn + norms) + n_dense * dense_ffn
   total_nonembed = base + n_moe * (always + routed) + D  # + final norm
   active_nonembed = _exact(base + n_moe * (always + (routed * k / E if E else 0)) + D)
-  active_matmul = active_nonembed - D - m.num_layers * norms + V * D
+  active_matmul = active_nonembed - D - m.num_layers * (norms + _qkv_bias_params(m)) + V * D
   attn_flops = 4 * m.num_layers * m.num_heads * config_lib.head_dim(m) * cfg.data.seq_len
   forward = _exact(2 * active_matmul + attn_flops)
   classes = config_lib.size_classes(m, e) if E else []

@@ -29,6 +29,7 @@ SOURCE_KINDS = ('stdlib', 'text:', 'jsonl:', 'parquet:', 'tfds:', 'store:')
 BINARY_DOCUMENTS = ('error', 'skip', 'keep')
 VERIFY_STORE = ('full', 'size')
 SCHEDULES = ('cosine', 'wsd')
+QK_NORM_SCOPES = ('head', 'projection')
 
 
 def load_module(path: str):
@@ -236,6 +237,7 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _require(head_dim(m) % 2 == 0, f'head dim {head_dim(m)} must be even for rotary embeddings (model.head_dim)')
   _require(m.num_heads % m.num_kv_heads == 0,
            f'model.num_heads={m.num_heads} must be divisible by model.num_kv_heads={m.num_kv_heads}')
+  _require(m.qk_norm_scope in QK_NORM_SCOPES, f'model.qk_norm_scope={m.qk_norm_scope!r} must be one of {QK_NORM_SCOPES}')
   _require(m.compute_dtype in COMPUTE_DTYPES, f'model.compute_dtype={m.compute_dtype!r} must be one of {COMPUTE_DTYPES}')
 
   _require(e.num_experts >= 0, f'moe.num_experts={e.num_experts} must be >= 0 (0 = dense model)')

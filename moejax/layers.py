@@ -55,27 +55,61 @@ def rotary(x_BLHK: jax.Array, base: float, positions_BL: jax.Array | None = None
   return out.astype(x_BLHK.dtype)
 
 
+class ProjectionRMSNorm(nnx.Module):
+  """RMSNorm over a whole [H, K] projection (OLMoE's QK-norm): one rms over H*K values, a scale per value."""
+
+  def __init__(self, heads: int, head_dim: int, eps: float, axis: str):
+    self.scale = nnx.Param(jnp.ones((heads, head_dim), jnp.float32), logical_axes=(axis, 'head_dim'))
+    self.eps = eps
+
+  def __call__(self, x_BLHK: jax.Array) -> jax.Array:
+    x = x_BLHK.astype(jnp.float32)
+    x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=(-2, -1), keepdims=True) + self.eps)
+    return (x * self.scale[...]).astype(x_BLHK.dtype)
+
+
+def _qk_norm(heads: int, head_dim: int, eps: float | None, scope: str, axis: str):
+  if not eps:
+    return None
+  return RMSNorm(head_dim, eps, 'head_dim') if scope == 'head' else ProjectionRMSNorm(heads, head_dim, eps, axis)
+
+
 class Attention(nnx.Module):
-  """Causal grouped-query self-attention with rotary embeddings and no biases."""
+  """Causal grouped-query self-attention with rotary embeddings.
+
+  Options: QK-norm (`qk_norm_eps`) per head or over the whole projection (`qk_norm_scope`),
+  and query/key/value biases (`use_qkv_bias`, Qwen2-MoE).
+  """
 
   def __init__(self, dim: int, heads: int, kv_heads: int, head_dim: int, rope_base: float, std: float,
-               out_std: float, rngs: nnx.Rngs, qk_norm_eps: float | None = None):
+               out_std: float, rngs: nnx.Rngs, qk_norm_eps: float | None = None, qk_norm_scope: str = 'head',
+               use_qkv_bias: bool = False):
     self.wq = param(rngs, (dim, heads, head_dim), ('embed', 'heads', 'head_dim'), std)
     self.wk = param(rngs, (dim, kv_heads, head_dim), ('embed', 'kv_heads', 'head_dim'), std)
     self.wv = param(rngs, (dim, kv_heads, head_dim), ('embed', 'kv_heads', 'head_dim'), std)
     self.wo = param(rngs, (heads, head_dim, dim), ('heads', 'head_dim', 'embed'), out_std)
     self.rope_base = rope_base
-    self.q_norm = RMSNorm(head_dim, qk_norm_eps, 'head_dim') if qk_norm_eps else None
-    self.k_norm = RMSNorm(head_dim, qk_norm_eps, 'head_dim') if qk_norm_eps else None
+    self.q_norm = _qk_norm(heads, head_dim, qk_norm_eps, qk_norm_scope, 'heads')
+    self.k_norm = _qk_norm(kv_heads, head_dim, qk_norm_eps, qk_norm_scope, 'kv_heads')
+    zeros = lambda h, axis: nnx.Param(jnp.zeros((h, head_dim), jnp.float32), logical_axes=(axis, 'head_dim'))
+    self.bq = zeros(heads, 'heads') if use_qkv_bias else None
+    self.bk = zeros(kv_heads, 'kv_heads') if use_qkv_bias else None
+    self.bv = zeros(kv_heads, 'kv_heads') if use_qkv_bias else None
+
+  def project(self, x_BLD: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(q_BLHK, k_BLHK, v_BLHK) before rotary: the projections, their biases and QK-norm."""
+    dt = x_BLD.dtype
+    q, k, v = (jnp.einsum('bld,dhk->blhk', x_BLD, w[...].astype(dt)) for w in (self.wq, self.wk, self.wv))
+    if self.bq is not None:
+      q, k, v = q + self.bq[...].astype(dt), k + self.bk[...].astype(dt), v + self.bv[...].astype(dt)
+    if self.q_norm is not None:
+      q, k = self.q_norm(q), self.k_norm(k)
+    return q, k, v
 
   def __call__(self, x_BLD: jax.Array) -> jax.Array:
     dt = x_BLD.dtype
-    q = jnp.einsum('bld,dhk->blhk', x_BLD, self.wq[...].astype(dt))
-    k = jnp.einsum('bld,dhk->blhk', x_BLD, self.wk[...].astype(dt))
-    if self.q_norm is not None:
-      q, k = self.q_norm(q), self.k_norm(k)
+    q, k, v = self.project(x_BLD)
     q, k = rotary(q, self.rope_base), rotary(k, self.rope_base)
-    v = jnp.einsum('bld,dhk->blhk', x_BLD, self.wv[...].astype(dt))
     # dot_product_attention broadcasts kv heads over query-head groups (GQA) and scales by 1/sqrt(K).
     o = jax.nn.dot_product_attention(q, k, v, is_causal=True)
     return jnp.einsum('blhk,hkd->bld', o, self.wo[...].astype(dt))

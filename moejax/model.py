@@ -21,7 +21,8 @@ class Block(nnx.Module):
     std, out_std = m.init_std, m.init_std / math.sqrt(2 * m.num_layers)
     self.attn_norm = RMSNorm(m.model_dim, m.norm_eps)
     self.attn = Attention(m.model_dim, m.num_heads, m.num_kv_heads, config_lib.head_dim(m), m.rope_base,
-                          std, out_std, rngs, m.norm_eps if m.use_qk_norm else None)
+                          std, out_std, rngs, m.norm_eps if m.use_qk_norm else None, m.qk_norm_scope,
+                          m.use_qkv_bias)
     self.ffn_norm = RMSNorm(m.model_dim, m.norm_eps)
     if use_moe:
       self.ffn = MoE(m, moe_cfg, std, out_std, rngs)

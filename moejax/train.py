@@ -172,6 +172,13 @@ def _placed(cfg, mesh, param_state, buffer_state, abstract: bool = False) -> dic
           'step': put(jnp.zeros((), jnp.int32), replicated)}
 
 
+def abstract_state(cfg) -> tuple[nnx.GraphDef, dict]:
+  """(graphdef, train state as ShapeDtypeStructs with shardings) of cfg, allocating nothing: a restore target."""
+  mesh = _make_mesh(cfg)
+  graphdef, param_state, buffer_state = model_lib.split(nnx.eval_shape(lambda: model_lib.build(cfg)))
+  return graphdef, _placed(cfg, mesh, param_state, buffer_state, abstract=True)
+
+
 def _make_mesh(cfg):
   mesh = mesh_lib.make_mesh(cfg.mesh)
   mesh_lib.check_batch(cfg.train.batch_size, mesh, 'train.batch_size')  # (a -1 mesh axis resolves only here)
@@ -301,10 +308,13 @@ def run(cfg, workdir: str, stop_after: int | None = None, built: Setup | None = 
     restored = ckpt.restore_latest(checkpoint.abstract(state))
     if restored is not None:
       step0, state, meta = restored
-      if meta.get('data_fingerprint') != s.corpus.fingerprint:
+      if meta.get('imported'):  # weights from moejax.import_hf: no data read yet, so the data order starts fresh
+        log.info('starting from the imported checkpoint (step %d): %s', step0, meta['imported'])
+      elif meta.get('data_fingerprint') != s.corpus.fingerprint:
         raise DataError(f'checkpoint in {workdir} was trained on corpus {str(meta.get("data_fingerprint"))[:12]}, '
                         f'but data.source now gives {s.corpus.fingerprint[:12]}')
-      data_iter.set_state(meta['data_iterator'])
+      else:
+        data_iter.set_state(meta['data_iterator'])
       wall_before = meta['wall_s']
       branches_done = meta.get('branches_done', [])
       log.info('resumed from step %d', step0)

@@ -64,7 +64,8 @@ def test_accounting_cli_json_matches_count(tiny_cfg):
 
 # (file, published total, published active, published non-embedding total or None), billions, one decimal.
 PUBLISHED = [('mixtral_8x7b', 46.7, 12.9, None), ('olmoe_1b_7b', 6.9, 1.3, None),
-             ('qwen3_30b_a3b', 30.5, 3.3, 29.9), ('deepseekmoe_16b', 16.4, 2.8, None)]
+             ('qwen3_30b_a3b', 30.5, 3.3, 29.9), ('deepseekmoe_16b', 16.4, 2.8, None),
+             ('qwen1_5_moe_a2_7b', 14.3, 2.7, None)]
 
 
 def _published(name, arg=None):
@@ -92,6 +93,7 @@ def test_published_tiny_copies_match_their_parameter_trees(name):
     assert tiny.moe[key] == full.moe[key]
   assert tiny.model.use_tied_embeddings == full.model.use_tied_embeddings
   assert tiny.model.use_qk_norm == full.model.use_qk_norm
+  assert tiny.model.qk_norm_scope == full.model.qk_norm_scope and tiny.model.use_qkv_bias == full.model.use_qkv_bias
   params = nnx.to_pure_dict(nnx.state(model_lib.build(tiny), nnx.Param))
   assert accounting.count(tiny)['n_total'] == accounting.param_count_tree(params)
 

@@ -19,6 +19,7 @@ def get_config(arg=None):
   c.model.num_kv_heads = 8
   c.model.ffn_hidden = 14336
   c.model.rope_base = 1e6
+  c.model.norm_eps = 1e-5  # rms_norm_eps of the released config.json
   c.model.use_tied_embeddings = False
   c.moe.num_experts = 8
   c.moe.experts_per_token = 2

@@ -1,7 +1,7 @@
 """OLMoE-1B-7B (Muennighoff et al. 2024): 16 layers, D=2048, 16 heads, 64 experts of 1024, top-8, QK-norm.
 
-Published: 6.9B total, 1.3B active parameters. Not trained here. (OLMoE normalizes the whole
-query/key projection; moejax's QK-norm is per head, 2*128 instead of 2*2048 scales per layer.)
+Published: 6.9B total, 1.3B active parameters. Not trained here. OLMoE normalizes the whole
+query/key projections (model.qk_norm_scope='projection', 2*2048 scales per layer).
 """
 
 from experiments import base
@@ -20,6 +20,8 @@ def get_config(arg=None):
   c.model.num_kv_heads = 16
   c.model.ffn_hidden = 1024
   c.model.use_qk_norm = True
+  c.model.qk_norm_scope = 'projection'  # OLMoE normalizes the whole H*d_h query and key projections
+  c.model.norm_eps = 1e-5  # rms_norm_eps of the released config.json
   c.model.use_tied_embeddings = False
   c.moe.num_experts = 64
   c.moe.experts_per_token = 8

@@ -20,6 +20,7 @@ def get_config(arg=None):
   c.model.head_dim = 128
   c.model.ffn_hidden = 6144
   c.model.use_qk_norm = True
+  c.model.rope_base = 1e6  # rope_theta of the released config.json
   c.model.use_tied_embeddings = False
   c.moe.num_experts = 128
   c.moe.experts_per_token = 8

@@ -88,11 +88,12 @@ def test_greedy_generation_equals_repeated_full_forwards_and_compiles_once(tiny_
   prompts = [[5, 9, 13], [7, 1, 2, 3, 4, 8]]
   gen = decode.Generator(model, batch=2, max_len=16)
   got = gen(prompts, max_new_tokens=5)
+  full = jax.jit(lambda tokens: model(tokens)[0])  # the full forward, one shape: causal, so right padding is inert
   for prompt, new in zip(prompts, got):  # the slow twin: the whole sequence through the model at every step
     seq = list(prompt)
     for _ in range(5):
-      logits, _ = model(jnp.asarray([seq], jnp.int32))
-      seq.append(int(jnp.argmax(logits[0, -1])))
+      logits = full(jnp.asarray([seq + [0] * (16 - len(seq))], jnp.int32))
+      seq.append(int(jnp.argmax(logits[0, len(seq) - 1])))
     assert new == seq[len(prompt):]
   again = gen(prompts, max_new_tokens=5, temperature=1.0, top_p=1e-6, seed=3)  # a nucleus of one token is greedy
   assert again == got

@@ -325,3 +325,23 @@ def test_transformers_reads_the_exported_config_and_tokenizer(tiny_cfg, layout, 
   text = 'def f(x):\n  return "héllo"'
   ours = tokenizers.ByteTokenizer().encode_documents([text.encode()])[0].tolist()
   assert tok(text)['input_ids'] == ours and tok.decode(ours[1:]) == text
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('layout', list(DESIGNS))
+def test_transformers_models_give_moejax_logits(tiny_cfg, layout, tmp_path):
+  """The exported checkpoint loaded by transformers' own model class (torch, CPU) gives moejax's logits."""
+  torch = pytest.importorskip('torch')
+  transformers = pytest.importorskip('transformers')
+  cfg = _cfg(tiny_cfg, {**DESIGNS[layout], 'moe.routed_scaling_factor': 2.0} if layout == 'mixtral' else
+             DESIGNS[layout])
+  params = _random_params(cfg)
+  params = jax.tree.map(lambda x: x * 0.3, params)  # moderate logits, so routing is not decided by rounding
+  out = str(tmp_path / 'hf')
+  export.export(_workdir(cfg, params, str(tmp_path / 'run')), out)
+  model = transformers.AutoModelForCausalLM.from_pretrained(out, torch_dtype=torch.float32)
+  model.eval()
+  tokens = np.random.default_rng(1).integers(0, 257, (2, 8))
+  with torch.no_grad():
+    theirs = model(torch.as_tensor(tokens)).logits.numpy()
+  np.testing.assert_allclose(theirs, _logits(cfg, params, tokens), rtol=2e-4, atol=2e-4)

@@ -130,6 +130,32 @@ def block_sigma(rows: list[dict]) -> tuple[float | None, int, frozenset]:
   return float(math.sqrt(np.sum(resid ** 2) / dof)), int(dof), seeds
 
 
+def noise_check(rows: list[dict], family_level: float = 0.05) -> dict:
+  """Is the seed noise the same for every configuration? A diagnostic beside the verdicts, not used by them.
+
+  Over the configurations at the blocked seed set (as `block_sigma`), each configuration's share of the
+  residual sum of squares, c_i, is about sigma^2 (C-1)/C chi^2_(S-1) when the noise is homogeneous. The
+  robust sigma comes from the median c_i; a configuration whose c_i exceeds the 1 - family_level / C quantile
+  at that sigma (a false flag among C homogeneous configurations at most `family_level` of the time) is listed with its seed spread (max - min of its seeds' losses). Returns {'robust_sigma', 'outliers':
+  [(name, spread)], 'configurations'}.
+  """
+  from scipy import stats  # pylint: disable=import-outside-toplevel
+  _, _, seeds = block_sigma(rows)
+  chosen = [r for r in rows if frozenset((r.get('seed_losses') or {}).keys()) == seeds and len(seeds) >= 2]
+  if len(chosen) < 3:
+    return {'robust_sigma': None, 'outliers': [], 'configurations': len(chosen)}
+  order = sorted(seeds)
+  m = np.array([[r['seed_losses'][k] for k in order] for r in chosen], np.float64)
+  C, S = m.shape
+  resid = m - m.mean(axis=1, keepdims=True) - m.mean(axis=0, keepdims=True) + m.mean()
+  share = np.sum(resid ** 2, axis=1) * C / (C - 1)  # ~ sigma^2 chi^2_(S-1) each under homogeneous noise
+  robust = math.sqrt(float(np.median(share)) / stats.chi2.ppf(0.5, S - 1))
+  cut = robust ** 2 * stats.chi2.ppf(1 - family_level / C, S - 1)
+  outliers = sorted(((r.get('name') or r.get('config_hash'), float(np.ptp(row))) for r, row, c in
+                     zip(chosen, m, share) if c > cut), key=lambda x: -x[1])
+  return {'robust_sigma': robust, 'outliers': outliers, 'configurations': C}
+
+
 @dataclasses.dataclass(frozen=True)
 class Noise:
   """The seed noise: pooled sigma and its degrees of freedom; with `paired`, the block-design sigma used for
@@ -344,7 +370,8 @@ def evaluate(rows: list[dict], scale: str, fits: dict[str, dict[str, scaling.Fit
   claims.append(_b6_claim(b6, noise))
   return claims, {'sigma': noise.sigma, 'dof': noise.dof, 'threshold': threshold,
                   'paired_sigma': noise.paired.sigma if noise.paired else None,
-                  'paired_dof': noise.paired.dof if noise.paired else 0, 'noise': noise}
+                  'paired_dof': noise.paired.dof if noise.paired else 0, 'noise': noise,
+                  'check': noise_check(noise_rows(g))}
 
 
 def noise_rows(g: dict) -> list[dict]:
@@ -768,6 +795,23 @@ def residuals_by_k(fits: dict[str, scaling.Fit], rows: list[dict]) -> str:
   return '\n'.join(lines) + '\n'
 
 
+def _noise_check_lines(check: dict | None) -> list[str]:
+  if not check or check['robust_sigma'] is None:
+    return []
+  if not check['outliers']:
+    return [f'Noise check: no configuration\'s seed spread is out of line (beyond the 1 − 0.05/C quantile at the '
+            'median-based '
+            f'σ = {check["robust_sigma"]:.4f} ({check["configurations"]} configurations): the noise looks homogeneous.',
+            '']
+  listed = ', '.join(f'{name} ({spread:.3f})' for name, spread in check['outliers'])
+  return [f'Noise check (a diagnostic; verdicts use σ above): {len(check["outliers"])} of {check["configurations"]} '
+          f'configurations have seed spreads beyond the 1 − 0.05/C quantile (5% family-wise) expected at the '
+          f'median-based σ = '
+          f'{check["robust_sigma"]:.4f}: {listed} (max − min over seeds, nats). The noise is not homogeneous; these '
+          'points inflate the pooled σ, so verdicts on the other points are conservative, and verdicts involving '
+          'these points may understate their own noise.', '']
+
+
 def markdown(claims: list[Claim], noise: dict, fits: dict[str, dict[str, scaling.Fit]], header: str = '',
              families: dict[str, list[dict]] | None = None, speedup: str = '', lr: str = '') -> str:
   sigma = '-' if noise['sigma'] is None else f'{noise["sigma"]:.4f}'
@@ -788,6 +832,7 @@ def markdown(claims: list[Claim], noise: dict, fits: dict[str, dict[str, scaling
            'every verdict is inconclusive. Small effects are equivalence tests (TOST at 5%: the 90% interval inside '
            '±T). The monotonicity rule applies to "holds" and "contradicted" alike. p is the one-sided p-value of '
            'the decided direction (for equivalence: the larger of the two TOST p-values).', '',
+           *_noise_check_lines(noise.get('check')),
            f'Multiple comparisons: {decided} of {len(claims)} verdicts are decided, each at the 2.5% one-sided level on '
            f'its own (equivalence: 5% per one-sided test). Under Holm\'s step-down correction over all {tested} '
            f'tested claims (family-wise 2.5%, equivalence p-values put on that scale), {sum(survives.values())} of the '

@@ -189,3 +189,19 @@ def test_block_design_noise_removes_the_shared_seed_effect():
   assert noise.paired.dof == 11 and 0.002 < noise.paired.sigma < 0.009  # the residual is the per-run noise
   assert noise.for_pair(rows[0], rows[1]) is noise.paired
   assert noise.for_pair(rows[0], {'seeds': 1, 'seed_losses': {'0': 2.0}}) is noise  # not paired: pooled
+
+
+def test_noise_check_flags_configurations_whose_seed_spread_is_out_of_line():
+  rng = np.random.default_rng(0)
+  rows = [{'name': f'c{i}', 'seed_losses': {0: 2.0 + 0.01 * i, 1: 2.0 + 0.01 * i + 0.005 + rng.normal(0, 0.01)}}
+          for i in range(30)]
+  calm = claims.noise_check(rows)
+  assert calm['outliers'] == [] and 0.005 < calm['robust_sigma'] < 0.015 and calm['configurations'] == 30
+  rows[3]['seed_losses'][1] += 0.12
+  rows[7]['seed_losses'][1] -= 0.09
+  check = claims.noise_check(rows)
+  assert [name for name, _ in check['outliers']] == ['c3', 'c7']  # largest spread first
+  assert abs(check['robust_sigma'] - calm['robust_sigma']) < 0.003  # the median is not moved by two points
+  assert claims.block_sigma(rows)[0] > 2 * check['robust_sigma']  # while the pooled sigma is
+  lines = claims._noise_check_lines(check)  # pylint: disable=protected-access
+  assert 'c3 (' in lines[0] and 'not homogeneous' in lines[0]

@@ -75,6 +75,10 @@ class Checkpointer:
   """Saves and restores {'state': pytree, 'meta': json dict} under `directory`."""
 
   def __init__(self, directory: str, max_to_keep: int = 2, use_async: bool = True):
+    # grain (the data pipeline) imports attrs lazily; imported for the first time while orbax's background
+    # threads run, CPython's import lock can fail (KeyError in _ModuleLock, seen once in the test suite). Import
+    # it before orbax starts any thread.
+    import grain  # pylint: disable=import-outside-toplevel,unused-import
     # Orbax requires absolute local paths; remote ones (gs://...) pass through.
     self.directory = epath.Path(directory if '://' in directory else os.path.abspath(directory))
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, enable_async_checkpointing=use_async,

@@ -16,6 +16,9 @@ os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.3')
 os.environ.setdefault('JAX_DISABLE_MOST_OPTIMIZATIONS', '1')
 
 import pytest  # pylint: disable=wrong-import-position
+# Imported once, up front: a first import of grain while an earlier test's orbax threads are still running
+# raced in CPython's import lock (KeyError in _ModuleLock) in one fresh-clone run.
+import grain  # pylint: disable=wrong-import-position,unused-import  # noqa: F401
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)

@@ -105,6 +105,22 @@ def pooled_sigma(rows: list[dict]) -> tuple[float | None, int]:
   return (math.sqrt(num / dof), int(dof)) if dof else (None, 0)
 
 
+def _block_residuals(rows: list[dict]) -> tuple[list[dict], np.ndarray | None, frozenset]:
+  """(configurations at the most common seed set of two or more seeds, their residuals [C, S] under the additive
+  model loss = configuration + seed, that seed set); residuals None when there is no such set."""
+  sets: dict[frozenset, list[dict]] = {}
+  for r in rows:
+    seeds = frozenset((r.get('seed_losses') or {}).keys())
+    if len(seeds) >= 2:
+      sets.setdefault(seeds, []).append(r)
+  if not sets:
+    return [], None, frozenset()
+  seeds, chosen = max(sets.items(), key=lambda kv: (len(kv[1]), len(kv[0])))
+  order = sorted(seeds)
+  m = np.array([[r['seed_losses'][k] for k in order] for r in chosen], np.float64)
+  return chosen, m - m.mean(axis=1, keepdims=True) - m.mean(axis=0, keepdims=True) + m.mean(), seeds
+
+
 def block_sigma(rows: list[dict]) -> tuple[float | None, int, frozenset]:
   """Residual sigma of the additive model loss = configuration + seed, its degrees of freedom, and the seed set.
 
@@ -113,20 +129,12 @@ def block_sigma(rows: list[dict]) -> tuple[float | None, int, frozenset]:
   every configuration) cancels in a difference of two configurations' means over the same seeds.
   Uses the configurations run at the most common seed set of two or more seeds; dof = (C-1)(S-1).
   """
-  sets: dict[frozenset, list[dict]] = {}
-  for r in rows:
-    seeds = frozenset((r.get('seed_losses') or {}).keys())
-    if len(seeds) >= 2:
-      sets.setdefault(seeds, []).append(r)
-  if not sets:
-    return None, 0, frozenset()
-  seeds, chosen = max(sets.items(), key=lambda kv: (len(kv[1]), len(kv[0])))
-  order = sorted(seeds)
-  m = np.array([[r['seed_losses'][k] for k in order] for r in chosen], np.float64)
-  dof = (m.shape[0] - 1) * (m.shape[1] - 1)
+  _, resid, seeds = _block_residuals(rows)
+  if resid is None:
+    return None, 0, seeds
+  dof = (resid.shape[0] - 1) * (resid.shape[1] - 1)
   if dof == 0:
     return None, 0, seeds
-  resid = m - m.mean(axis=1, keepdims=True) - m.mean(axis=0, keepdims=True) + m.mean()
   return float(math.sqrt(np.sum(resid ** 2) / dof)), int(dof), seeds
 
 
@@ -136,23 +144,21 @@ def noise_check(rows: list[dict], family_level: float = 0.05) -> dict:
   Over the configurations at the blocked seed set (as `block_sigma`), each configuration's share of the
   residual sum of squares, c_i, is about sigma^2 (C-1)/C chi^2_(S-1) when the noise is homogeneous. The
   robust sigma comes from the median c_i; a configuration whose c_i exceeds the 1 - family_level / C quantile
-  at that sigma (a false flag among C homogeneous configurations at most `family_level` of the time) is listed with its seed spread (max - min of its seeds' losses). Returns {'robust_sigma', 'outliers':
-  [(name, spread)], 'configurations'}.
+  at that sigma (a false flag among C homogeneous configurations at most `family_level` of the time) is listed
+  with its seed spread (max - min of its seeds' losses). Returns {'robust_sigma', 'outliers': [(name, spread)],
+  'configurations'}.
   """
   from scipy import stats  # pylint: disable=import-outside-toplevel
-  _, _, seeds = block_sigma(rows)
-  chosen = [r for r in rows if frozenset((r.get('seed_losses') or {}).keys()) == seeds and len(seeds) >= 2]
+  chosen, resid, _ = _block_residuals(rows)
   if len(chosen) < 3:
     return {'robust_sigma': None, 'outliers': [], 'configurations': len(chosen)}
-  order = sorted(seeds)
-  m = np.array([[r['seed_losses'][k] for k in order] for r in chosen], np.float64)
-  C, S = m.shape
-  resid = m - m.mean(axis=1, keepdims=True) - m.mean(axis=0, keepdims=True) + m.mean()
+  C, S = resid.shape
   share = np.sum(resid ** 2, axis=1) * C / (C - 1)  # ~ sigma^2 chi^2_(S-1) each under homogeneous noise
   robust = math.sqrt(float(np.median(share)) / stats.chi2.ppf(0.5, S - 1))
   cut = robust ** 2 * stats.chi2.ppf(1 - family_level / C, S - 1)
-  outliers = sorted(((r.get('name') or r.get('config_hash'), float(np.ptp(row))) for r, row, c in
-                     zip(chosen, m, share) if c > cut), key=lambda x: -x[1])
+  spread = lambda r: max(r['seed_losses'].values()) - min(r['seed_losses'].values())
+  outliers = sorted(((r.get('name') or r.get('config_hash'), float(spread(r))) for r, c in zip(chosen, share)
+                     if c > cut), key=lambda x: -x[1])
   return {'robust_sigma': robust, 'outliers': outliers, 'configurations': C}
 
 

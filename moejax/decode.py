@@ -82,18 +82,24 @@ def _attention(attn: Attention, x_BLD, keys_BGTK, values_BGTK, positions_BL):
   return jnp.einsum('blhk,hkd->bld', o, attn.wo[...].astype(dt)), keys_BGTK, values_BGTK
 
 
-def _few_tokens_route(moe: MoE, x_BLD: jax.Array):
+def _few_token_moe(moe: MoE, x_BLD: jax.Array, routed) -> tuple[jax.Array, jax.Array]:
+  """The MoE layer for a few tokens: `MoE._route`'s routing, then per size class
+  routed(x_TD, experts, local_TK, g_TK, count) -> float32 [T, D], where local_TK holds the class's local expert
+  ids (`count` for slots routed to another class) and g_TK their gates (zero there); plus the shared experts.
+  Returns (y_BLD, experts_TK)."""
   B, L, D = x_BLD.shape
   x_TD = x_BLD.reshape(B * L, D)
   _, _, experts_TK, gates_TK = moe._route(x_TD, False, None)  # pylint: disable=protected-access
-  return x_TD, experts_TK, gates_TK
-
-
-def _class_slots(experts_TK, gates_TK, offset: int, count: int):
-  """(local expert ids [T, k], gates [T, k] zeroed where the slot routes to another size class)."""
-  local_TK = experts_TK - offset
-  valid_TK = (local_TK >= 0) & (local_TK < count)
-  return jnp.where(valid_TK, local_TK, count), jnp.where(valid_TK, gates_TK, 0.0)
+  y_TD = jnp.zeros((B * L, D), jnp.float32)
+  offset = 0
+  for (count, _), experts in zip(moe.classes, moe.experts):
+    local_TK = experts_TK - offset
+    valid_TK = (local_TK >= 0) & (local_TK < count)
+    y_TD += routed(x_TD, experts, jnp.where(valid_TK, local_TK, count), jnp.where(valid_TK, gates_TK, 0.0), count)
+    offset += count
+  if moe.shared is not None:
+    y_TD += moe.shared_output(x_TD)
+  return y_TD.reshape(B, L, D).astype(x_BLD.dtype), experts_TK
 
 
 def moe_gather(moe: MoE, x_BLD: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -105,21 +111,15 @@ def moe_gather(moe: MoE, x_BLD: jax.Array) -> tuple[jax.Array, jax.Array]:
   alone (docs/inference.md); `moe_distinct` avoids it. Same routing (`MoE._route`), gates and
   shared experts as `MoE.__call__` (dropless). Returns (y_BLD, experts_TK).
   """
-  B, L, D = x_BLD.shape
   dt = x_BLD.dtype
-  x_TD, experts_TK, gates_TK = _few_tokens_route(moe, x_BLD)
-  y_TD = jnp.zeros((B * L, D), jnp.float32)
-  offset = 0
-  for (count, _), experts in zip(moe.classes, moe.experts):
-    local_TK, g_TK = _class_slots(experts_TK, gates_TK, offset, count)
+
+  def routed(x_TD, experts, local_TK, g_TK, count):
     idx_TK = jnp.minimum(local_TK, count - 1)
     w_gate, w_up, w_down = (w[...][idx_TK].astype(dt) for w in (experts.w_gate, experts.w_up, experts.w_down))
     out_TKD = swiglu(x_TD, w_gate, w_up, w_down, 'td,tkdf->tkf;tkf,tkfd->tkd').astype(jnp.float32)
-    y_TD += jnp.sum(g_TK[..., None] * out_TKD, axis=1)
-    offset += count
-  if moe.shared is not None:
-    y_TD += moe.shared_output(x_TD)
-  return y_TD.reshape(B, L, D).astype(dt), experts_TK
+    return jnp.sum(g_TK[..., None] * out_TKD, axis=1)
+
+  return _few_token_moe(moe, x_BLD, routed)
 
 
 def moe_distinct(moe: MoE, x_BLD: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -133,30 +133,23 @@ def moe_distinct(moe: MoE, x_BLD: jax.Array) -> tuple[jax.Array, jax.Array]:
   distinct experts x expert bytes); compute is T x distinct experts, so it suits T*k <= E.
   Same routing, gates and shared experts as `MoE.__call__` (dropless). Returns (y_BLD, experts_TK).
   """
-  B, L, D = x_BLD.shape
   dt = x_BLD.dtype
-  x_TD, experts_TK, gates_TK = _few_tokens_route(moe, x_BLD)
-  T, k = experts_TK.shape
-  y_TD = jnp.zeros((T, D), jnp.float32)
-  offset = 0
-  for (count, _), experts in zip(moe.classes, moe.experts):
-    local_TK, g_TK = _class_slots(experts_TK, gates_TK, offset, count)
-    distinct = jnp.unique(local_TK.reshape(-1), size=min(count + 1, T * k), fill_value=count)  # sorted; `count` last
-    touched = jnp.sum(distinct < count)
+
+  def routed(x_TD, experts, local_TK, g_TK, count):
+    distinct = jnp.unique(local_TK.reshape(-1), size=min(count + 1, local_TK.size), fill_value=count)  # sorted
     weights = (experts.w_gate[...], experts.w_up[...], experts.w_down[...])
 
-    def body(i, y_TD, distinct=distinct, local_TK=local_TK, g_TK=g_TK, weights=weights):
+    def body(i, y_TD):
       e = distinct[i]
       g_T = jnp.sum(jnp.where(local_TK == e, g_TK, 0.0), axis=1)
       w_gate, w_up, w_down = (jax.lax.dynamic_index_in_dim(w, e, 0, keepdims=False).astype(dt) for w in weights)
       out_TD = swiglu(x_TD, w_gate, w_up, w_down, 'td,df->tf;tf,fd->td').astype(jnp.float32)
       return y_TD + g_T[:, None] * out_TD
 
-    y_TD = jax.lax.fori_loop(0, touched, body, y_TD)
-    offset += count
-  if moe.shared is not None:
-    y_TD += moe.shared_output(x_TD)
-  return y_TD.reshape(B, L, D).astype(dt), experts_TK
+    zeros = jnp.zeros((x_TD.shape[0], x_TD.shape[1]), jnp.float32)
+    return jax.lax.fori_loop(0, jnp.sum(distinct < count), body, zeros)  # (`count` fills the unused slots)
+
+  return _few_token_moe(moe, x_BLD, routed)
 
 
 DISPATCHES = ('auto', 'distinct', 'gather', 'model')

@@ -38,35 +38,29 @@ import numpy as np
 from moejax import accounting, config as config_lib, decode, decode_cost
 
 
+def _median_seconds(fn, x, rounds: int) -> float:
+  """Median wall time of fn(x) over `rounds` calls, after one untimed call (compilation)."""
+  jax.block_until_ready(fn(x))
+  times = []
+  for _ in range(rounds):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(x))
+    times.append(time.perf_counter() - t0)
+  return statistics.median(times)
+
+
 def memory_bandwidth(megabytes: int, rounds: int = 5) -> dict[str, float]:
   """Bytes/s of a float32 sum (read) and of x + 1 (read + write) over `megabytes` MB, median of `rounds`."""
   x = jnp.ones((megabytes * (1 << 20) // 4,), jnp.float32)
-  read = jax.jit(jnp.sum)
-  copy = jax.jit(lambda x: x + 1.0)
-  out = {}
-  for name, fn, factor in (('read', read, 1), ('copy', copy, 2)):
-    jax.block_until_ready(fn(x))
-    times = []
-    for _ in range(rounds):
-      t0 = time.perf_counter()
-      jax.block_until_ready(fn(x))
-      times.append(time.perf_counter() - t0)
-    out[name] = factor * x.nbytes / statistics.median(times)
+  out = {'read': x.nbytes / _median_seconds(jax.jit(jnp.sum), x, rounds),
+         'copy': 2 * x.nbytes / _median_seconds(jax.jit(lambda x: x + 1.0), x, rounds)}
   del x
   return out
 
 
 def matmul_rate(size: int = 1024, rounds: int = 5) -> float:
   """FLOP/s of a float32 [size, size] x [size, size] matmul, median of `rounds` (the roofline's compute rate)."""
-  a = jnp.ones((size, size), jnp.float32)
-  mm = jax.jit(lambda a: a @ a)
-  jax.block_until_ready(mm(a))
-  times = []
-  for _ in range(rounds):
-    t0 = time.perf_counter()
-    jax.block_until_ready(mm(a))
-    times.append(time.perf_counter() - t0)
-  return 2.0 * size ** 3 / statistics.median(times)
+  return 2.0 * size ** 3 / _median_seconds(jax.jit(lambda a: a @ a), jnp.ones((size, size), jnp.float32), rounds)
 
 
 def _prompts(corpus, batch: int, context: int, seed: int = 0) -> np.ndarray:

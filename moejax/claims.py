@@ -46,6 +46,7 @@ import sys
 import numpy as np
 from absl import app, flags
 
+from moejax import files
 from moejax import accounting, config as config_lib, metrics as metrics_lib, report, results, scaling
 from moejax.errors import DataError
 
@@ -909,7 +910,7 @@ def run(root: str, scale: str, out: str, bootstrap: int = 100, fit_starts: int =
                       figure_note='Figures show the default-design MoE grid points (as the fits); the table has '
                       'every run.',
                       gathered=gathered, grids=g, noise=noise['noise'])
-  metrics_lib.atomic_write(os.path.join(out, 'claims.md'), text)
+  files.atomic_write(os.path.join(out, 'claims.md'), text)
   return text
 
 

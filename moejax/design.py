@@ -46,6 +46,7 @@ import sys
 import numpy as np
 from absl import app, flags
 
+from moejax import files
 from moejax import accounting, cli, config as config_lib, decode_cost, metrics as metrics_lib
 from moejax.cli import parse_amount
 from moejax.errors import ConfigError
@@ -358,7 +359,7 @@ def get_sweep(arg=None):
 {body},
   ]
 '''
-  metrics_lib.atomic_write(path, text)
+  files.atomic_write(path, text)
   return points
 
 

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from moejax import files
 from moejax import accounting, checkpoint, data, distributed, mesh as mesh_lib, metrics as metrics_lib, routing
 from moejax.errors import CheckpointError
 from moejax.train import Setup, cached, token_nll
@@ -188,5 +189,5 @@ def write_result(workdir: str, record: dict) -> str:
   """Writes WORKDIR/result.json atomically (the leader process only); returns its path."""
   path = os.path.join(workdir, 'result.json')
   if distributed.is_leader():
-    metrics_lib.atomic_write(path, json.dumps(record, indent=2, sort_keys=True) + '\n')
+    files.atomic_write(path, json.dumps(record, indent=2, sort_keys=True) + '\n')
   return path

@@ -1,11 +1,10 @@
-"""Run outputs: metrics to JSONL and TensorBoard, atomic file writes, MFU bookkeeping."""
+"""Run outputs: metrics to JSONL and TensorBoard, MFU bookkeeping."""
 
 from __future__ import annotations
 
 import json
 import math
 import os
-import tempfile
 from typing import Any
 
 import numpy as np
@@ -13,25 +12,6 @@ import numpy as np
 # bf16 dense peak FLOP/s per device, by `device_kind` substring (PERF.md §3; TPU figures from vendor docs).
 PEAK_FLOPS = {'H100': 989e12, 'H200': 989e12, 'A100': 312e12, 'TPU v5p': 459e12, 'TPU v6': 918e12,
               'TPU v5 lite': 197e12, 'TPU v4': 275e12}
-
-
-def atomic_write(path: str, text: str) -> None:
-  """Writes `text` to `path` via a temp file in the same directory and os.replace (never half-written)."""
-  directory = os.path.dirname(os.path.abspath(path))
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix='.' + os.path.basename(path) + '.')
-  try:
-    umask = os.umask(0)
-    os.umask(umask)
-    os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes 0600; give the file the permissions open() would
-    with os.fdopen(fd, 'w') as f:
-      f.write(text)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
 
 
 def to_jsonable(x: Any) -> Any:

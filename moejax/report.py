@@ -24,6 +24,7 @@ import sys
 
 from absl import app, flags
 
+from moejax import files
 from moejax import accounting, metrics as metrics_lib, results
 from moejax.errors import DataError, WorkdirError
 
@@ -79,10 +80,9 @@ def plot(rows: list[dict], x_key: str, x_label: str, path: str) -> None:
   ax.grid(True, which='both', alpha=0.3)
   ax.legend(fontsize=8)
   fig.tight_layout()
-  tmp = path + '.tmp.png'
-  fig.savefig(tmp)
+  with files.atomic_path(path) as tmp:
+    fig.savefig(tmp, format='png')
   plt.close(fig)
-  os.replace(tmp, path)
 
 
 # Each paper grid's variable: (row key or None for categorical grids, axis label, log2 axis).
@@ -157,10 +157,9 @@ def grid_figure(grid: str, points: list[dict], noise, path: str) -> None:
   for ax in (left, right):
     ax.grid(True, which='both', alpha=0.3)
   fig.tight_layout()
-  tmp = path + '.tmp.png'
-  fig.savefig(tmp)
+  with files.atomic_path(path) as tmp:
+    fig.savefig(tmp, format='png')
   plt.close(fig)
-  os.replace(tmp, path)
 
 
 def write_report(root: str, out: str, extra: str = '', figure_rows=None, figure_note: str = '',
@@ -206,7 +205,7 @@ def write_report(root: str, out: str, extra: str = '', figure_rows=None, figure_
     lines += [extra, '']
   lines += ['## Table', '', results.markdown(rows, varied, gathered)]
   path = os.path.join(out, 'report.md')
-  metrics_lib.atomic_write(path, '\n'.join(lines))
+  files.atomic_write(path, '\n'.join(lines))
   return path
 
 

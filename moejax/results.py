@@ -30,6 +30,7 @@ from typing import Any
 from absl import app, flags
 from etils import epath
 
+from moejax import files
 from moejax import accounting, config as config_lib
 from moejax.errors import ConfigError, DataError, MoejaxError
 
@@ -345,7 +346,7 @@ def _main(argv):
   text = formatted(rows, varied, gathered, FLAGS.format)
   if FLAGS.out:
     from moejax import metrics as metrics_lib  # pylint: disable=import-outside-toplevel
-    metrics_lib.atomic_write(FLAGS.out, text)
+    files.atomic_write(FLAGS.out, text)
   else:
     sys.stdout.write(text)
   for path, why in gathered.unreadable:

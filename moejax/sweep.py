@@ -35,6 +35,7 @@ import time
 
 from absl import app, flags
 
+from moejax import files
 from moejax import accounting, cli, config as config_lib, main as main_lib, metrics as metrics_lib, results
 from moejax.errors import ConfigError, Interrupted, MoejaxError, Preempted, WorkdirError
 
@@ -113,7 +114,7 @@ def run_points(resolved: list[tuple[str, object]], root: str, only: int | None =
       print(f'{head}: FAILED: {e}', flush=True)
       try:
         if distributed.is_leader():  # every process runs every point; process 0 keeps the books
-          metrics_lib.atomic_write(failed_path, json.dumps(
+          files.atomic_write(failed_path, json.dumps(
               {'name': name, 'error': f'{type(e).__name__}: {e}', 'point': i,
                'time': datetime.datetime.now().isoformat(timespec='seconds')}, indent=2) + '\n')
       except OSError:
@@ -193,8 +194,8 @@ def write_tables(root: str) -> str:
   gathered = results.gather(root)
   rows, varied = results.table(gathered.records)
   text = results.markdown(rows, varied, gathered)
-  metrics_lib.atomic_write(os.path.join(root, 'results.md'), text)
-  metrics_lib.atomic_write(os.path.join(root, 'results.csv'), results.csv_text(rows, varied))
+  files.atomic_write(os.path.join(root, 'results.md'), text)
+  files.atomic_write(os.path.join(root, 'results.csv'), results.csv_text(rows, varied))
   return text
 
 
@@ -226,7 +227,7 @@ def _main(argv):
       repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
       script = (emit_slurm if FLAGS.emit == 'slurm' else emit_tpu)(sys.argv, resolved, root, repo)
       out = os.path.join(root, 'sweep.slurm' if FLAGS.emit == 'slurm' else 'sweep_tpu.sh')
-      metrics_lib.atomic_write(out, script)
+      files.atomic_write(out, script)
       os.chmod(out, 0o755)
       print(f'wrote {out} ({len(resolved)} points); nothing was run')
       return

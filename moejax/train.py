@@ -28,6 +28,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from moejax import files
 from moejax import accounting, checkpoint, data, distributed, mesh as mesh_lib, metrics as metrics_lib
 from moejax import model as model_lib
 from moejax import moe as moe_lib, optim
@@ -319,7 +320,7 @@ def run(cfg, workdir: str, stop_after: int | None = None, built: Setup | None = 
       branches_done = meta.get('branches_done', [])
       log.info('resumed from step %d', step0)
     elif distributed.is_leader() and not os.path.exists(os.path.join(workdir, 'config.json')):
-      metrics_lib.atomic_write(os.path.join(workdir, 'config.json'), cfg.to_json_best_effort(indent=2))
+      files.atomic_write(os.path.join(workdir, 'config.json'), cfg.to_json_best_effort(indent=2))
     loop = _Loop(cfg, s, workdir, ckpt, data_iter, batch_sharding, state, wall_before, restored is not None,
                  branches_done)
     end = t_cfg.steps if stop_after is None else min(stop_after, t_cfg.steps)

@@ -25,6 +25,7 @@ import os
 import socket
 from typing import Any, Iterator
 
+from moejax import files
 from moejax import config as config_lib
 from moejax.errors import ConfigMismatch, WorkdirBusy, WorkdirError
 
@@ -158,8 +159,8 @@ def bind(workdir: str, cfg, mode: str = 'train', allow_change: bool = False, wri
   if write:
     try:
       if mode != 'eval':  # a rescoring changes no trained weights: config.json stays what was trained
-        metrics_lib.atomic_write(config_path, cfg.to_json_best_effort(indent=2))
-      metrics_lib.atomic_write(prov_path, json.dumps(provenance, indent=2, default=str) + '\n')
+        files.atomic_write(config_path, cfg.to_json_best_effort(indent=2))
+      files.atomic_write(prov_path, json.dumps(provenance, indent=2, default=str) + '\n')
     except OSError as e:
       raise WorkdirError(f'cannot record the configuration in {workdir}: {e.strerror or e}') from None
   return provenance['changes']

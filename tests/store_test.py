@@ -10,6 +10,7 @@ import sys
 import numpy as np
 import pytest
 
+from moejax import files
 from moejax import config as config_lib, data
 from moejax.data import preparation, store as store_lib, tokenizers as tok_lib
 from moejax.data.sources import SourceOptions
@@ -204,7 +205,7 @@ def test_damaged_stores_are_one_error_naming_the_file(byte_store, tmp_path):
     store_lib.open_streams(str(out))
   out = _damaged(byte_store, tmp_path, 'version')
   manifest = json.load(open(out / 'manifest.json'))
-  store_lib.write_json(str(out / 'manifest.json'), dict(manifest, version=0))
+  files.atomic_write_json(str(out / 'manifest.json'), dict(manifest, version=0))
   with pytest.raises(DataError, match=r'manifest.json has format version 0; this moejax reads version 1'):
     store_lib.read_manifest(str(out))
   with pytest.raises(DataError, match='not a token store'):

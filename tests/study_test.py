@@ -10,6 +10,7 @@ import sys
 
 import pytest
 
+from moejax import files
 from moejax import config as config_lib, results, sweep
 from moejax.errors import ConfigError, Interrupted, Preempted
 
@@ -214,7 +215,7 @@ def test_atomic_write_gives_normal_permissions(tmp_path):
   from moejax import metrics  # pylint: disable=import-outside-toplevel
   old = os.umask(0o022)
   try:
-    metrics.atomic_write(str(tmp_path / 'table.md'), 'x\n')
+    files.atomic_write(str(tmp_path / 'table.md'), 'x\n')
   finally:
     os.umask(old)
   assert (os.stat(tmp_path / 'table.md').st_mode & 0o777) == 0o644 and os.listdir(tmp_path) == ['table.md']

@@ -26,6 +26,7 @@ import time
 
 import numpy as np
 
+from moejax import files
 from moejax.data import store as store_lib
 from moejax.data import tokenizers as tok_lib
 from moejax.data.sources import Position, SourceOptions, iter_documents
@@ -146,7 +147,7 @@ def make_plan(directory: str, opts: SourceOptions, spec: tok_lib.Spec, settings:
           'dtype': dtype.name, 'docs_fingerprint': docs_fp, 'fingerprint': combined_fingerprint(docs_fp, tokenizer),
           'documents': len(sizes), 'bytes': total, 'skipped_binary': len(skipped),
           'heldout': {'docs': len(held), 'bytes': held_bytes}, 'heldout_keys': sorted(held), 'chunks': chunks}
-  store_lib.write_json(os.path.join(directory, 'plan.json'), plan)
+  files.atomic_write_json(os.path.join(directory, 'plan.json'), plan)
   return plan
 
 
@@ -235,7 +236,7 @@ def chunk_done(directory: str, i: int) -> dict | None:
   if not os.path.exists(path):
     return None
   try:
-    record = store_lib.read_json(path, 'chunk record')
+    record = files.read_json(path, 'chunk record')
     for split in store_lib.SPLITS:
       entry = record['splits'][split]
       if os.path.getsize(os.path.join(directory, entry['file'])) != entry['tokens'] * np.dtype(record['dtype']).itemsize:
@@ -248,7 +249,7 @@ def chunk_done(directory: str, i: int) -> dict | None:
 def prepare_chunk(directory: str, i: int, tfds_data_dir: str | None = None) -> dict:
   """Tokenizes chunk i of the plan in `directory` and writes its shards and record; returns the record."""
   if _WORKER.get('directory') != directory:
-    plan = store_lib.read_json(os.path.join(directory, 'plan.json'), 'preparation plan')
+    plan = files.read_json(os.path.join(directory, 'plan.json'), 'preparation plan')
     _WORKER.clear()
     _WORKER.update(directory=directory, plan=plan, held=set(plan['heldout_keys']),
                    tokenizer=store_tokenizer(directory, plan))
@@ -260,8 +261,8 @@ def prepare_chunk(directory: str, i: int, tfds_data_dir: str | None = None) -> d
   dtype = np.dtype(plan['dtype'])
   name = _chunk_name(i)
   tmp = f'.tmp-{os.getpid()}'
-  files = {split: os.path.join(split, name + '.bin') for split in store_lib.SPLITS}
-  outs = {split: open(os.path.join(directory, files[split] + tmp), 'wb') for split in store_lib.SPLITS}
+  shard_files = {split: os.path.join(split, name + '.bin') for split in store_lib.SPLITS}
+  outs = {split: open(os.path.join(directory, shard_files[split] + tmp), 'wb') for split in store_lib.SPLITS}
   hashes = {split: hashlib.sha256() for split in store_lib.SPLITS}
   counts = {split: {'docs': 0, 'tokens': 0, 'bytes': 0} for split in store_lib.SPLITS}
   chunk_hash = hashlib.sha256()
@@ -300,16 +301,16 @@ def prepare_chunk(directory: str, i: int, tfds_data_dir: str | None = None) -> d
       flush(split)
       outs[split].close()
     for split in store_lib.SPLITS:
-      os.replace(os.path.join(directory, files[split] + tmp), os.path.join(directory, files[split]))
+      os.replace(os.path.join(directory, shard_files[split] + tmp), os.path.join(directory, shard_files[split]))
   finally:
     for split in store_lib.SPLITS:
       outs[split].close()
-      if os.path.exists(os.path.join(directory, files[split] + tmp)):
-        os.remove(os.path.join(directory, files[split] + tmp))
+      if os.path.exists(os.path.join(directory, shard_files[split] + tmp)):
+        os.remove(os.path.join(directory, shard_files[split] + tmp))
   record = {'index': i, 'dtype': dtype.name,
-            'splits': {split: {'file': files[split], **counts[split], 'sha256': hashes[split].hexdigest()}
+            'splits': {split: {'file': shard_files[split], **counts[split], 'sha256': hashes[split].hexdigest()}
                        for split in store_lib.SPLITS}}
-  store_lib.write_json(os.path.join(directory, 'chunks', name + '.json'), record)
+  files.atomic_write_json(os.path.join(directory, 'chunks', name + '.json'), record)
   return record
 
 
@@ -330,7 +331,7 @@ def finalize(directory: str, plan: dict) -> dict | None:
   manifest = {k: plan[k] for k in ('format', 'version', 'settings', 'tokenizer', 'dtype', 'docs_fingerprint',
                                    'fingerprint', 'documents', 'bytes', 'skipped_binary')}
   manifest['splits'] = splits
-  store_lib.write_json(os.path.join(directory, store_lib.MANIFEST), manifest)
+  files.atomic_write_json(os.path.join(directory, store_lib.MANIFEST), manifest)
   return manifest
 
 
@@ -353,7 +354,7 @@ def load_or_make_plan(directory: str, opts: SourceOptions, spec: tok_lib.Spec, s
                       make: bool = True) -> dict:
   path = os.path.join(directory, 'plan.json')
   if os.path.exists(path):
-    plan = store_lib.read_json(path, 'preparation plan')
+    plan = files.read_json(path, 'preparation plan')
     if plan.get('version') != store_lib.VERSION:
       raise DataError(f'{path} has format version {plan.get("version")}, this moejax writes {store_lib.VERSION}; '
                       'prepare into a new directory')

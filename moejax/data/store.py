@@ -35,6 +35,7 @@ from typing import Sequence
 
 import numpy as np
 
+from moejax import files
 from moejax.errors import DataError
 
 FORMAT = 'moejax-token-store'
@@ -42,28 +43,6 @@ VERSION = 1
 SPLITS = ('train', 'heldout')
 MANIFEST = 'manifest.json'
 VERIFY = ('full', 'size')
-
-
-def write_json(path: str, value) -> None:
-  """Atomic JSON write (temp file + rename)."""
-  tmp = f'{path}.tmp-{os.getpid()}-{threading.get_ident()}'
-  with open(tmp, 'w') as f:
-    json.dump(value, f, indent=1, sort_keys=True)
-    f.write('\n')
-  os.replace(tmp, path)
-
-
-def read_json(path: str, what: str) -> dict:
-  try:
-    with open(path) as f:
-      value = json.load(f)
-  except OSError as e:
-    raise DataError(f'{what} {path} cannot be read: {e.strerror or e}') from None
-  except ValueError as e:
-    raise DataError(f'{what} {path} is not valid JSON ({e})') from None
-  if not isinstance(value, dict):
-    raise DataError(f'{what} {path} is not a JSON object')
-  return value
 
 
 class TokenStream:
@@ -159,7 +138,7 @@ def read_manifest(directory: str) -> dict:
     raise DataError(f'{path} is missing: ' + (
         'the preparation of this store has not finished (rerun the same moejax.prepare command to resume)'
         if partial else 'not a token store (build one with python -m moejax.prepare)'))
-  manifest = read_json(path, 'token-store manifest')
+  manifest = files.read_json(path, 'token-store manifest')
   if manifest.get('format') != FORMAT:
     raise DataError(f'{path} is not a moejax token-store manifest')
   if manifest.get('version') != VERSION:

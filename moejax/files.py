@@ -1,0 +1,115 @@
+"""The one atomic-write helper and the one JSON reader every module uses.
+
+A write goes to a hidden temp file beside its target, is flushed and fsynced, then renamed
+over the target: a reader sees the old file or the new one, never half of one, and a crash
+leaves at most a `.NAME.*.tmp` file that the next write of the same target removes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import json
+import os
+import tempfile
+from typing import Any, Iterator
+
+from moejax.errors import DataError, MoejaxError
+
+TMP_SUFFIX = '.tmp'
+
+
+def _temp_prefix(path: str) -> str:
+  return '.' + os.path.basename(path) + '.'
+
+
+def remove_stale_temps(path: str) -> None:
+  """Removes temp files a killed writer of `path` left beside it (their pid is gone)."""
+  directory = os.path.dirname(os.path.abspath(path))
+  for tmp in glob.glob(os.path.join(glob.escape(directory), glob.escape(_temp_prefix(path)) + '*' + TMP_SUFFIX)):
+    pid = os.path.basename(tmp)[len(_temp_prefix(path)):].split('-', 1)[0]
+    if pid.isdigit() and _alive(int(pid)) and int(pid) != os.getpid():
+      continue
+    with contextlib.suppress(OSError):
+      os.remove(tmp)
+
+
+def _alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    return True
+  return True
+
+
+@contextlib.contextmanager
+def atomic_path(path: str) -> Iterator[str]:
+  """Yields a temp path beside `path`; on a clean exit it is fsynced and renamed over `path`.
+
+  For writers that want a file name (matplotlib's savefig, a tokenizer's save); on any
+  exception (SIGTERM's Preempted included) the temp file is removed and the target kept.
+  """
+  directory = os.path.dirname(os.path.abspath(path))
+  remove_stale_temps(path)
+  fd, tmp = tempfile.mkstemp(dir=directory, prefix=_temp_prefix(path) + f'{os.getpid()}-',
+                             suffix=TMP_SUFFIX)
+  os.close(fd)
+  try:
+    yield tmp
+    _set_default_mode(tmp)
+    with open(tmp, 'rb+') as f:
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(directory)
+  except BaseException:
+    with contextlib.suppress(OSError):
+      os.remove(tmp)
+    raise
+
+
+def atomic_write(path: str, data: str | bytes) -> None:
+  """Writes text or bytes to `path` atomically (temp file, fsync, rename)."""
+  with atomic_path(path) as tmp:
+    with open(tmp, 'wb' if isinstance(data, bytes) else 'w') as f:
+      f.write(data)
+
+
+def atomic_write_json(path: str, value: Any, *, indent: int | None = 1, sort_keys: bool = True) -> None:
+  """Writes `value` as JSON (newline-terminated) to `path` atomically."""
+  atomic_write(path, json.dumps(value, indent=indent, sort_keys=sort_keys) + '\n')
+
+
+def read_json(path: str, what: str, error: type[MoejaxError] = DataError, *,
+              object_only: bool = True) -> Any:
+  """Reads a JSON file or raises `error` with one line naming `what`, the path and the cause."""
+  try:
+    with open(path) as f:
+      value = json.load(f)
+  except FileNotFoundError:
+    raise error(f'{what} {path} does not exist') from None
+  except OSError as e:
+    raise error(f'{what} {path} cannot be read: {e.strerror or e}') from None
+  except ValueError as e:
+    raise error(f'{what} {path} is not valid JSON ({e})') from None
+  if object_only and not isinstance(value, dict):
+    raise error(f'{what} {path} is not a JSON object')
+  return value
+
+
+def _set_default_mode(path: str) -> None:
+  # mkstemp makes 0600; give the file the permissions open() would under the current umask.
+  umask = os.umask(0)
+  os.umask(umask)
+  os.chmod(path, 0o666 & ~umask)
+
+
+def _fsync_dir(directory: str) -> None:
+  # The rename is durable only once the directory entry is on disk.
+  with contextlib.suppress(OSError):
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+      os.fsync(fd)
+    finally:
+      os.close(fd)

@@ -49,7 +49,10 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from moejax import accounting, cli, config as config_lib, data, mesh as mesh_lib, optim, train
+from moejax import accounting, cli, config as config_lib, data
+from moejax.parallel import mesh as mesh_lib
+from moejax.train import optim
+from moejax.train import loop as train
 from moejax.errors import ConfigError
 
 FLAGS = flags.FLAGS

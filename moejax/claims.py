@@ -47,7 +47,8 @@ import numpy as np
 from absl import app, flags
 
 from moejax import files
-from moejax import accounting, config as config_lib, metrics as metrics_lib, report, results, scaling
+from moejax import accounting, config as config_lib, report, results, scaling
+from moejax.train import metrics as metrics_lib
 from moejax.errors import DataError
 
 FLAGS = flags.FLAGS

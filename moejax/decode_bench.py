@@ -1,4 +1,4 @@
-"""`python -m moejax.bench decode`: KV-cache decode measured against the bandwidth model (`moejax.decode_cost`).
+"""`python -m moejax.bench decode`: KV-cache decode measured against the bandwidth model (`moejax.inference.cost`).
 
   python -m moejax.bench decode [--config=experiments/quickstart.py[:arg]] [--points=a,b] [--run=RUN ...]
       [--batches=1,8,64] [--context=N] [--decode_steps=32] [--rounds=5] [--copy_mb=512]
@@ -35,7 +35,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from moejax import accounting, config as config_lib, decode, decode_cost
+from moejax import accounting, config as config_lib
+from moejax.inference import decode
+from moejax.inference import cost as decode_cost
 
 
 def _median_seconds(fn, x, rounds: int) -> float:
@@ -112,7 +114,7 @@ class _Case:
 
   def round(self, record_routes: bool) -> None:
     g = self.gen
-    cache = decode.init_cache(g.model, self.batch, self.max_len)
+    cache = g.model.init_cache(self.batch, self.max_len)
     t0 = time.perf_counter()
     token, cache, _ = self.prefill(g.state, cache, self.tokens, self.lengths, self.key, self.zero, self.one)
     jax.block_until_ready(token)
@@ -129,7 +131,7 @@ class _Case:
     if record_routes:
       self.routes = [tuple(np.asarray(r) for r in rs) for rs in routes]
     for name, fn in self.ablations.items():
-      cache = decode.init_cache(g.model, self.batch, self.max_len)
+      cache = g.model.init_cache(self.batch, self.max_len)
       positions, tok = self.lengths, token
 
       def call(tok, cache, positions, fn=fn):  # (the floor returns the token only; the cache stays as it is)
@@ -184,7 +186,8 @@ class _Case:
 
 def load_models(config: str | None, points: list[str], workdirs: list[str]):
   """[(name, cfg, model, corpus)]: the sweep points of `config` (random init) and the trained `workdirs`."""
-  from moejax import data, generate, model as model_lib  # pylint: disable=import-outside-toplevel
+  from moejax import data, generate
+  from moejax.model import transformer as model_lib  # pylint: disable=import-outside-toplevel
   out = []
   if config:
     module = config_lib.load_module(config)

@@ -29,7 +29,7 @@ QK-norm and shared-expert gate come from --config.
 The decode budget prices inference by memory traffic, the bound at decode: the bytes one decode
 step of --decode_batch sequences reads (non-expert weights, the expected distinct experts
 E(1 - (1 - k/E)^B) per layer, the KV cache of --decode_context positions), the bandwidth model
-of `moejax.decode_cost` that `python -m moejax.bench decode` checks against measurements.
+of `moejax.inference.cost` that `python -m moejax.bench decode` checks against measurements.
 --decode_ms=X --bandwidth=Y is the same budget as --decode_bytes=X/1000*Y.
 
 --emit=FILE writes an experiment file whose get_sweep() trains the top --top designs
@@ -47,7 +47,9 @@ import numpy as np
 from absl import app, flags
 
 from moejax import files
-from moejax import accounting, cli, config as config_lib, decode_cost, metrics as metrics_lib
+from moejax import accounting, cli, config as config_lib
+from moejax.inference import cost as decode_cost
+from moejax.train import metrics as metrics_lib
 from moejax.cli import parse_amount
 from moejax.errors import ConfigError
 
@@ -100,7 +102,7 @@ class Budget:
   bytes_per_param: float
   memory_for: str = 'weights'
   kv_batch: int = 1
-  decode_bytes: float | None = None  # bytes one decode step may read (moejax.decode_cost)
+  decode_bytes: float | None = None  # bytes one decode step may read (moejax.inference.cost)
   decode_batch: int = 1  # sequences per decode step
   decode_context: int | None = None  # positions in each sequence's KV cache (default: the space's seq_len)
 
@@ -177,7 +179,7 @@ def memory_bytes(designs: dict[str, np.ndarray], space: Space, budget: Budget) -
 
 
 def decode_bytes(designs: dict[str, np.ndarray], space: Space, budget: Budget) -> np.ndarray:
-  """Bytes a decode step of `budget.decode_batch` tokens reads (`moejax.decode_cost.step_bytes`'s bandwidth
+  """Bytes a decode step of `budget.decode_batch` tokens reads (`moejax.inference.cost.step_bytes`'s bandwidth
   model, uniform routing): non-expert weights, the expected touched experts, the KV cache, at --dtype."""
   B, bpp = budget.decode_batch, budget.bytes_per_param
   context = budget.decode_context or space.seq_len

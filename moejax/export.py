@@ -121,7 +121,8 @@ def export(workdir: str, out: str, layout: str = 'auto', dtype: str = 'float32',
 
 def _restore_params(cfg, workdir: str) -> dict:
   import jax  # pylint: disable=import-outside-toplevel
-  from moejax import checkpoint, train  # pylint: disable=import-outside-toplevel
+  from moejax.train import checkpoint
+  from moejax.train import loop as train  # pylint: disable=import-outside-toplevel
   from moejax.errors import CheckpointError  # pylint: disable=import-outside-toplevel
   cfg = cfg.copy_and_resolve_references()
   cfg.mesh.data = cfg.mesh.fsdp = cfg.mesh.expert = cfg.mesh.tensor = 1  # exported on one device

@@ -1,4 +1,4 @@
-"""Sample text from a trained run's latest checkpoint with KV-cache decoding (`moejax.decode`).
+"""Sample text from a trained run's latest checkpoint with KV-cache decoding (`moejax.inference.decode`).
 
   python -m moejax.generate --workdir=DIR --prompt='def main(' [--prompt=...] [--max_new_tokens=64]
       [--temperature=0] [--top_p=1.0] [--seed=0]
@@ -44,7 +44,9 @@ def load_model(workdir: str, cfg=None):
   """(config, corpus, model) of the latest checkpoint in a trained run's workdir (the corpus carries its tokenizer)."""
   cfg = load_config(workdir) if cfg is None else cfg
   from flax import nnx  # pylint: disable=import-outside-toplevel
-  from moejax import data, eval as eval_lib, train  # pylint: disable=import-outside-toplevel
+  from moejax import data
+  from moejax.train import evaluate as eval_lib
+  from moejax.train import loop as train  # pylint: disable=import-outside-toplevel
   corpus = data.corpus_from_config(cfg.data)
   s = train.setup(cfg, corpus)
   _, state = eval_lib.restore_state(s, workdir)
@@ -60,7 +62,7 @@ def generate_text(workdir: str, prompts: list[str], max_new_tokens: int = 64, te
     raise ConfigError(f'--max_new_tokens={max_new_tokens} must be >= 1, --temperature={temperature} >= 0 and '
                       f'--top_p={top_p} in (0, 1]')
   cfg = load_config(workdir)
-  from moejax import decode  # pylint: disable=import-outside-toplevel  (jax loads only after the checks above)
+  from moejax.inference import decode  # pylint: disable=import-outside-toplevel  (jax loads only after the checks above)
   decode.check_decodable(cfg)
   cfg, corpus, model = load_model(workdir, cfg)
   encoded = [doc.astype(int).tolist() for doc in corpus.tokenizer.encode_documents([p.encode() for p in prompts])]

@@ -107,7 +107,8 @@ def load_params(cfg, layout: str, hf_dir: str) -> dict:
   import jax  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
   from flax import nnx  # pylint: disable=import-outside-toplevel
-  from moejax import hf_weights, model as model_lib, safetensors_io  # pylint: disable=import-outside-toplevel
+  from moejax import hf_weights, safetensors_io
+  from moejax.model import transformer as model_lib  # pylint: disable=import-outside-toplevel
   _, abstract, _ = model_lib.split(nnx.eval_shape(lambda: model_lib.build(cfg)))
   abstract = nnx.to_pure_dict(abstract)
   files = safetensors_io.weight_files(hf_dir)
@@ -164,7 +165,9 @@ def _save_state(cfg, params: dict, directory: str, source: str) -> None:
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   from flax import nnx  # pylint: disable=import-outside-toplevel
-  from moejax import checkpoint, model as model_lib, optim  # pylint: disable=import-outside-toplevel
+  from moejax.train import checkpoint
+  from moejax.model import transformer as model_lib
+  from moejax.train import optim  # pylint: disable=import-outside-toplevel
   _, _, buffers = model_lib.split(nnx.eval_shape(lambda: model_lib.build(cfg)))
   params = jax.tree.map(jnp.asarray, params)
   buffers = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), nnx.to_pure_dict(buffers))

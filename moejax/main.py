@@ -31,12 +31,16 @@ log = logging.getLogger('moejax.main')  # (not __name__: run as -m it is '__main
 def execute(cfg, workdir: str, mode: str = 'train', allow_config_change: bool = False) -> dict:
   """Validates `cfg`, trains (mode 'train') and scores it; writes and returns the result record.
 
-  The workdir is locked for the whole call and bound to cfg's configuration (`moejax.workdir`).
+  The workdir is locked for the whole call and bound to cfg's configuration (`moejax.train.workdir`).
   """
   config_lib.validate(cfg)
   # jax, flax and orbax load only now, so bad flags and configs fail in a fraction of a second.
   import jax  # pylint: disable=import-outside-toplevel
-  from moejax import data, distributed, eval as eval_lib, train, workdir as workdir_lib  # pylint: disable=import-outside-toplevel
+  from moejax import data
+  from moejax.parallel import distributed
+  from moejax.train import evaluate as eval_lib
+  from moejax.train import loop as train
+  from moejax.train import workdir as workdir_lib  # pylint: disable=import-outside-toplevel
   distributed.initialize(cfg.distributed)  # before anything touches a device
   leader = distributed.is_leader()
   workdir_lib.prepare(workdir, jax.process_index())
@@ -73,7 +77,8 @@ def compile_check(cfg, device_memory: str | None) -> int:
   """--mode=compile: prints the memory report; returns the exit code (0 fits or unknown, 1 does not fit)."""
   config_lib.validate(cfg)
   import jax  # pylint: disable=import-outside-toplevel
-  from moejax import distributed, train  # pylint: disable=import-outside-toplevel
+  from moejax.parallel import distributed
+  from moejax.train import loop as train  # pylint: disable=import-outside-toplevel
   distributed.initialize(cfg.distributed)
   limit = None
   if device_memory:
@@ -120,7 +125,7 @@ def _main(argv):
     record = execute(FLAGS.config, FLAGS.workdir, FLAGS.mode, FLAGS.allow_config_change)
   except MoejaxError as e:
     cli.fail(e)
-  from moejax import distributed  # pylint: disable=import-outside-toplevel
+  from moejax.parallel import distributed  # pylint: disable=import-outside-toplevel
   distributed.finish()
   print(f'{record["name"]}: held-out loss {record["eval"]["loss"]:.4f} nats/token, '
         f'{record["eval"]["bits_per_byte"]:.4f} bits/byte -> {FLAGS.workdir}/result.json')

@@ -345,7 +345,7 @@ def _main(argv):
   rows, varied = table(gathered.records)
   text = formatted(rows, varied, gathered, FLAGS.format)
   if FLAGS.out:
-    from moejax import metrics as metrics_lib  # pylint: disable=import-outside-toplevel
+    from moejax.train import metrics as metrics_lib  # pylint: disable=import-outside-toplevel
     files.atomic_write(FLAGS.out, text)
   else:
     sys.stdout.write(text)

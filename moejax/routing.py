@@ -1,6 +1,6 @@
 """Routing math as pure functions (SCIENCE.md §2). All of it runs in float32.
 
-Steps of one MoE layer, as `moejax.moe.MoE` calls them:
+Steps of one MoE layer, as `moejax.model.moe.MoE` calls them:
   1. `router_scores`: softmax over all E experts (Switch/OLMoE/Mixtral) or an independent
      sigmoid per expert (DeepSeek-V3).
   2. `select_experts`: top-k of score + bias (the aux-free bias steers selection only),

@@ -36,7 +36,8 @@ import time
 from absl import app, flags
 
 from moejax import files
-from moejax import accounting, cli, config as config_lib, main as main_lib, metrics as metrics_lib, results
+from moejax import accounting, cli, config as config_lib, main as main_lib, results
+from moejax.train import metrics as metrics_lib
 from moejax.errors import ConfigError, Interrupted, MoejaxError, Preempted, WorkdirError
 
 FLAGS = flags.FLAGS
@@ -88,7 +89,7 @@ def _stale(result_path: str, cfg) -> str | None:
 
 def run_points(resolved: list[tuple[str, object]], root: str, only: int | None = None) -> list[tuple[str, str]]:
   """Runs (or skips) each point; returns the failures [(name, error)]."""
-  from moejax import distributed  # pylint: disable=import-outside-toplevel  (jax: only when points run)
+  from moejax.parallel import distributed  # pylint: disable=import-outside-toplevel  (jax: only when points run)
   failures = []
   indices = range(len(resolved)) if only is None else [only]
   for i in indices:
@@ -232,7 +233,7 @@ def _main(argv):
       print(f'wrote {out} ({len(resolved)} points); nothing was run')
       return
     failures = run_points(resolved, root, FLAGS.point)
-    from moejax import distributed  # pylint: disable=import-outside-toplevel  (loads jax: only once points ran)
+    from moejax.parallel import distributed  # pylint: disable=import-outside-toplevel  (loads jax: only once points ran)
     distributed.finish()
     text = write_tables(root) if FLAGS.point is None else ''
   except OSError as e:

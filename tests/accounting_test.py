@@ -3,7 +3,8 @@
 import pytest
 from flax import nnx
 
-from moejax import accounting, config as config_lib, model as model_lib
+from moejax import accounting, config as config_lib
+from moejax.model import transformer as model_lib
 
 
 @pytest.mark.parametrize('overrides', [

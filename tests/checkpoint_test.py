@@ -10,7 +10,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from moejax import checkpoint, train
+from moejax.train import checkpoint
+from moejax.train import loop as train
 from moejax.errors import CheckpointError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

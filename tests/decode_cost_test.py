@@ -1,9 +1,10 @@
-"""The decode bandwidth model (moejax.decode_cost), its use in the design search, and the decode benchmark."""
+"""The decode bandwidth model (moejax.inference.cost), its use in the design search, and the decode benchmark."""
 
 import numpy as np
 import pytest
 
-from moejax import accounting, config as config_lib, decode_cost, design
+from moejax import accounting, config as config_lib, design
+from moejax.inference import cost as decode_cost
 from moejax.errors import ConfigError
 
 

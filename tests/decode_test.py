@@ -6,9 +6,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from moejax import config as config_lib, decode, model as model_lib
+from moejax import config as config_lib
+from moejax.inference import decode
+from moejax.model import transformer as model_lib
+from moejax.model import dispatch as dispatch_lib
 from moejax.errors import ConfigError
-from moejax.moe import MoE
+from moejax.model.moe import MoE
 
 DESIGNS = {
     'dense': {'moe.num_experts': 0},
@@ -45,7 +48,7 @@ def test_prefill_then_decode_equals_the_full_forward_in_logits_and_routing(tiny_
   full_routes = [r.reshape(2, 12, -1) for r in recorded]
   assert len(full_routes) == sum(b.use_moe for b in model.blocks)
   lengths = np.array([3, 6])  # prompts of different lengths in one batch, right-padded to 6 for prefill
-  cache = decode.init_cache(model, 2, 12)
+  cache = model.init_cache(2, 12)
   positions = jnp.broadcast_to(jnp.arange(6), (2, 6))
   logits, cache, routes = decode.forward(model, tokens[:, :6], positions, cache, moe_dispatch='model')  # prefill
   for b, n in enumerate(lengths):
@@ -71,7 +74,7 @@ def test_a_jitted_donated_decode_step_compiles_once(tiny_cfg):
     return decode.forward(nnx.merge(graphdef, state), tokens_B1, positions_B1, cache)[:2]
 
   step = jax.jit(step, donate_argnums=1)  # the cache is updated in place
-  cache = decode.init_cache(model, 2, 8)
+  cache = model.init_cache(2, 8)
   for t in range(8):
     logits, cache = step(state, cache, jnp.full((2, 1), t, jnp.int32), jnp.full((2, 1), t, jnp.int32))
   assert step._cache_size() == 1 and logits.shape == (2, 1, model.embed.table.shape[0])  # pylint: disable=protected-access
@@ -153,7 +156,8 @@ def test_few_token_dispatches_equal_the_layer_and_route_alike(tiny_cfg, design, 
   moe = next(b.ffn for b in model.blocks if b.use_moe)
   x = jax.random.normal(jax.random.key(1), (3, 2, cfg.model.model_dim), jnp.float32)
   want, _ = moe(x)
-  got, experts = jax.jit(decode.FEW_TOKEN_DISPATCHES[dispatch])(moe, x)
+  got, aux = jax.jit(lambda moe, x: moe(x, dispatch=dispatch))(moe, x)
+  experts = aux['experts_TK']
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
   _, _, experts_ref, _ = moe._route(x.reshape(-1, cfg.model.model_dim), False, None)  # pylint: disable=protected-access
   np.testing.assert_array_equal(experts, experts_ref)
@@ -171,10 +175,10 @@ def test_a_batch_that_does_not_fit_is_refused_before_the_cache_is_allocated(tiny
 
 
 def test_auto_dispatch_uses_a_few_token_one_only_while_it_reads_fewer_experts_than_the_model():
-  assert decode.pick_dispatch('auto', tokens=4, topk=2, num_experts=8, backend='cpu') == 'distinct'
-  assert decode.pick_dispatch('auto', tokens=4, topk=2, num_experts=8, backend='gpu') == 'gather'
-  assert decode.pick_dispatch('auto', tokens=5, topk=2, num_experts=8) == 'model'
-  assert decode.pick_dispatch('model', tokens=1, topk=2, num_experts=8) == 'model'
+  assert dispatch_lib.pick_dispatch('auto', tokens=4, topk=2, num_experts=8, backend='cpu') == 'distinct'
+  assert dispatch_lib.pick_dispatch('auto', tokens=4, topk=2, num_experts=8, backend='gpu') == 'gather'
+  assert dispatch_lib.pick_dispatch('auto', tokens=5, topk=2, num_experts=8) == 'model'
+  assert dispatch_lib.pick_dispatch('model', tokens=1, topk=2, num_experts=8) == 'model'
 
 
 @pytest.fixture(scope='module')
@@ -191,11 +195,12 @@ def trained16(corpus_glob, tmp_path_factory):
 
 
 def test_distinct_expert_formulas_against_a_trained_models_routing(trained16):
-  from moejax import decode_cost, generate  # pylint: disable=import-outside-toplevel
+  from moejax import generate
+  from moejax.inference import cost as decode_cost  # pylint: disable=import-outside-toplevel
   cfg, corpus, model = generate.load_model(trained16)
   held = np.asarray(corpus.heldout_tokens)[:8 * 16].reshape(8, 16).astype(np.int32)
   _, _, routes = decode.forward(model, jnp.asarray(held), jnp.broadcast_to(jnp.arange(16), (8, 16)),
-                                decode.init_cache(model, 8, 16), 'model')
+                                model.init_cache(8, 16), 'model')
   rng = np.random.default_rng(0)
   E, k = 16, 2
   for layer in routes:  # the trained model's routing of 128 held-out tokens, per MoE layer

@@ -10,7 +10,8 @@ import pytest
 from flax import nnx
 
 from experiments import base
-from moejax import accounting, config as config_lib, design, model as model_lib, sweep
+from moejax import accounting, config as config_lib, design, sweep
+from moejax.model import transformer as model_lib
 from moejax.errors import ConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

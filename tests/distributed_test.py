@@ -15,7 +15,8 @@ import numpy as np
 import portpicker
 import pytest
 
-from moejax import config as config_lib, train
+from moejax import config as config_lib
+from moejax.train import loop as train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -143,7 +144,7 @@ def test_compile_mode_cli(corpus_glob, memory, code, verdict):
     ({'TPU_WORKER_HOSTNAMES': 'w0'}, False), ({'TPU_WORKER_HOSTNAMES': 'w0,w1'}, True),
     ({'JAX_COORDINATOR_ADDRESS': '10.0.0.1:1234'}, True)])
 def test_auto_mode_joins_only_multi_process_environments(tiny_cfg, monkeypatch, env, wanted):
-  from moejax import distributed  # pylint: disable=import-outside-toplevel
+  from moejax.parallel import distributed  # pylint: disable=import-outside-toplevel
   for name in ('SLURM_JOB_ID', 'SLURM_NTASKS', 'SLURM_STEP_NUM_TASKS', 'TPU_WORKER_HOSTNAMES', 'JAX_COORDINATOR_ADDRESS'):
     monkeypatch.delenv(name, raising=False)
   for name, value in env.items():
@@ -154,7 +155,7 @@ def test_auto_mode_joins_only_multi_process_environments(tiny_cfg, monkeypatch, 
 
 
 def test_arguments_from_config_or_environment(tiny_cfg, monkeypatch):
-  from moejax import distributed  # pylint: disable=import-outside-toplevel
+  from moejax.parallel import distributed  # pylint: disable=import-outside-toplevel
   from moejax.errors import ConfigError  # pylint: disable=import-outside-toplevel
   monkeypatch.setenv('JAX_COORDINATOR_ADDRESS', 'head:999')
   monkeypatch.setenv('JAX_NUM_PROCESSES', '4')

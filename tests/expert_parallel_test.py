@@ -6,7 +6,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from moejax import config as config_lib, expert_parallel, mesh as mesh_lib, model as model_lib
+from moejax import config as config_lib
+from moejax.parallel import expert as expert_parallel
+from moejax.parallel import mesh as mesh_lib
+from moejax.model import transformer as model_lib
 
 
 def _loss_and_grads(cfg, tokens):

@@ -5,7 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from moejax import config as config_lib, model as model_lib, routing
+from moejax import config as config_lib, routing
+from moejax.model import transformer as model_lib
 from moejax.kernels import gmm, permute, router
 
 TOL = {jnp.float32: dict(rtol=2e-5, atol=2e-5), jnp.bfloat16: dict(rtol=3e-2, atol=3e-2)}

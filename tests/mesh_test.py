@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from moejax import config as config_lib, mesh as mesh_lib
+from moejax import config as config_lib
+from moejax.parallel import mesh as mesh_lib
 from moejax.errors import ConfigError
 
 
@@ -33,7 +34,7 @@ def test_make_mesh_sizes_and_too_many_devices(tiny_cfg):
 
 def test_every_parameter_has_logical_axes(tiny_cfg):
   from flax import nnx  # pylint: disable=import-outside-toplevel
-  from moejax import model as model_lib  # pylint: disable=import-outside-toplevel
+  from moejax.model import transformer as model_lib  # pylint: disable=import-outside-toplevel
   state = nnx.state(model_lib.build(tiny_cfg), nnx.Param)
   axes = mesh_lib.logical_axes_tree(state)
   params = nnx.to_pure_dict(state)
@@ -43,7 +44,7 @@ def test_every_parameter_has_logical_axes(tiny_cfg):
 
 def test_param_shardings_reject_indivisible_dims(tiny_cfg):
   from flax import nnx  # pylint: disable=import-outside-toplevel
-  from moejax import model as model_lib  # pylint: disable=import-outside-toplevel
+  from moejax.model import transformer as model_lib  # pylint: disable=import-outside-toplevel
   cfg = config_lib.apply_overrides(tiny_cfg, {'mesh.tensor': 2})  # tiny has num_kv_heads=1
   state = nnx.state(model_lib.build(cfg), nnx.Param)
   with pytest.raises(ConfigError, match=r'parameter blocks.0.attn.wk dim 1 \(kv_heads=1\) is not divisible by mesh axes tensor=2'):

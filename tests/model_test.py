@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from moejax import config as config_lib, model as model_lib, moe
+from moejax import config as config_lib
+from moejax.model import transformer as model_lib
+from moejax.model import dispatch as dispatch_lib, moe
 
 
 def _forward(cfg, params, graphdef, tokens):
@@ -43,8 +45,8 @@ def test_block_dispatch_matches_dense_reference(T, D, F, E, k, bs):
     gates, experts = jax.lax.top_k(jax.nn.softmax(logits), k)
     return fn(x, gates, experts, *w)
 
-  dense = lambda x, w: out(moe.dense_dispatch, x, w)
-  block = lambda x, w: out(lambda *a: moe.block_dispatch(*a, block_size=bs), x, w)
+  dense = lambda x, w: out(dispatch_lib.dense_dispatch, x, w)
+  block = lambda x, w: out(lambda *a: dispatch_lib.block_dispatch(*a, block_size=bs), x, w)
   np.testing.assert_allclose(block(x, w), dense(x, w), rtol=1e-5, atol=1e-5)
   loss = lambda f: lambda x, w: jnp.sum(jnp.sin(f(x, w)))
   g_block = jax.grad(loss(block), argnums=(0, 1))(x, w)

@@ -8,7 +8,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from moejax import config as config_lib, model as model_lib, moe, routing, train
+from moejax import config as config_lib, routing
+from moejax.model import transformer as model_lib
+from moejax.model import dispatch as dispatch_lib, moe
+from moejax.train import loop as train
 
 
 def _loss_and_grads(cfg, tokens, train_mode=False):
@@ -67,7 +70,7 @@ def test_dropped_assignments_contribute_zero(tiny_cfg, dispatch):
   _, scores, experts, gates = layer._route(x.reshape(16, -1), True, None)  # pylint: disable=protected-access
   keep, _ = routing.capacity_keep(experts, gates, 4, 0.25, 'position', 16)
   e = layer.experts[0]
-  want = moe.dense_dispatch(x.reshape(16, -1), jnp.where(keep, gates, 0), experts, e.w_gate[...], e.w_up[...],
+  want = dispatch_lib.dense_dispatch(x.reshape(16, -1), jnp.where(keep, gates, 0), experts, e.w_gate[...], e.w_up[...],
                             e.w_down[...])
   np.testing.assert_allclose(y.reshape(16, -1), want, rtol=1e-5, atol=1e-6)
   assert float(aux['drop_fraction']) == pytest.approx(1 - float(keep.mean()))
@@ -164,7 +167,7 @@ def test_aux_free_bias_trains_saves_and_gets_no_gradient(tiny_cfg, tmp_path):
   # |b| grows by exactly rate per step where the load is not at its mean.
   assert float(jnp.max(jnp.abs(bias))) <= 3 * 0.01 + 1e-7
   s = train.setup(cfg)
-  from moejax import checkpoint  # pylint: disable=import-outside-toplevel
+  from moejax.train import checkpoint  # pylint: disable=import-outside-toplevel
   ck = checkpoint.Checkpointer(str(tmp_path / 'checkpoints'))
   _, restored, _ = ck.restore_latest(checkpoint.abstract(s.state))
   ck.close()

@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from moejax import config as config_lib, optim
+from moejax import config as config_lib
+from moejax.train import optim
 from moejax.errors import ConfigError
 
 

@@ -333,7 +333,7 @@ def test_prepare_cli_errors_are_one_line(tmp_path):
 
 
 def test_training_on_a_store_equals_training_in_memory(tiny_cfg, byte_store, tmp_path):
-  from moejax import train  # pylint: disable=import-outside-toplevel
+  from moejax.train import loop as train  # pylint: disable=import-outside-toplevel
   cfg = config_lib.apply_overrides(tiny_cfg, {'train.steps': 3})
   on_store = config_lib.apply_overrides(cfg, {'data.source': f'store:{byte_store}'})
   losses = []

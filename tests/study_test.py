@@ -212,7 +212,7 @@ def test_report_series_and_figures(tmp_path):
 
 
 def test_atomic_write_gives_normal_permissions(tmp_path):
-  from moejax import metrics  # pylint: disable=import-outside-toplevel
+  from moejax.train import metrics  # pylint: disable=import-outside-toplevel
   old = os.umask(0o022)
   try:
     files.atomic_write(str(tmp_path / 'table.md'), 'x\n')

@@ -13,7 +13,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from moejax import checkpoint, config as config_lib, data, eval as eval_lib, main as main_lib, train
+from moejax import config as config_lib, data, main as main_lib
+from moejax.train import checkpoint
+from moejax.train import evaluate as eval_lib
+from moejax.train import loop as train
 from moejax.errors import Interrupted, NonFiniteLossError, Preempted
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -5,7 +5,8 @@ import os
 
 import pytest
 
-from moejax import config as config_lib, main as main_lib, workdir
+from moejax import config as config_lib, main as main_lib
+from moejax.train import workdir
 from moejax.errors import ConfigMismatch, WorkdirBusy
 
 

@@ -1,6 +1,6 @@
 """Decode models big enough that a CPU decode step is bound by memory traffic: the bandwidth model's CPU check.
 
-Question: when a decode step reads hundreds of MB, does `moejax.decode_cost`'s bytes / bandwidth
+Question: when a decode step reads hundreds of MB, does `moejax.inference.cost`'s bytes / bandwidth
 predict its time? (The quickstart and tiny models read under 2 MB a step, so their steps are
 dominated by per-op overhead: docs/inference.md.)
 

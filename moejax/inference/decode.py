@@ -7,7 +7,7 @@ padding is overwritten by its generated tokens before any query can attend to it
 query at position p attends to keys at positions <= p only. Rotary embeddings use absolute
 positions, so a decoded token gets exactly the rotation the full-sequence forward gives it.
 
-The FFN of each block is the model's own module (dense SwiGLU or `moejax.moe.MoE`, every routed
+The FFN of each block is the model's own module (dense SwiGLU or `moejax.model.moe.MoE`, every routed
 design): routing is per token, so at decode it sees the B new tokens as a batch of B. It runs
 with the evaluation settings (`moe.eval_capacity_factor`); with a capacity factor the routing
 of a token would depend on the other tokens of its step, so decoding requires dropless
@@ -20,26 +20,13 @@ from prefill + decode equal it (tests/decode_test.py).
 from __future__ import annotations
 
 import os
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from moejax.errors import ConfigError
-from moejax.layers import Attention, rotary, swiglu
-from moejax.model import Transformer
-from moejax.moe import MoE
-
-
-class Cache(NamedTuple):
-  """Keys and values per attention layer, [B, H_kv, T_max, K] each.
-
-  Heads before positions: the attention's batched matmuls (batch dims b, h) then read the cache in
-  place; with [B, T, H, K] XLA:CPU transposed the whole cache every step and rewrote it in the
-  scatter's loop fusion (docs/inference.md).
-  """
-  keys: tuple[jax.Array, ...]
-  values: tuple[jax.Array, ...]
+from moejax.model.dispatch import pick_dispatch
+from moejax.model.transformer import Cache, Transformer
 
 
 def check_decodable(cfg) -> None:
@@ -50,161 +37,15 @@ def check_decodable(cfg) -> None:
                       'set it to None')
 
 
-def init_cache(model: Transformer, batch: int, max_len: int) -> Cache:
-  """A zeroed cache for `batch` sequences of at most `max_len` tokens."""
-  shapes = []
-  for block in model.blocks:
-    attn = block.attn
-    kv_heads, head_dim = attn.wk.shape[1], attn.wk.shape[2]
-    shapes.append((batch, kv_heads, max_len, head_dim))
-  zeros = tuple(jnp.zeros(s, model.dtype) for s in shapes)
-  return Cache(zeros, tuple(jnp.zeros(s, model.dtype) for s in shapes))
-
-
-def _attention(attn: Attention, x_BLD, keys_BGTK, values_BGTK, positions_BL):
-  """Attention of L new tokens at `positions_BL` over the cache; returns (output, keys, values) with theirs written."""
-  dt = x_BLD.dtype
-  q, k, v = attn.project(x_BLD)  # (biases and QK-norm, per head or per projection, as in `Attention`)
-  q, k = rotary(q, attn.rope_base, positions_BL), rotary(k, attn.rope_base, positions_BL)
-  rows = jnp.arange(x_BLD.shape[0])[:, None]
-  # (advanced indices split by a slice: the indexed block is [B, L, H_kv, K], the layout of k and v)
-  keys_BGTK = keys_BGTK.at[rows, :, positions_BL].set(k.astype(keys_BGTK.dtype))
-  values_BGTK = values_BGTK.at[rows, :, positions_BL].set(v.astype(values_BGTK.dtype))
-  B, L, H, K = q.shape
-  Hkv = keys_BGTK.shape[1]
-  q_BLGRK = q.reshape(B, L, Hkv, H // Hkv, K)  # query heads grouped over their kv head (GQA)
-  scores = jnp.einsum('blgrk,bgtk->bgrlt', q_BLGRK, keys_BGTK.astype(dt)).astype(jnp.float32) / jnp.sqrt(
-      jnp.float32(K))
-  visible_BLT = jnp.arange(keys_BGTK.shape[2])[None, None, :] <= positions_BL[:, :, None]
-  scores = jnp.where(visible_BLT[:, None, None], scores, -jnp.inf)
-  probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-  o = jnp.einsum('bgrlt,bgtk->blgrk', probs, values_BGTK.astype(dt)).reshape(B, L, H, K)
-  return jnp.einsum('blhk,hkd->bld', o, attn.wo[...].astype(dt)), keys_BGTK, values_BGTK
-
-
-def _few_token_moe(moe: MoE, x_BLD: jax.Array, routed) -> tuple[jax.Array, jax.Array]:
-  """The MoE layer for a few tokens: `MoE._route`'s routing, then per size class
-  routed(x_TD, experts, local_TK, g_TK, count) -> float32 [T, D], where local_TK holds the class's local expert
-  ids (`count` for slots routed to another class) and g_TK their gates (zero there); plus the shared experts.
-  Returns (y_BLD, experts_TK)."""
-  B, L, D = x_BLD.shape
-  x_TD = x_BLD.reshape(B * L, D)
-  _, _, experts_TK, gates_TK = moe._route(x_TD, False, None)  # pylint: disable=protected-access
-  y_TD = jnp.zeros((B * L, D), jnp.float32)
-  offset = 0
-  for (count, _), experts in zip(moe.classes, moe.experts):
-    local_TK = experts_TK - offset
-    valid_TK = (local_TK >= 0) & (local_TK < count)
-    y_TD += routed(x_TD, experts, jnp.where(valid_TK, local_TK, count), jnp.where(valid_TK, gates_TK, 0.0), count)
-    offset += count
-  if moe.shared is not None:
-    y_TD += moe.shared_output(x_TD)
-  return y_TD.reshape(B, L, D).astype(x_BLD.dtype), experts_TK
-
-
-def moe_gather(moe: MoE, x_BLD: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """The MoE layer for a few tokens: gathers the selected experts' weights ([T, k, D, F] per size class).
-
-  Reads the T*k selected experts (with repeats) and nothing else: the weights are gathered in
-  their stored dtype and cast afterwards. The gather materializes a copy (a read and a write of
-  T*k experts) before the matmuls read it again, which on a CPU costs several times the read
-  alone (docs/inference.md); `moe_distinct` avoids it. Same routing (`MoE._route`), gates and
-  shared experts as `MoE.__call__` (dropless). Returns (y_BLD, experts_TK).
-  """
-  dt = x_BLD.dtype
-
-  def routed(x_TD, experts, local_TK, g_TK, count):
-    idx_TK = jnp.minimum(local_TK, count - 1)
-    w_gate, w_up, w_down = (w[...][idx_TK].astype(dt) for w in (experts.w_gate, experts.w_up, experts.w_down))
-    out_TKD = swiglu(x_TD, w_gate, w_up, w_down, 'td,tkdf->tkf;tkf,tkfd->tkd').astype(jnp.float32)
-    return jnp.sum(g_TK[..., None] * out_TKD, axis=1)
-
-  return _few_token_moe(moe, x_BLD, routed)
-
-
-def moe_distinct(moe: MoE, x_BLD: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """The MoE layer for a few tokens, reading each distinct selected expert once and copying nothing.
-
-  A loop over the step's distinct experts (`jnp.unique` with a static bound of min(E, T*k)
-  slots; the trip count is the number actually touched): each iteration indexes one expert's
-  weights in place (a dynamic index on the leading axis, no gather copy), applies them to all
-  T tokens and adds the result weighted by each token's gate for that expert (zero for tokens
-  that did not pick it). Weight traffic is exactly the bandwidth model's (`decode_cost`:
-  distinct experts x expert bytes); compute is T x distinct experts, so it suits T*k <= E.
-  Same routing, gates and shared experts as `MoE.__call__` (dropless). Returns (y_BLD, experts_TK).
-  """
-  dt = x_BLD.dtype
-
-  def routed(x_TD, experts, local_TK, g_TK, count):
-    distinct = jnp.unique(local_TK.reshape(-1), size=min(count + 1, local_TK.size), fill_value=count)  # sorted
-    weights = (experts.w_gate[...], experts.w_up[...], experts.w_down[...])
-
-    def body(i, y_TD):
-      e = distinct[i]
-      g_T = jnp.sum(jnp.where(local_TK == e, g_TK, 0.0), axis=1)
-      w_gate, w_up, w_down = (jax.lax.dynamic_index_in_dim(w, e, 0, keepdims=False).astype(dt) for w in weights)
-      out_TD = swiglu(x_TD, w_gate, w_up, w_down, 'td,df->tf;tf,fd->td').astype(jnp.float32)
-      return y_TD + g_T[:, None] * out_TD
-
-    zeros = jnp.zeros((x_TD.shape[0], x_TD.shape[1]), jnp.float32)
-    return jax.lax.fori_loop(0, jnp.sum(distinct < count), body, zeros)  # (`count` fills the unused slots)
-
-  return _few_token_moe(moe, x_BLD, routed)
-
-
-DISPATCHES = ('auto', 'distinct', 'gather', 'model')
-FEW_TOKEN_DISPATCHES = {'distinct': moe_distinct, 'gather': moe_gather}
-
-
-def pick_dispatch(moe_dispatch: str, tokens: int, topk: int, num_experts: int, backend: str | None = None) -> str:
-  """'auto': a few-token dispatch while tokens * k <= E (it then reads no more expert weights than the model's
-  dispatch, which reads every expert once), else the model's own dispatch (`moe.dispatch`). The few-token one is
-  'distinct' on CPU (measured: docs/inference.md) and 'gather' on accelerators, where a loop of small matmuls
-  pays a launch per expert (not yet measured there)."""
-  if moe_dispatch not in DISPATCHES:
-    raise ConfigError(f'moe_dispatch={moe_dispatch!r} must be one of {DISPATCHES}')
-  if moe_dispatch != 'auto':
-    return moe_dispatch
-  if tokens * topk > num_experts:
-    return 'model'
-  return 'distinct' if (backend or jax.default_backend()) == 'cpu' else 'gather'
-
-
 def forward(model: Transformer, tokens_BL: jax.Array, positions_BL: jax.Array, cache: Cache,
             moe_dispatch: str = 'auto', ffn: bool = True) -> tuple[jax.Array, Cache, tuple[jax.Array, ...]]:
-  """Logits [B, L, V] (float32) of `tokens_BL` at `positions_BL` (prefill: L prompt tokens; decode: L = 1), the
-  cache with their keys and values written, and each MoE layer's routing: experts [B*L, k] (int32), in layer order.
-
-  moe_dispatch 'distinct' or 'gather' runs MoE layers with `moe_distinct` or `moe_gather` (few tokens: decode
-  steps); 'model' with the model's own dispatch (`moe.dispatch`: many tokens, prefill); 'auto' chooses by
-  `pick_dispatch`.
-  ffn=False skips every FFN (dense and MoE): an ablation for `moejax.bench decode`'s time breakdown only.
-  """
-  x = model.embed(tokens_BL, model.dtype)
-  keys, values, routes = list(cache.keys), list(cache.values), []
-  T = tokens_BL.shape[0] * tokens_BL.shape[1]
-  for i, block in enumerate(model.blocks):
-    y, keys[i], values[i] = _attention(block.attn, block.attn_norm(x), keys[i], values[i], positions_BL)
-    x = x + y
-    h = block.ffn_norm(x)
-    if not ffn:
-      continue
-    if not block.use_moe:
-      f = block.ffn(h)
-    elif (dispatch := pick_dispatch(moe_dispatch, T, block.ffn.cfg.experts_per_token,
-                                    block.ffn.cfg.num_experts)) in FEW_TOKEN_DISPATCHES:
-      f, experts = FEW_TOKEN_DISPATCHES[dispatch](block.ffn, h)
-      routes.append(experts)
-    else:
-      f, _ = block.ffn(h)
-      routes.append(block.ffn._route(h.reshape(T, -1), False, None)[2])  # pylint: disable=protected-access  (CSE'd)
-    x = x + f
-  x = model.final_norm(x)
-  if model.unembed is None:
-    logits = model.embed.attend(x)
-  else:
-    logits = jnp.einsum('bld,dv->blv', x, model.unembed[...].astype(model.dtype))
-  return logits.astype(jnp.float32), Cache(tuple(keys), tuple(values)), tuple(routes)
+  """(logits [B, L, V] float32, the cache with the new keys and values written, each MoE layer's experts
+  [B*L, k]) of `tokens_BL` at `positions_BL`: the model's own forward pass with a cache
+  (`Transformer.__call__`); prefill passes L prompt tokens with moe_dispatch='model', a decode step L = 1
+  with 'auto' (`dispatch.pick_dispatch`). ffn=False is the decode benchmark's FFN-less ablation."""
+  logits_BLV, aux, cache = model(tokens_BL, positions_BL=positions_BL, cache=cache, moe_dispatch=moe_dispatch,
+                                 use_ffn=ffn)
+  return logits_BLV, cache, aux['routes']
 
 
 def sample(logits_BV: jax.Array, key: jax.Array, temperature: jax.Array, top_p: jax.Array) -> jax.Array:
@@ -277,7 +118,7 @@ class Generator:
 
     self._prefill_fn = jax.jit(prefill, donate_argnums=1)
     self._prefills = {}
-    self.cache_shape = jax.eval_shape(lambda: init_cache(model, batch, max_len))
+    self.cache_shape = jax.eval_shape(lambda: model.init_cache(batch, max_len))
     scalar = jax.ShapeDtypeStruct((), jnp.float32)
     vector = jax.ShapeDtypeStruct((batch,), jnp.int32)
     key = jax.eval_shape(lambda: jax.random.key(0))
@@ -335,7 +176,7 @@ class Generator:
     keys = jax.random.split(jax.random.key(seed), max_new_tokens)
     t, p = jnp.float32(temperature), jnp.float32(top_p)
     prefill = self.prefill_for(padded, lengths, keys[0], t, p)  # (before the cache is allocated)
-    cache = init_cache(self.model, self.batch, self.max_len)
+    cache = self.model.init_cache(self.batch, self.max_len)
     token, cache, _ = prefill(self.state, cache, padded, lengths, keys[0], t, p)
     out, positions = [token], lengths
     for i in range(1, max_new_tokens):

@@ -22,9 +22,13 @@ import numpy as np
 from flax import nnx
 
 from moejax import files
-from moejax import accounting, checkpoint, data, distributed, mesh as mesh_lib, metrics as metrics_lib, routing
+from moejax import accounting, data, routing
+from moejax.train import checkpoint
+from moejax.parallel import distributed
+from moejax.parallel import mesh as mesh_lib
+from moejax.train import metrics as metrics_lib
 from moejax.errors import CheckpointError
-from moejax.train import Setup, cached, token_nll
+from moejax.train.loop import Setup, cached, token_nll
 
 
 EVAL_ROUTING = ('expert_counts', 'drop_fraction', 'router_entropy', 'ep_drop_fraction')

@@ -1,7 +1,7 @@
 """Transformer building blocks: RMSNorm, embedding, rotary attention (GQA), dense SwiGLU.
 
 Parameters are float32 `nnx.Param`s with `logical_axes` metadata (resolved by
-`moejax.mesh`); matmuls run in the `dtype` each module is given.
+`moejax.parallel.mesh`); matmuls run in the `dtype` each module is given.
 """
 
 from __future__ import annotations
@@ -106,13 +106,41 @@ class Attention(nnx.Module):
       q, k = self.q_norm(q), self.k_norm(k)
     return q, k, v
 
-  def __call__(self, x_BLD: jax.Array) -> jax.Array:
+  def __call__(self, x_BLD: jax.Array, positions_BL: jax.Array | None = None,
+               cache: tuple[jax.Array, jax.Array] | None = None):
+    """Without a cache: causal attention over the L tokens (training, scoring) -> y_BLD.
+
+    With `cache` = (keys_BGTK, values_BGTK) of this layer (prefill and decode steps): the L new
+    tokens at `positions_BL` write their keys and values at their positions and attend to every
+    cached position <= their own -> (y_BLD, (keys_BGTK, values_BGTK)).
+    """
+    if cache is not None:
+      return self._cached(x_BLD, positions_BL, *cache)
     dt = x_BLD.dtype
     q, k, v = self.project(x_BLD)
-    q, k = rotary(q, self.rope_base), rotary(k, self.rope_base)
+    q, k = rotary(q, self.rope_base, positions_BL), rotary(k, self.rope_base, positions_BL)
     # dot_product_attention broadcasts kv heads over query-head groups (GQA) and scales by 1/sqrt(K).
     o = jax.nn.dot_product_attention(q, k, v, is_causal=True)
     return jnp.einsum('blhk,hkd->bld', o, self.wo[...].astype(dt))
+
+  def _cached(self, x_BLD, positions_BL, keys_BGTK, values_BGTK):
+    dt = x_BLD.dtype
+    q, k, v = self.project(x_BLD)
+    q, k = rotary(q, self.rope_base, positions_BL), rotary(k, self.rope_base, positions_BL)
+    rows = jnp.arange(x_BLD.shape[0])[:, None]
+    # (advanced indices split by a slice: the indexed block is [B, L, H_kv, K], the layout of k and v)
+    keys_BGTK = keys_BGTK.at[rows, :, positions_BL].set(k.astype(keys_BGTK.dtype))
+    values_BGTK = values_BGTK.at[rows, :, positions_BL].set(v.astype(values_BGTK.dtype))
+    B, L, H, K = q.shape
+    Hkv = keys_BGTK.shape[1]
+    q_BLGRK = q.reshape(B, L, Hkv, H // Hkv, K)  # query heads grouped over their kv head (GQA)
+    scores = jnp.einsum('blgrk,bgtk->bgrlt', q_BLGRK, keys_BGTK.astype(dt)).astype(jnp.float32) / jnp.sqrt(
+        jnp.float32(K))
+    visible_BLT = jnp.arange(keys_BGTK.shape[2])[None, None, :] <= positions_BL[:, :, None]
+    scores = jnp.where(visible_BLT[:, None, None], scores, -jnp.inf)
+    probs = jax.nn.softmax(scores, axis=-1).astype(dt)
+    o = jnp.einsum('bgrlt,bgtk->blgrk', probs, values_BGTK.astype(dt)).reshape(B, L, H, K)
+    return jnp.einsum('blhk,hkd->bld', o, self.wo[...].astype(dt)), (keys_BGTK, values_BGTK)
 
 
 def swiglu(x: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array, spec: str) -> jax.Array:

@@ -135,7 +135,7 @@ def bind(workdir: str, cfg, mode: str = 'train', allow_change: bool = False, wri
   nothing to do. Another configuration: ConfigMismatch naming the keys, or with `allow_change`
   a recorded change. `write=False` (non-leader processes) checks without writing.
   """
-  from moejax import metrics as metrics_lib  # pylint: disable=import-outside-toplevel  (metrics imports jax)
+  from moejax.train import metrics as metrics_lib  # pylint: disable=import-outside-toplevel  (metrics imports jax)
   flat = _flat(cfg)
   config_path, prov_path = os.path.join(workdir, 'config.json'), os.path.join(workdir, 'provenance.json')
   stored = _read_json(config_path)

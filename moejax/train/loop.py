@@ -29,10 +29,15 @@ import optax
 from flax import nnx
 
 from moejax import files
-from moejax import accounting, checkpoint, data, distributed, mesh as mesh_lib, metrics as metrics_lib
-from moejax import model as model_lib
-from moejax import moe as moe_lib, optim
-from moejax import workdir as workdir_lib
+from moejax import accounting, data
+from moejax.train import checkpoint
+from moejax.parallel import distributed
+from moejax.parallel import mesh as mesh_lib
+from moejax.train import metrics as metrics_lib
+from moejax.model import transformer as model_lib
+from moejax.model import moe as moe_lib
+from moejax.train import optim
+from moejax.train import workdir as workdir_lib
 from moejax.errors import DataError, Interrupted, NonFiniteLossError, Preempted
 
 log = logging.getLogger(__name__)
@@ -420,7 +425,7 @@ class _Loop:
 
   def _branch(self, end: int, stop) -> None:
     """Decays a copy of the state from this step to `end` on the main run's next batches, scores it, rewinds."""
-    from moejax import eval as eval_lib  # pylint: disable=import-outside-toplevel  (eval imports this module)
+    from moejax.train import evaluate as eval_lib  # pylint: disable=import-outside-toplevel  (eval imports this module)
     t0, start = time.time(), self.step
     lrs = optim.learning_rates(self.cfg.optim, self.cfg.train.steps, end)
     position = self.data_iter.get_state()
@@ -461,7 +466,7 @@ class _Loop:
     self.progress.log(self.step, scalars)
 
   def _score(self) -> None:
-    from moejax import eval as eval_lib  # pylint: disable=import-outside-toplevel  (eval imports this module)
+    from moejax.train import evaluate as eval_lib  # pylint: disable=import-outside-toplevel  (eval imports this module)
     t0 = time.time()
     result = eval_lib.evaluate(self.s, self.state)
     self.writer.write(self.step, {'eval_loss': result['loss'], 'eval_bits_per_byte': result['bits_per_byte'],

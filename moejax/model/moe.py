@@ -1,13 +1,9 @@
 """The MoE feed-forward layer: a float32 router, routed SwiGLU experts and optional shared experts.
 
 Routed experts come in size classes (`moe.expert_size_classes`; one class when uniform),
-each stored at its exact size as `[E_c, D, F_c]`, all under one router. Dispatch
-implementations (`moe.dispatch`) agree on outputs and gradients whenever nothing is dropped:
-  'dense'    reference: every expert on every token, masked by the gates (E/k times the work);
-  'block'    dropless: assignments sorted by expert, each group padded to a block multiple,
-             experts run as block matmuls (`routing.block_plan`);
-  'ragged'   assignments sorted by expert, three `jax.lax.ragged_dot` calls;
-  'capacity' each expert gets a fixed [slots, D] buffer (C per capacity group; T when dropless).
+each stored at its exact size as `[E_c, D, F_c]`, all under one router. The dispatch that
+brings tokens to experts is chosen per call: the configured many-token `moe.dispatch`
+(training, scoring, prefill) or a few-token one for decode steps (`moejax.model.dispatch`).
 Token dropping (`moe.train_capacity_factor` / `eval_capacity_factor`) is a routing decision made
 before dispatch: a dropped assignment's gate is zeroed, so it contributes nothing, whatever the
 dispatch; the token still flows through the residual.
@@ -15,80 +11,21 @@ dispatch; the token still flows through the residual.
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from moejax import config as config_lib, expert_parallel, kernels as kernels_lib, routing
-from moejax.kernels import gmm, permute, router
-from moejax.layers import MLP, param, swiglu
+from moejax import config as config_lib, kernels as kernels_lib, routing
+from moejax.parallel import expert as expert_parallel
+from moejax.kernels import router
+from moejax.model import dispatch as dispatch_lib
+from moejax.model.layers import MLP, param
 
 
 class ExpertBias(nnx.Variable):
   """Aux-loss-free routing bias [E]: steers selection only; updated by `update_expert_biases`, never by gradients."""
 
 
-def dense_dispatch(x_TD, gates_TK, experts_TK, w_gate_EDF, w_up_EDF, w_down_EFD, **_):
-  """Reference: all E experts on all T tokens; an out-of-range expert id contributes nothing."""
-  y_TED = swiglu(x_TD, w_gate_EDF, w_up_EDF, w_down_EFD, 'td,edf->tef;tef,efd->ted')
-  combine_TE = jnp.einsum('tk,tke->te', gates_TK, jax.nn.one_hot(experts_TK, w_gate_EDF.shape[0], dtype=gates_TK.dtype))
-  return jnp.einsum('te,ted->td', combine_TE.astype(y_TED.dtype), y_TED)
-
-
-def block_dispatch(x_TD, gates_TK, experts_TK, w_gate_EDF, w_up_EDF, w_down_EFD, *, block_size: int,
-                   kernels: str = 'reference', **_):
-  """Dropless block-padded dispatch; expert id E (invalid) rows run on the last block's weights and get gate 0.
-
-  `kernels` picks the row permutation and grouped-matmul implementation (moejax.kernels).
-  """
-  E = w_gate_EDF.shape[0]
-  plan = routing.block_plan(experts_TK, E + 1, block_size,
-                            ranks=functools.partial(permute.expert_ranks, impl=kernels))
-  be = jnp.minimum(plan.block_expert_N, E - 1)
-  x_RD = permute.dispatch_rows(x_TD, plan, kernels)
-  h_RF = (jax.nn.silu(gmm.block_gmm(x_RD, w_gate_EDF, be, block_size, kernels))
-          * gmm.block_gmm(x_RD, w_up_EDF, be, block_size, kernels))
-  y_RD = gmm.block_gmm(h_RF, w_down_EFD, be, block_size, kernels)
-  return permute.combine_rows(y_RD, gates_TK, plan, kernels)
-
-
-def ragged_dispatch(x_TD, gates_TK, experts_TK, w_gate_EDF, w_up_EDF, w_down_EFD, **_):
-  """Sort assignments by expert and run `jax.lax.ragged_dot` (invalid id E sorts last, outside every group)."""
-  T, K = experts_TK.shape
-  E = w_gate_EDF.shape[0]
-  flat_A = experts_TK.reshape(-1)
-  order_A = jnp.argsort(flat_A, stable=True)
-  sizes_E = jnp.bincount(flat_A, length=E + 1)[:E].astype(jnp.int32)
-  x_AD = x_TD[order_A // K]
-  h = jax.nn.silu(jax.lax.ragged_dot(x_AD, w_gate_EDF, sizes_E)) * jax.lax.ragged_dot(x_AD, w_up_EDF, sizes_E)
-  y_AD = jax.lax.ragged_dot(h, w_down_EFD, sizes_E)
-  y_AD = jnp.where((flat_A[order_A] < E)[:, None], y_AD, 0)  # rows outside every group: defined as zero
-  y_TKD = y_AD[jnp.argsort(order_A)].reshape(T, K, -1)
-  return jnp.einsum('tk,tkd->td', gates_TK.astype(y_TKD.dtype), y_TKD)
-
-
-def capacity_dispatch(x_TD, gates_TK, experts_TK, w_gate_EDF, w_up_EDF, w_down_EFD, *, rank_TK, group_tokens: int,
-                      capacity: int, **_):
-  """Each expert owns (T/T_g)*C slots; assignment (t, j) of group g = t // T_g goes to slot g*C + rank."""
-  T, K = experts_TK.shape
-  D = x_TD.shape[1]
-  E = w_gate_EDF.shape[0]
-  slots = (T // group_tokens) * capacity
-  valid_TK = (experts_TK < E) & (rank_TK < capacity)
-  slot_TK = experts_TK * slots + (jnp.arange(T) // group_tokens)[:, None] * capacity + rank_TK
-  slot_TK = jnp.where(valid_TK, slot_TK, E * slots)  # invalid -> a spare row past the end
-  row_token = jnp.full((E * slots + 1,), T, jnp.int32).at[slot_TK.reshape(-1)].set(
-      jnp.repeat(jnp.arange(T, dtype=jnp.int32), K))
-  x_pad = jnp.concatenate([x_TD, jnp.zeros((1, D), x_TD.dtype)], axis=0)
-  x_ESD = x_pad[row_token[:-1]].reshape(E, slots, D)
-  y_ESD = swiglu(x_ESD, w_gate_EDF, w_up_EDF, w_down_EFD, 'esd,edf->esf;esf,efd->esd')
-  y_rows = jnp.concatenate([y_ESD.reshape(E * slots, D), jnp.zeros((1, D), y_ESD.dtype)], axis=0)
-  return jnp.einsum('tk,tkd->td', gates_TK.astype(y_rows.dtype), y_rows[slot_TK])
-
-
-DISPATCH = {'dense': dense_dispatch, 'block': block_dispatch, 'ragged': ragged_dispatch, 'capacity': capacity_dispatch}
 
 
 class Experts(nnx.Module):
@@ -138,11 +75,18 @@ class MoE(nnx.Module):
         impl=kernels_lib.resolve(c.kernels), num_groups=c.num_expert_groups, topk_groups=c.topk_expert_groups)
     return logits_TE, scores_TE, experts_TK, gates_TK
 
-  def __call__(self, x_BLD: jax.Array, train: bool = False, rng: jax.Array | None = None):
+  def __call__(self, x_BLD: jax.Array, train: bool = False, rng: jax.Array | None = None,
+               dispatch: str | None = None):
+    """(y_BLD, aux). `dispatch`: None or 'model' for the configured `moe.dispatch`, 'distinct' or
+    'gather' for a few-token dispatch (decode steps; dropless, evaluation routing). With a dispatch
+    named, aux also holds the routing, 'experts_TK'."""
     B, L, D = x_BLD.shape
     T, c, dt = B * L, self.cfg, x_BLD.dtype
     x_TD = x_BLD.reshape(T, D)
     logits_TE, scores_TE, experts_TK, gates_TK = self._route(x_TD, train, rng)
+    if dispatch in dispatch_lib.FEW_TOKEN:
+      return self._few_tokens(x_TD, experts_TK, gates_TK, dispatch_lib.FEW_TOKEN[dispatch]).reshape(B, L, D).astype(
+          dt), {'experts_TK': experts_TK}
     factor = c.train_capacity_factor if train else c.eval_capacity_factor
     group = c.capacity_group_tokens or T
     if factor is None and c.dispatch != 'capacity':  # dropless: no queue ranks needed (saves a sort)
@@ -164,11 +108,11 @@ class MoE(nnx.Module):
         y_class, drop = expert_parallel.expert_parallel_dispatch(
             x_TD, class_gates_TK, local_TK, *w, mesh=ep_mesh, capacity_factor=c.expert_parallel_capacity_factor,
             block_size=lambda rows, n: c.block_size or routing.auto_block_size(rows, n), kernels=impl,
-            dispatch=block_dispatch, exchange=c.expert_parallel_exchange)
+            dispatch=dispatch_lib.block_dispatch, exchange=c.expert_parallel_exchange)
         ep_drops.append(drop)
       else:
         bs = c.block_size or routing.auto_block_size(T * c.experts_per_token, count)
-        y_class = DISPATCH[c.dispatch](x_TD, class_gates_TK, local_TK, *w, block_size=bs, rank_TK=rank_TK,
+        y_class = dispatch_lib.MANY_TOKEN[c.dispatch](x_TD, class_gates_TK, local_TK, *w, block_size=bs, rank_TK=rank_TK,
                                        group_tokens=group, capacity=capacity, kernels=impl)
       y_TD += y_class.astype(jnp.float32)
       offset += count
@@ -177,7 +121,22 @@ class MoE(nnx.Module):
     aux = self._aux(logits_TE, scores_TE, experts_TK, keep_TK, L)
     if ep_drops:
       aux['ep_drop_fraction'] = sum(ep_drops) / len(ep_drops)
+    if dispatch is not None:
+      aux = {'experts_TK': experts_TK}
     return y_TD.reshape(B, L, D).astype(dt), aux
+
+  def _few_tokens(self, x_TD, experts_TK, gates_TK, routed) -> jax.Array:
+    """Dropless y_TD (float32) through a few-token dispatch, per size class, plus the shared experts."""
+    y_TD = jnp.zeros(x_TD.shape, jnp.float32)
+    offset = 0
+    for (count, _), experts in zip(self.classes, self.experts):
+      local_TK = experts_TK - offset
+      valid_TK = (local_TK >= 0) & (local_TK < count)
+      y_TD += routed(x_TD, experts, jnp.where(valid_TK, local_TK, count), jnp.where(valid_TK, gates_TK, 0.0), count)
+      offset += count
+    if self.shared is not None:
+      y_TD += self.shared_output(x_TD)
+    return y_TD
 
   def shared_output(self, x_TD: jax.Array) -> jax.Array:
     """The shared experts' output [T, D] in float32 (times sigmoid(x . w) with the Qwen2-MoE gate)."""

@@ -54,7 +54,8 @@ import math
 import jax
 import jax.numpy as jnp
 
-from moejax import kernels as kernels_lib, mesh as mesh_lib
+from moejax import kernels as kernels_lib
+from moejax.parallel import mesh as mesh_lib
 from moejax.kernels import permute
 from moejax.routing import BlockPlan
 

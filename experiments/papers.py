@@ -34,7 +34,7 @@ The experiment argument is `SCALE[,GRID...]`: `tiny` runs the scale's tier-1 gri
 `tiny,all` every grid, `tiny,B3,B5` the named grids.
 """
 
-from experiments import base
+from moejax import base_config as base
 from moejax import config as config_lib
 from moejax.errors import ConfigError
 

@@ -15,7 +15,7 @@ Run:   make run   (= python -m moejax.sweep --config=experiments/quickstart.py -
 Cost:  about 7 minutes of training on a busy 2-core CPU in all (1.5-2 min per point; measured 2026-12-02).
 """
 
-from experiments import base
+from moejax import base_config as base
 
 
 def get_config(arg=None):

@@ -52,7 +52,8 @@ from absl import app, flags
 from moejax import accounting, cli, config as config_lib, data
 from moejax.parallel import mesh as mesh_lib
 from moejax.train import optim
-from moejax.train import loop as train
+from moejax.train import state as state_lib
+from moejax.train import step as step_lib
 from moejax.errors import ConfigError
 
 FLAGS = flags.FLAGS
@@ -63,8 +64,8 @@ def step_benchmark(cfgs: list, steps: int, rounds: int) -> list[dict]:
   runners = []
   corpus = data.corpus_from_config(cfgs[0].data)
   for cfg in cfgs:
-    s = train.setup(cfg, corpus)
-    fn = train.make_train_step(s.graphdef, optim.make(cfg.optim), cfg, train.shardings(s.state), s.mesh)
+    s = state_lib.setup(cfg, corpus)
+    fn = step_lib.make_train_step(s.graphdef, optim.make(cfg.optim), cfg, state_lib.shardings(s.state), s.mesh)
     lr = np.float32(cfg.optim.peak_learning_rate)
     rng = np.random.default_rng(0)
     tokens = jax.device_put(rng.integers(0, 256, (cfg.train.batch_size, cfg.data.seq_len + 1), dtype=np.int32),

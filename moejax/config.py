@@ -8,14 +8,17 @@ from __future__ import annotations
 
 import builtins
 import copy
+import hashlib
 import importlib.util
 import itertools
+import json
 import os
 import sys
 import traceback
 from typing import Any, Iterable, Sequence
 
 import ml_collections
+from flax import traverse_util
 
 from moejax.errors import ConfigError
 
@@ -111,34 +114,69 @@ def add_experiment_root(argv: Sequence[str]) -> None:
       sys.path.insert(0, root)
 
 
-def flatten(tree: dict, prefix: str = '') -> dict:
+def flatten(tree: dict) -> dict:
   """{'moe': {'num_experts': 8}} -> {'moe.num_experts': 8} (a config's JSON form as dotted overrides)."""
-  flat = {}
-  for key, value in tree.items():
-    if isinstance(value, dict):
-      flat.update(flatten(value, f'{prefix}{key}.'))
-    else:
-      flat[prefix + key] = value
-  return flat
+  return traverse_util.flatten_dict(tree, sep='.') if tree else {}
 
 
 def apply_overrides(cfg: ml_collections.ConfigDict, overrides: dict[str, Any]) -> ml_collections.ConfigDict:
-  """Returns a copy of `cfg` with dotted `{'moe.num_experts': 8}` overrides; unknown keys raise."""
+  """Returns a copy of `cfg` with dotted `{'moe.num_experts': 8}` overrides; unknown keys and bad types raise."""
   cfg = copy.deepcopy(cfg)
-  for dotted, value in overrides.items():
-    *parents, leaf = dotted.split('.')
-    node = cfg
-    for p in parents:
-      if p not in node or not isinstance(node[p], ml_collections.ConfigDict):
-        raise ConfigError(f'unknown config key: {dotted}')
-      node = node[p]
-    if leaf not in node:
-      raise ConfigError(f'unknown config key: {dotted}')
-    try:
-      node[leaf] = value
-    except (TypeError, ValueError) as e:
-      raise ConfigError(f'{dotted}={value!r}: wrong type ({e})') from None
+  was_locked = cfg.is_locked
+  cfg.lock()  # (a locked ConfigDict refuses new keys instead of adding them)
+  try:
+    for dotted, value in overrides.items():
+      try:
+        cfg.update_from_flattened_dict({dotted: value})
+      except (KeyError, AttributeError):
+        raise ConfigError(f'unknown config key: {dotted}') from None
+      except (TypeError, ValueError) as e:
+        raise ConfigError(f'{dotted}={value!r}: wrong type ({e})') from None
+  finally:
+    if not was_locked:
+      cfg.unlock()
   return cfg
+
+
+# The one config hash (`config_hash`) and its documented key lists (prefixes end with '.').
+# Keys that never change what a run computes: how it is launched, how often it logs, scores and
+# saves, how its data is read, and how the devices are arranged (checkpoints restore onto any mesh;
+# results agree to float32 rounding, see docs/scaling-out.md). A workdir is bound to its config
+# up to these keys (moejax/train/workdir.py).
+RUN_NEUTRAL_KEYS = ('distributed.', 'checkpoint.', 'mesh.', 'train.log_every_steps', 'train.peak_tflops',
+                    'eval.every_steps', 'data.cache_dir', 'data.verify_store', 'data.read_threads',
+                    'data.prefetch_batches', 'data.tfds_data_dir')
+# Keys that pick one draw (or one label) of a configuration: results differing only here are seeds
+# of one configuration (`moejax.results` groups them; hash with ignore=SEED_KEYS + LAUNCH_KEYS).
+SEED_KEYS = ('name', 'seed', 'data.seed')
+LAUNCH_KEYS = ('distributed.',)
+# Keys that do not change the compiled train or eval step: runs differing only here share one
+# executable (a sweep over seeds, learning rates, run lengths or corpora compiles once).
+STEP_NEUTRAL_KEYS = ('name', 'seed', 'data.seed', 'train.steps', 'optim.peak_learning_rate', 'optim.warmup_fraction',
+                     'optim.schedule', 'optim.decay_fraction', 'optim.final_lr_fraction', 'optim.decay_branches',
+                     'data.source', 'data.heldout_bytes', 'data.heldout_max_fraction', 'data.binary_documents',
+                     'data.tfds_split', 'data.tfds_text_key', 'data.tfds_data_dir', 'data.tokenizer',
+                     'data.separator_token', 'data.tokenizer_train_bytes', 'data.text_field', 'data.cache_dir',
+                     'data.verify_store', 'data.read_threads', 'data.prefetch_batches', 'checkpoint.', 'eval.',
+                     'distributed.', 'train.log_every_steps', 'train.peak_tflops')
+
+
+def key_in(key: str, keys: Sequence[str]) -> bool:
+  """Whether dotted `key` is one of `keys` or under one of its prefixes (entries ending with '.')."""
+  return any(key == k or (k.endswith('.') and key.startswith(k)) for k in keys)
+
+
+def config_hash(cfg_or_flat, ignore: Sequence[str] = RUN_NEUTRAL_KEYS, digits: int | None = 12) -> str:
+  """sha256 hex digest (first `digits`; all with None) of a config's canonical JSON without the `ignore` keys.
+
+  Takes a ConfigDict or its flattened dict. The defaults identify a run (a workdir's binding);
+  `moejax.results` uses ignore=SEED_KEYS + LAUNCH_KEYS, digits=8; the step cache all digits of
+  STEP_NEUTRAL_KEYS.
+  """
+  flat = cfg_or_flat if isinstance(cfg_or_flat, dict) else flatten(json.loads(cfg_or_flat.to_json_best_effort()))
+  kept = {k: v for k, v in flat.items() if not key_in(k, ignore)}
+  digest = hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()
+  return digest if digits is None else digest[:digits]
 
 
 def vocab_size(cfg) -> int:

@@ -186,7 +186,8 @@ class _Case:
 
 def load_models(config: str | None, points: list[str], workdirs: list[str]):
   """[(name, cfg, model, corpus)]: the sweep points of `config` (random init) and the trained `workdirs`."""
-  from moejax import data, generate
+  from moejax import data
+  from moejax.train import restore as restore_lib
   from moejax.model import transformer as model_lib  # pylint: disable=import-outside-toplevel
   out = []
   if config:
@@ -204,7 +205,7 @@ def load_models(config: str | None, points: list[str], workdirs: list[str]):
       corpus = corpus or data.corpus_from_config(cfg.data)
       out.append((p.get('name', cfg.name), cfg, model_lib.build(cfg), corpus))
   for workdir in workdirs:
-    cfg, corpus, model = generate.load_model(workdir)
+    cfg, corpus, model = restore_lib.load_model(workdir)
     decode.check_decodable(cfg)
     out.append((workdir.rstrip('/').split('/')[-1], cfg, model, corpus))
   return out

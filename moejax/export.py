@@ -98,8 +98,8 @@ def export(workdir: str, out: str, layout: str = 'auto', dtype: str = 'float32',
   """Writes the latest checkpoint of `workdir` as a HF checkpoint in `out`; returns the layout used."""
   if dtype not in hf_layouts.DTYPES:
     raise ConfigError(f'--dtype={dtype!r} must be one of {", ".join(hf_layouts.DTYPES)}')
-  from moejax import generate  # pylint: disable=import-outside-toplevel
-  cfg = generate.load_config(workdir)
+  from moejax.train import restore as restore_lib  # pylint: disable=import-outside-toplevel
+  cfg = restore_lib.load_config(workdir)
   layout = hf_layouts.choose(cfg, layout)
   if cfg.moe.routed_scaling_factor != 1.0:
     log.info('folding moe.routed_scaling_factor=%g into the routed experts\' down projections',
@@ -122,11 +122,11 @@ def export(workdir: str, out: str, layout: str = 'auto', dtype: str = 'float32',
 def _restore_params(cfg, workdir: str) -> dict:
   import jax  # pylint: disable=import-outside-toplevel
   from moejax.train import checkpoint
-  from moejax.train import loop as train  # pylint: disable=import-outside-toplevel
+  from moejax.train import state as state_lib  # pylint: disable=import-outside-toplevel
   from moejax.errors import CheckpointError  # pylint: disable=import-outside-toplevel
   cfg = cfg.copy_and_resolve_references()
   cfg.mesh.data = cfg.mesh.fsdp = cfg.mesh.expert = cfg.mesh.tensor = 1  # exported on one device
-  _, abstract = train.abstract_state(cfg)
+  _, abstract = state_lib.abstract_state(cfg)
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'), use_async=False)
   try:
     restored = ckpt.restore_latest(abstract, move_aside=False)

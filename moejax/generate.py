@@ -13,44 +13,14 @@ option is one line `moejax: error: ...` and a non-zero exit.
 
 from __future__ import annotations
 
-import json
-import os
-import sys
 
 from absl import app, flags
 
-from moejax import cli, config as config_lib
-from moejax.errors import ConfigError, WorkdirError
+from moejax import cli
+from moejax.train.restore import load_config, load_model
+from moejax.errors import ConfigError
 
 FLAGS = flags.FLAGS
-
-
-def load_config(workdir: str):
-  """The run's resolved config (WORKDIR/config.json), rebuilt on experiments/base.py and validated."""
-  path = os.path.join(workdir, 'config.json')
-  try:
-    with open(path) as f:
-      stored = json.load(f)
-  except FileNotFoundError:
-    raise WorkdirError(f'{path} does not exist: {workdir} holds no trained run') from None
-  except (OSError, ValueError) as e:
-    raise WorkdirError(f'cannot read {path}: {e}') from None
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  from experiments import base  # pylint: disable=import-outside-toplevel
-  return config_lib.validate(config_lib.apply_overrides(base.get_config(), config_lib.flatten(stored)))
-
-
-def load_model(workdir: str, cfg=None):
-  """(config, corpus, model) of the latest checkpoint in a trained run's workdir (the corpus carries its tokenizer)."""
-  cfg = load_config(workdir) if cfg is None else cfg
-  from flax import nnx  # pylint: disable=import-outside-toplevel
-  from moejax import data
-  from moejax.train import evaluate as eval_lib
-  from moejax.train import loop as train  # pylint: disable=import-outside-toplevel
-  corpus = data.corpus_from_config(cfg.data)
-  s = train.setup(cfg, corpus)
-  _, state = eval_lib.restore_state(s, workdir)
-  return cfg, corpus, nnx.merge(s.graphdef, state['params'], state['buffers'])
 
 
 def generate_text(workdir: str, prompts: list[str], max_new_tokens: int = 64, temperature: float = 0.0,

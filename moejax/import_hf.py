@@ -23,7 +23,7 @@ import shutil
 
 from absl import app, flags
 
-from moejax import cli, config as config_lib, hf_layouts
+from moejax import base_config, cli, config as config_lib, hf_layouts
 from moejax.errors import DataError, WorkdirError
 
 FLAGS = flags.FLAGS
@@ -39,8 +39,8 @@ EXPERIMENT = '''"""The config of a checkpoint imported by moejax.import_hf from 
 def get_config(arg=None):
   del arg
   import os  # pylint: disable=import-outside-toplevel
-  from moejax import generate  # pylint: disable=import-outside-toplevel
-  return generate.load_config(os.path.dirname(os.path.abspath(__file__)))
+  from moejax.train import restore  # pylint: disable=import-outside-toplevel
+  return restore.load_config(os.path.dirname(os.path.abspath(__file__)))
 '''
 
 
@@ -86,11 +86,6 @@ def _tokenizer(hf: dict, hf_dir: str, workdir: str) -> dict:
 
 def config_from_hf(hf_dir: str, workdir: str, data_source: str = 'stdlib', seq_len: int | None = None):
   """(layout, validated moejax config) of a HF checkpoint directory."""
-  sys_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  import sys  # pylint: disable=import-outside-toplevel
-  if sys_root not in sys.path:
-    sys.path.insert(0, sys_root)
-  from experiments import base  # pylint: disable=import-outside-toplevel
   path = os.path.join(hf_dir, 'config.json')
   hf = _read_json(path)
   layout, overrides = hf_layouts.overrides_from_hf(hf, path)
@@ -98,7 +93,7 @@ def config_from_hf(hf_dir: str, workdir: str, data_source: str = 'stdlib', seq_l
   length = seq_len or min(int(hf.get('max_position_embeddings') or 4096), 4096)
   overrides.update({'name': os.path.basename(os.path.abspath(hf_dir)), 'data.source': data_source,
                     'data.seq_len': length})
-  cfg = config_lib.apply_overrides(base.get_config(), overrides)
+  cfg = config_lib.apply_overrides(base_config.get_config(), overrides)
   return layout, config_lib.validate(cfg)
 
 

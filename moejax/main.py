@@ -38,8 +38,8 @@ def execute(cfg, workdir: str, mode: str = 'train', allow_config_change: bool = 
   import jax  # pylint: disable=import-outside-toplevel
   from moejax import data
   from moejax.parallel import distributed
-  from moejax.train import evaluate as eval_lib
-  from moejax.train import loop as train
+  from moejax.train import evaluate as eval_lib, loop as loop_lib, record as record_lib, restore as restore_lib
+  from moejax.train import state as state_lib
   from moejax.train import workdir as workdir_lib  # pylint: disable=import-outside-toplevel
   distributed.initialize(cfg.distributed)  # before anything touches a device
   leader = distributed.is_leader()
@@ -54,16 +54,16 @@ def execute(cfg, workdir: str, mode: str = 'train', allow_config_change: bool = 
     if distributed.any_process(error is not None):  # all stop together, or the others hang in collectives
       raise error or WorkdirError(f'another process of this run could not take or bind workdir {workdir}')
     corpus = data.corpus_from_config(cfg.data)
-    s = train.setup(cfg, corpus)
+    s = state_lib.setup(cfg, corpus)
     if mode == 'train':
-      summary = train.run(cfg, workdir, built=s)
+      summary = loop_lib.run(cfg, workdir, built=s)
       state = s.state
     else:
-      step, state = eval_lib.restore_state(s, workdir)
+      step, state = restore_lib.restore_state(s, workdir)
       summary = {'steps': step, 'tokens': step * cfg.train.batch_size * cfg.data.seq_len, 'wall_s': None}
     log.info('scoring the held-out split')
-    record = eval_lib.result_record(s, eval_lib.evaluate(s, state), summary, changes, workdir)
-    eval_lib.write_result(workdir, record)
+    record = record_lib.result_record(s, eval_lib.evaluate(s, state), summary, changes, workdir)
+    record_lib.write_result(workdir, record)
   log.info('%s: held-out loss %.4f nats/token (%.4f bits/byte) over %d tokens', cfg.name,
            record['eval']['loss'], record['eval']['bits_per_byte'], record['eval']['tokens'])
   return record
@@ -78,14 +78,14 @@ def compile_check(cfg, device_memory: str | None) -> int:
   config_lib.validate(cfg)
   import jax  # pylint: disable=import-outside-toplevel
   from moejax.parallel import distributed
-  from moejax.train import loop as train  # pylint: disable=import-outside-toplevel
+  from moejax.train import state as state_lib  # pylint: disable=import-outside-toplevel
   distributed.initialize(cfg.distributed)
   limit = None
   if device_memory:
     limit, is_bytes = cli.parse_amount(device_memory)
     if not is_bytes:
       raise ConfigError(f'--device_memory={device_memory} needs a unit, e.g. 80GB or 16GiB')
-  r = train.compile_step(cfg)
+  r = state_lib.compile_step(cfg)
   if limit is None:
     stats = getattr(jax.devices()[0], 'memory_stats', lambda: None)() or {}
     limit = stats.get('bytes_limit')

@@ -18,7 +18,7 @@ import sys
 import jax
 from absl import app, flags
 
-from moejax import cli, config as config_lib, data, main as main_lib
+from moejax import base_config, cli, config as config_lib, data, main as main_lib
 from moejax.errors import ConfigError, DataError
 
 FLAGS = flags.FLAGS
@@ -39,9 +39,7 @@ def load_record(path: str) -> dict:
 
 def config_of(record: dict):
   """The record's resolved config, rebuilt on the current base config and validated."""
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  from experiments import base  # pylint: disable=import-outside-toplevel
-  return config_lib.validate(config_lib.apply_overrides(base.get_config(), config_lib.flatten(record['config'])))
+  return config_lib.validate(config_lib.apply_overrides(base_config.get_config(), config_lib.flatten(record['config'])))
 
 
 def reproduce(path: str, workdir: str) -> tuple[float, float]:

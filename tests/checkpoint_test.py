@@ -11,7 +11,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from moejax.train import checkpoint
-from moejax.train import loop as train
+from moejax.train import loop as loop_lib
 from moejax.errors import CheckpointError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -112,7 +112,7 @@ def small_disk(tmp_path):
 
 def test_full_disk_during_a_save_is_one_line_and_keeps_the_last_checkpoint(tiny_cfg, corpus_glob, small_disk):
   workdir = small_disk / 'run'
-  train.run(tiny_cfg, str(workdir), stop_after=3)
+  loop_lib.run(tiny_cfg, str(workdir), stop_after=3)
   free = os.statvfs(small_disk)
   with open(small_disk / 'ballast', 'wb') as f:  # leave 48 KB: enough for logs, not for a checkpoint
     f.write(b'\0' * (free.f_bavail * free.f_frsize - 48 * 1024))
@@ -124,4 +124,4 @@ def test_full_disk_during_a_save_is_one_line_and_keeps_the_last_checkpoint(tiny_
   assert 'No space left on device' in errors[0] and 'kept steps 3' in errors[0]
   assert os.listdir(workdir / 'checkpoints') == ['3']  # no temporary folder, the last good step intact
   os.remove(small_disk / 'ballast')
-  assert train.run(tiny_cfg, str(workdir))['steps'] == 6  # resumes from step 3 and finishes
+  assert loop_lib.run(tiny_cfg, str(workdir))['steps'] == 6  # resumes from step 3 and finishes

@@ -4,7 +4,8 @@ import os
 
 import pytest
 
-from experiments import base, quickstart
+from moejax import base_config as base
+from experiments import quickstart
 from moejax import config as config_lib
 from moejax.errors import ConfigError
 

@@ -24,7 +24,7 @@ def test_expected_distinct_experts_under_uniform_routing(E, k, B):
 
 
 def _cfg(**overrides):
-  from experiments import base  # pylint: disable=import-outside-toplevel
+  from moejax import base_config as base  # pylint: disable=import-outside-toplevel
   c = base.get_config()
   flat = {'model.model_dim': 64, 'model.num_layers': 2, 'model.num_heads': 2, 'model.num_kv_heads': 1,
           'model.ffn_hidden': 128, 'moe.num_experts': 16, 'moe.experts_per_token': 2, 'moe.expert_hidden': 32,
@@ -70,7 +70,7 @@ def test_step_flops_count_the_active_matmuls_and_attention_over_the_context():
 
 
 def test_the_design_search_prices_decode_with_the_same_model_and_can_rank_differently():
-  from experiments import base  # pylint: disable=import-outside-toplevel
+  from moejax import base_config as base  # pylint: disable=import-outside-toplevel
   cfg = config_lib.validate(base.get_config())
   space = design.space_from_config(cfg, layers=[4, 8, 16], widths=[512, 768, 1024], experts=[1, 8, 16, 64],
                                    granularities=[1, 2, 4])

@@ -195,9 +195,9 @@ def trained16(corpus_glob, tmp_path_factory):
 
 
 def test_distinct_expert_formulas_against_a_trained_models_routing(trained16):
-  from moejax import generate
+  from moejax.train import restore as restore_lib
   from moejax.inference import cost as decode_cost  # pylint: disable=import-outside-toplevel
-  cfg, corpus, model = generate.load_model(trained16)
+  cfg, corpus, model = restore_lib.load_model(trained16)
   held = np.asarray(corpus.heldout_tokens)[:8 * 16].reshape(8, 16).astype(np.int32)
   _, _, routes = decode.forward(model, jnp.asarray(held), jnp.broadcast_to(jnp.arange(16), (8, 16)),
                                 model.init_cache(8, 16), 'model')

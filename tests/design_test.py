@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from experiments import base
+from moejax import base_config as base
 from moejax import accounting, config as config_lib, design, sweep
 from moejax.model import transformer as model_lib
 from moejax.errors import ConfigError

@@ -16,7 +16,8 @@ import portpicker
 import pytest
 
 from moejax import config as config_lib
-from moejax.train import loop as train
+from moejax.train import loop as loop_lib
+from moejax.train import state as state_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -65,13 +66,13 @@ def test_checkpoint_restores_onto_another_mesh(tiny_cfg, tmp_path):
   cfg = config_lib.apply_overrides(tiny_cfg, {'train.batch_size': 8, 'eval.batch_size': 8, 'mesh.data': 2, 'mesh.expert': 2,
                                              'checkpoint.use_async': False})
   other = config_lib.apply_overrides(cfg, {'mesh.data': 1, 'mesh.fsdp': 2, 'mesh.expert': 4})
-  train.run(cfg, str(tmp_path / 'moved'), stop_after=3)
-  resumed = train.run(other, str(tmp_path / 'moved'))
+  loop_lib.run(cfg, str(tmp_path / 'moved'), stop_after=3)
+  resumed = loop_lib.run(other, str(tmp_path / 'moved'))
   assert resumed['steps'] == 6
   params = resumed['setup'].state['params']
   assert params['blocks'][0]['ffn']['experts'][0]['w_gate'].sharding.spec[0] == 'expert'
   assert len(params['blocks'][0]['ffn']['experts'][0]['w_gate'].sharding.device_set) == 8
-  straight = train.run(cfg, str(tmp_path / 'straight'))['setup'].state['params']
+  straight = loop_lib.run(cfg, str(tmp_path / 'straight'))['setup'].state['params']
   for a, b in zip(jax.tree.leaves(straight), jax.tree.leaves(params)):
     np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=2e-4, atol=2e-6)
   np.testing.assert_allclose(_losses(tmp_path / 'moved'), _losses(tmp_path / 'straight'), rtol=1e-5)
@@ -117,11 +118,11 @@ def test_compile_step_reports_memory_without_allocating(tiny_cfg):
   """One device: params bytes == 4 * N_total (float32), Adam moments twice that; a sharded mesh divides them."""
   from moejax import accounting  # pylint: disable=import-outside-toplevel
   n_total = accounting.count(tiny_cfg)['n_total']
-  r = train.compile_step(tiny_cfg)
+  r = state_lib.compile_step(tiny_cfg)
   assert r['params_bytes'] == 4 * n_total
   assert 2 * 4 * n_total <= r['optimizer_bytes'] <= 2 * 4 * n_total + 64
   assert r['peak_bytes'] >= r['argument_bytes'] > r['params_bytes']
-  sharded = train.compile_step(config_lib.apply_overrides(tiny_cfg, {'mesh.fsdp': 2, 'mesh.expert': 2,
+  sharded = state_lib.compile_step(config_lib.apply_overrides(tiny_cfg, {'mesh.fsdp': 2, 'mesh.expert': 2,
                                                                      'train.batch_size': 8}))
   assert sharded['devices'] == 4 and sharded['params_bytes'] < 0.75 * r['params_bytes']
 

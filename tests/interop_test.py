@@ -125,8 +125,8 @@ def test_round_trip_is_exact_and_files_match_the_layout(tiny_cfg, layout, tmp_pa
   assert cfg2.data.tokenizer == 'bytes'
   counts = lambda c: {k: v for k, v in accounting.count(c).items() if k != 'num_shared_experts'}  # (2 x 8 -> 1 x 16)
   assert counts(cfg2) == counts(cfg)
-  from moejax import generate  # pylint: disable=import-outside-toplevel
-  loaded = generate.load_config(back)
+  from moejax.train import restore as restore_lib  # pylint: disable=import-outside-toplevel
+  loaded = restore_lib.load_config(back)
   got = export._restore_params(loaded, back)  # pylint: disable=protected-access
   for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(params)):
     if a.shape != b.shape:  # n shared experts of F come back as one of n*F: same weights, concatenated
@@ -151,8 +151,8 @@ def test_routed_scaling_factor_is_folded_into_the_down_projections(tiny_cfg, tmp
   workdir, out = _workdir(cfg, params, str(tmp_path / 'run')), str(tmp_path / 'hf')
   export.export(workdir, out)
   import_hf.import_checkpoint(out, str(tmp_path / 'back'))
-  from moejax import generate  # pylint: disable=import-outside-toplevel
-  loaded = generate.load_config(str(tmp_path / 'back'))
+  from moejax.train import restore as restore_lib  # pylint: disable=import-outside-toplevel
+  loaded = restore_lib.load_config(str(tmp_path / 'back'))
   assert loaded.moe.routed_scaling_factor == 1.0
   tokens = np.random.default_rng(1).integers(0, 257, (2, 8))
   got = _logits(loaded, export._restore_params(loaded, str(tmp_path / 'back')), tokens)  # pylint: disable=protected-access
@@ -267,7 +267,7 @@ def test_published_configs_round_trip_through_config_json_with_equal_accounting(
   assert layout == PUBLISHED[name]
   hf = hf_layouts.hf_config(cfg, layout, 'bfloat16', 0)
   _, overrides = hf_layouts.overrides_from_hf(hf, 'config.json')
-  from experiments import base  # pylint: disable=import-outside-toplevel
+  from moejax import base_config as base  # pylint: disable=import-outside-toplevel
   back = config_lib.validate(config_lib.apply_overrides(base.get_config(), {**overrides,
                                                                             'data.seq_len': cfg.data.seq_len}))
   assert accounting.count(back) == accounting.count(cfg)

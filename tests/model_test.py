@@ -8,7 +8,7 @@ from flax import nnx
 
 from moejax import config as config_lib
 from moejax.model import transformer as model_lib
-from moejax.model import dispatch as dispatch_lib, moe
+from moejax.model import dispatch as dispatch_lib
 
 
 def _forward(cfg, params, graphdef, tokens):

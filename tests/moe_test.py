@@ -11,7 +11,8 @@ from flax import nnx
 from moejax import config as config_lib, routing
 from moejax.model import transformer as model_lib
 from moejax.model import dispatch as dispatch_lib, moe
-from moejax.train import loop as train
+from moejax.train import loop as loop_lib
+from moejax.train import state as state_lib
 
 
 def _loss_and_grads(cfg, tokens, train_mode=False):
@@ -160,13 +161,13 @@ def test_aux_free_bias_moves_load_toward_uniform():
 def test_aux_free_bias_trains_saves_and_gets_no_gradient(tiny_cfg, tmp_path):
   cfg = config_lib.apply_overrides(tiny_cfg, {'moe.load_balancing': 'aux_free', 'moe.bias_update_rate': 0.01,
                                               'train.steps': 3})
-  out = train.run(cfg, str(tmp_path))
+  out = loop_lib.run(cfg, str(tmp_path))
   state = out['setup'].state
   bias = state['buffers']['blocks'][0]['ffn']['expert_bias']
   assert float(jnp.abs(bias).sum()) > 0 and 'expert_bias' not in str(jax.tree.structure(state['params']))
   # |b| grows by exactly rate per step where the load is not at its mean.
   assert float(jnp.max(jnp.abs(bias))) <= 3 * 0.01 + 1e-7
-  s = train.setup(cfg)
+  s = state_lib.setup(cfg)
   from moejax.train import checkpoint  # pylint: disable=import-outside-toplevel
   ck = checkpoint.Checkpointer(str(tmp_path / 'checkpoints'))
   _, restored, _ = ck.restore_latest(checkpoint.abstract(s.state))
@@ -192,7 +193,7 @@ OPTION_RUNS = {
 @pytest.mark.parametrize('name', sorted(OPTION_RUNS))
 def test_major_options_train_without_nan(tiny_cfg, tmp_path, name):
   cfg = config_lib.validate(config_lib.apply_overrides(tiny_cfg, dict(OPTION_RUNS[name], **{'train.steps': 3})))
-  out = train.run(cfg, str(tmp_path))
+  out = loop_lib.run(cfg, str(tmp_path))
   import json  # pylint: disable=import-outside-toplevel
   rows = [json.loads(l) for l in open(tmp_path / 'metrics.jsonl')]
   assert len(rows) == 3 and all(math.isfinite(r['loss']) for r in rows)

@@ -333,12 +333,12 @@ def test_prepare_cli_errors_are_one_line(tmp_path):
 
 
 def test_training_on_a_store_equals_training_in_memory(tiny_cfg, byte_store, tmp_path):
-  from moejax.train import loop as train  # pylint: disable=import-outside-toplevel
+  from moejax.train import loop as loop_lib  # pylint: disable=import-outside-toplevel
   cfg = config_lib.apply_overrides(tiny_cfg, {'train.steps': 3})
   on_store = config_lib.apply_overrides(cfg, {'data.source': f'store:{byte_store}'})
   losses = []
   for c, name in ((cfg, 'memory'), (on_store, 'store')):
-    train.run(c, str(tmp_path / name))
+    loop_lib.run(c, str(tmp_path / name))
     with open(tmp_path / name / 'metrics.jsonl') as f:
       losses.append([r['loss'] for r in map(json.loads, f) if 'loss' in r])
   assert len(losses[0]) == 3 and losses[0] == losses[1]  # exactly

@@ -16,7 +16,10 @@ from flax import nnx
 from moejax import config as config_lib, data, main as main_lib
 from moejax.train import checkpoint
 from moejax.train import evaluate as eval_lib
-from moejax.train import loop as train
+from moejax.train import evaluate as eval_lib
+from moejax.train import loop as loop_lib
+from moejax.train import state as state_lib
+from moejax.train import step as step_lib
 from moejax.errors import Interrupted, NonFiniteLossError, Preempted
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -28,10 +31,10 @@ def _losses(workdir):
 
 
 def test_resume_is_bitwise_equal_to_uninterrupted_run(tiny_cfg, tmp_path):
-  straight = train.run(tiny_cfg, str(tmp_path / 'a'))
-  train.run(tiny_cfg, str(tmp_path / 'b'), stop_after=3)
+  straight = loop_lib.run(tiny_cfg, str(tmp_path / 'a'))
+  loop_lib.run(tiny_cfg, str(tmp_path / 'b'), stop_after=3)
   assert sorted(_losses(tmp_path / 'b')) == [1, 2, 3]
-  resumed = train.run(tiny_cfg, str(tmp_path / 'b'))
+  resumed = loop_lib.run(tiny_cfg, str(tmp_path / 'b'))
   assert straight['steps'] == resumed['steps'] == 6
   a, b = _losses(tmp_path / 'a'), _losses(tmp_path / 'b')
   assert [a[s] for s in (4, 5, 6)] == [b[s] for s in (4, 5, 6)]  # exact float equality
@@ -40,7 +43,7 @@ def test_resume_is_bitwise_equal_to_uninterrupted_run(tiny_cfg, tmp_path):
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tiny_cfg, tmp_path, monkeypatch):
-  make = train.make_train_step
+  make = step_lib.make_train_step
 
   def poisoned(*args, **kwargs):
     step_fn = make(*args, **kwargs)
@@ -53,11 +56,11 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tiny_cfg, tmp_path
       return new_state, out
     return step
 
-  monkeypatch.setattr(train, 'make_train_step', poisoned)
-  monkeypatch.setattr(train, '_STEP_CACHE', train.collections.OrderedDict())
+  monkeypatch.setattr(step_lib, 'make_train_step', poisoned)
+  monkeypatch.setattr(step_lib, '_STEP_CACHE', step_lib.collections.OrderedDict())
   with pytest.raises(NonFiniteLossError, match='at step 5'):
-    train.run(tiny_cfg, str(tmp_path))
-  s = train.setup(tiny_cfg)
+    loop_lib.run(tiny_cfg, str(tmp_path))
+  s = state_lib.setup(tiny_cfg)
   ckpt = checkpoint.Checkpointer(str(tmp_path / 'checkpoints'))
   step, state, _ = ckpt.restore_latest(checkpoint.abstract(s.state))
   ckpt.close()
@@ -66,7 +69,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tiny_cfg, tmp_path
 
 
 def test_corrupt_latest_checkpoint_is_moved_aside_and_the_run_finishes(tiny_cfg, tmp_path):
-  straight = train.run(tiny_cfg, str(tmp_path / 'a'))
+  straight = loop_lib.run(tiny_cfg, str(tmp_path / 'a'))
   ckdir = tmp_path / 'a' / 'checkpoints'
   assert sorted(os.listdir(ckdir)) == ['3', '6']
   for dirpath, _, files in os.walk(ckdir / '6' / 'state'):
@@ -74,7 +77,7 @@ def test_corrupt_latest_checkpoint_is_moved_aside_and_the_run_finishes(tiny_cfg,
       with open(os.path.join(dirpath, f), 'wb') as fh:
         fh.write(b'garbage')
   # Before the fix the rerun retrained from step 3, then failed on saving step 6 again, forever.
-  again = train.run(tiny_cfg, str(tmp_path / 'a'))
+  again = loop_lib.run(tiny_cfg, str(tmp_path / 'a'))
   assert again['steps'] == 6 and sorted(os.listdir(ckdir)) == ['3', '6']
   assert os.listdir(tmp_path / 'a' / 'checkpoints-unreadable') == ['6']
   for x, y in zip(jax.tree.leaves(straight['setup'].state['params']), jax.tree.leaves(again['setup'].state['params'])):
@@ -83,7 +86,7 @@ def test_corrupt_latest_checkpoint_is_moved_aside_and_the_run_finishes(tiny_cfg,
 
 def _poison(monkeypatch, at_step, **out_overrides):
   """Makes the train step produce NaN parameters from `at_step` on, with `out_overrides` in its metrics."""
-  make = train.make_train_step
+  make = step_lib.make_train_step
 
   def poisoned(*args, **kwargs):
     step_fn = make(*args, **kwargs)
@@ -96,8 +99,8 @@ def _poison(monkeypatch, at_step, **out_overrides):
       return new_state, out
     return step
 
-  monkeypatch.setattr(train, 'make_train_step', poisoned)
-  monkeypatch.setattr(train, '_STEP_CACHE', train.collections.OrderedDict())
+  monkeypatch.setattr(step_lib, 'make_train_step', poisoned)
+  monkeypatch.setattr(step_lib, '_STEP_CACHE', step_lib.collections.OrderedDict())
 
 
 @pytest.mark.parametrize('overrides,message', [({'grad_norm': np.inf}, 'gradient norm is inf at step 3'),
@@ -106,12 +109,12 @@ def test_nan_parameters_behind_a_finite_loss_are_never_saved(tiny_cfg, tmp_path,
   # An infinite gradient gives a finite loss and NaN parameters; the checkpoint at step 3 must not hold them.
   _poison(monkeypatch, 3, **overrides)
   with pytest.raises(NonFiniteLossError, match=message):
-    train.run(tiny_cfg, str(tmp_path))
+    loop_lib.run(tiny_cfg, str(tmp_path))
   assert not (tmp_path / 'checkpoints').exists() or os.listdir(tmp_path / 'checkpoints') == []
 
 
 def test_ctrl_c_saves_a_checkpoint_and_a_second_aborts(tiny_cfg, tmp_path, monkeypatch):
-  make = train.make_train_step
+  make = step_lib.make_train_step
   presses = {}
   before = signal.getsignal(signal.SIGINT)  # (SIG_IGN when the suite runs as a background job)
 
@@ -125,17 +128,17 @@ def test_ctrl_c_saves_a_checkpoint_and_a_second_aborts(tiny_cfg, tmp_path, monke
       return new_state, out
     return step
 
-  monkeypatch.setattr(train, 'make_train_step', pressing)
-  monkeypatch.setattr(train, '_STEP_CACHE', train.collections.OrderedDict())
+  monkeypatch.setattr(step_lib, 'make_train_step', pressing)
+  monkeypatch.setattr(step_lib, '_STEP_CACHE', step_lib.collections.OrderedDict())
   presses[2] = 1
   with pytest.raises(Interrupted, match='Ctrl-C at step 2: checkpoint step 2'):
-    train.run(tiny_cfg, str(tmp_path / 'once'))
+    loop_lib.run(tiny_cfg, str(tmp_path / 'once'))
   assert os.listdir(tmp_path / 'once' / 'checkpoints') == ['2']
   presses.clear()
-  assert train.run(tiny_cfg, str(tmp_path / 'once'))['steps'] == 6  # resumes
+  assert loop_lib.run(tiny_cfg, str(tmp_path / 'once'))['steps'] == 6  # resumes
   presses[2] = 2
   with pytest.raises(KeyboardInterrupt):
-    train.run(tiny_cfg, str(tmp_path / 'twice'))
+    loop_lib.run(tiny_cfg, str(tmp_path / 'twice'))
   assert signal.getsignal(signal.SIGINT) is before  # handlers restored
 
 
@@ -152,7 +155,7 @@ def test_periodic_heldout_scores_give_a_learning_curve(tiny_cfg, tmp_path):
 
 def test_eval_equals_hand_computed_cross_entropy(tiny_cfg):
   cfg = config_lib.apply_overrides(tiny_cfg, {'eval.max_batches': 2})
-  s = train.setup(cfg)
+  s = state_lib.setup(cfg)
   got = eval_lib.evaluate(s)
   model = nnx.merge(s.graphdef, s.state['params'])
   forward = jax.jit(lambda x: model(x)[0])  # the plain model, outside the eval step (eager takes 20 s)
@@ -198,13 +201,13 @@ def test_sigterm_saves_restorable_checkpoint(corpus_glob, tmp_path):
 def test_sharded_mesh_training_matches_single_device(tiny_cfg, tmp_path):
   cfg = config_lib.apply_overrides(tiny_cfg, {'train.steps': 3, 'model.num_kv_heads': 2})
   sharded = config_lib.apply_overrides(cfg, {'mesh.data': 2, 'mesh.fsdp': 2, 'mesh.tensor': 2})
-  one = train.run(cfg, str(tmp_path / 'one'))
-  many = train.run(sharded, str(tmp_path / 'many'))
+  one = loop_lib.run(cfg, str(tmp_path / 'one'))
+  many = loop_lib.run(sharded, str(tmp_path / 'many'))
   spec = many['setup'].state['params']['blocks'][0]['attn']['wq'].sharding.spec
   assert tuple(spec)[:2] == ('fsdp', 'tensor')  # still sharded after 3 steps
   mu = many['setup'].state['opt_state'][1][0].mu['blocks'][0]['attn']['wq']  # Adam moments shard like params
   assert mu.sharding.spec == spec
-  assert train.cached_train_step(many['setup'])._cache_size() == 1  # pylint: disable=protected-access
+  assert step_lib.cached_train_step(many['setup'])._cache_size() == 1  # pylint: disable=protected-access
   a, b = _losses(tmp_path / 'one'), _losses(tmp_path / 'many')
   np.testing.assert_allclose([a[s] for s in (1, 2, 3)], [b[s] for s in (1, 2, 3)], rtol=1e-5)
   for x, y in zip(jax.tree.leaves(one['setup'].state['params']), jax.tree.leaves(many['setup'].state['params'])):
@@ -214,22 +217,22 @@ def test_sharded_mesh_training_matches_single_device(tiny_cfg, tmp_path):
 
 
 def test_runs_differing_only_in_seed_share_one_compiled_step(tiny_cfg, tmp_path, monkeypatch):
-  monkeypatch.setattr(train, '_STEP_CACHE', train.collections.OrderedDict())
-  first = train.run(tiny_cfg, str(tmp_path / 'seed0'))
-  step_fn = train.cached_train_step(first["setup"])
+  monkeypatch.setattr(step_lib, '_STEP_CACHE', step_lib.collections.OrderedDict())
+  first = loop_lib.run(tiny_cfg, str(tmp_path / 'seed0'))
+  step_fn = step_lib.cached_train_step(first["setup"])
   assert step_fn._cache_size() == 1  # pylint: disable=protected-access  (every step of a run: one executable)
   other = config_lib.apply_overrides(tiny_cfg, {'seed': 1, 'name': 'other', 'train.log_every_steps': 2})
-  second = train.run(other, str(tmp_path / 'seed1'))
-  assert train.cached_train_step(second['setup']) is step_fn
+  second = loop_lib.run(other, str(tmp_path / 'seed1'))
+  assert step_lib.cached_train_step(second['setup']) is step_fn
   assert step_fn._cache_size() == 1  # pylint: disable=protected-access  (the second seed: no new trace)
   assert _losses(tmp_path / 'seed0')[6] != _losses(tmp_path / 'seed1')[6]  # the seed is still used
   # A fresh cache gives bit-identical results: sharing the step leaks nothing between runs.
-  monkeypatch.setattr(train, '_STEP_CACHE', train.collections.OrderedDict())
-  train.run(tiny_cfg, str(tmp_path / 'again'))
+  monkeypatch.setattr(step_lib, '_STEP_CACHE', step_lib.collections.OrderedDict())
+  loop_lib.run(tiny_cfg, str(tmp_path / 'again'))
   assert _losses(tmp_path / 'again') == _losses(tmp_path / 'seed0')
   # A change that alters the step (here the optimizer) compiles a new one.
   changed = config_lib.apply_overrides(tiny_cfg, {'optim.weight_decay': 0.5})
-  assert train.step_key(changed) != train.step_key(tiny_cfg) == train.step_key(other)
+  assert step_lib.step_key(changed) != step_lib.step_key(tiny_cfg) == step_lib.step_key(other)
 
 
 def _branched(cfg, **extra):
@@ -258,7 +261,7 @@ def test_decay_branch_equals_a_separate_shorter_run_and_leaves_the_main_run_alon
 def test_decay_branch_interrupted_by_sigterm_reruns_on_resume(tiny_cfg, tmp_path, monkeypatch):
   cfg = _branched(tiny_cfg, **{'optim.decay_branches': '0.75'})
   straight = main_lib.execute(cfg, str(tmp_path / 'a'))
-  make, signals = train.make_train_step, {'sent': False}
+  make, signals = step_lib.make_train_step, {'sent': False}
 
   def terminating(*args, **kwargs):
     step_fn = make(*args, **kwargs)
@@ -271,10 +274,10 @@ def test_decay_branch_interrupted_by_sigterm_reruns_on_resume(tiny_cfg, tmp_path
       return new_state, out
     return step
 
-  monkeypatch.setattr(train, 'make_train_step', terminating)
-  monkeypatch.setattr(train, '_STEP_CACHE', train.collections.OrderedDict())
+  monkeypatch.setattr(step_lib, 'make_train_step', terminating)
+  monkeypatch.setattr(step_lib, '_STEP_CACHE', step_lib.collections.OrderedDict())
   with pytest.raises(Preempted, match='at step 4'):  # the branch is abandoned; the main state at 4 is saved
-    train.run(cfg, str(tmp_path / 'b'))
+    loop_lib.run(cfg, str(tmp_path / 'b'))
   assert not any('branch_eval_loss' in json.loads(line) for line in open(tmp_path / 'b' / 'metrics.jsonl'))
   resumed = main_lib.execute(cfg, str(tmp_path / 'b'))  # resumes at step 4 and runs the branch first
   assert [p['loss'] for p in resumed['decay_curve']] == [p['loss'] for p in straight['decay_curve']]
@@ -284,4 +287,4 @@ def test_decay_branch_interrupted_by_sigterm_reruns_on_resume(tiny_cfg, tmp_path
 def test_learning_rate_sweeps_and_run_lengths_share_one_compiled_step(tiny_cfg):
   other = config_lib.apply_overrides(tiny_cfg, {'optim.peak_learning_rate': 5e-3, 'train.steps': 9,
                                                 'optim.schedule': 'wsd', 'optim.decay_branches': '0.5'})
-  assert train.step_key(other) == train.step_key(tiny_cfg)
+  assert step_lib.step_key(other) == step_lib.step_key(tiny_cfg)

@@ -14,7 +14,7 @@ model predicts equal bytes per step at every batch size: the touched fraction 1 
 depends on s and B only).
 """
 
-from experiments import base
+from moejax import base_config as base
 
 
 def get_config(arg=None):

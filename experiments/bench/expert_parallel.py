@@ -12,7 +12,7 @@ routing, so the ratios isolate the partitioning. On fake CPU devices all 8 share
 cores: the ratio measures overhead (collectives, buffer padding, partitioning), not speed-up.
 """
 
-from experiments import base
+from moejax import base_config as base
 
 
 def get_config(arg=None):

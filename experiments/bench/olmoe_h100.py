@@ -25,7 +25,7 @@ jax.nn.dot_product_attention with cuDNN) as well: GPU work. XLA:CPU's temporarie
 only an estimate of the GPU's.
 """
 
-from experiments import base
+from moejax import base_config as base
 
 
 def get_config(arg=None):

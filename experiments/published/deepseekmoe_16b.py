@@ -4,7 +4,7 @@
 Published: 16.4B total, 2.8B active parameters. Not trained here.
 """
 
-from experiments import base
+from moejax import base_config as base
 from experiments.published import shrink
 
 ARGS = ('tiny',)  # ':tiny': the same design shrunk to train in seconds on CPU

@@ -3,7 +3,7 @@
 Published: 46.7B total, 12.9B active parameters. Not trained here.
 """
 
-from experiments import base
+from moejax import base_config as base
 from experiments.published import shrink
 
 ARGS = ('tiny',)  # ':tiny': the same design shrunk to train in seconds on CPU

@@ -4,7 +4,7 @@ Published: 6.9B total, 1.3B active parameters. Not trained here. OLMoE normalize
 query/key projections (model.qk_norm_scope='projection', 2*2048 scales per layer).
 """
 
-from experiments import base
+from moejax import base_config as base
 from experiments.published import shrink
 
 ARGS = ('tiny',)  # ':tiny': the same design shrunk to train in seconds on CPU

@@ -28,7 +28,6 @@ below the vocabulary; `verify='size'` skips the hash pass (about 1 s per GB).
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import threading
 from typing import Sequence

@@ -1,4 +1,4 @@
-"""Held-out scoring and the per-run result record (`WORKDIR/result.json`).
+"""Held-out scoring.
 
 Loss is the token-weighted mean cross-entropy in nats per target token over the whole
 fixed held-out stream (every held-out token is a target exactly once; document
@@ -9,11 +9,7 @@ costs are charged to the bytes and the number is comparable across tokenizers.
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import platform
-import subprocess
 from typing import Any
 
 import jax
@@ -21,14 +17,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from moejax import files
 from moejax import accounting, data, routing
-from moejax.train import checkpoint
-from moejax.parallel import distributed
 from moejax.parallel import mesh as mesh_lib
-from moejax.train import metrics as metrics_lib
-from moejax.errors import CheckpointError
-from moejax.train.loop import Setup, cached, token_nll
+from moejax.train.state import Setup
+from moejax.train.step import cached, token_nll
 
 
 EVAL_ROUTING = ('expert_counts', 'drop_fraction', 'router_entropy', 'ep_drop_fraction')
@@ -101,97 +93,3 @@ def routing_summary(cfg, sums: dict[str, np.ndarray], batches: int) -> dict[str,
                       if 'ep_drop_fraction' in sums else {}),
                    'router_entropy': float(sums['router_entropy'][i] / batches)})
   return {'layers': layers, **accounting.measured_active(cfg, counts.tolist())}
-
-
-def restore_state(s: Setup, workdir: str) -> tuple[int, dict]:
-  """(step, state) of the latest checkpoint in `workdir`."""
-  ckpt = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'), use_async=False)
-  try:
-    restored = ckpt.restore_latest(checkpoint.abstract(s.state), move_aside=False)
-  finally:
-    ckpt.close()
-  if restored is None:
-    raise CheckpointError(f'no checkpoint in {workdir}/checkpoints to evaluate')
-  return restored[0], restored[1]
-
-
-def git_revision() -> str | None:
-  """The moejax source tree's git revision, or None outside a git checkout."""
-  try:
-    out = subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=os.path.dirname(os.path.abspath(__file__)),
-                         capture_output=True, text=True, timeout=10, check=True)
-    return out.stdout.strip() or None
-  except (OSError, subprocess.SubprocessError):
-    return None
-
-
-def learning_curve(workdir: str | None, prefix: str = 'eval_') -> list[dict]:
-  """[{'step', 'tokens', 'loss', 'bits_per_byte'}] of held-out scores in WORKDIR/metrics.jsonl.
-
-  prefix 'eval_': the periodic scores of the main run (`eval.every_steps`); 'branch_eval_':
-  the decay branches (`optim.decay_branches`), at the step each branch ends.
-  """
-  path = os.path.join(workdir, 'metrics.jsonl') if workdir else None
-  if not path or not os.path.exists(path):
-    return []
-  curve = {}
-  with open(path) as f:
-    for line in f:
-      try:
-        row = json.loads(line)
-      except ValueError:
-        continue  # a line cut by a crash mid-write
-      if prefix + 'loss' in row:  # a resumed run may repeat a step: the last score wins
-        curve[row['step']] = {'step': row['step'], 'tokens': row.get('tokens'), 'loss': row[prefix + 'loss'],
-                              'bits_per_byte': row.get(prefix + 'bits_per_byte')}
-  return [curve[k] for k in sorted(curve)]
-
-
-def decay_curve(cfg, eval_metrics: dict, train_summary: dict, workdir: str | None) -> list[dict]:
-  """Loss versus run length of a WSD run: its decay branches, then the finished run itself; [] otherwise."""
-  if cfg.optim.schedule != 'wsd' or train_summary.get('steps') != cfg.train.steps:
-    return []
-  final = {'step': cfg.train.steps, 'tokens': train_summary.get('tokens'), 'loss': eval_metrics['loss'],
-           'bits_per_byte': eval_metrics['bits_per_byte']}
-  return [p for p in learning_curve(workdir, 'branch_eval_') if p['step'] < cfg.train.steps] + [final]
-
-
-def result_record(s: Setup, eval_metrics: dict, train_summary: dict, config_changes: list | None = None,
-                  workdir: str | None = None) -> dict:
-  """The result.json record of one run (with the workdir's deliberate config changes and learning curve)."""
-  return metrics_lib.to_jsonable({
-      'config_changes': config_changes or [],
-      'eval_curve': learning_curve(workdir),
-      'decay_curve': decay_curve(s.cfg, eval_metrics, train_summary, workdir),
-      'name': s.cfg.name,
-      'config': json.loads(s.cfg.to_json_best_effort()),
-      'accounting': s.accounting,
-      'data': s.corpus.metadata(),
-      'eval': {k: v for k, v in eval_metrics.items() if k != 'routing'},
-      'routing': eval_metrics.get('routing'),
-      'train': {k: v for k, v in train_summary.items() if k in ('steps', 'tokens', 'wall_s')},
-      'git': git_revision(),
-      'platform': {'backend': jax.default_backend(), 'device_kind': jax.devices()[0].device_kind,
-                   'device_count': jax.device_count(), 'jax': jax.__version__, 'numpy': np.__version__,
-                   'python': platform.python_version(), 'host_cpu': host_cpu()},
-  })
-
-
-def host_cpu() -> str | None:
-  """The host CPU model: XLA:CPU compiles for the host's instruction set, so float results follow it."""
-  try:
-    with open('/proc/cpuinfo') as f:
-      for line in f:
-        if line.startswith('model name'):
-          return line.split(':', 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or None
-
-
-def write_result(workdir: str, record: dict) -> str:
-  """Writes WORKDIR/result.json atomically (the leader process only); returns its path."""
-  path = os.path.join(workdir, 'result.json')
-  if distributed.is_leader():
-    files.atomic_write(path, json.dumps(record, indent=2, sort_keys=True) + '\n')
-  return path

@@ -1,243 +1,36 @@
-"""The train step (pure, jitted, donated) and the loop around it.
+"""The training loop around the train step.
 
 The loop resumes from the latest checkpoint (state, step and data-iterator position),
 saves every `checkpoint.every_steps` and at the end, turns SIGTERM into a saved
 checkpoint plus `Preempted`, and stops with `NonFiniteLossError` on a NaN/inf loss
 without ever saving the bad state. With `optim.decay_branches` it also runs the WSD decay
-branches (`optim.py`): at a branch's decay start it copies the state, decays it on the
+branches (`moejax/train/optim.py`): at a branch's decay start it copies the state, decays it on the
 batches the main run is about to see (the data iterator is rewound afterwards), scores the
 held-out set and drops the copy, so one run gives the loss of several run lengths.
 """
 
 from __future__ import annotations
 
-import collections
-import dataclasses
-import json
 import logging
-import math
 import os
 import signal
 import sys
 import time
-from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
-from flax import nnx
 
-from moejax import files
-from moejax import accounting, data
-from moejax.train import checkpoint
+from moejax import data, files
+from moejax.errors import DataError, Interrupted, NonFiniteLossError, Preempted
 from moejax.parallel import distributed
 from moejax.parallel import mesh as mesh_lib
-from moejax.train import metrics as metrics_lib
-from moejax.model import transformer as model_lib
-from moejax.model import moe as moe_lib
-from moejax.train import optim
+from moejax.train import checkpoint, evaluate as eval_lib, metrics as metrics_lib, optim
 from moejax.train import workdir as workdir_lib
-from moejax.errors import DataError, Interrupted, NonFiniteLossError, Preempted
+from moejax.train.state import Setup, setup
+from moejax.train.step import cached_train_step
 
 log = logging.getLogger(__name__)
-
-
-def token_nll(logits_BLV: jax.Array, targets_BL: jax.Array) -> jax.Array:
-  """Per-token negative log-likelihood in nats (float32)."""
-  return optax.softmax_cross_entropy_with_integer_labels(logits_BLV.astype(jnp.float32), targets_BL)
-
-
-ROUTING_METRICS = ('expert_counts', 'load_max_over_mean', 'load_cv', 'dead_experts', 'drop_fraction', 'ep_drop_fraction',
-                   'router_entropy', 'bias_abs_mean', 'aux_loss_per_layer', 'z_loss_per_layer')
-
-
-def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation, cfg,
-                    state_shardings: Any = None, mesh=None) -> Callable:
-  """Returns step(state, tokens_BL1, seed, lr) -> (state, metrics); the state buffers are donated.
-
-  `seed` (the run's `cfg.seed`, int32) and `lr` (this step's learning rate, float32) are
-  traced scalars, so one compiled step serves every seed, schedule and run length of a
-  configuration; see `cached_train_step`. `optimizer` is `optim.make` (unit learning rate). `state_shardings` (from `shardings(state)`)
-  pins the new state to the shardings the state came in with. With `mesh`, the step is traced
-  under `jax.set_mesh(mesh)` (the MoE layers find the expert axis there) and its metrics are
-  replicated, so every process can read them.
-
-  The state is {'params', 'buffers', 'opt_state', 'step'}; only params get gradients. With
-  load_balancing='aux_free' the expert biases in 'buffers' move after each step from that
-  step's pre-drop expert counts (over the global batch).
-  """
-  moe_cfg = cfg.moe
-  balance_coef = moe_lib.balance_coefficient(moe_cfg)
-
-  def loss_fn(params, buffers, tokens_BL1, rng):
-    logits_BLV, aux = nnx.merge(graphdef, params, buffers)(tokens_BL1[:, :-1], train=True, rng=rng)
-    ce = jnp.mean(token_nll(logits_BLV, tokens_BL1[:, 1:]))
-    loss = ce + balance_coef * aux['aux_loss'] + moe_cfg.z_loss_coef * aux['z_loss']
-    return loss, (ce, aux)
-
-  def step(state, tokens_BL1, seed, lr):
-    rng = jax.random.fold_in(jax.random.key(seed), state['step'])
-    (loss, (ce, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state['params'], state['buffers'], tokens_BL1, rng)
-    updates, opt_state = optimizer.update(grads, state['opt_state'], state['params'])
-    lr = jnp.asarray(lr, jnp.float32)
-    updates = jax.tree.map(lambda u: (lr * u).astype(u.dtype), updates)
-    params = optax.apply_updates(state['params'], updates)
-    buffers = state['buffers']
-    if moe_cfg.load_balancing == 'aux_free' and 'expert_counts' in aux:
-      buffers = moe_lib.update_expert_biases(buffers, aux['expert_counts'], moe_cfg.bias_update_rate)
-    out = {'loss': loss, 'ce': ce, 'aux_loss': aux['aux_loss'], 'z_loss': aux['z_loss'],
-           'grad_norm': optax.tree.norm(grads), 'learning_rate': lr}
-    out.update({k: aux[k] for k in ROUTING_METRICS if k in aux})
-    new_state = {'params': params, 'buffers': buffers, 'opt_state': opt_state, 'step': state['step'] + 1}
-    # Keep every leaf on the sharding it came in with, so step n+1 reuses step n's executable
-    # and parameters never silently become replicated.
-    if state_shardings is not None:
-      new_state = jax.lax.with_sharding_constraint(new_state, state_shardings)
-    if mesh is not None:
-      out = jax.lax.with_sharding_constraint(out, mesh_lib.replicated(mesh))
-    return new_state, out
-
-  return mesh_lib.under_mesh(jax.jit(step, donate_argnums=0), mesh)
-
-
-def shardings(tree: Any) -> Any:
-  """The sharding of every array leaf."""
-  return jax.tree.map(lambda x: x.sharding, tree)
-
-
-# Fields that never change what the train or eval step computes: runs that differ only in
-# these share one compiled step (a sweep over seeds, learning rates or run lengths compiles once).
-_NOT_IN_STEP = ('name', 'seed', 'data.seed', 'train.steps', 'optim.peak_learning_rate', 'optim.warmup_fraction',
-                'optim.schedule', 'optim.decay_fraction', 'optim.final_lr_fraction', 'optim.decay_branches', 'data.source', 'data.heldout_bytes', 'data.heldout_max_fraction',
-                'data.binary_documents', 'data.tfds_split', 'data.tfds_text_key', 'data.tfds_data_dir', 'data.tokenizer',
-                'data.separator_token', 'data.tokenizer_train_bytes', 'data.text_field', 'data.cache_dir',
-                'data.verify_store', 'data.read_threads', 'data.prefetch_batches', 'checkpoint', 'eval',
-                'distributed', 'train.log_every_steps', 'train.peak_tflops')
-_STEP_CACHE: collections.OrderedDict = collections.OrderedDict()
-_STEP_CACHE_SIZE = 8
-
-
-def step_key(cfg) -> str:
-  """The part of a config that determines the compiled train step, as canonical JSON."""
-  tree = cfg.to_dict()
-  for dotted in _NOT_IN_STEP:
-    *parents, leaf = dotted.split('.')
-    node = tree
-    for p in parents:
-      node = node.get(p, {})
-    node.pop(leaf, None)
-  return json.dumps(tree, sort_keys=True, default=str)
-
-
-def cached(kind: str, cfg, build: Callable[[], Callable]) -> Callable:
-  """`build()` once per (kind, step_key(cfg)); the last few are kept (LRU)."""
-  key = (kind, step_key(cfg))
-  if key in _STEP_CACHE:
-    _STEP_CACHE.move_to_end(key)
-    return _STEP_CACHE[key]
-  fn = _STEP_CACHE[key] = build()
-  while len(_STEP_CACHE) > _STEP_CACHE_SIZE:
-    _STEP_CACHE.popitem(last=False)
-  return fn
-
-
-def cached_train_step(s: 'Setup') -> Callable:
-  """The jitted train step for `s.cfg`, shared with earlier runs whose step_key is equal."""
-  cfg = s.cfg
-  return cached('train', cfg, lambda: make_train_step(s.graphdef, optim.make(cfg.optim), cfg, shardings(s.state),
-                                                      s.mesh))
-
-
-@dataclasses.dataclass
-class Setup:
-  """Everything a run builds from its config before the first step."""
-  cfg: Any
-  mesh: jax.sharding.Mesh
-  graphdef: nnx.GraphDef
-  state: dict
-  corpus: data.Corpus
-  accounting: dict
-
-
-def _placed(cfg, mesh, param_state, buffer_state, abstract: bool = False) -> dict:
-  """The sharded train state: arrays on their devices, or (abstract) ShapeDtypeStructs carrying the shardings."""
-  put = _abstract if abstract else jax.device_put
-  param_sh = mesh_lib.param_shardings(param_state, mesh)
-  replicated = mesh_lib.replicated(mesh)
-  params = put(nnx.to_pure_dict(param_state), param_sh)
-  buffers = put(nnx.to_pure_dict(buffer_state), mesh_lib.param_shardings(buffer_state, mesh))
-  optimizer = optim.make(cfg.optim)
-  # Adam moments shard like their parameters; counters are replicated.
-  opt_sh = optax.tree_map_params(optimizer, lambda _, sh: sh, jax.eval_shape(optimizer.init, params), param_sh,
-                                 transform_non_params=lambda _: replicated)
-  opt_state = (put(jax.eval_shape(optimizer.init, params), opt_sh) if abstract
-               else jax.jit(optimizer.init, out_shardings=opt_sh)(params))
-  return {'params': params, 'buffers': buffers, 'opt_state': opt_state,
-          'step': put(jnp.zeros((), jnp.int32), replicated)}
-
-
-def abstract_state(cfg) -> tuple[nnx.GraphDef, dict]:
-  """(graphdef, train state as ShapeDtypeStructs with shardings) of cfg, allocating nothing: a restore target."""
-  mesh = _make_mesh(cfg)
-  graphdef, param_state, buffer_state = model_lib.split(nnx.eval_shape(lambda: model_lib.build(cfg)))
-  return graphdef, _placed(cfg, mesh, param_state, buffer_state, abstract=True)
-
-
-def _make_mesh(cfg):
-  mesh = mesh_lib.make_mesh(cfg.mesh)
-  mesh_lib.check_batch(cfg.train.batch_size, mesh, 'train.batch_size')  # (a -1 mesh axis resolves only here)
-  mesh_lib.check_batch(cfg.eval.batch_size, mesh, 'eval.batch_size')
-  return mesh
-
-
-def setup(cfg, corpus: data.Corpus | None = None) -> Setup:
-  """Builds mesh, model, sharded params and optimizer state for a validated config."""
-  corpus = corpus or data.corpus_from_config(cfg.data)
-  data.check_vocab(cfg, corpus)
-  mesh = _make_mesh(cfg)
-  t0 = time.time()
-  graphdef, param_state, buffer_state = model_lib.split(model_lib.build(cfg))
-  state = _placed(cfg, mesh, param_state, buffer_state)
-  acc = accounting.count(cfg)
-  log.info('model %s: N_total %s, N_active %s, built on mesh %s in %.1f s', cfg.name, accounting.human(acc['n_total']),
-           accounting.human(acc['n_active']), dict(mesh.shape), time.time() - t0)
-  return Setup(cfg, mesh, graphdef, state, corpus, acc)
-
-
-def _abstract(tree, shardings):
-  return jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), tree, shardings)
-
-
-def compile_step(cfg) -> dict:
-  """Lowers and compiles the train step for cfg's mesh without allocating the model or reading data.
-
-  Returns the per-device memory analysis in bytes: state (arguments), temporaries, and the
-  peak estimate arguments + outputs - donated aliases + temporaries; plus compile time.
-  """
-  mesh = _make_mesh(cfg)
-  graphdef, param_state, buffer_state = model_lib.split(nnx.eval_shape(lambda: model_lib.build(cfg)))
-  state = _placed(cfg, mesh, param_state, buffer_state, abstract=True)
-  step = make_train_step(graphdef, optim.make(cfg.optim), cfg, shardings(state), mesh)
-  tokens = jax.ShapeDtypeStruct((cfg.train.batch_size, cfg.data.seq_len + 1), jnp.int32,
-                                sharding=mesh_lib.batch_sharding(mesh, 2))
-  start = time.time()
-  compiled = step.lower(state, tokens, jax.ShapeDtypeStruct((), jnp.int32),
-                        jax.ShapeDtypeStruct((), jnp.float32)).compile()
-  seconds = time.time() - start
-  m = compiled.memory_analysis()
-  per_device = lambda tree: sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
-                                for x in jax.tree.leaves(tree))
-  report = {'mesh': dict(mesh.shape), 'devices': mesh.size, 'platform': jax.default_backend(),
-            'compile_s': seconds, 'params_bytes': per_device(state['params']),
-            'optimizer_bytes': per_device(state['opt_state'])}
-  if m is not None:
-    report.update(argument_bytes=m.argument_size_in_bytes, output_bytes=m.output_size_in_bytes,
-                  alias_bytes=m.alias_size_in_bytes, temp_bytes=m.temp_size_in_bytes,
-                  peak_bytes=m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
-                  + m.temp_size_in_bytes)
-  return report
 
 
 class _StopSignals:
@@ -425,7 +218,6 @@ class _Loop:
 
   def _branch(self, end: int, stop) -> None:
     """Decays a copy of the state from this step to `end` on the main run's next batches, scores it, rewinds."""
-    from moejax.train import evaluate as eval_lib  # pylint: disable=import-outside-toplevel  (eval imports this module)
     t0, start = time.time(), self.step
     lrs = optim.learning_rates(self.cfg.optim, self.cfg.train.steps, end)
     position = self.data_iter.get_state()
@@ -466,7 +258,6 @@ class _Loop:
     self.progress.log(self.step, scalars)
 
   def _score(self) -> None:
-    from moejax.train import evaluate as eval_lib  # pylint: disable=import-outside-toplevel  (eval imports this module)
     t0 = time.time()
     result = eval_lib.evaluate(self.s, self.state)
     self.writer.write(self.step, {'eval_loss': result['loss'], 'eval_bits_per_byte': result['bits_per_byte'],

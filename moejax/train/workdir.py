@@ -8,7 +8,7 @@ Files (see docs/reliability.md):
                     the kernel when that process ends, even on SIGKILL)
 
 A rerun, or `--mode=eval`, with a configuration that differs from config.json in any key
-outside `PLUMBING` is refused with one line naming the differing keys, unless the caller
+outside `config.RUN_NEUTRAL_KEYS` is refused with one line naming the differing keys, unless the caller
 passes `allow_change=True` (`--allow_config_change`); the change is then recorded in
 provenance.json and, through `changes()`, in result.json. A workdir that holds no
 checkpoint and no result has trained nothing, so a new configuration simply claims it.
@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import datetime
 import fcntl
-import hashlib
 import json
 import os
 import socket
@@ -29,34 +28,22 @@ from moejax import files
 from moejax import config as config_lib
 from moejax.errors import ConfigMismatch, WorkdirBusy, WorkdirError
 
-# Keys that never change what a run computes or how its result is labelled: how it was
-# launched, how often it logs and saves, and how the devices are arranged (checkpoints
-# restore onto any mesh; results agree to float32 rounding, see docs/scaling-out.md).
-PLUMBING = ('distributed.', 'checkpoint.', 'mesh.', 'train.log_every_steps', 'train.peak_tflops', 'eval.every_steps',
-            'data.cache_dir', 'data.verify_store', 'data.read_threads', 'data.prefetch_batches', 'data.tfds_data_dir')
-
-
-def _is_plumbing(key: str) -> bool:
-  return any(key == p or (p.endswith('.') and key.startswith(p)) for p in PLUMBING)
-
-
 def _flat(cfg) -> dict[str, Any]:
   return config_lib.flatten(json.loads(cfg.to_json_best_effort()))
 
 
 def config_hash(flat: dict[str, Any]) -> str:
-  """sha256 (12 hex digits) of a flattened config without its PLUMBING keys."""
-  kept = {k: v for k, v in flat.items() if not _is_plumbing(k)}
-  return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:12]
+  """The workdir's binding hash: `config.config_hash` without the run-neutral keys (12 hex digits)."""
+  return config_lib.config_hash(flat)
 
 
 def differences(old: dict[str, Any], new: dict[str, Any]) -> dict[str, list]:
-  """{key: [old, new]} for the non-PLUMBING keys both configs have and that differ.
+  """{key: [old, new]} for the keys outside `config.RUN_NEUTRAL_KEYS` both configs have and that differ.
 
   Keys present on one side only (added to moejax after the workdir was started) are not compared.
   """
   same = lambda a, b: json.dumps(a, sort_keys=True, default=str) == json.dumps(b, sort_keys=True, default=str)
-  return {k: [old[k], new[k]] for k in sorted(set(old) & set(new)) if not _is_plumbing(k) and not same(old[k], new[k])}
+  return {k: [old[k], new[k]] for k in sorted(set(old) & set(new)) if not config_lib.key_in(k, config_lib.RUN_NEUTRAL_KEYS) and not same(old[k], new[k])}
 
 
 def prepare(workdir: str, index: int = 0) -> None:
@@ -135,7 +122,6 @@ def bind(workdir: str, cfg, mode: str = 'train', allow_change: bool = False, wri
   nothing to do. Another configuration: ConfigMismatch naming the keys, or with `allow_change`
   a recorded change. `write=False` (non-leader processes) checks without writing.
   """
-  from moejax.train import metrics as metrics_lib  # pylint: disable=import-outside-toplevel  (metrics imports jax)
   flat = _flat(cfg)
   config_path, prov_path = os.path.join(workdir, 'config.json'), os.path.join(workdir, 'provenance.json')
   stored = _read_json(config_path)

@@ -2,7 +2,7 @@
 
 import os
 
-from experiments import base
+from moejax import base_config as base
 from moejax import config as config_lib, data
 
 

@@ -1,6 +1,6 @@
 """Paper A (Liew et al. 2026): at fixed memory, loss follows N_total and sparsity s = E/k.
 
-Grids (SCIENCE.md §4; `--config=experiments/paper_a.py:SCALE[,GRID...]`). Every point runs
+Grids (docs/reproducing-the-papers.md; `--config=experiments/paper_a.py:SCALE[,GRID...]`). Every point runs
 at the scale's seeds with the protocol of experiments/papers.py (top-k >= 2 everywhere).
   A1   s at fixed N_total and core: E and expert size fixed, top-k varied (s = 16 .. 2).
        Claim C-A1: loss rises monotonically with s.

@@ -1,6 +1,6 @@
 """Paper B ("Slicing and Dicing", 2026): at fixed active parameters, what the MoE design space buys.
 
-Grids (SCIENCE.md §4; `--config=experiments/paper_b.py:SCALE[,GRID...]`). Every point runs
+Grids (docs/reproducing-the-papers.md; `--config=experiments/paper_b.py:SCALE[,GRID...]`). Every point runs
 at the scale's seeds (papers.SCALES) with the protocol of experiments/papers.py; points of a
 grid differ only in the variables its claim names.
   LR   the learning-rate sweep: anchor configurations (dense, the B1 centre, the largest E,

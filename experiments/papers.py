@@ -1,6 +1,6 @@
 """Shared pieces of the paper grids (experiments/paper_a.py, experiments/paper_b.py).
 
-The protocol (SCIENCE.md §4; docs/reproducing-the-papers.md says why each rule is there):
+The protocol (docs/reproducing-the-papers.md says why each rule is there):
 - Gates: softmax top-k, renormalized over the k selected experts and multiplied by
   routed_scaling_factor = k. Every selected expert's gate is then about 1 whatever k is, and
   at gates of exactly 1 a top-k layer of experts of width d_exp computes a SwiGLU of width

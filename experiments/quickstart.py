@@ -12,7 +12,7 @@ dominated (measured on a 2-core CPU: dense 2.172, E16 2.256, E64 2.351 nats/toke
 versus E16 2.059, E64 2.032 renormalized).
 
 Run:   make run   (= python -m moejax.sweep --config=experiments/quickstart.py --root=runs/quickstart)
-Cost:  about 7 minutes of training on a busy 2-core CPU in all (1.5-2 min per point; measured 2026-12-02).
+Cost:  about 4 minutes of training on a 2-core CPU in all (50-60 s per point; measured 2026-12-06, see README.md).
 """
 
 from moejax import base_config as base

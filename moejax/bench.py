@@ -49,7 +49,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from moejax import accounting, cli, config as config_lib, data
+from moejax import cli, config as config_lib, data
+from moejax.model import accounting
 from moejax.parallel import mesh as mesh_lib
 from moejax.train import optim
 from moejax.train import state as state_lib

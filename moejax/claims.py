@@ -47,7 +47,8 @@ import numpy as np
 from absl import app, flags
 
 from moejax import files
-from moejax import accounting, config as config_lib, report, results, scaling
+from moejax import config as config_lib, report, results, scaling
+from moejax.model import accounting
 from moejax.train import metrics as metrics_lib
 from moejax.errors import DataError
 
@@ -731,7 +732,7 @@ def compute_summary(rows: list[dict]) -> str:
   flops = sum((r.get('flops_per_token') or 0) * (r.get('tokens') or 0) * r['seeds'] for r in rows)
   return (f'Compute: {runs} runs, {wall / 3600:.2f} h of training wall time (summed `train.wall_s`, which includes '
           f'compilation, decay branches and their held-out scoring), {flops:.3g} training FLOPs (6 N_active-style '
-          'accounting, `moejax.accounting`).')
+          'accounting, `moejax.model.accounting`).')
 
 
 def scaling_rows(rows: list[dict]) -> list[dict]:

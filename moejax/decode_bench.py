@@ -35,7 +35,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from moejax import accounting, config as config_lib
+from moejax import config as config_lib
+from moejax.model import accounting
 from moejax.inference import decode
 from moejax.inference import cost as decode_cost
 

@@ -22,8 +22,8 @@ GiB, TiB), converted with --dtype: `weights` counts N_total (embeddings included
 `inference` adds the KV cache of --kv_batch sequences of --seq_len tokens; `training` is
 16 bytes per parameter whatever --dtype says (TRAINING_BYTES_PER_PARAM: moejax keeps float32
 master parameters, float32 gradients and two float32 Adam moments; activations not included). Forward FLOPs per
-token follow moejax.accounting (matmuls of the active parameters plus attention at
---seq_len). Counts follow moejax.accounting exactly; the vocabulary, tied embeddings,
+token follow moejax.model.accounting (matmuls of the active parameters plus attention at
+--seq_len). Counts follow moejax.model.accounting exactly; the vocabulary, tied embeddings,
 QK-norm and shared-expert gate come from --config.
 
 The decode budget prices inference by memory traffic, the bound at decode: the bytes one decode
@@ -47,7 +47,8 @@ import numpy as np
 from absl import app, flags
 
 from moejax import files
-from moejax import accounting, cli, config as config_lib
+from moejax import cli, config as config_lib
+from moejax.model import accounting
 from moejax.inference import cost as decode_cost
 from moejax.train import metrics as metrics_lib
 from moejax.cli import parse_amount
@@ -156,7 +157,7 @@ def enumerate_designs(space: Space) -> dict[str, np.ndarray]:
   total_nonembed = L * (attn + norms + ffn_total) + d
   active_nonembed = L * (attn + norms + ffn_active) + d
   active_matmul = active_nonembed - d - L * norms + V * d
-  flops = 2 * active_matmul + 4 * L * h * dh * space.seq_len  # (as moejax.accounting: no causal halving)
+  flops = 2 * active_matmul + 4 * L * h * dh * space.seq_len  # (as moejax.model.accounting: no causal halving)
   return {'layers': L, 'width': d, 'heads': h, 'kv_heads': hkv, 'expert_hidden': f, 'granularity': g,
           'experts': e, 'topk': k, 'shared': sh, 'n_total': total_nonembed + embed,
           'n_active': active_nonembed + embed, 'flops': flops}

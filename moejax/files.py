@@ -81,20 +81,21 @@ def atomic_write_json(path: str, value: Any, *, indent: int | None = 1, sort_key
   atomic_write(path, json.dumps(value, indent=indent, sort_keys=sort_keys) + '\n')
 
 
-def read_json(path: str, what: str, error: type[MoejaxError] = DataError, *,
-              object_only: bool = True) -> Any:
-  """Reads a JSON file or raises `error` with one line naming `what`, the path and the cause."""
+def read_json(path: str, what: str, error: type[MoejaxError] = DataError, *, object_only: bool = True,
+              hint: str = '') -> Any:
+  """Reads a JSON file or raises `error` with one line naming `what`, the path, the cause (and `hint`)."""
+  tail = f'; {hint}' if hint else ''
   try:
     with open(path) as f:
       value = json.load(f)
   except FileNotFoundError:
-    raise error(f'{what} {path} does not exist') from None
+    raise error(f'{what} {path} does not exist{tail}') from None
   except OSError as e:
-    raise error(f'{what} {path} cannot be read: {e.strerror or e}') from None
+    raise error(f'{what} {path} cannot be read: {e.strerror or e}{tail}') from None
   except ValueError as e:
-    raise error(f'{what} {path} is not valid JSON ({e})') from None
+    raise error(f'{what} {path} is not valid JSON ({e}){tail}') from None
   if object_only and not isinstance(value, dict):
-    raise error(f'{what} {path} is not a JSON object')
+    raise error(f'{what} {path} is not a JSON object{tail}')
   return value
 
 

@@ -15,97 +15,15 @@ Any bad input ends with one line `moejax: error: ...` on stderr and a non-zero e
 
 from __future__ import annotations
 
-import contextlib
-import logging
 import sys
 
 from absl import app, flags
 
-from moejax import cli, config as config_lib
-from moejax.errors import ConfigError, MoejaxError, WorkdirError
+from moejax import cli
+from moejax.errors import MoejaxError
+from moejax.train.run import compile_check, execute
 
 FLAGS = flags.FLAGS
-log = logging.getLogger('moejax.main')  # (not __name__: run as -m it is '__main__')
-
-
-def execute(cfg, workdir: str, mode: str = 'train', allow_config_change: bool = False) -> dict:
-  """Validates `cfg`, trains (mode 'train') and scores it; writes and returns the result record.
-
-  The workdir is locked for the whole call and bound to cfg's configuration (`moejax.train.workdir`).
-  """
-  config_lib.validate(cfg)
-  # jax, flax and orbax load only now, so bad flags and configs fail in a fraction of a second.
-  import jax  # pylint: disable=import-outside-toplevel
-  from moejax import data
-  from moejax.parallel import distributed
-  from moejax.train import evaluate as eval_lib, loop as loop_lib, record as record_lib, restore as restore_lib
-  from moejax.train import state as state_lib
-  from moejax.train import workdir as workdir_lib  # pylint: disable=import-outside-toplevel
-  distributed.initialize(cfg.distributed)  # before anything touches a device
-  leader = distributed.is_leader()
-  workdir_lib.prepare(workdir, jax.process_index())
-  with contextlib.ExitStack() as stack:
-    error = None
-    try:  # process 0 takes the lock; every process checks the binding (process 0 records it)
-      stack.enter_context(workdir_lib.lock(workdir, enabled=leader))
-      changes = workdir_lib.bind(workdir, cfg, mode, allow_config_change, write=leader)
-    except MoejaxError as e:
-      error = e
-    if distributed.any_process(error is not None):  # all stop together, or the others hang in collectives
-      raise error or WorkdirError(f'another process of this run could not take or bind workdir {workdir}')
-    corpus = data.corpus_from_config(cfg.data)
-    s = state_lib.setup(cfg, corpus)
-    if mode == 'train':
-      summary = loop_lib.run(cfg, workdir, built=s)
-      state = s.state
-    else:
-      step, state = restore_lib.restore_state(s, workdir)
-      summary = {'steps': step, 'tokens': step * cfg.train.batch_size * cfg.data.seq_len, 'wall_s': None}
-    log.info('scoring the held-out split')
-    record = record_lib.result_record(s, eval_lib.evaluate(s, state), summary, changes, workdir)
-    record_lib.write_result(workdir, record)
-  log.info('%s: held-out loss %.4f nats/token (%.4f bits/byte) over %d tokens', cfg.name,
-           record['eval']['loss'], record['eval']['bits_per_byte'], record['eval']['tokens'])
-  return record
-
-
-def _gb(n: float) -> str:
-  return f'{n / 1e9:.3f} GB'
-
-
-def compile_check(cfg, device_memory: str | None) -> int:
-  """--mode=compile: prints the memory report; returns the exit code (0 fits or unknown, 1 does not fit)."""
-  config_lib.validate(cfg)
-  import jax  # pylint: disable=import-outside-toplevel
-  from moejax.parallel import distributed
-  from moejax.train import state as state_lib  # pylint: disable=import-outside-toplevel
-  distributed.initialize(cfg.distributed)
-  limit = None
-  if device_memory:
-    limit, is_bytes = cli.parse_amount(device_memory)
-    if not is_bytes:
-      raise ConfigError(f'--device_memory={device_memory} needs a unit, e.g. 80GB or 16GiB')
-  r = state_lib.compile_step(cfg)
-  if limit is None:
-    stats = getattr(jax.devices()[0], 'memory_stats', lambda: None)() or {}
-    limit = stats.get('bytes_limit')
-  print(f'{cfg.name}: train step compiled for mesh {r["mesh"]} ({r["devices"]} {r["platform"]} devices) '
-        f'in {r["compile_s"]:.1f} s')
-  print(f'  per device: params {_gb(r["params_bytes"])}, optimizer state {_gb(r["optimizer_bytes"])}')
-  if 'peak_bytes' not in r:
-    print('  the compiler gave no memory analysis on this platform')
-    return 0
-  print(f'  arguments {_gb(r["argument_bytes"])}, outputs {_gb(r["output_bytes"])} '
-        f'(donated {_gb(r["alias_bytes"])}), temporaries {_gb(r["temp_bytes"])}')
-  if limit is None:
-    print(f'  peak {_gb(r["peak_bytes"])} per device; fits: unknown (pass --device_memory=80GB)')
-    return 0
-  fits = r['peak_bytes'] <= limit
-  print(f'  peak {_gb(r["peak_bytes"])} of {_gb(limit)} per device: {"fits" if fits else "DOES NOT FIT"}')
-  if not fits:
-    print(f'moejax: error: {cfg.name} needs {_gb(r["peak_bytes"])} per device, over {_gb(limit)}; '
-          'use more devices (mesh.fsdp / mesh.expert) or a smaller batch', file=sys.stderr)
-  return 0 if fits else 1
 
 
 def _main(argv):

@@ -25,7 +25,8 @@ import sys
 from absl import app, flags
 
 from moejax import files
-from moejax import accounting, results
+from moejax import results
+from moejax.model import accounting
 from moejax.train import metrics as metrics_lib
 from moejax.errors import DataError, WorkdirError
 

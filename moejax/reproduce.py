@@ -11,14 +11,15 @@ deterministic, so the difference is exactly zero.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 
 import jax
 from absl import app, flags
 
-from moejax import base_config, cli, config as config_lib, data, main as main_lib
+from moejax import base_config, cli, config as config_lib, data, files
+
+from moejax.train import run as run_lib
 from moejax.errors import ConfigError, DataError
 
 FLAGS = flags.FLAGS
@@ -26,11 +27,7 @@ FLAGS = flags.FLAGS
 
 def load_record(path: str) -> dict:
   """Reads a result.json; raises ConfigError with one line when it is missing or incomplete."""
-  try:
-    with open(path) as f:
-      record = json.load(f)
-  except (OSError, json.JSONDecodeError) as e:
-    raise ConfigError(f'cannot read result record {path}: {e}') from None
+  record = files.read_json(path, 'result record', ConfigError)
   missing = [k for k in ('config', 'data', 'eval') if k not in record]
   if missing:
     raise ConfigError(f'{path} is not a complete result record (missing {missing})')
@@ -52,7 +49,7 @@ def reproduce(path: str, workdir: str) -> tuple[float, float]:
                     f'trained on {record["data"]["fingerprint"][:12]}; refusing to compare')
   if os.path.exists(os.path.join(workdir, 'result.json')):
     raise ConfigError(f'{workdir}/result.json exists; reproduce into a new --workdir')
-  new = main_lib.execute(cfg, workdir)
+  new = run_lib.execute(cfg, workdir)
   return record['eval']['loss'], new['eval']['loss']
 
 

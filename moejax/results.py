@@ -31,7 +31,8 @@ from absl import app, flags
 from etils import epath
 
 from moejax import files
-from moejax import accounting, config as config_lib
+from moejax import config as config_lib
+from moejax.model import accounting
 from moejax.errors import ConfigError, DataError, MoejaxError
 
 FLAGS = flags.FLAGS

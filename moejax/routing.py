@@ -1,4 +1,4 @@
-"""Routing math as pure functions (SCIENCE.md §2). All of it runs in float32.
+"""Routing math as pure functions (docs/moe.md, "Load balancing"). All of it runs in float32.
 
 Steps of one MoE layer, as `moejax.model.moe.MoE` calls them:
   1. `router_scores`: softmax over all E experts (Switch/OLMoE/Mixtral) or an independent
@@ -24,8 +24,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-
-SCORE_FUNCTIONS = ('softmax', 'sigmoid')
 
 
 def router_probs(logits_TE: jax.Array) -> jax.Array:
@@ -73,7 +71,7 @@ def expert_counts(experts_TK: jax.Array, num_experts: int) -> jax.Array:
 
 
 def switch_aux_loss(probs_TE: jax.Array, experts_TK: jax.Array) -> jax.Array:
-  """Switch/GShard load-balancing loss E * sum_i f_i * P_i (SCIENCE.md §2).
+  """Switch/GShard load-balancing loss E * sum_i f_i * P_i (docs/moe.md, "Load balancing").
 
   f_i = (1/(kT)) * #{tokens routed to i} (no gradient), P_i = mean_t p_i(t).
   Equals 1 under perfectly uniform routing.
@@ -86,7 +84,7 @@ def switch_aux_loss(probs_TE: jax.Array, experts_TK: jax.Array) -> jax.Array:
 
 
 def load_balancing_loss(scores_TE: jax.Array, experts_TK: jax.Array, group_tokens: int | None = None) -> jax.Array:
-  """Mean over token groups of E * sum_i f_i * P_i (SCIENCE.md §2), f from pre-drop counts (no gradient).
+  """Mean over token groups of E * sum_i f_i * P_i (docs/moe.md, "Load balancing"), f from pre-drop counts (no gradient).
 
   group_tokens=None: one group, the whole (global) batch: under jit with a data-sharded batch the
   counts are summed across data-parallel shards automatically. group_tokens=L: DeepSeek-V3's

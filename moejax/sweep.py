@@ -36,7 +36,9 @@ import time
 from absl import app, flags
 
 from moejax import files
-from moejax import accounting, cli, config as config_lib, main as main_lib, results
+from moejax import cli, config as config_lib, results
+from moejax.model import accounting
+from moejax.train import run as run_lib
 from moejax.train import metrics as metrics_lib
 from moejax.errors import ConfigError, Interrupted, MoejaxError, Preempted, WorkdirError
 
@@ -107,7 +109,7 @@ def run_points(resolved: list[tuple[str, object]], root: str, only: int | None =
       continue
     t0 = time.time()
     try:
-      record = main_lib.execute(cfg, workdir)
+      record = run_lib.execute(cfg, workdir)
     except (Preempted, Interrupted):
       raise  # SIGTERM / Ctrl-C stop the whole sweep (the point saved a checkpoint; rerunning resumes it)
     except MoejaxError as e:

@@ -10,7 +10,8 @@ import math
 import numpy as np
 import pytest
 
-from moejax import accounting, claims, config as config_lib
+from moejax import claims, config as config_lib
+from moejax.model import accounting
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

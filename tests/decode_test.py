@@ -125,10 +125,11 @@ def test_generate_from_a_trained_workdir_and_its_bad_inputs(tiny_cfg, tmp_path):
   import os  # pylint: disable=import-outside-toplevel
   import subprocess  # pylint: disable=import-outside-toplevel
   import sys  # pylint: disable=import-outside-toplevel
-  from moejax import generate, main as main_lib  # pylint: disable=import-outside-toplevel
+  from moejax import generate  # pylint: disable=import-outside-toplevel
+  from moejax.train import run as run_lib
   from moejax.errors import CheckpointError, WorkdirError  # pylint: disable=import-outside-toplevel
   workdir = str(tmp_path / 'run')
-  main_lib.execute(tiny_cfg, workdir)
+  run_lib.execute(tiny_cfg, workdir)
   texts = generate.generate_text(workdir, ['def ', 'import'], max_new_tokens=6)
   assert len(texts) == 2 and all(isinstance(t, str) and len(t.encode()) <= 6 for t in texts)
   assert texts == generate.generate_text(workdir, ['def ', 'import'], max_new_tokens=6)  # greedy: deterministic
@@ -185,12 +186,12 @@ def test_auto_dispatch_uses_a_few_token_one_only_while_it_reads_fewer_experts_th
 def trained16(corpus_glob, tmp_path_factory):
   """A run of the tiny model with 16 experts (top-2) trained for 40 steps: a routing with some skew."""
   from testdata import tiny  # pylint: disable=import-outside-toplevel
-  from moejax import main as main_lib  # pylint: disable=import-outside-toplevel
+  from moejax.train import run as run_lib
   cfg = config_lib.validate(config_lib.apply_overrides(tiny.get_config(corpus_glob), {
       'moe.num_experts': 16, 'moe.expert_hidden': 16, 'train.steps': 40, 'checkpoint.every_steps': 40,
       'moe.use_renormalized_gates': True}))
   workdir = str(tmp_path_factory.mktemp('trained16'))
-  main_lib.execute(cfg, workdir)
+  run_lib.execute(cfg, workdir)
   return workdir
 
 

@@ -10,7 +10,8 @@ import pytest
 from flax import nnx
 
 from moejax import base_config as base
-from moejax import accounting, config as config_lib, design, sweep
+from moejax import config as config_lib, design, sweep
+from moejax.model import accounting
 from moejax.model import transformer as model_lib
 from moejax.errors import ConfigError
 

@@ -116,7 +116,7 @@ def test_bad_mesh_and_distributed_input_is_one_line(corpus_glob, tmp_path, extra
 
 def test_compile_step_reports_memory_without_allocating(tiny_cfg):
   """One device: params bytes == 4 * N_total (float32), Adam moments twice that; a sharded mesh divides them."""
-  from moejax import accounting  # pylint: disable=import-outside-toplevel
+  from moejax.model import accounting  # pylint: disable=import-outside-toplevel
   n_total = accounting.count(tiny_cfg)['n_total']
   r = state_lib.compile_step(tiny_cfg)
   assert r['params_bytes'] == 4 * n_total

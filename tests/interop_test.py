@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from moejax import accounting, config as config_lib, export, hf_layouts, hf_weights, import_hf
+from moejax import config as config_lib, export, hf_layouts, hf_weights, import_hf
+from moejax.model import accounting
 from moejax.model import transformer as model_lib
 from moejax import safetensors_io
 from moejax.config import load_module

@@ -4,7 +4,8 @@ import os
 
 import pytest
 
-from moejax import accounting, config as config_lib, sweep
+from moejax import config as config_lib, sweep
+from moejax.model import accounting
 from moejax.errors import ConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

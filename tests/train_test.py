@@ -13,7 +13,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from moejax import config as config_lib, data, main as main_lib
+from moejax import config as config_lib, data
+
+from moejax.train import run as run_lib
 from moejax.train import checkpoint
 from moejax.train import evaluate as eval_lib
 from moejax.train import evaluate as eval_lib
@@ -144,7 +146,7 @@ def test_ctrl_c_saves_a_checkpoint_and_a_second_aborts(tiny_cfg, tmp_path, monke
 
 def test_periodic_heldout_scores_give_a_learning_curve(tiny_cfg, tmp_path):
   cfg = config_lib.apply_overrides(tiny_cfg, {'eval.every_steps': 2})
-  record = main_lib.execute(cfg, str(tmp_path))
+  record = run_lib.execute(cfg, str(tmp_path))
   rows = [json.loads(l) for l in open(tmp_path / 'metrics.jsonl')]
   scored = [r for r in rows if 'eval_loss' in r]
   assert [r['step'] for r in scored] == [2, 4]  # the end is scored once, into result.json
@@ -243,13 +245,13 @@ def _branched(cfg, **extra):
 
 def test_decay_branch_equals_a_separate_shorter_run_and_leaves_the_main_run_alone(tiny_cfg, tmp_path):
   cfg = _branched(tiny_cfg)
-  plain = main_lib.execute(cfg, str(tmp_path / 'plain'))
-  branched = main_lib.execute(_branched(tiny_cfg, **{'optim.decay_branches': '0.75'}), str(tmp_path / 'branched'))
+  plain = run_lib.execute(cfg, str(tmp_path / 'plain'))
+  branched = run_lib.execute(_branched(tiny_cfg, **{'optim.decay_branches': '0.75'}), str(tmp_path / 'branched'))
   # The branch (decay from step 4 to 6) rewinds the data iterator: the main run sees the same batches.
   assert _losses(tmp_path / 'plain') == _losses(tmp_path / 'branched')
   assert branched['eval']['loss'] == plain['eval']['loss']
   # ... and it equals a 6-step WSD run with the same warmup (2 steps) and decay (2 steps).
-  short = main_lib.execute(_branched(tiny_cfg, **{'train.steps': 6, 'optim.warmup_fraction': 2 / 6}),
+  short = run_lib.execute(_branched(tiny_cfg, **{'train.steps': 6, 'optim.warmup_fraction': 2 / 6}),
                            str(tmp_path / 'short'))
   curve = branched['decay_curve']
   assert [p['step'] for p in curve] == [6, 8] and plain['decay_curve'] == [
@@ -260,7 +262,7 @@ def test_decay_branch_equals_a_separate_shorter_run_and_leaves_the_main_run_alon
 
 def test_decay_branch_interrupted_by_sigterm_reruns_on_resume(tiny_cfg, tmp_path, monkeypatch):
   cfg = _branched(tiny_cfg, **{'optim.decay_branches': '0.75'})
-  straight = main_lib.execute(cfg, str(tmp_path / 'a'))
+  straight = run_lib.execute(cfg, str(tmp_path / 'a'))
   make, signals = step_lib.make_train_step, {'sent': False}
 
   def terminating(*args, **kwargs):
@@ -279,7 +281,7 @@ def test_decay_branch_interrupted_by_sigterm_reruns_on_resume(tiny_cfg, tmp_path
   with pytest.raises(Preempted, match='at step 4'):  # the branch is abandoned; the main state at 4 is saved
     loop_lib.run(cfg, str(tmp_path / 'b'))
   assert not any('branch_eval_loss' in json.loads(line) for line in open(tmp_path / 'b' / 'metrics.jsonl'))
-  resumed = main_lib.execute(cfg, str(tmp_path / 'b'))  # resumes at step 4 and runs the branch first
+  resumed = run_lib.execute(cfg, str(tmp_path / 'b'))  # resumes at step 4 and runs the branch first
   assert [p['loss'] for p in resumed['decay_curve']] == [p['loss'] for p in straight['decay_curve']]
   assert _losses(tmp_path / 'b') == _losses(tmp_path / 'a')
 

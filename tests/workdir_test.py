@@ -5,7 +5,9 @@ import os
 
 import pytest
 
-from moejax import config as config_lib, main as main_lib
+from moejax import config as config_lib
+
+from moejax.train import run as run_lib
 from moejax.train import workdir
 from moejax.errors import ConfigMismatch, WorkdirBusy
 
@@ -60,18 +62,18 @@ def test_lock_is_exclusive_and_names_the_holder(tmp_path):
 def test_execute_refuses_a_locked_workdir_before_building_anything(tiny_cfg, tmp_path):
   with workdir.lock(str(tmp_path)):
     with pytest.raises(WorkdirBusy):
-      main_lib.execute(tiny_cfg, str(tmp_path))
+      run_lib.execute(tiny_cfg, str(tmp_path))
   assert not (tmp_path / 'metrics.jsonl').exists()
 
 
 def test_eval_with_another_config_refuses_unless_allowed(tiny_cfg, tmp_path):
   cfg = config_lib.apply_overrides(tiny_cfg, {'train.steps': 2})
-  first = main_lib.execute(cfg, str(tmp_path))
+  first = run_lib.execute(cfg, str(tmp_path))
   assert first['config_changes'] == []
   changed = config_lib.apply_overrides(cfg, {'moe.eval_capacity_factor': 1.0})
   with pytest.raises(ConfigMismatch, match='moe.eval_capacity_factor'):
-    main_lib.execute(changed, str(tmp_path), mode='eval')
+    run_lib.execute(changed, str(tmp_path), mode='eval')
   assert json.loads((tmp_path / 'result.json').read_text()) == json.loads(json.dumps(first))  # untouched
-  again = main_lib.execute(changed, str(tmp_path), mode='eval', allow_config_change=True)
+  again = run_lib.execute(changed, str(tmp_path), mode='eval', allow_config_change=True)
   assert again['config_changes'][0]['keys'] == {'moe.eval_capacity_factor': [None, 1.0]}
   assert again['config']['moe']['eval_capacity_factor'] == 1.0

@@ -26,7 +26,8 @@ from typing import Sequence
 
 import numpy as np
 
-from moejax import accounting, config as config_lib
+from moejax import config as config_lib
+from moejax.model import accounting
 
 
 def expected_distinct(num_experts, topk, batch):
@@ -86,8 +87,3 @@ def step_flops(cfg, batch: int, context: int) -> float:
   attention_per_position = 4 * m.num_layers * m.num_heads * config_lib.head_dim(m)
   per_token = acc['flops_per_token_forward'] - attention_per_position * cfg.data.seq_len
   return float(batch) * (per_token + attention_per_position * context)
-
-
-def predicted_seconds(total_bytes, bandwidth_bytes_per_s):
-  """The bandwidth model's time for a step: bytes read / memory bandwidth."""
-  return np.asarray(total_bytes, np.float64) / bandwidth_bytes_per_s

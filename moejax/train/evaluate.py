@@ -17,7 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from moejax import accounting, data, routing
+from moejax import data, routing
+from moejax.model import accounting
 from moejax.parallel import mesh as mesh_lib
 from moejax.train.state import Setup
 from moejax.train.step import cached, token_nll

@@ -80,8 +80,8 @@ def _all_finite(tree) -> jax.Array:
 
 
 def _duration(seconds: float) -> str:
-  seconds = int(round(seconds))
-  return f'{seconds // 3600}h{seconds % 3600 // 60:02d}m' if seconds >= 3600 else f'{seconds // 60}m{seconds % 60:02d}s'
+  from tqdm import tqdm  # pylint: disable=import-outside-toplevel
+  return tqdm.format_interval(seconds)
 
 
 def run(cfg, workdir: str, stop_after: int | None = None, built: Setup | None = None) -> dict:

@@ -13,7 +13,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from moejax import accounting, data
+from moejax import data
+from moejax.model import accounting
 from moejax.model import transformer as model_lib
 from moejax.parallel import mesh as mesh_lib
 from moejax.train import optim

@@ -96,11 +96,7 @@ def _now() -> str:
 def _read_json(path: str) -> dict | None:
   if not os.path.exists(path):
     return None
-  try:
-    with open(path) as f:
-      return json.load(f)
-  except (OSError, ValueError) as e:
-    raise WorkdirError(f'{path} is unreadable ({e}); move it away or use another --workdir') from None
+  return files.read_json(path, 'workdir file', WorkdirError, hint='move it away or use another --workdir')
 
 
 def has_trained(workdir: str) -> bool:

@@ -23,11 +23,12 @@ from flax import nnx
 
 from moejax import files
 from moejax import accounting, checkpoint, data, distributed, mesh as mesh_lib, metrics as metrics_lib, routing
-from moejax.errors import CheckpointError
+from moejax.errors import CheckpointError, DataError
 from moejax.train import Setup, cached, token_nll
 
 
 EVAL_ROUTING = ('expert_counts', 'drop_fraction', 'router_entropy', 'ep_drop_fraction')
+IMPORT_RECORD = 'imported.json'  # written by moejax.import_hf: where the weights came from, and the corpus given
 
 
 def make_eval_step(graphdef: nnx.GraphDef, mesh=None):
@@ -108,7 +109,33 @@ def restore_state(s: Setup, workdir: str) -> tuple[int, dict]:
     ckpt.close()
   if restored is None:
     raise CheckpointError(f'no checkpoint in {workdir}/checkpoints to evaluate')
+  _check_finite_params(restored[1]['params'], restored[0], workdir)
   return restored[0], restored[1]
+
+
+@jax.jit
+def _finite_leaves(tree):
+  return jax.tree.map(lambda x: jnp.all(jnp.isfinite(x)), tree)
+
+
+def _check_finite_params(params, step: int, workdir: str) -> None:
+  """A CheckpointError naming the first parameter that holds NaN or inf (scores and samples of it are garbage)."""
+  finite = jax.device_get(_finite_leaves(params))
+  bad = [jax.tree_util.keystr(path) for path, ok in jax.tree_util.tree_leaves_with_path(finite) if not ok]
+  if bad:
+    raise CheckpointError(f'checkpoint step {step} in {workdir} holds non-finite (NaN or inf) parameters '
+                          f'({len(bad)} tensors, first {bad[0]}); refusing to use it')
+
+
+def check_corpus_given(cfg, workdir: str) -> None:
+  """Refuses a workdir imported without a corpus while data.source is still the import's placeholder."""
+  path = os.path.join(workdir, IMPORT_RECORD)
+  if not os.path.exists(path):
+    return
+  record = files.read_json(path, 'import record', CheckpointError)
+  if record.get('corpus') is None and cfg.data.source == record.get('placeholder_source'):
+    raise DataError(f'{workdir} was imported from {record.get("source")} without a corpus: give one with '
+                    '--config.data.source=SOURCE --allow_config_change (or import with --data_source=SOURCE)')
 
 
 def git_revision() -> str | None:

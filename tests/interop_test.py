@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from moejax import accounting, config as config_lib, export, hf_layouts, hf_weights, import_hf, model as model_lib
-from moejax import safetensors_io
+from moejax import accounting, config as config_lib, model as model_lib
+from moejax.interop import config_json, exporter as export, importer as import_hf, layouts as hf_layouts, shards
+from moejax.interop import weights as hf_weights
 from moejax.config import load_module
 from moejax.data import tokenizers
 from moejax.errors import ConfigError, DataError, WorkdirError
@@ -53,20 +54,25 @@ def _workdir(cfg, params, directory):
   return directory
 
 
-def test_safetensors_round_trip_sharded_and_bf16(tmp_path):
+def test_safetensors_shards_round_trip_and_match_the_reference_reader(tmp_path):
+  from safetensors.numpy import load_file  # pylint: disable=import-outside-toplevel
   rng = np.random.default_rng(0)
   tensors = {'a': rng.normal(size=(3, 5)).astype(np.float32), 'b': rng.normal(size=(7,)).astype(ml_dtypes.bfloat16),
              'c': np.arange(6, dtype=np.int64).reshape(2, 3), 'd': rng.normal(size=(4, 4)).astype(np.float16)}
-  safetensors_io.save(tensors, str(tmp_path / 'one.safetensors'), {'format': 'pt'})
-  back = safetensors_io.load(str(tmp_path / 'one.safetensors'))
+  shards.save(tensors, str(tmp_path / 'one.safetensors'), {'format': 'pt'})
+  back = shards.load(str(tmp_path / 'one.safetensors'))
   assert all(back[k].dtype == v.dtype and np.array_equal(back[k], v) for k, v in tensors.items())
-  files = safetensors_io.save_sharded(tensors, str(tmp_path), max_shard_bytes=64)
-  assert safetensors_io.INDEX in files and len(files) > 2
-  back = safetensors_io.load_dir(str(tmp_path), list(tensors))
+  ref = load_file(str(tmp_path / 'one.safetensors'))
+  assert all(ref[k].dtype == v.dtype and np.array_equal(ref[k], v) for k, v in tensors.items())
+  assert shards.shapes(str(tmp_path / 'one.safetensors')) == {k: list(v.shape) for k, v in tensors.items()}
+  files = shards.save_sharded(tensors, str(tmp_path), max_shard_bytes=64)
+  assert shards.INDEX in files and len(files) > 2
+  back = shards.load_dir(str(tmp_path), list(tensors))
   assert all(np.array_equal(back[k], v) for k, v in tensors.items())
-  st = pytest.importorskip('safetensors.numpy')  # the reference implementation, where installed
-  ref = st.load_file(str(tmp_path / 'one.safetensors'))
-  assert all(np.array_equal(ref[k], v) for k, v in tensors.items() if k != 'b')
+  (tmp_path / 'bad').mkdir()
+  (tmp_path / 'bad' / 'model.safetensors').write_bytes(b'not a safetensors file')
+  with pytest.raises(DataError, match='model.safetensors is not a readable safetensors file'):
+    shards.load_dir(str(tmp_path / 'bad'), ['a'])
 
 
 def test_bytes_tokenizer_json_encodes_as_moejax_bytes():
@@ -96,27 +102,27 @@ def test_round_trip_is_exact_and_files_match_the_layout(tiny_cfg, layout, tmp_pa
           hf['vocab_size'], hf['rms_norm_eps'], hf['rope_theta'], hf['num_experts_per_tok']) == (
               m.model_dim, m.num_layers, m.num_heads, m.num_kv_heads, 257, m.norm_eps, m.rope_base,
               e.experts_per_token)
-  header = safetensors_io.read_header(os.path.join(out, 'model.safetensors'))
+  header = shards.shapes(os.path.join(out, 'model.safetensors'))
   D, K, H, Hkv = m.model_dim, config_lib.head_dim(m), m.num_heads, m.num_kv_heads
-  assert header['model.layers.0.self_attn.q_proj.weight']['shape'] == [H * K, D]
-  assert header['model.layers.0.self_attn.o_proj.weight']['shape'] == [D, H * K]
+  assert header['model.layers.0.self_attn.q_proj.weight'] == [H * K, D]
+  assert header['model.layers.0.self_attn.o_proj.weight'] == [D, H * K]
   moe_layer = config_lib.moe_layers(m, e)[0]
   prefix = f'model.layers.{moe_layer}.' + ('block_sparse_moe' if layout == 'mixtral' else 'mlp')
-  assert header[f'{prefix}.gate.weight']['shape'] == [e.num_experts, D]
+  assert header[f'{prefix}.gate.weight'] == [e.num_experts, D]
   up = 'w3' if layout == 'mixtral' else 'up_proj'
-  assert header[f'{prefix}.experts.{e.num_experts - 1}.{up}.weight']['shape'] == [e.expert_hidden, D]
+  assert header[f'{prefix}.experts.{e.num_experts - 1}.{up}.weight'] == [e.expert_hidden, D]
   assert ('lm_head.weight' in header) == (not m.use_tied_embeddings)
   if layout == 'olmoe':
-    assert header['model.layers.0.self_attn.k_norm.weight']['shape'] == [Hkv * K]
+    assert header['model.layers.0.self_attn.k_norm.weight'] == [Hkv * K]
   if layout == 'qwen3_moe':
-    assert header['model.layers.0.self_attn.q_norm.weight']['shape'] == [K]
+    assert header['model.layers.0.self_attn.q_norm.weight'] == [K]
     assert hf['mlp_only_layers'] == [1] and hf['head_dim'] == K
   if layout == 'qwen2_moe':
-    assert header['model.layers.0.self_attn.k_proj.bias']['shape'] == [Hkv * K]
-    assert header[f'{prefix}.shared_expert.up_proj.weight']['shape'] == [2 * 8, D]
-    assert header[f'{prefix}.shared_expert_gate.weight']['shape'] == [1, D]
+    assert header['model.layers.0.self_attn.k_proj.bias'] == [Hkv * K]
+    assert header[f'{prefix}.shared_expert.up_proj.weight'] == [2 * 8, D]
+    assert header[f'{prefix}.shared_expert_gate.weight'] == [1, D]
     assert hf['mlp_only_layers'] == [0] and hf['shared_expert_intermediate_size'] == 16
-  assert len(header) - 1 == sum(len(en.names) for en in hf_weights.table(cfg, layout))
+  assert len(header) == sum(len(en.names) for en in hf_weights.table(cfg, layout))
 
   back = str(tmp_path / 'back')
   assert import_hf.import_checkpoint(out, back) == layout
@@ -126,7 +132,7 @@ def test_round_trip_is_exact_and_files_match_the_layout(tiny_cfg, layout, tmp_pa
   assert counts(cfg2) == counts(cfg)
   from moejax import generate  # pylint: disable=import-outside-toplevel
   loaded = generate.load_config(back)
-  got = export._restore_params(loaded, back)  # pylint: disable=protected-access
+  got = export.restore_params(loaded, back)  # pylint: disable=protected-access
   for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(params)):
     if a.shape != b.shape:  # n shared experts of F come back as one of n*F: same weights, concatenated
       continue
@@ -154,17 +160,17 @@ def test_routed_scaling_factor_is_folded_into_the_down_projections(tiny_cfg, tmp
   loaded = generate.load_config(str(tmp_path / 'back'))
   assert loaded.moe.routed_scaling_factor == 1.0
   tokens = np.random.default_rng(1).integers(0, 257, (2, 8))
-  got = _logits(loaded, export._restore_params(loaded, str(tmp_path / 'back')), tokens)  # pylint: disable=protected-access
+  got = _logits(loaded, export.restore_params(loaded, str(tmp_path / 'back')), tokens)  # pylint: disable=protected-access
   np.testing.assert_allclose(got, _logits(cfg, params, tokens), rtol=1e-5, atol=1e-5)
   export.export(workdir, str(tmp_path / 'bf16'), dtype='bfloat16')  # --dtype: the weights, rounded once
-  single = safetensors_io.load(str(tmp_path / 'bf16' / 'model.safetensors'))
+  single = shards.load(str(tmp_path / 'bf16' / 'model.safetensors'))
   assert single['model.embed_tokens.weight'].dtype == ml_dtypes.bfloat16
   np.testing.assert_array_equal(single['model.embed_tokens.weight'], params['embed']['table'].astype(ml_dtypes.bfloat16))
   assert json.load(open(tmp_path / 'bf16' / 'config.json'))['torch_dtype'] == 'bfloat16'
 
 
 @pytest.mark.parametrize('overrides,feature', [
-    ({'moe.num_experts': 0}, 'dense model'),
+    ({'moe.num_experts': 0, 'model.use_qk_norm': True}, 'llama: QK-norm over each head'),
     ({'moe.expert_size_classes': '2x16,2x48'}, 'heterogeneous experts'),
     ({'moe.router_score': 'sigmoid', 'moe.num_expert_groups': 2}, "router_score='sigmoid'"),
     ({'moe.load_balancing': 'aux_free'}, 'aux-free expert bias'),
@@ -229,15 +235,15 @@ def _edit_config(**changes):
 def _edit_weights(fn):
   def edit(directory):
     path = os.path.join(directory, 'model.safetensors')
-    tensors = safetensors_io.load(path)
+    tensors = shards.load(path)
     fn(tensors)
-    safetensors_io.save(tensors, path)
+    shards.save(tensors, path)
   return edit
 
 
 @pytest.mark.parametrize('edit,message', [
     (lambda d: os.remove(os.path.join(d, 'model.safetensors')), 'holds no weights: neither model.safetensors'),
-    (_edit_config(model_type='llama'), "config.json: model_type 'llama' is not a supported layout"),
+    (_edit_config(model_type='gpt2'), "config.json: model_type 'gpt2' is not a supported layout"),
     (lambda d: os.remove(os.path.join(d, 'tokenizer.json')), "tokenizer.json does not exist: the checkpoint's"),
     (_edit_weights(lambda t: t.pop('model.layers.1.mlp.experts.3.down_proj.weight')),
      'has no tensor model.layers.1.mlp.experts.3.down_proj.weight'),
@@ -265,7 +271,7 @@ def test_published_configs_round_trip_through_config_json_with_equal_accounting(
   layout = hf_layouts.choose(cfg)
   assert layout == PUBLISHED[name]
   hf = hf_layouts.hf_config(cfg, layout, 'bfloat16', 0)
-  _, overrides = hf_layouts.overrides_from_hf(hf, 'config.json')
+  _, overrides = config_json.overrides_from_hf(hf, 'config.json')
   from experiments import base  # pylint: disable=import-outside-toplevel
   back = config_lib.validate(config_lib.apply_overrides(base.get_config(), {**overrides,
                                                                             'data.seq_len': cfg.data.seq_len}))
@@ -318,7 +324,7 @@ def test_transformers_reads_the_exported_config_and_tokenizer(tiny_cfg, layout, 
   assert conf.rms_norm_eps == pytest.approx(m.norm_eps)
   rope = getattr(conf, 'rope_parameters', None) or {'rope_theta': getattr(conf, 'rope_theta', None)}
   assert rope['rope_theta'] == pytest.approx(m.rope_base)
-  assert getattr(conf, 'num_local_experts', None) or conf.num_experts == e.num_experts
+  assert (getattr(conf, 'num_local_experts', None) or conf.num_experts) == e.num_experts
   if layout != 'mixtral':
     assert bool(conf.norm_topk_prob) == bool(e.use_renormalized_gates)
   tok = transformers.AutoTokenizer.from_pretrained(out)

@@ -29,6 +29,8 @@ DESIGNS = {
                   'moe.use_shared_expert_gate': True, 'model.num_layers': 3, 'moe.first_dense_layers': 1},
     'qwen3_moe': {'model.use_qk_norm': True, 'moe.use_renormalized_gates': True, 'model.head_dim': 8,
                   'model.rope_base': 1e6, 'model.num_layers': 3, 'moe.every_n_layers': 2},
+    # a dense run (experiments/quickstart.py's dense point), with an untied head and head_dim != D/H
+    'llama': {'moe.num_experts': 0, 'model.use_tied_embeddings': False, 'model.head_dim': 8, 'model.rope_base': 5e5},
 }
 
 
@@ -99,18 +101,23 @@ def test_round_trip_is_exact_and_files_match_the_layout(tiny_cfg, layout, tmp_pa
   m, e = cfg.model, cfg.moe
   assert hf['model_type'] == layout and hf['architectures'] == [hf_layouts.ARCHITECTURES[layout]]
   assert (hf['hidden_size'], hf['num_hidden_layers'], hf['num_attention_heads'], hf['num_key_value_heads'],
-          hf['vocab_size'], hf['rms_norm_eps'], hf['rope_theta'], hf['num_experts_per_tok']) == (
+          hf['vocab_size'], hf['rms_norm_eps'], hf['rope_theta'], hf.get('num_experts_per_tok')) == (
               m.model_dim, m.num_layers, m.num_heads, m.num_kv_heads, 257, m.norm_eps, m.rope_base,
-              e.experts_per_token)
+              e.experts_per_token if e.num_experts else None)
   header = shards.shapes(os.path.join(out, 'model.safetensors'))
   D, K, H, Hkv = m.model_dim, config_lib.head_dim(m), m.num_heads, m.num_kv_heads
   assert header['model.layers.0.self_attn.q_proj.weight'] == [H * K, D]
   assert header['model.layers.0.self_attn.o_proj.weight'] == [D, H * K]
-  moe_layer = config_lib.moe_layers(m, e)[0]
-  prefix = f'model.layers.{moe_layer}.' + ('block_sparse_moe' if layout == 'mixtral' else 'mlp')
-  assert header[f'{prefix}.gate.weight'] == [e.num_experts, D]
-  up = 'w3' if layout == 'mixtral' else 'up_proj'
-  assert header[f'{prefix}.experts.{e.num_experts - 1}.{up}.weight'] == [e.expert_hidden, D]
+  if layout == 'llama':
+    assert not [n for n in header if 'expert' in n or '.gate.' in n]
+    assert header['model.layers.1.mlp.up_proj.weight'] == [m.ffn_hidden, D]
+    assert (hf['intermediate_size'], hf['head_dim']) == (m.ffn_hidden, K) and 'num_experts_per_tok' not in hf
+  else:
+    moe_layer = config_lib.moe_layers(m, e)[0]
+    prefix = f'model.layers.{moe_layer}.' + ('block_sparse_moe' if layout == 'mixtral' else 'mlp')
+    assert header[f'{prefix}.gate.weight'] == [e.num_experts, D]
+    up = 'w3' if layout == 'mixtral' else 'up_proj'
+    assert header[f'{prefix}.experts.{e.num_experts - 1}.{up}.weight'] == [e.expert_hidden, D]
   assert ('lm_head.weight' in header) == (not m.use_tied_embeddings)
   if layout == 'olmoe':
     assert header['model.layers.0.self_attn.k_norm.weight'] == [Hkv * K]
@@ -304,7 +311,7 @@ def test_bias_and_projection_qk_norm_are_counted(tiny_cfg):
   assert params['blocks'][0]['attn']['k_norm']['scale'].shape == (1, 16)
 
 
-CONFIG_CLASSES = {'mixtral': 'MixtralConfig', 'olmoe': 'OlmoeConfig', 'qwen2_moe': 'Qwen2MoeConfig',
+CONFIG_CLASSES = {'llama': 'LlamaConfig', 'mixtral': 'MixtralConfig', 'olmoe': 'OlmoeConfig', 'qwen2_moe': 'Qwen2MoeConfig',
                   'qwen3_moe': 'Qwen3MoeConfig'}
 
 
@@ -319,13 +326,16 @@ def test_transformers_reads_the_exported_config_and_tokenizer(tiny_cfg, layout, 
   m, e = cfg.model, cfg.moe
   assert type(conf).__name__ == CONFIG_CLASSES[layout]
   assert (conf.hidden_size, conf.num_hidden_layers, conf.num_attention_heads, conf.num_key_value_heads,
-          conf.vocab_size, conf.num_experts_per_tok) == (m.model_dim, m.num_layers, m.num_heads, m.num_kv_heads,
-                                                         257, e.experts_per_token)
+          conf.vocab_size) == (m.model_dim, m.num_layers, m.num_heads, m.num_kv_heads, 257)
   assert conf.rms_norm_eps == pytest.approx(m.norm_eps)
   rope = getattr(conf, 'rope_parameters', None) or {'rope_theta': getattr(conf, 'rope_theta', None)}
   assert rope['rope_theta'] == pytest.approx(m.rope_base)
-  assert (getattr(conf, 'num_local_experts', None) or conf.num_experts) == e.num_experts
-  if layout != 'mixtral':
+  if layout == 'llama':
+    assert (conf.intermediate_size, conf.head_dim, conf.tie_word_embeddings) == (m.ffn_hidden, 8, False)
+  else:
+    assert (getattr(conf, 'num_local_experts', None) or conf.num_experts) == e.num_experts
+    assert conf.num_experts_per_tok == e.experts_per_token
+  if layout not in ('mixtral', 'llama'):
     assert bool(conf.norm_topk_prob) == bool(e.use_renormalized_gates)
   tok = transformers.AutoTokenizer.from_pretrained(out)
   text = 'def f(x):\n  return "héllo"'

@@ -67,6 +67,11 @@ def export(workdir: str, out: str, layout: str = 'auto', dtype: str = 'float32',
   """Writes the latest checkpoint of `workdir` as a HF checkpoint in `out`; returns the layout used."""
   if dtype not in layouts.DTYPES:
     raise ConfigError(f'--dtype={dtype!r} must be one of {", ".join(layouts.DTYPES)}')
+  with staging.sigterm_raises(out, 'export'):
+    return _export(workdir, out, layout, dtype, max_shard_bytes)
+
+
+def _export(workdir: str, out: str, layout: str, dtype: str, max_shard_bytes: int) -> str:
   from moejax import generate  # pylint: disable=import-outside-toplevel
   cfg = generate.load_config(workdir)
   layout = layouts.choose(cfg, layout)

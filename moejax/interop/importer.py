@@ -140,6 +140,11 @@ def import_checkpoint(hf_dir: str, workdir: str, data_source: str | None = None,
   """
   if not os.path.isdir(hf_dir):
     raise DataError(f'--hf_dir={hf_dir} is not a directory')
+  with staging.sigterm_raises(workdir, 'import'):
+    return _import(hf_dir, workdir, data_source, seq_len)
+
+
+def _import(hf_dir: str, workdir: str, data_source: str | None, seq_len: int | None) -> str:
   layout, cfg = config_from_hf(hf_dir, workdir, data_source, seq_len)
   params = load_params(cfg, layout, hf_dir)
   from moejax import eval as eval_lib  # pylint: disable=import-outside-toplevel  (jax loads only after the checks)

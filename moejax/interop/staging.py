@@ -68,15 +68,15 @@ def finish_out(tmp: str, out: str) -> None:
 
 
 @contextlib.contextmanager
-def _sigterm_raises(message: str) -> Iterator[None]:
-  """While open (main thread only), SIGTERM raises Preempted(message) instead of killing the process."""
+def sigterm_raises(out: str, what: str) -> Iterator[None]:
+  """While open (main thread only), SIGTERM raises Preempted (one line, exit 143) instead of killing the process."""
   if threading.current_thread() is not threading.main_thread():
     yield
     return
 
   def handler(signum, frame):
     del signum, frame
-    raise Preempted(message)
+    raise Preempted(f'{what} stopped by SIGTERM: nothing was written under {os.path.abspath(out)}; rerun to {what}')
 
   previous = signal.signal(signal.SIGTERM, handler)
   try:
@@ -91,7 +91,7 @@ def staged(out: str, what: str) -> Iterator[str]:
   out = os.path.abspath(out)
   tmp = prepare_out(out)
   try:
-    with _sigterm_raises(f'{what} stopped by SIGTERM: nothing was written under {out}; rerun to {what}'):
+    with sigterm_raises(out, what):
       yield tmp
       finish_out(tmp, out)
   except OSError as e:

@@ -27,8 +27,9 @@ def _main(argv):
     raise WorkdirError(f'--seq_len={FLAGS.seq_len} must be >= 2')
   from moejax.interop import importer  # pylint: disable=import-outside-toplevel  (jax loads only after the flags)
   layout = importer.import_checkpoint(FLAGS.hf_dir, FLAGS.workdir, FLAGS.data_source, FLAGS.seq_len)
+  corpus = '' if FLAGS.data_source else ' --config.data.source=SOURCE --allow_config_change'
   print(f'{FLAGS.hf_dir} ({layout}) -> {FLAGS.workdir}; evaluate with: python -m moejax.main '
-        f'--config={FLAGS.workdir}/experiment.py --workdir={FLAGS.workdir} --mode=eval')
+        f'--config={FLAGS.workdir}/experiment.py --workdir={FLAGS.workdir} --mode=eval{corpus}')
 
 
 if __name__ == '__main__':

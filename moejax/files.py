@@ -28,13 +28,14 @@ def remove_stale_temps(path: str) -> None:
   directory = os.path.dirname(os.path.abspath(path))
   for tmp in glob.glob(os.path.join(glob.escape(directory), glob.escape(_temp_prefix(path)) + '*' + TMP_SUFFIX)):
     pid = os.path.basename(tmp)[len(_temp_prefix(path)):].split('-', 1)[0]
-    if pid.isdigit() and _alive(int(pid)) and int(pid) != os.getpid():
+    if pid.isdigit() and pid_alive(int(pid)) and int(pid) != os.getpid():
       continue
     with contextlib.suppress(OSError):
       os.remove(tmp)
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+  """Whether process `pid` exists (a stale temp file or directory names the pid that wrote it)."""
   try:
     os.kill(pid, 0)
   except ProcessLookupError:

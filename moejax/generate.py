@@ -1,4 +1,4 @@
-"""Sample text from a trained run's latest checkpoint with KV-cache decoding (`moejax.inference.decode`).
+"""Sample text from a trained run's latest checkpoint with KV-cache decoding (`moejax.decode`).
 
   python -m moejax.generate --workdir=DIR --prompt='def main(' [--prompt=...] [--max_new_tokens=64]
       [--temperature=0] [--top_p=1.0] [--seed=0]
@@ -13,6 +13,7 @@ option is one line `moejax: error: ...` and a non-zero exit.
 
 from __future__ import annotations
 
+import math
 
 from absl import app, flags
 
@@ -23,14 +24,29 @@ from moejax.errors import ConfigError
 FLAGS = flags.FLAGS
 
 
+def check_options(prompts: list[str], max_new_tokens: int, temperature: float, top_p: float) -> None:
+  """A ConfigError naming the one violated constraint: no prompt, a prompt that is not UTF-8, or a bad option."""
+  if not prompts:
+    raise ConfigError('give at least one --prompt')
+  for i, text in enumerate(prompts):
+    try:
+      text.encode('utf-8')
+    except UnicodeEncodeError as e:  # undecodable argv bytes arrive as lone surrogates
+      raw = text.encode('utf-8', 'surrogateescape')[e.start:e.start + 1]
+      raise ConfigError(f'--prompt number {i + 1} is not valid UTF-8 (byte 0x{raw.hex() if raw else "??"} at '
+                        f'character {e.start}); prompts are text') from None
+  if max_new_tokens < 1:
+    raise ConfigError(f'--max_new_tokens={max_new_tokens} must be >= 1')
+  if not (math.isfinite(temperature) and temperature >= 0):
+    raise ConfigError(f'--temperature={temperature} must be a finite number >= 0 (0 is greedy)')
+  if not (math.isfinite(top_p) and 0 < top_p <= 1):
+    raise ConfigError(f'--top_p={top_p} must be in (0, 1]')
+
+
 def generate_text(workdir: str, prompts: list[str], max_new_tokens: int = 64, temperature: float = 0.0,
                   top_p: float = 1.0, seed: int = 0) -> list[str]:
   """The continuation of each prompt, as text, from the latest checkpoint in `workdir`."""
-  if not prompts:
-    raise ConfigError('give at least one --prompt')
-  if max_new_tokens < 1 or temperature < 0 or not 0 < top_p <= 1:
-    raise ConfigError(f'--max_new_tokens={max_new_tokens} must be >= 1, --temperature={temperature} >= 0 and '
-                      f'--top_p={top_p} in (0, 1]')
+  check_options(prompts, max_new_tokens, temperature, top_p)
   cfg = load_config(workdir)
   from moejax.inference import decode  # pylint: disable=import-outside-toplevel  (jax loads only after the checks above)
   decode.check_decodable(cfg)

@@ -11,10 +11,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from moejax import config as config_lib, export, hf_layouts, hf_weights, import_hf
+from moejax import config as config_lib
 from moejax.model import accounting
 from moejax.model import transformer as model_lib
-from moejax import safetensors_io
+from moejax.interop import config_json, exporter as export, importer as import_hf, layouts as hf_layouts, shards
+from moejax.interop import weights as hf_weights
 from moejax.config import load_module
 from moejax.data import tokenizers
 from moejax.errors import ConfigError, DataError, WorkdirError
@@ -30,6 +31,8 @@ DESIGNS = {
                   'moe.use_shared_expert_gate': True, 'model.num_layers': 3, 'moe.first_dense_layers': 1},
     'qwen3_moe': {'model.use_qk_norm': True, 'moe.use_renormalized_gates': True, 'model.head_dim': 8,
                   'model.rope_base': 1e6, 'model.num_layers': 3, 'moe.every_n_layers': 2},
+    # a dense run (experiments/quickstart.py's dense point), with an untied head and head_dim != D/H
+    'llama': {'moe.num_experts': 0, 'model.use_tied_embeddings': False, 'model.head_dim': 8, 'model.rope_base': 5e5},
 }
 
 
@@ -55,20 +58,25 @@ def _workdir(cfg, params, directory):
   return directory
 
 
-def test_safetensors_round_trip_sharded_and_bf16(tmp_path):
+def test_safetensors_shards_round_trip_and_match_the_reference_reader(tmp_path):
+  from safetensors.numpy import load_file  # pylint: disable=import-outside-toplevel
   rng = np.random.default_rng(0)
   tensors = {'a': rng.normal(size=(3, 5)).astype(np.float32), 'b': rng.normal(size=(7,)).astype(ml_dtypes.bfloat16),
              'c': np.arange(6, dtype=np.int64).reshape(2, 3), 'd': rng.normal(size=(4, 4)).astype(np.float16)}
-  safetensors_io.save(tensors, str(tmp_path / 'one.safetensors'), {'format': 'pt'})
-  back = safetensors_io.load(str(tmp_path / 'one.safetensors'))
+  shards.save(tensors, str(tmp_path / 'one.safetensors'), {'format': 'pt'})
+  back = shards.load(str(tmp_path / 'one.safetensors'))
   assert all(back[k].dtype == v.dtype and np.array_equal(back[k], v) for k, v in tensors.items())
-  files = safetensors_io.save_sharded(tensors, str(tmp_path), max_shard_bytes=64)
-  assert safetensors_io.INDEX in files and len(files) > 2
-  back = safetensors_io.load_dir(str(tmp_path), list(tensors))
+  ref = load_file(str(tmp_path / 'one.safetensors'))
+  assert all(ref[k].dtype == v.dtype and np.array_equal(ref[k], v) for k, v in tensors.items())
+  assert shards.shapes(str(tmp_path / 'one.safetensors')) == {k: list(v.shape) for k, v in tensors.items()}
+  files = shards.save_sharded(tensors, str(tmp_path), max_shard_bytes=64)
+  assert shards.INDEX in files and len(files) > 2
+  back = shards.load_dir(str(tmp_path), list(tensors))
   assert all(np.array_equal(back[k], v) for k, v in tensors.items())
-  st = pytest.importorskip('safetensors.numpy')  # the reference implementation, where installed
-  ref = st.load_file(str(tmp_path / 'one.safetensors'))
-  assert all(np.array_equal(ref[k], v) for k, v in tensors.items() if k != 'b')
+  (tmp_path / 'bad').mkdir()
+  (tmp_path / 'bad' / 'model.safetensors').write_bytes(b'not a safetensors file')
+  with pytest.raises(DataError, match='model.safetensors is not a readable safetensors file'):
+    shards.load_dir(str(tmp_path / 'bad'), ['a'])
 
 
 def test_bytes_tokenizer_json_encodes_as_moejax_bytes():
@@ -95,30 +103,35 @@ def test_round_trip_is_exact_and_files_match_the_layout(tiny_cfg, layout, tmp_pa
   m, e = cfg.model, cfg.moe
   assert hf['model_type'] == layout and hf['architectures'] == [hf_layouts.ARCHITECTURES[layout]]
   assert (hf['hidden_size'], hf['num_hidden_layers'], hf['num_attention_heads'], hf['num_key_value_heads'],
-          hf['vocab_size'], hf['rms_norm_eps'], hf['rope_theta'], hf['num_experts_per_tok']) == (
+          hf['vocab_size'], hf['rms_norm_eps'], hf['rope_theta'], hf.get('num_experts_per_tok')) == (
               m.model_dim, m.num_layers, m.num_heads, m.num_kv_heads, 257, m.norm_eps, m.rope_base,
-              e.experts_per_token)
-  header = safetensors_io.read_header(os.path.join(out, 'model.safetensors'))
+              e.experts_per_token if e.num_experts else None)
+  header = shards.shapes(os.path.join(out, 'model.safetensors'))
   D, K, H, Hkv = m.model_dim, config_lib.head_dim(m), m.num_heads, m.num_kv_heads
-  assert header['model.layers.0.self_attn.q_proj.weight']['shape'] == [H * K, D]
-  assert header['model.layers.0.self_attn.o_proj.weight']['shape'] == [D, H * K]
-  moe_layer = config_lib.moe_layers(m, e)[0]
-  prefix = f'model.layers.{moe_layer}.' + ('block_sparse_moe' if layout == 'mixtral' else 'mlp')
-  assert header[f'{prefix}.gate.weight']['shape'] == [e.num_experts, D]
-  up = 'w3' if layout == 'mixtral' else 'up_proj'
-  assert header[f'{prefix}.experts.{e.num_experts - 1}.{up}.weight']['shape'] == [e.expert_hidden, D]
+  assert header['model.layers.0.self_attn.q_proj.weight'] == [H * K, D]
+  assert header['model.layers.0.self_attn.o_proj.weight'] == [D, H * K]
+  if layout == 'llama':
+    assert not [n for n in header if 'expert' in n or '.gate.' in n]
+    assert header['model.layers.1.mlp.up_proj.weight'] == [m.ffn_hidden, D]
+    assert (hf['intermediate_size'], hf['head_dim']) == (m.ffn_hidden, K) and 'num_experts_per_tok' not in hf
+  else:
+    moe_layer = config_lib.moe_layers(m, e)[0]
+    prefix = f'model.layers.{moe_layer}.' + ('block_sparse_moe' if layout == 'mixtral' else 'mlp')
+    assert header[f'{prefix}.gate.weight'] == [e.num_experts, D]
+    up = 'w3' if layout == 'mixtral' else 'up_proj'
+    assert header[f'{prefix}.experts.{e.num_experts - 1}.{up}.weight'] == [e.expert_hidden, D]
   assert ('lm_head.weight' in header) == (not m.use_tied_embeddings)
   if layout == 'olmoe':
-    assert header['model.layers.0.self_attn.k_norm.weight']['shape'] == [Hkv * K]
+    assert header['model.layers.0.self_attn.k_norm.weight'] == [Hkv * K]
   if layout == 'qwen3_moe':
-    assert header['model.layers.0.self_attn.q_norm.weight']['shape'] == [K]
+    assert header['model.layers.0.self_attn.q_norm.weight'] == [K]
     assert hf['mlp_only_layers'] == [1] and hf['head_dim'] == K
   if layout == 'qwen2_moe':
-    assert header['model.layers.0.self_attn.k_proj.bias']['shape'] == [Hkv * K]
-    assert header[f'{prefix}.shared_expert.up_proj.weight']['shape'] == [2 * 8, D]
-    assert header[f'{prefix}.shared_expert_gate.weight']['shape'] == [1, D]
+    assert header['model.layers.0.self_attn.k_proj.bias'] == [Hkv * K]
+    assert header[f'{prefix}.shared_expert.up_proj.weight'] == [2 * 8, D]
+    assert header[f'{prefix}.shared_expert_gate.weight'] == [1, D]
     assert hf['mlp_only_layers'] == [0] and hf['shared_expert_intermediate_size'] == 16
-  assert len(header) - 1 == sum(len(en.names) for en in hf_weights.table(cfg, layout))
+  assert len(header) == sum(len(en.names) for en in hf_weights.table(cfg, layout))
 
   back = str(tmp_path / 'back')
   assert import_hf.import_checkpoint(out, back) == layout
@@ -128,7 +141,7 @@ def test_round_trip_is_exact_and_files_match_the_layout(tiny_cfg, layout, tmp_pa
   assert counts(cfg2) == counts(cfg)
   from moejax.train import restore as restore_lib  # pylint: disable=import-outside-toplevel
   loaded = restore_lib.load_config(back)
-  got = export._restore_params(loaded, back)  # pylint: disable=protected-access
+  got = export.restore_params(loaded, back)  # pylint: disable=protected-access
   for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(params)):
     if a.shape != b.shape:  # n shared experts of F come back as one of n*F: same weights, concatenated
       continue
@@ -156,17 +169,17 @@ def test_routed_scaling_factor_is_folded_into_the_down_projections(tiny_cfg, tmp
   loaded = restore_lib.load_config(str(tmp_path / 'back'))
   assert loaded.moe.routed_scaling_factor == 1.0
   tokens = np.random.default_rng(1).integers(0, 257, (2, 8))
-  got = _logits(loaded, export._restore_params(loaded, str(tmp_path / 'back')), tokens)  # pylint: disable=protected-access
+  got = _logits(loaded, export.restore_params(loaded, str(tmp_path / 'back')), tokens)  # pylint: disable=protected-access
   np.testing.assert_allclose(got, _logits(cfg, params, tokens), rtol=1e-5, atol=1e-5)
   export.export(workdir, str(tmp_path / 'bf16'), dtype='bfloat16')  # --dtype: the weights, rounded once
-  single = safetensors_io.load(str(tmp_path / 'bf16' / 'model.safetensors'))
+  single = shards.load(str(tmp_path / 'bf16' / 'model.safetensors'))
   assert single['model.embed_tokens.weight'].dtype == ml_dtypes.bfloat16
   np.testing.assert_array_equal(single['model.embed_tokens.weight'], params['embed']['table'].astype(ml_dtypes.bfloat16))
   assert json.load(open(tmp_path / 'bf16' / 'config.json'))['torch_dtype'] == 'bfloat16'
 
 
 @pytest.mark.parametrize('overrides,feature', [
-    ({'moe.num_experts': 0}, 'dense model'),
+    ({'moe.num_experts': 0, 'model.use_qk_norm': True}, 'llama: QK-norm over each head'),
     ({'moe.expert_size_classes': '2x16,2x48'}, 'heterogeneous experts'),
     ({'moe.router_score': 'sigmoid', 'moe.num_expert_groups': 2}, "router_score='sigmoid'"),
     ({'moe.load_balancing': 'aux_free'}, 'aux-free expert bias'),
@@ -231,15 +244,15 @@ def _edit_config(**changes):
 def _edit_weights(fn):
   def edit(directory):
     path = os.path.join(directory, 'model.safetensors')
-    tensors = safetensors_io.load(path)
+    tensors = shards.load(path)
     fn(tensors)
-    safetensors_io.save(tensors, path)
+    shards.save(tensors, path)
   return edit
 
 
 @pytest.mark.parametrize('edit,message', [
     (lambda d: os.remove(os.path.join(d, 'model.safetensors')), 'holds no weights: neither model.safetensors'),
-    (_edit_config(model_type='llama'), "config.json: model_type 'llama' is not a supported layout"),
+    (_edit_config(model_type='gpt2'), "config.json: model_type 'gpt2' is not a supported layout"),
     (lambda d: os.remove(os.path.join(d, 'tokenizer.json')), "tokenizer.json does not exist: the checkpoint's"),
     (_edit_weights(lambda t: t.pop('model.layers.1.mlp.experts.3.down_proj.weight')),
      'has no tensor model.layers.1.mlp.experts.3.down_proj.weight'),
@@ -267,7 +280,7 @@ def test_published_configs_round_trip_through_config_json_with_equal_accounting(
   layout = hf_layouts.choose(cfg)
   assert layout == PUBLISHED[name]
   hf = hf_layouts.hf_config(cfg, layout, 'bfloat16', 0)
-  _, overrides = hf_layouts.overrides_from_hf(hf, 'config.json')
+  _, overrides = config_json.overrides_from_hf(hf, 'config.json')
   from moejax import base_config as base  # pylint: disable=import-outside-toplevel
   back = config_lib.validate(config_lib.apply_overrides(base.get_config(), {**overrides,
                                                                             'data.seq_len': cfg.data.seq_len}))
@@ -300,7 +313,7 @@ def test_bias_and_projection_qk_norm_are_counted(tiny_cfg):
   assert params['blocks'][0]['attn']['k_norm']['scale'].shape == (1, 16)
 
 
-CONFIG_CLASSES = {'mixtral': 'MixtralConfig', 'olmoe': 'OlmoeConfig', 'qwen2_moe': 'Qwen2MoeConfig',
+CONFIG_CLASSES = {'llama': 'LlamaConfig', 'mixtral': 'MixtralConfig', 'olmoe': 'OlmoeConfig', 'qwen2_moe': 'Qwen2MoeConfig',
                   'qwen3_moe': 'Qwen3MoeConfig'}
 
 
@@ -315,13 +328,16 @@ def test_transformers_reads_the_exported_config_and_tokenizer(tiny_cfg, layout, 
   m, e = cfg.model, cfg.moe
   assert type(conf).__name__ == CONFIG_CLASSES[layout]
   assert (conf.hidden_size, conf.num_hidden_layers, conf.num_attention_heads, conf.num_key_value_heads,
-          conf.vocab_size, conf.num_experts_per_tok) == (m.model_dim, m.num_layers, m.num_heads, m.num_kv_heads,
-                                                         257, e.experts_per_token)
+          conf.vocab_size) == (m.model_dim, m.num_layers, m.num_heads, m.num_kv_heads, 257)
   assert conf.rms_norm_eps == pytest.approx(m.norm_eps)
   rope = getattr(conf, 'rope_parameters', None) or {'rope_theta': getattr(conf, 'rope_theta', None)}
   assert rope['rope_theta'] == pytest.approx(m.rope_base)
-  assert getattr(conf, 'num_local_experts', None) or conf.num_experts == e.num_experts
-  if layout != 'mixtral':
+  if layout == 'llama':
+    assert (conf.intermediate_size, conf.head_dim, conf.tie_word_embeddings) == (m.ffn_hidden, 8, False)
+  else:
+    assert (getattr(conf, 'num_local_experts', None) or conf.num_experts) == e.num_experts
+    assert conf.num_experts_per_tok == e.experts_per_token
+  if layout not in ('mixtral', 'llama'):
     assert bool(conf.norm_topk_prob) == bool(e.use_renormalized_gates)
   tok = transformers.AutoTokenizer.from_pretrained(out)
   text = 'def f(x):\n  return "héllo"'

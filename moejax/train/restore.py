@@ -9,7 +9,9 @@ from __future__ import annotations
 import os
 
 from moejax import base_config, config as config_lib, files
-from moejax.errors import CheckpointError, WorkdirError
+from moejax.errors import CheckpointError, DataError, WorkdirError
+
+IMPORT_RECORD = 'imported.json'  # written by moejax.import_hf: where the weights came from, and the corpus given
 
 
 def load_config(workdir: str):
@@ -43,4 +45,27 @@ def restore_state(s, workdir: str) -> tuple[int, dict]:
     ckpt.close()
   if restored is None:
     raise CheckpointError(f'no checkpoint in {workdir}/checkpoints to evaluate')
+  _check_finite_params(restored[1]['params'], restored[0], workdir)
   return restored[0], restored[1]
+
+
+def _check_finite_params(params, step: int, workdir: str) -> None:
+  """A CheckpointError naming the first parameter that holds NaN or inf (scores and samples of it are garbage)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  finite = jax.device_get(jax.jit(lambda t: jax.tree.map(lambda x: jnp.all(jnp.isfinite(x)), t))(params))
+  bad = [jax.tree_util.keystr(path) for path, ok in jax.tree_util.tree_leaves_with_path(finite) if not ok]
+  if bad:
+    raise CheckpointError(f'checkpoint step {step} in {workdir} holds non-finite (NaN or inf) parameters '
+                          f'({len(bad)} tensors, first {bad[0]}); refusing to use it')
+
+
+def check_corpus_given(cfg, workdir: str) -> None:
+  """Refuses a workdir imported without a corpus while data.source is still the import's placeholder."""
+  path = os.path.join(workdir, IMPORT_RECORD)
+  if not os.path.exists(path):
+    return
+  record = files.read_json(path, 'import record', CheckpointError)
+  if record.get('corpus') is None and cfg.data.source == record.get('placeholder_source'):
+    raise DataError(f'{workdir} was imported from {record.get("source")} without a corpus: give one with '
+                    '--config.data.source=SOURCE --allow_config_change (or import with --data_source=SOURCE)')

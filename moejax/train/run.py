@@ -43,6 +43,7 @@ def execute(cfg, workdir: str, mode: str = 'train', allow_config_change: bool = 
       error = e
     if distributed.any_process(error is not None):  # all stop together, or the others hang in collectives
       raise error or WorkdirError(f'another process of this run could not take or bind workdir {workdir}')
+    restore_lib.check_corpus_given(cfg, workdir)  # an imported workdir has no corpus until one is given
     corpus = data.corpus_from_config(cfg.data)
     s = state_lib.setup(cfg, corpus)
     if mode == 'train':

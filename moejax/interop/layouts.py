@@ -1,14 +1,16 @@
-"""HuggingFace MoE layouts (Mixtral, OLMoE, Qwen2-MoE, Qwen3-MoE): which designs each expresses, and config.json.
+"""HuggingFace layouts (Llama for dense runs; Mixtral, OLMoE, Qwen2-MoE, Qwen3-MoE): which designs each expresses.
 
-Every layout is a pre-norm SwiGLU decoder with rotate-half rotary embeddings, softmax top-k
-routing over a float32 router and RMSNorm; they differ in (docs/interop.md):
+Every layout is a pre-norm SwiGLU decoder with rotate-half rotary embeddings and RMSNorm; the
+MoE layouts route by softmax top-k over a float32 router. They differ in (docs/interop.md):
+  llama       dense (no MoE layer); no QK-norm, biases or shared experts; a head_dim field
   mixtral     renormalized top-k; every layer MoE; no QK-norm, biases or shared experts
   olmoe       QK-norm over the whole H*d_h projections; raw or renormalized top-k; every layer MoE
   qwen2_moe   one shared expert times sigmoid(x . w); q/k/v biases (always); dense layers by `mlp_only_layers`
   qwen3_moe   per-head QK-norm; dense layers by `mlp_only_layers`; no shared experts or biases
 `choose` refuses, in one line naming the feature, a design that the asked layout (or, for
-'auto', every layout) cannot express exactly. `moe.routed_scaling_factor` has no field in any
-of them: export folds it into the routed experts' down projections (exact in function).
+'auto', every layout) cannot express exactly; `hf_config` writes its config.json
+(moejax/interop/config_json.py reads one back). `moe.routed_scaling_factor` has no field in
+any of them: export folds it into the routed experts' down projections (exact in function).
 """
 
 from __future__ import annotations
@@ -16,10 +18,11 @@ from __future__ import annotations
 from typing import Any
 
 from moejax import config as config_lib
-from moejax.errors import ConfigError, DataError
+from moejax.errors import ConfigError
 
-LAYOUTS = ('mixtral', 'olmoe', 'qwen2_moe', 'qwen3_moe')
-ARCHITECTURES = {'mixtral': 'MixtralForCausalLM', 'olmoe': 'OlmoeForCausalLM', 'qwen2_moe': 'Qwen2MoeForCausalLM',
+MOE_LAYOUTS = ('mixtral', 'olmoe', 'qwen2_moe', 'qwen3_moe')
+LAYOUTS = ('llama',) + MOE_LAYOUTS
+ARCHITECTURES = {'llama': 'LlamaForCausalLM', 'mixtral': 'MixtralForCausalLM', 'olmoe': 'OlmoeForCausalLM', 'qwen2_moe': 'Qwen2MoeForCausalLM',
                  'qwen3_moe': 'Qwen3MoeForCausalLM'}
 DTYPES = ('float32', 'bfloat16', 'float16')
 
@@ -28,7 +31,7 @@ def _refusals(cfg) -> list[str]:
   """Features of `cfg` that no layout expresses."""
   m, e = cfg.model, cfg.moe
   if e.num_experts == 0:
-    return ['a dense model (moe.num_experts=0): these layouts are MoE; no dense layout is implemented']
+    return []  # the MoE settings do nothing in a dense model
   out = []
   if e.expert_size_classes.strip() and len(config_lib.size_classes(m, e)) > 1:
     out.append(f'heterogeneous experts (moe.expert_size_classes={e.expert_size_classes!r})')
@@ -48,6 +51,10 @@ def _misfits(cfg, layout: str) -> list[str]:
   all_moe = len(config_lib.moe_layers(m, e)) == m.num_layers
   shared = e.num_shared_experts > 0
   default_head = config_lib.head_dim(m) * m.num_heads == m.model_dim
+  dense = e.num_experts == 0
+  if dense != (layout == 'llama'):
+    return [f'a dense model (moe.num_experts=0): {layout} is MoE' if dense else
+            f'MoE layers (moe.num_experts={e.num_experts}): llama is dense']
   if layout in ('mixtral', 'olmoe') and not all_moe:
     out.append(f'dense layers (moe.first_dense_layers={e.first_dense_layers}, moe.every_n_layers={e.every_n_layers}):'
                f' {layout} makes every layer MoE')
@@ -85,10 +92,11 @@ def choose(cfg, layout: str = 'auto') -> str:
     if misfits:
       raise ConfigError(f'cannot export {cfg.name} as {layout}: {misfits[0]}')
     return layout
-  for candidate in LAYOUTS:
+  candidates = ('llama',) if cfg.moe.num_experts == 0 else MOE_LAYOUTS
+  for candidate in candidates:
     if not _misfits(cfg, candidate):
       return candidate
-  reasons = '; '.join(f'{name}: {_misfits(cfg, name)[0].split(": ", 1)[0]}' for name in LAYOUTS)
+  reasons = '; '.join(f'{name}: {_misfits(cfg, name)[0].split(": ", 1)[0]}' for name in candidates)
   raise ConfigError(f'cannot export {cfg.name}: no layout expresses this design ({reasons})')
 
 
@@ -104,6 +112,12 @@ def hf_config(cfg, layout: str, dtype: str, special_id: int) -> dict[str, Any]:
         'attention_dropout': 0.0, 'use_cache': True, 'torch_dtype': dtype, 'bos_token_id': special_id,
         'eos_token_id': special_id, 'num_experts_per_tok': e.experts_per_token,
         'router_aux_loss_coef': e.aux_loss_coef, 'output_router_logits': False}
+  if layout == 'llama':
+    for key in ('num_experts_per_tok', 'router_aux_loss_coef', 'output_router_logits'):
+      del hf[key]
+    hf.update(intermediate_size=m.ffn_hidden, head_dim=config_lib.head_dim(m), attention_bias=False,
+              mlp_bias=False, pretraining_tp=1)
+    return hf
   hidden = config_lib.expert_hidden(m, e)
   if layout == 'mixtral':
     hf.update(intermediate_size=hidden, num_local_experts=e.num_experts, head_dim=config_lib.head_dim(m),
@@ -121,73 +135,3 @@ def hf_config(cfg, layout: str, dtype: str, special_id: int) -> dict[str, Any]:
     else:
       hf.update(head_dim=config_lib.head_dim(m), attention_bias=False)
   return hf
-
-
-def _get(hf: dict, key: str, path: str, kind=int, default=None):
-  value = hf.get(key, default)
-  if value is None or isinstance(value, bool) and kind is not bool or not isinstance(value, kind):
-    raise DataError(f'{path}: {key} is {value!r}, expected {"an integer" if kind is int else kind.__name__}')
-  return value
-
-
-def _layer_pattern(hf: dict, layers: int, path: str) -> tuple[int, int]:
-  """(moe.first_dense_layers, moe.every_n_layers) of Qwen's decoder_sparse_step and mlp_only_layers."""
-  step = _get(hf, 'decoder_sparse_step', path, default=1)
-  dense_only = set(hf.get('mlp_only_layers') or [])
-  moe = [i for i in range(layers) if i not in dense_only and step > 0 and (i + 1) % step == 0]
-  if not moe:
-    raise DataError(f'{path}: decoder_sparse_step={step} and mlp_only_layers leave no MoE layer')
-  first, every = moe[0], (moe[1] - moe[0]) if len(moe) > 1 else 1
-  expected = [i for i in range(first, layers) if (i - first) % every == 0]
-  if moe != expected:
-    raise DataError(f'{path}: the MoE layers {moe} (decoder_sparse_step, mlp_only_layers) are not a dense prefix '
-                    'then every n-th layer, the only pattern moejax has')
-  return first, every
-
-
-def overrides_from_hf(hf: dict, path: str) -> tuple[str, dict[str, Any]]:
-  """(layout, dotted moejax overrides) of a HuggingFace config.json dict; DataError naming the key if unsupported."""
-  layout = hf.get('model_type')
-  if layout not in LAYOUTS:
-    raise DataError(f'{path}: model_type {layout!r} is not a supported layout ({", ".join(LAYOUTS)})')
-  D, H = _get(hf, 'hidden_size', path), _get(hf, 'num_attention_heads', path)
-  layers = _get(hf, 'num_hidden_layers', path)
-  if hf.get('hidden_act', 'silu') != 'silu':
-    raise DataError(f'{path}: hidden_act {hf.get("hidden_act")!r} (moejax experts are SwiGLU with silu)')
-  if hf.get('rope_scaling'):
-    raise DataError(f'{path}: rope_scaling {hf["rope_scaling"]!r} (moejax has plain rotary embeddings)')
-  for key in ('sliding_window', 'use_sliding_window', 'clip_qkv', 'attention_bias'):
-    if hf.get(key) and not (key == 'sliding_window' and not hf.get('use_sliding_window', layout == 'mixtral')):
-      raise DataError(f'{path}: {key}={hf[key]!r} is not expressible in moejax')
-  head_dim = hf.get('head_dim') or D // H
-  o = {'model.vocab_size': _get(hf, 'vocab_size', path), 'model.model_dim': D, 'model.num_layers': layers,
-       'model.num_heads': H, 'model.num_kv_heads': hf.get('num_key_value_heads') or H,
-       'model.head_dim': head_dim, 'model.rope_base': float(hf.get('rope_theta', 10000.0)),
-       'model.norm_eps': float(hf.get('rms_norm_eps', 1e-6)),
-       'model.use_tied_embeddings': bool(hf.get('tie_word_embeddings', False)),
-       'model.init_std': float(hf.get('initializer_range', 0.02)),
-       'model.use_qk_norm': layout in ('olmoe', 'qwen3_moe'),
-       'model.qk_norm_scope': 'projection' if layout == 'olmoe' else 'head',
-       'model.use_qkv_bias': layout == 'qwen2_moe',
-       'moe.num_experts': _get(hf, 'num_local_experts' if layout == 'mixtral' else 'num_experts', path),
-       'moe.experts_per_token': _get(hf, 'num_experts_per_tok', path),
-       'moe.use_renormalized_gates': layout == 'mixtral' or bool(hf.get('norm_topk_prob', False)),
-       'moe.router_score': 'softmax', 'moe.routed_scaling_factor': 1.0, 'moe.num_expert_groups': 1,
-       'moe.topk_expert_groups': 1, 'moe.expert_size_classes': '',
-       'moe.aux_loss_coef': float(hf.get('router_aux_loss_coef', 0.01)),
-       'moe.num_shared_experts': 0, 'moe.use_shared_expert_gate': False}
-  if layout in ('mixtral', 'olmoe'):
-    o.update({'model.ffn_hidden': _get(hf, 'intermediate_size', path), 'moe.expert_hidden': None,
-              'moe.first_dense_layers': 0, 'moe.every_n_layers': 1})
-  else:
-    first, every = _layer_pattern(hf, layers, path)
-    o.update({'model.ffn_hidden': _get(hf, 'intermediate_size', path),
-              'moe.expert_hidden': _get(hf, 'moe_intermediate_size', path),
-              'moe.first_dense_layers': first, 'moe.every_n_layers': every})
-  if layout == 'qwen2_moe':
-    shared = _get(hf, 'shared_expert_intermediate_size', path)
-    o.update({'moe.num_shared_experts': 1 if shared else 0, 'moe.shared_expert_hidden': shared or None,
-              'moe.use_shared_expert_gate': bool(shared)})
-  if layout in ('olmoe', 'qwen2_moe') and head_dim * H != D:
-    raise DataError(f'{path}: head_dim={head_dim} with hidden_size={D} and {H} heads: {layout} has no head_dim')
-  return layout, o

@@ -35,19 +35,33 @@ def command(main_fn):
 
 
 def time_medians(fns: dict, rounds: int, reps: int = 3) -> dict:
-  """Median seconds per call of each jitted fn(), interleaved rounds after one warm-up call each."""
+  """Median seconds per call of each jitted fn(), interleaved rounds after one warm-up call each.
+
+  A fn whose warm-up call raises (out of memory, a compile error) gets None, and the error's first
+  line is logged, so one failing variant does not lose the others' timings.
+  """
   import jax  # pylint: disable=import-outside-toplevel
-  for f in fns.values():
-    jax.block_until_ready(f())
-  times = {k: [] for k in fns}
+  times = {}
+  for k, f in fns.items():
+    try:
+      jax.block_until_ready(f())
+      times[k] = []
+    except Exception as e:  # pylint: disable=broad-except
+      print(f'benchmark: {k} failed: {type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ""}',
+            file=sys.stderr, flush=True)
   for _ in range(rounds):
-    for k, f in fns.items():
+    for k in times:
       t0 = time.perf_counter()
       for _ in range(reps):
-        out = f()
+        out = fns[k]()
       jax.block_until_ready(out)
       times[k].append((time.perf_counter() - t0) / reps)
-  return {k: statistics.median(v) for k, v in times.items()}
+  return {k: statistics.median(times[k]) if k in times else None for k in fns}
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+  """a / b, or None when either is missing."""
+  return None if a is None or b is None else a / b
 
 
 def check_positive(**values) -> None:

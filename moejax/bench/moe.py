@@ -77,6 +77,15 @@ def _group_sizes(M, E, skewed, block):
   return sizes
 
 
+def _kernel(block: int, D: int, F: int, tile: int) -> str:
+  """What the Pallas grouped matmul runs at these settings: 'triton', 'xla fallback' (tiles), or 'interpret'."""
+  from moejax import kernels  # pylint: disable=import-outside-toplevel
+  from moejax.kernels import gmm  # pylint: disable=import-outside-toplevel
+  if kernels.platform() != 'gpu':
+    return 'interpret'
+  return 'triton' if gmm.triton_tiles(block, D, F, tile) and gmm.triton_tiles(block, F, D, tile) else 'xla fallback'
+
+
 def _block(M, E):
   return 128 if M // E >= 128 else max(8, M // E)
 
@@ -134,17 +143,19 @@ def gmm_rows(shape, rounds: int, dtype, sweep=()) -> tuple[list[dict], list[dict
           fns[((b, tile, warps, stages), 'fwd')], fns[((b, tile, warps, stages), 'both')] = _compiled(op, x, w)
     t = common.time_medians(fns, rounds)
     base_f, base_b = t[(EINSUM, 'fwd')], t[(EINSUM, 'both')]
+    rate = lambda n, s: common.ratio(n * flops / 1e12, s)
     for name in ops:
       tf, tb = t[(name, 'fwd')], t[(name, 'both')]
       rows.append({'shape': shape, 'block': block, 'op': name, 'routing': 'skewed 2.3' if skewed else 'balanced',
-                   'fwd_tflops': flops / tf / 1e12, 'both_tflops': 3 * flops / tb / 1e12,
-                   'fwd_vs_einsum': base_f / tf, 'both_vs_einsum': base_b / tb})
+                   'fwd_tflops': rate(1, tf), 'both_tflops': rate(3, tb),
+                   'fwd_vs_einsum': common.ratio(base_f, tf), 'both_vs_einsum': common.ratio(base_b, tb)})
     for key in (k for k, p in fns if isinstance(k, tuple) and p == 'fwd'):
       tf, tb = t[(key, 'fwd')], t[(key, 'both')]
       sweep_rows.append({'shape': shape, 'block': key[0], 'tile': key[1], 'num_warps': key[2], 'num_stages': key[3],
-                         'fwd_tflops': flops / tf / 1e12, 'both_tflops': 3 * flops / tb / 1e12,
-                         'fwd_vs_einsum': base_f / tf, 'both_vs_einsum': base_b / tb,
-                         'both_vs_ragged': t[(RAGGED, 'both')] / tb})
+                         'kernel': _kernel(key[0], D, F, key[1]),
+                         'fwd_tflops': rate(1, tf), 'both_tflops': rate(3, tb),
+                         'fwd_vs_einsum': common.ratio(base_f, tf), 'both_vs_einsum': common.ratio(base_b, tb),
+                         'both_vs_ragged': common.ratio(t[(RAGGED, 'both')], tb)})
   return rows, sweep_rows
 
 
@@ -188,10 +199,13 @@ def layer_rows(shape, rounds: int, dtype, kernels: tuple[str, ...]) -> list[dict
     fns[impl + '-experts'] = lambda g=grad(lambda x, ws, i=impl: layer(x, ws, i, False)): g(xt, ws)
   t = common.time_medians(fns, rounds)
   base = {'shape': shape, 'tokens': T, 'top_k': K}
-  rows = [{**base, 'layer': 'MoE', 'kernels': impl, 'ms': 1e3 * t[impl], 'vs_dense': t['dense'] / t[impl],
-           'router_share': max(0.0, 1 - t[impl + '-experts'] / t[impl])} for impl in kernels]
-  return rows + [{**base, 'layer': f'dense SwiGLU (hidden {K * F})', 'kernels': '-', 'ms': 1e3 * t['dense'],
-                  'vs_dense': 1.0, 'router_share': None}]
+  share = lambda impl: None if common.ratio(t[impl + '-experts'], t[impl]) is None else max(
+      0.0, 1 - t[impl + '-experts'] / t[impl])
+  rows = [{**base, 'layer': 'MoE', 'kernels': impl, 'ms': 1e3 * t[impl] if t[impl] else None,
+           'vs_dense': common.ratio(t['dense'], t[impl]), 'router_share': share(impl)} for impl in kernels]
+  return rows + [{**base, 'layer': f'dense SwiGLU (hidden {K * F})', 'kernels': '-',
+                  'ms': 1e3 * t['dense'] if t['dense'] else None, 'vs_dense': 1.0 if t['dense'] else None,
+                  'router_share': None}]
 
 
 def run(shapes, rounds: int, dtype, sweep=(), kernels=None) -> dict:

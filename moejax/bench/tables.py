@@ -19,6 +19,11 @@ def fmt(value: Any, spec: str) -> str:
   return '-' if value is None else format(value, spec)
 
 
+def _times(value: float | None, spec: str) -> str:
+  """'1.23x', or '-' for None (a measurement that failed; the benchmark's stderr says why)."""
+  return '-' if value is None else format(value, spec) + 'x'
+
+
 def table(columns: Sequence[Column], rows: Sequence[dict]) -> list[str]:
   """A Markdown table: header, alignment row, one line per row."""
   lines = ['| ' + ' | '.join(c[0] for c in columns) + ' |',
@@ -53,10 +58,10 @@ def gmm_table(rows: Sequence[dict]) -> list[str]:
       ('shape', False, _shape),
       ('op', False, lambda r: r['op']),
       ('routing', False, lambda r: r['routing']),
-      ('fwd TFLOP/s', True, lambda r: f'{r["fwd_tflops"]:.2f}'),
-      ('fwd+bwd TFLOP/s', True, lambda r: f'{r["both_tflops"]:.2f}'),
-      ('fwd vs einsum', True, lambda r: f'{r["fwd_vs_einsum"]:.2f}x'),
-      ('fwd+bwd vs einsum', True, lambda r: f'{r["both_vs_einsum"]:.2f}x'),
+      ('fwd TFLOP/s', True, lambda r: fmt(r['fwd_tflops'], '.2f')),
+      ('fwd+bwd TFLOP/s', True, lambda r: fmt(r['both_tflops'], '.2f')),
+      ('fwd vs einsum', True, lambda r: _times(r['fwd_vs_einsum'], '.2f')),
+      ('fwd+bwd vs einsum', True, lambda r: _times(r['both_vs_einsum'], '.2f')),
   ], rows)
 
 
@@ -68,11 +73,12 @@ def sweep_table(rows: Sequence[dict]) -> list[str]:
       ('tile', True, lambda r: str(r['tile'])),
       ('warps', True, lambda r: str(r['num_warps'])),
       ('stages', True, lambda r: str(r['num_stages'])),
-      ('fwd TFLOP/s', True, lambda r: f'{r["fwd_tflops"]:.2f}'),
-      ('fwd+bwd TFLOP/s', True, lambda r: f'{r["both_tflops"]:.2f}'),
-      ('fwd vs einsum', True, lambda r: f'{r["fwd_vs_einsum"]:.2f}x'),
-      ('fwd+bwd vs einsum', True, lambda r: f'{r["both_vs_einsum"]:.2f}x'),
-      ('fwd+bwd vs ragged_dot', True, lambda r: f'{r["both_vs_ragged"]:.1f}x'),
+      ('kernel', False, lambda r: r['kernel']),
+      ('fwd TFLOP/s', True, lambda r: fmt(r['fwd_tflops'], '.2f')),
+      ('fwd+bwd TFLOP/s', True, lambda r: fmt(r['both_tflops'], '.2f')),
+      ('fwd vs einsum', True, lambda r: _times(r['fwd_vs_einsum'], '.2f')),
+      ('fwd+bwd vs einsum', True, lambda r: _times(r['both_vs_einsum'], '.2f')),
+      ('fwd+bwd vs ragged_dot', True, lambda r: _times(r['both_vs_ragged'], '.1f')),
   ], rows)
 
 
@@ -82,8 +88,8 @@ def layer_table(rows: Sequence[dict]) -> list[str]:
       ('shape', False, _shape),
       ('layer', False, lambda r: r['layer']),
       ('kernels', False, lambda r: r['kernels']),
-      ('ms', True, lambda r: f'{r["ms"]:.2f}'),
-      ('vs dense MLP of equal active FLOPs', True, lambda r: f'{r["vs_dense"]:.2f}x'),
+      ('ms', True, lambda r: fmt(r['ms'], '.2f')),
+      ('vs dense MLP of equal active FLOPs', True, lambda r: _times(r['vs_dense'], '.2f')),
       ('router + top-k share', True, lambda r: fmt(r['router_share'], '.0%')),
   ], rows)
 

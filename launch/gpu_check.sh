@@ -33,6 +33,7 @@ if [ $DRY = 1 ]; then
   OLMOE=(--config=experiments/bench/olmoe_h100.py:tiny --steps=2 --rounds=1)
   DECODE=(--config=experiments/bench/decode_h100.py:tiny --batches=1,4 --decode_steps=4 --rounds=1 --copy_mb=4)
   BOX_SETUP=30 BOX_INFO=60 BOX_PYTEST=120 BOX_MOE=240 BOX_OLMOE=240 BOX_DECODE=180
+  TOTAL=${GPU_CHECK_SECONDS:-1500}
 else
   export JAX_PLATFORMS=cuda
   # PERF.md's grouped-matmul target shapes; E64/F1024 at 131072 rows is also the layer target T16k, K8,
@@ -42,7 +43,8 @@ else
   MOE_FLAGS=(--rounds=3 --layer_kernels=xla,pallas)  # (the reference layer gathers 48 GB of weights at Mixtral)
   OLMOE=(--config=experiments/bench/olmoe_h100.py --steps=10 --rounds=3)
   DECODE=(--config=experiments/bench/decode_h100.py --batches=1,64 --decode_steps=16 --rounds=3)
-  BOX_SETUP=20 BOX_INFO=20 BOX_PYTEST=55 BOX_MOE=45 BOX_OLMOE=120 BOX_DECODE=50  # 445 s in all (4 shapes)
+  TOTAL=${GPU_CHECK_SECONDS:-465}  # every stage ends by then, inside the device call's 480 s, so the summary is written
+  BOX_SETUP=15 BOX_INFO=15 BOX_PYTEST=50 BOX_MOE=55 BOX_OLMOE=110 BOX_DECODE=45  # 455 s in all (4 shapes)
 fi
 
 say() { echo "$*" | tee -a "$CONSOLE"; }
@@ -53,6 +55,13 @@ RESULTS=()
 stage() {
   local name=$1 box=$2 file=$3 t0=$SECONDS rc status
   shift 3
+  local left=$((TOTAL - SECONDS))
+  if [ "$left" -lt 5 ]; then
+    RESULTS+=("$name|SKIPPED (no time left)|0|$(basename "$file")")
+    say "gpu_check: $name: SKIPPED (no time left of $TOTAL s)"
+    return 1
+  fi
+  [ "$box" -gt "$left" ] && box=$left
   printf '\n===== %s (%s s box): %s\n' "$name" "$box" "$*" >>"$STAGES_LOG"
   if declare -F "$1" >/dev/null; then  # a function of this script: `timeout` runs it in a fresh bash
     timeout -k 10 "$box" bash -c "$(declare -f "$1"); $(declare -p DRY OUT PYTHON OLMOE); \"\$@\"" _ "$@" \
@@ -104,7 +113,7 @@ EOF
 
 run_pytest() {
   local log=$OUT/pytest.log
-  "$PYTHON" -m pytest -q -n 0 -m gpu tests/gpu_test.py >>"$log" 2>&1 || return 1
+  "$PYTHON" -m pytest -q -m gpu tests/gpu_test.py >>"$log" 2>&1 || return 1
   # On a GPU every gpu test must run: all of them skipped is a failure there.
   [ $DRY = 1 ] || ! grep -qE '^[0-9]+ skipped' "$log"
 }

@@ -112,8 +112,8 @@ GPU_CHECK_FILES = {'summary.md', 'gpu_check.log', 'info.txt', 'pytest.log', 'moe
                    'stages.log'}
 
 
-def _gpu_check(out, python, timeout):
-  env = dict(os.environ, OUT=str(out), PYTHON=python, PYTHONPATH=ROOT)
+def _gpu_check(out, python, timeout, **extra):
+  env = dict(os.environ, OUT=str(out), PYTHON=python, PYTHONPATH=ROOT, **extra)
   env.pop('JAX_PLATFORMS', None)
   return subprocess.run(['bash', os.path.join(ROOT, 'launch', 'gpu_check.sh'), '--dry-run'], capture_output=True,
                         text=True, timeout=timeout, env=env, cwd=ROOT)
@@ -128,6 +128,9 @@ def test_gpu_check_reports_each_failed_stage_and_runs_the_rest(tmp_path):
   assert stages == ['setup', 'info', 'pytest', 'moe-1 (4:32:64:256)', 'moe-2 (8:32:32:256)', 'olmoe', 'decode']
   assert summary.count('| FAILED (exit 1) |') == 6 and '| setup | passed |' in summary
   assert r.stdout.strip().endswith('gpu_check: 1 of 7 stages passed')
+  r = _gpu_check(tmp_path / 'late', 'false', 60, GPU_CHECK_SECONDS='4')  # the time is spent before any stage starts
+  assert r.returncode == 1 and r.stdout.count(': SKIPPED (no time left of 4 s)') == 7
+  assert (tmp_path / 'late' / 'summary.md').read_text().count('| SKIPPED (no time left) |') == 7
   r = subprocess.run(['bash', os.path.join(ROOT, 'launch', 'gpu_check.sh'), '--bogus'], capture_output=True, text=True)
   assert r.returncode == 2 and 'usage: launch/gpu_check.sh' in r.stderr
 

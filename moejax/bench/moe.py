@@ -215,22 +215,40 @@ def run(shapes, rounds: int, dtype, sweep=(), kernels=None) -> dict:
   if kernels is None:  # interpreted Pallas (CPU) takes seconds per layer call and times the interpreter
     kernels = ('reference', 'xla') if jax.default_backend() == 'cpu' else ('reference', 'xla', 'pallas')
   out = {'gmm': [], 'sweep': [], 'layer': []}
-  for shape in shapes:
-    if shape[3] % shape[0] or shape[3] % (8 if shape[0] >= 64 else 2):
-      raise ConfigError(f'--shapes: rows M={shape[3]} must be a multiple of E={shape[0]} and of top-k')
-    rows, sweep_rows = gmm_rows(shape, rounds, dtype, sweep)
-    out['gmm'] += rows
-    out['sweep'] += sweep_rows
-    out['layer'] += layer_rows(shape, rounds, dtype, tuple(kernels))
+  for part in parts(shapes, rounds, dtype, sweep, kernels):
+    for key, rows in part.items():
+      out[key] += rows
   return out
 
 
+def parts(shapes, rounds: int, dtype, sweep=(), kernels=('xla',)):
+  """Yields {'gmm', 'sweep'} then {'layer'} rows shape by shape (so a caller can print each as it comes)."""
+  for shape in shapes:
+    check_shape(shape)
+  for shape in shapes:
+    rows, sweep_rows = gmm_rows(shape, rounds, dtype, sweep)
+    yield {'gmm': rows, 'sweep': sweep_rows}
+    yield {'layer': layer_rows(shape, rounds, dtype, tuple(kernels))}
+
+
+def check_shape(shape) -> None:
+  """One ConfigError line for a shape the benchmark cannot lay out (rows per expert, tokens per top-k)."""
+  E, _, _, M = shape
+  if M % E or M % (8 if E >= 64 else 2):
+    raise ConfigError(f'--shapes: rows M={M} must be a multiple of E={E} and of top-k ({8 if E >= 64 else 2})')
+
+
 def render(result: dict) -> list[str]:
-  """The Markdown of `run`'s result."""
-  lines = ['## Grouped matmul', ''] + tables.gmm_table(result['gmm'])
-  if result['sweep']:
-    lines += ['', '## Pallas grouped matmul: Triton settings (balanced groups)', ''] + tables.sweep_table(result['sweep'])
-  return lines + ['', '## MoE layer, forward+backward', ''] + tables.layer_table(result['layer'])
+  """The Markdown of `run`'s result (or of one part of it)."""
+  lines = []
+  if result.get('gmm'):
+    lines += ['## Grouped matmul', ''] + tables.gmm_table(result['gmm']) + ['']
+  if result.get('sweep'):
+    lines += ['## Pallas grouped matmul: Triton settings (balanced groups)', ''] + tables.sweep_table(result['sweep'])
+    lines += ['']
+  if result.get('layer'):
+    lines += ['## MoE layer, forward+backward', ''] + tables.layer_table(result['layer']) + ['']
+  return lines
 
 
 def _main(argv):
@@ -238,8 +256,11 @@ def _main(argv):
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   FLAGS = flags.FLAGS  # pylint: disable=invalid-name
+  common.check_positive(rounds=FLAGS.rounds)
   shapes = (parse_tuples(FLAGS.shapes, 'shapes', 4, '64:2048:1024:32768') if FLAGS.shapes
             else SHAPES_SMALL if FLAGS.small else SHAPES)
+  for shape in shapes:
+    check_shape(shape)
   sweep = parse_tuples(FLAGS.triton, 'triton', 4, '128:128:4:3') if FLAGS.triton else ()
   kernels = None
   if FLAGS.layer_kernels:
@@ -255,7 +276,10 @@ def _main(argv):
         f'TFLOP/s = 2*M*D*F per matmul (x3 for fwd+bwd)')
   if jax.default_backend() == 'cpu':
     print('(CPU: the Pallas rows run in interpret mode and time the interpreter, not a kernel)')
-  print('\n'.join(render(run(shapes, FLAGS.rounds, dtype, sweep, kernels))), flush=True)
+  if kernels is None:
+    kernels = ('reference', 'xla') if jax.default_backend() == 'cpu' else ('reference', 'xla', 'pallas')
+  for part in parts(shapes, FLAGS.rounds, dtype, sweep, kernels):  # each table as soon as it is measured
+    print('\n'.join(render(part)), flush=True)
 
 
 def define_flags() -> None:

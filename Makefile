@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 RUN_ROOT ?= runs/quickstart
 
-.PHONY: run test test-slow bench papers clean
+.PHONY: run test test-slow bench papers clean gpu-wheels gpu-check gpu-check-dry-run
 SCALE ?= tiny
 
 $(VENV)/.installed: setup.cfg pyproject.toml
@@ -35,6 +35,17 @@ papers: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	$(PY) -m moejax.bench step
+
+# The GPU check (docs/performance.md "The GPU check"): fetch the wheels the device image lacks once, here;
+# `make gpu-check` is what the device call runs there (OUT is set by the device tool); the dry run runs here on CPU.
+gpu-wheels:
+	launch/fetch_gpu_wheels.sh .whl
+
+gpu-check:
+	launch/gpu_check.sh
+
+gpu-check-dry-run: $(VENV)/.installed
+	PYTHON=$(PY) launch/gpu_check.sh --dry-run
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info

@@ -218,15 +218,31 @@ def test_distinct_expert_formulas_against_a_trained_models_routing(trained16):
     assert loads.max() > 1.3 * k / E  # (the trained routing is skewed, so the two formulas differ)
 
 
-def test_the_decode_benchmark_measures_a_trained_run(trained16):
-  from moejax import decode_bench  # pylint: disable=import-outside-toplevel
-  models = decode_bench.load_models(None, [], [trained16])
-  lines = decode_bench.run(models, batches=[1, 4], context=8, steps=3, rounds=1, copy_mb=4)
-  rows = [l for l in lines if l.startswith(f'| {trained16.rstrip("/").split("/")[-1]} |')]
-  assert len(rows) == 4  # (two batch sizes, in the table and the breakdown)
-  cells = rows[0].split('|')
-  measured = float(cells[8].split('/')[0])  # distinct experts at B = 1: exactly k
-  assert measured == 2.0 and cells[4].strip() == 'distinct'
-  assert float(rows[1].split('|')[8].split('/')[0]) <= 8
-  with pytest.raises(ValueError, match='not points of'):
+def test_the_decode_benchmark_measures_a_trained_run(trained16, monkeypatch):
+  from moejax.bench import decode as decode_bench, tables  # pylint: disable=import-outside-toplevel
+  from moejax.errors import ConfigError  # pylint: disable=import-outside-toplevel
+  rounds = []
+  original = decode_bench._Case.round  # pylint: disable=protected-access
+  monkeypatch.setattr(decode_bench._Case, 'round',  # pylint: disable=protected-access
+                      lambda self, warmup=False: (rounds.append(warmup), original(self, warmup))[1])
+  models = decode_bench.load_models(None, [], [trained16], context=8, steps=3)
+  result = decode_bench.run(models, batches=[1, 4], context=8, steps=3, rounds=1, copy_mb=4)
+  rows = result['rows']
+  assert [(r['name'], r['batch']) for r in rows] == [(trained16.rstrip('/').split('/')[-1], b) for b in (1, 4)]
+  assert rows[0]['distinct'] == 2.0 and rows[0]['dispatch'] == 'distinct'  # distinct experts at B = 1: exactly k
+  assert rows[1]['distinct'] <= 8
+  # --rounds=1 times a warm round: every case runs one untimed warm-up round first (the first round was cold)
+  assert rounds == [True, True, False, False] and all(r['rounds'] == 1 for r in rows)
+  assert all(r['ffn_ms'] is None or r['ffn_ms'] >= 0 for r in rows)
+  assert len(decode_bench.render(result)) == 2 + 2 * (2 + len(rows)) + 3
+  assert tables.decode_breakdown_table([dict(rows[0], ffn_ms=None)])[2].split('|')[6].strip() == '-'
+  with pytest.raises(ConfigError, match='not points of'):
     decode_bench.load_models('experiments/quickstart.py', ['nope'], [])
+  with pytest.raises(ConfigError, match=r'--context=1000 \+ --decode_steps=3 exceeds the context of .* 16 tokens'):
+    decode_bench.load_models(None, [], [trained16], context=1000, steps=3)
+
+
+def test_decode_benchmark_ffn_time_below_the_noise_is_not_negative():
+  from moejax.bench import decode as decode_bench  # pylint: disable=import-outside-toplevel
+  assert decode_bench.ffn_ms(1.5, 0.5) == 1.0
+  assert decode_bench.ffn_ms(0.5, 0.6) is None  # (a negative difference of medians is noise, not a time)

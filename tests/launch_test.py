@@ -106,3 +106,47 @@ rc=0; for p in "${pids[@]}"; do wait $p || rc=1; done; exit $rc
   assert all(f'joined the distributed run: process {i} of 2' in logs for i in range(2)), logs
   record = json.loads((tmp_path / 'run' / 'result.json').read_text())
   assert record['train']['steps'] == 2 and record['config']['distributed']['mode'] == 'multi'
+
+
+GPU_CHECK_FILES = {'summary.md', 'gpu_check.log', 'info.txt', 'pytest.log', 'moe.md', 'olmoe.md', 'decode.md',
+                   'stages.log'}
+
+
+def _gpu_check(out, python, timeout, **extra):
+  env = dict(os.environ, OUT=str(out), PYTHON=python, PYTHONPATH=ROOT, **extra)
+  env.pop('JAX_PLATFORMS', None)
+  return subprocess.run(['bash', os.path.join(ROOT, 'launch', 'gpu_check.sh'), '--dry-run'], capture_output=True,
+                        text=True, timeout=timeout, env=env, cwd=ROOT)
+
+
+def test_gpu_check_reports_each_failed_stage_and_runs_the_rest(tmp_path):
+  r = _gpu_check(tmp_path, 'false', 60)  # every Python stage fails at once
+  assert r.returncode == 1, r.stdout + r.stderr
+  assert set(os.listdir(tmp_path)) == GPU_CHECK_FILES
+  summary = (tmp_path / 'summary.md').read_text()
+  stages = [line.split('|')[1].strip() for line in summary.splitlines() if line.startswith('| ') and not line.startswith('| stage |')]
+  assert stages == ['setup', 'info', 'pytest', 'moe-1 (4:32:64:256)', 'moe-2 (8:32:32:256)', 'olmoe', 'decode']
+  assert summary.count('| FAILED (exit 1) |') == 6 and '| setup | passed |' in summary
+  assert r.stdout.strip().endswith('gpu_check: 1 of 7 stages passed')
+  r = _gpu_check(tmp_path / 'late', 'false', 60, GPU_CHECK_SECONDS='4')  # the time is spent before any stage starts
+  assert r.returncode == 1 and r.stdout.count(': SKIPPED (no time left of 4 s)') == 7
+  assert (tmp_path / 'late' / 'summary.md').read_text().count('| SKIPPED (no time left) |') == 7
+  r = subprocess.run(['bash', os.path.join(ROOT, 'launch', 'gpu_check.sh'), '--bogus'], capture_output=True, text=True)
+  assert r.returncode == 2 and 'usage: launch/gpu_check.sh' in r.stderr
+
+
+@pytest.mark.slow
+def test_gpu_check_dry_run_runs_every_stage(tmp_path):
+  """The whole GPU check on CPU at tiny sizes (about 4 minutes on 2 cores): fails when any stage breaks."""
+  r = _gpu_check(tmp_path, sys.executable, 900)
+  summary = (tmp_path / 'summary.md').read_text()
+  assert r.returncode == 0, summary + (tmp_path / 'stages.log').read_text()[-3000:]
+  assert set(os.listdir(tmp_path)) == GPU_CHECK_FILES
+  assert summary.count('| passed |') == 7
+  moe = (tmp_path / 'moe.md').read_text()
+  assert moe.count('## Pallas grouped matmul: Triton settings') == 2 and '| E8 D32 F32 M256 | 32 | 32 | 8 | 2 | interpret |' in moe
+  assert '| olmoe-h100 |' in (tmp_path / 'olmoe.md').read_text()
+  assert 'OLMoE-shaped train step MFU: ' in summary and 'MFU: none' not in summary
+  assert 'B=1 ' in summary and 'B=4 ' in summary  # decode measured/model per batch
+  assert 'backend cpu' in (tmp_path / 'info.txt').read_text()
+  assert 'skipped' in (tmp_path / 'pytest.log').read_text()

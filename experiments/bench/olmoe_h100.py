@@ -6,6 +6,8 @@ matmul parameters plus causal attention FLOPs per token, over 989 TFLOP/s.)
 
 Run (needs a GPU; ~5 min):
   python -m moejax.main --config=experiments/bench/olmoe_h100.py --workdir=runs/olmoe-h100
+Time 30 steps of it (no data loading, no checkpoint; prints MFU), as launch/gpu_check.sh does:
+  python -m moejax.bench.step --config=experiments/bench/olmoe_h100.py --steps=10 --rounds=3
 Check memory first, on any machine:
   python -m moejax.main --config=experiments/bench/olmoe_h100.py --mode=compile --device_memory=80GB
 
@@ -27,9 +29,11 @@ only an estimate of the GPU's.
 
 from moejax import base_config as base
 
+# 'tiny': the same settings at CPU size, for the GPU check's dry run (launch/gpu_check.sh --dry-run).
+ARGS = ('tiny',)
+
 
 def get_config(arg=None):
-  del arg
   c = base.get_config()
   c.name = 'olmoe-h100'
   m = c.model
@@ -59,4 +63,9 @@ def get_config(arg=None):
   c.checkpoint.every_steps = 1000
   c.eval.batch_size = 4
   c.eval.max_batches = 4
+  if arg == 'tiny':
+    m.model_dim, m.num_layers, m.num_heads, m.num_kv_heads, m.ffn_hidden = 64, 2, 4, 4, 64
+    e.num_experts, e.experts_per_token, e.expert_hidden, e.block_size = 8, 2, 32, 16
+    e.kernels = 'xla'  # (interpreted Pallas on CPU: 24 s a step even at this size)
+    c.data.seq_len, c.train.batch_size, c.eval.batch_size = 64, 2, 2
   return c

@@ -54,7 +54,7 @@ def test_accounting_cli_json_matches_count(tiny_cfg):
   import subprocess  # pylint: disable=import-outside-toplevel
   import sys  # pylint: disable=import-outside-toplevel
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  out = subprocess.run([sys.executable, '-m', 'moejax.model.accounting', '--config=experiments/quickstart.py',
+  out = subprocess.run([sys.executable, '-m', 'moejax.accounting', '--config=experiments/quickstart.py',
                         '--config.moe.num_experts=16', '--json'], cwd=root, capture_output=True, text=True, timeout=120)
   assert out.returncode == 0, out.stderr
   record = json.loads(out.stdout)

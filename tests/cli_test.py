@@ -69,7 +69,7 @@ def test_dense_configs_get_the_same_moe_validation(tiny_cfg, override):
 
 
 def test_accounting_table_prints_every_field():
-  out = _run('moejax.model.accounting', '--config=experiments/published/mixtral_8x7b.py')
+  out = _run('moejax.accounting', '--config=experiments/published/mixtral_8x7b.py')
   assert out.returncode == 0, out.stderr  # before the fix: TypeError on the list-valued expert_size_classes
   assert 'expert_size_classes: [[8, 14,336]]' in out.stdout and 'n_total: 46,' in out.stdout
 

@@ -4,7 +4,7 @@ Each `get_config(arg)` gives the published shape; `:tiny` gives a copy with the 
 structure (expert counts, top-k, shared experts, layer pattern, attention grouping,
 tied/untied embeddings, QK-norm) at tiny widths, small enough to instantiate in a test.
 
-  python -m moejax.model.accounting --config=experiments/published/mixtral_8x7b.py
+  python -m moejax.accounting --config=experiments/published/mixtral_8x7b.py
 """
 
 

@@ -187,6 +187,16 @@ class Checkpointer:
                             f'{failed[0][1]}')
     return None
 
+  def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
+    """(state, meta) of one kept step (routing analysis reads every kept step); CheckpointError if unreadable."""
+    try:
+      with _quiet_orbax():
+        restored = self._mngr.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+    except Exception as e:  # pylint: disable=broad-except  (orbax/tensorstore raise many types for damaged files)
+      raise CheckpointError(f'checkpoint step {step} in {self.directory} is unreadable: {_cause(e)}') from None
+    return restored['state'], restored['meta']
+
   def wait(self) -> None:
     """Blocks until the last save is on disk; raises CheckpointError if it failed."""
     self._finish()

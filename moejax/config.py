@@ -27,7 +27,6 @@ DISPATCHES = ('block', 'ragged', 'capacity', 'dense')
 KERNELS = ('auto', 'reference', 'xla', 'pallas')
 LOAD_BALANCING = ('none', 'global_batch', 'micro_batch', 'sequence', 'aux_free')
 ROUTER_SCORES = ('softmax', 'sigmoid')
-ROUTINGS = ('token_choice', 'expert_choice')
 DROP_POLICIES = ('position', 'probs')
 SOURCE_KINDS = ('stdlib', 'text:', 'jsonl:', 'parquet:', 'tfds:', 'store:')
 BINARY_DOCUMENTS = ('error', 'skip', 'keep')
@@ -309,11 +308,7 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
   _positive(cfg, 'train', ('steps', 'batch_size', 'log_every_steps'))
   _positive(cfg, 'checkpoint', ('every_steps', 'max_to_keep'))
-  keep = cfg.checkpoint.keep_every_steps
-  _require(keep is None or (keep > 0 and keep % cfg.checkpoint.every_steps == 0),
-           f'checkpoint.keep_every_steps={keep} must be a positive multiple of checkpoint.every_steps='
-           f'{cfg.checkpoint.every_steps} (or None)')
-  _validate_init_from(cfg)
+  _validate_study_axes(cfg)
   _positive(cfg, 'eval', ('batch_size',))
   _require(cfg.eval.max_batches is None or cfg.eval.max_batches > 0,
            f'eval.max_batches={cfg.eval.max_batches} must be > 0 (or None for all)')
@@ -375,7 +370,7 @@ def _validate_moe_values(cfg) -> None:
   _require(e.aux_loss_coef >= 0 and e.z_loss_coef >= 0 and e.aux_free_sequence_coef >= 0,
            'moe.aux_loss_coef, moe.z_loss_coef and moe.aux_free_sequence_coef must be >= 0')
   _require(e.router_score in ROUTER_SCORES, f'moe.router_score={e.router_score!r} must be one of {ROUTER_SCORES}')
-  _require(e.routing in ROUTINGS, f'moe.routing={e.routing!r} must be one of {ROUTINGS}')
+  _require(e.routing in ('token_choice', 'expert_choice'), f"moe.routing={e.routing!r}: 'token_choice' or 'expert_choice'")
   _require(e.routed_scaling_factor > 0, f'moe.routed_scaling_factor={e.routed_scaling_factor} must be > 0')
   _require(e.num_expert_groups >= 1, f'moe.num_expert_groups={e.num_expert_groups} must be >= 1')
   _require(e.topk_expert_groups >= 1, f'moe.topk_expert_groups={e.topk_expert_groups} must be >= 1')
@@ -392,34 +387,22 @@ def _validate_moe_values(cfg) -> None:
   _require(shared_hidden(m, e) > 0, f'moe.shared_expert_hidden={e.shared_expert_hidden} must be > 0')
 
 
-def _validate_init_from(cfg) -> None:
-  """train.init_from (upcycling): an MoE config, non-negative router std and noise."""
-  t = cfg.train
-  _require(t.init_from_router_std >= 0 and t.init_from_noise >= 0,
-           'train.init_from_router_std and train.init_from_noise must be >= 0')
-  if t.init_from:
-    _require(cfg.moe.num_experts > 0, f'train.init_from={t.init_from!r} upcycles a dense run into an MoE, but '
-             'moe.num_experts=0')
-
-
-def _validate_expert_choice(cfg) -> None:
-  """moe.routing='expert_choice': the settings that have a meaning only for token choice must stay off."""
-  e = cfg.moe
-  _require(e.load_balancing == 'none', f"moe.routing='expert_choice' balances by construction: set "
-           f"moe.load_balancing='none' (is {e.load_balancing!r})")
-  _require(e.train_capacity_factor is None and e.eval_capacity_factor is None,
-           "moe.routing='expert_choice' takes its capacity from moe.experts_per_token (C = ceil(k*B/E)): "
-           'set moe.train_capacity_factor and moe.eval_capacity_factor to None')
-  _require(e.num_expert_groups == 1 and not e.use_renormalized_gates,
-           "moe.routing='expert_choice' has no group-limited routing or gate renormalization")
-  _require(cfg.mesh.expert == 1, "moe.routing='expert_choice' runs without expert parallelism (mesh.expert=1)")
+def _validate_study_axes(cfg) -> None:
+  """Kept checkpoints, upcycling (train.init_from*) and expert-choice routing (docs/studies.md)."""
+  e, t, keep = cfg.moe, cfg.train, cfg.checkpoint.keep_every_steps
+  _require(keep is None or (keep > 0 and keep % cfg.checkpoint.every_steps == 0), f'checkpoint.keep_every_steps={keep} '
+           f'must be a positive multiple of checkpoint.every_steps={cfg.checkpoint.every_steps} (or None)')
+  _require(t.init_from_router_std >= 0 and t.init_from_noise >= 0 and (not t.init_from or e.num_experts > 0),
+           'train.init_from_router_std and _noise must be >= 0, and train.init_from needs an MoE (moe.num_experts > 0)')
+  plain = (e.load_balancing, e.train_capacity_factor, e.eval_capacity_factor, e.num_expert_groups,
+           e.use_renormalized_gates, cfg.mesh.expert) == ('none', None, None, 1, False, 1)
+  _require(not e.num_experts or e.routing != 'expert_choice' or plain, "moe.routing='expert_choice' needs moe.load_balancing="
+           "'none', no capacity factors (C comes from moe.experts_per_token), one expert group, no renormalization, mesh.expert=1")
 
 
 def _validate_routing(cfg) -> None:
   """Cross-field rules of the router, load balancing, capacity and expert shapes (MoE configs)."""
   m, e = cfg.model, cfg.moe
-  if e.routing == 'expert_choice':
-    _validate_expert_choice(cfg)
   classes = size_classes(m, e)
   _require(sum(c for c, _ in classes) == e.num_experts,
            f'moe.expert_size_classes={e.expert_size_classes!r} has {sum(c for c, _ in classes)} experts '

@@ -101,7 +101,7 @@ def test_expert_choice_refusals(tiny_cfg):
     config_lib.validate(config_lib.apply_overrides(tiny_cfg, {'moe.routing': 'expert_choice'}))
   with pytest.raises(ConfigError, match='capacity'):
     _cfg(tiny_cfg, **{'moe.train_capacity_factor': 1.0})
-  with pytest.raises(ConfigError, match='must be one of'):
+  with pytest.raises(ConfigError, match="'token_choice' or"):
     config_lib.validate(config_lib.apply_overrides(tiny_cfg, {'moe.routing': 'choice'}))
   cfg = _cfg(tiny_cfg)
   with pytest.raises(ConfigError, match='cannot decode') as e:

@@ -86,7 +86,7 @@ def test_upcycling_refuses_mismatched_designs_in_one_line(tiny_cfg, dense):
     assert '\n' not in str(e.value)
   with pytest.raises(ConfigError, match='starts from a dense one'):
     upcycle.granularity(tiny_cfg, tiny_cfg, 'd')
-  with pytest.raises(ConfigError, match='moe.num_experts=0'):
+  with pytest.raises(ConfigError, match='needs an MoE'):
     _cfg(tiny_cfg, **{'train.init_from': '/x', **DENSE})
 
 

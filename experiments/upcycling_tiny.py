@@ -9,7 +9,7 @@ are charged the same total compute (the dense pretraining included)?
   scratch   the same MoE from random init, run long enough that its FLOPs equal dense + upcycled.
 The MoE's active FFN equals the dense FFN, so FLOPs per token differ only by the router.
 
-Run (one at a time; each point about 40-80 s on a 2-core CPU):
+Run (one at a time; each point about 1-2 minutes on a shared 2-core CPU):
   python -m moejax.main --config=experiments/upcycling_tiny.py:dense --workdir=runs/upcycling/dense
   python -m moejax.main --config=experiments/upcycling_tiny.py:upcycled --config.seed=S --config.data.seed=S \
       --config.train.init_from=runs/upcycling/dense --workdir=runs/upcycling/upcycled_sS
@@ -36,7 +36,7 @@ def get_config(arg=None):
   c.moe.experts_per_token, c.moe.expert_hidden = 2, 128
   c.moe.use_renormalized_gates, c.moe.routed_scaling_factor = True, 2.0
   c.train.init_from_noise = 0.01
-  c.data.seq_len, c.train.batch_size, c.train.steps = 128, 32, STEPS
+  c.data.seq_len, c.train.batch_size, c.train.steps = 64, 16, STEPS
   c.optim.peak_learning_rate = 4e-3
   c.checkpoint.every_steps = STEPS
   if arg == 'scratch':

@@ -46,6 +46,7 @@ def get_config(arg=None):
   e.num_shared_experts = 0  # always-active shared SwiGLU experts
   e.shared_expert_hidden = FieldReference(None, field_type=int)  # hidden size of each shared expert; None -> expert hidden
   e.use_shared_expert_gate = False  # multiply the shared output by sigmoid(x . w) (Qwen2-MoE style)
+  e.routing = 'token_choice'  # 'token_choice' (each token takes its top-k experts) or 'expert_choice' (each expert takes its top-C tokens at each position of the batch)
   e.router_score = 'softmax'  # 'softmax' over experts (Switch/OLMoE/Mixtral) or per-expert 'sigmoid' (DeepSeek-V3)
   e.use_renormalized_gates = False  # softmax: divide the top-k gates by their sum (Mixtral); sigmoid always renormalizes
   e.routed_scaling_factor = 1.0  # multiplies the routed gates (DeepSeek-V3 uses 2.5)
@@ -104,10 +105,14 @@ def get_config(arg=None):
   t.batch_size = 32  # global sequences per step
   t.log_every_steps = 50  # metrics to JSONL/TensorBoard every n steps
   t.peak_tflops = FieldReference(None, field_type=float)  # per-device peak for MFU; None -> looked up by device kind
+  t.init_from = ''  # upcycling: a finished dense run's workdir whose weights start this MoE ('' = random init)
+  t.init_from_router_std = 0.0  # upcycling: std of the router's normal init; 0 = zero router (first forward equals the dense one)
+  t.init_from_noise = 0.0  # upcycling: each copied expert weight times (1 + this * N(0, 1)), drawn from seed; 0 = exact copies
 
   c.checkpoint = k = ml_collections.ConfigDict()
   k.every_steps = 200  # save every n steps (and always at the end)
   k.max_to_keep = 2  # checkpoints kept on disk
+  k.keep_every_steps = FieldReference(None, field_type=int)  # also keep every checkpoint whose step is a multiple of n (moejax.routes); None = only the latest
   k.use_async = True  # write checkpoints in a background thread
 
   c.eval = v = ml_collections.ConfigDict()

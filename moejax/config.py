@@ -158,7 +158,8 @@ STEP_NEUTRAL_KEYS = ('name', 'seed', 'data.seed', 'train.steps', 'optim.peak_lea
                      'data.tfds_split', 'data.tfds_text_key', 'data.tfds_data_dir', 'data.tokenizer',
                      'data.separator_token', 'data.tokenizer_train_bytes', 'data.text_field', 'data.cache_dir',
                      'data.verify_store', 'data.read_threads', 'data.prefetch_batches', 'checkpoint.', 'eval.',
-                     'distributed.', 'train.log_every_steps', 'train.peak_tflops')
+                     'distributed.', 'train.log_every_steps', 'train.peak_tflops', 'train.init_from',
+                     'train.init_from_router_std', 'train.init_from_noise')
 
 
 def key_in(key: str, keys: Sequence[str]) -> bool:
@@ -307,6 +308,7 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
   _positive(cfg, 'train', ('steps', 'batch_size', 'log_every_steps'))
   _positive(cfg, 'checkpoint', ('every_steps', 'max_to_keep'))
+  _validate_study_axes(cfg)
   _positive(cfg, 'eval', ('batch_size',))
   _require(cfg.eval.max_batches is None or cfg.eval.max_batches > 0,
            f'eval.max_batches={cfg.eval.max_batches} must be > 0 (or None for all)')
@@ -368,6 +370,7 @@ def _validate_moe_values(cfg) -> None:
   _require(e.aux_loss_coef >= 0 and e.z_loss_coef >= 0 and e.aux_free_sequence_coef >= 0,
            'moe.aux_loss_coef, moe.z_loss_coef and moe.aux_free_sequence_coef must be >= 0')
   _require(e.router_score in ROUTER_SCORES, f'moe.router_score={e.router_score!r} must be one of {ROUTER_SCORES}')
+  _require(e.routing in ('token_choice', 'expert_choice'), f"moe.routing={e.routing!r}: 'token_choice' or 'expert_choice'")
   _require(e.routed_scaling_factor > 0, f'moe.routed_scaling_factor={e.routed_scaling_factor} must be > 0')
   _require(e.num_expert_groups >= 1, f'moe.num_expert_groups={e.num_expert_groups} must be >= 1')
   _require(e.topk_expert_groups >= 1, f'moe.topk_expert_groups={e.topk_expert_groups} must be >= 1')
@@ -382,6 +385,19 @@ def _validate_moe_values(cfg) -> None:
            f'moe.capacity_group_tokens={e.capacity_group_tokens} must be > 0 (or None)')
   _require(e.num_shared_experts >= 0, f'moe.num_shared_experts={e.num_shared_experts} must be >= 0')
   _require(shared_hidden(m, e) > 0, f'moe.shared_expert_hidden={e.shared_expert_hidden} must be > 0')
+
+
+def _validate_study_axes(cfg) -> None:
+  """Kept checkpoints, upcycling (train.init_from*) and expert-choice routing (docs/studies.md)."""
+  e, t, keep = cfg.moe, cfg.train, cfg.checkpoint.keep_every_steps
+  _require(keep is None or (keep > 0 and keep % cfg.checkpoint.every_steps == 0), f'checkpoint.keep_every_steps={keep} '
+           f'must be a positive multiple of checkpoint.every_steps={cfg.checkpoint.every_steps} (or None)')
+  _require(t.init_from_router_std >= 0 and t.init_from_noise >= 0 and (not t.init_from or e.num_experts > 0),
+           'train.init_from_router_std and _noise must be >= 0, and train.init_from needs an MoE (moe.num_experts > 0)')
+  plain = (e.load_balancing, e.train_capacity_factor, e.eval_capacity_factor, e.num_expert_groups,
+           e.use_renormalized_gates, cfg.mesh.expert) == ('none', None, None, 1, False, 1)
+  _require(not e.num_experts or e.routing != 'expert_choice' or plain, "moe.routing='expert_choice' needs moe.load_balancing="
+           "'none', no capacity factors (C comes from moe.experts_per_token), one expert group, no renormalization, mesh.expert=1")
 
 
 def _validate_routing(cfg) -> None:

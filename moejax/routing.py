@@ -214,3 +214,32 @@ def load_stats(counts_E):
   mean = max(counts_E.mean(), 1e-9) if isinstance(counts_E, np.ndarray) else jnp.maximum(counts_E.mean(), 1e-9)
   return {'load_max_over_mean': counts_E.max() / mean, 'load_cv': counts_E.std() / mean,
           'dead_experts': (counts_E == 0).sum().astype(counts_E.dtype)}
+
+
+def expert_choice_capacity(group_tokens: int, k: int, num_experts: int) -> int:
+  """C = ceil(k * N / E) tokens per expert per group of N tokens (at most N): k experts per token on average."""
+  return min(group_tokens, int(math.ceil(k * group_tokens / num_experts)))
+
+
+def expert_choice(scores_GNE: jax.Array, capacity: int) -> tuple[jax.Array, jax.Array]:
+  """(tokens_GEC, gates_GEC): in each group of N tokens, expert e takes the C tokens with its highest scores.
+
+  Expert-choice routing (Zhou et al. 2022): every expert serves exactly C tokens per group; a
+  token may be taken by several experts or by none. Ties go to the lower token index.
+  Which tokens form a group decides what a token's routing can see (`moejax.model.moe`
+  groups the batch's tokens at one position, so no token's routing depends on a later one).
+  """
+  gates_GEC, tokens_GEC = jax.lax.top_k(jnp.swapaxes(scores_GNE.astype(jnp.float32), 1, 2), capacity)
+  return tokens_GEC.astype(jnp.int32), gates_GEC
+
+
+def expert_choice_stats(scores_GNE: jax.Array, tokens_GEC: jax.Array) -> dict[str, jax.Array]:
+  """Expert-choice diagnostics in `routing_stats`' keys: loads (C per group for every expert), the share of
+  tokens no expert took ('drop_fraction') and the mean router entropy of the normalized scores."""
+  G, N, E = scores_GNE.shape
+  counts_E = jnp.full((E,), G * tokens_GEC.shape[-1], jnp.float32)
+  taken_GN = jnp.zeros((G, N), jnp.int32).at[jnp.arange(G)[:, None, None], tokens_GEC].add(1)
+  probs = normalized_scores(scores_GNE.reshape(G * N, E).astype(jnp.float32))
+  entropy_T = -jnp.sum(probs * jnp.log(jnp.maximum(probs, 1e-30)), axis=-1)
+  return {'expert_counts': counts_E, **load_stats(counts_E), 'router_entropy': jnp.mean(entropy_T),
+          'drop_fraction': jnp.mean((taken_GN == 0).astype(jnp.float32))}

@@ -31,6 +31,10 @@ from moejax.model.transformer import Cache, Transformer
 
 def check_decodable(cfg) -> None:
   """Decoding needs dropless evaluation: a capacity factor makes a token's routing depend on its batch."""
+  if cfg.moe.num_experts and cfg.moe.routing == 'expert_choice':
+    raise ConfigError("moe.routing='expert_choice' cannot decode: each expert picks tokens among the batch's "
+                      'tokens at one position, so a generated token\'s experts depend on the other sequences decoded '
+                      'with it (docs/studies.md, "Expert-choice routing")')
   if cfg.moe.num_experts and cfg.moe.eval_capacity_factor is not None:
     raise ConfigError(f'moe.eval_capacity_factor={cfg.moe.eval_capacity_factor}: decoding needs dropless evaluation '
                       '(a capacity limit would make a token\'s experts depend on the other tokens of its step); '

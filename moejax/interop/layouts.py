@@ -39,6 +39,8 @@ def _refusals(cfg) -> list[str]:
     out.append(f'moe.router_score={e.router_score!r} (every layout routes by softmax)')
   if e.num_expert_groups > 1:
     out.append(f'group-limited routing (moe.num_expert_groups={e.num_expert_groups})')
+  if e.routing == 'expert_choice':
+    out.append("expert-choice routing (moe.routing='expert_choice'): every layout routes each token to its top-k")
   if e.load_balancing == 'aux_free':
     out.append("the aux-free expert bias (moe.load_balancing='aux_free'): no layout has a routing bias")
   return out

@@ -48,6 +48,16 @@ def routed_expert_sizes(cfg) -> list[int]:
           for _ in range(count)]
 
 
+def experts_per_token(cfg) -> int | float:
+  """Routed experts a token uses: k for token choice; for expert choice the mean E*C/B over a training group of
+  B tokens (C = ceil(k*B/E), `routing.expert_choice_capacity`), which exceeds k when k*B/E is not whole."""
+  e, k = cfg.moe, cfg.moe.experts_per_token
+  if e.routing != 'expert_choice':
+    return k
+  B = cfg.train.batch_size
+  return _exact(min(B, math.ceil(k * B / e.num_experts)) * e.num_experts / B)
+
+
 def count(cfg) -> dict[str, Any]:
   """Returns the accounting record for a validated config.
 
@@ -63,7 +73,7 @@ def count(cfg) -> dict[str, Any]:
   norms = 2 * D + _qk_norm_params(m)
   dense_ffn = 3 * D * m.ffn_hidden
   E = e.num_experts
-  k = e.experts_per_token if E else 0
+  k = experts_per_token(cfg) if E else 0
   routed = sum(routed_expert_sizes(cfg)) if E else 0
   shared = (e.num_shared_experts * 3 * D * config_lib.shared_hidden(m, e) + (D if e.use_shared_expert_gate and
                                                                              e.num_shared_experts else 0)) if E else 0
@@ -84,6 +94,7 @@ def count(cfg) -> dict[str, Any]:
       'n_embed': embed,
       'num_moe_layers': n_moe,
       'num_experts': E,
+      'routing': e.routing if E else 'none',
       'experts_per_token': k,
       'expert_hidden': (config_lib.expert_hidden(m, e) if len(classes) == 1 else
                         _exact(sum(c * f for c, f in classes) / E)) if E else 0,

@@ -87,6 +87,19 @@ def capacity_dispatch(x_TD, gates_TK, experts_TK, w_gate_EDF, w_up_EDF, w_down_E
   return jnp.einsum('tk,tkd->td', gates_TK.astype(y_rows.dtype), y_rows[slot_TK])
 
 
+def expert_choice_dispatch(x_GND, tokens_GEC, gates_GEC, w_gate_EDF, w_up_EDF, w_down_EFD) -> jax.Array:
+  """Expert choice (`routing.expert_choice`): expert e runs on its C chosen tokens of each group; y_GND float32.
+
+  Every expert computes exactly G*C rows (no padding, no drops); a token taken by several
+  experts sums their gated outputs, a token taken by none gets zero (the residual carries it).
+  """
+  G, N, D = x_GND.shape
+  g_GEC = jnp.arange(G)[:, None, None]
+  x_GECD = x_GND[g_GEC, tokens_GEC]
+  y_GECD = swiglu(x_GECD, w_gate_EDF, w_up_EDF, w_down_EFD, 'gecd,edf->gecf;gecf,efd->gecd').astype(jnp.float32)
+  return jnp.zeros((G, N, D), jnp.float32).at[g_GEC, tokens_GEC].add(gates_GEC[..., None] * y_GECD)
+
+
 MANY_TOKEN = {'dense': dense_dispatch, 'block': block_dispatch, 'ragged': ragged_dispatch, 'capacity': capacity_dispatch}
 
 

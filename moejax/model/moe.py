@@ -80,6 +80,8 @@ class MoE(nnx.Module):
     """(y_BLD, aux). `dispatch`: None or 'model' for the configured `moe.dispatch`, 'distinct' or
     'gather' for a few-token dispatch (decode steps; dropless, evaluation routing). With a dispatch
     named, aux also holds the routing, 'experts_TK'."""
+    if self.cfg.routing == 'expert_choice':
+      return self._expert_choice(x_BLD, train, rng, dispatch)
     B, L, D = x_BLD.shape
     T, c, dt = B * L, self.cfg, x_BLD.dtype
     x_TD = x_BLD.reshape(T, D)
@@ -123,6 +125,42 @@ class MoE(nnx.Module):
       aux['ep_drop_fraction'] = sum(ep_drops) / len(ep_drops)
     if dispatch is not None:
       aux = {'experts_TK': experts_TK}
+    return y_TD.reshape(B, L, D).astype(dt), aux
+
+  def _expert_choice(self, x_BLD, train: bool, rng, dispatch):
+    """Expert-choice routing over groups of the batch's B tokens at one position (docs/studies.md).
+
+    Grouping by position keeps routing causal: a token competes only with tokens at its own
+    position in other sequences, never with a later token of its own sequence. With a
+    dispatch named (analysis), aux['experts_TK'] is [T, E]: e where expert e took the token, else E.
+    """
+    B, L, D = x_BLD.shape
+    c, dt, E = self.cfg, x_BLD.dtype, self.cfg.num_experts
+    x_LBD = jnp.swapaxes(x_BLD, 0, 1)
+    x_router = x_LBD.astype(jnp.float32)
+    if train and c.router_jitter > 0 and rng is not None:
+      x_router = x_router * jax.random.uniform(rng, x_router.shape, jnp.float32, 1 - c.router_jitter,
+                                               1 + c.router_jitter)
+    logits_LBE = jnp.einsum('lbd,de->lbe', x_router, self.w_router[...])
+    scores_LBE = routing.router_scores(logits_LBE, c.router_score)
+    tokens_LEC, gates_LEC = routing.expert_choice(scores_LBE, routing.expert_choice_capacity(B, c.experts_per_token, E))
+    gates_LEC = gates_LEC * c.routed_scaling_factor
+    y_LBD, offset = jnp.zeros((L, B, D), jnp.float32), 0
+    for (count, _), experts in zip(self.classes, self.experts):
+      w = (experts.w_gate[...].astype(dt), experts.w_up[...].astype(dt), experts.w_down[...].astype(dt))
+      y_LBD += dispatch_lib.expert_choice_dispatch(x_LBD, tokens_LEC[:, offset:offset + count],
+                                                   gates_LEC[:, offset:offset + count], *w)
+      offset += count
+    y_TD = jnp.swapaxes(y_LBD, 0, 1).reshape(B * L, D)
+    if self.shared is not None:
+      y_TD += self.shared_output(x_BLD.reshape(B * L, D))
+    if dispatch is not None:
+      taken_LBE = jnp.zeros((L, B, E), jnp.bool_).at[jnp.arange(L)[:, None, None], tokens_LEC,
+                                                     jnp.arange(E)[None, :, None]].set(True)
+      experts_TE = jnp.where(jnp.swapaxes(taken_LBE, 0, 1), jnp.arange(E), E).reshape(B * L, E).astype(jnp.int32)
+      return y_TD.reshape(B, L, D).astype(dt), {'experts_TK': experts_TE}
+    aux = {'aux_loss': jnp.zeros((), jnp.float32), 'z_loss': routing.router_z_loss(logits_LBE.reshape(-1, E)),
+           **routing.expert_choice_stats(scores_LBE, tokens_LEC), 'bias_abs_mean': jnp.zeros((), jnp.float32)}
     return y_TD.reshape(B, L, D).astype(dt), aux
 
   def _few_tokens(self, x_TD, experts_TK, gates_TK, routed) -> jax.Array:

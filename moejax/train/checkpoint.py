@@ -74,15 +74,18 @@ def _kept(steps: list[int]) -> str:
 class Checkpointer:
   """Saves and restores {'state': pytree, 'meta': json dict} under `directory`."""
 
-  def __init__(self, directory: str, max_to_keep: int = 2, use_async: bool = True):
+  def __init__(self, directory: str, max_to_keep: int = 2, use_async: bool = True, keep_every_steps: int | None = None):
     # grain (the data pipeline) imports attrs lazily; imported for the first time while orbax's background
     # threads run, CPython's import lock can fail (KeyError in _ModuleLock, seen once in the test suite). Import
     # it before orbax starts any thread.
     import grain  # pylint: disable=import-outside-toplevel,unused-import
     # Orbax requires absolute local paths; remote ones (gs://...) pass through.
     self.directory = epath.Path(directory if '://' in directory else os.path.abspath(directory))
-    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, enable_async_checkpointing=use_async,
-                                           create=True)
+    # keep_every_steps (routing analysis, moejax.routes): the latest max_to_keep, plus every multiple of n.
+    keep = {'max_to_keep': max_to_keep} if not keep_every_steps else {
+        'preservation_policy': ocp.checkpoint_managers.AnyPreservationPolicy([
+            ocp.checkpoint_managers.LatestN(max_to_keep), ocp.checkpoint_managers.EveryNSteps(keep_every_steps)])}
+    options = ocp.CheckpointManagerOptions(enable_async_checkpointing=use_async, create=True, **keep)
     try:
       with _quiet_orbax():
         self._mngr = ocp.CheckpointManager(self.directory, options=options)
@@ -183,6 +186,16 @@ class Checkpointer:
       raise CheckpointError(f'no readable checkpoint in {self.directory} (left in place): step {failed[0][0]}: '
                             f'{failed[0][1]}')
     return None
+
+  def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
+    """(state, meta) of one kept step (routing analysis reads every kept step); CheckpointError if unreadable."""
+    try:
+      with _quiet_orbax():
+        restored = self._mngr.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+    except Exception as e:  # pylint: disable=broad-except  (orbax/tensorstore raise many types for damaged files)
+      raise CheckpointError(f'checkpoint step {step} in {self.directory} is unreadable: {_cause(e)}') from None
+    return restored['state'], restored['meta']
 
   def wait(self) -> None:
     """Blocks until the last save is on disk; raises CheckpointError if it failed."""

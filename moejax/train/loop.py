@@ -100,11 +100,14 @@ def run(cfg, workdir: str, stop_after: int | None = None, built: Setup | None = 
                                cfg.data.prefetch_batches)
   data_iter = iter(dataset)
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'), cfg.checkpoint.max_to_keep,
-                                 cfg.checkpoint.use_async)
+                                 cfg.checkpoint.use_async, cfg.checkpoint.keep_every_steps)
   loop = None
   try:
     state, wall_before, branches_done = s.state, 0.0, []
     restored = ckpt.restore_latest(checkpoint.abstract(state))
+    if restored is None and cfg.train.init_from:  # upcycling: a dense run's weights, only ever at step 0
+      from moejax.train import upcycle  # pylint: disable=import-outside-toplevel
+      state = upcycle.initialize(cfg, state, workdir)
     if restored is not None:
       step0, state, meta = restored
       if meta.get('imported'):  # weights from moejax.import_hf: no data read yet, so the data order starts fresh

@@ -71,11 +71,22 @@ def result_record(s: Setup, eval_metrics: dict, train_summary: dict, config_chan
       'eval': {k: v for k, v in eval_metrics.items() if k != 'routing'},
       'routing': eval_metrics.get('routing'),
       'train': {k: v for k, v in train_summary.items() if k in ('steps', 'tokens', 'wall_s')},
+      **compute(s.accounting, train_summary, workdir),
       'git': git_revision(),
       'platform': {'backend': jax.default_backend(), 'device_kind': jax.devices()[0].device_kind,
                    'device_count': jax.device_count(), 'jax': jax.__version__, 'numpy': np.__version__,
                    'python': platform.python_version(), 'host_cpu': host_cpu()},
   })
+
+
+def compute(acc: dict, train_summary: dict, workdir: str | None) -> dict:
+  """{'compute': this run's training FLOPs, an upcycled run's dense FLOPs and their sum; 'upcycled_from'}."""
+  from moejax.train import upcycle  # pylint: disable=import-outside-toplevel
+  prior = upcycle.read_record(workdir)
+  train_flops = (train_summary.get('tokens') or 0) * acc['flops_per_token']
+  init_flops = prior['flops'] if prior else 0
+  out = {'compute': {'train_flops': train_flops, 'init_from_flops': init_flops, 'total_flops': train_flops + init_flops}}
+  return dict(out, upcycled_from=prior) if prior else out
 
 
 def host_cpu() -> str | None:

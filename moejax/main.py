@@ -50,6 +50,8 @@ def execute(cfg, workdir: str, mode: str = 'train', allow_config_change: bool = 
     if distributed.any_process(error is not None):  # all stop together, or the others hang in collectives
       raise error or WorkdirError(f'another process of this run could not take or bind workdir {workdir}')
     corpus = data.corpus_from_config(cfg.data)
+    if leader:  # the run keeps its own copy of its tokenizer (docs/data.md)
+      data.tokenizers.snapshot(corpus.tokenizer, workdir)
     s = train.setup(cfg, corpus)
     if mode == 'train':
       summary = train.run(cfg, workdir, built=s)

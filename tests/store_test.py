@@ -451,25 +451,25 @@ def test_concurrent_preparations_with_other_settings_are_refused(corpus_glob, tm
   preparation.verify_store(str(out))
 
 
-def test_verify_refuses_a_store_mixed_from_two_preparations(byte_store, corpus_glob, tmp_path):
+def test_verify_refuses_a_store_mixed_from_two_preparations(trained, corpus_glob, tmp_path):
+  """Chunk 2 from a BPE trained on other bytes, with a manifest that matches its shards (as two racing runs made)."""
   other = tmp_path / 'other'
-  _prepare(other, corpus_glob, dtype='uint32')  # the same chunks, other settings
-  mixed = _damaged(byte_store, tmp_path, 'mixed')
+  _prepare(other, corpus_glob, tokenizer='train:bpe:400', tokenizer_train_bytes=50_000)
+  mixed = _damaged(trained['bpe_store'], tmp_path, 'mixed')
   for name in ('train/000002.bin', 'heldout/000002.bin', 'chunks/000002.json'):
     shutil.copyfile(other / name, mixed / name)
-  preparation.finalize(str(mixed), json.load(open(other / 'plan.json')))  # as the old finalize would
-  manifest = json.load(open(mixed / 'manifest.json'))
-  mixed_manifest = dict(manifest, splits={s: dict(v, shards=[
-      dict(e, sha256=json.load(open(mixed / 'chunks' / f'{i:06d}.json'))['splits'][s]['sha256'])
-      for i, e in enumerate(json.load(open(byte_store + '/manifest.json'))['splits'][s]['shards'])])
-      for s, v in json.load(open(byte_store + '/manifest.json'))['splits'].items()})
-  files.atomic_write_json(str(mixed / 'manifest.json'), dict(json.load(open(byte_store + '/manifest.json')),
-                                                             splits=mixed_manifest['splits']))
+  manifest, record = json.load(open(mixed / 'manifest.json')), json.load(open(mixed / 'chunks' / '000002.json'))
+  for split, entry in record['splits'].items():
+    shards = manifest['splits'][split]['shards']
+    shards[2] = {k: entry[k] for k in ('file', 'tokens', 'sha256')}
+    manifest['splits'][split]['tokens'] = sum(e['tokens'] for e in shards)
+  assert not filecmp.cmp(other / 'train' / '000002.bin', os.path.join(trained['bpe_store'], 'train', '000002.bin'))
+  files.atomic_write_json(str(mixed / 'manifest.json'), manifest)
   out = _prepare_cli(f'--verify={mixed}')
   assert out.returncode == 1, out.stdout
   assert 'chunk 000002 was made by another preparation' in _one_error_line(out.stderr)
-  _prepare(mixed, corpus_glob)  # the rerun re-makes that chunk
-  _same_store(byte_store, mixed)
+  _prepare(mixed, corpus_glob, tokenizer='train:bpe:400')  # the rerun re-makes that chunk
+  _same_store(trained['bpe_store'], mixed)
 
 
 def test_rerunning_prepare_repairs_a_damaged_store(byte_store, tmp_path):
@@ -546,3 +546,51 @@ def test_prepare_logs_the_training_bytes_used_and_a_smaller_vocabulary(corpus_gl
   assert vocab < 60000 and any(f'learned only {vocab} tokens' in m for m in messages), messages
   trained_on = [int(m.group(1)) for m in map(re.compile(r'on (\d+) bytes of training documents').search, messages) if m]
   assert trained_on and used < trained_on[0] < 2 * used  # the training split, not the 200 MiB cap
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+  """A 4 MB tmpfs (root only: CI and the dev machines run as root); skipped where it cannot be mounted."""
+  mount = tmp_path / 'disk'
+  mount.mkdir()
+  if subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=4m', 'tmpfs', str(mount)], capture_output=True).returncode:
+    pytest.skip('cannot mount a tmpfs here (needs root)')
+  yield mount
+  subprocess.run(['umount', '-l', str(mount)], capture_output=True)
+
+
+def _fill(disk, leave: int) -> str:
+  """Writes a ballast file that leaves `leave` bytes free on `disk`; returns its path."""
+  free = os.statvfs(disk)
+  path = str(disk / 'ballast')
+  try:
+    with open(path, 'wb') as f:
+      f.write(b'\0' * max(free.f_bavail * free.f_frsize - leave, 0))
+  except OSError:
+    pass
+  return path
+
+
+@pytest.mark.parametrize('workers', [1, 2])
+def test_full_disk_during_prepare_is_one_line_and_resumes(byte_store, corpus_glob, small_disk, workers):
+  out = small_disk / 'store'
+  ballast = _fill(small_disk, 160 << 10)  # the plan fits, not every chunk
+  run = _prepare_cli(f'--source={corpus_glob}', f'--out={out}', '--heldout_bytes=4000', '--chunk_bytes=20000',
+                     f'--workers={workers}', '--quiet')
+  assert run.returncode == 1, run.stderr
+  line = _one_error_line(run.stderr)
+  assert re.fullmatch(r'moejax: error: writing the token store .* failed: No space left on device.*; \d+ of \d+ '
+                      r'chunks of .* are done and kept: rerun the same command to resume', line), line
+  assert _leftovers(out) == [] and not os.path.exists(out / 'manifest.json')
+  os.remove(ballast)
+  _prepare(out, corpus_glob)  # resumes
+  _same_store(byte_store, out)
+
+
+def test_full_disk_while_planning_leaves_no_directory(corpus_glob, small_disk):
+  _fill(small_disk, 0)
+  run = _prepare_cli(f'--source={corpus_glob}', f'--out={small_disk}/store', '--heldout_bytes=4000',
+                     '--tokenizer=train:bpe:400', '--quiet')
+  assert run.returncode == 1, run.stderr
+  assert 'No space left on device' in _one_error_line(run.stderr)
+  assert sorted(os.listdir(small_disk)) == ['ballast']

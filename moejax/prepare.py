@@ -26,7 +26,7 @@ import signal
 from absl import app, flags
 
 from moejax import cli, files
-from moejax.data import preparation, sources
+from moejax.data import chunks, preparation, sources
 from moejax.errors import ConfigError, DataError, Interrupted, Preempted
 
 FLAGS = flags.FLAGS
@@ -91,7 +91,7 @@ gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone="$ZONE" --worker=0 --command="
 
 
 def verify(directory: str) -> None:
-  manifest, streams = preparation.verify_store(os.path.abspath(os.path.expanduser(directory)))
+  manifest, streams = chunks.verify_store(os.path.abspath(os.path.expanduser(directory)))
   print(f'{directory}: complete token store, format version {manifest["version"]}, tokenizer '
         f'{manifest["tokenizer"]["spec"]} (vocabulary {manifest["tokenizer"]["vocab_size"]}), {manifest["dtype"]}; '
         f'train {streams["train"].size:,} tokens ({manifest["splits"]["train"]["docs"]:,} docs), held-out '
@@ -150,7 +150,7 @@ def _main(argv):
     spec = preparation.tok_lib.parse_spec(FLAGS.tokenizer)
   except ValueError as e:
     raise ConfigError(str(e)) from None
-  with _one_line_stops(lambda: preparation.progress_note(out)):
+  with _one_line_stops(lambda: chunks.progress_note(out)):
     manifest = preparation.prepare(out, opts, spec, _amount('heldout_bytes'), FLAGS.heldout_max_fraction,
                                    _amount('chunk_bytes'), FLAGS.dtype, FLAGS.workers, FLAGS.num_shards,
                                    FLAGS.shard_index, FLAGS.plan_only, FLAGS.separator_token,

@@ -17,7 +17,7 @@ import pytest
 
 from moejax import files
 from moejax import config as config_lib, data
-from moejax.data import locking, preparation, store as store_lib, tokenizers as tok_lib
+from moejax.data import chunks, locking, preparation, store as store_lib, tokenizers as tok_lib
 from moejax.data.sources import SourceOptions
 from moejax.errors import ConfigError, DataError
 
@@ -427,6 +427,36 @@ def test_interrupted_preparation_is_one_line_and_resumes(byte_store, corpus_glob
   _same_store(byte_store, out)
 
 
+def _workers_of(pid):
+  """The pids of a process's spawned pool workers (not its resource tracker)."""
+  found = []
+  for entry in os.listdir('/proc'):
+    try:
+      with open(f'/proc/{entry}/stat') as f:
+        ppid = int(f.read().rsplit(')', 1)[1].split()[1])
+      with open(f'/proc/{entry}/cmdline', 'rb') as f:
+        command = f.read()
+    except (OSError, ValueError, IndexError):
+      continue
+    if ppid == pid and b'spawn_main' in command:
+      found.append(int(entry))
+  return found
+
+
+def test_a_killed_worker_is_one_line_and_the_run_resumes(byte_store, corpus_glob, tmp_path):
+  """SIGKILL (the OOM killer) of one worker: the run ends with one line instead of hanging, and resumes."""
+  out = tmp_path / 'store'
+  proc = _start_slow(out, corpus_glob, '--workers=2')
+  _wait_for(lambda: glob.glob(str(out / 'chunks' / '*.json')) and _workers_of(proc.pid))
+  os.kill(_workers_of(proc.pid)[0], signal.SIGKILL)
+  _, stderr = proc.communicate(timeout=90)
+  assert proc.returncode == 1, stderr
+  assert 'a preparation worker process died' in _one_error_line(stderr)
+  assert _leftovers(out) == []
+  _prepare(out, corpus_glob)
+  _same_store(byte_store, out)
+
+
 def test_concurrent_preparations_share_the_chunks(byte_store, corpus_glob, tmp_path):
   """Two runs with the same settings at once: each chunk is made once, by one of them, and both end complete."""
   out = tmp_path / 'shared'
@@ -448,7 +478,7 @@ def test_concurrent_preparations_with_other_settings_are_refused(corpus_glob, tm
   assert codes == [0, 1], outputs
   line = _one_error_line(outputs[[p.returncode for p in procs].index(1)][1])
   assert re.search(r'holds a preparation with other settings: heldout_bytes \((4000 -> 5000|5000 -> 4000)\)', line)
-  preparation.verify_store(str(out))
+  chunks.verify_store(str(out))
 
 
 def test_verify_refuses_a_store_mixed_from_two_preparations(trained, corpus_glob, tmp_path):

@@ -22,6 +22,7 @@ from moejax.data.sources import (BINARY_DOCUMENTS, BINARY_SHARE, SourceOptions, 
                                  read_documents, stdlib_files)
 
 __all__ = ['SEPARATOR', 'Corpus', 'check_vocab', 'corpus_from_config', 'fingerprint', 'load_corpus', 'open_store',
-           'pack', 'split_documents', 'store_tokenizer_spec', 'vocab_size', 'Windows', 'heldout_batches', 'scored_bytes', 'train_dataset',
+           'pack', 'split_documents', 'store_tokenizer_spec', 'vocab_size', 'Windows', 'heldout_batches',
+           'scored_bytes', 'train_dataset',
            'BINARY_DOCUMENTS', 'BINARY_SHARE', 'SourceOptions', 'looks_binary', 'non_text_share', 'read_documents',
            'stdlib_files']

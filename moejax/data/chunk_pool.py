@@ -6,9 +6,10 @@ dies (SIGKILL, the OOM killer) breaks the pool with an error instead of hanging 
 Stopping: Ctrl-C reaches the whole foreground process group, so workers ignore SIGINT and the
 driver alone decides (they are started with SIGINT ignored, which a spawned interpreter keeps).
 The driver, stopped by any exception (Ctrl-C, SIGTERM's handler, a worker's error), sends the
-workers SIGTERM and waits for them: a worker's SIGTERM handler removes the temporary files of
-the chunk it is writing and exits at once. Nothing is left to write to a closed pipe, so no
-BrokenPipe tracebacks, and the pool's queues are closed before the interpreter exits.
+workers SIGTERM and waits for them (SIGKILL after `STOP_GRACE_S`): a worker's SIGTERM handler
+removes the temporary files of the chunk it is writing and exits at once (the driver removes
+what a killed worker left). Nothing is left to write to a closed pipe, so no BrokenPipe
+tracebacks, and the pool's queues are closed before the interpreter exits.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from typing import Callable, Sequence
 
 from moejax.errors import DataError
 
+STOP_GRACE_S = 5.0  # a stopped worker that has not ended after this is killed
 # Temporary files the chunk being written in this process has open (removed on SIGTERM in a worker).
 OPEN_TEMPS: set[str] = set()
 
@@ -68,15 +70,23 @@ def _sigint_ignored():
 
 
 def _stop(executor: futures.ProcessPoolExecutor) -> None:
+  """Ends every worker (SIGTERM, then SIGKILL after a grace period), then the pool.
+
+  The SIGKILL matters: a worker killed while it held the result queue's write lock (a
+  worker that had just sent a result) leaves the others blocked on that lock for ever, and
+  the pool's own shutdown waits for every worker to end.
+  """
   processes = list((getattr(executor, '_processes', None) or {}).values())  # (3.11 has no terminate_workers())
   for p in processes:
     with contextlib.suppress(Exception):
-      if p.is_alive():
-        p.terminate()
-  executor.shutdown(wait=True, cancel_futures=True)
+      p.terminate()
   for p in processes:
     with contextlib.suppress(Exception):
-      p.join(10)
+      p.join(STOP_GRACE_S)
+      if p.is_alive():
+        p.kill()
+        p.join()
+  executor.shutdown(wait=True, cancel_futures=True)
 
 
 def run(fn: Callable, args: Sequence[tuple], workers: int, on_result: Callable[[tuple, object], None]) -> None:

@@ -33,7 +33,7 @@ import time
 
 import numpy as np
 
-from moejax.data import preparation, store as store_lib, tokenizers as tok_lib
+from moejax.data import chunks, preparation, store as store_lib, tokenizers as tok_lib
 from moejax.data.sources import SourceOptions, read_documents
 from moejax.errors import ConfigError, DataError
 
@@ -65,7 +65,7 @@ def fingerprint(docs: list[tuple[str, bytes]]) -> str:
   """sha256 over every (key, length, bytes) in order."""
   h = hashlib.sha256()
   for key, data in docs:
-    preparation.doc_hash_update(h, key, data)
+    chunks.doc_hash_update(h, key, data)
   return h.hexdigest()
 
 
@@ -115,7 +115,7 @@ def _check_store_tokenizer(directory: str, manifest: dict, spec_text: str) -> No
   want, have = preparation.tokenizer_id(spec), manifest['settings']['tokenizer']
   if want != have and want != f'{spec.kind}:sha256:{manifest["tokenizer"]["hash"]}':  # (or the store's own file)
     raise DataError(f'token store {directory} was prepared with tokenizer {have}, but data.tokenizer={spec_text!r} '
-                    f'is {want}; set data.tokenizer to the store\'s, or prepare a store with this one')
+                    f'is {want}; leave data.tokenizer unset to take the store\'s, or prepare a store with this one')
 
 
 @functools.lru_cache(maxsize=4)
@@ -126,7 +126,7 @@ def open_store(directory: str, tokenizer: str = 'bytes', verify: str = 'full') -
   manifest = store_lib.read_manifest(directory)
   _check_store_tokenizer(directory, manifest, tokenizer)
   manifest, streams = store_lib.open_streams(directory, verify, manifest)
-  tok = preparation.store_tokenizer(directory, manifest)
+  tok = chunks.store_tokenizer(directory, manifest)
   splits = manifest['splits']
   corpus = Corpus(f'store:{directory}', manifest['fingerprint'], streams['train'], streams['heldout'],
                   splits['train']['docs'], splits['heldout']['docs'], tok, directory)

@@ -4,11 +4,10 @@
    screen binary ones, fingerprint them, cut them into chunks of about `chunk_bytes`, and
    choose the held-out documents with the same rule as in-memory corpora (`split_keys`).
    A 'train:' tokenizer is trained here on the training documents. Written to plan.json.
-2. Chunks (any number of worker processes and of independent jobs): chunk i re-reads its
-   documents from its recorded position, checks they are the planned ones (sha256),
-   tokenizes them and writes train/i.bin and heldout/i.bin, then chunks/i.json. Every file
-   is written under a temporary name and renamed, so a killed job leaves no partial chunk;
-   a rerun skips finished chunks. Job j of `--num_shards=n` takes chunks i with i % n == j.
+2. Chunks (any number of worker processes and of independent jobs; `chunks.py`): chunk i
+   re-reads its documents, tokenizes them and writes its shards, then chunks/i.json, each
+   under a temporary name renamed into place, so a killed job leaves no partial chunk; a
+   rerun skips finished chunks. Job j of `--num_shards=n` takes chunks i with i % n == j.
 3. Finalize (whichever job finishes the last chunk): checks every chunk and writes
    manifest.json last. Its content is a function of the plan and the chunks only, so any
    number of workers or jobs gives a byte-identical store.
@@ -16,19 +15,16 @@
 Ownership (`locking.py`): DIR/.lock is held while a run plans, checks a complete store or
 finalizes, so a second run waits for the plan and is then refused if its settings differ;
 chunks/i.lock is held while chunk i is made, so concurrent runs with the same settings share
-the chunks (each made once) instead of all doing every one. Every chunk record carries the
-plan's fingerprint (`plan_fingerprint`): a record of another plan is not a finished chunk,
-and `verify` refuses a store that mixes preparations. A rerun on a complete store checks
-every shard's sha256 and re-makes the missing or damaged ones (the repair the error
-messages of `store.py` give).
+the chunks (each made once) instead of all doing every one. A rerun on a complete store
+checks every shard's sha256 and re-makes the missing or damaged ones (the repair the error
+messages of `store.py` give). An OSError (a full disk) is one DataError line; the driver's
+SIGTERM and Ctrl-C stop the workers cleanly (`chunk_pool.py`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import glob
 import hashlib
-import json
 import logging
 import os
 import shutil
@@ -38,7 +34,7 @@ import time
 import numpy as np
 
 from moejax import files
-from moejax.data import chunk_pool, locking, store as store_lib
+from moejax.data import chunk_pool, chunks as chunk_lib, locking, store as store_lib
 from moejax.data import tokenizers as tok_lib
 from moejax.data.sources import Position, SourceOptions, iter_documents
 from moejax.errors import DataError
@@ -47,7 +43,6 @@ log = logging.getLogger(__name__)
 
 CHUNK_BYTES = 16 << 20  # source bytes per chunk (the unit of parallel work and of a shard file)
 TOKENIZER_TRAIN_BYTES = 200 << 20  # a 'train:' tokenizer sees at most this many training bytes, in order
-ENCODE_BATCH_BYTES = 4 << 20
 LOCK = '.lock'
 
 
@@ -67,12 +62,6 @@ def split_keys(sizes: list[tuple[str, int]], heldout_bytes: int, max_fraction: f
       held.add(key)
       size += n
   return held
-
-
-def doc_hash_update(h, key: str, data: bytes) -> None:
-  """The corpus fingerprint's per-document update: key, length, bytes."""
-  h.update(key.encode() + b'\0' + str(len(data)).encode() + b'\0')
-  h.update(data)
 
 
 def combined_fingerprint(docs_fingerprint: str, tokenizer: tok_lib.Tokenizer) -> str:
@@ -127,8 +116,8 @@ def make_plan(directory: str, opts: SourceOptions, spec: tok_lib.Spec, settings:
   sizes, chunks, skipped = [], [], []
   start, chunk_hash, chunk_docs, chunk_bytes = Position(), hashlib.sha256(), 0, 0
   for position, key, data in iter_documents(opts, skipped=skipped):
-    doc_hash_update(fingerprint, key, data)
-    doc_hash_update(chunk_hash, key, data)
+    chunk_lib.doc_hash_update(fingerprint, key, data)
+    chunk_lib.doc_hash_update(chunk_hash, key, data)
     sizes.append((key, len(data)))
     chunk_docs, chunk_bytes = chunk_docs + 1, chunk_bytes + len(data)
     if chunk_bytes >= settings['chunk_bytes']:
@@ -150,7 +139,7 @@ def make_plan(directory: str, opts: SourceOptions, spec: tok_lib.Spec, settings:
            len(chunks), len(held), held_bytes / 1e6, time.time() - t0)
 
   tokenizer_file = _install_tokenizer(directory, opts, spec, held, settings)
-  tokenizer = installed_tokenizer(directory, tokenizer_file, settings['tokenizer'],
+  tokenizer = chunk_lib.installed_tokenizer(directory, tokenizer_file, settings['tokenizer'],
                                   settings['separator_token'])  # the store's own copy
   _check_trained_vocab(spec, tokenizer, directory)
   dtype = _dtype(settings['dtype'], tokenizer.vocab_size, directory)
@@ -213,242 +202,12 @@ def _check_trained_vocab(spec: tok_lib.Spec, tokenizer: tok_lib.Tokenizer, direc
                 directory, tokenizer.vocab_size)
 
 
-def plan_fingerprint(plan: dict) -> str:
-  """sha256 of everything a plan decided (settings, tokenizer and its hash, dtype, chunks, split)."""
-  return hashlib.sha256(json.dumps(plan, sort_keys=True).encode()).hexdigest()
-
-
-def installed_tokenizer(directory: str, file: str | None, spec_id: str, separator_token: str | None,
-                        expected_hash: str | None = None) -> tok_lib.Tokenizer:
-  """The tokenizer file `file` of a store (None: bytes). Trained tokenizers bring their own separator
-  (`separator_token` applies to a user's file only); with `expected_hash` the file must match it."""
-  if file is None:
-    return tok_lib.ByteTokenizer()
-  path = os.path.join(directory, file)
-  if spec_id.startswith('train:'):
-    separator_token = tok_lib.TRAINED_BPE_SEPARATOR if spec_id.startswith('train:bpe') else None
-  kind = 'hf' if file.endswith('.json') else 'sentencepiece'
-  tokenizer = tok_lib.load(tok_lib.Spec(kind, path=path), separator_token=separator_token)
-  if expected_hash is not None and tokenizer.hash != expected_hash:
-    raise DataError(f'tokenizer file {path} does not match the sha256 its store recorded (damaged store)')
-  return tokenizer
-
-
-def store_tokenizer(directory: str, manifest: dict) -> tok_lib.Tokenizer:
-  """The tokenizer a store (or plan) was prepared with, loaded from the store's own copy."""
-  info = manifest['tokenizer']
-  return installed_tokenizer(directory, info['file'], info['spec'], manifest['settings']['separator_token'],
-                             info['hash'])
-
-
-# --- 2. chunks -------------------------------------------------------------------------------------------------
-
-_WORKER = {}
-
-
-def _chunk_name(i: int) -> str:
-  return f'{i:06d}'
-
-
-def _chunk_lock(directory: str, i: int) -> str:
-  return os.path.join(directory, 'chunks', _chunk_name(i) + '.lock')
-
-
-def _read_record(directory: str, i: int) -> dict | None:
-  try:
-    return files.read_json(os.path.join(directory, 'chunks', _chunk_name(i) + '.json'), 'chunk record')
-  except DataError:
-    return None
-
-
-def chunk_done(directory: str, i: int, plan_fp: str) -> dict | None:
-  """The record of chunk i, finished for the plan `plan_fp` with its shard files in place, else None."""
-  record = _read_record(directory, i)
-  if record is None or record.get('plan') != plan_fp:
-    return None
-  try:
-    for split in store_lib.SPLITS:
-      entry = record['splits'][split]
-      if os.path.getsize(os.path.join(directory, entry['file'])) != entry['tokens'] * np.dtype(record['dtype']).itemsize:
-        return None
-  except (OSError, KeyError, TypeError):
-    return None
-  return record
-
-
-def _worker_plan(directory: str) -> dict:
-  """The plan, its fingerprint, held-out keys and tokenizer (loaded once per process and plan)."""
-  path = os.path.join(directory, 'plan.json')
-  try:
-    stat = os.stat(path)
-  except OSError as e:
-    raise DataError(f'preparation plan {path} cannot be read: {e.strerror or e}') from None
-  key = (directory, stat.st_ino, stat.st_mtime_ns)
-  if _WORKER.get('key') != key:
-    plan = files.read_json(path, 'preparation plan')
-    _WORKER.clear()
-    _WORKER.update(key=key, plan=plan, fp=plan_fingerprint(plan), held=set(plan['heldout_keys']),
-                   tokenizer=store_tokenizer(directory, plan))
-  return _WORKER
-
-
-def _remove_chunk_temps(directory: str, i: int) -> None:
-  """Removes chunk i's temporary files (the caller owns the chunk, so whoever wrote them is gone)."""
-  name = _chunk_name(i)
-  for sub, target in [(split, name + '.bin') for split in store_lib.SPLITS] + [('chunks', name + '.json')]:
-    folder = glob.escape(os.path.join(directory, sub))
-    for pattern in (f'.{glob.escape(target)}.*{files.TMP_SUFFIX}', f'{glob.escape(target)}.tmp-*'):
-      for tmp in glob.glob(os.path.join(folder, pattern)):
-        with contextlib.suppress(OSError):
-          os.remove(tmp)
-
-
-def _chunk_job(directory: str, i: int, tfds_data_dir: str | None = None) -> tuple[dict | None, bool]:
-  """(record, made here) of chunk i, made unless it is done; (None, False) while another process makes it."""
-  w = _worker_plan(directory)
-  claim = locking.acquire(_chunk_lock(directory, i), wait=False)
-  if claim is None:
-    return None, False
-  with claim:
-    record = chunk_done(directory, i, w['fp'])
-    if record is not None:
-      return record, False
-    _remove_chunk_temps(directory, i)
-    return _make_chunk(directory, i, w, tfds_data_dir), True
-
-
-def prepare_chunk(directory: str, i: int, tfds_data_dir: str | None = None) -> dict | None:
-  """Makes chunk i of the plan in `directory` unless it is done; its record, or None if another process makes it."""
-  return _chunk_job(directory, i, tfds_data_dir)[0]
-
-
-def _make_chunk(directory: str, i: int, w: dict, tfds_data_dir: str | None) -> dict:
-  """Tokenizes chunk i and writes its shards (temporary files renamed into place), then its record."""
-  plan, held, tokenizer = w['plan'], w['held'], w['tokenizer']
-  s = plan['settings']
-  opts = SourceOptions(s['source'], s['tfds_split'], s['tfds_text_key'], tfds_data_dir, s['text_field'],
-                       s['binary_documents'])
-  chunk = plan['chunks'][i]
-  dtype = np.dtype(plan['dtype'])
-  name = _chunk_name(i)
-  shard_files = {split: os.path.join(split, name + '.bin') for split in store_lib.SPLITS}
-  hashes = {split: hashlib.sha256() for split in store_lib.SPLITS}
-  counts = {split: {'docs': 0, 'tokens': 0, 'bytes': 0} for split in store_lib.SPLITS}
-  chunk_hash = hashlib.sha256()
-  pending = {split: [] for split in store_lib.SPLITS}
-  with contextlib.ExitStack() as stack:
-    outs = {}
-    for split in store_lib.SPLITS:  # (closed before renamed: the stack unwinds in reverse)
-      tmp = stack.enter_context(files.atomic_path(os.path.join(directory, shard_files[split])))
-      stack.enter_context(chunk_pool.temp_registered(tmp))
-      outs[split] = stack.enter_context(open(tmp, 'wb'))
-
-    def flush(split):
-      if not pending[split]:
-        return
-      tokens = np.concatenate(tokenizer.encode_documents(pending[split])).astype(dtype)
-      raw = tokens.tobytes()
-      outs[split].write(raw)
-      hashes[split].update(raw)
-      counts[split]['tokens'] += int(tokens.size)
-      pending[split] = []
-
-    seen, sizes = 0, {split: 0 for split in store_lib.SPLITS}
-    for _, key, data in iter_documents(opts, Position.from_json(chunk['start'])):
-      if seen == chunk['docs']:
-        break
-      seen += 1
-      doc_hash_update(chunk_hash, key, data)
-      split = 'heldout' if key in held else 'train'
-      pending[split].append(data)
-      counts[split]['docs'] += 1
-      counts[split]['bytes'] += len(data)
-      sizes[split] += len(data)
-      if sizes[split] >= ENCODE_BATCH_BYTES:
-        flush(split)
-        sizes[split] = 0
-    if seen != chunk['docs'] or chunk_hash.hexdigest() != chunk['sha256']:
-      raise DataError(f'the documents of chunk {i} of {s["source"]!r} differ from the plan in {directory}/plan.json '
-                      '(the source changed since; prepare into a new directory)')
-    for split in store_lib.SPLITS:
-      flush(split)
-  record = {'index': i, 'dtype': dtype.name, 'plan': w['fp'],
-            'splits': {split: {'file': shard_files[split], **counts[split], 'sha256': hashes[split].hexdigest()}
-                       for split in store_lib.SPLITS}}
-  files.atomic_write_json(os.path.join(directory, 'chunks', name + '.json'), record)
-  return record
-
-
-# --- 3. finalize, verify, repair -------------------------------------------------------------------------------
-
-
-def finalize(directory: str, plan: dict) -> dict | None:
-  """Writes manifest.json when every chunk is done; returns it, or None while chunks are missing."""
-  fp = plan_fingerprint(plan)
-  records = [chunk_done(directory, i, fp) for i in range(len(plan['chunks']))]
-  if any(r is None for r in records):
-    return None
-  splits = {}
-  for split in store_lib.SPLITS:
-    entries = [r['splits'][split] for r in records]
-    splits[split] = {'docs': sum(e['docs'] for e in entries), 'tokens': sum(e['tokens'] for e in entries),
-                     'bytes': sum(e['bytes'] for e in entries),
-                     'shards': [{'file': e['file'], 'tokens': e['tokens'], 'sha256': e['sha256']} for e in entries]}
-  manifest = {k: plan[k] for k in ('format', 'version', 'settings', 'tokenizer', 'dtype', 'docs_fingerprint',
-                                   'fingerprint', 'documents', 'bytes', 'skipped_binary')}
-  manifest['splits'] = splits
-  manifest['plan'] = fp
-  files.atomic_write_json(os.path.join(directory, store_lib.MANIFEST), manifest)
-  for i in range(len(records)):
-    _sweep_chunk(directory, i)
-  return manifest
-
-
-def damaged_chunks(directory: str, manifest: dict) -> list[tuple[int, str]]:
-  """(chunk, what is wrong) for every chunk whose record or shards do not match the manifest (sha256 of all)."""
-  dtype, vocab, fp = np.dtype(manifest['dtype']), int(manifest['tokenizer']['vocab_size']), manifest.get('plan')
-  damaged = []
-  for i in range(len(manifest['splits']['train']['shards'])):
-    record = _read_record(directory, i)
-    if record is None:
-      damaged.append((i, f'chunks/{_chunk_name(i)}.json is missing or unreadable'))
-      continue
-    if record.get('plan') != fp:
-      damaged.append((i, f'chunk {_chunk_name(i)} was made by another preparation (plan fingerprint '
-                         f'{str(record.get("plan"))[:12]}, the manifest\'s {fp[:12]}): the store mixes preparations'))
-      continue
-    for split in store_lib.SPLITS:
-      entry = manifest['splits'][split]['shards'][i]
-      problem = store_lib.shard_problem(os.path.join(directory, entry['file']), entry, dtype, vocab, full=True)
-      if problem is None and record['splits'][split]['sha256'] != entry['sha256']:
-        problem = f'chunks/{_chunk_name(i)}.json and the manifest record different shards'
-      if problem is not None:
-        damaged.append((i, problem))
-        break
-  return damaged
-
-
-def verify_store(directory: str) -> tuple[dict, dict]:
-  """(manifest, streams) of a complete store whose every shard, record and tokenizer match its manifest."""
-  manifest = store_lib.read_manifest(directory)
-  advice = store_lib.repair_advice(directory, manifest['settings'])
-  if manifest.get('plan') is None:
-    raise DataError(f'token store {directory} was prepared by an older moejax that recorded no plan fingerprints, '
-                    f'so what made its shards cannot be checked; {advice} (it re-makes every chunk)')
-  store_tokenizer(directory, manifest)
-  damaged = damaged_chunks(directory, manifest)
-  if damaged:
-    raise DataError(f'token store {directory}: {damaged[0][1]}' +
-                    (f' (and {len(damaged) - 1} more damaged chunks)' if len(damaged) > 1 else '') + f'; {advice}')
-  return store_lib.open_streams(directory, 'size', manifest)
-
-
 def _repair_complete_store(directory: str, settings: dict) -> dict | None:
   """A complete store with `settings`: its manifest if intact; else (damaged) it is made incomplete, None."""
   manifest = store_lib.read_manifest(directory)
   _check_settings(directory, manifest['settings'], settings)
   t0 = time.time()
-  damaged = damaged_chunks(directory, manifest)
+  damaged = chunk_lib.damaged_chunks(directory, manifest)
   if not damaged:
     log.info('token store %s is complete: every shard matches its sha256 (checked in %.1f s)', directory,
              time.time() - t0)
@@ -457,7 +216,7 @@ def _repair_complete_store(directory: str, settings: dict) -> dict | None:
   os.remove(os.path.join(directory, store_lib.MANIFEST))  # unreadable until repaired
   for i, _ in damaged:
     with contextlib.suppress(OSError):
-      os.remove(os.path.join(directory, 'chunks', _chunk_name(i) + '.json'))
+      os.remove(os.path.join(directory, 'chunks', chunk_lib.chunk_name(i) + '.json'))
   return None
 
 
@@ -492,22 +251,11 @@ def _store_lock(directory: str) -> locking.Lock:
       'token store %s is being planned, checked or finalized by %s; waiting for it', directory, holder))
 
 
-def progress_note(directory: str) -> str:
-  """How far the preparation in `directory` got, for the line of an interrupted or failed run."""
-  try:
-    plan = files.read_json(os.path.join(directory, 'plan.json'), 'preparation plan')
-    fp = plan_fingerprint(plan)
-    done = sum(chunk_done(directory, i, fp) is not None for i in range(len(plan['chunks'])))
-  except (DataError, OSError, KeyError, TypeError):
-    return 'nothing was prepared yet'
-  return f'{done} of {len(plan["chunks"])} chunks of {directory} are done and kept: rerun the same command to resume'
-
-
 def prepare(directory: str, opts: SourceOptions, tokenizer: str = 'bytes', heldout_bytes: int = 131072,
             heldout_max_fraction: float = 0.1, chunk_bytes: int = CHUNK_BYTES, dtype: str = 'auto', workers: int = 1,
             num_shards: int = 1, shard_index: int = 0, plan_only: bool = False, separator_token: str | None = None,
             tokenizer_train_bytes: int = TOKENIZER_TRAIN_BYTES, progress: bool = True) -> dict | None:
-  """Prepares (or resumes, or repairs) the store in `directory`; its manifest, or None while other shards are pending."""
+  """Prepares (or resumes, or repairs) the store in `directory`; its manifest, or None while shards are pending."""
   spec = tok_lib.parse_spec(tokenizer) if isinstance(tokenizer, str) else tokenizer
   if spec.is_file and not os.path.isfile(spec.path):
     raise DataError(f'tokenizer file {spec.path} does not exist')
@@ -520,7 +268,7 @@ def prepare(directory: str, opts: SourceOptions, tokenizer: str = 'bytes', heldo
   except OSError as e:  # a full disk, a vanished directory: what is finished stays
     where = f' ({e.filename})' if getattr(e, 'filename', None) else ''
     raise DataError(f'writing the token store {directory} failed: {e.strerror or e}{where}; '
-                    f'{progress_note(directory)}') from None
+                    f'{chunk_lib.progress_note(directory)}') from None
 
 
 def _prepare(directory, opts, spec, settings, workers, num_shards, shard_index, plan_only, progress):
@@ -540,37 +288,29 @@ def _prepare(directory, opts, spec, settings, workers, num_shards, shard_index, 
     raise
   if plan_only:
     return None
-  fp = plan_fingerprint(plan)
+  fp = chunk_lib.plan_fingerprint(plan)
   mine = [i for i in range(len(plan['chunks'])) if i % num_shards == shard_index]
-  todo = [i for i in mine if chunk_done(directory, i, fp) is None]
+  todo = [i for i in mine if chunk_lib.chunk_done(directory, i, fp) is None]
   if todo:
     _run_chunks(directory, plan, todo, len(mine) - len(todo), workers, progress, opts.tfds_data_dir)
   with _store_lock(directory):
-    manifest = finalize(directory, plan)
+    manifest = chunk_lib.finalize(directory, plan)
   if manifest is None and num_shards == 1:
     raise DataError(f'token store {directory}: chunks went missing while it was prepared (removed by another '
                     'process?); rerun the same command')
   return manifest
 
 
-def _sweep_chunk(directory: str, i: int) -> None:
-  """Removes chunk i's temporary and lock files, unless a live process owns the chunk."""
-  claim = locking.acquire(_chunk_lock(directory, i), wait=False)
-  if claim is not None:
-    with claim:
-      _remove_chunk_temps(directory, i)
-
-
 def _wait_for_chunk(directory: str, i: int, fp: str, tfds_data_dir: str | None) -> tuple[dict, bool]:
   """Chunk i, which another process was making: waits for it, and makes it if that process did not finish it."""
   while True:
-    with locking.acquire(_chunk_lock(directory, i), on_wait=lambda holder: log.info(
-        'chunk %s is being made by %s; waiting for it', _chunk_name(i), holder)):
+    with locking.acquire(chunk_lib.chunk_lock(directory, i), on_wait=lambda holder: log.info(
+        'chunk %s is being made by %s; waiting for it', chunk_lib.chunk_name(i), holder)):
       pass
-    record = chunk_done(directory, i, fp)
+    record = chunk_lib.chunk_done(directory, i, fp)
     if record is not None:
       return record, False
-    record, made = _chunk_job(directory, i, tfds_data_dir)
+    record, made = chunk_lib.chunk_job(directory, i, tfds_data_dir)
     if record is not None:
       return record, made
 
@@ -599,14 +339,14 @@ def _run_chunks(directory: str, plan: dict, todo: list[int], done: int, workers:
     bar.set_postfix_str(f'{tokens / max(time.time() - t0, 1e-9) / 1e6:.2f}M tokens/s', refresh=False)
 
   try:
-    chunk_pool.run(_chunk_job, [(directory, i, tfds_data_dir) for i in todo], workers, advance)
-    fp = plan_fingerprint(plan)
+    chunk_pool.run(chunk_lib.chunk_job, [(directory, i, tfds_data_dir) for i in todo], workers, advance)
+    fp = chunk_lib.plan_fingerprint(plan)
     for i in busy:
       advance((directory, i), _wait_for_chunk(directory, i, fp, tfds_data_dir))
   finally:
     bar.close()
     for i in todo:  # what a stopped worker left (a SIGKILL leaves temporary files)
-      _sweep_chunk(directory, i)
+      chunk_lib.sweep_chunk(directory, i)
   others = len(todo) - len(made)
   log.info('prepared %d chunk(s): %d tokens in %.1f s (%.2fM tokens/s)%s', len(made), tokens, time.time() - t0,
            tokens / max(time.time() - t0, 1e-9) / 1e6,

@@ -22,7 +22,9 @@ files, so resident memory stays at the batch however much of a large store a run
 
 Opening checks the manifest's format version, that every shard exists with the recorded
 size, and (`verify='full'`, the default) every shard's sha256 and that every token is
-below the vocabulary; `verify='size'` skips the hash pass (about 1 s per GB).
+below the vocabulary; `verify='size'` skips the hash pass (about 1 s per GB). Every read
+checks its tokens against the vocabulary too. A damaged shard's error ends with the command
+that made the store (`prepare_command`): rerunning it re-makes missing and damaged shards.
 """
 
 from __future__ import annotations
@@ -157,7 +159,8 @@ def prepare_command(directory: str, settings: dict) -> str:
   tokenizer = settings['tokenizer']
   if ':sha256:' in tokenizer:  # a user's file, recorded by hash: the store's own copy is that file
     kind = tokenizer.split(':', 1)[0]
-    settings['tokenizer'] = f'{kind}:' + os.path.join(directory, 'tokenizer.json' if kind == 'hf' else 'tokenizer.model')
+    copy = 'tokenizer.json' if kind == 'hf' else 'tokenizer.model'
+    settings['tokenizer'] = f'{kind}:' + os.path.join(directory, copy)
   parts = ['python -m moejax.prepare', f'--out={shlex.quote(directory)}']
   for name, default in _PREPARE_FLAGS:
     if settings.get(name) is not None and settings.get(name) != default:

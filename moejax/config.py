@@ -248,6 +248,9 @@ def _validate_data(cfg) -> None:
            f"data.source={d.source!r} must be 'stdlib', 'text:GLOB', 'jsonl:GLOB', 'parquet:GLOB', 'tfds:NAME' or "
            "'store:DIR'")
   from moejax.data import tokenizers  # pylint: disable=import-outside-toplevel  (light: numpy only)
+  if d.source.startswith('store:') and d.tokenizer == 'bytes':  # left at the default: the store's manifest names it
+    from moejax import data  # pylint: disable=import-outside-toplevel
+    d.tokenizer, d.separator_token = data.store_tokenizer_spec(d)
   try:
     tokenizers.parse_spec(d.tokenizer)
   except ValueError as e:

@@ -5,8 +5,11 @@
   python -m moejax.prepare --verify=DIR
 
 SOURCE is any in-memory source ('stdlib', 'text:GLOB', 'jsonl:GLOB', 'parquet:GLOB',
-'tfds:NAME'); train with `--config.data.source=store:DIR --config.data.tokenizer=<the same>`.
-A rerun of the same command resumes (finished chunks are kept). On a cluster, run
+'tfds:NAME'); train with `--config.data.source=store:DIR` (the tokenizer comes from the store).
+A rerun of the same command resumes (finished chunks are kept) and, on a complete store,
+re-makes any missing or damaged shard. Another run on the same DIR waits for its plan, then
+shares its chunks; one with other settings is refused. SIGTERM and Ctrl-C stop it with one
+line (exit 143 / 130), keeping the finished chunks. On a cluster, run
 `--plan_only` once, then one job per `--shard_index` in [0, --num_shards) writing to the
 same shared DIR (`--emit=slurm|tpu` writes that script); the job that finishes the last
 chunk writes DIR/manifest.json, which makes the store readable. See docs/data.md.
@@ -14,16 +17,17 @@ chunk writes DIR/manifest.json, which makes the store readable. See docs/data.md
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shlex
-import sys
+import signal
 
 from absl import app, flags
 
-from moejax import cli
-from moejax.data import preparation, sources, store as store_lib
-from moejax.errors import ConfigError, DataError
+from moejax import cli, files
+from moejax.data import chunks, preparation, sources
+from moejax.errors import ConfigError, DataError, Interrupted, Preempted
 
 FLAGS = flags.FLAGS
 log = logging.getLogger('moejax.prepare')
@@ -87,19 +91,39 @@ gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone="$ZONE" --worker=0 --command="
 
 
 def verify(directory: str) -> None:
-  manifest, streams = store_lib.open_streams(os.path.abspath(directory), 'full')
+  manifest, streams = chunks.verify_store(os.path.abspath(os.path.expanduser(directory)))
   print(f'{directory}: complete token store, format version {manifest["version"]}, tokenizer '
         f'{manifest["tokenizer"]["spec"]} (vocabulary {manifest["tokenizer"]["vocab_size"]}), {manifest["dtype"]}; '
         f'train {streams["train"].size:,} tokens ({manifest["splits"]["train"]["docs"]:,} docs), held-out '
         f'{streams["heldout"].size:,} tokens ({manifest["splits"]["heldout"]["docs"]:,} docs); every shard matches '
-        'its sha256')
+        'its sha256 and was made by this preparation (plan fingerprint)')
+
+
+def _sigterm(signum, frame):
+  del signum, frame
+  raise Preempted('stopped by SIGTERM')
+
+
+@contextlib.contextmanager
+def _one_line_stops(note):
+  """SIGTERM and Ctrl-C end the run with one line saying what was kept, `note()` (exit 143 and 130)."""
+  previous = signal.signal(signal.SIGTERM, _sigterm)
+  try:
+    yield
+  except Preempted:
+    raise Preempted(f'prepare stopped by SIGTERM: {note()}') from None
+  except KeyboardInterrupt:
+    raise Interrupted(f'prepare interrupted (Ctrl-C): {note()}') from None
+  finally:
+    signal.signal(signal.SIGTERM, previous)
 
 
 def _main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   if FLAGS.verify:
-    verify(FLAGS.verify)
+    with _one_line_stops(lambda: 'nothing was changed'):
+      verify(FLAGS.verify)
     return
   if not FLAGS.source or not FLAGS.out:
     raise app.UsageError('--source and --out are required (or --verify=DIR)')
@@ -114,9 +138,7 @@ def _main(argv):
     try:
       os.makedirs(out, exist_ok=True)
       path = os.path.join(out, 'prepare.slurm' if FLAGS.emit == 'slurm' else 'prepare_tpu.sh')
-      with open(path + '.tmp', 'w') as f:
-        f.write(emit(FLAGS.emit, FLAGS.num_shards))
-      os.replace(path + '.tmp', path)
+      files.atomic_write(path, emit(FLAGS.emit, FLAGS.num_shards))
       os.chmod(path, 0o755)
     except OSError as e:
       raise DataError(f'cannot write the job script under {out}: {e.strerror or e}') from None
@@ -128,10 +150,11 @@ def _main(argv):
     spec = preparation.tok_lib.parse_spec(FLAGS.tokenizer)
   except ValueError as e:
     raise ConfigError(str(e)) from None
-  manifest = preparation.prepare(out, opts, spec, _amount('heldout_bytes'), FLAGS.heldout_max_fraction,
-                                 _amount('chunk_bytes'), FLAGS.dtype, FLAGS.workers, FLAGS.num_shards,
-                                 FLAGS.shard_index, FLAGS.plan_only, FLAGS.separator_token,
-                                 _amount('tokenizer_train_bytes'), progress=not FLAGS.quiet)
+  with _one_line_stops(lambda: chunks.progress_note(out)):
+    manifest = preparation.prepare(out, opts, spec, _amount('heldout_bytes'), FLAGS.heldout_max_fraction,
+                                   _amount('chunk_bytes'), FLAGS.dtype, FLAGS.workers, FLAGS.num_shards,
+                                   FLAGS.shard_index, FLAGS.plan_only, FLAGS.separator_token,
+                                   _amount('tokenizer_train_bytes'), progress=not FLAGS.quiet)
   if FLAGS.plan_only:
     print(f'planned {out}/plan.json; now run the shard jobs (--num_shards/--shard_index)')
   elif manifest is None:
@@ -141,13 +164,13 @@ def _main(argv):
     print(f'token store {out}: {manifest["tokenizer"]["spec"]} (vocabulary {manifest["tokenizer"]["vocab_size"]}, '
           f'{manifest["dtype"]}), train {splits["train"]["tokens"]:,} tokens ({splits["train"]["docs"]:,} docs), '
           f'held-out {splits["heldout"]["tokens"]:,} tokens ({splits["heldout"]["docs"]:,} docs); fingerprint '
-          f'{manifest["fingerprint"][:12]}\ntrain on it with --config.data.source=store:{out} '
-          f'--config.data.tokenizer={FLAGS.tokenizer}')
+          f'{manifest["fingerprint"][:12]}\ntrain on it with --config.data.source=store:{out} (its tokenizer '
+          'comes from the store)')
 
 
 def define_flags() -> None:
   flags.DEFINE_string('source', None, "Documents: 'stdlib', 'text:GLOB', 'jsonl:GLOB', 'parquet:GLOB' or 'tfds:NAME'.")
-  flags.DEFINE_string('out', None, 'The store directory (created; a rerun resumes).')
+  flags.DEFINE_string('out', None, 'The store directory (created; a rerun resumes or repairs it).')
   flags.DEFINE_string('tokenizer', 'bytes', "'bytes', 'hf:tokenizer.json', 'sentencepiece:x.model', 'train:bpe:N', "
                       "'train:unigram:N'.")
   flags.DEFINE_string('text_field', 'text', 'JSON field / Parquet column with the text.')
@@ -166,7 +189,8 @@ def define_flags() -> None:
   flags.DEFINE_integer('shard_index', 0, 'This job: chunks i with i mod num_shards == shard_index.')
   flags.DEFINE_bool('plan_only', False, 'Only read the source and write DIR/plan.json (before sharded jobs).')
   flags.DEFINE_enum('emit', None, ['slurm', 'tpu'], 'Write a cluster script (--num_shards jobs) instead of running.')
-  flags.DEFINE_string('verify', None, 'Check every shard of the complete store DIR against its sha256, and exit.')
+  flags.DEFINE_string('verify', None, 'Check every shard of the complete store DIR against its sha256 and its '
+                      'preparation (plan fingerprint), and exit.')
   flags.DEFINE_bool('quiet', False, 'No progress bar.')
 
 

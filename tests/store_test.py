@@ -1,18 +1,23 @@
 """Tokenizers, the token store, moejax.prepare, and training on a store."""
 
 import filecmp
+import glob
 import json
 import os
+import re
+import shlex
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
 
 from moejax import files
 from moejax import config as config_lib, data
-from moejax.data import preparation, store as store_lib, tokenizers as tok_lib
+from moejax.data import chunks, locking, preparation, store as store_lib, tokenizers as tok_lib
 from moejax.data.sources import SourceOptions
 from moejax.errors import ConfigError, DataError
 
@@ -147,12 +152,13 @@ def test_killed_preparation_resumes_to_the_same_store(byte_store, corpus_glob, t
   os.remove(out / 'chunks' / '000001.json')  # chunk 1 wrote its shards but not its record,
   with open(out / 'train' / '000002.bin', 'r+b') as f:  # chunk 2 was half-written
     f.truncate(10)
-  (out / 'train' / '000003.bin.tmp-999').write_bytes(b'partial')
+  (out / 'train' / '000003.bin.tmp-999').write_bytes(b'partial')  # temporary files of killed writers,
+  (out / 'heldout' / '.000004.bin.999-x1y2.tmp').write_bytes(b'partial')  # (an older moejax's and files.py's)
+  (out / 'chunks' / '000005.lock').write_text('pid 999 on a host that died')  # and a dead owner's lock
   with pytest.raises(DataError, match='has not finished'):
     data.open_store(str(out))
   _prepare(out, corpus_glob)
-  os.remove(out / 'train' / '000003.bin.tmp-999')  # (a dead process's temp file is left, never read)
-  _same_store(byte_store, out)
+  _same_store(byte_store, out)  # (the rerun removed them)
 
 
 def test_store_shares_concatenate_and_resume(byte_store):
@@ -241,8 +247,11 @@ def test_bad_sources_and_settings(tmp_path, corpus_glob):
   _prepare(tmp_path / 's5', corpus_glob, plan_only=True)
   with pytest.raises(DataError, match=r'holds a preparation with other settings: heldout_bytes \(4000 -> 5000\)'):
     _prepare(tmp_path / 's5', corpus_glob, heldout_bytes=5000)
-  with pytest.raises(DataError, match='already holds a store prepared with other settings'):
+  with pytest.raises(DataError, match=r's4 holds a preparation with other settings: heldout_bytes \(4000 -> 5000\)'):
     _prepare(tmp_path / 's4', corpus_glob, tokenizer=f'hf:{big}', heldout_bytes=5000)
+  with pytest.raises(DataError, match=r'other settings: tokenizer \(.*-> \'train:bpe:400\'\), tokenizer_train_bytes'):
+    _prepare(tmp_path / 's4', corpus_glob, tokenizer='train:bpe:400', tokenizer_train_bytes=1000)
+  assert not {'s1', 's2', 's3'} & set(os.listdir(tmp_path))  # failed first plans leave no skeleton directory
 
 
 def test_jsonl_and_parquet_sources(tmp_path):
@@ -352,3 +361,266 @@ def test_tfds_source_prepares_like_in_memory(tmp_path):
   store = data.open_store(str(tmp_path / 'tfds'))
   assert store.fingerprint == whole.fingerprint and len(json.load(open(tmp_path / 'tfds' / 'plan.json'))['chunks']) > 2
   np.testing.assert_array_equal(store.train_tokens[0:store.train_tokens.size], whole.train_tokens)
+
+
+# --- ownership, interruptions, repair --------------------------------------------------------------------------
+
+SLOW_PREPARE = os.path.join(ROOT, 'tests', 'testdata', 'slow_prepare.py')
+
+
+def _start_slow(out, corpus_glob, *args, chunk_s='0.3', plan_s='0'):
+  """moejax.prepare (bytes) in its own session, sleeping `chunk_s` per chunk and `plan_s` in its plan."""
+  env = dict(os.environ, SLOW_CHUNK_S=chunk_s, SLOW_PLAN_S=plan_s, PYTHONPATH=ROOT)
+  return subprocess.Popen([sys.executable, SLOW_PREPARE, f'--source={corpus_glob}', f'--out={out}',
+                           '--heldout_bytes=4000', '--chunk_bytes=20000', '--quiet', *args], cwd=ROOT, env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def _wait_for(predicate, timeout=90):
+  deadline = time.time() + timeout
+  while not predicate():
+    assert time.time() < deadline, 'timed out'
+    time.sleep(0.05)
+
+
+def _leftovers(directory):
+  """Temporary and lock files in a store."""
+  return [p for p in _tree(directory) if 'tmp' in os.path.basename(p) or p.endswith('.lock')]
+
+
+def _one_error_line(stderr):
+  """The only line of stderr that reports a problem (a traceback, an error, a resource warning)."""
+  bad = [l for l in stderr.splitlines() if re.search(r'Traceback|Error|error|leaked|Exception', l)]
+  assert len(bad) == 1 and bad[0] == stderr.strip().splitlines()[-1], stderr
+  return bad[0]
+
+
+def test_store_lock_is_exclusive_and_removed_on_release(tmp_path):
+  path = str(tmp_path / '.lock')
+  held = locking.acquire(path)
+  assert 'pid' in open(path).read()
+  code = f'from moejax.data import locking; print(locking.acquire({path!r}, wait=False))'
+  other = subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+  assert other.stdout.strip() == 'None', other.stderr  # another process cannot take it
+  held.release()
+  assert not os.path.exists(path)
+  with locking.acquire(path):  # and once released, it can
+    pass
+
+
+@pytest.mark.parametrize('signum,workers,group', [(signal.SIGTERM, 1, False), (signal.SIGTERM, 2, False),
+                                                  (signal.SIGTERM, 2, True), (signal.SIGINT, 1, True),
+                                                  (signal.SIGINT, 2, True)])
+def test_interrupted_preparation_is_one_line_and_resumes(byte_store, corpus_glob, tmp_path, signum, workers, group):
+  """SIGTERM to the driver (kill), to the whole group (scancel) and Ctrl-C (the group): one line, nothing left over."""
+  out = tmp_path / 'store'
+  proc = _start_slow(out, corpus_glob, f'--workers={workers}')
+  _wait_for(lambda: glob.glob(str(out / 'chunks' / '*.json')))
+  (os.killpg if group else os.kill)(proc.pid, signum)
+  _, stderr = proc.communicate(timeout=90)
+  assert proc.returncode == (143 if signum == signal.SIGTERM else 130), stderr
+  line = _one_error_line(stderr)
+  assert re.fullmatch(r'moejax: error: prepare (stopped by SIGTERM|interrupted \(Ctrl-C\)): \d+ of \d+ chunks of '
+                      r'.* are done and kept: rerun the same command to resume', line), line
+  assert _leftovers(out) == [] and not os.path.exists(out / 'manifest.json')
+  _prepare(out, corpus_glob)  # resumes
+  _same_store(byte_store, out)
+
+
+def _workers_of(pid):
+  """The pids of a process's spawned pool workers (not its resource tracker)."""
+  found = []
+  for entry in os.listdir('/proc'):
+    try:
+      with open(f'/proc/{entry}/stat') as f:
+        ppid = int(f.read().rsplit(')', 1)[1].split()[1])
+      with open(f'/proc/{entry}/cmdline', 'rb') as f:
+        command = f.read()
+    except (OSError, ValueError, IndexError):
+      continue
+    if ppid == pid and b'spawn_main' in command:
+      found.append(int(entry))
+  return found
+
+
+def test_a_killed_worker_is_one_line_and_the_run_resumes(byte_store, corpus_glob, tmp_path):
+  """SIGKILL (the OOM killer) of one worker: the run ends with one line instead of hanging, and resumes."""
+  out = tmp_path / 'store'
+  proc = _start_slow(out, corpus_glob, '--workers=2')
+  _wait_for(lambda: glob.glob(str(out / 'chunks' / '*.json')) and _workers_of(proc.pid))
+  os.kill(_workers_of(proc.pid)[0], signal.SIGKILL)
+  _, stderr = proc.communicate(timeout=90)
+  assert proc.returncode == 1, stderr
+  assert 'a preparation worker process died' in _one_error_line(stderr)
+  assert _leftovers(out) == []
+  _prepare(out, corpus_glob)
+  _same_store(byte_store, out)
+
+
+def test_concurrent_preparations_share_the_chunks(byte_store, corpus_glob, tmp_path):
+  """Two runs with the same settings at once: each chunk is made once, by one of them, and both end complete."""
+  out = tmp_path / 'shared'
+  procs = [_start_slow(out, corpus_glob, '--workers=1', plan_s='0.5') for _ in range(2)]
+  outputs = [p.communicate(timeout=180) for p in procs]
+  assert [p.returncode for p in procs] == [0, 0], outputs
+  made = [int(m.group(1)) for _, err in outputs for m in re.finditer(r'prepared (\d+) chunk', err)]
+  assert sum(made) == len(json.load(open(out / 'plan.json'))['chunks']), outputs
+  _same_store(byte_store, out)
+
+
+def test_concurrent_preparations_with_other_settings_are_refused(corpus_glob, tmp_path):
+  """Two runs with different settings started together: the second to plan waits, then is refused in one line."""
+  out = tmp_path / 'contested'
+  procs = [_start_slow(out, corpus_glob, '--workers=1', f'--heldout_bytes={n}', plan_s='1', chunk_s='0')
+           for n in (4000, 5000)]
+  outputs = [p.communicate(timeout=180) for p in procs]
+  codes = sorted(p.returncode for p in procs)
+  assert codes == [0, 1], outputs
+  line = _one_error_line(outputs[[p.returncode for p in procs].index(1)][1])
+  assert re.search(r'holds a preparation with other settings: heldout_bytes \((4000 -> 5000|5000 -> 4000)\)', line)
+  chunks.verify_store(str(out))
+
+
+def test_verify_refuses_a_store_mixed_from_two_preparations(trained, corpus_glob, tmp_path):
+  """Chunk 2 from a BPE trained on other bytes, with a manifest that matches its shards (as two racing runs made)."""
+  other = tmp_path / 'other'
+  _prepare(other, corpus_glob, tokenizer='train:bpe:400', tokenizer_train_bytes=50_000)
+  mixed = _damaged(trained['bpe_store'], tmp_path, 'mixed')
+  for name in ('train/000002.bin', 'heldout/000002.bin', 'chunks/000002.json'):
+    shutil.copyfile(other / name, mixed / name)
+  manifest, record = json.load(open(mixed / 'manifest.json')), json.load(open(mixed / 'chunks' / '000002.json'))
+  for split, entry in record['splits'].items():
+    shards = manifest['splits'][split]['shards']
+    shards[2] = {k: entry[k] for k in ('file', 'tokens', 'sha256')}
+    manifest['splits'][split]['tokens'] = sum(e['tokens'] for e in shards)
+  assert not filecmp.cmp(other / 'train' / '000002.bin', os.path.join(trained['bpe_store'], 'train', '000002.bin'))
+  files.atomic_write_json(str(mixed / 'manifest.json'), manifest)
+  out = _prepare_cli(f'--verify={mixed}')
+  assert out.returncode == 1, out.stdout
+  assert 'chunk 000002 was made by another preparation' in _one_error_line(out.stderr)
+  _prepare(mixed, corpus_glob, tokenizer='train:bpe:400')  # the rerun re-makes that chunk
+  _same_store(trained['bpe_store'], mixed)
+
+
+def test_rerunning_prepare_repairs_a_damaged_store(byte_store, tmp_path):
+  """The command training's error gives re-makes a missing and a corrupt shard: the store is as a clean run's."""
+  out = _damaged(byte_store, tmp_path, 'repair')
+  os.remove(out / 'train' / '000001.bin')
+  with open(out / 'heldout' / '000000.bin', 'r+b') as f:
+    f.seek(10)
+    f.write(b'\x07\x00')
+  with pytest.raises(DataError, match=r'train/000001.bin is missing: the store is damaged; rerun the command') as e:
+    data.open_store(str(out), verify='size')
+  command = shlex.split(str(e.value).split('re-makes missing and damaged shards: ')[1])
+  assert command[:3] == ['python', '-m', 'moejax.prepare']
+  fixed = _prepare_cli(*command[3:], '--workers=1')
+  assert fixed.returncode == 0, fixed.stderr
+  assert 're-making them' in fixed.stderr
+  _same_store(byte_store, out)
+  assert _prepare_cli(f'--verify={out}').returncode == 0
+
+
+def test_out_of_vocabulary_tokens_stop_training_naming_the_shard(tiny_cfg, byte_store, tmp_path):
+  """A shard damaged in place passes verify_store='size'; reading it names the shard instead of a NaN loss."""
+  from moejax import main  # pylint: disable=import-outside-toplevel
+  out = _damaged(byte_store, tmp_path, 'oov')
+  for path in glob.glob(str(out / 'train' / '*.bin')):
+    size = os.path.getsize(path)
+    with open(path, 'r+b') as f:
+      f.write(b'\xff' * size)  # token 65535 everywhere, the same size
+  cfg = config_lib.apply_overrides(tiny_cfg, {'data.source': f'store:{out}', 'data.verify_store': 'size',
+                                              'train.steps': 2})
+  with pytest.raises(DataError, match=r'token shard .*oov/train/0000\d\d.bin holds token 65535 >= the vocabulary 257'):
+    main.execute(cfg, str(tmp_path / 'run'))
+  assert tok_lib.load_snapshot(str(tmp_path / 'run')).kind == 'bytes'  # (the run kept its tokenizer first)
+
+
+def test_store_source_takes_its_tokenizer_from_the_manifest(tiny_cfg, trained):
+  cfg = config_lib.apply_overrides(tiny_cfg, {'data.source': f'store:{trained["bpe_store"]}', 'model.vocab_size': None})
+  assert cfg.data.tokenizer == 'bytes'  # not given
+  resolved = config_lib.validate(cfg)
+  assert resolved.data.tokenizer == 'train:bpe:400' and resolved.model.vocab_size == 400
+  other = config_lib.apply_overrides(tiny_cfg, {'data.source': f'store:{trained["bpe_store"]}',
+                                                'data.tokenizer': f'sentencepiece:{trained["unigram"]}'})
+  with pytest.raises(DataError, match=r'prepared with tokenizer train:bpe:400, but data.tokenizer=.*sentencepiece'):
+    data.corpus_from_config(other.data)
+
+
+def test_run_keeps_its_tokenizer_when_the_store_moves(tiny_cfg, trained, tmp_path):
+  store = shutil.copytree(trained['bpe_store'], tmp_path / 'store')
+  d = config_lib.validate(config_lib.apply_overrides(tiny_cfg, {'data.source': f'store:{store}',
+                                                                'model.vocab_size': None})).data
+  corpus = data.corpus_from_config(d)
+  workdir = str(tmp_path / 'run')
+  overrides = tok_lib.snapshot(corpus.tokenizer, workdir)
+  assert tok_lib.snapshot(corpus.tokenizer, workdir) == overrides  # (a second call writes nothing new)
+  copy = tok_lib.load(overrides['data.tokenizer'], separator_token=overrides['data.separator_token'])
+  assert (copy.hash, copy.separator) == (corpus.tokenizer.hash, corpus.tokenizer.separator)
+  shutil.move(store, tmp_path / 'moved')
+  data.open_store.cache_clear()
+  with pytest.raises(DataError, match='does not exist'):
+    data.corpus_from_config(d)
+  kept = data.corpus_from_config(d, workdir)
+  docs = [TEXT.encode()]
+  np.testing.assert_array_equal(kept.tokenizer.encode_documents(docs)[0], corpus.tokenizer.encode_documents(docs)[0])
+  with pytest.raises(DataError, match=r'store.*does not exist.*keeps only the tokenizer; scoring and training need'):
+    kept.heldout_tokens.size  # pylint: disable=pointless-statement
+
+
+def test_prepare_logs_the_training_bytes_used_and_a_smaller_vocabulary(corpus_glob, tmp_path, caplog):
+  caplog.set_level('INFO', logger='moejax')
+  used = sum(len(d) for _, d in data.read_documents(corpus_glob)) // 2
+  _prepare(tmp_path / 'small', corpus_glob, tokenizer='train:bpe:60000', plan_only=True)
+  messages = [r.getMessage() for r in caplog.records]
+  vocab = json.load(open(tmp_path / 'small' / 'plan.json'))['tokenizer']['vocab_size']
+  assert vocab < 60000 and any(f'learned only {vocab} tokens' in m for m in messages), messages
+  trained_on = [int(m.group(1)) for m in map(re.compile(r'on (\d+) bytes of training documents').search, messages) if m]
+  assert trained_on and used < trained_on[0] < 2 * used  # the training split, not the 200 MiB cap
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+  """A 4 MB tmpfs (root only: CI and the dev machines run as root); skipped where it cannot be mounted."""
+  mount = tmp_path / 'disk'
+  mount.mkdir()
+  if subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=4m', 'tmpfs', str(mount)], capture_output=True).returncode:
+    pytest.skip('cannot mount a tmpfs here (needs root)')
+  yield mount
+  subprocess.run(['umount', '-l', str(mount)], capture_output=True)
+
+
+def _fill(disk, leave: int) -> str:
+  """Writes a ballast file that leaves `leave` bytes free on `disk`; returns its path."""
+  free = os.statvfs(disk)
+  path = str(disk / 'ballast')
+  try:
+    with open(path, 'wb') as f:
+      f.write(b'\0' * max(free.f_bavail * free.f_frsize - leave, 0))
+  except OSError:
+    pass
+  return path
+
+
+@pytest.mark.parametrize('workers', [1, 2])
+def test_full_disk_during_prepare_is_one_line_and_resumes(byte_store, corpus_glob, small_disk, workers):
+  out = small_disk / 'store'
+  ballast = _fill(small_disk, 160 << 10)  # the plan fits, not every chunk
+  run = _prepare_cli(f'--source={corpus_glob}', f'--out={out}', '--heldout_bytes=4000', '--chunk_bytes=20000',
+                     f'--workers={workers}', '--quiet')
+  assert run.returncode == 1, run.stderr
+  line = _one_error_line(run.stderr)
+  assert re.fullmatch(r'moejax: error: writing the token store .* failed: No space left on device.*; \d+ of \d+ '
+                      r'chunks of .* are done and kept: rerun the same command to resume', line), line
+  assert _leftovers(out) == [] and not os.path.exists(out / 'manifest.json')
+  os.remove(ballast)
+  _prepare(out, corpus_glob)  # resumes
+  _same_store(byte_store, out)
+
+
+def test_full_disk_while_planning_leaves_no_directory(corpus_glob, small_disk):
+  _fill(small_disk, 0)
+  run = _prepare_cli(f'--source={corpus_glob}', f'--out={small_disk}/store', '--heldout_bytes=4000',
+                     '--tokenizer=train:bpe:400', '--quiet')
+  assert run.returncode == 1, run.stderr
+  assert 'No space left on device' in _one_error_line(run.stderr)
+  assert sorted(os.listdir(small_disk)) == ['ballast']

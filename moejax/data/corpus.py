@@ -33,7 +33,7 @@ import time
 
 import numpy as np
 
-from moejax.data import preparation, store as store_lib, tokenizers as tok_lib
+from moejax.data import chunks, preparation, store as store_lib, tokenizers as tok_lib
 from moejax.data.sources import SourceOptions, read_documents
 from moejax.errors import ConfigError, DataError
 
@@ -65,7 +65,7 @@ def fingerprint(docs: list[tuple[str, bytes]]) -> str:
   """sha256 over every (key, length, bytes) in order."""
   h = hashlib.sha256()
   for key, data in docs:
-    preparation.doc_hash_update(h, key, data)
+    chunks.doc_hash_update(h, key, data)
   return h.hexdigest()
 
 
@@ -115,7 +115,7 @@ def _check_store_tokenizer(directory: str, manifest: dict, spec_text: str) -> No
   want, have = preparation.tokenizer_id(spec), manifest['settings']['tokenizer']
   if want != have and want != f'{spec.kind}:sha256:{manifest["tokenizer"]["hash"]}':  # (or the store's own file)
     raise DataError(f'token store {directory} was prepared with tokenizer {have}, but data.tokenizer={spec_text!r} '
-                    f'is {want}; set data.tokenizer to the store\'s, or prepare a store with this one')
+                    f'is {want}; leave data.tokenizer unset to take the store\'s, or prepare a store with this one')
 
 
 @functools.lru_cache(maxsize=4)
@@ -126,7 +126,7 @@ def open_store(directory: str, tokenizer: str = 'bytes', verify: str = 'full') -
   manifest = store_lib.read_manifest(directory)
   _check_store_tokenizer(directory, manifest, tokenizer)
   manifest, streams = store_lib.open_streams(directory, verify, manifest)
-  tok = preparation.store_tokenizer(directory, manifest)
+  tok = chunks.store_tokenizer(directory, manifest)
   splits = manifest['splits']
   corpus = Corpus(f'store:{directory}', manifest['fingerprint'], streams['train'], streams['heldout'],
                   splits['train']['docs'], splits['heldout']['docs'], tok, directory)
@@ -165,15 +165,66 @@ def cached_store(d) -> str:
   return directory
 
 
-def corpus_from_config(data_cfg) -> Corpus:
-  """The corpus of a `data` config section (a store, in memory, or a cached store)."""
-  d = data_cfg
+class UnavailableStream:
+  """The token stream of a corpus that cannot be opened: any use is the one-line error that says why."""
+
+  def __init__(self, reason: str):
+    self.reason = reason
+
+  @property
+  def size(self) -> int:
+    raise DataError(self.reason)
+
+  def __getitem__(self, index):
+    raise DataError(self.reason)
+
+
+def corpus_from_config(data_cfg, workdir: str | None = None) -> Corpus:
+  """The corpus of a `data` config section (a store, in memory, or a cached store).
+
+  With `workdir`, a corpus that cannot be opened (a store that moved, a tokenizer file that is
+  gone) falls back to the tokenizer copy the run keeps (`tokenizers.snapshot`): enough to
+  sample and export; reading its token streams is the original error.
+  """
+  try:
+    return _corpus_from_config(data_cfg)
+  except DataError as e:
+    tokenizer = tok_lib.load_snapshot(workdir) if workdir else None
+    if tokenizer is None:
+      raise
+    log.warning('%s; using the copy of the tokenizer in %s (enough to sample and export; scoring and training '
+                'need the corpus)', e, os.path.join(workdir, tok_lib.SNAPSHOT_DIR))
+    missing = UnavailableStream(f'{e} (the workdir {workdir} keeps only the tokenizer; scoring and training need the '
+                                'corpus)')
+    return Corpus(data_cfg.source, 'unavailable', missing, missing, 0, 0, tokenizer)
+
+
+def _corpus_from_config(d) -> Corpus:
   if d.source.startswith('store:'):
     return open_store(d.source[len('store:'):], d.tokenizer, d.verify_store)
   if d.tokenizer == 'bytes':
     return load_corpus(SourceOptions.from_config(d), d.heldout_bytes, d.heldout_max_fraction)
   corpus = open_store(cached_store(d), d.tokenizer, 'size')
   return dataclasses.replace(corpus, name=d.source)
+
+
+def store_tokenizer_spec(data_cfg) -> tuple[str, str | None]:
+  """(data.tokenizer, data.separator_token) that name the tokenizer of a `store:DIR` source's manifest.
+
+  For a store source whose data.tokenizer is left at 'bytes' (the default): the store's own
+  tokenizer (a trained spec, or the store's copy of a user's file). A store that cannot be read
+  leaves both as they are (opening it reports why).
+  """
+  d = data_cfg
+  directory = os.path.abspath(os.path.expanduser(d.source[len('store:'):]))
+  try:
+    manifest = store_lib.read_manifest(directory)
+    spec, file = manifest['settings']['tokenizer'], manifest['tokenizer'].get('file')
+  except (DataError, KeyError, TypeError):
+    return d.tokenizer, d.separator_token
+  if ':sha256:' in spec and file:
+    spec = f'{spec.split(":", 1)[0]}:{os.path.join(directory, file)}'
+  return spec, d.separator_token if d.separator_token is not None else manifest['settings'].get('separator_token')
 
 
 def vocab_size(data_cfg) -> int:

@@ -4,21 +4,28 @@
    screen binary ones, fingerprint them, cut them into chunks of about `chunk_bytes`, and
    choose the held-out documents with the same rule as in-memory corpora (`split_keys`).
    A 'train:' tokenizer is trained here on the training documents. Written to plan.json.
-2. Chunks (any number of worker processes and of independent jobs): chunk i re-reads its
-   documents from its recorded position, checks they are the planned ones (sha256),
-   tokenizes them and writes train/i.bin and heldout/i.bin, then chunks/i.json. Every file
-   is written under a temporary name and renamed, so a killed job leaves no partial chunk;
-   a rerun skips finished chunks. Job j of `--num_shards=n` takes chunks i with i % n == j.
+2. Chunks (any number of worker processes and of independent jobs; `chunks.py`): chunk i
+   re-reads its documents, tokenizes them and writes its shards, then chunks/i.json, each
+   under a temporary name renamed into place, so a killed job leaves no partial chunk; a
+   rerun skips finished chunks. Job j of `--num_shards=n` takes chunks i with i % n == j.
 3. Finalize (whichever job finishes the last chunk): checks every chunk and writes
    manifest.json last. Its content is a function of the plan and the chunks only, so any
    number of workers or jobs gives a byte-identical store.
+
+Ownership (`locking.py`): DIR/.lock is held while a run plans, checks a complete store or
+finalizes, so a second run waits for the plan and is then refused if its settings differ;
+chunks/i.lock is held while chunk i is made, so concurrent runs with the same settings share
+the chunks (each made once) instead of all doing every one. A rerun on a complete store
+checks every shard's sha256 and re-makes the missing or damaged ones (the repair the error
+messages of `store.py` give). An OSError (a full disk) is one DataError line; the driver's
+SIGTERM and Ctrl-C stop the workers cleanly (`chunk_pool.py`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
-import multiprocessing
 import os
 import shutil
 import sys
@@ -27,7 +34,7 @@ import time
 import numpy as np
 
 from moejax import files
-from moejax.data import store as store_lib
+from moejax.data import chunk_pool, chunks as chunk_lib, locking, store as store_lib
 from moejax.data import tokenizers as tok_lib
 from moejax.data.sources import Position, SourceOptions, iter_documents
 from moejax.errors import DataError
@@ -36,7 +43,7 @@ log = logging.getLogger(__name__)
 
 CHUNK_BYTES = 16 << 20  # source bytes per chunk (the unit of parallel work and of a shard file)
 TOKENIZER_TRAIN_BYTES = 200 << 20  # a 'train:' tokenizer sees at most this many training bytes, in order
-ENCODE_BATCH_BYTES = 4 << 20
+LOCK = '.lock'
 
 
 def split_keys(sizes: list[tuple[str, int]], heldout_bytes: int, max_fraction: float) -> set[str]:
@@ -55,12 +62,6 @@ def split_keys(sizes: list[tuple[str, int]], heldout_bytes: int, max_fraction: f
       held.add(key)
       size += n
   return held
-
-
-def doc_hash_update(h, key: str, data: bytes) -> None:
-  """The corpus fingerprint's per-document update: key, length, bytes."""
-  h.update(key.encode() + b'\0' + str(len(data)).encode() + b'\0')
-  h.update(data)
 
 
 def combined_fingerprint(docs_fingerprint: str, tokenizer: tok_lib.Tokenizer) -> str:
@@ -115,8 +116,8 @@ def make_plan(directory: str, opts: SourceOptions, spec: tok_lib.Spec, settings:
   sizes, chunks, skipped = [], [], []
   start, chunk_hash, chunk_docs, chunk_bytes = Position(), hashlib.sha256(), 0, 0
   for position, key, data in iter_documents(opts, skipped=skipped):
-    doc_hash_update(fingerprint, key, data)
-    doc_hash_update(chunk_hash, key, data)
+    chunk_lib.doc_hash_update(fingerprint, key, data)
+    chunk_lib.doc_hash_update(chunk_hash, key, data)
     sizes.append((key, len(data)))
     chunk_docs, chunk_bytes = chunk_docs + 1, chunk_bytes + len(data)
     if chunk_bytes >= settings['chunk_bytes']:
@@ -138,8 +139,9 @@ def make_plan(directory: str, opts: SourceOptions, spec: tok_lib.Spec, settings:
            len(chunks), len(held), held_bytes / 1e6, time.time() - t0)
 
   tokenizer_file = _install_tokenizer(directory, opts, spec, held, settings)
-  tokenizer = installed_tokenizer(directory, tokenizer_file, settings['tokenizer'],
+  tokenizer = chunk_lib.installed_tokenizer(directory, tokenizer_file, settings['tokenizer'],
                                   settings['separator_token'])  # the store's own copy
+  _check_trained_vocab(spec, tokenizer, directory)
   dtype = _dtype(settings['dtype'], tokenizer.vocab_size, directory)
   docs_fp = fingerprint.hexdigest()
   plan = {'format': store_lib.FORMAT, 'version': store_lib.VERSION, 'settings': settings,
@@ -169,15 +171,16 @@ def _install_tokenizer(directory: str, opts: SourceOptions, spec: tok_lib.Spec, 
   if spec.is_file:
     tok_lib.load(spec, separator_token=settings['separator_token'])  # fails with one line before copying
     name = 'tokenizer.json' if spec.kind == 'hf' else 'tokenizer.model'
-    shutil.copyfile(spec.path, os.path.join(directory, name + '.tmp'))
-    os.replace(os.path.join(directory, name + '.tmp'), os.path.join(directory, name))
+    with files.atomic_path(os.path.join(directory, name)) as tmp:
+      shutil.copyfile(spec.path, tmp)
     return name
   name = tok_lib.TRAIN_KINDS[spec.train_kind]
   t0 = time.time()
   budget = settings['tokenizer_train_bytes']
+  seen = 0
 
   def texts():
-    seen = 0
+    nonlocal seen
     for _, key, data in iter_documents(opts):
       if key in held:
         continue
@@ -187,167 +190,44 @@ def _install_tokenizer(directory: str, opts: SourceOptions, spec: tok_lib.Spec, 
       yield data
 
   tok_lib.train(spec, texts(), os.path.join(directory, name))
-  log.info('trained tokenizer train:%s:%d on at most %d training bytes in %.1f s', spec.train_kind, spec.vocab_size,
-           budget, time.time() - t0)
+  log.info('trained tokenizer train:%s:%d on %d bytes of training documents (the cap, --tokenizer_train_bytes, is '
+           '%d) in %.1f s', spec.train_kind, spec.vocab_size, seen, budget, time.time() - t0)
   return name
 
 
-def installed_tokenizer(directory: str, file: str | None, spec_id: str, separator_token: str | None,
-                        expected_hash: str | None = None) -> tok_lib.Tokenizer:
-  """The tokenizer file `file` of a store (None: bytes). Trained tokenizers bring their own separator
-  (`separator_token` applies to a user's file only); with `expected_hash` the file must match it."""
-  if file is None:
-    return tok_lib.ByteTokenizer()
-  path = os.path.join(directory, file)
-  if spec_id.startswith('train:'):
-    separator_token = tok_lib.TRAINED_BPE_SEPARATOR if spec_id.startswith('train:bpe') else None
-  kind = 'hf' if file.endswith('.json') else 'sentencepiece'
-  tokenizer = tok_lib.load(tok_lib.Spec(kind, path=path), separator_token=separator_token)
-  if expected_hash is not None and tokenizer.hash != expected_hash:
-    raise DataError(f'tokenizer file {path} does not match the sha256 its store recorded (damaged store)')
-  return tokenizer
+def _check_trained_vocab(spec: tok_lib.Spec, tokenizer: tok_lib.Tokenizer, directory: str) -> None:
+  if spec.kind == 'train' and tokenizer.vocab_size < spec.vocab_size:
+    log.warning('tokenizer train:%s:%d learned only %d tokens from the training text (too little text for more): '
+                'the store %s has a vocabulary of %d', spec.train_kind, spec.vocab_size, tokenizer.vocab_size,
+                directory, tokenizer.vocab_size)
 
 
-def store_tokenizer(directory: str, manifest: dict) -> tok_lib.Tokenizer:
-  """The tokenizer a store (or plan) was prepared with, loaded from the store's own copy."""
-  info = manifest['tokenizer']
-  return installed_tokenizer(directory, info['file'], info['spec'], manifest['settings']['separator_token'],
-                             info['hash'])
-
-
-# --- 2. chunks -------------------------------------------------------------------------------------------------
-
-_WORKER = {}
-
-
-def _worker_init(single_thread: bool) -> None:
-  if single_thread:  # one process per core: the tokenizer libraries' own threads would oversubscribe
-    os.environ['RAYON_NUM_THREADS'] = '1'
-  logging.basicConfig(level=logging.WARNING)
-
-
-def _chunk_name(i: int) -> str:
-  return f'{i:06d}'
-
-
-def chunk_done(directory: str, i: int) -> dict | None:
-  """The record of a finished chunk whose shard files are in place, else None."""
-  path = os.path.join(directory, 'chunks', _chunk_name(i) + '.json')
-  if not os.path.exists(path):
-    return None
-  try:
-    record = files.read_json(path, 'chunk record')
-    for split in store_lib.SPLITS:
-      entry = record['splits'][split]
-      if os.path.getsize(os.path.join(directory, entry['file'])) != entry['tokens'] * np.dtype(record['dtype']).itemsize:
-        return None
-  except (DataError, OSError, KeyError, TypeError):
-    return None
-  return record
-
-
-def prepare_chunk(directory: str, i: int, tfds_data_dir: str | None = None) -> dict:
-  """Tokenizes chunk i of the plan in `directory` and writes its shards and record; returns the record."""
-  if _WORKER.get('directory') != directory:
-    plan = files.read_json(os.path.join(directory, 'plan.json'), 'preparation plan')
-    _WORKER.clear()
-    _WORKER.update(directory=directory, plan=plan, held=set(plan['heldout_keys']),
-                   tokenizer=store_tokenizer(directory, plan))
-  plan, held, tokenizer = _WORKER['plan'], _WORKER['held'], _WORKER['tokenizer']
-  s = plan['settings']
-  opts = SourceOptions(s['source'], s['tfds_split'], s['tfds_text_key'], tfds_data_dir, s['text_field'],
-                       s['binary_documents'])
-  chunk = plan['chunks'][i]
-  dtype = np.dtype(plan['dtype'])
-  name = _chunk_name(i)
-  tmp = f'.tmp-{os.getpid()}'
-  shard_files = {split: os.path.join(split, name + '.bin') for split in store_lib.SPLITS}
-  outs = {split: open(os.path.join(directory, shard_files[split] + tmp), 'wb') for split in store_lib.SPLITS}
-  hashes = {split: hashlib.sha256() for split in store_lib.SPLITS}
-  counts = {split: {'docs': 0, 'tokens': 0, 'bytes': 0} for split in store_lib.SPLITS}
-  chunk_hash = hashlib.sha256()
-  pending = {split: [] for split in store_lib.SPLITS}
-
-  def flush(split):
-    if not pending[split]:
-      return
-    arrays = tokenizer.encode_documents(pending[split])
-    tokens = np.concatenate(arrays).astype(dtype)
-    raw = tokens.tobytes()
-    outs[split].write(raw)
-    hashes[split].update(raw)
-    counts[split]['tokens'] += int(tokens.size)
-    pending[split] = []
-
-  try:
-    seen, sizes = 0, {split: 0 for split in store_lib.SPLITS}
-    for _, key, data in iter_documents(opts, Position.from_json(chunk['start'])):
-      if seen == chunk['docs']:
-        break
-      seen += 1
-      doc_hash_update(chunk_hash, key, data)
-      split = 'heldout' if key in held else 'train'
-      pending[split].append(data)
-      counts[split]['docs'] += 1
-      counts[split]['bytes'] += len(data)
-      sizes[split] += len(data)
-      if sizes[split] >= ENCODE_BATCH_BYTES:
-        flush(split)
-        sizes[split] = 0
-    if seen != chunk['docs'] or chunk_hash.hexdigest() != chunk['sha256']:
-      raise DataError(f'the documents of chunk {i} of {s["source"]!r} differ from the plan in {directory}/plan.json '
-                      '(the source changed since; prepare into a new directory)')
-    for split in store_lib.SPLITS:
-      flush(split)
-      outs[split].close()
-    for split in store_lib.SPLITS:
-      os.replace(os.path.join(directory, shard_files[split] + tmp), os.path.join(directory, shard_files[split]))
-  finally:
-    for split in store_lib.SPLITS:
-      outs[split].close()
-      if os.path.exists(os.path.join(directory, shard_files[split] + tmp)):
-        os.remove(os.path.join(directory, shard_files[split] + tmp))
-  record = {'index': i, 'dtype': dtype.name,
-            'splits': {split: {'file': shard_files[split], **counts[split], 'sha256': hashes[split].hexdigest()}
-                       for split in store_lib.SPLITS}}
-  files.atomic_write_json(os.path.join(directory, 'chunks', name + '.json'), record)
-  return record
-
-
-# --- 3. finalize -----------------------------------------------------------------------------------------------
-
-
-def finalize(directory: str, plan: dict) -> dict | None:
-  """Writes manifest.json when every chunk is done; returns it, or None while chunks are missing."""
-  records = [chunk_done(directory, i) for i in range(len(plan['chunks']))]
-  if any(r is None for r in records):
-    return None
-  splits = {}
-  for split in store_lib.SPLITS:
-    entries = [r['splits'][split] for r in records]
-    splits[split] = {'docs': sum(e['docs'] for e in entries), 'tokens': sum(e['tokens'] for e in entries),
-                     'bytes': sum(e['bytes'] for e in entries),
-                     'shards': [{'file': e['file'], 'tokens': e['tokens'], 'sha256': e['sha256']} for e in entries]}
-  manifest = {k: plan[k] for k in ('format', 'version', 'settings', 'tokenizer', 'dtype', 'docs_fingerprint',
-                                   'fingerprint', 'documents', 'bytes', 'skipped_binary')}
-  manifest['splits'] = splits
-  files.atomic_write_json(os.path.join(directory, store_lib.MANIFEST), manifest)
-  return manifest
+def _repair_complete_store(directory: str, settings: dict) -> dict | None:
+  """A complete store with `settings`: its manifest if intact; else (damaged) it is made incomplete, None."""
+  manifest = store_lib.read_manifest(directory)
+  _check_settings(directory, manifest['settings'], settings)
+  t0 = time.time()
+  damaged = chunk_lib.damaged_chunks(directory, manifest)
+  if not damaged:
+    log.info('token store %s is complete: every shard matches its sha256 (checked in %.1f s)', directory,
+             time.time() - t0)
+    return manifest
+  log.warning('token store %s: %d damaged chunk(s), e.g. %s; re-making them', directory, len(damaged), damaged[0][1])
+  os.remove(os.path.join(directory, store_lib.MANIFEST))  # unreadable until repaired
+  for i, _ in damaged:
+    with contextlib.suppress(OSError):
+      os.remove(os.path.join(directory, 'chunks', chunk_lib.chunk_name(i) + '.json'))
+  return None
 
 
 # --- the driver ------------------------------------------------------------------------------------------------
 
 
-def _check_writable(directory: str) -> None:
-  try:
-    for sub in ('', *store_lib.SPLITS, 'chunks'):
-      os.makedirs(os.path.join(directory, sub), exist_ok=True)
-    probe = os.path.join(directory, f'.probe-{os.getpid()}')
-    with open(probe, 'w'):
-      pass
-    os.remove(probe)
-  except OSError as e:
-    raise DataError(f'cannot write the token store {directory}: {e.strerror or e}') from None
+def _check_settings(directory: str, have: dict, want: dict) -> None:
+  if have != want:
+    changed = [f'{k} ({have.get(k)!r} -> {v!r})' for k, v in want.items() if have.get(k) != v]
+    raise DataError(f'{directory} holds a preparation with other settings: {", ".join(changed)}; '
+                    'use another directory or delete it')
 
 
 def load_or_make_plan(directory: str, opts: SourceOptions, spec: tok_lib.Spec, settings: dict,
@@ -358,11 +238,7 @@ def load_or_make_plan(directory: str, opts: SourceOptions, spec: tok_lib.Spec, s
     if plan.get('version') != store_lib.VERSION:
       raise DataError(f'{path} has format version {plan.get("version")}, this moejax writes {store_lib.VERSION}; '
                       'prepare into a new directory')
-    if plan['settings'] != settings:
-      changed = [f'{k} ({plan["settings"].get(k)!r} -> {v!r})' for k, v in settings.items()
-                 if plan['settings'].get(k) != v]
-      raise DataError(f'{directory} holds a preparation with other settings: {", ".join(changed)}; '
-                      'use another directory or delete it')
+    _check_settings(directory, plan['settings'], settings)
     return plan
   if not make:
     raise DataError(f'{path} does not exist: run the same command with --plan_only once before the sharded jobs '
@@ -370,33 +246,73 @@ def load_or_make_plan(directory: str, opts: SourceOptions, spec: tok_lib.Spec, s
   return make_plan(directory, opts, spec, settings)
 
 
+def _store_lock(directory: str) -> locking.Lock:
+  return locking.acquire(os.path.join(directory, LOCK), make_parent=True, on_wait=lambda holder: log.warning(
+      'token store %s is being planned, checked or finalized by %s; waiting for it', directory, holder))
+
+
 def prepare(directory: str, opts: SourceOptions, tokenizer: str = 'bytes', heldout_bytes: int = 131072,
             heldout_max_fraction: float = 0.1, chunk_bytes: int = CHUNK_BYTES, dtype: str = 'auto', workers: int = 1,
             num_shards: int = 1, shard_index: int = 0, plan_only: bool = False, separator_token: str | None = None,
             tokenizer_train_bytes: int = TOKENIZER_TRAIN_BYTES, progress: bool = True) -> dict | None:
-  """Prepares (or resumes) the store in `directory`; returns its manifest, or None while other shards are pending."""
+  """Prepares (or resumes, or repairs) the store in `directory`; its manifest, or None while shards are pending."""
   spec = tok_lib.parse_spec(tokenizer) if isinstance(tokenizer, str) else tokenizer
   if spec.is_file and not os.path.isfile(spec.path):
     raise DataError(f'tokenizer file {spec.path} does not exist')
   if not 0 <= shard_index < num_shards:
     raise DataError(f'--shard_index={shard_index} must be in [0, --num_shards={num_shards})')
   settings = settings_of(opts, spec, separator_token, heldout_bytes, heldout_max_fraction, chunk_bytes, dtype,
-                       tokenizer_train_bytes)
-  manifest_path = os.path.join(directory, store_lib.MANIFEST)
-  if os.path.exists(manifest_path):
-    manifest = store_lib.read_manifest(directory)
-    if manifest['settings'] != settings:
-      raise DataError(f'{directory} already holds a store prepared with other settings; use another directory')
-    return manifest
-  _check_writable(directory)
-  plan = load_or_make_plan(directory, opts, spec, settings, make=num_shards == 1 or plan_only)
+                         tokenizer_train_bytes)
+  try:
+    return _prepare(directory, opts, spec, settings, workers, num_shards, shard_index, plan_only, progress)
+  except OSError as e:  # a full disk, a vanished directory: what is finished stays
+    where = f' ({e.filename})' if getattr(e, 'filename', None) else ''
+    raise DataError(f'writing the token store {directory} failed: {e.strerror or e}{where}; '
+                    f'{chunk_lib.progress_note(directory)}') from None
+
+
+def _prepare(directory, opts, spec, settings, workers, num_shards, shard_index, plan_only, progress):
+  created = not os.path.exists(directory)
+  try:
+    with _store_lock(directory):
+      if os.path.exists(os.path.join(directory, store_lib.MANIFEST)):
+        manifest = _repair_complete_store(directory, settings)
+        if manifest is not None:
+          return manifest
+      plan = load_or_make_plan(directory, opts, spec, settings, make=num_shards == 1 or plan_only)
+      for sub in (*store_lib.SPLITS, 'chunks'):
+        os.makedirs(os.path.join(directory, sub), exist_ok=True)
+  except BaseException:
+    if created and not os.path.exists(os.path.join(directory, 'plan.json')):
+      shutil.rmtree(directory, ignore_errors=True)  # a first plan that failed leaves no skeleton behind
+    raise
   if plan_only:
     return None
+  fp = chunk_lib.plan_fingerprint(plan)
   mine = [i for i in range(len(plan['chunks'])) if i % num_shards == shard_index]
-  todo = [i for i in mine if chunk_done(directory, i) is None]
+  todo = [i for i in mine if chunk_lib.chunk_done(directory, i, fp) is None]
   if todo:
     _run_chunks(directory, plan, todo, len(mine) - len(todo), workers, progress, opts.tfds_data_dir)
-  return finalize(directory, plan)
+  with _store_lock(directory):
+    manifest = chunk_lib.finalize(directory, plan)
+  if manifest is None and num_shards == 1:
+    raise DataError(f'token store {directory}: chunks went missing while it was prepared (removed by another '
+                    'process?); rerun the same command')
+  return manifest
+
+
+def _wait_for_chunk(directory: str, i: int, fp: str, tfds_data_dir: str | None) -> tuple[dict, bool]:
+  """Chunk i, which another process was making: waits for it, and makes it if that process did not finish it."""
+  while True:
+    with locking.acquire(chunk_lib.chunk_lock(directory, i), on_wait=lambda holder: log.info(
+        'chunk %s is being made by %s; waiting for it', chunk_lib.chunk_name(i), holder)):
+      pass
+    record = chunk_lib.chunk_done(directory, i, fp)
+    if record is not None:
+      return record, False
+    record, made = chunk_lib.chunk_job(directory, i, tfds_data_dir)
+    if record is not None:
+      return record, made
 
 
 def _run_chunks(directory: str, plan: dict, todo: list[int], done: int, workers: int, progress: bool,
@@ -407,28 +323,31 @@ def _run_chunks(directory: str, plan: dict, todo: list[int], done: int, workers:
              disable=not progress, file=sys.stderr, mininterval=1.0, smoothing=0.1)
   if done:
     log.info('resuming: %d chunk(s) of this job already done, %d to go', done, len(todo))
-  t0, tokens = time.time(), 0
+  t0, tokens, made, busy = time.time(), 0, [], []
 
-  def advance(i, record):
+  def advance(args, result):
     nonlocal tokens
-    tokens += sum(record['splits'][s]['tokens'] for s in store_lib.SPLITS)
+    record, here = result
+    i = args[1]
+    if record is None:
+      busy.append(i)
+      return
+    if here:
+      made.append(i)
+      tokens += sum(record['splits'][s]['tokens'] for s in store_lib.SPLITS)
     bar.update(plan['chunks'][i]['bytes'])
     bar.set_postfix_str(f'{tokens / max(time.time() - t0, 1e-9) / 1e6:.2f}M tokens/s', refresh=False)
 
   try:
-    if workers <= 1:
-      for i in todo:
-        advance(i, prepare_chunk(directory, i, tfds_data_dir))
-    else:
-      ctx = multiprocessing.get_context('spawn')
-      with ctx.Pool(min(workers, len(todo)), initializer=_worker_init, initargs=(True,)) as pool:
-        for i, record in zip(todo, pool.imap(_prepare_chunk_star, [(directory, i, tfds_data_dir) for i in todo])):
-          advance(i, record)
+    chunk_pool.run(chunk_lib.chunk_job, [(directory, i, tfds_data_dir) for i in todo], workers, advance)
+    fp = chunk_lib.plan_fingerprint(plan)
+    for i in busy:
+      advance((directory, i), _wait_for_chunk(directory, i, fp, tfds_data_dir))
   finally:
     bar.close()
-  log.info('prepared %d chunk(s): %d tokens in %.1f s (%.2fM tokens/s)', len(todo), tokens, time.time() - t0,
-           tokens / max(time.time() - t0, 1e-9) / 1e6)
-
-
-def _prepare_chunk_star(args):
-  return prepare_chunk(*args)
+    for i in todo:  # what a stopped worker left (a SIGKILL leaves temporary files)
+      chunk_lib.sweep_chunk(directory, i)
+  others = len(todo) - len(made)
+  log.info('prepared %d chunk(s): %d tokens in %.1f s (%.2fM tokens/s)%s', len(made), tokens, time.time() - t0,
+           tokens / max(time.time() - t0, 1e-9) / 1e6,
+           f'; {others} chunk(s) were made by another process meanwhile' if others else '')

@@ -22,13 +22,16 @@ files, so resident memory stays at the batch however much of a large store a run
 
 Opening checks the manifest's format version, that every shard exists with the recorded
 size, and (`verify='full'`, the default) every shard's sha256 and that every token is
-below the vocabulary; `verify='size'` skips the hash pass (about 1 s per GB).
+below the vocabulary; `verify='size'` skips the hash pass (about 1 s per GB). Every read
+checks its tokens against the vocabulary too. A damaged shard's error ends with the command
+that made the store (`prepare_command`): rerunning it re-makes missing and damaged shards.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import shlex
 import threading
 from typing import Sequence
 
@@ -45,10 +48,17 @@ VERIFY = ('full', 'size')
 
 
 class TokenStream:
-  """A split's token stream over its shard files: `size`, `dtype`, `stream[a:b]` -> np.ndarray."""
+  """A split's token stream over its shard files: `size`, `dtype`, `stream[a:b]` -> np.ndarray.
 
-  def __init__(self, paths: Sequence[str], counts: Sequence[int], dtype):
+  With `vocab_size`, every read checks its tokens are below it (a max over the few thousand
+  tokens of a window: nothing next to a step), so a damaged shard that the opening's size
+  check let through stops the run with the shard's name, not with a NaN loss.
+  """
+
+  def __init__(self, paths: Sequence[str], counts: Sequence[int], dtype, vocab_size: int | None = None,
+               advice: str = ''):
     self.dtype = np.dtype(dtype)
+    self.vocab_size, self.advice = vocab_size, advice
     keep = [(p, int(n)) for p, n in zip(paths, counts) if n > 0]
     self.paths = [p for p, _ in keep]
     self.counts = np.array([n for _, n in keep], np.int64)
@@ -87,6 +97,11 @@ class TokenStream:
       if len(got) != want:
         raise DataError(f'token shard {self.paths[shard]} is shorter than its manifest says (truncated?)')
       out[pos - start:end - start] = np.frombuffer(got, self.dtype)
+      if self.vocab_size is not None and end > pos and int(out[pos - start:end - start].max()) >= self.vocab_size:
+        top = int(out[pos - start:end - start].max())
+        raise DataError(f'token shard {self.paths[shard]} holds token {top} >= the vocabulary {self.vocab_size} '
+                        '(a damaged shard; data.verify_store=\'full\' checks every shard when the store is opened)' +
+                        (f'; {self.advice}' if self.advice else ''))
       pos, shard = end, shard + 1
     return out
 
@@ -105,26 +120,64 @@ class TokenStream:
     self._lock = threading.Lock()
 
 
-def _verify_shard(path: str, entry: dict, dtype: np.dtype, vocab_size: int, full: bool) -> None:
+def shard_problem(path: str, entry: dict, dtype: np.dtype, vocab_size: int, full: bool) -> str | None:
+  """What is wrong with a shard file against its manifest entry (size; with `full` sha256 and token range), or None."""
   try:
     size = os.path.getsize(path)
   except OSError:
-    raise DataError(f'token shard {path} is missing (the store is damaged: rerun moejax.prepare on it)') from None
+    return f'token shard {path} is missing'
   want = int(entry['tokens']) * dtype.itemsize
   if size != want:
-    raise DataError(f'token shard {path} has {size} bytes, the manifest says {want} (truncated or damaged shard)')
+    return f'token shard {path} has {size} bytes, the manifest says {want} (truncated or damaged shard)'
   if not full:
-    return
+    return None
   h, top = hashlib.sha256(), 0
-  with open(path, 'rb') as f:
-    for block in iter(lambda: f.read(1 << 24), b''):
-      h.update(block)
-      if block:
+  try:
+    with open(path, 'rb') as f:
+      for block in iter(lambda: f.read(1 << 24), b''):
+        h.update(block)
         top = max(top, int(np.frombuffer(block, dtype).max()))
+  except OSError as e:
+    return f'token shard {path} cannot be read: {e.strerror or e}'
   if h.hexdigest() != entry['sha256']:
-    raise DataError(f'token shard {path} does not match its sha256 in the manifest (corrupt shard)')
+    return f'token shard {path} does not match its sha256 in the manifest (corrupt shard)'
   if top >= vocab_size:
-    raise DataError(f'token shard {path} holds token {top} >= the vocabulary {vocab_size} (corrupt shard)')
+    return f'token shard {path} holds token {top} >= the vocabulary {vocab_size} (corrupt shard)'
+  return None
+
+
+# Flags of `python -m moejax.prepare` and their defaults, for the command that re-makes a store.
+_PREPARE_FLAGS = (('source', None), ('tokenizer', 'bytes'), ('text_field', 'text'), ('tfds_split', 'train'),
+                  ('tfds_text_key', 'text'), ('heldout_bytes', 131072), ('heldout_max_fraction', 0.1),
+                  ('binary_documents', 'error'), ('chunk_bytes', 16 << 20), ('dtype', 'auto'),
+                  ('separator_token', None), ('tokenizer_train_bytes', 200 << 20))
+
+
+def prepare_command(directory: str, settings: dict) -> str:
+  """The `python -m moejax.prepare` command that made (and re-makes) the store in `directory`."""
+  settings = dict(settings)
+  tokenizer = settings['tokenizer']
+  if ':sha256:' in tokenizer:  # a user's file, recorded by hash: the store's own copy is that file
+    kind = tokenizer.split(':', 1)[0]
+    copy = 'tokenizer.json' if kind == 'hf' else 'tokenizer.model'
+    settings['tokenizer'] = f'{kind}:' + os.path.join(directory, copy)
+  parts = ['python -m moejax.prepare', f'--out={shlex.quote(directory)}']
+  for name, default in _PREPARE_FLAGS:
+    if settings.get(name) is not None and settings.get(name) != default:
+      parts.append(shlex.quote(f'--{name}={settings[name]}'))
+  return ' '.join(parts)
+
+
+def repair_advice(directory: str, settings: dict) -> str:
+  return (f'rerun the command that made it, which re-makes missing and damaged shards: '
+          f'{prepare_command(directory, settings)}')
+
+
+def _verify_shard(path: str, entry: dict, dtype: np.dtype, vocab_size: int, full: bool, directory: str,
+                  settings: dict) -> None:
+  problem = shard_problem(path, entry, dtype, vocab_size, full)
+  if problem is not None:
+    raise DataError(f'{problem}: the store is damaged; {repair_advice(directory, settings)}')
 
 
 def read_manifest(directory: str) -> dict:
@@ -157,8 +210,9 @@ def open_streams(directory: str, verify: str = 'full',
     shards = manifest['splits'][split]['shards']
     paths = [os.path.join(directory, s['file']) for s in shards]
     for path, entry in zip(paths, shards):
-      _verify_shard(path, entry, dtype, vocab, verify == 'full')
-    streams[split] = TokenStream(paths, [s['tokens'] for s in shards], dtype)
+      _verify_shard(path, entry, dtype, vocab, verify == 'full', directory, manifest['settings'])
+    streams[split] = TokenStream(paths, [s['tokens'] for s in shards], dtype, vocab,
+                                 repair_advice(directory, manifest['settings']))
     if streams[split].size == 0:
       raise DataError(f'token store {directory}: the {split} split is empty')
   return manifest, streams

@@ -17,6 +17,9 @@ identity normalization and byte fallback). A document that is not valid UTF-8 is
 with U+FFFD replacement before a subword tokenizer sees it (bytes sees the raw bytes).
 
 A tokenizer's identity is the sha256 of its file (`hash`); bytes has the hash 'bytes'.
+
+A run keeps its own copy of its tokenizer (`snapshot`, WORKDIR/tokenizer/), so sampling and
+exporting a run do not depend on the store or file it was trained with (`load_snapshot`).
 """
 
 from __future__ import annotations
@@ -25,10 +28,12 @@ import dataclasses
 import hashlib
 import io
 import os
+import shutil
 from typing import Iterable, Sequence
 
 import numpy as np
 
+from moejax import files
 from moejax.errors import DataError
 
 BYTES_VOCAB = 257
@@ -37,6 +42,8 @@ TRAINED_BPE_SEPARATOR = '<|doc|>'
 SEPARATOR_NAMES = ('<|endoftext|>', '<|doc|>', '<|begin_of_text|>', '<s>', '<bos>', '<|end_of_text|>', '</s>', '<eos>')
 TRAIN_KINDS = {'bpe': 'tokenizer.json', 'unigram': 'tokenizer.model'}
 MIN_TRAINED_VOCAB = 300  # above the 256 byte symbols and the specials
+SNAPSHOT_DIR = 'tokenizer'  # a run's copy: WORKDIR/tokenizer/{tokenizer.json|tokenizer.model, moejax_tokenizer.json}
+SNAPSHOT_INFO = 'moejax_tokenizer.json'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,6 +104,10 @@ class Tokenizer:
     """The UTF-8 bytes of `ids` (separators excluded by the caller)."""
     raise NotImplementedError
 
+  def separator_name(self) -> str | None:
+    """The separator token's text (None for bytes)."""
+    return None
+
   def describe(self) -> dict:
     return {'kind': self.kind, 'vocab_size': self.vocab_size, 'separator': self.separator, 'hash': self.hash,
             **({'file': os.path.basename(self.path)} if self.path else {})}
@@ -144,6 +155,9 @@ class HFTokenizer(Tokenizer):
   def decode(self, ids):
     return self._tok.decode([int(i) for i in ids], skip_special_tokens=False).encode('utf-8')
 
+  def separator_name(self):
+    return self._tok.id_to_token(self.separator)
+
 
 class SentencePieceTokenizer(Tokenizer):
   """A SentencePiece model file."""
@@ -176,6 +190,9 @@ class SentencePieceTokenizer(Tokenizer):
   def decode(self, ids):
     return self._sp.decode([int(i) for i in ids]).encode('utf-8')
 
+  def separator_name(self):
+    return self._sp.id_to_piece(self.separator)
+
 
 def _hash_or_fail(path: str) -> str:
   if not os.path.isfile(path):
@@ -207,7 +224,6 @@ def train(spec: Spec, texts: Iterable[bytes], out_path: str) -> None:
   Deterministic: the same documents give a byte-identical file (BPE: HF `tokenizers`;
   unigram: SentencePiece, whose trainer is deterministic where HF's unigram trainer is not).
   """
-  tmp = f'{out_path}.tmp-{os.getpid()}'
   if spec.train_kind == 'bpe':
     from tokenizers import Tokenizer as _HF, decoders, models, pre_tokenizers, trainers  # pylint: disable=import-outside-toplevel
     tok = _HF(models.BPE())
@@ -216,29 +232,80 @@ def train(spec: Spec, texts: Iterable[bytes], out_path: str) -> None:
     trainer = trainers.BpeTrainer(vocab_size=spec.vocab_size, special_tokens=[TRAINED_BPE_SEPARATOR],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator((as_text(t) for t in texts), trainer)
-    tok.save(tmp)
-  else:
-    import sentencepiece as spm  # pylint: disable=import-outside-toplevel
+    with files.atomic_path(out_path) as tmp:
+      try:
+        tok.save(tmp)
+      except Exception as e:  # pylint: disable=broad-except  (the library raises a bare Exception, e.g. on a full disk)
+        raise OSError(f'cannot write {out_path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}') from None
+    return
+  import sentencepiece as spm  # pylint: disable=import-outside-toplevel
 
-    def lines():
-      for t in texts:
-        for line in as_text(t).split('\n'):
-          if line:
-            yield line
+  def lines():
+    for t in texts:
+      for line in as_text(t).split('\n'):
+        if line:
+          yield line
 
-    model = io.BytesIO()
-    try:
-      spm.SentencePieceTrainer.train(
-          sentence_iterator=lines(), model_writer=model, vocab_size=spec.vocab_size, model_type='unigram',
-          normalization_rule_name='identity', add_dummy_prefix=False, remove_extra_whitespaces=False,
-          byte_fallback=True, character_coverage=1.0, unk_id=0, bos_id=1, eos_id=-1, pad_id=-1,
-          user_defined_symbols=['\n'], allow_whitespace_only_pieces=True, split_by_whitespace=True,
-          max_sentence_length=1 << 16, num_threads=os.cpu_count() or 1, minloglevel=2)
-    except RuntimeError as e:
-      raise DataError(f'training tokenizer train:unigram:{spec.vocab_size} failed: {str(e).splitlines()[0]}') from None
-    with open(tmp, 'wb') as f:
-      f.write(model.getvalue())
-  os.replace(tmp, out_path)
+  model = io.BytesIO()
+  try:
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=lines(), model_writer=model, vocab_size=spec.vocab_size, model_type='unigram',
+        normalization_rule_name='identity', add_dummy_prefix=False, remove_extra_whitespaces=False,
+        byte_fallback=True, character_coverage=1.0, unk_id=0, bos_id=1, eos_id=-1, pad_id=-1,
+        user_defined_symbols=['\n'], allow_whitespace_only_pieces=True, split_by_whitespace=True,
+        max_sentence_length=1 << 16, num_threads=os.cpu_count() or 1, minloglevel=2)
+  except RuntimeError as e:
+    raise DataError(f'training tokenizer train:unigram:{spec.vocab_size} failed: {str(e).splitlines()[0]}') from None
+  files.atomic_write(out_path, model.getvalue())
+
+
+def _snapshot_overrides(folder: str, info: dict) -> dict:
+  if info['kind'] == 'bytes':
+    return {'data.tokenizer': 'bytes'}
+  return {'data.tokenizer': f'{info["kind"]}:{os.path.join(folder, info["file"])}',
+          'data.separator_token': info['separator_token']}
+
+
+def snapshot(tokenizer: Tokenizer, workdir: str) -> dict:
+  """Keeps a copy of `tokenizer` in WORKDIR/tokenizer/ (atomic writes; nothing written if it is there already).
+
+  Returns the config overrides (`data.tokenizer`, `data.separator_token`) that load the copy.
+  """
+  folder = os.path.join(workdir, SNAPSHOT_DIR)
+  info = {'kind': tokenizer.kind, 'vocab_size': tokenizer.vocab_size, 'separator': tokenizer.separator,
+          'hash': tokenizer.hash, 'separator_token': tokenizer.separator_name(),
+          'file': {'hf': 'tokenizer.json', 'sentencepiece': 'tokenizer.model'}.get(tokenizer.kind)}
+  info_path = os.path.join(folder, SNAPSHOT_INFO)
+  try:
+    if _read_snapshot_info(info_path) != info:
+      os.makedirs(folder, exist_ok=True)
+      if info['file']:
+        with files.atomic_path(os.path.join(folder, info['file'])) as tmp:
+          shutil.copyfile(tokenizer.path, tmp)
+      files.atomic_write_json(info_path, info)
+  except OSError as e:
+    raise DataError(f'cannot keep a copy of the tokenizer in {folder}: {e.strerror or e}') from None
+  return _snapshot_overrides(folder, info)
+
+
+def _read_snapshot_info(path: str) -> dict | None:
+  if not os.path.exists(path):
+    return None
+  return files.read_json(path, 'tokenizer copy description')
+
+
+def load_snapshot(workdir: str) -> Tokenizer | None:
+  """The tokenizer copy a run keeps in WORKDIR/tokenizer/ (`snapshot`), or None if it keeps none."""
+  folder = os.path.join(workdir, SNAPSHOT_DIR)
+  info = _read_snapshot_info(os.path.join(folder, SNAPSHOT_INFO))
+  if info is None:
+    return None
+  if info['kind'] == 'bytes':
+    return ByteTokenizer()
+  tokenizer = load(Spec(info['kind'], path=os.path.join(folder, info['file'])), separator_token=info['separator_token'])
+  if tokenizer.hash != info['hash'] or tokenizer.separator != info['separator']:
+    raise DataError(f'the tokenizer copy in {folder} does not match its description {SNAPSHOT_INFO} (damaged)')
+  return tokenizer
 
 
 def vocab_size_without_io(spec_text: str) -> int | None:

@@ -22,8 +22,11 @@ from moejax.interop import layouts, shards, staging, weights
 log = logging.getLogger('moejax.export')
 
 
-def _tokenizer_files(cfg, directory: str) -> tuple[int, str]:
-  """Writes the run's tokenizer into `directory`; returns (separator id, separator token)."""
+def _tokenizer_files(cfg, directory: str, workdir: str) -> tuple[int, str]:
+  """Writes the run's tokenizer into `directory`; returns (separator id, separator token).
+
+  The tokenizer is the run's own copy (WORKDIR/tokenizer/, `data.tokenizers.snapshot`) when it
+  keeps one, so a run exports after its corpus or tokenizer file has moved."""
   from moejax.data import tokenizers  # pylint: disable=import-outside-toplevel
   spec = tokenizers.parse_spec(cfg.data.tokenizer)
   if spec.kind == 'bytes':
@@ -31,10 +34,11 @@ def _tokenizer_files(cfg, directory: str) -> tuple[int, str]:
       f.write(weights.bytes_tokenizer_json())
     sep_id, sep = tokenizers.BYTES_SEPARATOR, weights.BYTES_SPECIAL
   else:
-    if spec.kind == 'train':
+    tok = tokenizers.load_snapshot(workdir)
+    if tok is None and spec.kind == 'train':
       from moejax import data  # pylint: disable=import-outside-toplevel  (the trained file lives in the data cache)
       tok = data.corpus_from_config(cfg.data).tokenizer
-    else:
+    elif tok is None:
       tok = tokenizers.load(spec, separator_token=cfg.data.separator_token)
     if tok.kind != 'hf':
       raise ConfigError(f'data.tokenizer={cfg.data.tokenizer!r}: only tokenizer.json (HuggingFace) and bytes '
@@ -82,7 +86,7 @@ def _export(workdir: str, out: str, layout: str, dtype: str, max_shard_bytes: in
     log.warning('moe.eval_capacity_factor=%g drops tokens in moejax; the %s layout never drops',
                 cfg.moe.eval_capacity_factor, layout)
   with staging.staged(out, 'export') as tmp:
-    special_id, _ = _tokenizer_files(cfg, tmp)
+    special_id, _ = _tokenizer_files(cfg, tmp, workdir)
     params = restore_params(cfg, workdir)
     _write(cfg, layout, dtype, special_id, hf_tensors(cfg, params, layout, dtype), tmp, max_shard_bytes)
   return layout

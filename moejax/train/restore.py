@@ -29,7 +29,7 @@ def load_model(workdir: str, cfg=None):
   from moejax import data  # pylint: disable=import-outside-toplevel
   from moejax.train import state as state_lib  # pylint: disable=import-outside-toplevel
   cfg = load_config(workdir) if cfg is None else cfg
-  corpus = data.corpus_from_config(cfg.data)
+  corpus = data.corpus_from_config(cfg.data, workdir)  # (the workdir's tokenizer copy if the corpus moved)
   s = state_lib.setup(cfg, corpus)
   _, state = restore_state(s, workdir)
   return cfg, corpus, nnx.merge(s.graphdef, state['params'], state['buffers'])

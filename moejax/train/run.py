@@ -45,6 +45,8 @@ def execute(cfg, workdir: str, mode: str = 'train', allow_config_change: bool = 
       raise error or WorkdirError(f'another process of this run could not take or bind workdir {workdir}')
     restore_lib.check_corpus_given(cfg, workdir)  # an imported workdir has no corpus until one is given
     corpus = data.corpus_from_config(cfg.data)
+    if leader:  # the run keeps its own copy of its tokenizer (docs/data.md)
+      data.tokenizers.snapshot(corpus.tokenizer, workdir)
     s = state_lib.setup(cfg, corpus)
     if mode == 'train':
       summary = loop_lib.run(cfg, workdir, built=s)

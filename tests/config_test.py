@@ -1,5 +1,6 @@
 """Config validation rules, overrides and sweep helpers."""
 
+import json
 import os
 
 import pytest
@@ -96,3 +97,30 @@ def test_every_base_key_is_documented():
   docs = open(os.path.join(os.path.dirname(os.path.dirname(__file__)), 'docs', 'configs.md')).read()
   missing = [k for k in _flat_keys(base.get_config()) if f'`{k}`' not in docs]
   assert not missing, f'undocumented keys in docs/configs.md: {missing}'
+
+
+def test_flatten_equals_flax_flatten_dict():
+  from flax import traverse_util  # pylint: disable=import-outside-toplevel
+  tree = json.loads(base.get_config().to_json_best_effort())
+  tree['extra'] = {'empty': {}, 'deep': {'a': {'b': 1}}}
+  assert config_lib.flatten(tree) == traverse_util.flatten_dict(tree, sep='.')
+
+
+def test_config_hash_ignores_exactly_its_key_lists():
+  cfg = config_lib.validate(base.get_config())
+  flat = config_lib.flatten(json.loads(cfg.to_json_best_effort()))
+  assert config_lib.config_hash(cfg) == config_lib.config_hash(flat)
+  assert config_lib.config_hash(dict(flat, **{'checkpoint.every_steps': 7})) == config_lib.config_hash(flat)
+  assert config_lib.config_hash(dict(flat, **{'moe.num_experts': 3})) != config_lib.config_hash(flat)
+  assert config_lib.config_hash(dict(flat, seed=9)) != config_lib.config_hash(flat)
+  assert config_lib.config_hash(dict(flat, seed=9), config_lib.SEED_KEYS) == config_lib.config_hash(flat,
+                                                                                                  config_lib.SEED_KEYS)
+
+
+def test_apply_overrides_refuses_unknown_keys_and_wrong_types():
+  cfg = base.get_config()
+  for bad, match in (({'moe.nope': 1}, 'unknown config key: moe.nope'), ({'nope.x': 1}, 'unknown config key'),
+                     ({'moe.num_experts': 'many'}, 'wrong type')):
+    with pytest.raises(ConfigError, match=match):
+      config_lib.apply_overrides(cfg, bad)
+  assert not config_lib.apply_overrides(cfg, {'moe.num_experts': 4}).is_locked

@@ -5,6 +5,8 @@
   python -m moejax.bench data [--store_gb=2.2] [--workdir=/tmp/moejax-bench-data]
   python -m moejax.bench decode [--config=experiments/quickstart.py] [--points=a,b] [--run=DIR ...]
       [--batches=1,8,64] [--context=N] [--decode_steps=32] [--rounds=5] [--copy_mb=512]
+  python -m moejax.bench attention [--seq_lens=1024,4096] [--heads=16] [--kv_heads=16] [--head_dim=128]
+      [--impls=xla,blockwise] [--dtype=float32] [--target=tpu]
 
 `step`: the train-step time of every point of an experiment's sweep, on one fixed random
 batch (data loading excluded), after compilation and warm-up. Points are timed in
@@ -34,6 +36,9 @@ short training run reading a synthetic store of `--store_gb` GB, beside the same
 the in-memory stdlib corpus. Scratch files go under --workdir (about 3x store_gb of disk).
 
 `decode`: KV-cache decoding against the bandwidth model; see `moejax.decode_bench`.
+
+`attention`: compiled temporaries of one attention layer's forward+backward per `model.attention`
+core (the compiler's memory analysis; nothing runs); see `moejax.attention_bench`.
 """
 
 from __future__ import annotations
@@ -341,6 +346,17 @@ def _main(argv):
           f'{os.cpu_count()} CPUs; {FLAGS.rounds} interleaved rounds of {FLAGS.decode_steps} greedy steps, median')
     print('\n'.join(decode_bench.run(models, batches, FLAGS.context, FLAGS.decode_steps, FLAGS.rounds, FLAGS.copy_mb)))
     return
+  if len(argv) == 2 and argv[1] == 'attention':
+    from moejax import attention_bench  # pylint: disable=import-outside-toplevel
+    target = FLAGS.target or None
+    print(f'attention temporaries: {target or jax.default_backend()} compiler, jax {jax.__version__}; one sequence, '
+          f'H={FLAGS.heads}, G={FLAGS.kv_heads}, K={FLAGS.head_dim}, {FLAGS.dtype}, blocks {FLAGS.attention_blocks}, '
+          'causal + document segment ids, forward+backward')
+    blocks = tuple(int(b) for b in FLAGS.attention_blocks.split(','))
+    print('\n'.join(attention_bench.run([int(x) for x in FLAGS.seq_lens.split(',')], FLAGS.impls.split(','),
+                                        FLAGS.heads, FLAGS.kv_heads, FLAGS.head_dim, jnp.dtype(FLAGS.dtype), blocks,
+                                        target)))
+    return
   if len(argv) == 2 and argv[1] == 'moe':
     shapes = MOE_SHAPES_SMALL if FLAGS.small else MOE_SHAPES
     dtype = jnp.dtype(FLAGS.dtype)
@@ -352,7 +368,7 @@ def _main(argv):
     print('\n'.join(moe_benchmark(shapes, FLAGS.rounds, dtype)))
     return
   if len(argv) != 2 or argv[1] != 'step':
-    raise app.UsageError('usage: python -m moejax.bench step|moe|data|decode [--config=...] [--steps=N] [--rounds=N] [--small]')
+    raise app.UsageError('usage: python -m moejax.bench step|moe|data|decode|attention [--config=...] [--steps=N] [--rounds=N] [--small]')
   module = config_lib.load_module(FLAGS.config)
   points = module.get_sweep() if hasattr(module, 'get_sweep') else [{}]
   cfgs = [config_lib.validate(config_lib.apply_overrides(module.get_config(), p)) for p in points]
@@ -383,5 +399,12 @@ if __name__ == '__main__':
   flags.DEFINE_integer('context', None, 'decode: prompt length (default: data.seq_len - decode_steps).')
   flags.DEFINE_integer('decode_steps', 32, 'decode: greedy steps per timed round.')
   flags.DEFINE_integer('copy_mb', 512, 'decode: size of the array of the memory-bandwidth measurement.')
+  flags.DEFINE_string('seq_lens', '1024,4096', 'attention: sequence lengths.')
+  flags.DEFINE_integer('heads', 16, 'attention: query heads.')
+  flags.DEFINE_integer('kv_heads', 16, 'attention: key/value heads.')
+  flags.DEFINE_integer('head_dim', 128, 'attention: head width.')
+  flags.DEFINE_string('impls', 'xla,blockwise', 'attention: model.attention cores, xla first.')
+  flags.DEFINE_string('attention_blocks', '512,512', 'attention: q_block,kv_block.')
+  flags.DEFINE_string('target', '', "attention: '' (this backend) or 'tpu' (deviceless v5p compile; needs libtpu).")
   flags.DEFINE_integer('cpu_devices', 0, 'Fake this many CPU devices (for meshes on a CPU machine); 0 = as is.')
   cli.cli(_main)

@@ -38,7 +38,7 @@ the in-memory stdlib corpus. Scratch files go under --workdir (about 3x store_gb
 `decode`: KV-cache decoding against the bandwidth model; see `moejax.decode_bench`.
 
 `attention`: compiled temporaries of one attention layer's forward+backward per `model.attention`
-core (the compiler's memory analysis; nothing runs); see `moejax.attention_bench`.
+core (the compiler's memory analysis; nothing runs); see `moejax.model.attention_bench`.
 """
 
 from __future__ import annotations
@@ -347,7 +347,7 @@ def _main(argv):
     print('\n'.join(decode_bench.run(models, batches, FLAGS.context, FLAGS.decode_steps, FLAGS.rounds, FLAGS.copy_mb)))
     return
   if len(argv) == 2 and argv[1] == 'attention':
-    from moejax import attention_bench  # pylint: disable=import-outside-toplevel
+    from moejax.model import attention_bench  # pylint: disable=import-outside-toplevel
     target = FLAGS.target or None
     print(f'attention temporaries: {target or jax.default_backend()} compiler, jax {jax.__version__}; one sequence, '
           f'H={FLAGS.heads}, G={FLAGS.kv_heads}, K={FLAGS.head_dim}, {FLAGS.dtype}, blocks {FLAGS.attention_blocks}, '

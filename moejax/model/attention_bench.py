@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec
 
+from moejax.errors import ConfigError
 from moejax.model import attention as attention_lib
 
 
@@ -45,7 +46,10 @@ def temporaries(impl: str, L: int, heads: int, kv_heads: int, head_dim: int, dty
 
 def run(seq_lens, impls, heads: int, kv_heads: int, head_dim: int, dtype, blocks, target: str | None) -> list[str]:
   """A Markdown table: temporaries per core and L, and their ratio to 'xla'."""
-  lines = [f'| L | core | temporaries | ratio to xla | [H, L, L] float32 scores | compile s |',
+  if heads % kv_heads or any(i not in attention_lib.IMPLEMENTATIONS for i in impls):
+    raise ConfigError(f'--heads={heads} must be a multiple of --kv_heads={kv_heads}, and --impls={",".join(impls)} '
+                      f'each one of {attention_lib.IMPLEMENTATIONS}')
+  lines = ['| L | core | temporaries | ratio to xla | [H, L, L] float32 scores | compile s |',
            '|---:|---|---:|---:|---:|---:|']
   for L in seq_lens:
     base = None

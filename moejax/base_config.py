@@ -35,6 +35,9 @@ def get_config(arg=None):
   m.norm_eps = 1e-6  # RMSNorm epsilon
   m.init_std = 0.02  # std of normal weight init (output projections scaled by 1/sqrt(2 * num_layers))
   m.compute_dtype = 'float32'  # 'float32' or 'bfloat16' matmuls; params and router stay float32
+  m.attention = 'xla'  # attention core: 'xla' (jax.nn.dot_product_attention), 'blockwise' (flash in jnp), 'cudnn' (GPU), 'splash' (TPU Pallas), 'auto'
+  m.attention_q_block = 512  # 'blockwise'/'splash': queries per block (clipped to the sequence length)
+  m.attention_kv_block = 512  # 'blockwise'/'splash': keys per block; scores held at once: H x q_block x kv_block
 
   c.moe = e = ml_collections.ConfigDict()
   e.num_experts = 8  # routed experts E per MoE layer; 0 makes a dense model
@@ -82,6 +85,7 @@ def get_config(arg=None):
   d.read_threads = 2  # grain threads reading training windows ahead of the step
   d.prefetch_batches = 4  # training batches read ahead (bounds host memory: batch bytes x this)
   d.seq_len = 128  # tokens per training sequence
+  d.document_mask = False  # attention stays inside each document (separator-started segments), rotary positions restart per document
   d.heldout_bytes = 131072  # held-out split: documents in key-hash order, at most this many bytes in all
   d.heldout_max_fraction = 0.1  # ... and at most this share of the corpus bytes (a warning says when it binds)
   d.binary_documents = 'error'  # a document that looks binary (NUL bytes, >5% control bytes): 'error', 'skip' or 'keep'

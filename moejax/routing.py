@@ -65,12 +65,23 @@ def gate_weights(scores_TE: jax.Array, experts_TK: jax.Array, renormalize: bool,
   return gates_TK * scale
 
 
-def expert_counts(experts_TK: jax.Array, num_experts: int) -> jax.Array:
-  """Assignments per expert [E] (pre-drop), as int32."""
-  return jnp.bincount(experts_TK.reshape(-1), length=num_experts).astype(jnp.int32)
+def expert_counts(experts_TK: jax.Array, num_experts: int, valid_T: jax.Array | None = None) -> jax.Array:
+  """Assignments per expert [E] (pre-drop), as int32; with `valid_T`, of the valid tokens only."""
+  if valid_T is None:
+    return jnp.bincount(experts_TK.reshape(-1), length=num_experts).astype(jnp.int32)
+  valid_A = jnp.broadcast_to(valid_T[:, None], experts_TK.shape).reshape(-1)
+  return jnp.bincount(experts_TK.reshape(-1), valid_A.astype(jnp.int32), length=num_experts).astype(jnp.int32)
 
 
-def switch_aux_loss(probs_TE: jax.Array, experts_TK: jax.Array) -> jax.Array:
+def masked_mean(x_T: jax.Array, valid_T: jax.Array | None, axis=0) -> jax.Array:
+  """mean over axis 0 (the tokens), over the valid ones only when `valid_T` is given (0 when none is)."""
+  if valid_T is None:
+    return jnp.mean(x_T, axis=axis)
+  w_T = valid_T.astype(jnp.float32).reshape(valid_T.shape + (1,) * (x_T.ndim - 1))
+  return jnp.sum(x_T * w_T, axis=axis) / jnp.maximum(jnp.sum(w_T), 1.0)
+
+
+def switch_aux_loss(probs_TE: jax.Array, experts_TK: jax.Array, valid_T: jax.Array | None = None) -> jax.Array:
   """Switch/GShard load-balancing loss E * sum_i f_i * P_i (docs/moe.md, "Load balancing").
 
   f_i = (1/(kT)) * #{tokens routed to i} (no gradient), P_i = mean_t p_i(t).
@@ -78,23 +89,32 @@ def switch_aux_loss(probs_TE: jax.Array, experts_TK: jax.Array) -> jax.Array:
   """
   T, E = probs_TE.shape
   k = experts_TK.shape[-1]
+  if valid_T is not None:  # f and P over the valid tokens only (document masking's padding left out)
+    n = jnp.maximum(jnp.sum(valid_T.astype(jnp.float32)), 1.0)
+    f_E = jax.lax.stop_gradient(expert_counts(experts_TK, E, valid_T).astype(jnp.float32) / (k * n))
+    return E * jnp.sum(f_E * masked_mean(probs_TE.astype(jnp.float32), valid_T))
   f_E = jax.lax.stop_gradient(expert_counts(experts_TK, E).astype(jnp.float32) / (k * T))
   P_E = jnp.mean(probs_TE.astype(jnp.float32), axis=0)
   return E * jnp.sum(f_E * P_E)
 
 
-def load_balancing_loss(scores_TE: jax.Array, experts_TK: jax.Array, group_tokens: int | None = None) -> jax.Array:
+def load_balancing_loss(scores_TE: jax.Array, experts_TK: jax.Array, group_tokens: int | None = None,
+                        valid_T: jax.Array | None = None) -> jax.Array:
   """Mean over token groups of E * sum_i f_i * P_i (docs/moe.md, "Load balancing"), f from pre-drop counts (no gradient).
 
   group_tokens=None: one group, the whole (global) batch: under jit with a data-sharded batch the
   counts are summed across data-parallel shards automatically. group_tokens=L: DeepSeek-V3's
   sequence-wise loss (with P from normalized scores). group_tokens=m*L: micro-batches of m sequences.
+  valid_T: only those tokens count, and the mean is over groups holding one or more.
   """
   T, E = scores_TE.shape
   g = T if group_tokens is None else group_tokens
   P_GTE = normalized_scores(scores_TE).reshape(T // g, g, E)
   e_GTK = experts_TK.reshape(T // g, g, -1)
-  return jnp.mean(jax.vmap(switch_aux_loss)(P_GTE, e_GTK))
+  if valid_T is None:
+    return jnp.mean(jax.vmap(switch_aux_loss)(P_GTE, e_GTK))
+  v_GT = valid_T.reshape(T // g, g)
+  return masked_mean(jax.vmap(switch_aux_loss)(P_GTE, e_GTK, v_GT), jnp.any(v_GT, axis=1))
 
 
 def capacity(group_tokens: int, k: int, num_experts: int, capacity_factor: float) -> int:
@@ -102,16 +122,20 @@ def capacity(group_tokens: int, k: int, num_experts: int, capacity_factor: float
   return int(math.ceil(capacity_factor * k * group_tokens / num_experts))
 
 
-def capacity_rank(experts_TK: jax.Array, gates_TK: jax.Array, num_experts: int, policy: str) -> jax.Array:
+def capacity_rank(experts_TK: jax.Array, gates_TK: jax.Array, num_experts: int, policy: str,
+                  valid_T: jax.Array | None = None) -> jax.Array:
   """rank_TK: the position of each assignment in its expert's queue (0 = served first).
 
   position: all first choices in token order, then all second choices, ... (GShard/Switch).
   probs: highest gate first, ties by that same position order (Megatron's default).
+  valid_T: invalid tokens (padding) queue after every valid one, so they never take a valid token's slot.
   """
   T, K = experts_TK.shape
   position_TK = (jnp.arange(K)[None, :] * T + jnp.arange(T)[:, None]).reshape(-1)
   expert_A = experts_TK.reshape(-1)
   keys = (position_TK, expert_A) if policy == 'position' else (position_TK, -gates_TK.reshape(-1), expert_A)
+  if valid_T is not None:
+    keys = keys[:-1] + (~jnp.broadcast_to(valid_T[:, None], (T, K)).reshape(-1), expert_A)
   order_A = jnp.lexsort(keys)
   counts_E = jnp.bincount(expert_A, length=num_experts)
   start_E = jnp.cumsum(counts_E) - counts_E
@@ -120,24 +144,29 @@ def capacity_rank(experts_TK: jax.Array, gates_TK: jax.Array, num_experts: int, 
 
 
 def capacity_keep(experts_TK: jax.Array, gates_TK: jax.Array, num_experts: int, capacity_factor: float | None,
-                  policy: str, group_tokens: int | None = None) -> tuple[jax.Array, jax.Array]:
+                  policy: str, group_tokens: int | None = None,
+                  valid_T: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
   """(keep_TK, rank_TK): which assignments survive capacity, and their slot within their expert per group.
 
   capacity_factor=None is dropless: everything is kept (rank is still computed, for capacity dispatch).
   """
   T, K = experts_TK.shape
   g = T if group_tokens is None else group_tokens
-  rank_TK = jax.vmap(lambda e, w: capacity_rank(e, w, num_experts, policy))(
-      experts_TK.reshape(T // g, g, K), gates_TK.reshape(T // g, g, K)).reshape(T, K)
+  if valid_T is None:
+    rank_TK = jax.vmap(lambda e, w: capacity_rank(e, w, num_experts, policy))(
+        experts_TK.reshape(T // g, g, K), gates_TK.reshape(T // g, g, K)).reshape(T, K)
+  else:
+    rank_TK = jax.vmap(lambda e, w, v: capacity_rank(e, w, num_experts, policy, v))(
+        experts_TK.reshape(T // g, g, K), gates_TK.reshape(T // g, g, K), valid_T.reshape(T // g, g)).reshape(T, K)
   if capacity_factor is None:
     return jnp.ones((T, K), jnp.bool_), rank_TK
   return rank_TK < capacity(g, K, num_experts, capacity_factor), rank_TK
 
 
-def router_z_loss(logits_TE: jax.Array) -> jax.Array:
-  """ST-MoE router z-loss: mean_t logsumexp(z_t)^2."""
+def router_z_loss(logits_TE: jax.Array, valid_T: jax.Array | None = None) -> jax.Array:
+  """ST-MoE router z-loss: mean_t logsumexp(z_t)^2 (over the `valid_T` tokens when given)."""
   lse_T = jax.nn.logsumexp(logits_TE.astype(jnp.float32), axis=-1)
-  return jnp.mean(lse_T * lse_T)
+  return masked_mean(lse_T * lse_T, valid_T)
 
 
 class BlockPlan(NamedTuple):
@@ -201,12 +230,13 @@ def block_plan(experts_TK: jax.Array, num_experts: int, block_size: int, ranks=e
                    jnp.minimum(block_expert_N, num_experts - 1).astype(jnp.int32), row_assign_R)
 
 
-def routing_stats(probs_TE: jax.Array, experts_TK: jax.Array) -> dict[str, jax.Array]:
+def routing_stats(probs_TE: jax.Array, experts_TK: jax.Array, valid_T: jax.Array | None = None) -> dict[str, jax.Array]:
   """Per-layer diagnostics from pre-drop routing: assignments per expert, max/mean load, coefficient of
-  variation of the load, experts that got no token, and the mean router entropy (nats, of normalized scores)."""
-  counts_E = expert_counts(experts_TK, probs_TE.shape[-1]).astype(jnp.float32)
+  variation of the load, experts that got no token, and the mean router entropy (nats, of normalized scores);
+  of the `valid_T` tokens only when given."""
+  counts_E = expert_counts(experts_TK, probs_TE.shape[-1], valid_T).astype(jnp.float32)
   entropy_T = -jnp.sum(probs_TE * jnp.log(jnp.maximum(probs_TE, 1e-30)), axis=-1)
-  return {'expert_counts': counts_E, **load_stats(counts_E), 'router_entropy': jnp.mean(entropy_T)}
+  return {'expert_counts': counts_E, **load_stats(counts_E), 'router_entropy': masked_mean(entropy_T, valid_T)}
 
 
 def load_stats(counts_E):

@@ -22,8 +22,8 @@ Status (2026-11-23, no GPU yet): the compile check on CPU (`--config.moe.kernels
 this does NOT fit: 173 GB peak per device, 140 GB of it temporaries (331 / 298 GB before
 the `xla` grouped matmul gathered its block weights in chunks). A dense model of the same
 active size shows 109 GB of temporaries, mostly the materialized [B, H, L, L] attention
-scores at L = 4096. Reaching the target needs a fused attention (e.g.
-jax.nn.dot_product_attention with cuDNN) as well: GPU work. XLA:CPU's temporaries are
+scores at L = 4096. Hence `model.attention='auto'`: cuDNN's fused attention on the GPU
+(docs/scaling-out.md, "Attention without [H, L, L] scores"). XLA:CPU's temporaries are
 only an estimate of the GPU's.
 """
 
@@ -47,6 +47,7 @@ def get_config(arg=None):
   m.use_qk_norm = True
   m.use_tied_embeddings = False
   m.compute_dtype = 'bfloat16'
+  m.attention = 'auto'  # cuDNN's fused attention on GPU (bfloat16), splash on TPU, XLA's elsewhere
   e = c.moe
   e.num_experts = 64
   e.experts_per_token = 8

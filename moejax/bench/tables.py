@@ -161,3 +161,14 @@ def memory_table(rows: Sequence[dict]) -> list[str]:
       ('corpus size', True, lambda r: f'{r["gb"]:.2f} GB'),
       ('peak RSS', True, lambda r: f'{r["peak_mb"]:,.0f} MB'),
   ], rows)
+
+
+def attention_table(rows: list[dict]) -> list[str]:
+  """`bench attention`'s rows as a Markdown table."""
+  lines = ['| L | core | temporaries | ratio to xla | [H, L, L] float32 scores | compile s |',
+           '|---:|---|---:|---:|---:|---:|']
+  for r in rows:
+    ratio = '-' if r['ratio_to_xla'] is None else f'{r["ratio_to_xla"]:.3f}'
+    lines.append(f'| {r["L"]} | {r["core"]} | {r["temp_bytes"] / 2**20:,.1f} MiB | {ratio} | '
+                 f'{r["scores_bytes"] / 2**20:,.0f} MiB | {r["compile_s"]:.1f} |')
+  return lines

@@ -11,6 +11,7 @@ from moejax.config.shapes import expert_hidden, is_moe_layer, moe_layers, shared
 from moejax.errors import ConfigError
 
 COMPUTE_DTYPES = ('float32', 'bfloat16')
+ATTENTION_IMPLEMENTATIONS = ('xla', 'blockwise', 'cudnn', 'splash', 'auto')  # model.attention (moejax/model/attention.py)
 DISPATCHES = ('block', 'ragged', 'capacity', 'dense')
 KERNELS = ('auto', 'reference', 'xla', 'pallas')
 LOAD_BALANCING = ('none', 'global_batch', 'micro_batch', 'sequence', 'aux_free')
@@ -75,6 +76,12 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
            f'model.num_heads={m.num_heads} must be divisible by model.num_kv_heads={m.num_kv_heads}')
   _require(m.qk_norm_scope in QK_NORM_SCOPES, f'model.qk_norm_scope={m.qk_norm_scope!r} must be one of {QK_NORM_SCOPES}')
   _require(m.compute_dtype in COMPUTE_DTYPES, f'model.compute_dtype={m.compute_dtype!r} must be one of {COMPUTE_DTYPES}')
+  _require(m.attention in ATTENTION_IMPLEMENTATIONS,
+           f'model.attention={m.attention!r} must be one of {ATTENTION_IMPLEMENTATIONS}')
+  _require(m.attention != 'cudnn' or m.compute_dtype == 'bfloat16',
+           "model.attention='cudnn' needs model.compute_dtype='bfloat16' (cuDNN's fused attention has no float32)")
+  _positive(cfg, 'model', ('attention_q_block', 'attention_kv_block'))
+  _require(isinstance(cfg.data.document_mask, bool), f'data.document_mask={cfg.data.document_mask!r} must be True or False')
 
   _require(e.num_experts >= 0, f'moe.num_experts={e.num_experts} must be >= 0 (0 = dense model)')
   _validate_moe_values(cfg)  # the same for dense configs: a bad value is never silently ignored

@@ -10,6 +10,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from moejax.model import attention as attention_lib
+
 
 def param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str, ...], std: float) -> nnx.Param:
   """A normal(0, std) float32 parameter tagged with logical axis names."""
@@ -78,12 +80,13 @@ class Attention(nnx.Module):
   """Causal grouped-query self-attention with rotary embeddings.
 
   Options: QK-norm (`qk_norm_eps`) per head or over the whole projection (`qk_norm_scope`),
-  and query/key/value biases (`use_qkv_bias`, Qwen2-MoE).
+  query/key/value biases (`use_qkv_bias`, Qwen2-MoE), and the attention core with its
+  blocks (`attention`, `blocks`: moejax/model/attention.py).
   """
 
   def __init__(self, dim: int, heads: int, kv_heads: int, head_dim: int, rope_base: float, std: float,
                out_std: float, rngs: nnx.Rngs, qk_norm_eps: float | None = None, qk_norm_scope: str = 'head',
-               use_qkv_bias: bool = False):
+               use_qkv_bias: bool = False, attention: str = 'xla', blocks: tuple[int, int] = (512, 512)):
     self.wq = param(rngs, (dim, heads, head_dim), ('embed', 'heads', 'head_dim'), std)
     self.wk = param(rngs, (dim, kv_heads, head_dim), ('embed', 'kv_heads', 'head_dim'), std)
     self.wv = param(rngs, (dim, kv_heads, head_dim), ('embed', 'kv_heads', 'head_dim'), std)
@@ -95,6 +98,7 @@ class Attention(nnx.Module):
     self.bq = zeros(heads, 'heads') if use_qkv_bias else None
     self.bk = zeros(kv_heads, 'kv_heads') if use_qkv_bias else None
     self.bv = zeros(kv_heads, 'kv_heads') if use_qkv_bias else None
+    self.attention, self.blocks = attention, tuple(blocks)
 
   def project(self, x_BLD: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     """(q_BLHK, k_BLHK, v_BLHK) before rotary: the projections, their biases and QK-norm."""
@@ -107,8 +111,9 @@ class Attention(nnx.Module):
     return q, k, v
 
   def __call__(self, x_BLD: jax.Array, positions_BL: jax.Array | None = None,
-               cache: tuple[jax.Array, jax.Array] | None = None):
-    """Without a cache: causal attention over the L tokens (training, scoring) -> y_BLD.
+               cache: tuple[jax.Array, jax.Array] | None = None, segment_ids_BL: jax.Array | None = None):
+    """Without a cache: causal attention over the L tokens (training, scoring) -> y_BLD; with
+    `segment_ids_BL` only within each segment (document masking).
 
     With `cache` = (keys_BGTK, values_BGTK) of this layer (prefill and decode steps): the L new
     tokens at `positions_BL` write their keys and values at their positions and attend to every
@@ -119,8 +124,7 @@ class Attention(nnx.Module):
     dt = x_BLD.dtype
     q, k, v = self.project(x_BLD)
     q, k = rotary(q, self.rope_base, positions_BL), rotary(k, self.rope_base, positions_BL)
-    # dot_product_attention broadcasts kv heads over query-head groups (GQA) and scales by 1/sqrt(K).
-    o = jax.nn.dot_product_attention(q, k, v, is_causal=True)
+    o = attention_lib.attend(q, k, v, self.attention, segment_ids_BL, *self.blocks)
     return jnp.einsum('blhk,hkd->bld', o, self.wo[...].astype(dt))
 
   def _cached(self, x_BLD, positions_BL, keys_BGTK, values_BGTK):

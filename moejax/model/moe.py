@@ -76,15 +76,17 @@ class MoE(nnx.Module):
     return logits_TE, scores_TE, experts_TK, gates_TK
 
   def __call__(self, x_BLD: jax.Array, train: bool = False, rng: jax.Array | None = None,
-               dispatch: str | None = None):
+               dispatch: str | None = None, valid_BL: jax.Array | None = None):
     """(y_BLD, aux). `dispatch`: None or 'model' for the configured `moe.dispatch`, 'distinct' or
     'gather' for a few-token dispatch (decode steps; dropless, evaluation routing). With a dispatch
-    named, aux also holds the routing, 'experts_TK'."""
+    named, aux also holds the routing, 'experts_TK'. `valid_BL` (document masking): only those tokens
+    count in the losses and statistics, and the others queue last for capacity (token choice only)."""
     if self.cfg.routing == 'expert_choice':
       return self._expert_choice(x_BLD, train, rng, dispatch)
     B, L, D = x_BLD.shape
     T, c, dt = B * L, self.cfg, x_BLD.dtype
     x_TD = x_BLD.reshape(T, D)
+    valid_T = None if valid_BL is None else valid_BL.reshape(T)
     logits_TE, scores_TE, experts_TK, gates_TK = self._route(x_TD, train, rng)
     if dispatch in dispatch_lib.FEW_TOKEN:
       return self._few_tokens(x_TD, experts_TK, gates_TK, dispatch_lib.FEW_TOKEN[dispatch]).reshape(B, L, D).astype(
@@ -94,7 +96,8 @@ class MoE(nnx.Module):
     if factor is None and c.dispatch != 'capacity':  # dropless: no queue ranks needed (saves a sort)
       keep_TK, rank_TK = jnp.ones(experts_TK.shape, jnp.bool_), None
     else:
-      keep_TK, rank_TK = routing.capacity_keep(experts_TK, gates_TK, c.num_experts, factor, c.drop_policy, group)
+      keep_TK, rank_TK = routing.capacity_keep(experts_TK, gates_TK, c.num_experts, factor, c.drop_policy, group,
+                                               valid_T)
     gates_TK = jnp.where(keep_TK, gates_TK, 0.0)
     capacity = group if factor is None else routing.capacity(group, c.experts_per_token, c.num_experts, factor)
     y_TD = jnp.zeros((T, D), jnp.float32)
@@ -120,7 +123,7 @@ class MoE(nnx.Module):
       offset += count
     if self.shared is not None:
       y_TD += self.shared_output(x_TD)
-    aux = self._aux(logits_TE, scores_TE, experts_TK, keep_TK, L)
+    aux = self._aux(logits_TE, scores_TE, experts_TK, keep_TK, L, valid_T)
     if ep_drops:
       aux['ep_drop_fraction'] = sum(ep_drops) / len(ep_drops)
     if dispatch is not None:
@@ -183,13 +186,18 @@ class MoE(nnx.Module):
       shared_TD = shared_TD * jax.nn.sigmoid(jnp.dot(x_TD.astype(jnp.float32), self.w_shared_gate[...]))
     return shared_TD
 
-  def _aux(self, logits_TE, scores_TE, experts_TK, keep_TK, seq_len: int) -> dict[str, jax.Array]:
+  def _aux(self, logits_TE, scores_TE, experts_TK, keep_TK, seq_len: int, valid_T=None) -> dict[str, jax.Array]:
     c = self.cfg
     group = {'global_batch': None, 'micro_batch': c.balance_group_sequences * seq_len}.get(c.load_balancing, seq_len)
-    aux = {'aux_loss': routing.load_balancing_loss(scores_TE, experts_TK, group),
-           'z_loss': routing.router_z_loss(logits_TE),
-           'drop_fraction': 1.0 - jnp.mean(keep_TK.astype(jnp.float32))}
-    aux.update(routing.routing_stats(routing.normalized_scores(scores_TE), experts_TK))
+    if valid_T is None:
+      aux = {'aux_loss': routing.load_balancing_loss(scores_TE, experts_TK, group),
+             'z_loss': routing.router_z_loss(logits_TE),
+             'drop_fraction': 1.0 - jnp.mean(keep_TK.astype(jnp.float32))}
+    else:
+      aux = {'aux_loss': routing.load_balancing_loss(scores_TE, experts_TK, group, valid_T),
+             'z_loss': routing.router_z_loss(logits_TE, valid_T),
+             'drop_fraction': 1.0 - routing.masked_mean(jnp.mean(keep_TK.astype(jnp.float32), axis=1), valid_T)}
+    aux.update(routing.routing_stats(routing.normalized_scores(scores_TE), experts_TK, valid_T))
     aux['bias_abs_mean'] = jnp.zeros(()) if self.expert_bias is None else jnp.mean(jnp.abs(self.expert_bias[...]))
     return aux
 

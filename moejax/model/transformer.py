@@ -40,7 +40,8 @@ class Block(nnx.Module):
     self.attn_norm = RMSNorm(m.model_dim, m.norm_eps)
     self.attn = Attention(m.model_dim, m.num_heads, m.num_kv_heads, config_lib.head_dim(m), m.rope_base,
                           std, out_std, rngs, m.norm_eps if m.use_qk_norm else None, m.qk_norm_scope,
-                          m.use_qkv_bias)
+                          m.use_qkv_bias, m.get('attention', 'xla'),
+                          (m.get('attention_q_block', 512), m.get('attention_kv_block', 512)))
     self.ffn_norm = RMSNorm(m.model_dim, m.norm_eps)
     if use_moe:
       self.ffn = MoE(m, moe_cfg, std, out_std, rngs)
@@ -49,17 +50,19 @@ class Block(nnx.Module):
     self.use_moe = use_moe
 
   def __call__(self, x_BLD: jax.Array, train: bool = False, rng: jax.Array | None = None, positions_BL=None,
-               kv=None, dispatch: str | None = None, use_ffn: bool = True):
-    """(x_BLD, aux or None, kv): `kv` is this layer's (keys, values) cache in and out (None without one)."""
+               kv=None, dispatch: str | None = None, use_ffn: bool = True, segment_ids_BL=None):
+    """(x_BLD, aux or None, kv): `kv` is this layer's (keys, values) cache in and out (None without one).
+    `segment_ids_BL`: document masking (attention within segments; routing statistics skip segment 0, padding)."""
     if kv is None:
-      x_BLD = x_BLD + self.attn(self.attn_norm(x_BLD), positions_BL)
+      x_BLD = x_BLD + self.attn(self.attn_norm(x_BLD), positions_BL, segment_ids_BL=segment_ids_BL)
     else:
       y_BLD, kv = self.attn(self.attn_norm(x_BLD), positions_BL, kv)
       x_BLD = x_BLD + y_BLD
     if not use_ffn:
       return x_BLD, None, kv
     if self.use_moe:
-      y_BLD, aux = self.ffn(self.ffn_norm(x_BLD), train, rng, dispatch)
+      valid = None if segment_ids_BL is None else segment_ids_BL > 0
+      y_BLD, aux = self.ffn(self.ffn_norm(x_BLD), train, rng, dispatch, valid_BL=valid)
       return x_BLD + y_BLD, aux, kv
     return x_BLD + self.ffn(self.ffn_norm(x_BLD)), None, kv
 
@@ -77,6 +80,9 @@ class Transformer(nnx.Module):
   aux['routes'] holds each MoE layer's experts [B*L, k] in layer order. `moe_dispatch` picks each
   MoE layer's dispatch (`dispatch.pick_dispatch`: 'auto', 'model', 'distinct', 'gather');
   use_ffn=False skips every FFN (an ablation for the decode benchmark's time breakdown only).
+  `segment_ids_BL` (with `positions_BL` restarting per segment: `attention.document_layout`) is
+  document masking: attention stays within a segment, and segment-0 tokens (padding) are left
+  out of the routing statistics and losses.
   """
 
   def __init__(self, model_cfg, moe_cfg, rngs: nnx.Rngs):
@@ -91,7 +97,7 @@ class Transformer(nnx.Module):
 
   def __call__(self, tokens_BL: jax.Array, train: bool = False, rng: jax.Array | None = None, *,
                positions_BL: jax.Array | None = None, cache: Cache | None = None, moe_dispatch: str = 'model',
-               use_ffn: bool = True):
+               use_ffn: bool = True, segment_ids_BL: jax.Array | None = None):
     x_BLD = self.embed(tokens_BL, self.dtype)
     tokens = tokens_BL.shape[0] * tokens_BL.shape[1]
     layer_aux, keys, values = [], [], []
@@ -103,7 +109,7 @@ class Transformer(nnx.Module):
         dispatch = moe_cfg and dispatch_lib.pick_dispatch(moe_dispatch, tokens, moe_cfg.experts_per_token,
                                                           moe_cfg.num_experts)
       x_BLD, aux, kv = block(x_BLD, train, None if rng is None else jax.random.fold_in(rng, i), positions_BL, kv,
-                             dispatch, use_ffn)
+                             dispatch, use_ffn, segment_ids_BL=segment_ids_BL)
       if aux is not None:
         layer_aux.append(aux)
       if kv is not None:

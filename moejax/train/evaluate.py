@@ -21,20 +21,25 @@ from moejax import data, routing
 from moejax.model import accounting
 from moejax.parallel import mesh as mesh_lib
 from moejax.train.state import Setup
-from moejax.train.step import cached, token_nll
+from moejax.train.step import cached, document_kwargs, document_separator, token_nll
 
 
 EVAL_ROUTING = ('expert_counts', 'drop_fraction', 'router_entropy', 'ep_drop_fraction')
 
 
-def make_eval_step(graphdef: nnx.GraphDef, mesh=None):
+def make_eval_step(graphdef: nnx.GraphDef, mesh=None, document_separator: int | None = None):
   """step(params, buffers, batch) -> ((weighted nats, weights), routing stats).
 
-  With `mesh`: traced under it (see `train.make_train_step`), outputs replicated.
+  With `mesh`: traced under it (see `train.make_train_step`), outputs replicated. With
+  `document_separator` (document masking) the windows are masked as in training, and the
+  weight-0 tokens (the padded tail) get segment 0: left out of the routing statistics.
   """
 
   def step(params, buffers, batch):
-    logits_BLV, aux = nnx.merge(graphdef, params, buffers)(batch['inputs'])  # train=False: eval capacity
+    kwargs = document_kwargs(batch['inputs'], document_separator)
+    if kwargs:
+      kwargs['segment_ids_BL'] = jnp.where(batch['weights'] > 0, kwargs['segment_ids_BL'], 0)
+    logits_BLV, aux = nnx.merge(graphdef, params, buffers)(batch['inputs'], **kwargs)  # train=False: eval capacity
     nll_BL = token_nll(logits_BLV, batch['targets'])
     w_BL = batch['weights']
     sums = (jnp.sum(nll_BL * w_BL), jnp.sum(w_BL))
@@ -47,10 +52,12 @@ def make_eval_step(graphdef: nnx.GraphDef, mesh=None):
 def evaluate(s: Setup, state: dict | None = None) -> dict[str, Any]:
   """Scores the held-out split of `s.corpus` with `state` (default: the setup's train state).
 
-  Also returns per-MoE-layer routing diagnostics on the held-out tokens (padded tail rows included).
+  Also returns per-MoE-layer routing diagnostics on the held-out tokens (padded tail rows included,
+  unless `data.document_mask` is set).
   """
   state = s.state if state is None else state
-  step = cached('eval', s.cfg, lambda: make_eval_step(s.graphdef, s.mesh))
+  sep = document_separator(s)
+  step = cached('eval' if sep is None else f'eval-sep{sep}', s.cfg, lambda: make_eval_step(s.graphdef, s.mesh, sep))
   nats, tokens = 0.0, 0.0
   routing_sums, batches = {}, 0
   sharding = mesh_lib.batch_sharding(s.mesh, 2)

@@ -97,7 +97,8 @@ def compile_step(cfg) -> dict:
   mesh = _make_mesh(cfg)
   graphdef, param_state, buffer_state = model_lib.split(nnx.eval_shape(lambda: model_lib.build(cfg)))
   state = _placed(cfg, mesh, param_state, buffer_state, abstract=True)
-  step = make_train_step(graphdef, optim.make(cfg.optim), cfg, shardings(state), mesh)
+  step = make_train_step(graphdef, optim.make(cfg.optim), cfg, shardings(state), mesh,
+                         0 if cfg.data.get('document_mask', False) else None)  # (any id: the program is the same)
   tokens = jax.ShapeDtypeStruct((cfg.train.batch_size, cfg.data.seq_len + 1), jnp.int32,
                                 sharding=mesh_lib.batch_sharding(mesh, 2))
   start = time.time()

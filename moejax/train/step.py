@@ -11,7 +11,7 @@ import optax
 from flax import nnx
 
 from moejax import config as config_lib
-from moejax.model import moe as moe_lib
+from moejax.model import attention as attention_lib, moe as moe_lib
 from moejax.parallel import mesh as mesh_lib
 from moejax.train import optim
 
@@ -25,8 +25,16 @@ ROUTING_METRICS = ('expert_counts', 'load_max_over_mean', 'load_cv', 'dead_exper
                    'router_entropy', 'bias_abs_mean', 'aux_loss_per_layer', 'z_loss_per_layer')
 
 
+def document_kwargs(inputs_BL: jax.Array, separator: int | None) -> dict[str, jax.Array]:
+  """The model's document-masking arguments for packed windows (`data.document_mask`); {} without a separator."""
+  if separator is None:
+    return {}
+  segment_ids_BL, positions_BL = attention_lib.document_layout(inputs_BL, separator)
+  return {'segment_ids_BL': segment_ids_BL, 'positions_BL': positions_BL}
+
+
 def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation, cfg,
-                    state_shardings: Any = None, mesh=None) -> Callable:
+                    state_shardings: Any = None, mesh=None, document_separator: int | None = None) -> Callable:
   """Returns step(state, tokens_BL1, seed, lr) -> (state, metrics); the state buffers are donated.
 
   `seed` (the run's `cfg.seed`, int32) and `lr` (this step's learning rate, float32) are
@@ -39,12 +47,16 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
   The state is {'params', 'buffers', 'opt_state', 'step'}; only params get gradients. With
   load_balancing='aux_free' the expert biases in 'buffers' move after each step from that
   step's pre-drop expert counts (over the global batch).
+
+  `document_separator` (the tokenizer's separator, with `data.document_mask`): segment ids and
+  restarting positions are derived on the device from each window's own tokens.
   """
   moe_cfg = cfg.moe
   balance_coef = moe_lib.balance_coefficient(moe_cfg)
 
   def loss_fn(params, buffers, tokens_BL1, rng):
-    logits_BLV, aux = nnx.merge(graphdef, params, buffers)(tokens_BL1[:, :-1], train=True, rng=rng)
+    logits_BLV, aux = nnx.merge(graphdef, params, buffers)(
+        tokens_BL1[:, :-1], train=True, rng=rng, **document_kwargs(tokens_BL1[:, :-1], document_separator))
     ce = jnp.mean(token_nll(logits_BLV, tokens_BL1[:, 1:]))
     loss = ce + balance_coef * aux['aux_loss'] + moe_cfg.z_loss_coef * aux['z_loss']
     return loss, (ce, aux)
@@ -85,6 +97,11 @@ def step_key(cfg) -> str:
   return config_lib.config_hash(cfg, config_lib.STEP_NEUTRAL_KEYS, digits=None)
 
 
+def document_separator(s) -> int | None:
+  """The separator that begins documents in `s.corpus` when `data.document_mask` is set, else None."""
+  return s.corpus.tokenizer.separator if s.cfg.data.get('document_mask', False) else None
+
+
 def cached(kind: str, cfg, build: Callable[[], Callable]) -> Callable:
   """`build()` once per (kind, step_key(cfg)); the last few are kept (LRU)."""
   key = (kind, step_key(cfg))
@@ -99,6 +116,6 @@ def cached(kind: str, cfg, build: Callable[[], Callable]) -> Callable:
 
 def cached_train_step(s) -> Callable:
   """The jitted train step for `s.cfg`, shared with earlier runs whose step_key is equal."""
-  cfg = s.cfg
-  return cached('train', cfg, lambda: make_train_step(s.graphdef, optim.make(cfg.optim), cfg, jax.tree.map(lambda x: x.sharding, s.state),
-                                                      s.mesh))
+  cfg, sep = s.cfg, document_separator(s)  # (the tokenizer is outside step_key: the separator is in the kind)
+  return cached('train' if sep is None else f'train-sep{sep}', cfg, lambda: make_train_step(
+      s.graphdef, optim.make(cfg.optim), cfg, jax.tree.map(lambda x: x.sharding, s.state), s.mesh, sep))

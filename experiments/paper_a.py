@@ -21,7 +21,7 @@ import numpy as np
 
 from experiments import papers
 from experiments.papers import point
-from moejax import design
+from moejax.studies import design
 
 # Budgets (in parameters, embeddings included) and search grids of A4 per scale.
 A4 = {

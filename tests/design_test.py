@@ -10,7 +10,8 @@ import pytest
 from flax import nnx
 
 from experiments import base
-from moejax import accounting, config as config_lib, design, model as model_lib, sweep
+from moejax import accounting, cli, config as config_lib, model as model_lib
+from moejax.studies import design, sweeps as sweep
 from moejax.errors import ConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -25,13 +26,13 @@ def _small_space(cfg=None, **kw):
 
 
 def test_parse_amounts_and_grids():
-  assert design.parse_amount('2GB') == (2e9, True)
-  assert design.parse_amount('3GiB') == (3 * 2**30, True)
-  assert design.parse_amount('1.5e9') == (1.5e9, False)
+  assert cli.parse_amount('2GB') == (2e9, True)
+  assert cli.parse_amount('3GiB') == (3 * 2**30, True)
+  assert cli.parse_amount('1.5e9') == (1.5e9, False)
   with pytest.raises(ConfigError, match='unknown unit'):
-    design.parse_amount('2GX')
+    cli.parse_amount('2GX')
   with pytest.raises(ConfigError, match='cannot parse the amount'):
-    design.parse_amount('lots')
+    cli.parse_amount('lots')
   assert design.parse_grid('2:8:2') == [2, 4, 6, 8] and design.parse_grid('4,2,2') == [2, 4]
 
 

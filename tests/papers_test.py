@@ -4,7 +4,8 @@ import os
 
 import pytest
 
-from moejax import accounting, config as config_lib, sweep
+from moejax import accounting, config as config_lib
+from moejax.studies import sweeps as sweep
 from moejax.errors import ConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

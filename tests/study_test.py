@@ -11,7 +11,8 @@ import sys
 import pytest
 
 from moejax import files
-from moejax import config as config_lib, results, sweep
+from moejax import config as config_lib
+from moejax.studies import figures, report, results, sweeps as sweep
 from moejax.errors import ConfigError, Interrupted, Preempted
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -183,7 +184,6 @@ def test_flatten_round_trips_a_config(tiny_cfg):
 
 
 def test_report_series_and_figures(tmp_path):
-  from moejax import report  # pylint: disable=import-outside-toplevel
   for seed, loss in ((0, 2.0), (1, 2.2)):
     _write(f'{tmp_path}/runs/e8-s{seed}/result.json', _record(f'e8-s{seed}', seed, 8, loss))
   _write(f'{tmp_path}/runs/e16/result.json', _record('e16', 0, 16, 1.9))
@@ -194,14 +194,14 @@ def test_report_series_and_figures(tmp_path):
   dense = _record('dense', 0, 0, 2.4)
   _write(f'{tmp_path}/runs/dense/result.json', dense)
   rows, _ = results.table(results.gather(f'{tmp_path}/runs').records)
-  s = report.series(rows, 'sparsity')
+  s = figures.series(rows, 'sparsity')
   assert list(s) == ['N_active ≈ 3.00K', 'N_active ≈ 6.00K']
   assert s['N_active ≈ 3.00K'] == [(1.0, 2.4, 0.0), (4.0, pytest.approx(2.1), pytest.approx(0.1414, abs=1e-4)),
                                    (8.0, 1.9, 0.0)]
-  assert [x for x, _, _ in report.series(rows, 'num_experts')['N_active ≈ 3.00K']] == [1.0, 8.0, 16.0]
+  assert [x for x, _, _ in figures.series(rows, 'num_experts')['N_active ≈ 3.00K']] == [1.0, 8.0, 16.0]
   path = report.write_report(f'{tmp_path}/runs', f'{tmp_path}/report')
   text = open(path).read()
-  for _, _, name in report.PLOTS:
+  for _, _, name in figures.PLOTS:
     assert f']({name})' in text
     png = open(f'{tmp_path}/report/{name}', 'rb').read()
     assert png[:8] == b'\x89PNG\r\n\x1a\n' and len(png) > 5000

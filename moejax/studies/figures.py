@@ -1,17 +1,14 @@
-"""A Markdown report with figures from every result under a root.
+"""The report's figures, each drawn from rows a test can check (`series`, `grid_series`).
 
-  python -m moejax.report --root=DIR --out=DIR
-
-Writes OUT/report.md and three PNGs: held-out loss against N_total, against sparsity
+Three PNGs: held-out loss against N_total, against sparsity
 s = E/k and against the number of experts. Each line is one fixed active-parameter
 budget (runs whose N_active lies within 10% of the smallest in the group;
 the router, d*E per MoE layer, is active and grows with E), points are
 seed means and error bars one sample standard deviation (none for a single seed).
 Dense runs sit at s = 1 and at "1 expert". Points at one x in one budget (other design
-choices) are drawn separately and the line joins their mean. The results table
-(`moejax.results`) follows.
+choices) are drawn separately and the line joins their mean.
 
-Called by `moejax.claims` with the paper grids, it also draws one figure per grid
+With the paper grids, one figure per grid
 (`grid_<ID>.png`): the held-out loss of each configuration against the grid's variable with
 95% t intervals of its seed mean (pooled sigma), and beside it every configuration's loss
 against training tokens from its decay branches (error bars: one seed standard deviation).
@@ -19,16 +16,8 @@ against training tokens from its decay branches (error bars: one seed standard d
 
 from __future__ import annotations
 
-import os
-import sys
-
-from absl import app, flags
-
-from moejax import files
-from moejax import accounting, metrics as metrics_lib, results
-from moejax.errors import DataError, WorkdirError
-
-FLAGS = flags.FLAGS
+from moejax import accounting, files
+from moejax.studies import statistics
 
 PLOTS = (('n_total', 'N_total (parameters, with embeddings)', 'loss_vs_n_total.png'),
          ('sparsity', 'sparsity s = E / k', 'loss_vs_sparsity.png'),
@@ -95,14 +84,10 @@ GRID_AXES = {'A1': ('sparsity', 's = E / k', True), 'A2a': ('num_experts', 'E (w
              'LR': ('peak_learning_rate', 'peak learning rate', True)}
 
 
-def grid_figure(grid: str, points: list[dict], noise, path: str) -> None:
-  """One PNG for a grid: loss vs the grid's variable (95% t intervals) and loss vs tokens (decay branches)."""
-  import matplotlib  # pylint: disable=import-outside-toplevel
-  import matplotlib.ticker  # pylint: disable=import-outside-toplevel
-  matplotlib.use('Agg')
-  from matplotlib import pyplot as plt  # pylint: disable=import-outside-toplevel
-  key, label, log2 = GRID_AXES.get(grid, (None, 'configuration', False))
-  fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8), dpi=110)
+def grid_series(grid: str, points: list[dict], noise) -> tuple[list[float], dict[str, list[tuple]], float | None]:
+  """What a grid figure's left panel plots: (x of every point, {line: [(x, loss, 95% half-width or None)] sorted by
+  x}, the t * sigma the half-widths come from or None). The LR grid has one line per anchor at seed 0."""
+  key = GRID_AXES.get(grid, (None, 'configuration', False))[0]
   if key == 'num_experts':
     xs = [max(p.get('num_experts') or 0, 1) for p in points]
   elif key == 'train_capacity_factor':
@@ -121,17 +106,30 @@ def grid_figure(grid: str, points: list[dict], noise, path: str) -> None:
     groups = {'': list(range(len(points)))}
   t = None
   if noise is not None and noise.usable:  # (pooled sigma: the interval of one configuration's mean)
-    from moejax import claims  # pylint: disable=import-outside-toplevel
-    t = claims.t_quantile(0.975, noise.dof) * noise.sigma
+    t = statistics.t_quantile(0.975, noise.dof) * noise.sigma
+  out = {}
   for name, idx in groups.items():
     idx = sorted(idx, key=lambda i: xs[i])
     if grid == 'LR':  # one seed per rate: compare like with like (the chosen rate's grid point has more)
-      ys = [(points[i].get('seed_losses') or {}).get('0/0', points[i]['loss_mean']) for i in idx]
-      err = None
+      out[name] = [(xs[i], (points[i].get('seed_losses') or {}).get('0/0', points[i]['loss_mean']), None) for i in idx]
     else:
-      ys = [points[i]['loss_mean'] for i in idx]
-      err = [t / points[i]['seeds'] ** 0.5 for i in idx] if t else None
-    left.errorbar([xs[i] for i in idx], ys, yerr=err, marker='o', capsize=3, label=name or None)
+      out[name] = [(xs[i], points[i]['loss_mean'], t / points[i]['seeds'] ** 0.5 if t else None) for i in idx]
+  return xs, out, t
+
+
+def grid_figure(grid: str, points: list[dict], noise, path: str) -> None:
+  """One PNG for a grid: loss vs the grid's variable (95% t intervals) and loss vs tokens (decay branches)."""
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  import matplotlib.ticker  # pylint: disable=import-outside-toplevel
+  matplotlib.use('Agg')
+  from matplotlib import pyplot as plt  # pylint: disable=import-outside-toplevel
+  key, label, log2 = GRID_AXES.get(grid, (None, 'configuration', False))
+  fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8), dpi=110)
+  xs, groups, t = grid_series(grid, points, noise)
+  for name, pts in groups.items():
+    left.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts] if t and grid != 'LR' else None,
+                  marker='o',
+                  capsize=3, label=name or None)
   if key is None:
     left.set_xticks(xs, [p['name'].replace('-', '\n', 1) for p in points], fontsize=7)
   elif log2:
@@ -160,66 +158,3 @@ def grid_figure(grid: str, points: list[dict], noise, path: str) -> None:
   with files.atomic_path(path) as tmp:
     fig.savefig(tmp, format='png')
   plt.close(fig)
-
-
-def write_report(root: str, out: str, extra: str = '', figure_rows=None, figure_note: str = '',
-                 gathered: results.Gathered | None = None, grids: dict | None = None, noise=None) -> str:
-  """Writes OUT/report.md (figures, then `extra` Markdown, then the table); returns its path.
-
-  `figure_rows(rows)` may select the rows the figures show (default: all); `figure_note` says which.
-  `gathered` saves reading ROOT again when the caller already has it. `grids` ({grid id: rows})
-  adds one figure per grid (`grid_figure`) with intervals from `noise` (a `claims.Noise`).
-  """
-  gathered = gathered or results.gather(root)
-  if not gathered.records:
-    raise DataError(f'no complete result.json under {root}; nothing to report')
-  rows, varied = results.table(gathered.records)
-  shown = figure_rows(rows) if figure_rows else rows
-  try:
-    os.makedirs(out, exist_ok=True)
-    for key, label, name in PLOTS:
-      plot(shown or rows, key, label, os.path.join(out, name))
-    drawn = []
-    for grid, points in (grids or {}).items():
-      present = [p for p in points if p is not None]
-      if present:
-        grid_figure(grid, present, noise, os.path.join(out, f'grid_{grid}.png'))
-        drawn.append(grid)
-  except OSError as e:
-    raise WorkdirError(f'cannot write the report under {out}: {e.strerror or e}') from None
-  seeds = sum(r['seeds'] for r in rows)
-  lines = [f'# Results under `{root}`', '',
-           f'{seeds} runs in {len(rows)} configurations; {len(gathered.failed)} failed; '
-           f'{len(gathered.unreadable)} files skipped. Lines are fixed active-parameter budgets '
-           f'(N_active within {BUDGET_TOLERANCE:.0%}; the line joins the mean at each x); error bars are one seed '
-           f'standard deviation.{" " + figure_note if figure_note else ""}', '']
-  for _, label, name in PLOTS:
-    lines += [f'![held-out loss vs {label}]({name})', '']
-  if grids:
-    lines += ['## Per grid', '', 'Left: each configuration\'s held-out loss against the grid\'s variable (seed mean, 95% t '
-              'interval from the pooled σ). Right: held-out loss against training tokens, from the decay branches '
-              '(error bars: one seed standard deviation).', '']
-    for grid in drawn:
-      lines += [f'![grid {grid}](grid_{grid}.png)', '']
-  if extra:
-    lines += [extra, '']
-  lines += ['## Table', '', results.markdown(rows, varied, gathered)]
-  path = os.path.join(out, 'report.md')
-  files.atomic_write(path, '\n'.join(lines))
-  return path
-
-
-def _main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  if not FLAGS.root or not FLAGS.out:
-    raise app.UsageError('--root and --out are required')
-  path = write_report(FLAGS.root, FLAGS.out)
-  print(f'wrote {path} and {len(PLOTS)} figures', file=sys.stderr)
-
-
-if __name__ == '__main__':
-  from moejax import cli  # pylint: disable=import-outside-toplevel
-  flags.DEFINE_string('root', None, 'Directory holding result.json files (as for moejax.results).')
-  flags.DEFINE_string('out', None, 'Directory for report.md and the PNG figures.')
-  cli.cli(_main)

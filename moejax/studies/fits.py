@@ -1,4 +1,4 @@
-"""Scaling-law fits over result tables (SCIENCE.md §3).
+"""Scaling-law fits over result tables (SCIENCE.md §3), and which forms beat their baselines.
 
 Method (Chinchilla approach 3, Hoffmann et al. 2022): minimize the sum of Huber losses
 (delta = 1e-3) between predicted and measured log-loss with L-BFGS-B, started from every
@@ -227,16 +227,48 @@ def inputs_from_rows(rows: list[dict]) -> tuple[dict[str, np.ndarray], np.ndarra
   return {k: np.asarray(v, np.float64) for k, v in x.items()}, np.asarray(y, np.float64)
 
 
-def markdown(fits: list[Fit]) -> str:
-  """The fits as a Markdown table: values with 95% intervals, in-sample RMSE, leave-one-out and extrapolation error."""
-  lines = ['| form | n | parameters (95% bootstrap interval) | RMSE (nats) | LOO RMSE | LOO max | largest-N_total RMSE |',
-           '|---|---:|---|---:|---:|---:|---:|']
-  fits = sorted(fits, key=lambda f: f.form not in ('constant', 'log_linear'))  # baselines first
-  for f in fits:
-    params = ', '.join(f'{k} = {v:.3g}' + (f' [{f.intervals[k][0]:.3g}, {f.intervals[k][1]:.3g}]'
-                                           if k in f.intervals else '') for k, v in f.values.items())
-    loo = '-' if f.loo_rmse is None else f'{f.loo_rmse:.4f}'
-    loo_max = '-' if f.loo_max is None else f'{f.loo_max:.4f}'
-    extra = '-' if f.extrapolation_rmse is None else f'{f.extrapolation_rmse:.4f} ({f.extrapolation_n})'
-    lines.append(f'| {f.form} | {f.n} | {params} | {f.rmse:.4f} | {loo} | {loo_max} | {extra} |')
-  return '\n'.join(lines) + '\n'
+POINTS_PER_PARAMETER = 5  # a form is fitted only with at least this many configurations per free parameter
+
+
+BASELINES = ('constant', 'log_linear')
+
+
+def fit_laws(rows: list[dict], bootstrap: int = 100, starts: int = 32, loo: bool = True) -> dict[str, Fit]:
+  """The baselines and every form the default-design MoE rows support (>= 5 configurations per free parameter)."""
+  x, y = inputs_from_rows(rows)
+  fits = {}
+  for name, form in FORMS.items():
+    if len(y) >= POINTS_PER_PARAMETER * len(form.raw_names) and len(y) > len(form.raw_names) + 1:
+      fits[name] = fit(name, x, y, max_starts=starts, bootstrap=bootstrap, loo=loo)
+  return fits
+
+
+def beats_baselines(fits: dict[str, Fit], name: str) -> bool:
+  """Whether form `name` predicts held-out configurations better than every baseline fitted beside it:
+  lower leave-one-out RMSE and, where scored, lower RMSE on the largest-N_total configurations."""
+  fit = fits.get(name)
+  if fit is None or fit.loo_rmse is None:
+    return False
+  rivals = [fits[b] for b in BASELINES if b in fits and fits[b].loo_rmse is not None]
+  if not rivals:
+    return False
+  if fit.loo_rmse >= min(r.loo_rmse for r in rivals):
+    return False
+  extrap = [r.extrapolation_rmse for r in rivals if r.extrapolation_rmse is not None]
+  return fit.extrapolation_rmse is None or not extrap or fit.extrapolation_rmse < min(extrap)
+
+
+def residuals_by_k(fits: dict[str, Fit], rows: list[dict]) -> dict[str, dict[int, tuple[float, int]]]:
+  """{form: {k: (mean in-sample residual, configurations)}}: prediction - measurement (nats) by top-k, where a
+  k-dependent bias shows."""
+  ks = sorted({r.get('experts_per_token') or 0 for r in rows})
+  out = {}
+  for name, f in fits.items():
+    if f.residuals is None:
+      continue
+    out[name] = {}
+    for k in ks:
+      res = [e for e, r in zip(f.residuals, rows) if (r.get('experts_per_token') or 0) == k]
+      if res:
+        out[name][k] = (float(np.mean(res)), len(res))
+  return out

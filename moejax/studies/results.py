@@ -1,6 +1,4 @@
-"""Gather every result.json under a root into one table, seeds grouped.
-
-  python -m moejax.results --root=DIR|gs://bucket/dir [--format=md|csv|json] [--out=FILE]
+"""Gather every result.json under a root into one table, seeds grouped (`python -m moejax.results`).
 
 One row per configuration: runs whose resolved configs differ only in `name`, `seed` and
 `data.seed` are seeds of one configuration, reported as mean, standard deviation (ddof=1)
@@ -24,17 +22,14 @@ import json
 import math
 import os
 import statistics
-import sys
+
 from typing import Any
 
-from absl import app, flags
 from etils import epath
 
-from moejax import files
-from moejax import accounting, config as config_lib
+from moejax import config as config_lib
+from moejax.studies import render as render_lib
 from moejax.errors import ConfigError, DataError, MoejaxError
-
-FLAGS = flags.FLAGS
 
 SEED_FIELDS = ('name', 'seed', 'data.seed')
 # How a run was launched (joining a multi-process runtime) never changes what it computes.
@@ -132,7 +127,7 @@ def raw_config_hash(flat_config: dict) -> str:
 
 @functools.lru_cache(maxsize=1)
 def _base_config():
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   return config_lib.load_module(os.path.join(root, 'experiments', 'base.py')).get_config()
 
 
@@ -257,44 +252,6 @@ def table(records: list[dict]) -> tuple[list[dict], list[str]]:
   return rows, varied
 
 
-def _fmt(value: Any, key: str) -> str:
-  if value is None:
-    return '-'
-  if key in ('n_total', 'n_active', 'n_total_nonembed', 'n_active_nonembed', 'n_active_measured', 'tokens'):
-    return accounting.human(value)
-  if key in ('loss_mean', 'loss_std', 'bits_per_byte_mean'):
-    return f'{value:.4f}'
-  if isinstance(value, float):
-    return f'{value:.3g}'
-  return str(value)
-
-
-MD_COLUMNS = (('config_hash', 'hash'), ('name', 'name'), ('n_total', 'N_total'), ('n_active', 'N_active'),
-              ('sparsity', 's'), ('granularity', 'G'), ('num_experts', 'E'), ('experts_per_token', 'k'),
-              ('expert_hidden', 'd_exp'), ('num_shared_experts', 'shared'), ('load_balancing', 'LB'),
-              ('drop_policy', 'drop'), ('eval_drop_policy', 'eval drop'), ('tokens', 'tokens'), ('loss_mean', 'loss'), ('loss_std', '± std'),
-              ('seeds', 'n'), ('bits_per_byte_mean', 'bits/byte'), ('load_max_over_mean', 'max/mean load'),
-              ('dead_experts', 'dead'), ('drop_fraction', 'dropped'))
-
-
-def markdown(rows: list[dict], varied: list[str], gathered: Gathered | None = None) -> str:
-  """The table (and failed/unreadable lists) as Markdown."""
-  cols = list(MD_COLUMNS[:2]) + [(k, k) for k in varied] + list(MD_COLUMNS[2:])
-  lines = ['| ' + ' | '.join(title for _, title in cols) + ' |',
-           '|' + '|'.join('---' if k in ('config_hash', 'name') or k in varied else '---:' for k, _ in cols) + '|']
-  for r in rows:
-    lines.append('| ' + ' | '.join(_fmt(r.get(k), k) for k, _ in cols) + ' |')
-  out = '\n'.join(lines) + '\n'
-  out += ('\nLoss: held-out nats/token, mean over n seeds (± sample std). s = E/k; G = d_model*E/sum(d_exp) '
-          '(d/d_exp for equal experts). Routing columns: held-out pass, mean over MoE layers.\n')
-  if gathered and gathered.failed:
-    out += '\n**Failed points**\n\n' + ''.join(f'- {f.get("name", "?")}: {f.get("error", "?")}\n'
-                                               for f in gathered.failed)
-  if gathered and gathered.unreadable:
-    out += '\n**Skipped files**\n\n' + ''.join(f'- {p}: {why}\n' for p, why in gathered.unreadable)
-  return out
-
-
 def _csv_value(key: str, value: Any) -> Any:
   if key == 'decay_curve':  # tokens:mean loss per point
     return ';'.join(f'{p["tokens"]}:{p["loss"]:.6f}' for p in value)
@@ -327,39 +284,10 @@ def formatted(rows: list[dict], varied: list[str], gathered: Gathered, fmt: str 
     return csv_text(rows, varied)
   if fmt == 'json':
     return json_text(rows, varied, gathered)
-  return markdown(rows, varied, gathered)
+  return render_lib.results_markdown(rows, varied, gathered)
 
 
 def render(root: str, fmt: str = 'md') -> tuple[str, Gathered]:
   """(the table of ROOT in `fmt`, what was gathered)."""
   gathered = gather(root)
   return formatted(*table(gathered.records), gathered, fmt), gathered
-
-
-def _main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  if not FLAGS.root:
-    raise app.UsageError('--root is required')
-  gathered = gather(FLAGS.root)
-  rows, varied = table(gathered.records)
-  text = formatted(rows, varied, gathered, FLAGS.format)
-  if FLAGS.out:
-    from moejax import metrics as metrics_lib  # pylint: disable=import-outside-toplevel
-    files.atomic_write(FLAGS.out, text)
-  else:
-    sys.stdout.write(text)
-  for path, why in gathered.unreadable:
-    print(f'moejax: warning: skipped {path} ({why})', file=sys.stderr)
-  if not gathered.records:
-    print(f'moejax: warning: no complete result.json under {FLAGS.root}', file=sys.stderr)
-  print(f'{len(gathered.records)} runs in {len(rows)} configurations, '
-        f'{len(gathered.failed)} failed, {len(gathered.unreadable)} skipped', file=sys.stderr)
-
-
-if __name__ == '__main__':
-  from moejax import cli  # pylint: disable=import-outside-toplevel
-  flags.DEFINE_string('root', None, 'Directory (or gs:// prefix) holding result.json files, at any depth.')
-  flags.DEFINE_enum('format', 'md', ['md', 'csv', 'json'], 'Output format.')
-  flags.DEFINE_string('out', None, 'Write the table here (atomically) instead of stdout.')
-  cli.cli(_main)

@@ -30,16 +30,11 @@ import json
 import os
 import re
 import shlex
-import sys
 import time
 
-from absl import app, flags
-
-from moejax import files
-from moejax import accounting, cli, config as config_lib, main as main_lib, metrics as metrics_lib, results
-from moejax.errors import ConfigError, Interrupted, MoejaxError, Preempted, WorkdirError
-
-FLAGS = flags.FLAGS
+from moejax import accounting, config as config_lib, files, main as main_lib
+from moejax.studies import render, results
+from moejax.errors import ConfigError, Interrupted, MoejaxError, Preempted
 
 
 def point_name(point: dict) -> str:
@@ -193,62 +188,7 @@ def write_tables(root: str) -> str:
   """Writes ROOT/results.md and ROOT/results.csv from every result under ROOT; returns the Markdown."""
   gathered = results.gather(root)
   rows, varied = results.table(gathered.records)
-  text = results.markdown(rows, varied, gathered)
+  text = render.results_markdown(rows, varied, gathered)
   files.atomic_write(os.path.join(root, 'results.md'), text)
   files.atomic_write(os.path.join(root, 'results.csv'), results.csv_text(rows, varied))
   return text
-
-
-def _main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  if FLAGS.config is None or FLAGS.root is None:
-    raise app.UsageError('--config and --root are required')
-  root = FLAGS.root if '://' in FLAGS.root else os.path.abspath(FLAGS.root)
-  path, arg = config_lib.config_flag(sys.argv)
-  module = config_lib.load_module(path)
-  try:
-    points = module.get_sweep(arg) if hasattr(module, 'get_sweep') else [{}]
-  except MoejaxError:
-    raise
-  except Exception as e:  # pylint: disable=broad-except  (a user's file: one line, not a traceback)
-    raise ConfigError(f'{path}: get_sweep({arg!r}) raised {type(e).__name__}: {e}') from None
-  if not points:
-    raise ConfigError(f'{path}: get_sweep({arg!r}) returned no points')
-  resolved = resolve_points(FLAGS.config, points)
-  if FLAGS.point is not None and not 0 <= FLAGS.point < len(resolved):
-    raise ConfigError(f'--point={FLAGS.point} is out of range: the sweep has points 0..{len(resolved) - 1}')
-  if FLAGS.dry_run:
-    sys.stdout.write(dry_run_text(resolved, root))
-    return
-  try:
-    os.makedirs(root, exist_ok=True)
-    if FLAGS.emit:
-      repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-      script = (emit_slurm if FLAGS.emit == 'slurm' else emit_tpu)(sys.argv, resolved, root, repo)
-      out = os.path.join(root, 'sweep.slurm' if FLAGS.emit == 'slurm' else 'sweep_tpu.sh')
-      files.atomic_write(out, script)
-      os.chmod(out, 0o755)
-      print(f'wrote {out} ({len(resolved)} points); nothing was run')
-      return
-    failures = run_points(resolved, root, FLAGS.point)
-    from moejax import distributed  # pylint: disable=import-outside-toplevel  (loads jax: only once points ran)
-    distributed.finish()
-    text = write_tables(root) if FLAGS.point is None else ''
-  except OSError as e:
-    raise WorkdirError(f'cannot write under --root {root}: {e.strerror or e}') from None
-  if text:
-    print('\n' + text + f'\n(written to {root}/results.md and results.csv)')
-  for name, error in failures:
-    print(f'FAILED {name}: {error}', file=sys.stderr)
-  if failures:
-    sys.exit(1)
-
-
-if __name__ == '__main__':
-  cli.define_config_flag()
-  flags.DEFINE_string('root', None, 'Directory holding one workdir per sweep point.')
-  flags.DEFINE_bool('dry_run', False, 'List the points (with parameter counts and status) and exit.')
-  flags.DEFINE_integer('point', None, 'Run only the point with this index (what cluster jobs run).')
-  flags.DEFINE_enum('emit', None, ['slurm', 'tpu'], 'Write a cluster script for the points instead of running.')
-  cli.cli(_main)

@@ -1,0 +1,62 @@
+"""Evaluate the two papers' checkable claims (SCIENCE.md §4) on a results root.
+
+  python -m moejax.claims --root=docs/results/tiny/runs --scale=tiny --out=docs/results/tiny
+
+The library is moejax/studies/ (report.py runs it). Runs are matched to the grids of
+experiments/paper_a.py and paper_b.py at --scale by configuration hash (`studies.results.config_hash`), so names and seeds do not matter and a
+point shared by two grids is one row. Every point of a grid differs from its neighbours
+only in the variables its claim names (experiments/papers.py). For every claim the report
+gives the expected direction, the measured difference in held-out loss (nats/token), a 95%
+interval, a one-sided p-value and a verdict:
+
+  holds          directional claims: the interval excludes zero on the expected side and
+                 every step of the series goes that way; small-effect claims: an
+                 equivalence test, the 90% interval lies inside +-T (TOST at 5%);
+  contradicted   the interval excludes zero on the other side and every step goes that
+                 way (small effects: |difference| minus the 95% half-width exceeds T);
+  inconclusive   otherwise, or the runs are missing, or the noise estimate has fewer than
+                 MIN_DOF = 6 degrees of freedom.
+
+Noise: a seed sets initialization and data order, so the configurations run at one seed set
+are paired: seeds are the blocks of a randomized complete block design. A difference between
+two such configurations uses the residual sigma of the additive model loss = configuration +
+seed (`block_sigma`, dof = (C-1)(S-1)), in which the seed's shared effect cancels; any other
+comparison uses the pooled sample standard deviation of every configuration with two or more
+seeds. A difference of seed means over n_a and n_b seeds gets the t interval
++-t(0.975, dof) * sigma * sqrt(1/n_a + 1/n_b).
+T = 0.25 |L(s=16) - L(s=4)| from B1: half the mean gain of one doubling of E at this scale.
+
+Also reported: which decided verdicts survive a Holm correction over all decided ones; for
+trend claims, whether the verdict hinges on one point (dropping any single point changes
+it); for undecided claims, how many seeds per point would decide them at this scale if the
+effect is as measured; the literature's side of each claim; the effective speedup of each
+B1 MoE over the dense baseline from the decay-branch curves; the scaling-law fits per grid
+family beside their baselines. Outputs: OUT/claims.md, OUT/report.md, OUT/*.png.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from absl import app, flags
+
+from moejax.studies import report
+
+FLAGS = flags.FLAGS
+
+
+def _main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  if not FLAGS.root or not FLAGS.out:
+    raise app.UsageError('--root and --out are required')
+  sys.stdout.write(report.run(FLAGS.root, FLAGS.scale, FLAGS.out, FLAGS.bootstrap))
+
+
+if __name__ == '__main__':
+  from moejax import cli  # pylint: disable=import-outside-toplevel
+  flags.DEFINE_string('root', None, 'Results root holding the paper-grid runs.')
+  flags.DEFINE_string('scale', 'tiny', 'Scale the runs were made at (tiny, gpu, paper).')
+  flags.DEFINE_string('out', None, 'Directory for claims.md, report.md and the figures.')
+  flags.DEFINE_integer('bootstrap', 100, 'Bootstrap resamples for the fit intervals.')
+  cli.cli(_main)

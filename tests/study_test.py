@@ -164,6 +164,29 @@ def test_results_group_seeds_and_report_bad_files(tmp_path):
   assert len(doc['rows']) == 3 and len(doc['unreadable']) == 3 and doc['failed'][0]['name'] == 'oom'
 
 
+def test_a_reproduction_is_not_a_new_seed(tmp_path):
+  """moejax.reproduce writes a result.json with the same config and seed: the same seed re-run, not a second one."""
+  _write(f'{tmp_path}/e8/result.json', _record('e8', 0, 8, 2.0))
+  _write(f'{tmp_path}/e8-s1/result.json', _record('e8-s1', 1, 8, 2.2))
+  later = os.path.getmtime(f'{tmp_path}/e8/result.json') + 10
+  _write(f'{tmp_path}/a-repro/result.json', _record('e8', 0, 8, 2.0))  # sorts first by path, written last
+  os.utime(f'{tmp_path}/a-repro/result.json', (later, later))
+  rows, _ = results.table(results.gather(str(tmp_path)).records)
+  assert len(rows) == 1
+  row = rows[0]
+  assert row['seeds'] == 2 and row['loss_mean'] == pytest.approx(2.1)  # seeds 0 and 1, each once
+  assert sorted(row['seed_losses']) == ['0/0', '1/0'] and all('a-repro' not in p for p in row['paths'])
+  assert [(x['seed'], x['difference']) for x in row['reproductions']] == [('0/0', 0.0)]
+  assert 'a-repro' in row['reproductions'][0]['path']
+  md, _ = results.render(str(tmp_path), 'md')
+  assert '**Reproductions**' in md
+  only = f'{tmp_path}/only'
+  _write(f'{only}/x/result.json', _record('x', 0, 8, 2.0))
+  _write(f'{only}/y/result.json', _record('x', 0, 8, 2.0))
+  row = results.table(results.gather(only).records)[0][0]
+  assert row['seeds'] == 1 and row['loss_std'] is None  # not "n=2, ± 0.0000"
+
+
 def test_results_cli(tmp_path):
   _write(f'{tmp_path}/x/result.json', _record('x', 0, 8, 2.0))
   _write(f'{tmp_path}/y/result.json', 'not json')

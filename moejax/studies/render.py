@@ -198,6 +198,11 @@ def results_markdown(rows: list[dict], varied: list[str], gathered=None) -> str:
   out = '\n'.join(lines) + '\n'
   out += ('\nLoss: held-out nats/token, mean over n seeds (± sample std). s = E/k; G = d_model*E/sum(d_exp) '
           '(d/d_exp for equal experts). Routing columns: held-out pass, mean over MoE layers.\n')
+  repro = [(r['name'], x) for r in rows for x in r.get('reproductions') or []]
+  if repro:
+    out += ('\n**Reproductions** (re-runs of a seed already counted, e.g. by `moejax.reproduce`; not counted as seeds)'
+            '\n\n' + ''.join(f'- {name} seed {x["seed"]}: {x["loss"]:.6f} ({x["difference"]:+.3e} from the seed\'s run), '
+                            f'{x["path"]}\n' for name, x in repro))
   if gathered and gathered.failed:
     out += '\n**Failed points**\n\n' + ''.join(f'- {f.get("name", "?")}: {f.get("error", "?")}\n'
                                                for f in gathered.failed)

@@ -89,6 +89,28 @@ def _find(base: epath.Path, names: tuple[str, ...], max_depth: int = 8) -> dict[
   return {n: sorted(paths) for n, paths in found.items()}
 
 
+def _mtime(path: epath.Path) -> float:
+  try:
+    return float(path.stat().mtime)
+  except (OSError, AttributeError, ValueError):
+    return 0.0
+
+
+def split_reproductions(runs: list[dict]) -> tuple[list[dict], list[dict]]:
+  """(one run per seed actually used, the other runs): runs of one configuration with the same 'seed/data.seed'
+  (`seed_key`) are the same seed re-run (e.g. by `moejax.reproduce`), never a new seed. The earliest-written
+  record of a seed (then the first path) is the seed's run; the rest are its reproductions."""
+  first: dict[str, dict] = {}
+  again = []
+  for r in sorted(runs, key=lambda r: (r.get('_written') or 0.0, r.get('_path') or '')):
+    key = seed_key(r['config'])
+    if key in first:
+      again.append(r)
+    else:
+      first[key] = r
+  return sorted(first.values(), key=lambda r: r.get('_path') or ''), again
+
+
 def gather(root: str) -> Gathered:
   """Reads every ROOT/**/result.json (and failed.json) through etils.epath (local or gs://)."""
   base = epath.Path(root)
@@ -107,6 +129,7 @@ def gather(root: str) -> Gathered:
       unreadable.append((str(path), f'incomplete: {problem}'))
       continue
     record['_path'] = str(path)
+    record['_written'] = _mtime(path)
     records.append(record)
   done = {epath.Path(r['_path']).parent for r in records}
   for path in found['failed.json']:
@@ -220,7 +243,8 @@ def table(records: list[dict]) -> tuple[list[dict], list[str]]:
   for digest, members in groups.items():
     first, flat = records[members[0]], flats[members[0]]
     acc = first['accounting']
-    runs = [records[i] for i in members]
+    runs, repeats = split_reproductions([records[i] for i in members])
+    seed_loss = {seed_key(r['config']): r['eval']['loss'] for r in runs}
     loss_mean, loss_std = _mean_std([r['eval']['loss'] for r in runs])
     train_drop, eval_drop = drop_settings(flat) if acc.get('num_experts') else ('-', '-')
     row = {'config_hash': digest, 'name': first['name'], **{k: flat.get(k) for k in varied},
@@ -244,7 +268,9 @@ def table(records: list[dict]) -> tuple[list[dict], list[str]]:
            'wall_s': sum((r.get('train') or {}).get('wall_s') or 0.0 for r in runs),
            'decay_curve': mean_curve([r.get('decay_curve') or [] for r in runs]),
            'seed_losses': {seed_key(r['config']): r['eval']['loss'] for r in runs},
-           'losses': [r['eval']['loss'] for r in runs], 'paths': [r['_path'] for r in runs]}
+           'losses': [r['eval']['loss'] for r in runs], 'paths': [r['_path'] for r in runs],
+           'reproductions': [{'path': r['_path'], 'seed': seed_key(r['config']), 'loss': r['eval']['loss'],
+                              'difference': r['eval']['loss'] - seed_loss[seed_key(r['config'])]} for r in repeats]}
     if not acc.get('num_experts'):  # dense: no expert columns
       row.update(granularity=None, experts_per_token=None, expert_hidden=None, num_shared_experts=None)
     rows.append(row)
@@ -255,6 +281,8 @@ def table(records: list[dict]) -> tuple[list[dict], list[str]]:
 def _csv_value(key: str, value: Any) -> Any:
   if key == 'decay_curve':  # tokens:mean loss per point
     return ';'.join(f'{p["tokens"]}:{p["loss"]:.6f}' for p in value)
+  if key == 'reproductions':  # seed:loss per re-run
+    return ';'.join(f'{x["seed"]}:{x["loss"]!r}' for x in value)
   return ';'.join(map(str, value)) if isinstance(value, list) else value
 
 
@@ -262,6 +290,9 @@ def csv_text(rows: list[dict], varied: list[str]) -> str:
   """The table as CSV with full-precision numbers (seed losses joined by ';')."""
   fields = ['config_hash', 'name', *varied] + [k for k in rows[0] if k not in ('config_hash', 'name', *varied)] \
       if rows else []
+  if not any(r.get('reproductions') for r in rows):  # (the column only when there is something in it)
+    fields = [k for k in fields if k != 'reproductions']
+    rows = [{k: v for k, v in r.items() if k != 'reproductions'} for r in rows]
   out = io.StringIO()
   writer = csv.DictWriter(out, fieldnames=fields)
   writer.writeheader()

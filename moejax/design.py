@@ -34,12 +34,15 @@ def _main(argv):
                                       'experiments', 'base.py')
   cfg = config_lib.validate(config_lib.load_module(path).get_config(None))
   bpp = design.BYTES_PER_PARAM[FLAGS.dtype]
-  memory = None
-  if FLAGS.memory:
-    amount, is_bytes = parse_amount(FLAGS.memory)
-    memory = amount if is_bytes else amount * bpp
-  active = parse_amount(FLAGS.active)[0] if FLAGS.active else None
-  flops = parse_amount(FLAGS.flops_per_token)[0] if FLAGS.flops_per_token else None
+  if FLAGS.top < 1:
+    raise ConfigError(f'--top={FLAGS.top} must be >= 1')
+  memory = design.bytes_budget(FLAGS.memory, bpp)
+  active = design.params_budget(FLAGS.active, bpp)
+  flops = None
+  if FLAGS.flops_per_token:
+    flops, is_bytes = parse_amount(FLAGS.flops_per_token)
+    if is_bytes:
+      raise ConfigError(f'--flops_per_token={FLAGS.flops_per_token} is a FLOP count; give a plain number, e.g. 8e8')
   extra = {}
   for name in ('layers', 'widths', 'experts'):
     if getattr(FLAGS, name):
@@ -51,13 +54,13 @@ def _main(argv):
   lo, hi = design.parse_grid(FLAGS.aspect_range, float)
   space = design.space_from_config(cfg, head_dim=FLAGS.head_dim, kv_group=FLAGS.kv_group, max_topk=FLAGS.max_topk,
                             shared=design.parse_grid(FLAGS.shared), aspect_range=(lo, hi), **extra)
-  decode = parse_amount(FLAGS.decode_bytes)[0] if FLAGS.decode_bytes else None
+  decode = parse_amount(FLAGS.decode_bytes, 'bytes')[0] if FLAGS.decode_bytes else None
   if FLAGS.decode_ms is not None:
     if decode is not None or not FLAGS.bandwidth:
       raise ConfigError('--decode_ms needs --bandwidth (bytes/s, e.g. 3.35TB for an H100) and excludes --decode_bytes')
-    bandwidth, is_bytes = parse_amount(FLAGS.bandwidth)
+    bandwidth, is_bytes = parse_amount(FLAGS.bandwidth, 'bandwidth')
     if not is_bytes:
-      raise ConfigError(f'--bandwidth={FLAGS.bandwidth} needs a byte unit per second, e.g. 3.35TB or 20GB')
+      raise ConfigError(f'--bandwidth={FLAGS.bandwidth} needs a byte unit per second, e.g. 3.35TB or 80GB/s')
     decode = FLAGS.decode_ms / 1e3 * bandwidth
   budget = design.Budget(memory, active, flops, bpp, FLAGS.memory_for, FLAGS.kv_batch, decode, FLAGS.decode_batch,
                   FLAGS.decode_context)
@@ -79,14 +82,16 @@ if __name__ == '__main__':
   flags.DEFINE_string('config', None, 'Experiment file whose vocab, tying, QK-norm and seq_len the designs use '
                       '(default experiments/base.py); also the base of --emit.')
   flags.DEFINE_string('memory', None, 'Memory budget: parameters (1.5e9) or bytes (2GB, 3GiB).')
-  flags.DEFINE_string('active', None, 'Budget of active parameters per token (embeddings included).')
+  flags.DEFINE_string('active', None, 'Budget of active parameters per token (embeddings included): parameters '
+                      '(2e8) or bytes (400MB), converted with --dtype as for --memory.')
   flags.DEFINE_string('flops_per_token', None, 'Budget of forward FLOPs per token at --seq_len.')
   flags.DEFINE_enum('dtype', 'bfloat16', list(design.BYTES_PER_PARAM), 'Parameter dtype for byte budgets.')
   flags.DEFINE_enum('memory_for', 'weights', ['weights', 'inference', 'training'], 'What the memory budget holds.')
   flags.DEFINE_integer('kv_batch', 1, 'Sequences in the KV cache for --memory_for=inference.')
   flags.DEFINE_string('decode_bytes', None, 'Decode budget: bytes one decode step may read (e.g. 2GB).')
   flags.DEFINE_float('decode_ms', None, 'Decode budget: predicted ms per decode step at --bandwidth.')
-  flags.DEFINE_string('bandwidth', None, 'Memory bandwidth in bytes/s for --decode_ms, e.g. 3.35TB (H100 HBM3).')
+  flags.DEFINE_string('bandwidth', None, 'Memory bandwidth in bytes/s for --decode_ms, e.g. 3.35TB or 3.35TB/s '
+                      '(H100 HBM3).')
   flags.DEFINE_integer('decode_batch', 1, 'Sequences per decode step for the decode budget.')
   flags.DEFINE_integer('decode_context', None, 'KV-cache positions per sequence for the decode budget (default '
                        '--seq_len).')

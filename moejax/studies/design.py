@@ -18,7 +18,8 @@ active parameters, forward FLOPs per token and decode bytes per step fit the bud
   5. aspect d / L closest to --aspect.
 
 Memory is parameters (a plain number) or bytes (a number with B, KB, MB, GB, TB or KiB, MiB,
-GiB, TiB), converted with --dtype: `weights` counts N_total (embeddings included);
+GiB, TiB), converted with --dtype (so is --active given in bytes: --active=400MB at bfloat16 is
+2e8 active parameters, as --memory=400MB is 2e8 parameters): `weights` counts N_total (embeddings included);
 `inference` adds the KV cache of --kv_batch sequences of --seq_len tokens; `training` is
 16 bytes per parameter whatever --dtype says (TRAINING_BYTES_PER_PARAM: moejax keeps float32
 master parameters, float32 gradients and two float32 Adam moments; activations not included). Forward FLOPs per
@@ -44,12 +45,29 @@ import os
 
 import numpy as np
 
-from moejax import config as config_lib, decode_cost, files
-from moejax.errors import ConfigError
+from moejax import cli, config as config_lib, decode_cost, files
+from moejax.errors import ConfigError, WorkdirError
 
 BYTES_PER_PARAM = {'float32': 4, 'bfloat16': 2, 'float16': 2, 'int8': 1, 'fp8': 1}
 BUCKET = 0.03
 TIEBREAKS = ('n_exp_asc', 'granularity')
+
+
+def bytes_budget(text: str | None, bytes_per_param: float) -> float | None:
+  """A memory budget in bytes: bytes as given ('2GB'), parameters ('1.5e9') times `bytes_per_param`."""
+  if not text:
+    return None
+  amount, is_bytes = cli.parse_amount(text)
+  return amount if is_bytes else amount * bytes_per_param
+
+
+def params_budget(text: str | None, bytes_per_param: float) -> float | None:
+  """A parameter budget: parameters as given ('2e8'), bytes ('400MB') divided by `bytes_per_param`, the same
+  conversion as the memory budget (so --active=400MB and --memory=400MB mean the same 2e8 bfloat16 parameters)."""
+  if not text:
+    return None
+  amount, is_bytes = cli.parse_amount(text)
+  return amount / bytes_per_param if is_bytes else amount
 
 
 def parse_grid(text: str, cast=int) -> list:
@@ -331,5 +349,8 @@ def get_sweep(arg=None):
 {body},
   ]
 '''
-  files.atomic_write(path, text)
+  try:
+    files.atomic_write(path, text)
+  except OSError as e:
+    raise WorkdirError(f'cannot write --emit={path}: {e.strerror or e}') from None
   return points

@@ -20,6 +20,7 @@ Tier 1 (the default selection): A1 and A2a.
 import numpy as np
 
 from experiments import papers
+from experiments.papers import EQUIVALENCE_MARGIN, noise_class  # pylint: disable=unused-import  (read by moejax.studies)
 from experiments.papers import point
 from moejax.studies import design
 

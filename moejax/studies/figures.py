@@ -104,16 +104,19 @@ def grid_series(grid: str, points: list[dict], noise) -> tuple[list[float], dict
       groups.setdefault(p['name'].split('-lr')[0], []).append(i)
   else:
     groups = {'': list(range(len(points)))}
-  t = None
-  if noise is not None and noise.usable:  # (pooled sigma: the interval of one configuration's mean)
-    t = statistics.t_quantile(0.975, noise.dof) * noise.sigma
+  def t_sigma(p):  # the pooled sigma of the point's noise class: the interval of one configuration's mean
+    n = noise.of(p) if hasattr(noise, 'of') else noise
+    return statistics.t_quantile(0.975, n.dof) * n.sigma if n is not None and n.usable else None
+
+  t = t_sigma(points[0]) if points else None
   out = {}
   for name, idx in groups.items():
     idx = sorted(idx, key=lambda i: xs[i])
     if grid == 'LR':  # one seed per rate: compare like with like (the chosen rate's grid point has more)
       out[name] = [(xs[i], (points[i].get('seed_losses') or {}).get('0/0', points[i]['loss_mean']), None) for i in idx]
     else:
-      out[name] = [(xs[i], points[i]['loss_mean'], t / points[i]['seeds'] ** 0.5 if t else None) for i in idx]
+      out[name] = [(xs[i], points[i]['loss_mean'], (t_sigma(points[i]) or 0) / points[i]['seeds'] ** 0.5 if t else None)
+                   for i in idx]
   return xs, out, t
 
 

@@ -26,14 +26,24 @@ def grid_rows(rows: list[dict], scale: str) -> dict[str, list[dict | None]]:
     base = module.get_config(scale)
     for grid, points in module.grids(scale).items():
       found, seen = [], set()
+      classify = getattr(module, 'noise_class', lambda p: 'default')
       for p in points:
         cfg = config_lib.apply_overrides(base, p)
         digest = results.config_hash(config_lib.flatten(json.loads(cfg.to_json_best_effort())))
         if digest not in seen:  # seeds of one configuration are one row
           seen.add(digest)
-          found.append(by_hash.get(digest))
+          row = by_hash.get(digest)
+          if row is not None:
+            row['noise_class'] = classify(p)  # declared by the grid file before the runs
+          found.append(row)
       out[grid] = found
   return out
+
+
+def equivalence_margin(scale: str) -> float | None:
+  """The small-effect margin T the grid files fix in advance for `scale` (None: not fixed, no equivalence verdict)."""
+  module = config_lib.load_module(os.path.join(_experiments_dir(), 'paper_b.py'))
+  return (getattr(module, 'EQUIVALENCE_MARGIN', None) or {}).get(scale)
 
 
 def noise_rows(g: dict) -> list[dict]:

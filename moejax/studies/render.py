@@ -72,8 +72,9 @@ def fits_table(fits: list[fits_lib.Fit]) -> str:
            '|---|---:|---|---:|---:|---:|---:|']
   fits = sorted(fits, key=lambda f: f.form not in ('constant', 'log_linear'))  # baselines first
   for f in fits:
-    params = ', '.join(f'{k} = {v:.3g}' + (f' [{f.intervals[k][0]:.3g}, {f.intervals[k][1]:.3g}]'
-                                           if k in f.intervals else '') for k, v in f.values.items())
+    params = ', '.join(f'{k} = {v:.3g}' + (f' [{f.intervals[k][0]:.3g}, {f.intervals[k][1]:.3g}]' if k in f.intervals
+                                           else f' (at its bound {f.at_bound[k]:g}: not identified, no interval)'
+                                           if k in f.at_bound else '') for k, v in f.values.items())
     loo = '-' if f.loo_rmse is None else f'{f.loo_rmse:.4f}'
     loo_max = '-' if f.loo_max is None else f'{f.loo_max:.4f}'
     extra = '-' if f.extrapolation_rmse is None else f'{f.extrapolation_rmse:.4f} ({f.extrapolation_n})'
@@ -103,28 +104,31 @@ def claims_markdown(claims: list[Claim], noise: dict, fits: dict[str, dict[str, 
                     families: dict[str, list[dict]] | None = None, speedup: dict | None = None,
                     lr: tuple[list[float], list[dict]] | None = None) -> str:
   """The claims page: the claims table, the literature, the speedup, the LR sweep and the fits per family."""
-  sigma = '-' if noise['sigma'] is None else f'{noise["sigma"]:.4f}'
   threshold = '-' if noise['threshold'] is None else f'{noise["threshold"]:.4f}'
   survives = statistics.holm(claims)
   decided = sum(c.verdict != 'inconclusive' for c in claims)
   tested = sum(c.p is not None for c in claims)
-  paired = ('-' if noise.get('paired_sigma') is None else
-            f'{noise["paired_sigma"]:.4f} nats ({noise["paired_dof"]} degrees of freedom)')
+  fmt = lambda x, d: '-' if x is None else f'{x:.4f} nats ({d} degrees of freedom)'
+  classes = '; '.join(f'**{name}** ({c["configurations"]} configurations): paired σ = {fmt(c["paired_sigma"], c["paired_dof"])}, '
+                      f'pooled σ = {fmt(c["sigma"], c["dof"])}' for name, c in noise['classes'].items())
   lines = [header, '## Claims', '',
-           f'Seed noise: a seed sets both initialization and data order, so configurations run at the same seeds '
-           f'are paired (a randomized complete block design, seeds as blocks). Differences between such '
-           f'configurations use the residual σ of the model loss = configuration + seed: σ = {paired}; others '
-           f'use the pooled seed standard deviation σ = {sigma} nats ({noise["dof"]} degrees of freedom), which also '
-           'carries the seed\'s shared effect. Small-effect margin '
-           f'T = {threshold} (half the mean gain of one doubling of E in B1). Intervals are 95% t intervals '
-           f'(± t(0.975, dof) σ √(1/n_a + 1/n_b)); with fewer than {statistics.MIN_DOF} degrees of freedom there are none and '
-           'every verdict is inconclusive. Small effects are equivalence tests (TOST at 5%: the 90% interval inside '
-           '±T). The monotonicity rule applies to "holds" and "contradicted" alike. p is the one-sided p-value of '
-           'the decided direction (for equivalence: the larger of the two TOST p-values).', '',
+           'Seed noise, per noise class declared in the grid files before the runs (experiments/papers.py: points '
+           'that perturb routing, i.e. capacity factors, other balancing modes and heterogeneous experts, are '
+           '"routing-perturbed"): ' + classes + '. A seed sets both initialization and data order, so configurations '
+           'of one class run at the same seeds are paired (a randomized complete block design, seeds as blocks) and '
+           'use the paired σ; others use the pooled σ; a difference across classes uses a Welch interval '
+           f'(Welch-Satterthwaite degrees of freedom). Small-effect margin T = {threshold}, fixed in advance per scale '
+           '(experiments/papers.py `EQUIVALENCE_MARGIN`, with its source; never estimated from these runs). '
+           'Intervals are 95% t intervals (± t(0.975, dof) σ √(1/n_a + 1/n_b)); with fewer than '
+           f'{statistics.MIN_DOF} degrees of freedom there are none and the verdict is inconclusive. Trend claims '
+           '("monotone") are a regression-slope t-test over the ordered points (one-sided 2.5%); a trend verdict that '
+           'changes when any single point is dropped is reported inconclusive. Small effects are equivalence tests '
+           '(TOST at 5%: the 90% interval inside ±T). p is the one-sided p-value of the decided direction (for '
+           'equivalence: the larger of the two TOST p-values). "To decide" gives seeds per point for 80% power.', '',
            *noise_check_lines(noise.get('check')),
            f'Multiple comparisons: {decided} of {len(claims)} verdicts are decided, each at the 2.5% one-sided level on '
            f'its own (equivalence: 5% per one-sided test). Under Holm\'s step-down correction over all {tested} '
-           f'tested claims (family-wise 2.5%, equivalence p-values put on that scale), {sum(survives.values())} of the '
+           f'tested claims (family-wise 2.5%, every p-value as it is), {sum(survives.values())} of the '
            f'{len(survives)} decided verdicts with a p-value survive (column "Holm"; the argmin verdicts C-B2/C-B2a rest '
            'on simulated intervals, not a p-value). A verdict marked "hinges" changes if one point of its series is '
            'dropped.', '',
@@ -160,6 +164,10 @@ def claims_markdown(claims: list[Claim], noise: dict, fits: dict[str, dict[str, 
       lines += ['Too few configurations to fit any form.', '']
       continue
     lines += [fits_table(list(fam_fits.values()))]
+    short = fits_lib.missing_points(n)
+    if short:
+      lines += ['Not fitted (too few configurations at ' + f'{fits_lib.POINTS_PER_PARAMETER} per free parameter): '
+                + ', '.join(f'{name} needs {k} more' for name, k in short.items()) + '.', '']
     better = [name for name in fam_fits if name not in fits_lib.BASELINES and fits_lib.beats_baselines(fam_fits, name)]
     lines += [f'Forms that beat both baselines: {", ".join(better) or "none"}.', '',
               'Mean residual by top-k (prediction − measurement, nats; configurations in brackets):', '',

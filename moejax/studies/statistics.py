@@ -22,6 +22,7 @@ MIN_DOF = 6  # fewer pooled degrees of freedom than this: no interval, every ver
 
 
 ALPHA = 0.025  # one-sided level of a directional verdict (the 95% two-sided interval excludes 0)
+POWER = 0.80  # the power seeds-to-decide plans for
 
 
 def t_quantile(p: float, dof: int) -> float:
@@ -128,12 +129,72 @@ class Noise:
       return None
     return t_quantile(0.5 + level / 2, self.dof) * self.se(a, b)
 
-  def seeds_to_resolve(self, delta: float, margin: float = 0.0, level: float = 0.95) -> int | None:
-    """Seeds per point (both sides) at which a difference `delta` would clear `margin` by the t half-width."""
+  def seeds_to_resolve(self, delta: float, margin: float = 0.0, level: float = 0.95, power: float = POWER
+                       ) -> int | None:
+    """Seeds per point (both sides) at which a true difference `delta` clears `margin` with probability `power`:
+    n = 2 ((t(1 - a/2) + t(power)) sigma / gap)^2 at this noise's degrees of freedom (a = 1 - level)."""
     gap = abs(abs(delta) - margin)
     if not self.usable or gap == 0:
       return None
-    return max(2, math.ceil(2 * (t_quantile(0.5 + level / 2, self.dof) * self.sigma / gap) ** 2))
+    z = t_quantile(0.5 + level / 2, self.dof) + t_quantile(power, self.dof)
+    return max(2, math.ceil(2 * (z * self.sigma / gap) ** 2))
+
+
+def welch(a: Noise, b: Noise, na: int, nb: int) -> Noise:
+  """The noise of a difference of means over na runs of class a and nb of class b (Welch-Satterthwaite): a
+  Noise whose sigma * sqrt(1/na + 1/nb) is sqrt(sa^2/na + sb^2/nb), with the Welch degrees of freedom."""
+  if not (a.usable and b.usable):
+    return Noise(None, 0)
+  va, vb = a.sigma ** 2 / na, b.sigma ** 2 / nb
+  dof = (va + vb) ** 2 / (va ** 2 / a.dof + vb ** 2 / b.dof)
+  return Noise(math.sqrt((va + vb) / (1 / na + 1 / nb)), int(math.floor(dof)))
+
+
+@dataclasses.dataclass(frozen=True)
+class ClassNoise:
+  """Seed noise per declared noise class (`row['noise_class']`, from the grid files): each class its own sigma
+  and degrees of freedom; comparisons across classes use a Welch interval. `for_pair` returns a `Noise`."""
+  classes: dict
+
+  def of(self, point: dict) -> Noise:
+    return self.classes.get(point.get('noise_class') or 'default') or Noise(None, 0)
+
+  def for_pair(self, *points: dict) -> Noise:
+    kinds = {p.get('noise_class') or 'default' for p in points}
+    if len(kinds) == 1:
+      return self.of(points[0]).for_pair(*points)
+    if len(points) != 2:  # a series mixing classes: the noisiest class (conservative)
+      return max((self.of(p) for p in points), key=lambda n: n.sigma or math.inf)
+    a, b = points
+    return welch(self.of(a).for_pair(a), self.of(b).for_pair(b), a['seeds'], b['seeds'])
+
+  @property
+  def usable(self) -> bool:
+    return any(n.usable for n in self.classes.values())
+
+
+def make_class_noise(rows: list[dict]) -> ClassNoise:
+  """`make_noise` within each declared noise class of `rows`."""
+  by: dict[str, list[dict]] = {}
+  for r in rows:
+    by.setdefault(r.get('noise_class') or 'default', []).append(r)
+  return ClassNoise({k: make_noise(v) for k, v in sorted(by.items())})
+
+
+def trend_test(means: list[float], seeds: list[int], noise: Noise) -> tuple[float, float] | None:
+  """Regression-slope t-test for a trend of seed means over the ordered positions 0..n-1 of a series.
+
+  The slope b of the least-squares line through (rank, mean) has Var(b) = sum_i w_i^2 sigma^2 / n_i with
+  w_i = (r_i - r_mean) / sum (r - r_mean)^2; t = b / se(b) has the noise's degrees of freedom. Ranks, not the
+  values, so a log-spaced or categorical variable counts each step once. Returns (slope, se), None without noise.
+  """
+  if not noise.usable or len(means) < 2:
+    return None
+  r = np.arange(len(means), dtype=np.float64)
+  w = (r - r.mean()) / np.sum((r - r.mean()) ** 2)
+  slope = float(np.dot(w, means))
+  se = float(noise.sigma * math.sqrt(np.sum(w ** 2 / np.asarray(seeds, np.float64))))
+  return slope, se
 
 
 def make_noise(rows: list[dict]) -> Noise:
@@ -166,13 +227,13 @@ def argmin_interval(points: list[dict], noise: Noise, seed: int = 0) -> tuple[fl
 
 
 def holm(claims: list, family_alpha: float = ALPHA) -> dict[str, bool]:
-  """{claim key: survives} for the decided verdicts under Holm's step-down correction.
+  """{claim key: survives} for the decided verdicts under Holm's step-down correction at `family_alpha`.
 
-  The family is every claim with a p-value (inconclusive ones included: they were tested too).
-  Each p is first put on the family's scale, p * family_alpha / alpha_i, since equivalence
-  verdicts are decided at 5% per one-sided test and directional ones at 2.5%.
+  The family is every claim with a p-value (inconclusive ones included: they were tested too). Each p is the
+  claim's own p-value as it is (for an equivalence test, the larger of its two one-sided p-values), compared with
+  family_alpha / (m - rank): rescaling equivalence p-values by their own level would give those tests double weight.
   """
-  tested = sorted((c.p * family_alpha / c.alpha, i) for i, c in enumerate(claims) if c.p is not None)
+  tested = sorted((c.p, i) for i, c in enumerate(claims) if c.p is not None)
   out, m, stopped = {}, len(tested), False
   for rank, (p, i) in enumerate(tested):
     stopped = stopped or p > family_alpha / (m - rank)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from moejax.studies.statistics import ALPHA, t_sf
+from moejax.studies.statistics import ALPHA, t_sf, trend_test
 
 @dataclasses.dataclass
 class Claim:
@@ -60,36 +60,42 @@ def ordered(points, key):
 
 
 def trend_verdict(pts, sign, noise):
-  """(verdict, delta, hw, monotone) of an ordered series: the end-to-end interval plus the step rule."""
+  """(verdict, delta, hw, monotone, p) of an ordered series: a regression-slope t-test over the series' positions
+  (`statistics.trend_test`) decides; delta and hw are the end-to-end difference and its 95% half-width; monotone
+  (every step the same way) is reported, not tested; p is the one-sided p-value of the decided direction."""
   delta = pts[-1]['loss_mean'] - pts[0]['loss_mean']
   hw = noise.for_pair(pts[0], pts[-1]).half_width(pts[0], pts[-1])
   steps = [b['loss_mean'] - a['loss_mean'] for a, b in zip(pts, pts[1:])]
-  verdict = direction(delta, hw, sign)
-  # The same rule both ways: a verdict needs every step in its own direction.
-  monotone = all(s * (sign if verdict != 'contradicted' else -sign) > 0 for s in steps)
-  if verdict != 'inconclusive' and not monotone:
-    verdict = 'inconclusive'
-  return verdict, delta, hw, monotone
+  series = noise.for_pair(*pts)
+  test = trend_test([p['loss_mean'] for p in pts], [p['seeds'] for p in pts], series)
+  if test is None or test[1] == 0:
+    return 'inconclusive', delta, hw, all(x * sign > 0 for x in steps), None
+  t = test[0] / test[1]
+  p_exp, p_opp = t_sf(sign * t, series.dof), t_sf(-sign * t, series.dof)
+  verdict = 'holds' if p_exp < ALPHA else 'contradicted' if p_opp < ALPHA else 'inconclusive'
+  decided = -sign if verdict == 'contradicted' else sign
+  return verdict, delta, hw, all(x * decided > 0 for x in steps), (p_opp if verdict == 'contradicted' else p_exp)
 
 
 def trend_claim(cid, statement, expected, grid, points, key, sign, noise, note=''):
+  """A trend claim. A verdict that changes when any single point is dropped rests on that point and is reported
+  inconclusive (flagged), never decided on one point."""
   if not points or any(p is None for p in points):
     return missing(cid, statement, expected, grid)
   pts = ordered(points, key)
-  verdict, delta, hw, monotone = trend_verdict(pts, sign, noise)
-  series = ', '.join(f'{key}={p[key]:g}: {p["loss_mean"]:.4f}' for p in pts)
+  verdict, delta, hw, monotone, p = trend_verdict(pts, sign, noise)
+  series = ', '.join(f'{key}={x[key]:g}: {x["loss_mean"]:.4f}' for x in pts)
   measured, interval = fmt_delta(delta, hw)
-  decided_sign = -sign if verdict == 'contradicted' else sign
-  ends = noise.for_pair(pts[0], pts[-1])
   c = Claim(cid, statement, expected, measured, interval, verdict,
-            f'{series}; {"monotone" if monotone else "not monotone"}' + (f'; {note}' if note else ''),
-            p=p_direction(delta, ends.se(pts[0], pts[-1]), ends.dof, decided_sign))
+            f'{series}; slope test over {len(pts)} points; {"monotone" if monotone else "not monotone"}'
+            + (f'; {note}' if note else ''), p=p)
   if verdict != 'inconclusive' and len(pts) >= 3:  # does the verdict rest on a single point?
-    hinges = [p['name'] for i, p in enumerate(pts) if trend_verdict(pts[:i] + pts[i + 1:], sign, noise)[0] != verdict]
+    hinges = [x['name'] for i, x in enumerate(pts) if trend_verdict(pts[:i] + pts[i + 1:], sign, noise)[0] != verdict]
     if hinges:
-      c.flags.append('hinges on ' + ', '.join(hinges))
-  if verdict == 'inconclusive':
-    c.needs = needs_direction(delta, ends, monotone)
+      c.flags.append(f'{verdict} only with ' + ', '.join(hinges) + ': rests on one point, so inconclusive')
+      c.verdict = 'inconclusive'
+  if c.verdict == 'inconclusive':
+    c.needs = needs_direction(delta, noise.for_pair(pts[0], pts[-1]), monotone)
   return c
 
 
@@ -97,7 +103,7 @@ def needs_direction(delta, noise, monotone=True) -> str:
   n = noise.seeds_to_resolve(delta)
   if n is None:
     return 'a noise estimate with >= 6 degrees of freedom'
-  text = f'≈ {n} seeds per point if the end-to-end difference is as measured'
+  text = f'≈ {n} seeds per point for 80% power if the end-to-end difference is as measured'
   return text + ('' if monotone else ', and a series whose every step agrees (it is not monotone now)')
 
 

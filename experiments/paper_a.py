@@ -20,8 +20,9 @@ Tier 1 (the default selection): A1 and A2a.
 import numpy as np
 
 from experiments import papers
+from experiments.papers import EQUIVALENCE_MARGIN, noise_class  # pylint: disable=unused-import  (read by moejax.studies)
 from experiments.papers import point
-from moejax import design
+from moejax.studies import design
 
 # Budgets (in parameters, embeddings included) and search grids of A4 per scale.
 A4 = {

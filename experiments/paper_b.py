@@ -23,6 +23,7 @@ Tier 1 (the default selection): B1, B2 and B6.
 """
 
 from experiments import papers
+from experiments.papers import EQUIVALENCE_MARGIN, noise_class  # pylint: disable=unused-import  (read by moejax.studies)
 from experiments.papers import dense, lr_points, point
 
 get_config = papers.get_config

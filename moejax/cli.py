@@ -8,6 +8,7 @@ No module here imports an entry point, so entry points can import each other fre
 
 from __future__ import annotations
 
+import math
 import re
 import sys
 
@@ -28,20 +29,36 @@ def define_config_flag() -> None:
   config_flags.DEFINE_config_file('config', None, 'Experiment file, optionally with :arg.', lock_config=True)
 
 
-def parse_amount(text: str) -> tuple[float, bool]:
-  """'2GB' -> (2e9, True) (bytes); '1.5e9' -> (1.5e9, False) (parameters)."""
-  match = re.fullmatch(r'\s*([0-9.]+(?:e[+-]?[0-9]+)?)\s*([a-zA-Z]*)\s*', str(text))
+_HINTS = {'amount': 'use e.g. 1.5e9 (parameters) or 2GB / 3GiB (bytes)', 'bytes': 'use e.g. 300MB or 2GiB (bytes)',
+          'bandwidth': 'use e.g. 3.35TB or 80GB/s (bytes per second)'}
+
+
+def parse_amount(text: str, kind: str = 'amount') -> tuple[float, bool]:
+  """'2GB' -> (2e9, True) (bytes); '1.5e9' -> (1.5e9, False) (parameters). Finite values only.
+
+  kind='bytes' (a byte-only flag) and kind='bandwidth' (bytes per second, '80GB/s' as well as '80GB') only change
+  the hint an error gives; the caller decides what a plain number means.
+  """
+  text = str(text)
+  hint = _HINTS[kind]
+  body = re.sub(r'\s*/\s*s\s*$', '', text) if kind == 'bandwidth' else text
+  match = re.fullmatch(r'\s*([0-9.]+(?:e[+-]?[0-9]+)?)\s*([a-zA-Z]*)\s*', body)
   if not match:
-    raise ConfigError(f'cannot parse the amount {text!r}; use e.g. 1.5e9 (parameters) or 2GB / 3GiB (bytes)')
+    raise ConfigError(f'cannot parse the amount {text!r}; {hint}')
   try:
     value = float(match.group(1))
   except ValueError:
-    raise ConfigError(f'cannot parse the amount {text!r}; use e.g. 1.5e9 (parameters) or 2GB / 3GiB (bytes)') from None
+    raise ConfigError(f'cannot parse the amount {text!r}; {hint}') from None
+  if not math.isfinite(value):
+    raise ConfigError(f'the amount {text!r} is not finite; {hint}')
   unit = match.group(2).lower()
   if not unit:
     return value, False
   if unit not in _UNITS:
-    raise ConfigError(f'unknown unit {match.group(2)!r} in {text!r}; use one of B, KB, MB, GB, TB, KiB, MiB, GiB, TiB')
+    raise ConfigError(f'unknown unit {match.group(2)!r} in {text!r}; use one of B, KB, MB, GB, TB, KiB, MiB, GiB, TiB'
+                      + (' (optionally /s)' if kind == 'bandwidth' else ''))
+  if not math.isfinite(value * _UNITS[unit]):
+    raise ConfigError(f'the amount {text!r} is not finite; {hint}')
   return value * _UNITS[unit], True
 
 

@@ -2,213 +2,20 @@
 
   python -m moejax.report --root=DIR --out=DIR
 
-Writes OUT/report.md and three PNGs: held-out loss against N_total, against sparsity
-s = E/k and against the number of experts. Each line is one fixed active-parameter
-budget (runs whose N_active lies within 10% of the smallest in the group;
-the router, d*E per MoE layer, is active and grows with E), points are
-seed means and error bars one sample standard deviation (none for a single seed).
-Dense runs sit at s = 1 and at "1 expert". Points at one x in one budget (other design
-choices) are drawn separately and the line joins their mean. The results table
-(`moejax.results`) follows.
-
-Called by `moejax.claims` with the paper grids, it also draws one figure per grid
-(`grid_<ID>.png`): the held-out loss of each configuration against the grid's variable with
-95% t intervals of its seed mean (pooled sigma), and beside it every configuration's loss
-against training tokens from its decay branches (error bars: one seed standard deviation).
+Writes OUT/report.md and three PNGs (held-out loss against N_total, against sparsity s = E/k and
+against the number of experts, one line per fixed active-parameter budget), then the results
+table. The library is `moejax.studies.report.write_report` (figures: `moejax.studies.figures`).
 """
 
 from __future__ import annotations
 
-import os
 import sys
 
 from absl import app, flags
 
-from moejax import files
-from moejax import results
-from moejax.model import accounting
-from moejax.train import metrics as metrics_lib
-from moejax.errors import DataError, WorkdirError
+from moejax.studies import figures, report
 
 FLAGS = flags.FLAGS
-
-PLOTS = (('n_total', 'N_total (parameters, with embeddings)', 'loss_vs_n_total.png'),
-         ('sparsity', 'sparsity s = E / k', 'loss_vs_sparsity.png'),
-         ('num_experts', 'routed experts E (dense = 1)', 'loss_vs_experts.png'))
-BUDGET_TOLERANCE = 0.10  # the router (d*E per layer) is active and grows with E; tiny models feel it
-
-
-def budgets(rows: list[dict]) -> list[list[dict]]:
-  """Rows grouped by active-parameter budget: sorted by N_active, a new group past +10% of its first."""
-  groups: list[list[dict]] = []
-  for row in sorted(rows, key=lambda r: r['n_active']):
-    if groups and row['n_active'] <= groups[-1][0]['n_active'] * (1 + BUDGET_TOLERANCE):
-      groups[-1].append(row)
-    else:
-      groups.append([row])
-  return groups
-
-
-def series(rows: list[dict], x_key: str) -> dict[str, list[tuple[float, float, float]]]:
-  """{budget label: [(x, loss mean, loss std or 0)] sorted by x}, one entry per fixed N_active budget."""
-  out = {}
-  for group in budgets(rows):
-    label = f'N_active ≈ {accounting.human(group[0]["n_active"])}'
-    points = []
-    for r in group:
-      x = r[x_key] if x_key != 'num_experts' else max(r['num_experts'] or 0, 1)
-      points.append((float(x), float(r['loss_mean']), float(r['loss_std'] or 0.0)))
-    out[label] = sorted(points)
-  return out
-
-
-def plot(rows: list[dict], x_key: str, x_label: str, path: str) -> None:
-  """One PNG: loss against `x_key`, a line with error bars per budget, log2/log10 x axis."""
-  import matplotlib  # pylint: disable=import-outside-toplevel
-  matplotlib.use('Agg')
-  from matplotlib import pyplot as plt  # pylint: disable=import-outside-toplevel
-  fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
-  for label, points in series(rows, x_key).items():
-    xs, ys, es = zip(*points)
-    bar = ax.errorbar(xs, ys, yerr=es, marker='o', linestyle='none', capsize=3, label=label)
-    by_x: dict[float, list[float]] = {}
-    for x, y in zip(xs, ys):
-      by_x.setdefault(x, []).append(y)
-    line_x = sorted(by_x)
-    ax.plot(line_x, [sum(by_x[x]) / len(by_x[x]) for x in line_x], color=bar[0].get_color(), linewidth=1)
-  ax.set_xscale('log', base=10 if x_key == 'n_total' else 2)
-  ax.set_xlabel(x_label)
-  ax.set_ylabel('held-out loss (nats/token)')
-  ax.grid(True, which='both', alpha=0.3)
-  ax.legend(fontsize=8)
-  fig.tight_layout()
-  with files.atomic_path(path) as tmp:
-    fig.savefig(tmp, format='png')
-  plt.close(fig)
-
-
-# Each paper grid's variable: (row key or None for categorical grids, axis label, log2 axis).
-GRID_AXES = {'A1': ('sparsity', 's = E / k', True), 'A2a': ('num_experts', 'E (width shrinks)', True),
-             'A2b': ('num_experts', 'E (d_exp = 192 / k)', True), 'A4': (None, 'design', False),
-             'B1': ('num_experts', 'E (dense = 1)', True), 'B2': ('expert_hidden', 'd_exp', True),
-             'B2s32': ('expert_hidden', 'd_exp', True), 'B2p': ('expert_hidden', 'd_exp', True),
-             'B3': (None, 'design', False), 'B4': (None, 'design', False), 'B5': (None, 'load balancing', False),
-             'B6': ('train_capacity_factor', 'training capacity factor (dropless at the right)', False),
-             'LR': ('peak_learning_rate', 'peak learning rate', True)}
-
-
-def grid_figure(grid: str, points: list[dict], noise, path: str) -> None:
-  """One PNG for a grid: loss vs the grid's variable (95% t intervals) and loss vs tokens (decay branches)."""
-  import matplotlib  # pylint: disable=import-outside-toplevel
-  import matplotlib.ticker  # pylint: disable=import-outside-toplevel
-  matplotlib.use('Agg')
-  from matplotlib import pyplot as plt  # pylint: disable=import-outside-toplevel
-  key, label, log2 = GRID_AXES.get(grid, (None, 'configuration', False))
-  fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8), dpi=110)
-  if key == 'num_experts':
-    xs = [max(p.get('num_experts') or 0, 1) for p in points]
-  elif key == 'train_capacity_factor':
-    finite = [p[key] for p in points if p.get(key)]
-    top = max(finite, default=1.0) * 1.6
-    xs = [p.get(key) or top for p in points]
-  elif key:
-    xs = [p.get(key) for p in points]
-  else:
-    xs = list(range(len(points)))
-  if grid == 'LR':  # one line per anchor configuration
-    groups: dict[str, list[int]] = {}
-    for i, p in enumerate(points):
-      groups.setdefault(p['name'].split('-lr')[0], []).append(i)
-  else:
-    groups = {'': list(range(len(points)))}
-  t = None
-  if noise is not None and noise.usable:  # (pooled sigma: the interval of one configuration's mean)
-    from moejax import claims  # pylint: disable=import-outside-toplevel
-    t = claims.t_quantile(0.975, noise.dof) * noise.sigma
-  for name, idx in groups.items():
-    idx = sorted(idx, key=lambda i: xs[i])
-    if grid == 'LR':  # one seed per rate: compare like with like (the chosen rate's grid point has more)
-      ys = [(points[i].get('seed_losses') or {}).get('0/0', points[i]['loss_mean']) for i in idx]
-      err = None
-    else:
-      ys = [points[i]['loss_mean'] for i in idx]
-      err = [t / points[i]['seeds'] ** 0.5 for i in idx] if t else None
-    left.errorbar([xs[i] for i in idx], ys, yerr=err, marker='o', capsize=3, label=name or None)
-  if key is None:
-    left.set_xticks(xs, [p['name'].replace('-', '\n', 1) for p in points], fontsize=7)
-  elif log2:
-    left.set_xscale('log', base=2)
-    left.set_xticks(sorted(set(xs)))
-    left.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f'{v:g}'))
-    left.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-  left.set_xlabel(label)
-  left.set_ylabel('held-out loss (nats/token)')
-  left.set_title(f'{grid}: seed 0' if grid == 'LR' else f'{grid}: seed mean, 95% t interval' if t
-                 else f'{grid}: seed mean')
-  if grid == 'LR':
-    left.legend(fontsize=7)
-  for p in points:
-    curve = p.get('decay_curve') or []
-    if curve:
-      right.errorbar([c['tokens'] for c in curve], [c['loss'] for c in curve],
-                     yerr=[c.get('std') or 0.0 for c in curve], marker='.', capsize=2, label=p['name'])
-  right.set_xscale('log')
-  right.set_xlabel('training tokens (decay branches)')
-  right.set_ylabel('held-out loss (nats/token)')
-  right.legend(fontsize=6)
-  for ax in (left, right):
-    ax.grid(True, which='both', alpha=0.3)
-  fig.tight_layout()
-  with files.atomic_path(path) as tmp:
-    fig.savefig(tmp, format='png')
-  plt.close(fig)
-
-
-def write_report(root: str, out: str, extra: str = '', figure_rows=None, figure_note: str = '',
-                 gathered: results.Gathered | None = None, grids: dict | None = None, noise=None) -> str:
-  """Writes OUT/report.md (figures, then `extra` Markdown, then the table); returns its path.
-
-  `figure_rows(rows)` may select the rows the figures show (default: all); `figure_note` says which.
-  `gathered` saves reading ROOT again when the caller already has it. `grids` ({grid id: rows})
-  adds one figure per grid (`grid_figure`) with intervals from `noise` (a `claims.Noise`).
-  """
-  gathered = gathered or results.gather(root)
-  if not gathered.records:
-    raise DataError(f'no complete result.json under {root}; nothing to report')
-  rows, varied = results.table(gathered.records)
-  shown = figure_rows(rows) if figure_rows else rows
-  try:
-    os.makedirs(out, exist_ok=True)
-    for key, label, name in PLOTS:
-      plot(shown or rows, key, label, os.path.join(out, name))
-    drawn = []
-    for grid, points in (grids or {}).items():
-      present = [p for p in points if p is not None]
-      if present:
-        grid_figure(grid, present, noise, os.path.join(out, f'grid_{grid}.png'))
-        drawn.append(grid)
-  except OSError as e:
-    raise WorkdirError(f'cannot write the report under {out}: {e.strerror or e}') from None
-  seeds = sum(r['seeds'] for r in rows)
-  lines = [f'# Results under `{root}`', '',
-           f'{seeds} runs in {len(rows)} configurations; {len(gathered.failed)} failed; '
-           f'{len(gathered.unreadable)} files skipped. Lines are fixed active-parameter budgets '
-           f'(N_active within {BUDGET_TOLERANCE:.0%}; the line joins the mean at each x); error bars are one seed '
-           f'standard deviation.{" " + figure_note if figure_note else ""}', '']
-  for _, label, name in PLOTS:
-    lines += [f'![held-out loss vs {label}]({name})', '']
-  if grids:
-    lines += ['## Per grid', '', 'Left: each configuration\'s held-out loss against the grid\'s variable (seed mean, 95% t '
-              'interval from the pooled σ). Right: held-out loss against training tokens, from the decay branches '
-              '(error bars: one seed standard deviation).', '']
-    for grid in drawn:
-      lines += [f'![grid {grid}](grid_{grid}.png)', '']
-  if extra:
-    lines += [extra, '']
-  lines += ['## Table', '', results.markdown(rows, varied, gathered)]
-  path = os.path.join(out, 'report.md')
-  files.atomic_write(path, '\n'.join(lines))
-  return path
 
 
 def _main(argv):
@@ -216,8 +23,8 @@ def _main(argv):
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   if not FLAGS.root or not FLAGS.out:
     raise app.UsageError('--root and --out are required')
-  path = write_report(FLAGS.root, FLAGS.out)
-  print(f'wrote {path} and {len(PLOTS)} figures', file=sys.stderr)
+  path = report.write_report(FLAGS.root, FLAGS.out)
+  print(f'wrote {path} and {len(figures.PLOTS)} figures', file=sys.stderr)
 
 
 if __name__ == '__main__':

@@ -10,8 +10,9 @@ import math
 import numpy as np
 import pytest
 
-from moejax import claims, config as config_lib
+from moejax import config as config_lib
 from moejax.model import accounting
+from moejax.studies import claims, render, report, results, statistics, summaries, verdicts
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -82,12 +83,10 @@ def _loss(p):
 def test_verdicts_on_constructed_losses(tmp_path):
   _write_grid_results(str(tmp_path), _loss)
   # (fit quality is scaling_test's; leave-one-out refits of three families would take minutes here)
-  text = claims.run(str(tmp_path), 'tiny', str(tmp_path / 'out'), bootstrap=2, fit_starts=2, loo=False)
+  s = report.study(str(tmp_path), 'tiny', bootstrap=2, fit_starts=2, loo=False)
   found = {}
-  for line in text.split('## The literature')[0].splitlines():
-    if line.startswith('| C-') or line.startswith('| prior'):
-      cells = [c.strip() for c in line.strip('|').split('|')]
-      found.setdefault(cells[0], []).append(cells[5].strip('*'))
+  for c in s.claims:
+    found.setdefault(c.id, []).append(c.verdict)
   assert found['C-A1'] == ['holds']
   assert found['C-A2'] == ['holds']
   assert found['C-A2b'] == ['inconclusive']  # a bowl is neither side's monotone prediction
@@ -96,42 +95,48 @@ def test_verdicts_on_constructed_losses(tmp_path):
   assert found['C-B3'] == ['holds'] and found['C-B4'] == ['holds'] and found['C-B5'] == ['holds'] * 2
   assert found['C-B5n'] == ['holds']  # the collapse check is its own row
   assert found['C-B6'] == ['holds']
-  assert found['C-A4'] == ['holds']
-  assert 'lowest loss at E = 32' in text and 'randomized complete block design' in text
-  assert '| C-B6 |' in text.split('## The literature')[1]  # the literature table has every claim
-  assert 'Family A' in text and 'Family B' in text and 'largest-N_total RMSE' in text
-  assert 'e128k2f64 | 64 |' in text  # the speedup table
-  assert '| dense-f128 | 98.69K |' in text  # the learning-rate table
+  assert found['C-A4'] == ['inconclusive']  # 3 random designs: 2 dof for the spread between designs
+  assert 'random designs' in next(c for c in s.claims if c.id == 'C-A4').needs
+  a2b = next(c for c in s.claims if c.id == 'C-A2b')
+  assert 'lowest loss at E = 32' in a2b.detail
+  assert [r['id'] for r in summaries.literature_rows(s.claims)][-1] == 'C-B6'  # the literature has every claim
+  assert set(s.fits) == {'A', 'B', 'all'} and 'constant' in s.fits['A'] and 'log_linear' in s.fits['B']
+  assert s.fits['A']['constant'].extrapolation_rmse is not None  # the largest-N_total refit is scored
+  speed = {r['row']['name']: r for r in s.speedup['rows']}
+  assert s.speedup['dense']['name'] == 'dense-f128' and speed['e128k2f64']['row']['sparsity'] == 64
+  rates, lr = s.lr
+  assert [r['anchor'] for r in lr][0] == 'dense-f128' and all(r['bracketed'] and r['vertex'] for r in lr)
+  text = report.write_claims(s, str(tmp_path / 'out'))
   out = tmp_path / 'out'
-  assert os.path.exists(out / 'report.md') and os.path.exists(out / 'loss_vs_sparsity.png')
-  assert os.path.exists(out / 'grid_B2.png') and os.path.exists(out / 'grid_LR.png')
-  assert '## Claims' in open(out / 'report.md').read()
+  assert open(out / 'claims.md').read() == text and '## Claims' in open(out / 'report.md').read()
+  for name in ('loss_vs_sparsity.png', 'grid_B2.png', 'grid_LR.png'):
+    assert os.path.getsize(out / name) > 1000
 
 
 def test_missing_grids_and_no_replicates_are_inconclusive(tmp_path):
   _write_grid_results(str(tmp_path), lambda p: 2.0 + 0.01 * p['seed'], skip=('B6', 'B2s32', 'A1'), seeds=(0, 1))
-  rows = claims.results.table(claims.results.gather(str(tmp_path)).records)[0]
+  rows = results.table(results.gather(str(tmp_path)).records)[0]
   got = {c.id: c for c in claims.evaluate(rows, 'tiny')[0]}
   assert got['C-A1'].verdict == 'inconclusive' and 'missing' in got['C-A1'].detail
   assert got['C-B2'].verdict == 'inconclusive' and 'B2s32' in got['C-B2'].detail
   assert got['C-B6'].verdict == 'inconclusive'
-  assert claims.pooled_sigma(rows)[0] == pytest.approx(0.01 / 2 ** 0.5)
+  assert statistics.pooled_sigma(rows)[0] == pytest.approx(0.01 / 2 ** 0.5)
 
 
 def test_intervals_use_t_quantiles_and_need_six_degrees_of_freedom():
   a, b = {'seeds': 2}, {'seeds': 2}
-  assert claims.Noise(0.01, 2).half_width(a, b) is None  # too few degrees of freedom: no interval
-  assert claims.Noise(0.01, 6).half_width(a, b) == pytest.approx(2.446912 * 0.01)  # t(0.975, 6), not 1.96
-  assert claims.Noise(0.01, 6).half_width(a, b, level=0.90) == pytest.approx(1.943180 * 0.01)
+  assert statistics.Noise(0.01, 2).half_width(a, b) is None  # too few degrees of freedom: no interval
+  assert statistics.Noise(0.01, 6).half_width(a, b) == pytest.approx(2.446912 * 0.01)  # t(0.975, 6), not 1.96
+  assert statistics.Noise(0.01, 6).half_width(a, b, level=0.90) == pytest.approx(1.943180 * 0.01)
   big = {'loss_mean': 2.0, 'name': 'c', 'seeds': 2}
   near = dict(big, loss_mean=2.001, name='v')
   # TOST: equivalence needs the 90% interval inside +-T, not only |delta| < T
-  assert claims._small_effect('X', 'g', 's', big, near, 0.005, claims.Noise(0.01, 6)).verdict == 'inconclusive'
-  assert claims._small_effect('X', 'g', 's', big, near, 0.05, claims.Noise(0.01, 6)).verdict == 'holds'
+  assert verdicts.small_effect('X', 'g', 's', big, near, 0.005, statistics.Noise(0.01, 6)).verdict == 'inconclusive'
+  assert verdicts.small_effect('X', 'g', 's', big, near, 0.05, statistics.Noise(0.01, 6)).verdict == 'holds'
   # a non-monotone series is inconclusive whichever way its ends point
   series = [dict(big, sparsity=s, loss_mean=l) for s, l in ((1, 2.0), (2, 1.7), (4, 1.8))]
   for sign in (+1, -1):
-    c = claims._trend_claim('X', 's', 'e', 'g', series, 'sparsity', sign, claims.Noise(0.001, 20))
+    c = verdicts.trend_claim('X', 's', 'e', 'g', series, 'sparsity', sign, statistics.Noise(0.001, 20))
     assert c.verdict == 'inconclusive' and 'not monotone' in c.detail
 
 
@@ -151,10 +156,10 @@ def _b2_grids(rng, bowl8, bowl32, sigma=0.01):
 
 def test_b2_argmin_rule_does_not_call_pure_noise_a_hold():
   # The old argmin rule said "holds" for pure noise 7 times in 9; the interval rule must not.
-  noise = claims.Noise(0.01, 40)
+  noise = statistics.Noise(0.01, 40)
   flat = lambda x: 0.0
-  verdicts = [claims._b2_claims(_b2_grids(np.random.default_rng(i), flat, flat), noise)[0].verdict for i in range(9)]
-  assert verdicts.count('holds') <= 1, verdicts
+  got = [claims._b2_claims(_b2_grids(np.random.default_rng(i), flat, flat), noise)[0].verdict for i in range(9)]
+  assert got.count("holds") <= 1, got
   bowl = lambda x: 0.2 * (x - math.log2(48)) ** 2  # a clear optimum at 48 at both sparsities
   assert claims._b2_claims(_b2_grids(np.random.default_rng(0), bowl, bowl), noise)[0].verdict == 'holds'
   moved = lambda x: 0.2 * (x - math.log2(24)) ** 2  # the optimum moved to 24 at s = 32
@@ -162,19 +167,19 @@ def test_b2_argmin_rule_does_not_call_pure_noise_a_hold():
 
 
 def test_holm_and_hinging_points():
-  made = [claims.Claim(str(i), '', '', '', '', 'holds', p=p) for i, p in enumerate((0.001, 0.03, 0.004))]
-  kept = claims.holm(made + [claims.Claim('x', '', '', '', '', 'inconclusive', p=0.5)])
+  made = [verdicts.Claim(str(i), '', '', '', '', 'holds', p=p) for i, p in enumerate((0.001, 0.03, 0.004))]
+  kept = statistics.holm(made + [verdicts.Claim('x', '', '', '', '', 'inconclusive', p=0.5)])
   assert kept == {'0#0': True, '2#2': True, '1#1': False}  # 0.001 < 0.025/3, 0.004 < 0.025/2, 0.03 > 0.025
   pts = [{'name': n, 'seeds': 2, 'x': x, 'loss_mean': l} for n, x, l in (('a', 1, 2.0), ('b', 2, 1.9), ('c', 4, 1.6))]
-  c = claims._trend_claim('X', 's', 'e', 'g', pts, 'x', -1, claims.Noise(0.05, 20))
-  assert c.verdict == 'holds' and any('hinges on' in f for f in c.flags)
+  c = verdicts.trend_claim('X', 's', 'e', 'g', pts, 'x', -1, statistics.Noise(0.05, 20))
+  assert c.verdict == 'inconclusive' and any('rests on one point' in f for f in c.flags)  # never on one point
 
 
 def test_speedup_reads_tokens_off_the_decay_curve():
   curve = [{'tokens': 250, 'loss': 2.3}, {'tokens': 500, 'loss': 2.1}, {'tokens': 1000, 'loss': 2.0}]
-  tokens, where = claims.tokens_to_reach(curve, 2.05)
+  tokens, where = summaries.tokens_to_reach(curve, 2.05)
   assert where == '' and 500 < tokens < 1000 and tokens == pytest.approx(500 * 2 ** 0.5)
-  assert claims.tokens_to_reach(curve, 2.5) == (250.0, '<') and claims.tokens_to_reach(curve, 1.9) == (None, '>')
+  assert summaries.tokens_to_reach(curve, 2.5) == (250.0, '<') and summaries.tokens_to_reach(curve, 1.9) == (None, '>')
 
 
 def test_block_design_noise_removes_the_shared_seed_effect():
@@ -185,7 +190,7 @@ def test_block_design_noise_removes_the_shared_seed_effect():
     losses = {k: 2.0 + 0.01 * c + v + rng.normal(0, 0.005) for k, v in seed_effect.items()}
     rows.append({'name': f'c{c}', 'seeds': 2, 'loss_mean': float(np.mean(list(losses.values()))),
                  'loss_std': float(np.std(list(losses.values()), ddof=1)), 'seed_losses': losses})
-  noise = claims.make_noise(rows)
+  noise = statistics.make_noise(rows)
   assert noise.sigma > 0.015  # the pooled seed spread carries the shared effect
   assert noise.paired.dof == 11 and 0.002 < noise.paired.sigma < 0.009  # the residual is the per-run noise
   assert noise.for_pair(rows[0], rows[1]) is noise.paired
@@ -196,13 +201,13 @@ def test_noise_check_flags_configurations_whose_seed_spread_is_out_of_line():
   rng = np.random.default_rng(0)
   rows = [{'name': f'c{i}', 'seed_losses': {0: 2.0 + 0.01 * i, 1: 2.0 + 0.01 * i + 0.005 + rng.normal(0, 0.01)}}
           for i in range(30)]
-  calm = claims.noise_check(rows)
+  calm = statistics.noise_check(rows)
   assert calm['outliers'] == [] and 0.005 < calm['robust_sigma'] < 0.015 and calm['configurations'] == 30
   rows[3]['seed_losses'][1] += 0.12
   rows[7]['seed_losses'][1] -= 0.09
-  check = claims.noise_check(rows)
+  check = statistics.noise_check(rows)
   assert [name for name, _ in check['outliers']] == ['c3', 'c7']  # largest spread first
   assert abs(check['robust_sigma'] - calm['robust_sigma']) < 0.003  # the median is not moved by two points
-  assert claims.block_sigma(rows)[0] > 2 * check['robust_sigma']  # while the pooled sigma is
-  lines = claims._noise_check_lines(check)  # pylint: disable=protected-access
+  assert statistics.block_sigma(rows)[0] > 2 * check['robust_sigma']  # while the pooled sigma is
+  lines = render.noise_check_lines(check)
   assert 'c3 (' in lines[0] and 'not homogeneous' in lines[0]

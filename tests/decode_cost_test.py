@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from moejax import config as config_lib, design
+from moejax import config as config_lib
+from moejax.studies import design
 from moejax.model import accounting
 from moejax.inference import cost as decode_cost
 from moejax.errors import ConfigError

@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from moejax import base_config as base
-from moejax import config as config_lib, design, sweep
+from experiments import base
+from moejax import cli, config as config_lib
 from moejax.model import accounting
 from moejax.model import transformer as model_lib
+from moejax.studies import design, sweeps as sweep
 from moejax.errors import ConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -27,13 +28,13 @@ def _small_space(cfg=None, **kw):
 
 
 def test_parse_amounts_and_grids():
-  assert design.parse_amount('2GB') == (2e9, True)
-  assert design.parse_amount('3GiB') == (3 * 2**30, True)
-  assert design.parse_amount('1.5e9') == (1.5e9, False)
+  assert cli.parse_amount('2GB') == (2e9, True)
+  assert cli.parse_amount('3GiB') == (3 * 2**30, True)
+  assert cli.parse_amount('1.5e9') == (1.5e9, False)
   with pytest.raises(ConfigError, match='unknown unit'):
-    design.parse_amount('2GX')
+    cli.parse_amount('2GX')
   with pytest.raises(ConfigError, match='cannot parse the amount'):
-    design.parse_amount('lots')
+    cli.parse_amount('lots')
   assert design.parse_grid('2:8:2') == [2, 4, 6, 8] and design.parse_grid('4,2,2') == [2, 4]
 
 
@@ -133,6 +134,40 @@ def test_design_cli(tmp_path):
                        capture_output=True, text=True, timeout=120)
   lines = out.stderr.strip().splitlines()
   assert out.returncode == 2 and len(lines) == 1 and 'smallest feasible: --memory >= ' in lines[0]
+
+
+def _design(*flags):
+  return subprocess.run([sys.executable, '-m', 'moejax.design', *flags], cwd=ROOT, capture_output=True, text=True,
+                        timeout=120)
+
+
+def test_design_cli_refuses_bad_budgets_in_one_line(tmp_path):
+  for flags, words in ((['--memory=1e400', '--active=2e8'], 'not finite'), (['--memory=2GB', '--top=0'], '--top=0'),
+                       (['--memory=2GB', '--flops_per_token=1GB'], 'FLOP count'),
+                       (['--memory=2GB', f'--emit={tmp_path}/no/such/dir/x.py'], 'cannot write --emit=')):
+    out = _design(*flags)
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode != 0 and len(lines) == 1 and lines[0].startswith('moejax: error:') and words in lines[0], \
+        (flags, out.stderr)
+
+
+def test_active_in_bytes_converts_as_memory_does():
+  assert design.params_budget('400MB', 2) == 2e8 == design.bytes_budget('400MB', 2) / 2
+  assert design.params_budget('2e8', 2) == 2e8 and design.bytes_budget('1e8', 4) == 4e8
+  assert design.params_budget(None, 2) is None
+
+
+def test_amount_hints_name_the_flag_kind_and_rates_take_per_second():
+  assert cli.parse_amount('80GB/s', 'bandwidth') == (80e9, True)
+  assert cli.parse_amount('3.35TB', 'bandwidth') == (3.35e12, True)
+  with pytest.raises(ConfigError, match=r'\(bytes\)') as info:
+    cli.parse_amount('lots', 'bytes')
+  assert 'parameters' not in str(info.value)
+  with pytest.raises(ConfigError, match='cannot parse'):
+    cli.parse_amount('80GB/s')  # a rate is not a memory amount
+  for bad in ('1e400', '1e300TB'):
+    with pytest.raises(ConfigError, match='not finite'):
+      cli.parse_amount(bad)
 
 
 def test_training_memory_is_16_bytes_per_parameter_for_any_dtype():

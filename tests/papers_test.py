@@ -4,8 +4,9 @@ import os
 
 import pytest
 
-from moejax import config as config_lib, sweep
+from moejax import config as config_lib
 from moejax.model import accounting
+from moejax.studies import sweeps as sweep
 from moejax.errors import ConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -11,7 +11,8 @@ import sys
 import pytest
 
 from moejax import files
-from moejax import config as config_lib, results, sweep
+from moejax import config as config_lib
+from moejax.studies import figures, report, results, sweeps as sweep
 from moejax.errors import ConfigError, Interrupted, Preempted
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -163,6 +164,29 @@ def test_results_group_seeds_and_report_bad_files(tmp_path):
   assert len(doc['rows']) == 3 and len(doc['unreadable']) == 3 and doc['failed'][0]['name'] == 'oom'
 
 
+def test_a_reproduction_is_not_a_new_seed(tmp_path):
+  """moejax.reproduce writes a result.json with the same config and seed: the same seed re-run, not a second one."""
+  _write(f'{tmp_path}/e8/result.json', _record('e8', 0, 8, 2.0))
+  _write(f'{tmp_path}/e8-s1/result.json', _record('e8-s1', 1, 8, 2.2))
+  later = os.path.getmtime(f'{tmp_path}/e8/result.json') + 10
+  _write(f'{tmp_path}/a-repro/result.json', _record('e8', 0, 8, 2.0))  # sorts first by path, written last
+  os.utime(f'{tmp_path}/a-repro/result.json', (later, later))
+  rows, _ = results.table(results.gather(str(tmp_path)).records)
+  assert len(rows) == 1
+  row = rows[0]
+  assert row['seeds'] == 2 and row['loss_mean'] == pytest.approx(2.1)  # seeds 0 and 1, each once
+  assert sorted(row['seed_losses']) == ['0/0', '1/0'] and all('a-repro' not in p for p in row['paths'])
+  assert [(x['seed'], x['difference']) for x in row['reproductions']] == [('0/0', 0.0)]
+  assert 'a-repro' in row['reproductions'][0]['path']
+  md, _ = results.render(str(tmp_path), 'md')
+  assert '**Reproductions**' in md
+  only = f'{tmp_path}/only'
+  _write(f'{only}/x/result.json', _record('x', 0, 8, 2.0))
+  _write(f'{only}/y/result.json', _record('x', 0, 8, 2.0))
+  row = results.table(results.gather(only).records)[0][0]
+  assert row['seeds'] == 1 and row['loss_std'] is None  # not "n=2, ± 0.0000"
+
+
 def test_results_cli(tmp_path):
   _write(f'{tmp_path}/x/result.json', _record('x', 0, 8, 2.0))
   _write(f'{tmp_path}/y/result.json', 'not json')
@@ -183,7 +207,6 @@ def test_flatten_round_trips_a_config(tiny_cfg):
 
 
 def test_report_series_and_figures(tmp_path):
-  from moejax import report  # pylint: disable=import-outside-toplevel
   for seed, loss in ((0, 2.0), (1, 2.2)):
     _write(f'{tmp_path}/runs/e8-s{seed}/result.json', _record(f'e8-s{seed}', seed, 8, loss))
   _write(f'{tmp_path}/runs/e16/result.json', _record('e16', 0, 16, 1.9))
@@ -194,14 +217,14 @@ def test_report_series_and_figures(tmp_path):
   dense = _record('dense', 0, 0, 2.4)
   _write(f'{tmp_path}/runs/dense/result.json', dense)
   rows, _ = results.table(results.gather(f'{tmp_path}/runs').records)
-  s = report.series(rows, 'sparsity')
+  s = figures.series(rows, 'sparsity')
   assert list(s) == ['N_active ≈ 3.00K', 'N_active ≈ 6.00K']
   assert s['N_active ≈ 3.00K'] == [(1.0, 2.4, 0.0), (4.0, pytest.approx(2.1), pytest.approx(0.1414, abs=1e-4)),
                                    (8.0, 1.9, 0.0)]
-  assert [x for x, _, _ in report.series(rows, 'num_experts')['N_active ≈ 3.00K']] == [1.0, 8.0, 16.0]
+  assert [x for x, _, _ in figures.series(rows, 'num_experts')['N_active ≈ 3.00K']] == [1.0, 8.0, 16.0]
   path = report.write_report(f'{tmp_path}/runs', f'{tmp_path}/report')
   text = open(path).read()
-  for _, _, name in report.PLOTS:
+  for _, _, name in figures.PLOTS:
     assert f']({name})' in text
     png = open(f'{tmp_path}/report/{name}', 'rb').read()
     assert png[:8] == b'\x89PNG\r\n\x1a\n' and len(png) > 5000

@@ -1,4 +1,4 @@
-"""Scaling-law fits over result tables (SCIENCE.md §3).
+"""Scaling-law fits over result tables (SCIENCE.md §3), and which forms beat their baselines.
 
 Method (Chinchilla approach 3, Hoffmann et al. 2022): minimize the sum of Huber losses
 (delta = 1e-3) between predicted and measured log-loss with L-BFGS-B, started from every
@@ -39,6 +39,7 @@ import numpy as np
 from scipy import optimize
 
 HUBER_DELTA = 1e-3
+BOUND_TOLERANCE = 1e-3  # a bounded parameter this close to its bound is reported at the bound
 
 
 def _sigmoid(x):
@@ -54,6 +55,7 @@ class Form:
   values: Callable[[np.ndarray], dict[str, float]]
   predict: Callable[[np.ndarray, dict[str, np.ndarray]], np.ndarray]
   needs: tuple[str, ...]
+  bounds: dict = dataclasses.field(default_factory=dict)  # readable value -> (low, high) it can only approach
 
 
 def _total_sparsity(theta, x):
@@ -103,7 +105,7 @@ FORMS = {
          'c_E': (0.0,)},
         lambda t: {'E': float(np.exp(t[0])), 'A': float(np.exp(t[1])), 'alpha': float(t[2]),
                    'kappa': float(_sigmoid(t[3])), 'c_E': float(t[4])},
-        _effective, ('n_total', 'n_active', 'num_experts')),
+        _effective, ('n_total', 'n_active', 'num_experts'), {'kappa': (0.0, 1.0)}),
     'expert_size': Form(
         'expert_size', ('e', 'a', 'alpha', 'kappa_raw', 'c_E', 'h', 'mu0', 'mu_a', 'mu_t'),
         {'e': (-1.0, 0.0, 0.5), 'a': (0.0, 5.0, 10.0), 'alpha': (0.1, 0.3, 0.6), 'kappa_raw': (-2.0, 0.0, 2.0),
@@ -111,7 +113,7 @@ FORMS = {
         lambda t: {'E': float(np.exp(t[0])), 'A': float(np.exp(t[1])), 'alpha': float(t[2]),
                    'kappa': float(_sigmoid(t[3])), 'c_E': float(t[4]), 'h': float(np.exp(t[5])), 'mu0': float(t[6]),
                    'mu_a': float(t[7]), 'mu_t': float(t[8])},
-        _expert_size, ('n_total', 'n_active', 'num_experts', 'expert_hidden')),
+        _expert_size, ('n_total', 'n_active', 'num_experts', 'expert_hidden'), {'kappa': (0.0, 1.0)}),
 }
 
 
@@ -163,6 +165,7 @@ class Fit:
   extrapolation_rmse: float | None = None  # fitted without the largest-N_total configurations, scored on them
   extrapolation_n: int = 0
   residuals: np.ndarray | None = None  # in-sample prediction - measurement per configuration (nats)
+  at_bound: dict = dataclasses.field(default_factory=dict)  # parameters at a bound of their range: {name: bound}
 
   def predict(self, x: dict) -> np.ndarray:
     return FORMS[self.form].predict(self.theta, {k: np.asarray(v, np.float64) for k, v in x.items()})
@@ -183,8 +186,10 @@ def fit(form_name: str, x: dict, y, max_starts: int = 64, bootstrap: int = 100, 
     raise ValueError(f'{form_name} has {len(form.raw_names)} parameters; {n} configurations are too few to fit it')
   grid = starts(form, max_starts, seed)
   theta = _best(form, x, y, grid)
-  # Resamples and folds restart from `refit_starts` points of the start grid and the full-data optimum.
-  refit_grid = np.concatenate([grid[:refit_starts], theta[None]])
+  # Resamples restart from `refit_starts` points of the start grid and the full-data optimum; leave-one-out folds
+  # and the held-out-largest refit from the start grid only (the full-data optimum has seen the left-out points).
+  held_grid = grid[:refit_starts]
+  refit_grid = np.concatenate([held_grid, theta[None]])
   rmse = float(np.sqrt(np.mean((form.predict(theta, x) - y) ** 2)))
   rng = np.random.default_rng(seed)
   samples = []
@@ -200,17 +205,21 @@ def fit(form_name: str, x: dict, y, max_starts: int = 64, bootstrap: int = 100, 
     errors = []
     for i in range(n):
       keep = np.arange(n) != i
-      t = _best(form, {k: v[keep] for k, v in x.items()}, y[keep], refit_grid)
+      t = _best(form, {k: v[keep] for k, v in x.items()}, y[keep], held_grid)
       errors.append(float(form.predict(t, {k: v[i:i + 1] for k, v in x.items()})[0] - y[i]))
     loo_rmse, loo_max = float(np.sqrt(np.mean(np.square(errors)))), float(np.max(np.abs(errors)))
   extra_rmse, n_out = None, int(round(holdout_fraction * n))
   if n_out >= 1 and n - n_out > len(form.raw_names) + 1:
     order = np.argsort(x['n_total'] if 'n_total' in x else np.arange(n), kind='stable')
     inside, outside = order[:n - n_out], order[n - n_out:]
-    t = _best(form, {k: v[inside] for k, v in x.items()}, y[inside], refit_grid)
+    t = _best(form, {k: v[inside] for k, v in x.items()}, y[inside], held_grid)
     extra_rmse = float(np.sqrt(np.mean((form.predict(t, {k: v[outside] for k, v in x.items()}) - y[outside]) ** 2)))
-  return Fit(form_name, form.values(theta), intervals, theta, rmse, loo_rmse, loo_max, n, extra_rmse,
-             n_out if extra_rmse is not None else 0, form.predict(theta, x) - y)
+  values = form.values(theta)
+  at_bound = {k: b for k, (lo, hi) in form.bounds.items() for b in (lo, hi) if abs(values[k] - b) < BOUND_TOLERANCE}
+  for k in at_bound:  # a parameter at its bound is not identified: report the bound, not a percentile interval
+    intervals.pop(k, None)
+  return Fit(form_name, values, intervals, theta, rmse, loo_rmse, loo_max, n, extra_rmse,
+             n_out if extra_rmse is not None else 0, form.predict(theta, x) - y, at_bound)
 
 
 def inputs_from_rows(rows: list[dict]) -> tuple[dict[str, np.ndarray], np.ndarray]:
@@ -227,16 +236,55 @@ def inputs_from_rows(rows: list[dict]) -> tuple[dict[str, np.ndarray], np.ndarra
   return {k: np.asarray(v, np.float64) for k, v in x.items()}, np.asarray(y, np.float64)
 
 
-def markdown(fits: list[Fit]) -> str:
-  """The fits as a Markdown table: values with 95% intervals, in-sample RMSE, leave-one-out and extrapolation error."""
-  lines = ['| form | n | parameters (95% bootstrap interval) | RMSE (nats) | LOO RMSE | LOO max | largest-N_total RMSE |',
-           '|---|---:|---|---:|---:|---:|---:|']
-  fits = sorted(fits, key=lambda f: f.form not in ('constant', 'log_linear'))  # baselines first
-  for f in fits:
-    params = ', '.join(f'{k} = {v:.3g}' + (f' [{f.intervals[k][0]:.3g}, {f.intervals[k][1]:.3g}]'
-                                           if k in f.intervals else '') for k, v in f.values.items())
-    loo = '-' if f.loo_rmse is None else f'{f.loo_rmse:.4f}'
-    loo_max = '-' if f.loo_max is None else f'{f.loo_max:.4f}'
-    extra = '-' if f.extrapolation_rmse is None else f'{f.extrapolation_rmse:.4f} ({f.extrapolation_n})'
-    lines.append(f'| {f.form} | {f.n} | {params} | {f.rmse:.4f} | {loo} | {loo_max} | {extra} |')
-  return '\n'.join(lines) + '\n'
+POINTS_PER_PARAMETER = 5  # a form is fitted only with at least this many configurations per free parameter
+
+
+BASELINES = ('constant', 'log_linear')
+
+
+def fit_laws(rows: list[dict], bootstrap: int = 100, starts: int = 32, loo: bool = True) -> dict[str, Fit]:
+  """The baselines and every form the default-design MoE rows support (>= 5 configurations per free parameter)."""
+  x, y = inputs_from_rows(rows)
+  fits = {}
+  for name, form in FORMS.items():
+    if len(y) >= POINTS_PER_PARAMETER * len(form.raw_names) and len(y) > len(form.raw_names) + 1:
+      fits[name] = fit(name, x, y, max_starts=starts, bootstrap=bootstrap, loo=loo)
+  return fits
+
+
+def missing_points(n: int) -> dict[str, int]:
+  """{form: configurations still missing} for the forms `fit_laws` cannot fit on n configurations."""
+  return {name: max(POINTS_PER_PARAMETER * len(form.raw_names), len(form.raw_names) + 2) - n
+          for name, form in FORMS.items()
+          if not (n >= POINTS_PER_PARAMETER * len(form.raw_names) and n > len(form.raw_names) + 1)}
+
+
+def beats_baselines(fits: dict[str, Fit], name: str) -> bool:
+  """Whether form `name` predicts held-out configurations better than every baseline fitted beside it:
+  lower leave-one-out RMSE and, where scored, lower RMSE on the largest-N_total configurations."""
+  fit = fits.get(name)
+  if fit is None or fit.loo_rmse is None:
+    return False
+  rivals = [fits[b] for b in BASELINES if b in fits and fits[b].loo_rmse is not None]
+  if not rivals:
+    return False
+  if fit.loo_rmse >= min(r.loo_rmse for r in rivals):
+    return False
+  extrap = [r.extrapolation_rmse for r in rivals if r.extrapolation_rmse is not None]
+  return fit.extrapolation_rmse is None or not extrap or fit.extrapolation_rmse < min(extrap)
+
+
+def residuals_by_k(fits: dict[str, Fit], rows: list[dict]) -> dict[str, dict[int, tuple[float, int]]]:
+  """{form: {k: (mean in-sample residual, configurations)}}: prediction - measurement (nats) by top-k, where a
+  k-dependent bias shows."""
+  ks = sorted({r.get('experts_per_token') or 0 for r in rows})
+  out = {}
+  for name, f in fits.items():
+    if f.residuals is None:
+      continue
+    out[name] = {}
+    for k in ks:
+      res = [e for e, r in zip(f.residuals, rows) if (r.get('experts_per_token') or 0) == k]
+      if res:
+        out[name][k] = (float(np.mean(res)), len(res))
+  return out

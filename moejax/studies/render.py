@@ -1,0 +1,265 @@
+"""Every Markdown table of the studies, rendered in one place from rows: the claims page (claims, literature,
+speedup over dense, learning-rate sweep, fits), the results table and the design ranking."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from moejax.model import accounting
+from moejax.studies import figures, fits as fits_lib, statistics, summaries
+from moejax.studies.verdicts import Claim
+
+
+def literature_table(rows: list[dict]) -> str:
+  lines = ['| claim | ' + ' | '.join(summaries.LITERATURE_COLUMNS) + ' | ours |',
+           '|---|' + '---|' * (len(summaries.LITERATURE_COLUMNS) + 1)]
+  for r in rows:
+    lines.append(f'| {r["id"]} | ' + ' | '.join(r['sides']) + f' | {"; ".join(r["ours"])} |')
+  return '\n'.join(lines) + '\n'
+
+
+def speedup_table(s: dict | None) -> str:
+  if s is None:
+    return 'No B1 runs with decay curves: no speedup to report.\n'
+  lines = [f'Dense baseline `{s["dense"]["name"]}`: {s["loss"]:.4f} nats after {accounting.human(s["tokens"])} tokens. '
+           'Speedup = dense tokens / tokens the MoE needs to reach that loss, read off the MoE\'s decay-branch curve '
+           '(held-out loss after decays branched at 1/4, 1/2 and the full run; log-linear between them).', '',
+           '| MoE | s | N_total | loss by tokens (mean of seeds) | tokens to reach dense | speedup |',
+           '|---|---:|---:|---|---:|---:|']
+  for x in s['rows']:
+    r = x['row']
+    curve = ', '.join(f'{accounting.human(p["tokens"])}: {p["loss"]:.4f}' for p in r['decay_curve'])
+    if x['where'] == '>':
+      reach, speed = 'not reached', '< 1x'
+    elif x['where'] == '<':
+      reach, speed = f'≤ {accounting.human(x["tokens"])}', f'≥ {x["speedup"]:.1f}x'
+    else:
+      reach, speed = accounting.human(x['tokens']), f'{x["speedup"]:.2f}x'
+    lines.append(f'| {r["name"]} | {r["sparsity"]:g} | {accounting.human(r["n_total"])} | {curve} | {reach} | {speed} |')
+  return '\n'.join(lines) + '\n'
+
+
+def lr_table(rates: list[float], rows: list[dict]) -> str:
+  if not rows:
+    return 'No runs of grid LR.\n'
+  lines = ['| anchor | N_total | ' + ' | '.join(f'LR {x:g}' for x in rates) + ' | best | parabola vertex |',
+           '|---|---:|' + '---:|' * len(rates) + '---:|---:|']
+  for r in rows:
+    vertex = ('not bracketed' if not r['bracketed'] else '-' if r['vertex'] is None else f'{r["vertex"]:.2g}')
+    cells = ' | '.join(f'{r["losses"][x]:.4f}' if x in r['losses'] else '-' for x in rates)
+    lines.append(f'| {r["anchor"]} | {accounting.human(r["n_total"])} | {cells} | {r["best"]:g} | {vertex} |')
+  return '\n'.join(lines) + '\n'
+
+
+def residuals_table(by_k: dict[str, dict[int, tuple[float, int]]]) -> str:
+  ks = sorted({k for cells in by_k.values() for k in cells})
+  lines = ['| form | ' + ' | '.join(f'k={k}' for k in ks) + ' |', '|---|' + '---:|' * len(ks)]
+  for name, cells in by_k.items():
+    lines.append(f'| {name} | ' + ' | '.join(f'{cells[k][0]:+.4f} ({cells[k][1]})' if k in cells else '-'
+                                              for k in ks) + ' |')
+  return '\n'.join(lines) + '\n'
+
+
+def compute_line(c: dict) -> str:
+  return (f'Compute: {c["runs"]} runs, {c["wall_h"]:.2f} h of training wall time (summed `train.wall_s`, which '
+          'includes compilation, decay branches and their held-out scoring), '
+          f'{c["flops"]:.3g} training FLOPs (6 N_active-style accounting, `moejax.model.accounting`).')
+
+
+def fits_table(fits: list[fits_lib.Fit]) -> str:
+  """The fits as a Markdown table: values with 95% intervals, in-sample RMSE, leave-one-out and extrapolation error."""
+  lines = ['| form | n | parameters (95% bootstrap interval) | RMSE (nats) | LOO RMSE | LOO max | largest-N_total RMSE |',
+           '|---|---:|---|---:|---:|---:|---:|']
+  fits = sorted(fits, key=lambda f: f.form not in ('constant', 'log_linear'))  # baselines first
+  for f in fits:
+    params = ', '.join(f'{k} = {v:.3g}' + (f' [{f.intervals[k][0]:.3g}, {f.intervals[k][1]:.3g}]' if k in f.intervals
+                                           else f' (at its bound {f.at_bound[k]:g}: not identified, no interval)'
+                                           if k in f.at_bound else '') for k, v in f.values.items())
+    loo = '-' if f.loo_rmse is None else f'{f.loo_rmse:.4f}'
+    loo_max = '-' if f.loo_max is None else f'{f.loo_max:.4f}'
+    extra = '-' if f.extrapolation_rmse is None else f'{f.extrapolation_rmse:.4f} ({f.extrapolation_n})'
+    lines.append(f'| {f.form} | {f.n} | {params} | {f.rmse:.4f} | {loo} | {loo_max} | {extra} |')
+  return '\n'.join(lines) + '\n'
+
+
+
+def noise_check_lines(check: dict | None) -> list[str]:
+  if not check or check['robust_sigma'] is None:
+    return []
+  if not check['outliers']:
+    return [f'Noise check: no configuration\'s seed spread is out of line (beyond the 1 − 0.05/C quantile at the '
+            'median-based '
+            f'σ = {check["robust_sigma"]:.4f} ({check["configurations"]} configurations): the noise looks homogeneous.',
+            '']
+  listed = ', '.join(f'{name} ({spread:.3f})' for name, spread in check['outliers'])
+  return [f'Noise check (a diagnostic; verdicts use σ above): {len(check["outliers"])} of {check["configurations"]} '
+          f'configurations have seed spreads beyond the 1 − 0.05/C quantile (5% family-wise) expected at the '
+          f'median-based σ = '
+          f'{check["robust_sigma"]:.4f}: {listed} (max − min over seeds, nats). The noise is not homogeneous; these '
+          'points inflate the pooled σ, so verdicts on the other points are conservative, and verdicts involving '
+          'these points may understate their own noise.', '']
+
+
+def claims_markdown(claims: list[Claim], noise: dict, fits: dict[str, dict[str, fits_lib.Fit]], header: str = '',
+                    families: dict[str, list[dict]] | None = None, speedup: dict | None = None,
+                    lr: tuple[list[float], list[dict]] | None = None) -> str:
+  """The claims page: the claims table, the literature, the speedup, the LR sweep and the fits per family."""
+  threshold = '-' if noise['threshold'] is None else f'{noise["threshold"]:.4f}'
+  survives = statistics.holm(claims)
+  decided = sum(c.verdict != 'inconclusive' for c in claims)
+  tested = sum(c.p is not None for c in claims)
+  fmt = lambda x, d: '-' if x is None else f'{x:.4f} nats ({d} degrees of freedom)'
+  classes = '; '.join(f'**{name}** ({c["configurations"]} configurations): paired σ = {fmt(c["paired_sigma"], c["paired_dof"])}, '
+                      f'pooled σ = {fmt(c["sigma"], c["dof"])}' for name, c in noise['classes'].items())
+  lines = [header, '## Claims', '',
+           'Seed noise, per noise class declared in the grid files before the runs (experiments/papers.py: points '
+           'that perturb routing, i.e. capacity factors, other balancing modes and heterogeneous experts, are '
+           '"routing-perturbed"): ' + classes + '. A seed sets both initialization and data order, so configurations '
+           'of one class run at the same seeds are paired (a randomized complete block design, seeds as blocks) and '
+           'use the paired σ; others use the pooled σ; a difference across classes uses a Welch interval '
+           f'(Welch-Satterthwaite degrees of freedom). Small-effect margin T = {threshold}, fixed in advance per scale '
+           '(experiments/papers.py `EQUIVALENCE_MARGIN`, with its source; never estimated from these runs). '
+           'Intervals are 95% t intervals (± t(0.975, dof) σ √(1/n_a + 1/n_b)); with fewer than '
+           f'{statistics.MIN_DOF} degrees of freedom there are none and the verdict is inconclusive. Trend claims '
+           '("monotone") are a regression-slope t-test over the ordered points (one-sided 2.5%); a trend verdict that '
+           'changes when any single point is dropped is reported inconclusive. Small effects are equivalence tests '
+           '(TOST at 5%: the 90% interval inside ±T). p is the one-sided p-value of the decided direction (for '
+           'equivalence: the larger of the two TOST p-values). "To decide" gives seeds per point for 80% power.', '',
+           *noise_check_lines(noise.get('check')),
+           f'Multiple comparisons: {decided} of {len(claims)} verdicts are decided, each at the 2.5% one-sided level on '
+           f'its own (equivalence: 5% per one-sided test). Under Holm\'s step-down correction over all {tested} '
+           f'tested claims (family-wise 2.5%, every p-value as it is), {sum(survives.values())} of the '
+           f'{len(survives)} decided verdicts with a p-value survive (column "Holm"; the argmin verdicts C-B2/C-B2a rest '
+           'on simulated intervals, not a p-value). A verdict marked "hinges" changes if one point of its series is '
+           'dropped.', '',
+           '| claim | statement | expected | measured Δ (nats) | 95% interval | verdict | p | Holm | detail | '
+           'to decide at this scale |',
+           '|---|---|---|---:|---|---|---:|---|---|---|']
+  for i, c in enumerate(claims):
+    p = '-' if c.p is None else f'{c.p:.2g}'
+    h = {True: 'yes', False: 'no'}.get(survives.get(statistics.key(c, i)), '-')
+    detail = c.detail + ''.join(f'; **{f}**' for f in c.flags)
+    lines.append(f'| {c.id} | {c.statement} | {c.expected} | {c.measured} | {c.interval} | **{c.verdict}** | {p} | '
+                 f'{h} | {detail} | {c.needs or "-"} |')
+  lines += ['', '## The literature and ours', '',
+            'Each claim\'s side in the literature ([R]: SCIENCE.md §0-§4, not re-checked here) and our verdict at this '
+            'scale.', '', literature_table(summaries.literature_rows(claims))]
+  if speedup is not None:
+    lines += ['## Effective speedup over dense', '', speedup_table(speedup)]
+  if lr is not None and lr[1]:
+    lines += ['## Learning-rate sweep (grid LR)', '', 'Held-out loss at seed 0 for every rate (the rate the scale '
+              'uses is the grid point itself; its seed-1 run is not in this table).', '', lr_table(*lr)]
+  lines += ['## Fitted scaling laws', '',
+            'Non-embedding counts, one point per configuration (seed mean); MoE runs with the default design '
+            '(global-batch balancing, dropless, no shared or heterogeneous experts); see moejax/scaling.py. '
+            'Fitted per grid family: A (paper A\'s grids), B (paper B\'s count grids B1/B2), and all together. '
+            f'A form is fitted only with at least {fits_lib.POINTS_PER_PARAMETER} configurations per free parameter, always '
+            'beside the constant and log-linear baselines; it is scored by leave-one-out RMSE and by refitting without '
+            'the largest-N_total 20% of configurations and predicting them. A form that does not beat both baselines '
+            'on both supports no verdict.', '']
+  for fam, fam_fits in (fits or {}).items():
+    n = len((families or {}).get(fam, []))
+    lines += [f'### Family {fam} ({n} configurations)', '']
+    if not fam_fits:
+      lines += ['Too few configurations to fit any form.', '']
+      continue
+    lines += [fits_table(list(fam_fits.values()))]
+    short = fits_lib.missing_points(n)
+    if short:
+      lines += ['Not fitted (too few configurations at ' + f'{fits_lib.POINTS_PER_PARAMETER} per free parameter): '
+                + ', '.join(f'{name} needs {k} more' for name, k in short.items()) + '.', '']
+    better = [name for name in fam_fits if name not in fits_lib.BASELINES and fits_lib.beats_baselines(fam_fits, name)]
+    lines += [f'Forms that beat both baselines: {", ".join(better) or "none"}.', '',
+              'Mean residual by top-k (prediction − measurement, nats; configurations in brackets):', '',
+              residuals_table(fits_lib.residuals_by_k(fam_fits, (families or {}).get(fam, [])))]
+  return '\n'.join(lines)
+
+
+
+def _cell(value: Any, key: str) -> str:
+  if value is None:
+    return '-'
+  if key in ('n_total', 'n_active', 'n_total_nonembed', 'n_active_nonembed', 'n_active_measured', 'tokens'):
+    return accounting.human(value)
+  if key in ('loss_mean', 'loss_std', 'bits_per_byte_mean'):
+    return f'{value:.4f}'
+  if isinstance(value, float):
+    return f'{value:.3g}'
+  return str(value)
+
+
+MD_COLUMNS = (('config_hash', 'hash'), ('name', 'name'), ('n_total', 'N_total'), ('n_active', 'N_active'),
+              ('sparsity', 's'), ('granularity', 'G'), ('num_experts', 'E'), ('experts_per_token', 'k'),
+              ('expert_hidden', 'd_exp'), ('num_shared_experts', 'shared'), ('load_balancing', 'LB'),
+              ('drop_policy', 'drop'), ('eval_drop_policy', 'eval drop'), ('tokens', 'tokens'), ('loss_mean', 'loss'), ('loss_std', '± std'),
+              ('seeds', 'n'), ('bits_per_byte_mean', 'bits/byte'), ('load_max_over_mean', 'max/mean load'),
+              ('dead_experts', 'dead'), ('drop_fraction', 'dropped'))
+
+
+def results_markdown(rows: list[dict], varied: list[str], gathered=None) -> str:
+  """The table (and failed/unreadable lists) as Markdown."""
+  cols = list(MD_COLUMNS[:2]) + [(k, k) for k in varied] + list(MD_COLUMNS[2:])
+  lines = ['| ' + ' | '.join(title for _, title in cols) + ' |',
+           '|' + '|'.join('---' if k in ('config_hash', 'name') or k in varied else '---:' for k, _ in cols) + '|']
+  for r in rows:
+    lines.append('| ' + ' | '.join(_cell(r.get(k), k) for k, _ in cols) + ' |')
+  out = '\n'.join(lines) + '\n'
+  out += ('\nLoss: held-out nats/token, mean over n seeds (± sample std). s = E/k; G = d_model*E/sum(d_exp) '
+          '(d/d_exp for equal experts). Routing columns: held-out pass, mean over MoE layers.\n')
+  repro = [(r['name'], x) for r in rows for x in r.get('reproductions') or []]
+  if repro:
+    out += ('\n**Reproductions** (re-runs of a seed already counted, e.g. by `moejax.reproduce`; not counted as seeds)'
+            '\n\n' + ''.join(f'- {name} seed {x["seed"]}: {x["loss"]:.6f} ({x["difference"]:+.3e} from the seed\'s run), '
+                            f'{x["path"]}\n' for name, x in repro))
+  if gathered and gathered.failed:
+    out += '\n**Failed points**\n\n' + ''.join(f'- {f.get("name", "?")}: {f.get("error", "?")}\n'
+                                               for f in gathered.failed)
+  if gathered and gathered.unreadable:
+    out += '\n**Skipped files**\n\n' + ''.join(f'- {p}: {why}\n' for p, why in gathered.unreadable)
+  return out
+
+
+
+def design_table(result, top: int) -> str:
+  """The top rows as Markdown."""
+  d = result.designs
+  lines = ['| rank | L | d | heads | d_exp | G | E | k | s | shared | N_total | memory | N_active | GFLOPs/token (fwd) '
+           '| decode bytes/step | binds |', '|' + '---:|' * 15 + '---|']
+  for i in range(min(top, len(d['n_total']))):
+    lines.append(
+        f'| {i + 1} | {d["layers"][i]:.0f} | {d["width"][i]:.0f} | {d["heads"][i]:.0f} | {d["expert_hidden"][i]:.0f} '
+        f'| {d["granularity"][i]:g} | {d["experts"][i]:.0f} | {d["topk"][i]:.0f} | '
+        f'{d["experts"][i] / d["topk"][i]:g} | {d["shared"][i]:.0f} | {accounting.human(d["n_total"][i])} | '
+        f'{human_bytes(d["memory_bytes"][i])} | {accounting.human(d["n_active"][i])} | '
+        f'{d["flops"][i] / 1e9:.3g} | {human_bytes(d["decode_bytes"][i])} | {result.binding[i]} |')
+  return '\n'.join(lines) + '\n'
+
+
+def human_bytes(b: float) -> str:
+  for unit, scale in (('TB', 1e12), ('GB', 1e9), ('MB', 1e6), ('KB', 1e3)):
+    if b >= scale:
+      return f'{b / scale:.2f}{unit}'
+  return f'{b:.0f}B'
+
+
+def report_page(root: str, rows: list[dict], varied: list[str], gathered, drawn: list[str], extra: str = '',
+                figure_note: str = '') -> str:
+  """OUT/report.md: the figures (`drawn`: the grids with a figure), `extra` Markdown, then the results table."""
+  seeds = sum(r['seeds'] for r in rows)
+  lines = [f'# Results under `{root}`', '',
+           f'{seeds} runs in {len(rows)} configurations; {len(gathered.failed)} failed; '
+           f'{len(gathered.unreadable)} files skipped. Lines are fixed active-parameter budgets '
+           f'(N_active within {figures.BUDGET_TOLERANCE:.0%}; the line joins the mean at each x); error bars are one seed '
+           f'standard deviation.{" " + figure_note if figure_note else ""}', '']
+  for _, label, name in figures.PLOTS:
+    lines += [f'![held-out loss vs {label}]({name})', '']
+  if drawn:
+    lines += ['## Per grid', '', 'Left: each configuration\'s held-out loss against the grid\'s variable (seed mean, 95% t '
+              'interval from the pooled σ). Right: held-out loss against training tokens, from the decay branches '
+              '(error bars: one seed standard deviation).', '']
+    for grid in drawn:
+      lines += [f'![grid {grid}](grid_{grid}.png)', '']
+  if extra:
+    lines += [extra, '']
+  lines += ['## Table', '', results_markdown(rows, varied, gathered)]
+  return '\n'.join(lines)

@@ -1,0 +1,111 @@
+"""The study report: gather a results root, evaluate the claims and fits, and write OUT/claims.md, OUT/report.md
+and the figures.
+
+  `study(root, scale)`   -> `Study`, every row the pages are rendered from (claims, noise, fits, speedup, LR sweep)
+  `write_claims(...)`    -> renders a `Study` to OUT/claims.md, OUT/report.md and the PNGs
+  `write_report(...)`    -> OUT/report.md and the figures for any root (no paper grids needed)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import os
+
+from moejax import files
+from moejax.errors import DataError, WorkdirError
+from moejax.studies import claims as claims_lib, figures, fits as fits_lib, grids, render, results, summaries
+from moejax.studies.verdicts import Claim
+
+
+@dataclasses.dataclass
+class Study:
+  """Everything the claims page shows, as rows."""
+  root: str
+  scale: str
+  gathered: results.Gathered
+  rows: list[dict]
+  grids: dict[str, list[dict | None]]
+  families: dict[str, list[dict]]
+  fits: dict[str, dict[str, fits_lib.Fit]]
+  claims: list[Claim]
+  noise: dict
+  speedup: dict | None
+  lr: tuple[list[float], list[dict]]
+  compute: dict
+
+
+def study(root: str, scale: str, bootstrap: int = 100, fit_starts: int = 32, loo: bool = True,
+          gathered: results.Gathered | None = None) -> Study:
+  """Every claim, fit and summary of the paper-grid runs under `root` at `scale`.
+
+  loo=False skips the leave-one-out refits (then no fit beats its baselines and C-A3 is inconclusive).
+  """
+  gathered = gathered or results.gather(root)
+  if not gathered.records:
+    raise DataError(f'no complete result.json under {root}; run the paper grids first')
+  rows, _ = results.table(gathered.records)
+  g = grids.grid_rows(rows, scale)
+  families = grids.family_rows(rows, g)
+  fits = {fam: fits_lib.fit_laws(fam_rows, bootstrap, fit_starts, loo) for fam, fam_rows in families.items()}
+  claims, noise = claims_lib.evaluate(rows, scale, fits)
+  return Study(root, scale, gathered, rows, g, families, fits, claims, noise, summaries.speedup_rows(g),
+               summaries.lr_rows(g), summaries.compute_summary(rows))
+
+
+def claims_page(s: Study) -> str:
+  """The claims page of a `Study` as Markdown."""
+  records = s.gathered.records
+  platforms = sorted({f'{r["platform"]["device_kind"]} ({r["platform"]["backend"]}, jax {r["platform"]["jax"]})'
+                      for r in records if r.get('platform')})
+  fingerprints = sorted({r['data']['fingerprint'][:12] for r in records if r.get('data')})
+  header = (f'# Claims at scale `{s.scale}`\n\n{len(records)} runs in {len(s.rows)} configurations under '
+            f'`{s.root}`; machine: {", ".join(platforms) or "?"}; corpus sha256 {", ".join(fingerprints) or "?"}; '
+            f'evaluated {datetime.date.today().isoformat()}. {render.compute_line(s.compute)} Figures and the full '
+            'table: [report.md](report.md).\n')
+  return render.claims_markdown(s.claims, s.noise, s.fits, header, s.families, s.speedup, s.lr)
+
+
+def write_claims(s: Study, out: str) -> str:
+  """Writes OUT/claims.md, OUT/report.md and the figures of a `Study`; returns the claims Markdown."""
+  text = claims_page(s)
+  write_report(s.root, out, extra=text.split('\n', 2)[2], figure_rows=lambda _: s.families['all'],
+               figure_note='Figures show the default-design MoE grid points (as the fits); the table has every run.',
+               gathered=s.gathered, grids=s.grids, noise=s.noise['noise'])
+  files.atomic_write(os.path.join(out, 'claims.md'), text)
+  return text
+
+
+def run(root: str, scale: str, out: str, bootstrap: int = 100, fit_starts: int = 32, loo: bool = True) -> str:
+  """`study` then `write_claims`: what `python -m moejax.claims` does; returns the claims Markdown."""
+  return write_claims(study(root, scale, bootstrap, fit_starts, loo), out)
+
+
+def write_report(root: str, out: str, extra: str = '', figure_rows=None, figure_note: str = '',
+                 gathered: results.Gathered | None = None, grids: dict | None = None, noise=None) -> str:
+  """Writes OUT/report.md (figures, then `extra` Markdown, then the table); returns its path.
+
+  `figure_rows(rows)` may select the rows the figures show (default: all); `figure_note` says which.
+  `gathered` saves reading ROOT again when the caller already has it. `grids` ({grid id: rows})
+  adds one figure per grid (`figures.grid_figure`) with intervals from `noise` (a `statistics.Noise`).
+  """
+  gathered = gathered or results.gather(root)
+  if not gathered.records:
+    raise DataError(f'no complete result.json under {root}; nothing to report')
+  rows, varied = results.table(gathered.records)
+  shown = figure_rows(rows) if figure_rows else rows
+  try:
+    os.makedirs(out, exist_ok=True)
+    for key, label, name in figures.PLOTS:
+      figures.plot(shown or rows, key, label, os.path.join(out, name))
+    drawn = []
+    for grid, points in (grids or {}).items():
+      present = [p for p in points if p is not None]
+      if present:
+        figures.grid_figure(grid, present, noise, os.path.join(out, f'grid_{grid}.png'))
+        drawn.append(grid)
+  except OSError as e:
+    raise WorkdirError(f'cannot write the report under {out}: {e.strerror or e}') from None
+  path = os.path.join(out, 'report.md')
+  files.atomic_write(path, render.report_page(root, rows, varied, gathered, drawn, extra, figure_note))
+  return path

@@ -1,0 +1,112 @@
+"""Rows beside the claims: the effective speedup over dense, the learning-rate sweep, the compute spent, and
+each claim's side in the literature. Rendered by `moejax.studies.render`."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from moejax.studies.verdicts import Claim
+
+
+def tokens_to_reach(curve: list[dict], target: float) -> tuple[float | None, str]:
+  """Tokens at which a decay curve reaches loss `target` (log-linear interpolation between its points).
+
+  Returns (tokens, '') inside the curve, (first tokens, '<') if its first point is already below,
+  (None, '>') if it never gets there.
+  """
+  pts = [(p['tokens'], p['loss']) for p in curve if p.get('tokens') and p.get('loss') is not None]
+  if not pts:
+    return None, '>'
+  if pts[0][1] <= target:
+    return float(pts[0][0]), '<'
+  for (t0, l0), (t1, l1) in zip(pts, pts[1:]):
+    if l1 <= target < l0:
+      frac = (l0 - target) / (l0 - l1)
+      return float(math.exp(math.log(t0) + frac * (math.log(t1) - math.log(t0)))), ''
+  return None, '>'
+
+
+def speedup_rows(g: dict) -> dict | None:
+  """Effective speedup of each B1 MoE over the dense baseline: dense's tokens / the MoE's tokens to reach dense's
+  loss. {'dense': row, 'tokens': dense tokens, 'loss': dense loss, 'rows': [{'row', 'tokens', 'where', 'speedup'}]}
+  ('where': '' inside the curve, '<' already below at its first point, '>' never reached); None without B1 curves."""
+  b1 = g.get('B1') or []
+  if len(b1) < 2 or b1[0] is None or not b1[0].get('decay_curve'):
+    return None
+  dense = b1[0]
+  d_tokens, d_loss = dense['decay_curve'][-1]['tokens'], dense['decay_curve'][-1]['loss']
+  out = []
+  for r in b1[1:]:
+    if r is None or not r.get('decay_curve'):
+      continue
+    tokens, where = tokens_to_reach(r['decay_curve'], d_loss)
+    out.append({'row': r, 'tokens': tokens, 'where': where, 'speedup': None if tokens is None else d_tokens / tokens})
+  return {'dense': dense, 'tokens': d_tokens, 'loss': d_loss, 'rows': out}
+
+
+def lr_rows(g: dict) -> tuple[list[float], list[dict]]:
+  """The learning-rate sweep (grid LR): (every rate, [{'anchor', 'n_total', 'losses': {rate: seed-0 loss}, 'best',
+  'vertex'}]); 'vertex' is the vertex of a parabola in log2(rate) through the best point and its neighbours (only
+  when the best is interior: a bracketed optimum; else None and 'bracketed' False)."""
+  anchors: dict[str, list[dict]] = {}
+  for r in g.get('LR') or []:
+    if r is not None:
+      anchors.setdefault(r['name'].split('-lr')[0].split('-seed')[0], []).append(r)
+  seed0 = lambda r: (r.get('seed_losses') or {}).get('0/0', r['loss_mean'])  # every column at seed 0
+  rates = sorted({r['peak_learning_rate'] for rs in anchors.values() for r in rs})
+  out = []
+  for name, rs in anchors.items():
+    by_rate = {r['peak_learning_rate']: seed0(r) for r in rs}
+    best = min(by_rate, key=by_rate.get)
+    known = sorted(by_rate)
+    i = known.index(best)
+    vertex, bracketed = None, 0 < i < len(known) - 1
+    if bracketed:  # three points around an interior minimum
+      x = np.log2(known[i - 1:i + 2])
+      a, b, _ = np.polyfit(x, [by_rate[k] for k in known[i - 1:i + 2]], 2)
+      vertex = float(2 ** (-b / (2 * a))) if a > 0 else None
+    out.append({'anchor': name, 'n_total': rs[0]['n_total'], 'losses': by_rate, 'best': best, 'vertex': vertex,
+                'bracketed': bracketed})
+  return rates, out
+
+
+def compute_summary(rows: list[dict]) -> dict:
+  """The measured compute of everything under the root: {'runs', 'wall_h', 'flops'}."""
+  return {'runs': sum(r['seeds'] for r in rows), 'wall_h': sum(r.get('wall_s') or 0.0 for r in rows) / 3600,
+          'flops': sum((r.get('flops_per_token') or 0) * (r.get('tokens') or 0) * r['seeds'] for r in rows)}
+
+
+# The literature's side of each claim ([R]: from SCIENCE.md's reading of the sources, not re-checked here).
+LITERATURE = {
+    'C-A1': ('holds (their main finding)', 'n/a (fixes N_active)', '-', '-', 'n/a (fixes E_K)'),
+    'C-A2': ('holds, small (more experts shrink depth and width)', '-', '-', '-', '-'),
+    'C-A2b': ('fewer experts ("minimize n_exp")', 'best d_exp set by N_active', 'finer experts help',
+              'finer segmentation helps', 'finer helps up to G_K ≈ 8-16'),
+    'C-A3': ('κ < 1 (loss = f(N_total, s))', 'κ < 1 (total helps at fixed active)', '-', '-',
+             'law in N_active and G only'),
+    'C-A4': ('their ranking', '-', '-', '-', '-'),
+    'C-B1': ('implied (N_total drives loss)', 'holds to active-expert ratio 128', '-', '-', '-'),
+    'prior': ('-', 'holds', 'holds', 'holds', 'holds at almost any budget'),
+    'C-B2': ('-', 'holds (optimum set by N_active)', '-', '-', 'optimal G grows with compute'),
+    'C-B2a': ('-', 'holds', '-', '-', 'holds (optimal G moves with compute)'),
+    'C-B3': ('-', 'small effect', 'no gain from a shared expert', 'shared experts help', '-'),
+    'C-B4': ('-', 'small effect', '-', '-', '-'),
+    'C-B5': ('-', 'small effect', 'LB loss matters', 'aux-free bias beats aux loss', '-'),
+    'C-B5n': ('-', '-', 'no LB: routing collapses', '-', '-'),
+    'C-B6': ('-', 'dropless gives a consistent gain', 'dropless', 'no token dropping (V3)', '-'),
+}
+LITERATURE_COLUMNS = ('paper A', 'paper B', 'OLMoE', 'DeepSeekMoE', 'Krajewski et al.')
+
+
+def literature_rows(claims: list[Claim]) -> list[dict]:
+  """[{'id', 'sides': the LITERATURE_COLUMNS' sides, 'ours': [verdicts]}], one per claim id in order."""
+  out, seen = [], set()
+  for c in claims:
+    if c.id in seen:
+      continue
+    seen.add(c.id)
+    ours = [x.verdict + (f' ({x.detail.split(" ")[0]})' if x.id == 'C-B5' else '') for x in claims if x.id == c.id]
+    out.append({'id': c.id, 'sides': LITERATURE.get(c.id, ('-',) * len(LITERATURE_COLUMNS)), 'ours': ours})
+  return out

@@ -1,0 +1,140 @@
+"""A claim's evaluation (`Claim`, a row) and the generic verdict rules: directional, trend and small-effect.
+
+  holds          directional claims: the interval excludes zero on the expected side and
+                 every step of the series goes that way; small-effect claims: an
+                 equivalence test, the 90% interval lies inside +-T (TOST at 5%);
+  contradicted   the interval excludes zero on the other side and every step goes that
+                 way (small effects: |difference| minus the 95% half-width exceeds T);
+  inconclusive   otherwise, or the runs are missing, or the noise estimate has fewer than
+                 MIN_DOF = 6 degrees of freedom.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from moejax.studies.statistics import ALPHA, t_sf, trend_test
+
+@dataclasses.dataclass
+class Claim:
+  """One claim's evaluation."""
+  id: str
+  statement: str
+  expected: str
+  measured: str
+  interval: str
+  verdict: str
+  detail: str = ''
+  p: float | None = None  # one-sided p-value of the decided direction (TOST: the larger of its two)
+  alpha: float = ALPHA  # the level its verdict is decided at (TOST: 5% per one-sided test)
+  flags: list[str] = dataclasses.field(default_factory=list)
+  needs: str = ''  # what would decide an inconclusive verdict at this scale
+
+
+def fmt_delta(delta, hw):
+  return f'{delta:+.4f}', ('-' if hw is None else f'[{delta - hw:+.4f}, {delta + hw:+.4f}]')
+
+
+def direction(delta, hw, sign):
+  """Verdict for 'delta has sign `sign`' (+1: positive expected)."""
+  if hw is None:
+    return 'inconclusive'
+  if sign * delta - hw > 0:
+    return 'holds'
+  if sign * delta + hw < 0:
+    return 'contradicted'
+  return 'inconclusive'
+
+
+def p_direction(delta, se, dof, sign) -> float | None:
+  """One-sided p-value that delta has sign `sign` (None without noise)."""
+  return None if se is None or se == 0 else t_sf(sign * delta / se, dof)
+
+
+def missing(cid, statement, expected, grid):
+  return Claim(cid, statement, expected, '-', '-', 'inconclusive', f'runs of grid {grid} are missing')
+
+
+def ordered(points, key):
+  return sorted(points, key=lambda r: r[key])
+
+
+def trend_verdict(pts, sign, noise):
+  """(verdict, delta, hw, monotone, p) of an ordered series: a regression-slope t-test over the series' positions
+  (`statistics.trend_test`) decides; delta and hw are the end-to-end difference and its 95% half-width; monotone
+  (every step the same way) is reported, not tested; p is the one-sided p-value of the decided direction."""
+  delta = pts[-1]['loss_mean'] - pts[0]['loss_mean']
+  hw = noise.for_pair(pts[0], pts[-1]).half_width(pts[0], pts[-1])
+  steps = [b['loss_mean'] - a['loss_mean'] for a, b in zip(pts, pts[1:])]
+  series = noise.for_pair(*pts)
+  test = trend_test([p['loss_mean'] for p in pts], [p['seeds'] for p in pts], series)
+  if test is None or test[1] == 0:
+    return 'inconclusive', delta, hw, all(x * sign > 0 for x in steps), None
+  t = test[0] / test[1]
+  p_exp, p_opp = t_sf(sign * t, series.dof), t_sf(-sign * t, series.dof)
+  verdict = 'holds' if p_exp < ALPHA else 'contradicted' if p_opp < ALPHA else 'inconclusive'
+  decided = -sign if verdict == 'contradicted' else sign
+  return verdict, delta, hw, all(x * decided > 0 for x in steps), (p_opp if verdict == 'contradicted' else p_exp)
+
+
+def trend_claim(cid, statement, expected, grid, points, key, sign, noise, note=''):
+  """A trend claim. A verdict that changes when any single point is dropped rests on that point and is reported
+  inconclusive (flagged), never decided on one point."""
+  if not points or any(p is None for p in points):
+    return missing(cid, statement, expected, grid)
+  pts = ordered(points, key)
+  verdict, delta, hw, monotone, p = trend_verdict(pts, sign, noise)
+  series = ', '.join(f'{key}={x[key]:g}: {x["loss_mean"]:.4f}' for x in pts)
+  measured, interval = fmt_delta(delta, hw)
+  c = Claim(cid, statement, expected, measured, interval, verdict,
+            f'{series}; slope test over {len(pts)} points; {"monotone" if monotone else "not monotone"}'
+            + (f'; {note}' if note else ''), p=p)
+  if verdict != 'inconclusive' and len(pts) >= 3:  # does the verdict rest on a single point?
+    hinges = [x['name'] for i, x in enumerate(pts) if trend_verdict(pts[:i] + pts[i + 1:], sign, noise)[0] != verdict]
+    if hinges:
+      c.flags.append(f'{verdict} only with ' + ', '.join(hinges) + ': rests on one point, so inconclusive')
+      c.verdict = 'inconclusive'
+  if c.verdict == 'inconclusive':
+    c.needs = needs_direction(delta, noise.for_pair(pts[0], pts[-1]), monotone)
+  return c
+
+
+def needs_direction(delta, noise, monotone=True) -> str:
+  n = noise.seeds_to_resolve(delta)
+  if n is None:
+    return 'a noise estimate with >= 6 degrees of freedom'
+  text = f'≈ {n} seeds per point for 80% power if the end-to-end difference is as measured'
+  return text + ('' if monotone else ', and a series whose every step agrees (it is not monotone now)')
+
+
+def small_effect(cid, grid, statement, center, variant, threshold, noise, extra=''):
+  if center is None or variant is None:
+    return missing(cid, statement, 'abs(Δ) < T', grid)
+  delta = variant['loss_mean'] - center['loss_mean']
+  noise = noise.for_pair(center, variant)
+  hw = noise.half_width(center, variant)
+  hw90 = noise.half_width(center, variant, level=0.90)  # TOST at 5%: both one-sided tests = the 90% interval
+  se, p = noise.se(center, variant), None
+  if threshold is None or hw is None:
+    verdict = 'inconclusive'
+  elif abs(delta) + hw90 < threshold:
+    verdict = 'holds'  # equivalent within the margin T
+  elif abs(delta) - hw > threshold:
+    verdict = 'contradicted'
+  else:
+    verdict = 'inconclusive'
+  if se and threshold is not None:
+    p = (max(t_sf((delta + threshold) / se, noise.dof), t_sf((threshold - delta) / se, noise.dof))
+         if verdict != 'contradicted' else t_sf((abs(delta) - threshold) / se, noise.dof))
+  measured, interval = fmt_delta(delta, hw)
+  t = '-' if threshold is None else f'{threshold:.4f}'
+  c = Claim(cid, statement, f'abs(Δ) < T = {t}', measured, interval, verdict,
+            f'{variant["name"]} {variant["loss_mean"]:.4f} vs {center["name"]} {center["loss_mean"]:.4f}' + extra, p=p,
+            alpha=0.05 if verdict != 'contradicted' else ALPHA)
+  if verdict == 'inconclusive' and threshold is not None and noise.usable:
+    if abs(delta) < threshold:
+      n = noise.seeds_to_resolve(delta, threshold, level=0.90)
+      c.needs = f'≈ {n} seeds per point to show equivalence if Δ is as measured'
+    else:
+      c.needs = f'≈ {noise.seeds_to_resolve(delta, threshold)} seeds per point to show |Δ| > T if Δ is as measured'
+  return c

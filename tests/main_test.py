@@ -7,13 +7,14 @@ import sys
 
 import pytest
 
-from moejax import config as config_lib, main as main_lib
+from moejax import config as config_lib
+from moejax.train import run as run_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_execute_writes_complete_result_record(tiny_cfg, tmp_path):
-  record = main_lib.execute(config_lib.apply_overrides(tiny_cfg, {'train.steps': 2}), str(tmp_path))
+  record = run_lib.execute(config_lib.apply_overrides(tiny_cfg, {'train.steps': 2}), str(tmp_path))
   on_disk = json.loads((tmp_path / 'result.json').read_text())
   assert on_disk == json.loads(json.dumps(record))
   for key in ('n_total', 'n_active', 'n_total_nonembed', 'n_active_nonembed', 'sparsity', 'flops_per_token'):

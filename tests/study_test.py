@@ -273,7 +273,7 @@ def test_a_signal_stops_the_whole_sweep(tiny_cfg, tmp_path, monkeypatch, error):
     ran.append(cfg.name)
     raise error('stop')
 
-  monkeypatch.setattr(sweep.main_lib, 'execute', execute)
+  monkeypatch.setattr(sweep.run_lib, 'execute', execute)
   with pytest.raises(error):
     sweep.run_points(resolved, str(tmp_path))
   assert ran == ['a'] and not (tmp_path / 'a' / 'failed.json').exists()  # before: recorded as failed, then b ran

@@ -32,7 +32,8 @@ import re
 import shlex
 import time
 
-from moejax import config as config_lib, files, main as main_lib
+from moejax import config as config_lib, files
+from moejax.train import run as run_lib
 from moejax.model import accounting
 from moejax.studies import render, results
 from moejax.errors import ConfigError, Interrupted, MoejaxError, Preempted
@@ -102,7 +103,7 @@ def run_points(resolved: list[tuple[str, object]], root: str, only: int | None =
       continue
     t0 = time.time()
     try:
-      record = main_lib.execute(cfg, workdir)
+      record = run_lib.execute(cfg, workdir)
     except (Preempted, Interrupted):
       raise  # SIGTERM / Ctrl-C stop the whole sweep (the point saved a checkpoint; rerunning resumes it)
     except MoejaxError as e:

@@ -27,6 +27,8 @@ from moejax.studies import design
 # Budgets (in parameters, embeddings included) and search grids of A4 per scale.
 A4 = {
     'tiny': dict(memory=6e5, active=2e5, layers=[1, 2, 3, 4], widths=list(range(32, 257, 16)), head_dim=16),
+    'tiny2': dict(memory=6e5, active=2e5, layers=[1, 2, 3, 4], widths=list(range(32, 257, 16)), head_dim=16,
+                  bucket_on='n_total_nonembed'),
     'gpu': dict(memory=3e7, active=6e6, layers=[2, 3, 4, 6, 8], widths=list(range(128, 577, 32)), head_dim=64),
     'paper': dict(memory=1.6e9, active=3e8, layers=[8, 12, 16, 24, 32], widths=list(range(512, 2049, 128)),
                   head_dim=128),
@@ -45,7 +47,7 @@ def check_arg(arg):
 
 def designs(scale):
   """{grid id: [point overrides at seed 0]}: one entry per configuration."""
-  if scale == 'tiny':
+  if scale.startswith('tiny'):
     return {
         'A1': [point(32, k, 32) for k in (16, 8, 4, 2)],
         # N_total 703.6K, 684.9K, 691.7K (embeddings included; test: papers_test)
@@ -71,7 +73,7 @@ def a4_points(scale):
                                    experts=[1] + [2**i for i in range(1, 8)], shared=[0], aspect_range=(8, 256),
                                    min_topk=2)
   result = design.search(space, design.Budget(b['memory'], b['active'], None, bytes_per_param=1.0))
-  n_total = result.designs['n_total']
+  n_total = result.designs[b.get('bucket_on', 'n_total')]  # tiny2: the bucket leaves the tied embedding out
   bucket = np.flatnonzero(np.abs(n_total - n_total[0]) <= A4_BUCKET * n_total[0])[1:]
   picks = np.random.default_rng(0).choice(bucket, min(A4_RANDOM, len(bucket)), replace=False)
   out = []
@@ -83,12 +85,12 @@ def a4_points(scale):
   return out
 
 
-def grids(scale):
-  """{grid id: [point overrides]} at `scale`: every design at the scale's seeds."""
-  return {g: papers.seeded(pts, scale) for g, pts in designs(scale).items()}
+def grids(scale, names=None):
+  """{grid id: [point overrides]} at `scale` (only `names` if given): every design at the scale's seeds."""
+  return {g: papers.seeded(pts, scale) for g, pts in designs(scale).items() if names is None or g in names}
 
 
 def get_sweep(arg=None):
   """The selected grids' points, deduplicated."""
   scale, _ = papers.parse_arg(arg)
-  return papers.sweep_of(grids(scale), arg)
+  return papers.sweep_of(grids(scale, papers.selected(arg, GRIDS)), arg)

@@ -37,7 +37,7 @@ def check_arg(arg):
 
 def designs(scale):
   """{grid id: [point overrides at seed 0]}: one entry per configuration."""
-  if scale == 'tiny':
+  if scale.startswith('tiny'):
     d, k, f = 64, 2, 64
     center = point(32, k, f)  # B1 at s = 16: the reference of B4-B6
     b2 = lambda s, dd, ks: [point(s * kk, kk, 3 * dd // kk, d=dd if dd != d else None) for kk in ks]
@@ -68,16 +68,19 @@ def designs(scale):
                point(E, k, f, tag='lb_none', **{'moe.load_balancing': 'none'})]
   out['B6'] = [point(E, k, f, tag=f'cf{cf:g}', **{'moe.train_capacity_factor': cf}) for cf in (0.5, 1.0, 1.25)] + [center]
   anchors = [out['B1'][0], center, out['B1'][-1], out['B2'][-1]]
-  out = {'LR': [q for p in anchors for q in lr_points(p, scale)], **out}
+  lr_grid = papers.lr_anchor_points(scale) if scale in papers.LR_ANCHORS else [q for p in anchors for q in lr_points(p, scale)]
+  out = {'LR': lr_grid, **out}
   return out
 
 
-def grids(scale):
-  """{grid id: [point overrides]} at `scale`: every design at the scale's seeds (LR: seed 0 only)."""
-  return {g: (pts if g == 'LR' else papers.seeded(pts, scale)) for g, pts in designs(scale).items()}
+def grids(scale, names=None):
+  """{grid id: [point overrides]} at `scale` (only `names` if given): every design at the scale's seeds
+  (LR: seed 0 only)."""
+  return {g: (pts if g == 'LR' else papers.seeded(pts, scale)) for g, pts in designs(scale).items()
+          if names is None or g in names}
 
 
 def get_sweep(arg=None):
   """The selected grids' points, deduplicated."""
   scale, _ = papers.parse_arg(arg)
-  return papers.sweep_of(grids(scale), arg)
+  return papers.sweep_of(grids(scale, papers.selected(arg, GRIDS)), arg)

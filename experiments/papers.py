@@ -19,6 +19,9 @@ The protocol (docs/reproducing-the-papers.md says why each rule is there):
 
 Scales:
   tiny   2-core CPU: d=64, L=2, 500 steps of 32x128 tokens (2.05M tokens per run), 2 seeds.
+  tiny2  the tiny scale under the repaired protocol: heads at head_dim 16, 1500 steps (6.1M
+         tokens), 10% warmup, held-out scores every 150 steps, a rate per width and top-k
+         (LR_RULE, from grid LR), sequence balancing at 1e-4 (DeepSeek-V3).
   gpu    one H100: d=256, L=4, bfloat16, on a FineWeb-Edu token store (8k BPE); sized in
          docs/reproducing-the-papers.md.
   paper  a cluster plan near the studies' scale: d=1024, L=16, 20k steps of 256x2048 tokens.
@@ -42,6 +45,12 @@ SCALES = {
     'tiny': dict(model_dim=64, num_layers=2, num_heads=2, seq_len=128, batch_size=32, steps=500,
                  heldout_bytes=131072, seeds=2, compute_dtype='float32', source='stdlib', tokenizer='bytes',
                  vocab_size=None),
+    # The tiny scale under the repaired protocol (docs/reproducing-the-papers.md, "The tiny2 protocol"):
+    # heads grow with width at head_dim 16, 3x the tokens, warmup 10%, held-out score every 10%,
+    # a learning rate per width and top-k (LR_RULE), sequence balancing at DeepSeek-V3's 1e-4.
+    'tiny2': dict(model_dim=64, num_layers=2, num_heads=4, head_dim=16, seq_len=128, batch_size=32, steps=1500,
+                  heldout_bytes=131072, seeds=2, compute_dtype='float32', source='stdlib', tokenizer='bytes',
+                  vocab_size=None, warmup_fraction=0.1, eval_every_steps=150, sequence_aux_coef=1e-4),
     'gpu': dict(model_dim=256, num_layers=4, num_heads=4, seq_len=256, batch_size=64, steps=1000,
                 heldout_bytes=1 << 20, seeds=2, compute_dtype='bfloat16', source='store:~/moejax-data/fineweb-edu-bpe8k',
                 tokenizer='train:bpe:8192', vocab_size=8192),
@@ -63,12 +72,23 @@ LR = {
     # 0.008 nats (one seed each) of the best for the fine-grained one: one constant rate.
     'tiny': dict(rule='constant', peak=4e-3, sweep=(1e-3, 2e-3, 4e-3, 8e-3),
                  evidence='grid LR: 4e-3 best for dense, E32, E128 (k=2); e64k8f24 0.008 better at 8e-3'),
+    # tiny2: a rate per (width, top-k), LR_RULE below, from grid LR at d in {64, 96, 144} x k in {2, 8}.
+    'tiny2': dict(rule='per_width_topk', peak=4e-3, sweep=(2e-3, 4e-3, 8e-3, 1.6e-2),
+                  evidence='pending: grid LR of paper_b.py:tiny2,LR (its finished points are in docs/results/tiny2/runs)'),
     'gpu': dict(rule='constant', peak=2e-3, sweep=(1e-3, 2e-3, 4e-3),
                 evidence='not measured: run grid LR first (paper_b.py:gpu,LR)'),
     'paper': dict(rule='constant', peak=1e-3, sweep=(5e-4, 1e-3, 2e-3),
                   evidence='not measured: run grid LR first (paper_b.py:paper,LR)'),
 }
 TIER1 = ('B1', 'B2', 'A1', 'A2a', 'B6')
+# tiny2's rule: peak rate by (model width, top-k class), read off grid LR (seed 0) at the anchor
+# widths 64, 96, 144 and k in {2, 8}; a width between anchors takes the rate of log-linear
+# interpolation in log width, k <= 4 the k=2 rates, k > 4 the k=8 rates. None = not yet measured:
+# the grids refuse to run until grid LR has filled it (`lr_for`).
+LR_RULE = {
+    'tiny2': {2: {64: None, 96: None, 144: None}, 8: {64: None, 96: None, 144: None}},
+}
+LR_ANCHORS = {'tiny2': dict(widths=(64, 96, 144), topks=(2, 8))}
 
 
 def parse_arg(arg):
@@ -110,7 +130,14 @@ def get_config(arg=None):
   c.train.batch_size = s['batch_size']
   c.optim.peak_learning_rate = LR[scale]['peak']
   c.checkpoint.every_steps = max(s['steps'] // 4, 1)
-  return config_lib.apply_overrides(c, SCHEDULE)
+  schedule = dict(SCHEDULE)
+  if 'head_dim' in s:
+    c.model.head_dim = s['head_dim']
+  if 'warmup_fraction' in s:
+    schedule['optim.warmup_fraction'] = s['warmup_fraction']
+  if 'eval_every_steps' in s:
+    c.eval.every_steps = s['eval_every_steps']
+  return config_lib.apply_overrides(c, schedule)
 
 
 def gates(k):
@@ -149,8 +176,56 @@ def seeds(p, n):
 
 
 def seeded(points, scale):
-  """Every point of `points` at the scale's seeds."""
-  return [q for p in points for q in seeds(p, SCALES[scale]['seeds'])]
+  """Every point of `points` at the scale's seeds (with the scale's per-point protocol, `protocol`)."""
+  return [q for p in points for q in seeds(protocol(p, scale), SCALES[scale]['seeds'])]
+
+
+def protocol(p: dict, scale: str) -> dict:
+  """A point with its scale's per-point rules: heads at a fixed head_dim (tiny2), the learning rate
+  of LR_RULE, and sequence-wise balancing at the literature's coefficient (DeepSeek-V3: 1e-4)."""
+  s = SCALES[scale]
+  if 'head_dim' not in s:
+    return p
+  d = p.get('model.model_dim', s['model_dim'])
+  if d % s['head_dim']:
+    raise ConfigError(f'{p.get("name")}: width {d} is not a multiple of head_dim {s["head_dim"]}')
+  out = dict(p, **{'model.num_heads': d // s['head_dim'], 'model.num_kv_heads': d // s['head_dim']})
+  if 'optim.peak_learning_rate' not in p:
+    out['optim.peak_learning_rate'] = lr_for(scale, d, p.get('moe.experts_per_token') or 2)
+  if p.get('moe.load_balancing') == 'sequence':
+    out['moe.aux_loss_coef'] = s['sequence_aux_coef']
+  return out
+
+
+def lr_for(scale: str, width: int, topk: int) -> float:
+  """The rate LR_RULE gives a (width, top-k) point: log-linear in log width between the anchors."""
+  import math  # pylint: disable=import-outside-toplevel
+  table = LR_RULE[scale][2 if topk <= 4 else 8]
+  if any(v is None for v in table.values()):
+    raise ConfigError(f'{scale}: the learning-rate rule is not measured yet; run grid LR first '
+                      f'(python -m moejax.sweep --config=experiments/paper_b.py:{scale},LR) and fill papers.LR_RULE')
+  widths = sorted(table)
+  w = min(max(width, widths[0]), widths[-1])
+  hi = next(x for x in widths if x >= w)
+  lo = max(x for x in widths if x <= w)
+  if hi == lo:
+    return table[lo]
+  t = (math.log(w) - math.log(lo)) / (math.log(hi) - math.log(lo))
+  return float(math.exp((1 - t) * math.log(table[lo]) + t * math.log(table[hi])))
+
+
+def lr_anchor_points(scale: str) -> list[dict]:
+  """tiny2's grid LR: an MoE of the B1 centre's shape at each anchor width and k, at each swept rate (seed 0)."""
+  a, s = LR_ANCHORS[scale], SCALES[scale]
+  out = []
+  for d in a['widths']:
+    for k in a['topks']:
+      f = 128 // k  # active expert width k * f = 128 at every k, as B1's centre (k=2, f=64)
+      base_point = point(32 * k // 2, k, f, d=d if d != s['model_dim'] else None)
+      for lr in LR[scale]['sweep']:
+        q = protocol(dict(base_point, **{'optim.peak_learning_rate': lr}), scale)
+        out.append(dict(q, name=q['name'] + f'-lr{lr:g}'))
+  return out
 
 
 def lr_points(p, scale):
@@ -159,15 +234,20 @@ def lr_points(p, scale):
           for lr in LR[scale]['sweep']]
 
 
+def selected(arg, grid_names) -> list[str]:
+  """The grid ids an argument selects: the named ones, every one ('all'), or the tier-1 ones."""
+  _, chosen = parse_arg(arg)
+  names = list(grid_names) if chosen == 'all' else (chosen or [g for g in TIER1 if g in grid_names])
+  unknown = [g for g in names if g not in grid_names]
+  if unknown:
+    raise ConfigError(f'unknown grids {unknown}; this file has {sorted(grid_names)}')
+  return names
+
+
 def sweep_of(grids, arg):
   """The deduplicated points of the selected grids (a point shared by two grids runs once)."""
-  _, chosen = parse_arg(arg)
-  names = list(grids) if chosen == 'all' else (chosen or [g for g in TIER1 if g in grids])
-  unknown = [g for g in names if g not in grids]
-  if unknown:
-    raise ConfigError(f'unknown grids {unknown}; this file has {sorted(grids)}')
   out, seen = [], set()
-  for g in names:
+  for g in selected(arg, list(grids)):
     for p in grids[g]:
       if p['name'] not in seen:
         seen.add(p['name'])
@@ -194,4 +274,4 @@ def noise_class(p: dict) -> str:
 # tiny: 0.02 = half the dense-to-MoE gap (s = 4 vs its active-matched dense model: 0.043 nats) measured in the
 # 2026-12 tiny pilot (docs/results/tiny, grid B1), rounded; the B3-B5 points it judges are other configurations.
 # gpu, paper: no pilot yet (None): their equivalence claims stay inconclusive until a pilot fixes T.
-EQUIVALENCE_MARGIN = {'tiny': 0.02, 'gpu': None, 'paper': None}
+EQUIVALENCE_MARGIN = {'tiny': 0.02, 'tiny2': 0.02, 'gpu': None, 'paper': None}

@@ -1,5 +1,6 @@
 """The paper grids: every point at every scale validates, and the grids compare what they claim to."""
 
+import math
 import os
 
 import pytest
@@ -102,3 +103,32 @@ def test_top1_points_are_refused():
   papers = config_lib.load_module(os.path.join(ROOT, 'experiments', 'papers.py'))
   with pytest.raises(ConfigError, match='top-1'):
     papers.point(8, 1, 64)
+
+
+def test_tiny2_protocol_grows_heads_with_width_and_sweeps_rates_per_width_and_topk():
+  from experiments import paper_b, papers  # pylint: disable=import-outside-toplevel
+  points = paper_b.get_sweep('tiny2,LR')
+  assert len(points) == 3 * 2 * 4  # widths x top-k x rates, seed 0
+  for p in points:
+    cfg = config_lib.validate(config_lib.apply_overrides(paper_b.get_config('tiny2'), p))
+    assert cfg.model.head_dim == 16 and cfg.model.num_heads * 16 == cfg.model.model_dim
+    assert cfg.optim.warmup_fraction == 0.1 and cfg.eval.every_steps == 150 and cfg.train.steps == 1500
+  assert {(p.get('model.model_dim', 64), p['moe.experts_per_token']) for p in points} == {
+      (d, k) for d in (64, 96, 144) for k in (2, 8)}
+  with pytest.raises(ConfigError, match='learning-rate rule is not measured yet'):
+    paper_b.get_sweep('tiny2,B1')
+
+
+def test_tiny2_rate_rule_interpolates_log_linearly_in_width(monkeypatch):
+  from experiments import papers  # pylint: disable=import-outside-toplevel
+  monkeypatch.setitem(papers.LR_RULE, 'tiny2', {2: {64: 8e-3, 96: 4e-3, 144: 2e-3}, 8: {64: 1.6e-2, 96: 8e-3, 144: 4e-3}})
+  assert papers.lr_for('tiny2', 64, 2) == 8e-3 and papers.lr_for('tiny2', 144, 8) == 4e-3
+  assert papers.lr_for('tiny2', 80, 2) == pytest.approx(8e-3 * (4e-3 / 8e-3) ** (math.log(80 / 64) / math.log(96 / 64)))
+  assert papers.lr_for('tiny2', 300, 3) == 2e-3  # beyond the anchors: the nearest anchor's rate; k <= 4: k=2's
+  p = papers.protocol({'name': 'x', 'moe.load_balancing': 'sequence', 'moe.experts_per_token': 2}, 'tiny2')
+  assert p['moe.aux_loss_coef'] == 1e-4 and p['model.num_heads'] == 4
+
+
+def test_tiny_grids_keep_their_points():
+  from experiments import paper_a, paper_b  # pylint: disable=import-outside-toplevel
+  assert len(paper_b.get_sweep('tiny,all')) == 64 and len(paper_a.get_sweep('tiny,all')) == 32

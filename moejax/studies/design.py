@@ -169,7 +169,7 @@ def enumerate_designs(space: Space) -> dict[str, np.ndarray]:
   active_matmul = active_nonembed - d - L * norms + V * d
   flops = 2 * active_matmul + 4 * L * h * dh * space.seq_len  # (as moejax.model.accounting: no causal halving)
   return {'layers': L, 'width': d, 'heads': h, 'kv_heads': hkv, 'expert_hidden': f, 'granularity': g,
-          'experts': e, 'topk': k, 'shared': sh, 'n_total': total_nonembed + embed,
+          'experts': e, 'topk': k, 'shared': sh, 'n_total': total_nonembed + embed, 'n_total_nonembed': total_nonembed,
           'n_active': active_nonembed + embed, 'flops': flops}
 
 

@@ -8,8 +8,11 @@ held-out set and writes WORKDIR/result.json. --mode=eval only scores the latest 
 --mode=compile lowers and compiles the train step for the configured mesh, without
 allocating the model or reading data, and prints its per-device memory and whether it fits
 in --device_memory (default: what the device reports); exit 1 when it does not fit. No
---workdir needed. On a CPU machine, fake the target's device count with
-XLA_FLAGS=--xla_force_host_platform_device_count=N (docs/scaling-out.md).
+--workdir needed. --target=tpu:v5p-8 (or gpu:h100x8, ...; moejax/parallel/targets.py) compiles
+for that TPU slice or GPU node with its real compiler on this machine (needs the
+tpu-compile or gpu-compile extra) and checks against its device memory; without a target,
+fake the device count on CPU with XLA_FLAGS=--xla_force_host_platform_device_count=N
+(docs/scaling-out.md).
 Any bad input ends with one line `moejax: error: ...` on stderr and a non-zero exit.
 """
 
@@ -69,9 +72,16 @@ def _gb(n: float) -> str:
   return f'{n / 1e9:.3f} GB'
 
 
-def compile_check(cfg, device_memory: str | None) -> int:
+def compile_check(cfg, device_memory: str | None, target_name: str | None = None) -> int:
   """--mode=compile: prints the memory report; returns the exit code (0 fits or unknown, 1 does not fit)."""
   config_lib.validate(cfg)
+  target = None
+  if target_name:
+    import os  # pylint: disable=import-outside-toplevel
+    from moejax.parallel import targets  # pylint: disable=import-outside-toplevel
+    target = targets.parse(target_name)
+    targets.check_installed(target.platform)
+    os.environ.setdefault('JAX_PLATFORMS', 'cpu')  # the target's compiler runs here; no accelerator is probed
   import jax  # pylint: disable=import-outside-toplevel
   from moejax import distributed, train  # pylint: disable=import-outside-toplevel
   distributed.initialize(cfg.distributed)
@@ -80,12 +90,15 @@ def compile_check(cfg, device_memory: str | None) -> int:
     limit, is_bytes = cli.parse_amount(device_memory)
     if not is_bytes:
       raise ConfigError(f'--device_memory={device_memory} needs a unit, e.g. 80GB or 16GiB')
-  r = train.compile_step(cfg)
+  r = train.compile_step(cfg, target)
+  if limit is None and target is not None:
+    limit = target.device_memory_bytes
   if limit is None:
     stats = getattr(jax.devices()[0], 'memory_stats', lambda: None)() or {}
     limit = stats.get('bytes_limit')
-  print(f'{cfg.name}: train step compiled for mesh {r["mesh"]} ({r["devices"]} {r["platform"]} devices) '
-        f'in {r["compile_s"]:.1f} s')
+  where = f'{target.name}, ' if target is not None else ''
+  print(f'{cfg.name}: train step compiled for mesh {r["mesh"]} ({where}{r["devices"]} {r["platform"]} devices) '
+        f'by {r["compiler"]} in {r["compile_s"]:.1f} s')
   print(f'  per device: params {_gb(r["params_bytes"])}, optimizer state {_gb(r["optimizer_bytes"])}')
   if 'peak_bytes' not in r:
     print('  the compiler gave no memory analysis on this platform')
@@ -108,9 +121,11 @@ def _main(argv):
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   if FLAGS.config is None:
     raise app.UsageError('--config is required')
+  if FLAGS.target and FLAGS.mode != 'compile':
+    raise app.UsageError('--target applies to --mode=compile only')
   if FLAGS.mode == 'compile':
     try:
-      code = compile_check(FLAGS.config, FLAGS.device_memory)
+      code = compile_check(FLAGS.config, FLAGS.device_memory, FLAGS.target)
     except MoejaxError as e:
       cli.fail(e)
     sys.exit(code)
@@ -132,6 +147,8 @@ if __name__ == '__main__':
   flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'compile'],
                     'train (then eval), eval only, or compile only (memory check).')
   flags.DEFINE_string('device_memory', None, "--mode=compile: memory per device, e.g. '80GB' (default: reported)")
+  flags.DEFINE_string('target', None, '--mode=compile: compile for this TPU slice or GPU node with its real '
+                      'compiler, e.g. tpu:v5p-8, tpu:v6e-8, gpu:h100x8, gpu:h100x8x2 (needs the *-compile extra)')
   flags.DEFINE_bool('allow_config_change', False, 'Resume or rescore a workdir with a different configuration; '
                     'the change is recorded in provenance.json and result.json.')
   cli.cli(_main)

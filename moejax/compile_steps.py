@@ -1,0 +1,71 @@
+"""The train, eval and decode steps compiled from abstract shapes, locally or for a compile target.
+
+  compile_all(cfg, target, decode_batch=8) -> {'train': report, 'eval': report, 'decode': report}
+
+`target` is a `moejax.parallel.targets.Target` (None: the local devices). Each report has the
+compiler, compile seconds and per-device memory figures (`moejax.parallel.aot.memory_figures`).
+The train step is `train.compile_step`; the eval step is `eval.make_eval_step` on an eval batch;
+the decode step is one token of `decode.forward` for `decode_batch` sequences against a cache
+of the config's context (the prefill is the eval step's forward pass). Nothing is allocated.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from moejax import decode, eval as eval_lib, mesh as mesh_lib, model as model_lib, train
+from moejax.parallel import aot
+
+
+def _abstract_state(cfg, mesh, target):
+  with aot.kernel_context(target):
+    graphdef, param_state, buffer_state = model_lib.split(nnx.eval_shape(lambda: model_lib.build(cfg)))
+  return graphdef, train._placed(cfg, mesh, param_state, buffer_state, abstract=True)  # pylint: disable=protected-access
+
+
+def compile_eval(cfg, target=None) -> dict:
+  """The eval step (forward pass, summed token nats and routing statistics) on one eval batch."""
+  mesh = train._make_mesh(cfg, None if target is None else target.devices())  # pylint: disable=protected-access
+  graphdef, state = _abstract_state(cfg, mesh, target)
+  B, L = cfg.eval.batch_size, cfg.data.seq_len
+  sharding = mesh_lib.batch_sharding(mesh, 2)
+  batch = {'inputs': jax.ShapeDtypeStruct((B, L), jnp.int32, sharding=sharding),
+           'targets': jax.ShapeDtypeStruct((B, L), jnp.int32, sharding=sharding),
+           'weights': jax.ShapeDtypeStruct((B, L), jnp.float32, sharding=sharding)}
+  step = eval_lib.make_eval_step(graphdef, mesh)
+  c = aot.compile_for(target, None, state['params'], state['buffers'], batch, jitted=step)
+  return {'compiler': c.compiler, 'compile_s': c.compile_s, **c.memory}
+
+
+def compile_decode(cfg, target=None, batch: int = 8) -> dict:
+  """One decode step (a token per sequence, `moe_dispatch='auto'`) against a cache of `cfg.data.seq_len`."""
+  decode.check_decodable(cfg)
+  mesh = train._make_mesh(cfg, None if target is None else target.devices())  # pylint: disable=protected-access
+  graphdef, state = _abstract_state(cfg, mesh, target)
+  replicated = mesh_lib.replicated(mesh)
+  with aot.kernel_context(target):
+    model = nnx.eval_shape(lambda: model_lib.build(cfg))
+  cache = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+                       jax.eval_shape(lambda: decode.init_cache(model, batch, cfg.data.seq_len)))
+  vector = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=replicated)
+  dispatch = decode.pick_dispatch('auto', batch, cfg.moe.experts_per_token, max(cfg.moe.num_experts, 1),
+                                  backend=None if target is None else target.platform)
+
+  def step(params, buffers, cache, tokens_B, positions_B):
+    logits, cache, _ = decode.forward(nnx.merge(graphdef, params, buffers), tokens_B[:, None], positions_B[:, None],
+                                      cache, dispatch)
+    return jnp.argmax(logits[:, 0], axis=-1), cache
+
+  jitted = mesh_lib.under_mesh(jax.jit(step, donate_argnums=2), mesh)
+  c = aot.compile_for(target, None, state['params'], state['buffers'], cache, vector, vector, jitted=jitted)
+  return {'compiler': c.compiler, 'compile_s': c.compile_s, 'dispatch': dispatch, **c.memory}
+
+
+def compile_all(cfg, target=None, decode_batch: int = 8) -> dict:
+  """{'train', 'eval', 'decode'}: each step's compile report for `target` (decode only for dropless eval)."""
+  out = {'train': train.compile_step(cfg, target), 'eval': compile_eval(cfg, target)}
+  if not (cfg.moe.num_experts and cfg.moe.eval_capacity_factor is not None):
+    out['decode'] = compile_decode(cfg, target, decode_batch)
+  return out

@@ -1,0 +1,1 @@
+"""Meshes, expert parallelism, multi-process runs and compile targets."""

@@ -7,6 +7,11 @@ compiler, compile seconds and per-device memory figures (`moejax.parallel.aot.me
 The train step is `train.compile_step`; the eval step is `eval.make_eval_step` on an eval batch;
 the decode step is one token of `decode.forward` for `decode_batch` sequences against a cache
 of the config's context (the prefill is the eval step's forward pass). Nothing is allocated.
+
+  python -m moejax.compile_steps --config=experiments/published/olmoe_1b_7b.py --target=tpu:v5p-8 [--cpu]
+
+prints the docs/scaling-out.md memory-table row of each config on each target (and, with
+--cpu, the CPU compiler's figure for the same mesh over fake CPU devices).
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from moejax import decode, eval as eval_lib, mesh as mesh_lib, model as model_lib, train
+from moejax import config as config_lib, decode, eval as eval_lib, mesh as mesh_lib, model as model_lib, train
 from moejax.parallel import aot
 
 
@@ -69,3 +74,50 @@ def compile_all(cfg, target=None, decode_batch: int = 8) -> dict:
   if not (cfg.moe.num_experts and cfg.moe.eval_capacity_factor is not None):
     out['decode'] = compile_decode(cfg, target, decode_batch)
   return out
+
+
+def fit_row(cfg, target, devices: int) -> dict:
+  """One table row: `cfg` on `devices` devices (fsdp over all, one sequence each), compiled for `target`
+  (None: this machine's CPU compiler over as many fake devices), with the analytic state estimate."""
+  from moejax import accounting  # pylint: disable=import-outside-toplevel
+  cfg = config_lib.apply_overrides(cfg, {'mesh.fsdp': devices, 'mesh.expert': 1, 'mesh.data': 1, 'mesh.tensor': 1,
+                                         'train.batch_size': devices, 'eval.batch_size': devices})
+  config_lib.validate(cfg)
+  r = train.compile_step(cfg, target)
+  n_total = accounting.count(cfg)['n_total']
+  return {'name': cfg.name, 'target': target.name if target is not None else f'cpu x{devices}',
+          'compiler': r['compiler'], 'devices': devices, 'peak_gb': r.get('peak_bytes', 0) / 1e9,
+          'temp_gb': r.get('temp_bytes', 0) / 1e9, 'state_gb': (r['params_bytes'] + r['optimizer_bytes']) / 1e9,
+          'analytic_gb': n_total * 16 / devices / 1e9, 'compile_s': r['compile_s']}
+
+
+def main(argv=None) -> int:
+  """python -m moejax.compile_steps --config=experiments/published/olmoe_1b_7b.py --target=tpu:v5p-8 [--cpu]:
+  one Markdown row per (config, target) for docs/scaling-out.md (train step, bfloat16 compute)."""
+  import argparse  # pylint: disable=import-outside-toplevel
+  from moejax.parallel import targets  # pylint: disable=import-outside-toplevel
+  p = argparse.ArgumentParser(prog='python -m moejax.compile_steps')
+  p.add_argument('--config', action='append', required=True)
+  p.add_argument('--target', action='append', required=True)
+  p.add_argument('--cpu', action='store_true', help="also the CPU compiler's figure over as many fake devices")
+  a = p.parse_args(argv)
+  for cfg_path in a.config:
+    path, _, arg = cfg_path.partition(':')
+    cfg = config_lib.load_module(path).get_config(arg or None)
+    cfg = config_lib.apply_overrides(cfg, {'model.compute_dtype': 'bfloat16'})
+    for name in a.target:
+      t = targets.parse(name)
+      runs = [t] + ([None] if a.cpu else [])
+      for target in runs:
+        if target is None and jax.device_count() < t.num_devices:
+          print(f'| (skipped: run with XLA_FLAGS=--xla_force_host_platform_device_count={t.num_devices}) |')
+          continue
+        r = fit_row(cfg, target, t.num_devices)
+        print(f'| {r["name"]} | {t.name if target else t.name + " (CPU compiler)"} | {r["compiler"]} | '
+              f'{r["peak_gb"]:.1f} | {r["temp_gb"]:.1f} | {r["state_gb"]:.1f} | {r["analytic_gb"]:.1f} | '
+              f'{r["compile_s"]:.0f} |', flush=True)
+  return 0
+
+
+if __name__ == '__main__':
+  raise SystemExit(main())

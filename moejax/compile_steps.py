@@ -100,11 +100,16 @@ def main(argv=None) -> int:
   p.add_argument('--config', action='append', required=True)
   p.add_argument('--target', action='append', required=True)
   p.add_argument('--cpu', action='store_true', help="also the CPU compiler's figure over as many fake devices")
+  p.add_argument('--set', action='append', default=[], help='a config override, e.g. moe.num_experts=16')
   a = p.parse_args(argv)
+  overrides = {'model.compute_dtype': 'bfloat16'}
+  for item in a.set:
+    key, _, value = item.partition('=')
+    overrides[key] = int(value) if value.lstrip('-').isdigit() else value
   for cfg_path in a.config:
     path, _, arg = cfg_path.partition(':')
     cfg = config_lib.load_module(path).get_config(arg or None)
-    cfg = config_lib.apply_overrides(cfg, {'model.compute_dtype': 'bfloat16'})
+    cfg = config_lib.apply_overrides(cfg, overrides)
     for name in a.target:
       t = targets.parse(name)
       runs = [t] + ([None] if a.cpu else [])

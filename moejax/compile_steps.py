@@ -100,6 +100,7 @@ def main(argv=None) -> int:
   p.add_argument('--config', action='append', required=True)
   p.add_argument('--target', action='append', required=True)
   p.add_argument('--cpu', action='store_true', help="also the CPU compiler's figure over as many fake devices")
+  p.add_argument('--cpu_only', action='store_true', help="only the CPU compiler's figure (the target sets the mesh)")
   p.add_argument('--set', action='append', default=[], help='a config override, e.g. moe.num_experts=16')
   a = p.parse_args(argv)
   overrides = {'model.compute_dtype': 'bfloat16'}
@@ -112,14 +113,14 @@ def main(argv=None) -> int:
     cfg = config_lib.apply_overrides(cfg, overrides)
     for name in a.target:
       t = targets.parse(name)
-      runs = [t] + ([None] if a.cpu else [])
+      runs = ([] if a.cpu_only else [t]) + ([None] if a.cpu or a.cpu_only else [])
       for target in runs:
         if target is None and jax.device_count() < t.num_devices:
           print(f'| (skipped: run with XLA_FLAGS=--xla_force_host_platform_device_count={t.num_devices}) |')
           continue
         r = fit_row(cfg, target, t.num_devices)
         print(f'| {r["name"]} | {t.name if target else t.name + " (CPU compiler)"} | {r["compiler"]} | '
-              f'{r["peak_gb"]:.1f} | {r["temp_gb"]:.1f} | {r["state_gb"]:.1f} | {r["analytic_gb"]:.1f} | '
+              f'{r["peak_gb"]:.3g} | {r["temp_gb"]:.3g} | {r["state_gb"]:.3g} | {r["analytic_gb"]:.3g} | '
               f'{r["compile_s"]:.0f} |', flush=True)
   return 0
 

@@ -142,3 +142,18 @@ def test_target_sets_the_on_chip_budget_and_restores_it():
     with kernels.target('tpu'):
       assert kernels.onchip_bytes() == kernels.ONCHIP_BYTES['tpu']
   assert kernels.onchip_bytes() == default
+
+
+def test_mosaic_kernels_outside_a_shard_map_on_a_mesh_take_the_xla_path(caplog):
+  """XLA cannot partition a Mosaic call ("Mosaic kernels cannot be automatically partitioned", seen compiling the
+  expert-parallel train step for v5p): on a multi-device mesh the router runs the XLA path unless inside shard_map."""
+  from jax.sharding import PartitionSpec as P  # pylint: disable=import-outside-toplevel
+  mesh = jax.make_mesh((4,), ('ep',), axis_types=(jax.sharding.AxisType.Auto,))
+  route = lambda z: router.route(z, 2, impl='pallas')[1]
+  z = jax.ShapeDtypeStruct((64, 16), jnp.float32)
+  kernels._warned.clear()  # pylint: disable=protected-access
+  with caplog.at_level(logging.WARNING), jax.set_mesh(mesh):
+    outside = _mosaic_lowers(route, z)
+    inside = _mosaic_lowers(jax.shard_map(route, in_specs=P('ep'), out_specs=P('ep')), z)
+  assert 'moejax_router' not in outside and 'cannot partition' in caplog.text
+  assert 'moejax_router' in inside

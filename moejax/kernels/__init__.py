@@ -120,6 +120,28 @@ def same_vma(*arrays):
                for x, t in zip(arrays, types))
 
 
+def unpartitionable() -> bool:
+  """True when a Mosaic (TPU) kernel would be traced on a multi-device mesh outside any `jax.shard_map`.
+
+  XLA cannot partition a Mosaic custom call ("Mosaic kernels cannot be automatically
+  partitioned"): the kernels then run the XLA path (one warning). Inside the expert-parallel
+  shard_map every axis is manual and the kernels run per device. Triton calls compile either way.
+  """
+  if platform() != 'tpu':
+    return False
+  mesh = jax.sharding.get_abstract_mesh()
+  return not mesh.empty and mesh.size > 1 and not mesh.manual_axes
+
+
+def fallback_outside_shard_map(what: str, impl: str) -> str:
+  """`impl`, or 'xla' (warned once) when a 'pallas' TPU kernel would sit outside a shard_map on a mesh."""
+  if impl == 'pallas' and unpartitionable():
+    warn_once(f'mosaic-partition-{what}', f'moe.kernels=pallas: the TPU {what} kernel would run on a multi-device '
+              'mesh outside a shard_map, which XLA cannot partition; using the XLA path there')
+    return 'xla'
+  return impl
+
+
 def warn_once(key: str, message: str) -> None:
   """Logs `message` once per process (for fallbacks from a kernel to the XLA path)."""
   if key not in _warned:

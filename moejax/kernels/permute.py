@@ -51,6 +51,7 @@ def _gather_kernel(idx_ref, x_hbm, o_ref, sems, *, rows_per_step):
 
 def gather_rows(x_ND, idx_M, impl: str = 'xla', rows_per_step: int = 8):
   """x_ND[idx_M] (indices must be in range); 'pallas': a row-copy kernel, else jnp indexing. No VJP of its own."""
+  impl = kernels.fallback_outside_shard_map('row gather', impl)
   if impl != 'pallas' or kernels.platform() == 'gpu':  # GPU: XLA's gather already runs at memory bandwidth
     return x_ND[idx_M]
   N, D = x_ND.shape
@@ -120,6 +121,7 @@ def _rank_rows(A: int) -> int:
 def expert_ranks(flat_A, num_experts: int, impl: str = 'xla'):
   """rank_A of `routing.expert_ranks`; 'pallas': a counting-sort kernel (no sort, no scatter)."""
   A, C = flat_A.shape[0], RANK_CHUNK
+  impl = kernels.fallback_outside_shard_map('counting sort', impl)
   if impl == 'pallas' and kernels.platform() != 'gpu' and ranks_onchip_bytes(A, num_experts) > kernels.MOSAIC_VMEM_SHARE * kernels.onchip_bytes():
     kernels.warn_once(f'ranks-{A}-{num_experts}', f'moe.kernels=pallas: the counting sort of {A} assignments over '
                       f'{num_experts} experts needs {ranks_onchip_bytes(A, num_experts)} bytes of VMEM, over '

@@ -127,6 +127,7 @@ def route(logits_TE, k: int, score: str = 'softmax', bias_E=None, renormalize: b
   Group-limited selection (num_groups > 1) is not in the kernel: 'pallas' then routes with the
   reference functions, after a one-time warning.
   """
+  impl = kernels.fallback_outside_shard_map('router', impl)
   if impl == 'pallas' and num_groups > 1:
     kernels.warn_once('router-groups', 'moe.kernels=pallas: the router kernel has no group-limited top-k; '
                       'routing with the XLA path (num_expert_groups > 1)')

@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 RUN_ROOT ?= runs/quickstart
 
-.PHONY: run test test-slow bench papers clean gpu-wheels gpu-check gpu-check-dry-run
+.PHONY: run test test-slow test-accel bench papers clean gpu-wheels gpu-check gpu-check-dry-run
 SCALE ?= tiny
 
 $(VENV)/.installed: setup.cfg pyproject.toml
@@ -23,6 +23,22 @@ test: $(VENV)/.installed
 
 test-slow: $(VENV)/.installed
 	$(PY) -m pytest -q -n 2 -m slow
+
+# The real TPU and H100 compilers on this machine (no accelerator): the kernel-shape grid and the
+# train/eval/decode steps (tests/accel_compile_test.py). Its own venv: libtpu and the CUDA plugin
+# (about 1.2 GB) stay out of the default one. docs/kernels.md says what it covers.
+ACCEL_VENV := .venv-accel
+ACCEL_PY := $(ACCEL_VENV)/bin/python
+$(ACCEL_VENV)/.installed: setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(ACCEL_VENV)
+	$(ACCEL_PY) -m pip install --quiet --upgrade pip
+	$(ACCEL_PY) -m pip install --quiet -e '.[dev,tpu-compile]'
+	$(ACCEL_PY) -m pip install --quiet --no-deps "jax-cuda12-plugin==$$($(ACCEL_PY) -c 'import jax; print(jax.__version__)')" \
+	    "jax-cuda12-pjrt==$$($(ACCEL_PY) -c 'import jax; print(jax.__version__)')"
+	touch $@
+
+test-accel: $(ACCEL_VENV)/.installed
+	$(ACCEL_PY) -m pytest -q -n 2 -m accel_compile tests/accel_compile_test.py
 
 # The paper grids at one scale, then the claims report (docs/reproducing-the-papers.md).
 # ROOT=docs/results/tiny/runs OUT=docs/results/tiny resumes the shipped tiny runs (finished points are skipped).
@@ -48,4 +64,4 @@ gpu-check-dry-run: $(VENV)/.installed
 	PYTHON=$(PY) launch/gpu_check.sh --dry-run
 
 clean:
-	rm -rf $(VENV) runs build *.egg-info
+	rm -rf $(VENV) $(ACCEL_VENV) runs build *.egg-info

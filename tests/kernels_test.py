@@ -149,11 +149,12 @@ def test_moe_layer_is_the_same_with_every_kernel_implementation(tiny_cfg, overri
 
 
 @pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
-@pytest.mark.parametrize('T,K,E,D,F,block,skew', [
-    (60, 2, 5, 96, 80, 16, True),    # K chunked 32 (3 steps), N tiles of 16, an empty expert
-    (33, 3, 4, 64, 256, 32, False),  # two N tiles of 128; T*K not a block multiple
+@pytest.mark.parametrize('T,K,E,D,F,block,skew,budget', [
+    (60, 2, 5, 96, 80, 16, True, 232448),    # K chunked 32 (3 steps), N tiles of 16, an empty expert
+    (33, 3, 4, 64, 256, 32, False, 232448),  # two N tiles of 128; T*K not a block multiple
+    (33, 3, 4, 64, 256, 32, False, 24576),   # a small budget: dw sums its blocks in row chunks of 16
 ])
-def test_triton_gmm_interpreted_matches_reference(dtype, T, K, E, D, F, block, skew):
+def test_triton_gmm_interpreted_matches_reference(dtype, T, K, E, D, F, block, skew, budget):
   """The GPU (Triton) kernels, run by the Pallas interpreter on CPU: y, dx (same kernel on w^T) and dw."""
   _, plan = _plan(T, K, E, block, skew, jax.random.key(T))
   R = plan.row_token_R.shape[0]
@@ -163,9 +164,14 @@ def test_triton_gmm_interpreted_matches_reference(dtype, T, K, E, D, F, block, s
   dy = jax.random.normal(jax.random.key(3), (R, F), dtype)
   y_ref, vjp = jax.vjp(lambda x, w: gmm.block_gmm_reference(x, w, be, block), x, w)
   dx_ref, dw_ref = vjp(dy)
-  y = gmm._gmm_triton(x, w, be, block, 128, interpret=True)
-  dx = gmm._gmm_triton(dy, jnp.swapaxes(w, 1, 2), be, block, 128, interpret=True)
-  dw = gmm._tgmm_triton(x, dy, be, E, block, 128, interpret=True)
+  isz = jnp.dtype(dtype).itemsize
+  fwd, back = gmm.triton_tiles(block, D, F, isz, 128, budget), gmm.triton_tiles(block, F, D, isz, 128, budget)
+  grad = gmm.triton_tiles(block, D, F, isz, 128, budget, grad=True)
+  if budget < 232448:
+    assert grad[0] < block  # the row-chunk loop is exercised
+  y = gmm._gmm_triton(x, w, be, block, *fwd[1:], interpret=True)
+  dx = gmm._gmm_triton(dy, jnp.swapaxes(w, 1, 2), be, block, *back[1:], interpret=True)
+  dw = gmm._tgmm_triton(x, dy, be, E, block, *grad, interpret=True)
   for got, ref in ((y, y_ref), (dx, dx_ref), (dw, dw_ref)):
     scale = float(np.abs(np.asarray(ref, np.float32)).max())
     np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(ref, np.float32),

@@ -10,7 +10,11 @@ Each kernel is written per platform family: TPU (Mosaic, scalar prefetch; interp
 CPU) and GPU (Triton: no scalar prefetch, tiles loaded with dynamic offsets). `platform()`
 names the family the kernels are lowered for: the default backend, or the one set with
 `target(...)`, which lets a CPU machine lower (not run) the GPU and TPU kernels through
-`jax.export` (tests/kernels_test.py). 'auto' picks 'xla' until a platform's kernels have been
+`jax.export` (tests/kernels_test.py), or compile them with the real compilers
+(`moejax.parallel.targets`). `onchip_bytes()` is the on-chip memory a kernel's tiles may
+use on that target (scoped VMEM on TPU, shared memory per block on GPU): every kernel
+derives its tiles from it, and a shape whose tiles cannot fit runs the XLA path after
+one warning. 'auto' picks 'xla' until a platform's kernels have been
 timed on its hardware (no GPU or TPU was lent while they were written; docs/kernels.md).
 """
 
@@ -28,23 +32,46 @@ log = logging.getLogger(__name__)
 _warned: set[str] = set()
 
 
-_target: str | None = None
+_target: tuple[str, int | None] | None = None  # (platform, on-chip bytes or None for its default)
+
+# On-chip bytes a kernel may use when no target names them: the default scoped VMEM of
+# v5e/v5p (16 MiB; v6e has 32) and the H100's opt-in shared memory per block. CPU runs
+# the TPU kernels interpreted, so it takes the TPU budget (tests then see TPU tiles).
+ONCHIP_BYTES = {'tpu': 16 << 20, 'cpu': 16 << 20, 'gpu': 232448}
+MOSAIC_VMEM_SHARE = 0.75  # of the scoped VMEM a kernel plans for: the rest for Mosaic's own scratch
 
 
 def platform() -> str:
   """'cpu', 'gpu' or 'tpu': the platform the kernels are lowered for."""
-  return _target or jax.default_backend()
+  return _target[0] if _target else jax.default_backend()
+
+
+def onchip_bytes() -> int:
+  """The on-chip memory (scoped VMEM on TPU, shared memory per block on GPU) a kernel's tiles may use."""
+  if _target and _target[1]:
+    return _target[1]
+  return ONCHIP_BYTES.get(platform(), ONCHIP_BYTES['tpu'])
 
 
 @contextlib.contextmanager
-def target(name: str):
-  """Lower kernels for platform `name` inside this block (with `jax.export(..., platforms=...)`)."""
+def target(name: str, onchip: int | None = None):
+  """Lower kernels for platform `name` (with `onchip` bytes of VMEM / shared memory) inside this block.
+
+  For `jax.export(..., platforms=...)`, or compiling over a `moejax.parallel.targets` target's devices.
+  """
   global _target  # pylint: disable=global-statement
-  previous, _target = _target, name
+  previous, _target = _target, (name, onchip)
   try:
     yield
   finally:
     _target = previous
+
+
+def mosaic_block_ok(block: tuple[int | None, ...], array: tuple[int, ...]) -> bool:
+  """Mosaic's rule: a block's last two dims divide by (8, 128) or equal the array's (None: a squeezed 1)."""
+  block = tuple(1 if b is None else b for b in block)
+  checks = [(block[-1], array[-1], 128)] + ([(block[-2], array[-2], 8)] if len(block) > 1 else [])
+  return all(b == a or (b % m == 0 and a % b == 0) for b, a, m in checks)
 
 
 def resolve(impl: str) -> str:
@@ -91,6 +118,28 @@ def same_vma(*arrays):
     return arrays
   return tuple(x if t.varying == union else jax.lax.pcast(x, tuple(sorted(union - t.varying)), to='varying')
                for x, t in zip(arrays, types))
+
+
+def unpartitionable() -> bool:
+  """True when a Mosaic (TPU) kernel would be traced on a multi-device mesh outside any `jax.shard_map`.
+
+  XLA cannot partition a Mosaic custom call ("Mosaic kernels cannot be automatically
+  partitioned"): the kernels then run the XLA path (one warning). Inside the expert-parallel
+  shard_map every axis is manual and the kernels run per device. Triton calls compile either way.
+  """
+  if platform() != 'tpu':
+    return False
+  mesh = jax.sharding.get_abstract_mesh()
+  return not mesh.empty and mesh.size > 1 and not mesh.manual_axes
+
+
+def fallback_outside_shard_map(what: str, impl: str) -> str:
+  """`impl`, or 'xla' (warned once) when a 'pallas' TPU kernel would sit outside a shard_map on a mesh."""
+  if impl == 'pallas' and unpartitionable():
+    warn_once(f'mosaic-partition-{what}', f'moe.kernels=pallas: the TPU {what} kernel would run on a multi-device '
+              'mesh outside a shard_map, which XLA cannot partition; using the XLA path there')
+    return 'xla'
+  return impl
 
 
 def warn_once(key: str, message: str) -> None:

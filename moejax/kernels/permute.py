@@ -7,8 +7,10 @@ dispatch_rows(x_TD, plan) -> x_RD           row r holds token row_token_R[r] (pa
 combine_rows(y_RD, gates_TK, plan) -> y_TD  y[t] = sum_k gates[t, k] * y_RD[assign_row_TK[t, k]]
 
 With 'pallas' on TPU (and CPU, interpreted) every row gather, forward and backward, is
-`gather_rows`, a kernel that copies `rows_per_step` rows per grid step, each picked by a
-scalar-prefetched index. On GPU the gathers stay XLA's (already memory-bound; Triton has no
+`gather_rows`, a kernel that copies `rows_per_step` rows per grid step from the source in
+HBM, each a DMA from the row a scalar-prefetched index names (no VMEM copy of the source,
+so any row count fits; the output is padded to whole steps, keeping Mosaic's (8, 128)
+block rule). On GPU the gathers stay XLA's (already memory-bound; Triton has no
 scalar prefetch), with the same gather-only VJPs.
 
 The 'reference' versions are plain indexing: their autodiff transposes are scatter-adds
@@ -37,27 +39,42 @@ def _pad_row(x):
   return jnp.concatenate([x, jnp.zeros((1,) + x.shape[1:], x.dtype)], axis=0)
 
 
-def _gather_kernel(idx_ref, x_ref, o_ref, *, rows_per_step):
+def _gather_kernel(idx_ref, x_hbm, o_ref, sems, *, rows_per_step):
   base = pl.program_id(0) * rows_per_step
-  for i in range(rows_per_step):
-    o_ref[pl.ds(i, 1), :] = x_ref[pl.ds(idx_ref[base + i], 1), :]
+  copies = [pltpu.make_async_copy(x_hbm.at[pl.ds(idx_ref[base + i], 1)], o_ref.at[pl.ds(i, 1)], sems.at[i])
+            for i in range(rows_per_step)]
+  for c in copies:
+    c.start()
+  for c in copies:
+    c.wait()
 
 
 def gather_rows(x_ND, idx_M, impl: str = 'xla', rows_per_step: int = 8):
   """x_ND[idx_M] (indices must be in range); 'pallas': a row-copy kernel, else jnp indexing. No VJP of its own."""
+  impl = kernels.fallback_outside_shard_map('row gather', impl)
   if impl != 'pallas' or kernels.platform() == 'gpu':  # GPU: XLA's gather already runs at memory bandwidth
     return x_ND[idx_M]
-  M = idx_M.shape[0]
-  per = rows_per_step if M % rows_per_step == 0 else 1
   N, D = x_ND.shape
+  pack = 4 // x_ND.dtype.itemsize
+  if pack > 1:  # Mosaic DMAs no single rows of packed (16-bit) tiles: move rows as 32-bit words
+    if D % pack:
+      return x_ND[idx_M]
+    words_NW = jax.lax.bitcast_convert_type(x_ND.reshape(N, D // pack, pack), jnp.uint32)
+    rows = gather_rows(words_NW, idx_M, impl, rows_per_step)
+    return jax.lax.bitcast_convert_type(rows, x_ND.dtype).reshape(-1, D)
+  M, per = idx_M.shape[0], rows_per_step
+  steps = -(-M // per)
+  idx = jnp.pad(idx_M.astype(jnp.int32), (0, steps * per - M))  # padding rows copy row 0, cut off below
   grid_spec = pltpu.PrefetchScalarGridSpec(
-      num_scalar_prefetch=1, grid=(M // per,),
-      in_specs=[pl.BlockSpec((N, D), lambda m, idx: (0, 0))],
-      out_specs=pl.BlockSpec((per, D), lambda m, idx: (m, 0)))
-  return pl.pallas_call(functools.partial(_gather_kernel, rows_per_step=per),
-                        out_shape=kernels.out_struct((M, D), x_ND.dtype, x_ND, idx_M), grid_spec=grid_spec,
-                        interpret=pltpu.InterpretParams() if kernels.interpret() else False,
-                        name='moejax_gather_rows')(idx_M.astype(jnp.int32), x_ND)
+      num_scalar_prefetch=1, grid=(steps,),
+      in_specs=[pl.BlockSpec(memory_space=pl.ANY)],
+      out_specs=pl.BlockSpec((per, D), lambda m, idx: (m, 0)),
+      scratch_shapes=[pltpu.SemaphoreType.DMA((per,))])
+  out = pl.pallas_call(functools.partial(_gather_kernel, rows_per_step=per),
+                       out_shape=kernels.out_struct((steps * per, D), x_ND.dtype, x_ND, idx_M), grid_spec=grid_spec,
+                       interpret=pltpu.InterpretParams() if kernels.interpret() else False,
+                       name='moejax_gather_rows')(idx, x_ND)
+  return out[:M]
 
 
 RANK_CHUNK = 128
@@ -85,13 +102,34 @@ def _ranks_kernel(experts_ref, rank_ref, *, width):
   jax.lax.fori_loop(0, n, body, jnp.zeros((width, C), jnp.float32))
 
 
+def ranks_onchip_bytes(A: int, num_experts: int) -> int:
+  """On-chip bytes of the counting-sort kernel: the whole [n, 128] id and rank arrays (TPU: double-buffered
+  in VMEM) and its [width, 128] running counts and within-chunk products."""
+  n, width = _rank_rows(A), _rank_width(num_experts)
+  return 4 * n * RANK_CHUNK * 4 + 4 * width * RANK_CHUNK * 4 + RANK_CHUNK * RANK_CHUNK * 2
+
+
+def _rank_width(num_experts: int) -> int:
+  return 1 << max(3, num_experts.bit_length())  # a power of two > any expert id (ids >= E are padding)
+
+
+def _rank_rows(A: int) -> int:
+  n = -(-A // RANK_CHUNK)
+  return 1 << (n - 1).bit_length()  # Triton blocks are powers of two; padding ids sort last
+
+
 def expert_ranks(flat_A, num_experts: int, impl: str = 'xla'):
   """rank_A of `routing.expert_ranks`; 'pallas': a counting-sort kernel (no sort, no scatter)."""
+  A, C = flat_A.shape[0], RANK_CHUNK
+  impl = kernels.fallback_outside_shard_map('counting sort', impl)
+  if impl == 'pallas' and kernels.platform() != 'gpu' and ranks_onchip_bytes(A, num_experts) > kernels.MOSAIC_VMEM_SHARE * kernels.onchip_bytes():
+    kernels.warn_once(f'ranks-{A}-{num_experts}', f'moe.kernels=pallas: the counting sort of {A} assignments over '
+                      f'{num_experts} experts needs {ranks_onchip_bytes(A, num_experts)} bytes of VMEM, over '
+                      f'{kernels.onchip_bytes()}; ranking with the XLA path (a stable sort)')
+    impl = 'xla'
   if impl != 'pallas':
     return routing.expert_ranks(flat_A, num_experts)
-  A, C = flat_A.shape[0], RANK_CHUNK
-  n = -(-A // C)
-  width = 1 << max(3, num_experts.bit_length())  # a power of two > any expert id (ids >= E are padding)
+  n, width = _rank_rows(A), _rank_width(num_experts)
   chunks = jnp.pad(flat_A.astype(jnp.int32), (0, n * C - A), constant_values=width).reshape(n, C)
   whole = pl.BlockSpec((n, C), lambda i: (0, 0))
   gpu = kernels.platform() == 'gpu'

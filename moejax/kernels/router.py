@@ -82,14 +82,16 @@ def _route_pallas(logits_TE, bias_E, k, score, renormalize, scale, block_rows):
   scores, experts, gates, counts = pl.pallas_call(
       kernel, grid=(n_blocks,),
       in_specs=[rows(E), pl.BlockSpec((1, E), lambda i: (0, 0))],
-      out_specs=[rows(E), rows(k), rows(k), pl.BlockSpec((1, E), lambda i: (i, 0))],
+      # a [1, E] histogram per block; as a (None, 1, E) block of [n_blocks, 1, E] its last two dims equal the
+      # array's, which Mosaic's (8, 128) rule accepts (a (1, E) block of [n_blocks, E] it rejects)
+      out_specs=[rows(E), rows(k), rows(k), pl.BlockSpec((None, 1, E), lambda i: (i, 0, 0))],
       out_shape=[kernels.out_struct((padded, E), jnp.float32, z, bias_E), kernels.out_struct((padded, k), jnp.int32, z, bias_E),
                  kernels.out_struct((padded, k), jnp.float32, z, bias_E),
-                 kernels.out_struct((n_blocks, E), jnp.float32, z, bias_E)],
+                 kernels.out_struct((n_blocks, 1, E), jnp.float32, z, bias_E)],
       interpret=pltpu.InterpretParams() if kernels.interpret() else False, name='moejax_router',
       compiler_params=pl_triton.CompilerParams(num_warps=4) if kernels.platform() == 'gpu' else None,
   )(z, bias_E.reshape(1, E).astype(jnp.float32))
-  return scores[:T], experts[:T], gates[:T], jnp.sum(counts, axis=0).astype(jnp.int32)
+  return scores[:T], experts[:T], gates[:T], jnp.sum(counts, axis=(0, 1)).astype(jnp.int32)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5, 6))
@@ -125,6 +127,7 @@ def route(logits_TE, k: int, score: str = 'softmax', bias_E=None, renormalize: b
   Group-limited selection (num_groups > 1) is not in the kernel: 'pallas' then routes with the
   reference functions, after a one-time warning.
   """
+  impl = kernels.fallback_outside_shard_map('router', impl)
   if impl == 'pallas' and num_groups > 1:
     kernels.warn_once('router-groups', 'moe.kernels=pallas: the router kernel has no group-limited top-k; '
                       'routing with the XLA path (num_expert_groups > 1)')

@@ -66,9 +66,19 @@ def _gb(n: float) -> str:
   return f'{n / 1e9:.3f} GB'
 
 
-def compile_check(cfg, device_memory: str | None) -> int:
-  """--mode=compile: prints the memory report; returns the exit code (0 fits or unknown, 1 does not fit)."""
+def compile_check(cfg, device_memory: str | None, target_name: str | None = None) -> int:
+  """--mode=compile: prints the memory report; returns the exit code (0 fits or unknown, 1 does not fit).
+
+  `target_name` (tpu:v5p-8, gpu:h100x8, ...; moejax/parallel/targets.py) compiles for that slice or
+  node with its real compiler on this machine and checks against its device memory."""
   config_lib.validate(cfg)
+  target = None
+  if target_name:
+    import os  # pylint: disable=import-outside-toplevel
+    from moejax.parallel import targets  # pylint: disable=import-outside-toplevel
+    target = targets.parse(target_name)
+    targets.check_installed(target.platform)
+    os.environ.setdefault('JAX_PLATFORMS', 'cpu')  # the target's compiler runs here; no accelerator is probed
   import jax  # pylint: disable=import-outside-toplevel
   from moejax.parallel import distributed
   from moejax.train import state as state_lib  # pylint: disable=import-outside-toplevel
@@ -78,12 +88,15 @@ def compile_check(cfg, device_memory: str | None) -> int:
     limit, is_bytes = cli.parse_amount(device_memory)
     if not is_bytes:
       raise ConfigError(f'--device_memory={device_memory} needs a unit, e.g. 80GB or 16GiB')
-  r = state_lib.compile_step(cfg)
+  r = state_lib.compile_step(cfg, target)
+  if limit is None and target is not None:
+    limit = target.device_memory_bytes
   if limit is None:
     stats = getattr(jax.devices()[0], 'memory_stats', lambda: None)() or {}
     limit = stats.get('bytes_limit')
-  print(f'{cfg.name}: train step compiled for mesh {r["mesh"]} ({r["devices"]} {r["platform"]} devices) '
-        f'in {r["compile_s"]:.1f} s')
+  where = f'{target.name}, ' if target is not None else ''
+  print(f'{cfg.name}: train step compiled for mesh {r["mesh"]} ({where}{r["devices"]} {r["platform"]} devices) '
+        f'by {r["compiler"]} in {r["compile_s"]:.1f} s')
   print(f'  per device: params {_gb(r["params_bytes"])}, optimizer state {_gb(r["optimizer_bytes"])}')
   if 'peak_bytes' not in r:
     print('  the compiler gave no memory analysis on this platform')

@@ -63,8 +63,8 @@ def abstract_state(cfg) -> tuple[nnx.GraphDef, dict]:
   return graphdef, _placed(cfg, mesh, param_state, buffer_state, abstract=True)
 
 
-def _make_mesh(cfg):
-  mesh = mesh_lib.make_mesh(cfg.mesh)
+def _make_mesh(cfg, devices=None):
+  mesh = mesh_lib.make_mesh(cfg.mesh, devices)
   mesh_lib.check_batch(cfg.train.batch_size, mesh, 'train.batch_size')  # (a -1 mesh axis resolves only here)
   mesh_lib.check_batch(cfg.eval.batch_size, mesh, 'eval.batch_size')
   return mesh
@@ -88,32 +88,31 @@ def _abstract(tree, shardings):
   return jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), tree, shardings)
 
 
-def compile_step(cfg) -> dict:
+def compile_step(cfg, target=None) -> dict:
   """Lowers and compiles the train step for cfg's mesh without allocating the model or reading data.
 
+  `target` (a `moejax.parallel.targets.Target`) builds the mesh over that TPU slice's or GPU
+  node's devices and compiles with its real compiler on this machine; None: the local devices.
   Returns the per-device memory analysis in bytes: state (arguments), temporaries, and the
-  peak estimate arguments + outputs - donated aliases + temporaries; plus compile time.
+  peak estimate arguments + outputs - donated aliases + temporaries; plus compile time and
+  the compiler that made the figures.
   """
-  mesh = _make_mesh(cfg)
-  graphdef, param_state, buffer_state = model_lib.split(nnx.eval_shape(lambda: model_lib.build(cfg)))
-  state = _placed(cfg, mesh, param_state, buffer_state, abstract=True)
-  step = make_train_step(graphdef, optim.make(cfg.optim), cfg, shardings(state), mesh,
-                         0 if cfg.data.get('document_mask', False) else None)  # (any id: the program is the same)
+  from moejax.parallel import aot  # pylint: disable=import-outside-toplevel
+  mesh = _make_mesh(cfg, None if target is None else target.devices())
+  with aot.kernel_context(target):  # the model's kernel and exchange choices follow the target's platform
+    graphdef, param_state, buffer_state = model_lib.split(nnx.eval_shape(lambda: model_lib.build(cfg)))
+    state = _placed(cfg, mesh, param_state, buffer_state, abstract=True)
+    step = make_train_step(graphdef, optim.make(cfg.optim), cfg, shardings(state), mesh,
+                           0 if cfg.data.get('document_mask', False) else None)  # (any id: the program is the same)
   tokens = jax.ShapeDtypeStruct((cfg.train.batch_size, cfg.data.seq_len + 1), jnp.int32,
                                 sharding=mesh_lib.batch_sharding(mesh, 2))
-  start = time.time()
-  compiled = step.lower(state, tokens, jax.ShapeDtypeStruct((), jnp.int32),
-                        jax.ShapeDtypeStruct((), jnp.float32)).compile()
-  seconds = time.time() - start
-  m = compiled.memory_analysis()
+  c = aot.compile_for(target, None, state, tokens, jax.ShapeDtypeStruct((), jnp.int32),
+                      jax.ShapeDtypeStruct((), jnp.float32), jitted=step)
   per_device = lambda tree: sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
                                 for x in jax.tree.leaves(tree))
-  report = {'mesh': dict(mesh.shape), 'devices': mesh.size, 'platform': jax.default_backend(),
-            'compile_s': seconds, 'params_bytes': per_device(state['params']),
+  report = {'mesh': dict(mesh.shape), 'devices': mesh.size,
+            'platform': jax.default_backend() if target is None else target.platform, 'compiler': c.compiler,
+            'compile_s': c.compile_s, 'params_bytes': per_device(state['params']),
             'optimizer_bytes': per_device(state['opt_state'])}
-  if m is not None:
-    report.update(argument_bytes=m.argument_size_in_bytes, output_bytes=m.output_size_in_bytes,
-                  alias_bytes=m.alias_size_in_bytes, temp_bytes=m.temp_size_in_bytes,
-                  peak_bytes=m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
-                  + m.temp_size_in_bytes)
+  report.update(c.memory)
   return report

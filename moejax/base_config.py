@@ -35,6 +35,8 @@ def get_config(arg=None):
   m.norm_eps = 1e-6  # RMSNorm epsilon
   m.init_std = 0.02  # std of normal weight init (output projections scaled by 1/sqrt(2 * num_layers))
   m.compute_dtype = 'float32'  # 'float32' or 'bfloat16' matmuls; params and router stay float32
+  m.scan_layers = False  # run each repeating period of identical blocks as one jax.lax.scan (compiles once per period); parameters stay per layer
+  m.remat = 'none'  # rematerialize each block in the backward pass: 'none', 'full' (keep block inputs), 'moe' (also keep the routing), 'dots' (keep matmul outputs)
 
   c.moe = e = ml_collections.ConfigDict()
   e.num_experts = 8  # routed experts E per MoE layer; 0 makes a dense model
@@ -102,6 +104,7 @@ def get_config(arg=None):
   c.train = t = ml_collections.ConfigDict()
   t.steps = 400  # optimizer steps
   t.batch_size = 32  # global sequences per step
+  t.microbatches = 1  # gradient accumulation: the step runs the batch as this many equal microbatches (exactly the same update)
   t.log_every_steps = 50  # metrics to JSONL/TensorBoard every n steps
   t.peak_tflops = FieldReference(None, field_type=float)  # per-device peak for MFU; None -> looked up by device kind
 

@@ -244,6 +244,8 @@ def table(records: list[dict]) -> tuple[list[dict], list[str]]:
            'dead_experts': _mean_std([_layer_mean(r, 'dead_experts') for r in runs])[0],
            'drop_fraction': _mean_std([_layer_mean(r, 'drop_fraction') for r in runs])[0],
            'n_active_measured': _mean_std([(r.get('routing') or {}).get('n_active_measured') for r in runs])[0],
+           # training-time routing (result.json train.routing: last 10% of steps), mean over MoE layers
+           **{f'train_{k}': _mean_std([_layer_mean(r.get('train') or {}, k) for r in runs])[0] for k in TRAIN_ROUTING},
            'train_capacity_factor': flat.get('moe.train_capacity_factor'),
            'peak_learning_rate': flat.get('optim.peak_learning_rate'),
            'flops_per_token': acc.get('flops_per_token'),
@@ -276,18 +278,21 @@ MD_COLUMNS = (('config_hash', 'hash'), ('name', 'name'), ('n_total', 'N_total'),
               ('drop_policy', 'drop'), ('eval_drop_policy', 'eval drop'), ('tokens', 'tokens'), ('loss_mean', 'loss'), ('loss_std', '± std'),
               ('seeds', 'n'), ('bits_per_byte_mean', 'bits/byte'), ('load_max_over_mean', 'max/mean load'),
               ('dead_experts', 'dead'), ('drop_fraction', 'dropped'))
+TRAIN_ROUTING = ('drop_fraction', 'ep_drop_fraction', 'load_max_over_mean', 'dead_experts', 'router_entropy')
+TRAIN_COLUMNS = (('train_drop_fraction', 'train dropped'), ('train_load_max_over_mean', 'train max/mean'))
 
 
 def markdown(rows: list[dict], varied: list[str], gathered: Gathered | None = None) -> str:
   """The table (and failed/unreadable lists) as Markdown."""
   cols = list(MD_COLUMNS[:2]) + [(k, k) for k in varied] + list(MD_COLUMNS[2:])
+  cols += [c for c in TRAIN_COLUMNS if any(r.get(c[0]) is not None for r in rows)]  # (runs before issue 31 lack them)
   lines = ['| ' + ' | '.join(title for _, title in cols) + ' |',
            '|' + '|'.join('---' if k in ('config_hash', 'name') or k in varied else '---:' for k, _ in cols) + '|']
   for r in rows:
     lines.append('| ' + ' | '.join(_fmt(r.get(k), k) for k, _ in cols) + ' |')
   out = '\n'.join(lines) + '\n'
   out += ('\nLoss: held-out nats/token, mean over n seeds (± sample std). s = E/k; G = d_model*E/sum(d_exp) '
-          '(d/d_exp for equal experts). Routing columns: held-out pass, mean over MoE layers.\n')
+          '(d/d_exp for equal experts). Routing columns: held-out pass, mean over MoE layers (train ones: the last 10% of training steps).\n')
   if gathered and gathered.failed:
     out += '\n**Failed points**\n\n' + ''.join(f'- {f.get("name", "?")}: {f.get("error", "?")}\n'
                                                for f in gathered.failed)

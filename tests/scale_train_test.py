@@ -1,5 +1,8 @@
 """Scanned layers, rematerialization and gradient accumulation equal the plain model and step (issue 31)."""
 
+import json
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,12 +10,13 @@ import optax
 import pytest
 from flax import nnx
 
-from moejax import config as config_lib
+from moejax import config as config_lib, results
 from moejax.errors import ConfigError
 from moejax.model import stack
 from moejax.model import transformer as model_lib
 from moejax.train import accumulate, optim
 from moejax.train import loop as loop_lib
+from moejax.train import record as record_lib
 from moejax.train import state as state_lib
 from moejax.train import step as step_lib
 
@@ -139,3 +143,29 @@ def test_the_defaults_take_the_plain_code_path(tiny_cfg, monkeypatch):
 def test_bad_scale_keys_are_one_line_errors(tiny_cfg, overrides, message):
   with pytest.raises(ConfigError, match=message):
     config_lib.validate(config_lib.apply_overrides(tiny_cfg.copy_and_resolve_references(), overrides))
+
+
+def _metrics(workdir):
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    return {r['step']: r for r in map(json.loads, f) if 'loss' in r}
+
+
+def test_training_routing_reaches_result_json_and_the_results_table(tiny_cfg, tmp_path):
+  cfg = config_lib.validate(config_lib.apply_overrides(tiny_cfg.copy_and_resolve_references(), {
+      'train.steps': 20, 'checkpoint.every_steps': 19, 'moe.train_capacity_factor': 1.0}))
+  straight = loop_lib.run(cfg, str(tmp_path / 'a'))
+  summary = straight['routing']
+  assert summary['window'] == [19, 20] and summary['steps'] == 2
+  rows = _metrics(tmp_path / 'a')  # the trajectory: every logged step, per layer
+  for key in record_lib.TRAIN_ROUTING[:1] + record_lib.TRAIN_ROUTING[2:]:
+    expected = np.mean([rows[19][key], rows[20][key]], axis=0)
+    np.testing.assert_allclose([layer[key] for layer in summary['layers']], expected, rtol=1e-6, err_msg=key)
+  assert summary['mean']['drop_fraction'] > 0  # capacity factor 1: some assignments dropped in training
+  loop_lib.run(cfg, str(tmp_path / 'b'), stop_after=19)  # resumed inside the window: the partial sums travel
+  assert loop_lib.run(cfg, str(tmp_path / 'b'))['routing'] == summary
+  rec = record_lib.result_record(straight['setup'], {'loss': 1.0, 'bits_per_byte': 1.0}, straight, [], str(tmp_path))
+  assert rec['train']['routing']['layers'][0]['drop_fraction'] == summary['layers'][0]['drop_fraction']
+  rec['_path'] = str(tmp_path)
+  (row,), _ = results.table([rec])
+  assert row['train_drop_fraction'] == pytest.approx(summary['mean']['drop_fraction'])
+  assert 'train dropped' in results.markdown([row], [])

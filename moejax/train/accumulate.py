@@ -42,7 +42,7 @@ def _microbatches(tokens_BL1: jax.Array, k: int, mesh) -> jax.Array:
 
 
 def value_and_grad(graphdef: nnx.GraphDef, cfg, state: dict, tokens_BL1: jax.Array, rng: jax.Array,
-                   token_nll: Callable, mesh=None):
+                   token_nll: Callable, mesh=None, param_shardings=None):
   """((loss, (ce, aux)), grads) of the whole batch, as `step.make_train_step`'s loss_fn gives them
   (`token_nll`: its per-token cross-entropy)."""
   moe_cfg, k = cfg.moe, cfg.train.microbatches
@@ -75,8 +75,8 @@ def value_and_grad(graphdef: nnx.GraphDef, cfg, state: dict, tokens_BL1: jax.Arr
     return jax.tree.map(jnp.add, grads, g), (loss, ce, aux)
 
   zeros = jax.tree.map(jnp.zeros_like, params)
-  if mesh is not None:
-    zeros = jax.lax.with_sharding_constraint(zeros, jax.tree.map(lambda x: x.sharding, params))
+  if param_shardings is not None:  # the accumulator shards like the parameters
+    zeros = jax.lax.with_sharding_constraint(zeros, param_shardings)
   grads, (loss_K, ce_K, aux_K) = jax.lax.scan(micro, zeros, (tokens_KBL, jnp.arange(k)))
   grads = jax.tree.map(lambda g: g / k, grads)
   return (jnp.mean(loss_K), (jnp.mean(ce_K), _combine(aux_K))), grads

@@ -14,6 +14,7 @@ from moejax import config as config_lib, results
 from moejax.errors import ConfigError
 from moejax.model import stack
 from moejax.model import transformer as model_lib
+from moejax.parallel import mesh as mesh_lib
 from moejax.train import accumulate, optim
 from moejax.train import loop as loop_lib
 from moejax.train import record as record_lib
@@ -169,3 +170,19 @@ def test_training_routing_reaches_result_json_and_the_results_table(tiny_cfg, tm
   (row,), _ = results.table([rec])
   assert row['train_drop_fraction'] == pytest.approx(summary['mean']['drop_fraction'])
   assert 'train dropped' in results.markdown([row], [])
+
+
+def test_microbatches_on_a_mesh_give_the_one_device_step(tiny_cfg):
+  """Each microbatch is split over the batch axes; the accumulator shards like the parameters."""
+  cfg = config_lib.validate(config_lib.apply_overrides(tiny_cfg.copy_and_resolve_references(), {'train.batch_size': 8}))
+  tokens_BL1 = jax.random.randint(jax.random.key(5), (8, cfg.data.seq_len + 1), 0, cfg.model.vocab_size)
+  _, whole = _one_step(cfg, tokens_BL1, optim.make(cfg.optim))
+  meshed = config_lib.validate(config_lib.apply_overrides(cfg.copy_and_resolve_references(), {
+      'train.microbatches': 2, 'mesh.data': 2, 'mesh.fsdp': 2}))
+  s = state_lib.setup(meshed)
+  step = step_lib.make_train_step(s.graphdef, optim.make(meshed.optim), meshed, state_lib.shardings(s.state), s.mesh)
+  tokens = jax.device_put(tokens_BL1, mesh_lib.batch_sharding(s.mesh, 2))
+  state, out = step(s.state, tokens, jnp.int32(0), jnp.float32(1e-2))
+  assert jax.tree.leaves(state['params'])[0].sharding.mesh.shape == s.mesh.shape
+  for key in ('loss', 'aux_loss', 'grad_norm', 'expert_counts'):
+    np.testing.assert_allclose(out[key], whole[key], rtol=1e-5, err_msg=key)

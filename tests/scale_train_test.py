@@ -66,6 +66,7 @@ def test_scanned_models_share_the_unrolled_parameter_tree_and_decode(tiny_cfg):
   cfg, scanned = _mixed(tiny_cfg), _mixed(tiny_cfg, **{'model.scan_layers': True, 'model.remat': 'full'})
   assert jax.tree.structure(state_lib.abstract_state(cfg)[1]) == jax.tree.structure(state_lib.abstract_state(scanned)[1])
   model = model_lib.build(scanned)
+  assert stack.periods([stack._kind(b) for b in model.blocks]) == [(0, 2, 2), (4, 1, 1)]  # (D M) x 2, then D
   tokens_BL = jax.random.randint(jax.random.key(2), (1, 6), 0, cfg.model.vocab_size)
   full, _ = model(tokens_BL)
   positions_BL = jnp.arange(6)[None]

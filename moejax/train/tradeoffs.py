@@ -11,8 +11,10 @@ is `python -m moejax.bench step` on the same file. docs/scaling-out.md shows the
 
 from __future__ import annotations
 
+import logging
+
 import jax
-from absl import app, flags
+from absl import flags
 
 from moejax import config as config_lib
 from moejax.train import state as state_lib
@@ -29,6 +31,7 @@ def compile_rows(cfgs: list, repeats: int = 1) -> list[dict]:
     best = min(reports, key=lambda r: r['compile_s'])
     rows.append({'name': cfg.name, 'compile_s': best['compile_s'], 'temp_bytes': best.get('temp_bytes'),
                  'peak_bytes': best.get('peak_bytes'), 'platform': best['platform']})
+    logging.info('%s: compiled in %.1f s, temporaries %s bytes', cfg.name, best['compile_s'], best.get('temp_bytes'))
   for row in rows:
     for key in ('compile_s', 'temp_bytes', 'peak_bytes'):
       first = rows[0][key]

@@ -37,7 +37,7 @@ def policy(name: str) -> Callable | None:
 
 def _kind(block) -> tuple:
   """Blocks of equal kind have equal graphdefs and parameter shapes: they can share one scan body."""
-  graphdef, state = nnx.split(block)
+  _, state = nnx.split(block)
   return (block.use_moe, jax.tree.structure(state), tuple((x.shape, x.dtype) for x in jax.tree.leaves(state)))
 
 

@@ -38,6 +38,8 @@ def get_config(arg=None):
   m.attention = 'xla'  # attention core: 'xla' (jax.nn.dot_product_attention), 'blockwise' (flash in jnp), 'cudnn' (GPU), 'splash' (TPU Pallas), 'auto'
   m.attention_q_block = 512  # 'blockwise'/'splash': queries per block (clipped to the sequence length)
   m.attention_kv_block = 512  # 'blockwise'/'splash': keys per block; scores held at once: H x q_block x kv_block
+  m.scan_layers = False  # run each repeating period of identical blocks as one jax.lax.scan (compiles once per period); parameters stay per layer
+  m.remat = 'none'  # rematerialize each block in the backward pass: 'none', 'full' (keep block inputs), 'moe' (also keep the routing), 'dots' (keep matmul outputs)
 
   c.moe = e = ml_collections.ConfigDict()
   e.num_experts = 8  # routed experts E per MoE layer; 0 makes a dense model
@@ -107,6 +109,7 @@ def get_config(arg=None):
   c.train = t = ml_collections.ConfigDict()
   t.steps = 400  # optimizer steps
   t.batch_size = 32  # global sequences per step
+  t.microbatches = 1  # gradient accumulation: the step runs the batch as this many equal microbatches (exactly the same update)
   t.log_every_steps = 50  # metrics to JSONL/TensorBoard every n steps
   t.peak_tflops = FieldReference(None, field_type=float)  # per-device peak for MFU; None -> looked up by device kind
   t.init_from = ''  # upcycling: a finished dense run's workdir whose weights start this MoE ('' = random init)

@@ -20,7 +20,8 @@ def test_execute_writes_complete_result_record(tiny_cfg, tmp_path):
   for key in ('n_total', 'n_active', 'n_total_nonembed', 'n_active_nonembed', 'sparsity', 'flops_per_token'):
     assert key in record['accounting']
   assert set(record['eval']) >= {'loss', 'bits_per_byte', 'tokens'}
-  assert set(record['train']) == {'steps', 'tokens', 'wall_s'} and record['train']['steps'] == 2
+  assert set(record['train']) == {'steps', 'tokens', 'wall_s', 'routing'} and record['train']['steps'] == 2
+  assert record['train']['routing']['window'] == [2, 2] and len(record['train']['routing']['layers']) == 2
   assert record['data']['name'].startswith('text:') and len(record['data']['fingerprint']) == 64
   assert record['config']['moe']['num_experts'] == 4
   layers = record['routing']['layers']

@@ -1,4 +1,4 @@
-"""`python -m moejax.bench step|moe|data|decode|attention|fit [flags]`: runs `python -m moejax.bench.<name> [flags]`.
+"""`python -m moejax.bench step|moe|data|decode|attention|fit|compile [flags]`: runs `python -m moejax.bench.<name> [flags]`.
 
 Each benchmark is its own module with its own flags (`python -m moejax.bench.moe --help`).
 """
@@ -6,7 +6,7 @@ Each benchmark is its own module with its own flags (`python -m moejax.bench.moe
 import importlib
 import sys
 
-SUBCOMMANDS = ('step', 'moe', 'data', 'decode', 'attention', 'fit')
+SUBCOMMANDS = ('step', 'moe', 'data', 'decode', 'attention', 'fit', 'compile')
 
 
 def main() -> None:

@@ -15,7 +15,8 @@ from moejax.config.loading import flatten
 # up to these keys (moejax/train/workdir.py).
 RUN_NEUTRAL_KEYS = ('distributed.', 'checkpoint.', 'mesh.', 'train.log_every_steps', 'train.peak_tflops',
                     'eval.every_steps', 'data.cache_dir', 'data.verify_store', 'data.read_threads',
-                    'data.prefetch_batches', 'data.tfds_data_dir')
+                    'data.prefetch_batches', 'data.tfds_data_dir',
+                    'model.scan_layers', 'model.remat')  # (same math, another program: float32 rounding too)
 # Keys that pick one draw (or one label) of a configuration: results differing only here are seeds
 # of one configuration (`moejax.results` groups them; hash with ignore=SEED_KEYS + LAUNCH_KEYS).
 SEED_KEYS = ('name', 'seed', 'data.seed')

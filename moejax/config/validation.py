@@ -76,6 +76,7 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
            f'model.num_heads={m.num_heads} must be divisible by model.num_kv_heads={m.num_kv_heads}')
   _require(m.qk_norm_scope in QK_NORM_SCOPES, f'model.qk_norm_scope={m.qk_norm_scope!r} must be one of {QK_NORM_SCOPES}')
   _require(m.compute_dtype in COMPUTE_DTYPES, f'model.compute_dtype={m.compute_dtype!r} must be one of {COMPUTE_DTYPES}')
+  _require(m.remat in ('none', 'full', 'moe', 'dots'), f"model.remat={m.remat!r} must be one of 'none', 'full', 'moe', 'dots'")
   _require(m.attention in ATTENTION_IMPLEMENTATIONS,
            f'model.attention={m.attention!r} must be one of {ATTENTION_IMPLEMENTATIONS}')
   _require(m.attention != 'cudnn' or m.compute_dtype == 'bfloat16',
@@ -110,7 +111,8 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _require(o.weight_decay >= 0 and o.grad_clip_norm >= 0,
            'optim.weight_decay and optim.grad_clip_norm must be >= 0')
 
-  _positive(cfg, 'train', ('steps', 'batch_size', 'log_every_steps'))
+  _positive(cfg, 'train', ('steps', 'batch_size', 'log_every_steps', 'microbatches'))
+  _validate_microbatches(cfg)
   _positive(cfg, 'checkpoint', ('every_steps', 'max_to_keep'))
   _validate_study_axes(cfg)
   _positive(cfg, 'eval', ('batch_size',))
@@ -130,6 +132,19 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
       _require(value % ways == 0,
                f'{key}={value} must be divisible by the batch axes mesh.data*mesh.fsdp*mesh.expert={ways}')
   return cfg
+
+
+def _validate_microbatches(cfg) -> None:  # equal microbatches, split over the batch axes, the batch's routing groups
+  t, e, k = cfg.train, cfg.moe, cfg.train.microbatches
+  rows, ways, moe = t.batch_size // k, cfg.mesh.data * cfg.mesh.fsdp * cfg.mesh.expert, e.num_experts > 0
+  _require(t.batch_size % k == 0, f'train.microbatches={k} must divide train.batch_size={t.batch_size}')
+  _require(k == 1 or ways < 0 or rows % ways == 0, f'train.batch_size/train.microbatches={rows} must be divisible by '
+           f'the batch axes mesh.data*mesh.fsdp*mesh.expert={ways}')
+  _require(k == 1 or not moe or e.load_balancing != 'micro_batch' or rows % e.balance_group_sequences == 0,
+           f'moe.balance_group_sequences={e.balance_group_sequences} must divide the microbatch rows {rows}')
+  _require(k == 1 or not moe or e.train_capacity_factor is None or (e.capacity_group_tokens is not None and rows
+           * cfg.data.seq_len % e.capacity_group_tokens == 0), f'train.microbatches={k} with moe.train_capacity_factor'
+           f' needs moe.capacity_group_tokens dividing the microbatch tokens {rows * cfg.data.seq_len}')
 
 
 def _validate_branches(cfg) -> None:

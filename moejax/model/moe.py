@@ -14,6 +14,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from moejax import config as config_lib, kernels as kernels_lib, routing
 from moejax.parallel import expert as expert_parallel
@@ -73,6 +74,8 @@ class MoE(nnx.Module):
     scores_TE, experts_TK, gates_TK, _ = router.route(
         logits_TE, c.experts_per_token, c.router_score, bias, renorm, c.routed_scaling_factor,
         impl=kernels_lib.resolve(c.kernels), num_groups=c.num_expert_groups, topk_groups=c.topk_expert_groups)
+    # Named for model.remat='moe', which keeps the routing and recomputes the experts (moejax/model/stack.py).
+    experts_TK, gates_TK = checkpoint_name(experts_TK, 'router_experts'), checkpoint_name(gates_TK, 'router_gates')
     return logits_TE, scores_TE, experts_TK, gates_TK
 
   def __call__(self, x_BLD: jax.Array, train: bool = False, rng: jax.Array | None = None,
@@ -192,11 +195,16 @@ class MoE(nnx.Module):
     if valid_T is None:
       aux = {'aux_loss': routing.load_balancing_loss(scores_TE, experts_TK, group),
              'z_loss': routing.router_z_loss(logits_TE),
-             'drop_fraction': 1.0 - jnp.mean(keep_TK.astype(jnp.float32))}
+             'drop_fraction': 1.0 - jnp.mean(keep_TK.astype(jnp.float32)),
+             # P_i of the global-batch loss, for gradient accumulation's exact whole-batch loss (moejax/train/accumulate.py)
+             'balance_scores': jnp.mean(routing.normalized_scores(scores_TE), axis=0)}
     else:
+      w_T = valid_T.astype(jnp.float32)
       aux = {'aux_loss': routing.load_balancing_loss(scores_TE, experts_TK, group, valid_T),
              'z_loss': routing.router_z_loss(logits_TE, valid_T),
-             'drop_fraction': 1.0 - routing.masked_mean(jnp.mean(keep_TK.astype(jnp.float32), axis=1), valid_T)}
+             'drop_fraction': 1.0 - routing.masked_mean(jnp.mean(keep_TK.astype(jnp.float32), axis=1), valid_T),
+             'balance_scores': (jnp.sum(routing.normalized_scores(scores_TE) * w_T[:, None], axis=0)
+                                / jnp.maximum(jnp.sum(w_T), 1.0))}
     aux.update(routing.routing_stats(routing.normalized_scores(scores_TE), experts_TK, valid_T))
     aux['bias_abs_mean'] = jnp.zeros(()) if self.expert_bias is None else jnp.mean(jnp.abs(self.expert_bias[...]))
     return aux

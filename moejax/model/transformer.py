@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from moejax import config as config_lib
-from moejax.model import dispatch as dispatch_lib
+from moejax.model import dispatch as dispatch_lib, stack
 from moejax.model.layers import MLP, Attention, Embed, RMSNorm, param
 from moejax.model.moe import MoE
 
@@ -94,12 +94,16 @@ class Transformer(nnx.Module):
     self.unembed = None if m.use_tied_embeddings else param(rngs, (m.model_dim, m.vocab_size), ('embed', 'vocab'),
                                                             m.init_std)
     self.dtype = jnp.dtype(m.compute_dtype)
+    self.scan_layers, self.remat = m.get('scan_layers', False), m.get('remat', 'none')
 
   def __call__(self, tokens_BL: jax.Array, train: bool = False, rng: jax.Array | None = None, *,
                positions_BL: jax.Array | None = None, cache: Cache | None = None, moe_dispatch: str = 'model',
                use_ffn: bool = True, segment_ids_BL: jax.Array | None = None):
     x_BLD = self.embed(tokens_BL, self.dtype)
     tokens = tokens_BL.shape[0] * tokens_BL.shape[1]
+    if cache is None and (self.scan_layers or self.remat != 'none'):  # (decode runs the blocks unrolled)
+      x_BLD, layer_aux = stack.run(self.blocks, x_BLD, train, rng, positions_BL, self.scan_layers, self.remat, use_ffn)
+      return self.logits(self.final_norm(x_BLD)), _stack_aux(layer_aux)
     layer_aux, keys, values = [], [], []
     for i, block in enumerate(self.blocks):
       kv, dispatch = None, None

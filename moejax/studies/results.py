@@ -34,6 +34,9 @@ from moejax.errors import ConfigError, DataError, MoejaxError
 NOT_IDENTITY = config_lib.SEED_KEYS + config_lib.LAUNCH_KEYS
 
 
+TRAIN_ROUTING = ('drop_fraction', 'ep_drop_fraction', 'load_max_over_mean', 'dead_experts', 'router_entropy')
+
+
 def _identity_key(key: str) -> bool:
   return not config_lib.key_in(key, NOT_IDENTITY)
 REQUIRED = (('name',), ('config',), ('accounting', 'n_total'), ('accounting', 'n_active'), ('eval', 'loss'),
@@ -258,6 +261,9 @@ def table(records: list[dict]) -> tuple[list[dict], list[str]]:
            'dead_experts': _mean_std([_layer_mean(r, 'dead_experts') for r in runs])[0],
            'drop_fraction': _mean_std([_layer_mean(r, 'drop_fraction') for r in runs])[0],
            'n_active_measured': _mean_std([(r.get('routing') or {}).get('n_active_measured') for r in runs])[0],
+           # training-time routing (result.json train.routing: the last 10% of steps), mean over MoE layers; in the
+           # CSV and JSON tables (the Markdown table keeps its columns)
+           **{f'train_{k}': _mean_std([_layer_mean(r.get('train') or {}, k) for r in runs])[0] for k in TRAIN_ROUTING},
            'train_capacity_factor': flat.get('moe.train_capacity_factor'),
            'peak_learning_rate': flat.get('optim.peak_learning_rate'),
            'flops_per_token': acc.get('flops_per_token'),

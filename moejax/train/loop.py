@@ -25,7 +25,7 @@ from moejax import data, files
 from moejax.errors import DataError, Interrupted, NonFiniteLossError, Preempted
 from moejax.parallel import distributed
 from moejax.parallel import mesh as mesh_lib
-from moejax.train import checkpoint, evaluate as eval_lib, metrics as metrics_lib, optim
+from moejax.train import checkpoint, evaluate as eval_lib, metrics as metrics_lib, optim, record
 from moejax.train import workdir as workdir_lib
 from moejax.train.state import Setup, setup
 from moejax.train.step import cached_train_step
@@ -103,7 +103,7 @@ def run(cfg, workdir: str, stop_after: int | None = None, built: Setup | None = 
                                  cfg.checkpoint.use_async, cfg.checkpoint.keep_every_steps)
   loop = None
   try:
-    state, wall_before, branches_done = s.state, 0.0, []
+    state, wall_before, branches_done, routing_window = s.state, 0.0, [], None
     restored = ckpt.restore_latest(checkpoint.abstract(state))
     if restored is None and cfg.train.init_from:  # upcycling: a dense run's weights, only ever at step 0
       from moejax.train import upcycle  # pylint: disable=import-outside-toplevel
@@ -119,12 +119,14 @@ def run(cfg, workdir: str, stop_after: int | None = None, built: Setup | None = 
         data_iter.set_state(meta['data_iterator'])
       wall_before = meta['wall_s']
       branches_done = meta.get('branches_done', [])
+      routing_window = meta.get('routing_window')
       log.info('resumed from step %d', step0)
     elif distributed.is_leader() and not os.path.exists(os.path.join(workdir, 'config.json')):
       files.atomic_write(os.path.join(workdir, 'config.json'), cfg.to_json_best_effort(indent=2))
     loop = _Loop(cfg, s, workdir, ckpt, data_iter, batch_sharding, state, wall_before, restored is not None,
                  branches_done)
     end = t_cfg.steps if stop_after is None else min(stop_after, t_cfg.steps)
+    loop.routing.restore(routing_window)
     loop.train_until(end)
   finally:
     if loop is not None:
@@ -133,7 +135,7 @@ def run(cfg, workdir: str, stop_after: int | None = None, built: Setup | None = 
       ckpt.close()
   s.state = loop.state
   return {'steps': loop.step, 'tokens': loop.step * loop.tokens_per_step,
-          'wall_s': wall_before + time.time() - loop.t_start, 'setup': s}
+          'wall_s': wall_before + time.time() - loop.t_start, 'setup': s, 'routing': loop.routing.summary()}
 
 
 class _Loop:
@@ -156,6 +158,7 @@ class _Loop:
     self.tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
     self.peak = metrics_lib.peak_flops(cfg.train.peak_tflops)
     self.progress = None
+    self.routing = record.RoutingWindow(cfg.train.steps)  # result.json train.routing
     self.t_start = time.time()
 
   def save(self) -> None:
@@ -166,7 +169,8 @@ class _Loop:
     self.ckpt.save(self.step, self.state, {
         'step': self.step, 'data_iterator': self.data_iter.get_state(),
         'wall_s': self.wall_before + time.time() - self.t_start, 'branches_done': sorted(self.branches_done),
-        'data_fingerprint': self.s.corpus.fingerprint, 'config': self.cfg.to_json_best_effort()})
+        'data_fingerprint': self.s.corpus.fingerprint, 'config': self.cfg.to_json_best_effort(),
+        'routing_window': self.routing.state()})
     self.last_saved = self.step
 
   def train_until(self, end: int) -> None:
@@ -185,6 +189,7 @@ class _Loop:
         tokens = mesh_lib.global_batch(next(self.data_iter), self.batch_sharding, t_cfg.batch_size)
         self.state, out = self.train_step(self.state, tokens, self.seed, self.lrs[self.step])
         self.step += 1
+        self.routing.add(self.step, out)
         if first:  # the first step includes compilation: time it apart, and keep it out of tokens/s
           jax.block_until_ready(out['loss'])
           log.info('step %d: compiled and ran in %.1f s', self.step, time.time() - t_window)

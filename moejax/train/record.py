@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import subprocess
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from moejax import files
@@ -70,7 +72,7 @@ def result_record(s: Setup, eval_metrics: dict, train_summary: dict, config_chan
       'data': s.corpus.metadata(),
       'eval': {k: v for k, v in eval_metrics.items() if k != 'routing'},
       'routing': eval_metrics.get('routing'),
-      'train': {k: v for k, v in train_summary.items() if k in ('steps', 'tokens', 'wall_s')},
+      'train': {k: v for k, v in train_summary.items() if k in ('steps', 'tokens', 'wall_s', 'routing')},
       **compute(s.accounting, train_summary, workdir),
       'git': git_revision(),
       'platform': {'backend': jax.default_backend(), 'device_kind': jax.devices()[0].device_kind,
@@ -107,3 +109,42 @@ def write_result(workdir: str, record: dict) -> str:
   if distributed.is_leader():
     files.atomic_write(path, json.dumps(record, indent=2, sort_keys=True) + '\n')
   return path
+
+
+# Training-time routing statistics summarised in result.json: per MoE layer, the mean over the last
+# 10% of the run's steps (`train.routing`); their trajectory is in metrics.jsonl and TensorBoard.
+TRAIN_ROUTING = ('drop_fraction', 'ep_drop_fraction', 'load_max_over_mean', 'load_cv', 'dead_experts',
+                 'router_entropy')
+
+
+class RoutingWindow:
+  """Sums the train step's per-layer routing statistics over steps (start, steps] on the device (no host
+  wait per step); `state()`/`restore()` carry the partial sums through a checkpoint's JSON record."""
+
+  def __init__(self, steps: int):
+    self.start, self.end = steps - max(1, math.ceil(steps / 10)), steps
+    self.sums: dict = {}
+    self.count = 0
+
+  def add(self, step: int, out: dict) -> None:
+    if self.start < step <= self.end:
+      for key in TRAIN_ROUTING:
+        if key in out:
+          self.sums[key] = self.sums.get(key, 0.0) + out[key]
+      self.count += 1
+
+  def state(self) -> dict:
+    return {'count': self.count, 'sums': metrics_lib.to_jsonable(jax.device_get(self.sums))}
+
+  def restore(self, state: dict | None) -> None:
+    if state:
+      self.count, self.sums = state['count'], {k: jnp.asarray(v, jnp.float32) for k, v in state['sums'].items()}
+
+  def summary(self) -> dict | None:
+    """{'window': [first, last step], 'steps', 'layers': [{stat: mean}], 'mean': {stat: mean over layers}}."""
+    if not self.count or not self.sums:
+      return None
+    means = {k: np.asarray(jax.device_get(v), np.float64) / self.count for k, v in self.sums.items()}
+    layers = [{k: float(v[i]) for k, v in means.items()} for i in range(len(next(iter(means.values()))))]
+    return {'window': [self.start + 1, self.end], 'steps': self.count, 'layers': layers,
+            'mean': {k: float(np.mean(v)) for k, v in means.items()}}

@@ -13,7 +13,7 @@ from flax import nnx
 from moejax import config as config_lib
 from moejax.model import attention as attention_lib, moe as moe_lib
 from moejax.parallel import mesh as mesh_lib
-from moejax.train import optim
+from moejax.train import accumulate, optim
 
 
 def token_nll(logits_BLV: jax.Array, targets_BL: jax.Array) -> jax.Array:
@@ -63,8 +63,12 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
 
   def step(state, tokens_BL1, seed, lr):
     rng = jax.random.fold_in(jax.random.key(seed), state['step'])
-    (loss, (ce, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state['params'], state['buffers'], tokens_BL1, rng)
+    if cfg.train.get('microbatches', 1) > 1:  # gradient accumulation (moejax/train/accumulate.py)
+      (loss, (ce, aux)), grads = accumulate.value_and_grad(
+          graphdef, cfg, state, tokens_BL1, rng, token_nll, mesh, state_shardings and state_shardings['params'])
+    else:
+      (loss, (ce, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+          state['params'], state['buffers'], tokens_BL1, rng)
     updates, opt_state = optimizer.update(grads, state['opt_state'], state['params'])
     lr = jnp.asarray(lr, jnp.float32)
     updates = jax.tree.map(lambda u: (lr * u).astype(u.dtype), updates)

@@ -1,0 +1,189 @@
+"""Scanned layers, rematerialization and gradient accumulation equal the plain model and step (issue 31)."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from moejax import config as config_lib, results
+from moejax.errors import ConfigError
+from moejax.model import stack
+from moejax.model import transformer as model_lib
+from moejax.parallel import mesh as mesh_lib
+from moejax.train import accumulate, optim
+from moejax.train import loop as loop_lib
+from moejax.train import record as record_lib
+from moejax.train import state as state_lib
+from moejax.train import step as step_lib
+
+
+def _mixed(cfg, **overrides):
+  """A 5-layer D M D M D pattern (first dense layer, MoE every other layer) with router jitter."""
+  cfg = config_lib.apply_overrides(cfg.copy_and_resolve_references(), {
+      'model.num_layers': 5, 'moe.first_dense_layers': 1, 'moe.every_n_layers': 2, 'moe.router_jitter': 0.1,
+      **overrides})
+  return config_lib.validate(cfg)
+
+
+def test_periods_cover_the_layer_pattern_in_order():
+  assert stack.periods(list('DMDMDM')) == [(0, 2, 3)]
+  assert stack.periods(list('DDMMM')) == [(0, 1, 2), (2, 1, 3)]
+  assert stack.periods(list('DMDMD')) == [(0, 2, 2), (4, 1, 1)]
+  assert stack.periods(list('MDM')) == [(0, 1, 1), (1, 1, 1), (2, 1, 1)]
+
+
+def _loss_and_grads(cfg, tokens_BL):
+  graphdef, params, buffers = model_lib.split(model_lib.build(cfg))
+
+  def f(p):
+    logits_BLV, aux = nnx.merge(graphdef, p, buffers)(tokens_BL, train=True, rng=jax.random.key(3))
+    return jnp.mean(logits_BLV ** 2) + aux['aux_loss'] + aux['z_loss'], (logits_BLV, aux['expert_counts'])
+
+  return jax.jit(jax.value_and_grad(f, has_aux=True))(params)
+
+
+@pytest.mark.parametrize('scan,remat', [(True, 'none'), (False, 'full'), (True, 'moe')])
+def test_scanned_and_rematerialized_blocks_give_the_unrolled_logits_and_gradients(tiny_cfg, scan, remat):
+  tokens_BL = jax.random.randint(jax.random.key(1), (2, 8), 0, tiny_cfg.model.vocab_size)
+  cfg = _mixed(tiny_cfg)
+  (loss, (logits, counts)), grads = _loss_and_grads(cfg, tokens_BL)
+  (loss2, (logits2, counts2)), grads2 = _loss_and_grads(_mixed(tiny_cfg, **{'model.scan_layers': scan,
+                                                                           'model.remat': remat}), tokens_BL)
+  np.testing.assert_array_equal(counts, counts2)
+  np.testing.assert_allclose(logits2, logits, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(loss2, loss, rtol=1e-6)
+  assert jax.tree.structure(grads) == jax.tree.structure(grads2)
+  for g, g2 in zip(jax.tree.leaves(grads), jax.tree.leaves(grads2)):
+    np.testing.assert_allclose(g2, g, rtol=1e-4, atol=1e-5 * float(jnp.max(jnp.abs(g))))
+
+
+def test_scanned_models_share_the_unrolled_parameter_tree_and_decode(tiny_cfg):
+  cfg, scanned = _mixed(tiny_cfg), _mixed(tiny_cfg, **{'model.scan_layers': True, 'model.remat': 'full'})
+  assert jax.tree.structure(state_lib.abstract_state(cfg)[1]) == jax.tree.structure(state_lib.abstract_state(scanned)[1])
+  model = model_lib.build(scanned)
+  assert stack.periods([stack._kind(b) for b in model.blocks]) == [(0, 2, 2), (4, 1, 1)]  # (D M) x 2, then D
+  tokens_BL = jax.random.randint(jax.random.key(2), (1, 6), 0, cfg.model.vocab_size)
+  full, _ = model(tokens_BL)
+  positions_BL = jnp.arange(6)[None]
+  logits, _, _ = model(tokens_BL, positions_BL=positions_BL, cache=model.init_cache(1, 8))  # decode runs unrolled
+  np.testing.assert_allclose(logits, full, rtol=1e-5, atol=1e-5)
+
+
+def test_a_checkpoint_resumes_across_scan_and_remat(tiny_cfg, tmp_path):
+  straight = loop_lib.run(tiny_cfg, str(tmp_path / 'a'))
+  loop_lib.run(tiny_cfg, str(tmp_path / 'b'), stop_after=3)
+  switched = config_lib.apply_overrides(tiny_cfg.copy_and_resolve_references(),
+                                        {'model.scan_layers': True, 'model.remat': 'moe'})
+  resumed = loop_lib.run(config_lib.validate(switched), str(tmp_path / 'b'))
+  assert resumed['steps'] == 6
+  for x, y in zip(jax.tree.leaves(straight['setup'].state['params']), jax.tree.leaves(resumed['setup'].state['params'])):
+    np.testing.assert_allclose(y, x, rtol=1e-4, atol=1e-6)
+
+
+def _one_step(cfg, tokens_BL1, opt=None):
+  """One train step from the initial state; plain SGD by default, so the new params are params - lr * grads."""
+  graphdef, params, buffers = model_lib.split(model_lib.build(cfg))
+  opt = opt or optax.sgd(1.0)
+  p = nnx.to_pure_dict(params)
+  state = {'params': p, 'buffers': nnx.to_pure_dict(buffers), 'opt_state': opt.init(p), 'step': jnp.int32(0)}
+  step = step_lib.make_train_step(graphdef, opt, cfg)
+  return step(state, tokens_BL1, jnp.int32(0), jnp.float32(1e-2))
+
+
+@pytest.mark.parametrize('overrides', [
+    {},  # global-batch load balancing: the whole batch's expert fractions
+    {'moe.load_balancing': 'aux_free', 'moe.aux_free_sequence_coef': 1e-2},  # bias update from summed counts
+    {'moe.train_capacity_factor': 1.0, 'moe.capacity_group_tokens': 16},  # drops: capacity groups of one sequence
+])
+def test_microbatches_give_the_whole_batch_step(tiny_cfg, overrides):
+  cfg = config_lib.validate(config_lib.apply_overrides(tiny_cfg.copy_and_resolve_references(),
+                                                       {'train.batch_size': 8, 'moe.aux_loss_coef': 1.0, **overrides}))
+  tokens_BL1 = jax.random.randint(jax.random.key(5), (8, cfg.data.seq_len + 1), 0, cfg.model.vocab_size)
+  whole_state, whole = _one_step(cfg, tokens_BL1)
+  micro_cfg = config_lib.validate(config_lib.apply_overrides(cfg.copy_and_resolve_references(),
+                                                             {'train.microbatches': 4}))
+  micro_state, micro = _one_step(micro_cfg, tokens_BL1)
+  for key in ('loss', 'ce', 'aux_loss', 'z_loss', 'grad_norm', 'expert_counts', 'load_max_over_mean', 'dead_experts',
+              'drop_fraction', 'router_entropy', 'aux_loss_per_layer', 'z_loss_per_layer', 'bias_abs_mean'):
+    np.testing.assert_allclose(micro[key], whole[key], rtol=2e-6, atol=1e-7, err_msg=key)
+  for x, y in zip(jax.tree.leaves(whole_state), jax.tree.leaves(micro_state)):  # params - lr * grads, buffers
+    np.testing.assert_allclose(y, x, rtol=1e-6, atol=1e-8)
+
+
+def test_a_mean_of_microbatch_balance_losses_is_not_the_global_one(tiny_cfg):
+  """The pre-pass matters: per-microbatch fractions give another loss (the approximation peers make)."""
+  cfg = config_lib.validate(config_lib.apply_overrides(tiny_cfg.copy_and_resolve_references(), {'train.batch_size': 8}))
+  graphdef, params, buffers = model_lib.split(model_lib.build(cfg))
+  tokens_BL = jax.random.randint(jax.random.key(5), (8, cfg.data.seq_len), 0, cfg.model.vocab_size)
+  model = nnx.merge(graphdef, params, buffers)
+  whole = model(tokens_BL)[1]['aux_loss']
+  per_micro = jnp.mean(jnp.stack([model(tokens_BL[i:i + 2])[1]['aux_loss'] for i in range(0, 8, 2)]))
+  assert abs(float(per_micro) - float(whole)) > 1e-4
+
+
+def test_the_defaults_take_the_plain_code_path(tiny_cfg, monkeypatch):
+  def refuse(*args, **kwargs):
+    raise AssertionError('not the default path')
+  monkeypatch.setattr(accumulate, 'value_and_grad', refuse)
+  monkeypatch.setattr(stack, 'run', refuse)
+  tokens_BL1 = jax.random.randint(jax.random.key(5), (4, tiny_cfg.data.seq_len + 1), 0, tiny_cfg.model.vocab_size)
+  _, out = _one_step(tiny_cfg, tokens_BL1, optim.make(tiny_cfg.optim))
+  assert np.isfinite(float(out['loss']))
+
+
+@pytest.mark.parametrize('overrides,message', [
+    ({'train.microbatches': 3}, 'train.microbatches=3 must divide train.batch_size=4'),
+    ({'train.microbatches': 2, 'mesh.data': 4}, 'must be divisible by the batch axes'),
+    ({'train.microbatches': 2, 'moe.train_capacity_factor': 1.0}, 'needs moe.capacity_group_tokens'),
+    ({'model.remat': 'some'}, "model.remat='some' must be one of"),
+])
+def test_bad_scale_keys_are_one_line_errors(tiny_cfg, overrides, message):
+  with pytest.raises(ConfigError, match=message):
+    config_lib.validate(config_lib.apply_overrides(tiny_cfg.copy_and_resolve_references(), overrides))
+
+
+def _metrics(workdir):
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    return {r['step']: r for r in map(json.loads, f) if 'loss' in r}
+
+
+def test_training_routing_reaches_result_json_and_the_results_table(tiny_cfg, tmp_path):
+  cfg = config_lib.validate(config_lib.apply_overrides(tiny_cfg.copy_and_resolve_references(), {
+      'train.steps': 20, 'checkpoint.every_steps': 19, 'moe.train_capacity_factor': 1.0}))
+  straight = loop_lib.run(cfg, str(tmp_path / 'a'))
+  summary = straight['routing']
+  assert summary['window'] == [19, 20] and summary['steps'] == 2
+  rows = _metrics(tmp_path / 'a')  # the trajectory: every logged step, per layer
+  for key in record_lib.TRAIN_ROUTING[:1] + record_lib.TRAIN_ROUTING[2:]:
+    expected = np.mean([rows[19][key], rows[20][key]], axis=0)
+    np.testing.assert_allclose([layer[key] for layer in summary['layers']], expected, rtol=1e-6, err_msg=key)
+  assert summary['mean']['drop_fraction'] > 0  # capacity factor 1: some assignments dropped in training
+  loop_lib.run(cfg, str(tmp_path / 'b'), stop_after=19)  # resumed inside the window: the partial sums travel
+  assert loop_lib.run(cfg, str(tmp_path / 'b'))['routing'] == summary
+  rec = record_lib.result_record(straight['setup'], {'loss': 1.0, 'bits_per_byte': 1.0}, straight, [], str(tmp_path))
+  assert rec['train']['routing']['layers'][0]['drop_fraction'] == summary['layers'][0]['drop_fraction']
+  rec['_path'] = str(tmp_path)
+  (row,), _ = results.table([rec])
+  assert row['train_drop_fraction'] == pytest.approx(summary['mean']['drop_fraction'])
+  assert 'train dropped' in results.markdown([row], [])
+
+
+def test_microbatches_on_a_mesh_give_the_one_device_step(tiny_cfg):
+  """Each microbatch is split over the batch axes; the accumulator shards like the parameters."""
+  cfg = config_lib.validate(config_lib.apply_overrides(tiny_cfg.copy_and_resolve_references(), {'train.batch_size': 8}))
+  tokens_BL1 = jax.random.randint(jax.random.key(5), (8, cfg.data.seq_len + 1), 0, cfg.model.vocab_size)
+  _, whole = _one_step(cfg, tokens_BL1, optim.make(cfg.optim))
+  meshed = config_lib.validate(config_lib.apply_overrides(cfg.copy_and_resolve_references(), {
+      'train.microbatches': 2, 'mesh.data': 2, 'mesh.fsdp': 2}))
+  s = state_lib.setup(meshed)
+  step = step_lib.make_train_step(s.graphdef, optim.make(meshed.optim), meshed, state_lib.shardings(s.state), s.mesh)
+  tokens = jax.device_put(tokens_BL1, mesh_lib.batch_sharding(s.mesh, 2))
+  state, out = step(s.state, tokens, jnp.int32(0), jnp.float32(1e-2))
+  assert jax.tree.leaves(state['params'])[0].sharding.mesh.shape == s.mesh.shape
+  for key in ('loss', 'aux_loss', 'grad_norm', 'expert_counts'):
+    np.testing.assert_allclose(out[key], whole[key], rtol=1e-5, err_msg=key)

@@ -153,3 +153,16 @@ def test_train_step_with_document_mask(tiny_cfg):
   jaxpr = lambda sep: str(jax.make_jaxpr(step_lib.make_train_step(s.graphdef, optimizer, tiny_cfg,
                                                                   document_separator=sep))(*args))
   assert 'cummax' not in jaxpr(None) and 'cummax' in jaxpr(SEPARATOR)  # (the default derives no segments)
+
+
+def test_scanned_and_rematerialized_models_keep_the_document_mask(tiny_cfg):
+  cfg = config_lib.validate(config_lib.apply_overrides(tiny_cfg, {'data.document_mask': True}))
+  tokens = jnp.asarray(np.random.default_rng(0).integers(1, 200, (2, 16)), jnp.int32)
+  segments = jnp.asarray([[1] * 6 + [2] * 10, [1] * 9 + [2] * 7], jnp.int32)
+  positions = jnp.asarray([list(range(6)) + list(range(10)), list(range(9)) + list(range(7))], jnp.int32)
+  plain = model_lib.build(cfg)
+  want, _ = plain(tokens, segment_ids_BL=segments, positions_BL=positions)
+  for overrides in ({'model.scan_layers': True}, {'model.remat': 'full'}):
+    other = model_lib.build(config_lib.apply_overrides(cfg, overrides))
+    got, _ = other(tokens, segment_ids_BL=segments, positions_BL=positions)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)

@@ -102,7 +102,8 @@ class Transformer(nnx.Module):
     x_BLD = self.embed(tokens_BL, self.dtype)
     tokens = tokens_BL.shape[0] * tokens_BL.shape[1]
     if cache is None and (self.scan_layers or self.remat != 'none'):  # (decode runs the blocks unrolled)
-      x_BLD, layer_aux = stack.run(self.blocks, x_BLD, train, rng, positions_BL, self.scan_layers, self.remat, use_ffn)
+      x_BLD, layer_aux = stack.run(self.blocks, x_BLD, train, rng, positions_BL, self.scan_layers, self.remat, use_ffn,
+                                   segment_ids_BL=segment_ids_BL)
       return self.logits(self.final_norm(x_BLD)), _stack_aux(layer_aux)
     layer_aux, keys, values = [], [], []
     for i, block in enumerate(self.blocks):

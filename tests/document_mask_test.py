@@ -15,7 +15,7 @@ from moejax.data.pipeline import Windows
 from moejax.model import attention as attention_lib
 from moejax.model import transformer as model_lib
 from moejax.train import evaluate as eval_lib, state as state_lib
-from moejax.train import step as step_lib
+from moejax.train import optim, step as step_lib
 
 
 def test_document_layout_by_hand():
@@ -166,3 +166,18 @@ def test_scanned_and_rematerialized_models_keep_the_document_mask(tiny_cfg):
     other = model_lib.build(config_lib.apply_overrides(cfg, overrides))
     got, _ = other(tokens, segment_ids_BL=segments, positions_BL=positions)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_microbatches_keep_the_document_mask(tiny_cfg):
+  cfg = config_lib.validate(config_lib.apply_overrides(tiny_cfg, {'data.document_mask': True, 'train.batch_size': 4,
+                                                                  'moe.router_jitter': 0.0}))
+  tokens = np.random.default_rng(1).integers(1, 200, (4, cfg.data.seq_len + 1)).astype(np.int32)
+  tokens[:, 5] = tokens[:, 11] = SEPARATOR  # documents inside every window
+  losses = []
+  for k in (1, 2):
+    c = config_lib.validate(config_lib.apply_overrides(cfg, {'train.microbatches': k}))
+    s = state_lib.setup(c, data.corpus_from_config(c.data))
+    step = step_lib.make_train_step(s.graphdef, optim.make(c.optim), c, document_separator=SEPARATOR)
+    _, out = step(s.state, jnp.asarray(tokens), jnp.int32(0), jnp.float32(1e-3))
+    losses.append(float(out['ce']))
+  np.testing.assert_allclose(losses[1], losses[0], rtol=1e-5)

@@ -42,16 +42,18 @@ def _microbatches(tokens_BL1: jax.Array, k: int, mesh) -> jax.Array:
 
 
 def value_and_grad(graphdef: nnx.GraphDef, cfg, state: dict, tokens_BL1: jax.Array, rng: jax.Array,
-                   token_nll: Callable, mesh=None, param_shardings=None):
+                   token_nll: Callable, mesh=None, param_shardings=None, model_kwargs: Callable = lambda _: {}):
   """((loss, (ce, aux)), grads) of the whole batch, as `step.make_train_step`'s loss_fn gives them
-  (`token_nll`: its per-token cross-entropy)."""
+  (`token_nll`: its per-token cross-entropy; `model_kwargs(inputs_BL)`: extra model arguments of a
+  microbatch's inputs, e.g. its document segment ids)."""
   moe_cfg, k = cfg.moe, cfg.train.microbatches
   balance_coef = moe_lib.balance_coefficient(moe_cfg)
   exact_global = moe_cfg.num_experts > 0 and moe_cfg.load_balancing == 'global_batch' and balance_coef > 0
   params, buffers = state['params'], state['buffers']
   tokens_KBL = _microbatches(tokens_BL1, k, mesh)
   model = lambda p, tokens_BL, j: nnx.merge(graphdef, p, buffers)(tokens_BL[:, :-1], train=True,
-                                                                   rng=jax.random.fold_in(rng, j))
+                                                                   rng=jax.random.fold_in(rng, j),
+                                                                   **model_kwargs(tokens_BL[:, :-1]))
   fractions_ME = None
   if exact_global:  # the whole batch's expert fractions f, from a forward-only pass
     def count(total, xs):

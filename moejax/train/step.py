@@ -65,7 +65,8 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
     rng = jax.random.fold_in(jax.random.key(seed), state['step'])
     if cfg.train.get('microbatches', 1) > 1:  # gradient accumulation (moejax/train/accumulate.py)
       (loss, (ce, aux)), grads = accumulate.value_and_grad(
-          graphdef, cfg, state, tokens_BL1, rng, token_nll, mesh, state_shardings and state_shardings['params'])
+          graphdef, cfg, state, tokens_BL1, rng, token_nll, mesh, state_shardings and state_shardings['params'],
+          lambda inputs_BL: document_kwargs(inputs_BL, document_separator))
     else:
       (loss, (ce, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
           state['params'], state['buffers'], tokens_BL1, rng)

@@ -83,6 +83,19 @@ def fits_table(fits: list[fits_lib.Fit]) -> str:
 
 
 
+def comparisons_table(fits: dict[str, fits_lib.Fit]) -> str:
+  """Each form against each baseline on held-out error, with the bootstrap interval over configurations."""
+  lines = ['| form | baseline | score | RMSE difference (nats; < 0: the form is better) | 95% interval (bootstrap over '
+           'configurations) |', '|---|---|---|---:|---|']
+  for name in fits:
+    if name in fits_lib.BASELINES:
+      continue
+    for r in fits_lib.baseline_comparisons(fits, name):
+      lines.append(f'| {name} | {r["baseline"]} | {r["score"]} | {r["difference"]:+.4f} | '
+                   f'[{r["interval"][0]:+.4f}, {r["interval"][1]:+.4f}] |')
+  return '\n'.join(lines) + '\n' if len(lines) > 2 else ''
+
+
 def noise_check_lines(check: dict | None) -> list[str]:
   if not check or check['robust_sigma'] is None:
     return []
@@ -155,8 +168,9 @@ def claims_markdown(claims: list[Claim], noise: dict, fits: dict[str, dict[str, 
             'Fitted per grid family: A (paper A\'s grids), B (paper B\'s count grids B1/B2), and all together. '
             f'A form is fitted only with at least {fits_lib.POINTS_PER_PARAMETER} configurations per free parameter, always '
             'beside the constant and log-linear baselines; it is scored by leave-one-out RMSE and by refitting without '
-            'the largest-N_total 20% of configurations and predicting them. A form that does not beat both baselines '
-            'on both supports no verdict.', '']
+            'the largest-N_total 20% of configurations and predicting them. A form beats a baseline when the 95% '
+            'interval of its held-out RMSE minus the baseline\'s (a bootstrap over configurations, paired) lies below 0; '
+            'a form that does not beat both baselines on both scores supports no verdict.', '']
   for fam, fam_fits in (fits or {}).items():
     n = len((families or {}).get(fam, []))
     lines += [f'### Family {fam} ({n} configurations)', '']
@@ -169,6 +183,7 @@ def claims_markdown(claims: list[Claim], noise: dict, fits: dict[str, dict[str, 
       lines += ['Not fitted (too few configurations at ' + f'{fits_lib.POINTS_PER_PARAMETER} per free parameter): '
                 + ', '.join(f'{name} needs {k} more' for name, k in short.items()) + '.', '']
     better = [name for name in fam_fits if name not in fits_lib.BASELINES and fits_lib.beats_baselines(fam_fits, name)]
+    lines += [comparisons_table(fam_fits)]
     lines += [f'Forms that beat both baselines: {", ".join(better) or "none"}.', '',
               'Mean residual by top-k (prediction − measurement, nats; configurations in brackets):', '',
               residuals_table(fits_lib.residuals_by_k(fam_fits, (families or {}).get(fam, [])))]

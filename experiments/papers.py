@@ -275,3 +275,33 @@ def noise_class(p: dict) -> str:
 # 2026-12 tiny pilot (docs/results/tiny, grid B1), rounded; the B3-B5 points it judges are other configurations.
 # gpu, paper: no pilot yet (None): their equivalence claims stay inconclusive until a pilot fixes T.
 EQUIVALENCE_MARGIN = {'tiny': 0.02, 'tiny2': 0.02, 'gpu': None, 'paper': None}
+
+
+# The effect of interest of each claim per scale (nats/token, end to end for a series), declared before a run and
+# read by `python -m moejax.claims --plan` (moejax/studies/plan.py) to size seeds and run length for 80% power.
+# The default is the scale's margin T: the smallest difference that counts as a difference, so a direction claim is
+# planned to detect T and an equivalence claim to show |delta| < T when the true difference is 0. Claims whose pilot
+# effect is many times T are planned for half the pilot's effect (halved against the pilot's own selection bias and
+# its early-training transients), not for T. Pilot: the tiny runs of 2026-12-03 (docs/results/tiny).
+_T = 'T, the smallest difference that matters here'
+EFFECT_OF_INTEREST = {
+    'tiny': {
+        'C-A1': (0.09, "half the pilot's s = 2 -> 16 rise (+0.187)"),
+        'C-A2': (0.02, _T + ' (paper A: "slightly")'),
+        'C-A2b': (0.02, _T + ' (either side of the discriminating claim)'),
+        'C-A4': (0.02, _T),
+        'C-B1': (0.02, _T + ' (the pilot: 0.079, but 0.004 from E = 32 to 128)'),
+        'prior': (0.02, _T + " (the pilot's gap is 0.043, which set T)"),
+        'C-B2': (0.02, _T + ': a bowl whose grid ends are T above its bottom'),
+        'C-B2a': (0.02, _T + ': bowls of depth T with their bottoms at each grid\'s centre (48 and 72)'),
+        'C-B3': (0.02, _T + ': equivalence, planned for a true difference of 0'),
+        'C-B4': (0.02, _T + ': equivalence, planned for a true difference of 0'),
+        'C-B5/sequence': (0.02, _T + ': equivalence, planned for a true difference of 0'),
+        'C-B5/aux_free': (0.02, _T + ': equivalence, planned for a true difference of 0'),
+        'C-B5n': (0.04, "half the pilot's no-balancing loss rise (+0.084)"),
+        'C-B6': (0.12, "half the pilot's CF 0.5 -> dropless gain (0.25)"),
+    },
+    'tiny2': None,  # filled with its plan once grid LR has set the rates (docs/reproducing-the-papers.md)
+    'gpu': None,  # no pilot yet: run one (two seeds of a few grids) before planning
+    'paper': None,
+}

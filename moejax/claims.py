@@ -32,6 +32,16 @@ it); for undecided claims, how many seeds per point would decide them at this sc
 effect is as measured; the literature's side of each claim; the effective speedup of each
 B1 MoE over the dense baseline from the decay-branch curves; the scaling-law fits per grid
 family beside their baselines. Outputs: OUT/claims.md, OUT/report.md, OUT/*.png.
+
+Power planning before compute (moejax/studies/plan.py):
+
+  python -m moejax.claims --plan --budget=8h --root=docs/results/tiny/runs --scale=tiny [--out=DIR]
+
+reads the runs under --root as a pilot (noise per declared class, recorded wall time per token), each claim's
+effect of interest (experiments/papers.py EFFECT_OF_INTEREST) and proposes seeds per point and a run length so that
+every claim reaches 80% power within the budget (hours of training wall time on this machine, or FLOPs); claims no
+plan within the budget decides are named with what they would need. With --budget but without --plan, the plan is
+added to claims.md beside the verdicts.
 """
 
 from __future__ import annotations
@@ -40,6 +50,7 @@ import sys
 
 from absl import app, flags
 
+from moejax.errors import ConfigError
 from moejax.studies import report
 
 FLAGS = flags.FLAGS
@@ -48,9 +59,14 @@ FLAGS = flags.FLAGS
 def _main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  if FLAGS.plan:
+    if not FLAGS.root or not FLAGS.budget:
+      raise ConfigError('--plan needs --root (the pilot runs) and --budget (e.g. 8h or 1e15FLOPs)')
+    sys.stdout.write(report.plan_page(FLAGS.root, FLAGS.scale, FLAGS.budget, FLAGS.out))
+    return
   if not FLAGS.root or not FLAGS.out:
     raise app.UsageError('--root and --out are required')
-  sys.stdout.write(report.run(FLAGS.root, FLAGS.scale, FLAGS.out, FLAGS.bootstrap))
+  sys.stdout.write(report.run(FLAGS.root, FLAGS.scale, FLAGS.out, FLAGS.bootstrap, budget=FLAGS.budget))
 
 
 if __name__ == '__main__':
@@ -59,4 +75,8 @@ if __name__ == '__main__':
   flags.DEFINE_string('scale', 'tiny', 'Scale the runs were made at (tiny, gpu, paper).')
   flags.DEFINE_string('out', None, 'Directory for claims.md, report.md and the figures.')
   flags.DEFINE_integer('bootstrap', 100, 'Bootstrap resamples for the fit intervals.')
+  flags.DEFINE_bool('plan', False, 'Only plan: seeds per point and run length for 80% power on every claim within '
+                    '--budget, from the runs under --root as a pilot (OUT/plan.md when --out is given).')
+  flags.DEFINE_string('budget', None, 'Compute budget of the plan: training wall time on this machine (8h, 90m) or '
+                      'training FLOPs (1e15FLOPs). Without --plan, the plan is shown beside the verdicts.')
   cli.cli(_main)

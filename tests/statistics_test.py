@@ -98,3 +98,34 @@ def test_missing_points_name_what_each_form_needs():
   short = fits.missing_points(30)
   assert short['expert_size'] == 45 - 30 and 'effective_params' not in short and 'constant' not in short
   assert stats.t.ppf(0.8, 40) > 0  # (the power quantile the seeds-to-decide formula adds)
+
+
+def _fake(name, loo, extra=None):
+  return fits.Fit(name, {}, {}, np.zeros(1), 0.0, float(np.sqrt(np.mean(np.square(loo)))), 0.0, len(loo),
+                  loo_errors=np.asarray(loo), extrapolation_errors=None if extra is None else np.asarray(extra))
+
+
+def test_beating_the_baselines_needs_an_interval_below_zero_not_a_lower_point_rmse():
+  rng = np.random.default_rng(5)
+  base = rng.normal(0, 0.02, 30)
+  lucky = base * 0.97 + rng.normal(0, 0.002, 30)  # lower RMSE on these points, no better a law
+  family = {'constant': _fake('constant', base, base[:6]), 'log_linear': _fake('log_linear', base * 1.01, base[:6]),
+            'total_sparsity': _fake('total_sparsity', lucky, base[:6] * 0.97)}
+  assert family['total_sparsity'].loo_rmse < family['constant'].loo_rmse  # the old point rule said "beats"
+  rows = fits.baseline_comparisons(family, 'total_sparsity')
+  assert {(r['baseline'], r['score']) for r in rows} == {(b, s) for b in fits.BASELINES
+                                                          for s in ('leave-one-out', 'largest N_total')}
+  assert not fits.beats_baselines(family, 'total_sparsity')
+  assert any(r['interval'][0] < 0 < r['interval'][1] for r in rows)
+  family['total_sparsity'] = _fake('total_sparsity', base * 0.3, base[:6] * 0.3)  # really better everywhere
+  assert fits.beats_baselines(family, 'total_sparsity')
+
+
+def test_a_real_law_beats_its_baselines_with_an_interval():
+  rng = np.random.default_rng(6)
+  x = {'n_total': np.geomspace(1e5, 1e7, 20), 'sparsity': np.tile([2.0, 4.0, 8.0, 16.0], 5)}
+  y = 1.5 + 40 * x['n_total'] ** -0.3 * x['sparsity'] ** 0.1 + rng.normal(0, 0.002, 20)
+  x['n_active'] = x['n_total'] / x['sparsity']
+  got = {name: fits.fit(name, x, y, max_starts=6, bootstrap=0) for name in ('constant', 'log_linear', 'total_sparsity')}
+  assert fits.beats_baselines(got, 'total_sparsity')
+  assert all(r['interval'][1] < 0 for r in fits.baseline_comparisons(got, 'total_sparsity'))

@@ -21,7 +21,9 @@ Uncertainty: bootstrap over configurations (resample rows with replacement and r
 each resample from the whole start grid plus the full-data optimum), 95% percentile
 intervals (`refit_starts` of the grid's points, 8 by default). Prediction:
 leave-one-configuration-out error (each fold refitted the same way), reported as RMSE and max |error| in nats,
-and extrapolation: refitted without the 20% of configurations with the largest N_total, RMSE on them.
+and extrapolation: refitted without the 20% of configurations with the largest N_total, RMSE on them. A form
+beats a baseline when the 95% interval of its held-out RMSE minus the baseline's, from a bootstrap over
+configurations, lies below 0 (`baseline_comparisons`), on both scores.
 In-sample residuals are kept per configuration (`Fit.residuals`) so callers can look for a bias by k. The objective is the Huber sum divided
 by delta^2 (values of order 1, not 1e-5), with tight L-BFGS-B tolerances: at the raw
 scale L-BFGS-B's relative stop test ended resample fits at their start, which made the
@@ -166,6 +168,8 @@ class Fit:
   extrapolation_n: int = 0
   residuals: np.ndarray | None = None  # in-sample prediction - measurement per configuration (nats)
   at_bound: dict = dataclasses.field(default_factory=dict)  # parameters at a bound of their range: {name: bound}
+  loo_errors: np.ndarray | None = None  # prediction - measurement of each configuration when it was left out
+  extrapolation_errors: np.ndarray | None = None  # the same for the largest-N_total configurations (refit without)
 
   def predict(self, x: dict) -> np.ndarray:
     return FORMS[self.form].predict(self.theta, {k: np.asarray(v, np.float64) for k, v in x.items()})
@@ -200,7 +204,7 @@ def fit(form_name: str, x: dict, y, max_starts: int = 64, bootstrap: int = 100, 
     samples.append(form.values(_best(form, {k: v[idx] for k, v in x.items()}, y[idx], refit_grid)))
   intervals = {k: (float(np.percentile([s[k] for s in samples], 2.5)), float(np.percentile([s[k] for s in samples], 97.5)))
                for k in form.values(theta)} if samples else {}
-  loo_rmse = loo_max = None
+  loo_rmse = loo_max = loo_errors = extra_errors = None
   if loo and n > len(form.raw_names) + 1:
     errors = []
     for i in range(n):
@@ -208,18 +212,20 @@ def fit(form_name: str, x: dict, y, max_starts: int = 64, bootstrap: int = 100, 
       t = _best(form, {k: v[keep] for k, v in x.items()}, y[keep], held_grid)
       errors.append(float(form.predict(t, {k: v[i:i + 1] for k, v in x.items()})[0] - y[i]))
     loo_rmse, loo_max = float(np.sqrt(np.mean(np.square(errors)))), float(np.max(np.abs(errors)))
+    loo_errors = np.asarray(errors)
   extra_rmse, n_out = None, int(round(holdout_fraction * n))
   if n_out >= 1 and n - n_out > len(form.raw_names) + 1:
     order = np.argsort(x['n_total'] if 'n_total' in x else np.arange(n), kind='stable')
     inside, outside = order[:n - n_out], order[n - n_out:]
     t = _best(form, {k: v[inside] for k, v in x.items()}, y[inside], held_grid)
-    extra_rmse = float(np.sqrt(np.mean((form.predict(t, {k: v[outside] for k, v in x.items()}) - y[outside]) ** 2)))
+    extra_errors = form.predict(t, {k: v[outside] for k, v in x.items()}) - y[outside]
+    extra_rmse = float(np.sqrt(np.mean(extra_errors ** 2)))
   values = form.values(theta)
   at_bound = {k: b for k, (lo, hi) in form.bounds.items() for b in (lo, hi) if abs(values[k] - b) < BOUND_TOLERANCE}
   for k in at_bound:  # a parameter at its bound is not identified: report the bound, not a percentile interval
     intervals.pop(k, None)
   return Fit(form_name, values, intervals, theta, rmse, loo_rmse, loo_max, n, extra_rmse,
-             n_out if extra_rmse is not None else 0, form.predict(theta, x) - y, at_bound)
+             n_out if extra_rmse is not None else 0, form.predict(theta, x) - y, at_bound, loo_errors, extra_errors)
 
 
 def inputs_from_rows(rows: list[dict]) -> tuple[dict[str, np.ndarray], np.ndarray]:
@@ -259,19 +265,48 @@ def missing_points(n: int) -> dict[str, int]:
           if not (n >= POINTS_PER_PARAMETER * len(form.raw_names) and n > len(form.raw_names) + 1)}
 
 
+COMPARISON_DRAWS = 2000
+
+
+def baseline_comparisons(fits: dict[str, Fit], name: str, draws: int = COMPARISON_DRAWS, seed: int = 0
+                         ) -> list[dict]:
+  """Form `name` against every baseline fitted beside it, on held-out error: [{'baseline', 'score' ('leave-one-out'
+  or 'largest N_total'), 'difference' (the form's RMSE minus the baseline's, nats), 'interval' (95%)}].
+
+  The interval is a bootstrap over configurations: the same resampled configurations score both fits (paired), so
+  a form that beats a baseline on a few points by chance gets an interval that covers 0.
+  """
+  fit, out = fits.get(name), []
+  if fit is None:
+    return out
+  rng = np.random.default_rng(seed)
+  rmse = lambda e: np.sqrt(np.mean(np.square(e), axis=-1))
+  for b in BASELINES:
+    rival = fits.get(b)
+    if rival is None or b == name:
+      continue
+    for score, mine, theirs in (('leave-one-out', fit.loo_errors, rival.loo_errors),
+                                ('largest N_total', fit.extrapolation_errors, rival.extrapolation_errors)):
+      if mine is None or theirs is None or len(mine) != len(theirs):
+        continue
+      idx = rng.integers(0, len(mine), (draws, len(mine)))
+      boot = rmse(mine[idx]) - rmse(theirs[idx])
+      out.append({'baseline': b, 'score': score, 'difference': float(rmse(mine) - rmse(theirs)),
+                  'interval': (float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5)))})
+  return out
+
+
 def beats_baselines(fits: dict[str, Fit], name: str) -> bool:
-  """Whether form `name` predicts held-out configurations better than every baseline fitted beside it:
-  lower leave-one-out RMSE and, where scored, lower RMSE on the largest-N_total configurations."""
+  """Whether form `name` predicts held-out configurations better than every baseline fitted beside it: the 95%
+  bootstrap interval of its RMSE minus the baseline's lies below 0 on leave-one-out error and, where scored, on
+  the largest-N_total configurations (`baseline_comparisons`)."""
   fit = fits.get(name)
-  if fit is None or fit.loo_rmse is None:
+  if fit is None or fit.loo_errors is None:
     return False
-  rivals = [fits[b] for b in BASELINES if b in fits and fits[b].loo_rmse is not None]
-  if not rivals:
+  rows = baseline_comparisons(fits, name)
+  if not any(r['score'] == 'leave-one-out' for r in rows):
     return False
-  if fit.loo_rmse >= min(r.loo_rmse for r in rivals):
-    return False
-  extrap = [r.extrapolation_rmse for r in rivals if r.extrapolation_rmse is not None]
-  return fit.extrapolation_rmse is None or not extrap or fit.extrapolation_rmse < min(extrap)
+  return all(r['interval'][1] < 0 for r in rows)
 
 
 def residuals_by_k(fits: dict[str, Fit], rows: list[dict]) -> dict[str, dict[int, tuple[float, int]]]:

@@ -17,26 +17,38 @@ def _experiments_dir() -> str:
   return os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), 'experiments')
 
 
-def grid_rows(rows: list[dict], scale: str) -> dict[str, list[dict | None]]:
-  """{grid id: [results row or None per configuration]} for the paper grids at `scale`."""
-  by_hash = {r['config_hash']: r for r in rows}
+def grid_points(scale: str) -> dict[str, list[dict]]:
+  """{grid id: [{'config_hash', 'point' (the overrides at seed 0), 'noise_class', 'config'}]} for the paper grids
+  at `scale`, one entry per configuration (seeds of one configuration are one entry), in grid order."""
   out = {}
   for name in EXPERIMENTS:
     module = config_lib.load_module(os.path.join(_experiments_dir(), f'{name}.py'))
     base = module.get_config(scale)
+    classify = getattr(module, 'noise_class', lambda p: 'default')
     for grid, points in module.grids(scale).items():
       found, seen = [], set()
-      classify = getattr(module, 'noise_class', lambda p: 'default')
       for p in points:
         cfg = config_lib.apply_overrides(base, p)
         digest = results.config_hash(config_lib.flatten(json.loads(cfg.to_json_best_effort())))
-        if digest not in seen:  # seeds of one configuration are one row
+        if digest not in seen:
           seen.add(digest)
-          row = by_hash.get(digest)
-          if row is not None:
-            row['noise_class'] = classify(p)  # declared by the grid file before the runs
-          found.append(row)
+          found.append({'config_hash': digest, 'point': p, 'noise_class': classify(p), 'config': cfg})
       out[grid] = found
+  return out
+
+
+def grid_rows(rows: list[dict], scale: str) -> dict[str, list[dict | None]]:
+  """{grid id: [results row or None per configuration]} for the paper grids at `scale`."""
+  by_hash = {r['config_hash']: r for r in rows}
+  out = {}
+  for grid, points in grid_points(scale).items():
+    found = []
+    for p in points:
+      row = by_hash.get(p['config_hash'])
+      if row is not None:
+        row['noise_class'] = p['noise_class']  # declared by the grid file before the runs
+      found.append(row)
+    out[grid] = found
   return out
 
 
@@ -44,6 +56,13 @@ def equivalence_margin(scale: str) -> float | None:
   """The small-effect margin T the grid files fix in advance for `scale` (None: not fixed, no equivalence verdict)."""
   module = config_lib.load_module(os.path.join(_experiments_dir(), 'paper_b.py'))
   return (getattr(module, 'EQUIVALENCE_MARGIN', None) or {}).get(scale)
+
+
+def effects_of_interest(scale: str) -> dict | None:
+  """{claim key: (effect in nats, source)} the grid files declare for `scale` before the runs (experiments/papers.py
+  EFFECT_OF_INTEREST); None where none is declared."""
+  module = config_lib.load_module(os.path.join(_experiments_dir(), 'papers.py'))
+  return (getattr(module, 'EFFECT_OF_INTEREST', None) or {}).get(scale)
 
 
 def noise_rows(g: dict) -> list[dict]:

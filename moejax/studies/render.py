@@ -83,6 +83,19 @@ def fits_table(fits: list[fits_lib.Fit]) -> str:
 
 
 
+def comparisons_table(fits: dict[str, fits_lib.Fit]) -> str:
+  """Each form against each baseline on held-out error, with the bootstrap interval over configurations."""
+  lines = ['| form | baseline | score | RMSE difference (nats; < 0: the form is better) | 95% interval (bootstrap over '
+           'configurations) |', '|---|---|---|---:|---|']
+  for name in fits:
+    if name in fits_lib.BASELINES:
+      continue
+    for r in fits_lib.baseline_comparisons(fits, name):
+      lines.append(f'| {name} | {r["baseline"]} | {r["score"]} | {r["difference"]:+.4f} | '
+                   f'[{r["interval"][0]:+.4f}, {r["interval"][1]:+.4f}] |')
+  return '\n'.join(lines) + '\n' if len(lines) > 2 else ''
+
+
 def noise_check_lines(check: dict | None) -> list[str]:
   if not check or check['robust_sigma'] is None:
     return []
@@ -155,8 +168,9 @@ def claims_markdown(claims: list[Claim], noise: dict, fits: dict[str, dict[str, 
             'Fitted per grid family: A (paper A\'s grids), B (paper B\'s count grids B1/B2), and all together. '
             f'A form is fitted only with at least {fits_lib.POINTS_PER_PARAMETER} configurations per free parameter, always '
             'beside the constant and log-linear baselines; it is scored by leave-one-out RMSE and by refitting without '
-            'the largest-N_total 20% of configurations and predicting them. A form that does not beat both baselines '
-            'on both supports no verdict.', '']
+            'the largest-N_total 20% of configurations and predicting them. A form beats a baseline when the 95% '
+            'interval of its held-out RMSE minus the baseline\'s (a bootstrap over configurations, paired) lies below 0; '
+            'a form that does not beat both baselines on both scores supports no verdict.', '']
   for fam, fam_fits in (fits or {}).items():
     n = len((families or {}).get(fam, []))
     lines += [f'### Family {fam} ({n} configurations)', '']
@@ -169,6 +183,7 @@ def claims_markdown(claims: list[Claim], noise: dict, fits: dict[str, dict[str, 
       lines += ['Not fitted (too few configurations at ' + f'{fits_lib.POINTS_PER_PARAMETER} per free parameter): '
                 + ', '.join(f'{name} needs {k} more' for name, k in short.items()) + '.', '']
     better = [name for name in fam_fits if name not in fits_lib.BASELINES and fits_lib.beats_baselines(fam_fits, name)]
+    lines += [comparisons_table(fam_fits)]
     lines += [f'Forms that beat both baselines: {", ".join(better) or "none"}.', '',
               'Mean residual by top-k (prediction − measurement, nats; configurations in brackets):', '',
               residuals_table(fits_lib.residuals_by_k(fam_fits, (families or {}).get(fam, [])))]
@@ -262,4 +277,50 @@ def report_page(root: str, rows: list[dict], varied: list[str], gathered, drawn:
   if extra:
     lines += [extra, '']
   lines += ['## Table', '', results_markdown(rows, varied, gathered)]
+  return '\n'.join(lines)
+
+
+def plan_markdown(plan, claims: list[Claim] | None = None) -> str:
+  """The power plan (`moejax.studies.plan.Plan`) as Markdown; with `claims`, each claim's verdict beside it."""
+  budget = f'{plan.budget / 3600:.3g} h of training wall time' if plan.unit == 's' else f'{plan.budget:.3g} FLOPs'
+  used = f'{plan.hours:.2f} h' if plan.unit == 's' else f'{plan.flops:.3g} FLOPs'
+  verdicts: dict[str, list[str]] = {}
+  for c in claims or []:
+    key = c.id if c.id != 'C-B5' else 'C-B5/' + ('sequence' if 'sequence' in c.statement else 'aux_free')
+    verdicts.setdefault(key, []).append(c.verdict)
+  lines = [f'## Power plan (budget {budget})', '',
+           f'Seeds per point and run length for {statistics.POWER:.0%} power on every claim, from the pilot runs\' '
+           'noise per class and recorded wall time per token (moejax/studies/plan.py; effects of interest and their '
+           f'sources: experiments/papers.py `EFFECT_OF_INTEREST`). Chosen run length: {plan.factor:g}x the pilot\'s, '
+           f'{plan.steps} steps, {accounting.human(plan.tokens)} tokens per run; the plan spends {used} '
+           f'({plan.hours:.2f} h at the pilot\'s recorded speed, {plan.flops:.3g} training FLOPs). "cost" is a claim\'s '
+           'runs on their own; configurations shared by chosen claims run once, at the most seeds any asks.', '',
+           '| claim | rule | effect of interest (nats) | source | noise class | σ assumed | seeds per point | points | '
+           'runs | cost (h) | cost (FLOPs) | power | in the plan |' + (' verdict now |' if claims else ''),
+           '|---|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---|' + ('---|' if claims else '')]
+  fmt = lambda x, f: '-' if x is None else format(x, f)
+  for r in plan.rows:
+    inside = 'yes' if r.decidable else f'**no**: {r.note}'
+    lines.append(f'| {r.key} | {r.kind} | {fmt(r.effect, ".3g")} | {r.source} | {r.noise_class} | '
+                 f'{fmt(r.sigma, ".4f")} | {fmt(r.seeds, "d")} | {r.points} | {r.runs} | {fmt(r.hours, ".2f")} | '
+                 f'{fmt(r.flops, ".3g")} | {fmt(r.power, ".2f")} | {inside} |'
+                 + (f' {"; ".join(verdicts.get(r.key, ["-"]))} |' if claims else ''))
+  out = [r.key for r in plan.rows if not r.decidable]
+  chosen = next(t for t in plan.lengths if t['factor'] == plan.factor)
+  every = (f'{chosen["all_hours"]:.3g} h' if plan.unit == 's' else f'{chosen["all_flops"]:.3g} FLOPs')
+  lines += ['', f'Not decidable within this budget: {", ".join(out) or "none"}. Deciding every claim that some seed '
+            f'count decides ({chosen["plannable"]} of {len(plan.rows)}) at this length would need {every}.', '',
+            'Run lengths tried (noise beyond the pilot\'s length is assumed equal to the pilot\'s full-length noise):',
+            '', '| length | tokens per run | claims decided | wall time (h) | training FLOPs |', '|---:|---:|---:|---:|---:|']
+  for t in plan.lengths:
+    lines.append(f'| {t["factor"]:g}x | {accounting.human(t["tokens"])} | {t["decided"]} | {t["hours"]:.2f} | '
+                 f'{t["flops"]:.3g} |')
+  fractions = sorted({f for by in plan.noise.values() for f in by})
+  lines += ['', 'Seed σ per noise class at each fraction of the pilot\'s run (decay branches; paired where the class '
+            'has a block design):', '', '| class | ' + ' | '.join(f'{f:g}' for f in fractions) + ' |',
+            '|---|' + '---:|' * len(fractions)]
+  for name, by in plan.noise.items():
+    lines.append(f'| {name} | ' + ' | '.join(f'{by[f][0]:.4f}' if f in by else '-' for f in fractions) + ' |')
+  lines += ['', 'Seeds per configuration in the plan: ' + (', '.join(f'{k} {v}' for k, v in plan.seeds.items())
+                                                          or 'none') + '.', '']
   return '\n'.join(lines)

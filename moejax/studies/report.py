@@ -14,7 +14,7 @@ import os
 
 from moejax import files
 from moejax.errors import DataError, WorkdirError
-from moejax.studies import claims as claims_lib, figures, fits as fits_lib, grids, render, results, summaries
+from moejax.studies import claims as claims_lib, figures, fits as fits_lib, grids, plan as plan_lib, render, results, summaries
 from moejax.studies.verdicts import Claim
 
 
@@ -33,6 +33,7 @@ class Study:
   speedup: dict | None
   lr: tuple[list[float], list[dict]]
   compute: dict
+  plan: plan_lib.Plan | None = None
 
 
 def study(root: str, scale: str, bootstrap: int = 100, fit_starts: int = 32, loo: bool = True,
@@ -63,7 +64,8 @@ def claims_page(s: Study) -> str:
             f'`{s.root}`; machine: {", ".join(platforms) or "?"}; corpus sha256 {", ".join(fingerprints) or "?"}; '
             f'evaluated {datetime.date.today().isoformat()}. {render.compute_line(s.compute)} Figures and the full '
             'table: [report.md](report.md).\n')
-  return render.claims_markdown(s.claims, s.noise, s.fits, header, s.families, s.speedup, s.lr)
+  text = render.claims_markdown(s.claims, s.noise, s.fits, header, s.families, s.speedup, s.lr)
+  return text + ('\n' + render.plan_markdown(s.plan, s.claims) if s.plan is not None else '')
 
 
 def write_claims(s: Study, out: str) -> str:
@@ -76,9 +78,33 @@ def write_claims(s: Study, out: str) -> str:
   return text
 
 
-def run(root: str, scale: str, out: str, bootstrap: int = 100, fit_starts: int = 32, loo: bool = True) -> str:
-  """`study` then `write_claims`: what `python -m moejax.claims` does; returns the claims Markdown."""
-  return write_claims(study(root, scale, bootstrap, fit_starts, loo), out)
+def run(root: str, scale: str, out: str, bootstrap: int = 100, fit_starts: int = 32, loo: bool = True,
+        budget: str | None = None) -> str:
+  """`study` then `write_claims`: what `python -m moejax.claims` does; returns the claims Markdown. With `budget`
+  ('10h', '1e15FLOPs'), the power plan for the runs under `root` as a pilot is shown beside the verdicts."""
+  s = study(root, scale, bootstrap, fit_starts, loo)
+  if budget:
+    s.plan = plan_lib.plan(s.gathered, scale, *plan_lib.parse_budget(budget))
+  return write_claims(s, out)
+
+
+def plan_page(root: str, scale: str, budget: str, out: str | None = None) -> str:
+  """The power plan for `scale` with the runs under `root` as the pilot (`python -m moejax.claims --plan`), as
+  Markdown; written to OUT/plan.md when `out` is given."""
+  value, unit = plan_lib.parse_budget(budget)  # a bad budget fails before the runs are read
+  gathered = results.gather(root)
+  if not gathered.records:
+    raise DataError(f'no complete result.json under {root}; a plan needs pilot runs')
+  p = plan_lib.plan(gathered, scale, value, unit)
+  text = (f'# Power plan at scale `{scale}`\n\nPilot: {len(gathered.records)} runs under `{root}`; planned '
+          f'{datetime.date.today().isoformat()}.\n\n' + render.plan_markdown(p))
+  if out:
+    try:
+      os.makedirs(out, exist_ok=True)
+    except OSError as e:
+      raise WorkdirError(f'cannot write the plan under {out}: {e.strerror or e}') from None
+    files.atomic_write(os.path.join(out, 'plan.md'), text)
+  return text
 
 
 def write_report(root: str, out: str, extra: str = '', figure_rows=None, figure_note: str = '',

@@ -1,0 +1,154 @@
+"""Power planning (moejax/studies/plan.py) on synthetic inputs where the answer is known: the planned seeds give 80%
+power under the real verdict rules, more budget never decides fewer claims, undecidable claims are named."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from moejax import config as config_lib
+from moejax.errors import ConfigError
+from moejax.model import accounting
+from moejax.studies import plan, render, results, statistics, verdicts
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _estimate(rng, sigma, dof):
+  return statistics.Noise(float(sigma * np.sqrt(rng.chisquare(dof) / dof)), dof)
+
+
+def test_planned_seeds_give_80_percent_power_under_the_verdict_rules():
+  sigma, effect, configs = 0.013, 0.02, 30
+  a = (sigma, configs, 'default')
+  n, _ = plan.smallest(lambda k: plan.power_pair(k, effect, a, a))
+  assert n == statistics.Noise(sigma, (configs - 1) * (n - 1)).seeds_to_resolve(effect)  # the closed form agrees
+  rng = np.random.default_rng(0)
+  got = []
+  for _ in range(1500):  # simulate the study and decide with verdicts.direction
+    noise = _estimate(rng, sigma, (configs - 1) * (n - 1))
+    delta = effect + rng.normal(0, sigma * np.sqrt(2 / n))
+    got.append(verdicts.direction(delta, noise.half_width({'seeds': n}, {'seeds': n}), +1) == 'holds')
+  assert 0.75 < np.mean(got) < 0.88, (n, np.mean(got))
+
+
+def test_planned_equivalence_seeds_show_equivalence_80_percent_of_the_time():
+  sigma, margin, configs = 0.013, 0.02, 30
+  a = (sigma, configs, 'default')
+  n, _ = plan.smallest(lambda k: plan.power_pair(k, margin, a, a, equivalence=True, margin=margin))
+  rng = np.random.default_rng(1)
+  got = []
+  for _ in range(1500):  # true difference 0, decided by verdicts.small_effect (TOST)
+    noise = _estimate(rng, sigma, (configs - 1) * (n - 1))
+    c = {'name': 'c', 'seeds': n, 'loss_mean': 2.0}
+    v = dict(c, name='v', loss_mean=2.0 + rng.normal(0, sigma * np.sqrt(2 / n)))
+    got.append(verdicts.small_effect('X', 'g', 's', c, v, margin, noise).verdict == 'holds')
+  assert 0.75 < np.mean(got) < 0.88, (n, np.mean(got))
+
+
+def test_planned_trend_seeds_pass_the_slope_test_and_the_drop_one_check():
+  sigma, effect, m, configs = 0.013, 0.03, 4, 30
+  n, _ = plan.smallest(lambda k: plan.power_trend(k, effect, m, sigma, configs))
+  rng = np.random.default_rng(2)
+  got = []
+  for _ in range(500):  # decided by verdicts.trend_claim, hinge check included
+    noise = _estimate(rng, sigma, (configs - 1) * (n - 1))
+    pts = [{'name': f'p{i}', 'x': i, 'seeds': n, 'loss_mean': 2 + effect * i / (m - 1) + rng.normal(0, sigma / np.sqrt(n))}
+           for i in range(m)]
+    got.append(verdicts.trend_claim('X', 's', 'e', 'g', pts, 'x', +1, noise).verdict == 'holds')
+  assert 0.72 < np.mean(got) < 0.9, (n, np.mean(got))
+  # without the drop-one check (the slope test alone) fewer seeds would do: the plan prices the real rule
+  alone, _ = plan.smallest(lambda k: plan.power_trend(k, effect, 2, sigma * np.sqrt(5 / 9 * 2) / np.sqrt(2), configs))
+  assert n > alone
+
+
+def test_argmin_power_rises_with_seeds_and_a_flat_grid_is_never_decided():
+  sizes = (96, 64, 48, 32, 24)
+  low, high = (plan.power_argmin(n, 0.02, sizes, (96, 48, 24), 0.013, 30, disjoint=False) for n in (2, 16))
+  assert low < 0.8 < high
+  assert plan.power_argmin(64, 0.0, sizes, (96, 48, 24), 0.013, 30, disjoint=False) < 0.1  # pure noise
+
+
+def test_budgets_parse_to_seconds_or_flops_and_refuse_nonsense():
+  assert plan.parse_budget('8h') == (28800.0, 's') and plan.parse_budget('90m') == (5400.0, 's')
+  assert plan.parse_budget('1e15FLOPs') == (1e15, 'FLOPs')
+  for bad, words in (('lots', 'cannot parse'), ('8parsecs', 'unknown unit'), ('1e400h', 'finite positive'),
+                     ('0h', 'finite positive'), ('8', 'needs a unit')):
+    with pytest.raises(ConfigError, match=words):
+      plan.parse_budget(bad)
+
+
+def _pilot(root, sigma=0.01, perturbed=0.05):
+  """A synthetic tiny pilot: every grid configuration at seeds 0 and 1, loss 2.0 plus known seed noise (default
+  class sigma, routing-perturbed class `perturbed`), 100 s of wall time per run, decay curves at 1/4 and 1/2."""
+  rng = np.random.default_rng(3)
+  for name in ('paper_a', 'paper_b'):
+    module = config_lib.load_module(os.path.join(ROOT, 'experiments', f'{name}.py'))
+    base = module.get_config('tiny')
+    for grid, points in module.designs('tiny').items():
+      for p0 in points:
+        s = perturbed if module.noise_class(p0) == 'routing-perturbed' else sigma
+        for seed in (0, 1):
+          p = dict(p0, seed=seed, name=p0['name'] + f'-seed{seed}', **{'data.seed': seed})
+          if os.path.exists(os.path.join(root, p['name'])):
+            continue
+          cfg = config_lib.validate(config_lib.apply_overrides(base, p))
+          loss = 2.0 + rng.normal(0, s)
+          record = {'name': p['name'], 'config': json.loads(cfg.to_json_best_effort()),
+                    'accounting': accounting.count(cfg), 'eval': {'loss': loss, 'bits_per_byte': 3.0},
+                    'train': {'tokens': 2048000, 'wall_s': 100.0, 'steps': 500},
+                    'decay_curve': [{'step': 125, 'tokens': 512000, 'loss': loss + 0.5 + rng.normal(0, 2 * s)},
+                                    {'step': 250, 'tokens': 1024000, 'loss': loss + 0.2 + rng.normal(0, 2 * s)},
+                                    {'step': 500, 'tokens': 2048000, 'loss': loss}]}
+          os.makedirs(os.path.join(root, p['name']))
+          with open(os.path.join(root, p['name'], 'result.json'), 'w') as f:
+            json.dump(record, f)
+
+
+@pytest.fixture(scope='module')
+def pilot(tmp_path_factory):
+  root = str(tmp_path_factory.mktemp('pilot'))
+  _pilot(root)
+  return results.gather(root)
+
+
+def test_more_budget_never_decides_fewer_claims_and_undecidable_ones_are_named(pilot, monkeypatch):
+  monkeypatch.setattr(plan, 'DRAWS', 1500)
+  monkeypatch.setattr(plan, 'ARGMIN_OUTER', 120)
+  made = [plan.plan(pilot, 'tiny', h * 3600, 's', lengths=(1.0,)) for h in (0.5, 5, 50, 1000)]
+  decided = [sum(r.decidable for r in p.rows) for p in made]
+  assert decided == sorted(decided) and decided[0] < decided[-1], decided
+  for p, h in zip(made, (0.5, 5, 50, 1000)):
+    assert p.hours <= h + 1e-9  # never over budget
+  rows = {r.key: r for r in made[0].rows}
+  assert not rows['C-A3'].decidable and 'larger scale' in rows['C-A3'].note  # a fit: seeds do not decide it
+  undecided = [r for r in made[0].rows if not r.decidable and r.seeds]
+  assert undecided and all('needs' in r.note and ' h on its own' in r.note for r in undecided)
+  # every run costs 100 s at the pilot's length (both seeds' wall time is recorded): hours are runs x 100 s
+  prior = rows['prior']
+  assert prior.hours == pytest.approx(prior.runs * 100 / 3600)
+  # the noisier class needs more seeds for the same effect
+  assert rows['C-B5/sequence'].seeds > rows['C-B3'].seeds
+  text = render.plan_markdown(made[0])
+  assert 'Not decidable within this budget: ' in text and 'C-A3' in text.split('Not decidable')[1]
+  assert made[-1].lengths[0]['plannable'] == sum(r.decidable for r in made[-1].rows)  # enough budget: all plannable
+
+
+def test_the_plan_noise_is_the_pilot_noise_per_class(pilot):
+  rows, _ = results.table(pilot.records)
+  from moejax.studies import grids  # pylint: disable=import-outside-toplevel
+  noise = plan.class_noise_by_length(rows, pilot.records, grids.grid_rows(rows, 'tiny'))
+  assert set(noise) == {'default', 'routing-perturbed'} and set(noise['default']) == {0.25, 0.5, 1.0}
+  assert 0.006 < noise['default'][1.0][0] < 0.014 and 0.025 < noise['routing-perturbed'][1.0][0] < 0.09
+  assert noise['default'][0.25][0] > noise['default'][1.0][0]  # the branches were made twice as noisy
+
+
+def test_plan_cli_refuses_a_bad_budget_in_one_line(tmp_path):
+  for flags in (['--budget=lots'], []):
+    out = subprocess.run([sys.executable, '-m', 'moejax.claims', '--plan', f'--root={tmp_path}', *flags], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1, out.stderr
+    assert ('cannot parse the budget' if flags else '--plan needs --root') in out.stderr

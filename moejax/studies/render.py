@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from moejax.model import accounting
-from moejax.studies import figures, fits as fits_lib, statistics, summaries
+from moejax.studies import figures, fits as fits_lib, frontier as frontier_lib, statistics, summaries
 from moejax.studies.verdicts import Claim
 
 
@@ -263,3 +263,17 @@ def report_page(root: str, rows: list[dict], varied: list[str], gathered, drawn:
     lines += [extra, '']
   lines += ['## Table', '', results_markdown(rows, varied, gathered)]
   return '\n'.join(lines)
+
+
+def frontier_grid(result, reference: float) -> str:
+  """The matched points of a frontier (`moejax.studies.frontier.Frontier`) and its dropped designs, as Markdown."""
+  spec = result.spec
+  lines = [f'Held fixed: {frontier_lib.MATCHES[spec.match]} within ±{spec.tolerance:.1%} (the base config: '
+           f'{reference:.4g}); solved: {spec.solve}.', '',
+           '| budget | design | ' + spec.solve + ' | cost | off by | training FLOPs/token |', '|---|---|---:|---:|---:|---:|']
+  for m in result.matches:
+    lines.append(f'| {m.budget_index + 1} ({m.budget:.4g}) | {m.design.label} | {m.value} | {m.quantity:.4g} | '
+                 f'{m.error:+.2%} | {m.flops_per_token:.4g} |')
+  if result.dropped:
+    lines += ['', 'Dropped designs:', ''] + [f'- {label}: {why}' for label, why in result.dropped]
+  return '\n'.join(lines) + '\n'

@@ -15,6 +15,7 @@ The matching, the dropped designs and the emitted file are `moejax.studies.front
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 
@@ -37,8 +38,7 @@ def _emit():
   spec = frontier.Spec(FLAGS.match, (1.0,), FLAGS.tolerance, FLAGS.solve, FLAGS.step, FLAGS.min_hidden, bpp,
                        FLAGS.decode_batch, FLAGS.decode_context, FLAGS.gates)
   reference = frontier.quantity(cfg, spec)
-  spec = frontier.Spec(**dict(spec.__dict__, budgets=frontier.parse_budgets(FLAGS.budgets, FLAGS.match, reference,
-                                                                             bpp)))
+  spec = dataclasses.replace(spec, budgets=frontier.parse_budgets(FLAGS.budgets, FLAGS.match, reference, bpp))
   hidden = design.parse_grid(FLAGS.expert_hidden) if FLAGS.expert_hidden else [None]
   if FLAGS.expert_hidden and FLAGS.solve != 'model_dim':
     raise ConfigError('--expert_hidden is an axis only with --solve=model_dim (else the expert size is solved)')

@@ -293,7 +293,7 @@ def _frontier_budget_table(b: dict) -> list[str]:
     lines.append(f'| {r["design"]} | {r["num_experts"] or 1} | {r["experts_per_token"] or 1} | '
                  f'{r["expert_hidden"] or r.get("ffn_hidden")} | {r["num_shared_experts"] or 0} | '
                  f'{accounting.human(r["n_total"])} | {accounting.human(r["n_active"])} | '
-                 f'{_cell(r.get("flops_per_token"), "")} | {loss} | {r["seeds"]} | {diff} | {_share(r["p_best"])} |')
+                 f'{r["flops_per_token"]:.4g} | {loss} | {r["seeds"]} | {diff} | {_share(r["p_best"])} |')
   return lines
 
 

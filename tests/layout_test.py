@@ -112,7 +112,7 @@ def test_cli_modules_are_not_imported_as_libraries():
 
 
 ENTRY_POINTS = ('main', 'generate', 'export', 'import_hf', 'prepare', 'sweep', 'results', 'report', 'claims', 'design',
-                'reproduce', 'accounting', 'routes')
+                'reproduce', 'accounting', 'routes', 'frontier')
 
 
 @pytest.mark.parametrize('name', ENTRY_POINTS)

@@ -11,6 +11,8 @@
   figures     the PNGs, from rows
   report      gather -> evaluate -> write claims.md, report.md and the figures
   design      the design search (docs/studies.md)
+  frontier    compute-matched frontiers: designs that hold one cost fixed at several budgets (docs/studies.md §11)
+  frontier_analysis  a frontier's optimum per budget with intervals, and how it moves
   sweeps      sweep bookkeeping (run, skip, fail, cluster scripts)
   routes      routing replayed over a run's kept checkpoints: specialisation, stability, dead experts
 

@@ -162,3 +162,51 @@ def grid_figure(grid: str, points: list[dict], noise, path: str) -> None:
   with files.atomic_path(path) as tmp:
     fig.savefig(tmp, format='png')
   plt.close(fig)
+
+
+def frontier_series(result: dict) -> dict[str, list[tuple[float, float, float | None, bool]]]:
+  """{design: [(budget value, loss mean, 95% half-width or None, is the budget's best)]} sorted by budget."""
+  out: dict[str, list] = {}
+  for b in result['budgets']:
+    for r in b['rows']:
+      out.setdefault(r['design'], []).append((b['value'], r['loss_mean'], r['loss_half_width'],
+                                              r['design'] == b['best']))
+  return {d: sorted(points) for d, points in out.items()}
+
+
+def frontier_figure(result: dict, path: str) -> None:
+  """One PNG: loss against the budget per design (95% t intervals, the optimum per budget starred) and P(best)."""
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use('Agg')
+  from matplotlib import pyplot as plt  # pylint: disable=import-outside-toplevel
+  fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4), dpi=110)
+  series = frontier_series(result)
+  for design, points in series.items():
+    xs, ys, hw, _ = zip(*points)
+    left.errorbar(xs, ys, yerr=None if any(h is None for h in hw) else hw, marker='o', capsize=3, label=design)
+  best = sorted((x, y) for points in series.values() for x, y, _, is_best in points if is_best)
+  left.plot([x for x, _ in best], [y for _, y in best], 'k*--', markersize=12, linewidth=1, label='optimum')
+  left.set_xscale('log', base=2)
+  left.set_xticks([b['value'] for b in result['budgets']], [f'{b["value"]:.3g}' for b in result['budgets']])
+  left.set_xlabel(f'budget: {result["what"]}')
+  left.set_ylabel('held-out loss (nats/token)')
+  left.set_title('seed mean, 95% t interval' if any(p[2] is not None for v in series.values() for p in v)
+                 else 'seed mean (no interval: too few seeds)')
+  left.legend(fontsize=7)
+  designs = list(series)
+  width = 0.8 / max(len(result['budgets']), 1)
+  for i, b in enumerate(result['budgets']):
+    shares = [(b['p_best_dist'] or {}).get(d, 0.0) for d in designs]
+    right.bar([j + i * width for j in range(len(designs))], shares, width, label=f'budget {b["budget"] + 1}')
+  right.set_xticks([j + width * (len(result['budgets']) - 1) / 2 for j in range(len(designs))], designs, fontsize=7)
+  right.set_ylabel('P(best design)')
+  right.set_ylim(0, 1)
+  right.set_title('P(best) under the seed noise' if any(b['p_best_dist'] for b in result['budgets'])
+                  else 'P(best): no usable seed noise')
+  right.legend(fontsize=7)
+  for ax in (left, right):
+    ax.grid(True, alpha=0.3)
+  fig.tight_layout()
+  with files.atomic_path(path) as tmp:
+    fig.savefig(tmp, format='png')
+  plt.close(fig)

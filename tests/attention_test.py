@@ -70,6 +70,7 @@ def test_segments_block_attention_across_documents():
     assert not np.allclose(o[:, :10], o2[:, :10])
 
 
+@pytest.mark.slow
 def test_blockwise_bfloat16_close_to_xla():
   q, k, v = _qkv(2, 40, 4, 2, 16, dtype=jnp.bfloat16)
   seg = _segments(2, 40)
@@ -79,6 +80,7 @@ def test_blockwise_bfloat16_close_to_xla():
   np.testing.assert_allclose(o.astype(jnp.float32), o_ref.astype(jnp.float32), atol=3e-2)
 
 
+@pytest.mark.slow
 def test_splash_kernel_in_interpret_mode_matches_xla():
   """jax's Pallas TPU splash kernel, interpreted on CPU: GQA, documents, L padded to its 128-blocks."""
   q, k, v = _qkv(1, 200, 4, 2, 128, seed=3)
@@ -90,6 +92,7 @@ def test_splash_kernel_in_interpret_mode_matches_xla():
     np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_model_with_blockwise_attention_equals_xla(tiny_cfg):
   tokens = jax.random.randint(jax.random.key(0), (2, 21), 0, tiny_cfg.model.vocab_size)
 
@@ -114,6 +117,7 @@ def _temp_bytes(impl, L, H=4, K=16):
   return jax.jit(grad).lower(q, k, v).compile().memory_analysis().temp_size_in_bytes
 
 
+@pytest.mark.slow
 def test_blockwise_temporaries_grow_linearly_not_quadratically():
   """By the CPU compiler's memory analysis: doubling L doubles 'blockwise' temporaries (xla: about 4x)."""
   xla = [_temp_bytes('xla', L) for L in (1024, 2048)]

@@ -62,7 +62,7 @@ def _model(tiny_cfg, impl):
   return nnx.merge(graphdef, params, buffers)
 
 
-@pytest.mark.parametrize('impl', ['xla', 'blockwise'])
+@pytest.mark.parametrize('impl', ['xla', pytest.param('blockwise', marks=pytest.mark.slow)])
 def test_packed_window_equals_documents_one_by_one(tiny_cfg, impl):
   """The core test: logits of a packed window (a document's tail, two whole documents) with document
   masking equal each document's logits run alone; without masking they do not."""
@@ -112,6 +112,7 @@ def test_masked_routing_ignores_invalid_tokens():
     assert not bool(jnp.all(out[policy][0]))  # (capacity binds)
 
 
+@pytest.mark.slow
 def test_eval_with_document_mask_scores_the_same_tokens_and_skips_padding(tiny_cfg):
   """Held-out scoring with masking: the same scored tokens and bytes (bits per byte stays exact), and
   routing counts of the weighted tokens only (without masking the padded tail counts too)."""
@@ -133,6 +134,7 @@ def test_eval_with_document_mask_scores_the_same_tokens_and_skips_padding(tiny_c
     assert sum(layer_masked['tokens_per_expert']) == masked['tokens'] * k
 
 
+@pytest.mark.slow
 def test_train_step_with_document_mask(tiny_cfg):
   """The train step masks documents (its loss differs from the unmasked step's on the same batch) and all
   training tokens count in its routing statistics (windows have no padding); the default step is unchanged."""
@@ -155,6 +157,7 @@ def test_train_step_with_document_mask(tiny_cfg):
   assert 'cummax' not in jaxpr(None) and 'cummax' in jaxpr(SEPARATOR)  # (the default derives no segments)
 
 
+@pytest.mark.slow
 def test_scanned_and_rematerialized_models_keep_the_document_mask(tiny_cfg):
   cfg = config_lib.validate(config_lib.apply_overrides(tiny_cfg, {'data.document_mask': True}))
   tokens = jnp.asarray(np.random.default_rng(0).integers(1, 200, (2, 16)), jnp.int32)
@@ -168,6 +171,7 @@ def test_scanned_and_rematerialized_models_keep_the_document_mask(tiny_cfg):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_microbatches_keep_the_document_mask(tiny_cfg):
   cfg = config_lib.validate(config_lib.apply_overrides(tiny_cfg, {'data.document_mask': True, 'train.batch_size': 4,
                                                                   'moe.router_jitter': 0.0}))

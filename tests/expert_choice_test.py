@@ -71,6 +71,7 @@ def test_grouping_a_whole_sequence_would_leak_the_future():
   assert int(taken_before[0, 0, 0]) == 0 and int(taken_after[0, 0, 0]) == 2  # token 0 lost its expert
 
 
+@pytest.mark.slow
 def test_expert_choice_trains_and_reports_statistics(tiny_cfg):
   cfg = _cfg(tiny_cfg)
   graphdef, params, buffers = model_lib.split(model_lib.build(cfg))

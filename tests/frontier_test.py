@@ -192,6 +192,7 @@ def test_analysis_leaves_out_runs_off_their_budget(base):
   assert sum(len(v) for v in by_budget.values()) == len(records) - 2
 
 
+@pytest.mark.slow
 def test_cli_emits_and_analyses_and_refuses_in_one_line(base, tmp_path):
   env = dict(os.environ, PYTHONPATH=ROOT)
   emitted = str(tmp_path / 'f.py')

@@ -70,6 +70,7 @@ def test_sigterm_during_export_is_one_line_and_leaves_no_partial_directory(tiny_
   assert sorted(os.listdir(tmp_path)) == ['run']
 
 
+@pytest.mark.slow
 def test_a_rerun_removes_a_partial_directory_left_by_a_killed_export(tiny_cfg, tmp_path):
   _, workdir = _run(tiny_cfg, tmp_path)
   stale = tmp_path / '.hf.partial-999999999-abc'  # no such pid: its writer is gone (SIGKILL)
@@ -109,6 +110,7 @@ def small_disk(tmp_path):
   subprocess.run(['umount', '-l', str(mount)], capture_output=True)
 
 
+@pytest.mark.slow
 def test_export_cli_on_a_really_full_disk_is_one_line(tiny_cfg, tmp_path, small_disk):
   _, workdir = _run(tiny_cfg, tmp_path)
   free = os.statvfs(small_disk)
@@ -119,6 +121,7 @@ def test_export_cli_on_a_really_full_disk_is_one_line(tiny_cfg, tmp_path, small_
   assert os.listdir(small_disk) == ['ballast']
 
 
+@pytest.mark.slow
 def test_eval_and_generate_refuse_non_finite_parameters(tiny_cfg, tmp_path):
   cfg = _cfg(tiny_cfg, DESIGNS['mixtral'])
   params = _random_params(cfg)
@@ -144,6 +147,7 @@ def test_generate_bad_options_name_only_the_violated_constraint(tmp_path, args, 
   assert line == f'moejax: error: {message}'
 
 
+@pytest.mark.slow
 def test_imported_workdir_without_a_corpus_is_not_scored(tiny_cfg, tmp_path):
   _, workdir = _run(tiny_cfg, tmp_path)
   exporter.export(workdir, str(tmp_path / 'hf'))

@@ -21,6 +21,7 @@ def _estimate(rng, sigma, dof):
   return statistics.Noise(float(sigma * np.sqrt(rng.chisquare(dof) / dof)), dof)
 
 
+@pytest.mark.slow
 def test_planned_seeds_give_80_percent_power_under_the_verdict_rules():
   sigma, effect, configs = 0.013, 0.02, 30
   a = (sigma, configs, 'default')
@@ -35,6 +36,7 @@ def test_planned_seeds_give_80_percent_power_under_the_verdict_rules():
   assert 0.75 < np.mean(got) < 0.88, (n, np.mean(got))
 
 
+@pytest.mark.slow
 def test_planned_equivalence_seeds_show_equivalence_80_percent_of_the_time():
   sigma, margin, configs = 0.013, 0.02, 30
   a = (sigma, configs, 'default')
@@ -49,6 +51,7 @@ def test_planned_equivalence_seeds_show_equivalence_80_percent_of_the_time():
   assert 0.75 < np.mean(got) < 0.88, (n, np.mean(got))
 
 
+@pytest.mark.slow
 def test_planned_trend_seeds_pass_the_slope_test_and_the_drop_one_check():
   sigma, effect, m, configs = 0.013, 0.03, 4, 30
   n, _ = plan.smallest(lambda k: plan.power_trend(k, effect, m, sigma, configs))
@@ -115,6 +118,7 @@ def pilot(tmp_path_factory):
   return results.gather(root)
 
 
+@pytest.mark.slow
 def test_more_budget_never_decides_fewer_claims_and_undecidable_ones_are_named(pilot, monkeypatch):
   monkeypatch.setattr(plan, 'DRAWS', 1500)
   monkeypatch.setattr(plan, 'ARGMIN_OUTER', 120)

@@ -59,6 +59,7 @@ def test_stability_matches_expert_ids_across_seeds():
   np.testing.assert_array_equal(dropped, [[True, False, False, False], [False] * 4])
 
 
+@pytest.mark.slow
 def test_kept_checkpoints_and_the_replay(tiny_cfg, tmp_path):
   workdirs = []
   for seed in (0, 1):

@@ -47,7 +47,8 @@ def _loss_and_grads(cfg, tokens_BL):
   return jax.jit(jax.value_and_grad(f, has_aux=True))(params)
 
 
-@pytest.mark.parametrize('scan,remat', [(True, 'none'), (False, 'full'), (True, 'moe')])
+@pytest.mark.parametrize('scan,remat', [pytest.param(True, 'none', marks=pytest.mark.slow),
+                                         pytest.param(False, 'full', marks=pytest.mark.slow), (True, 'moe')])
 def test_scanned_and_rematerialized_blocks_give_the_unrolled_logits_and_gradients(tiny_cfg, scan, remat):
   tokens_BL = jax.random.randint(jax.random.key(1), (2, 8), 0, tiny_cfg.model.vocab_size)
   cfg = _mixed(tiny_cfg)
@@ -62,6 +63,7 @@ def test_scanned_and_rematerialized_blocks_give_the_unrolled_logits_and_gradient
     np.testing.assert_allclose(g2, g, rtol=1e-4, atol=1e-5 * float(jnp.max(jnp.abs(g))))
 
 
+@pytest.mark.slow
 def test_scanned_models_share_the_unrolled_parameter_tree_and_decode(tiny_cfg):
   cfg, scanned = _mixed(tiny_cfg), _mixed(tiny_cfg, **{'model.scan_layers': True, 'model.remat': 'full'})
   assert jax.tree.structure(state_lib.abstract_state(cfg)[1]) == jax.tree.structure(state_lib.abstract_state(scanned)[1])
@@ -74,6 +76,7 @@ def test_scanned_models_share_the_unrolled_parameter_tree_and_decode(tiny_cfg):
   np.testing.assert_allclose(logits, full, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_a_checkpoint_resumes_across_scan_and_remat(tiny_cfg, tmp_path):
   straight = loop_lib.run(tiny_cfg, str(tmp_path / 'a'))
   loop_lib.run(tiny_cfg, str(tmp_path / 'b'), stop_after=3)
@@ -97,8 +100,10 @@ def _one_step(cfg, tokens_BL1, opt=None):
 
 @pytest.mark.parametrize('overrides', [
     {},  # global-batch load balancing: the whole batch's expert fractions
-    {'moe.load_balancing': 'aux_free', 'moe.aux_free_sequence_coef': 1e-2},  # bias update from summed counts
-    {'moe.train_capacity_factor': 1.0, 'moe.capacity_group_tokens': 16},  # drops: capacity groups of one sequence
+    pytest.param({'moe.load_balancing': 'aux_free', 'moe.aux_free_sequence_coef': 1e-2},  # bias update from summed counts
+                 marks=pytest.mark.slow),
+    pytest.param({'moe.train_capacity_factor': 1.0, 'moe.capacity_group_tokens': 16},  # drops: one sequence per group
+                 marks=pytest.mark.slow),
 ])
 def test_microbatches_give_the_whole_batch_step(tiny_cfg, overrides):
   cfg = config_lib.validate(config_lib.apply_overrides(tiny_cfg.copy_and_resolve_references(),
@@ -115,6 +120,7 @@ def test_microbatches_give_the_whole_batch_step(tiny_cfg, overrides):
     np.testing.assert_allclose(y, x, rtol=1e-6, atol=1e-8)
 
 
+@pytest.mark.slow
 def test_a_mean_of_microbatch_balance_losses_is_not_the_global_one(tiny_cfg):
   """The pre-pass matters: per-microbatch fractions give another loss (the approximation peers make)."""
   cfg = config_lib.validate(config_lib.apply_overrides(tiny_cfg.copy_and_resolve_references(), {'train.batch_size': 8}))
@@ -152,6 +158,7 @@ def _metrics(workdir):
     return {r['step']: r for r in map(json.loads, f) if 'loss' in r}
 
 
+@pytest.mark.slow
 def test_training_routing_reaches_result_json_and_the_results_table(tiny_cfg, tmp_path):
   cfg = config_lib.validate(config_lib.apply_overrides(tiny_cfg.copy_and_resolve_references(), {
       'train.steps': 20, 'checkpoint.every_steps': 19, 'moe.train_capacity_factor': 1.0}))
@@ -173,6 +180,7 @@ def test_training_routing_reaches_result_json_and_the_results_table(tiny_cfg, tm
   assert 'train dropped' in results.markdown([row], [])
 
 
+@pytest.mark.slow
 def test_microbatches_on_a_mesh_give_the_one_device_step(tiny_cfg):
   """Each microbatch is split over the batch axes; the accumulator shards like the parameters."""
   cfg = config_lib.validate(config_lib.apply_overrides(tiny_cfg.copy_and_resolve_references(), {'train.batch_size': 8}))

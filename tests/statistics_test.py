@@ -19,6 +19,7 @@ def test_seeds_to_decide_give_80_percent_power():
   assert 0.76 < power < 0.86, (n, power)  # the old formula (t(0.975) alone) gave n with about 50%
 
 
+@pytest.mark.slow
 def test_welch_intervals_across_noise_classes_cover():
   rng = np.random.default_rng(1)
   sa, sb, na, nb, ka, kb = 0.013, 0.05, 2, 2, 29, 6  # default and routing-perturbed classes, as in the tiny runs
@@ -43,6 +44,7 @@ def _series(rng, slope, sigma=0.02, seeds=2, points=4):
            'loss_mean': 2.0 + slope * i + rng.normal(0, sigma / np.sqrt(seeds))} for i in range(points)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('slope,low,high', [(0.0, 0.0, 0.045), (0.03, 0.8, 1.0)])
 def test_trend_test_size_and_power(slope, low, high):
   """The slope t-test: about 2.5% false 'holds' under no trend (size), at least 80% under a real one (power)."""
@@ -121,6 +123,7 @@ def test_beating_the_baselines_needs_an_interval_below_zero_not_a_lower_point_rm
   assert fits.beats_baselines(family, 'total_sparsity')
 
 
+@pytest.mark.slow
 def test_a_real_law_beats_its_baselines_with_an_interval():
   rng = np.random.default_rng(6)
   x = {'n_total': np.geomspace(1e5, 1e7, 20), 'sparsity': np.tile([2.0, 4.0, 8.0, 16.0], 5)}

@@ -408,9 +408,11 @@ def test_store_lock_is_exclusive_and_removed_on_release(tmp_path):
     pass
 
 
+SLOW = pytest.mark.slow
 @pytest.mark.parametrize('signum,workers,group', [(signal.SIGTERM, 1, False), (signal.SIGTERM, 2, False),
-                                                  (signal.SIGTERM, 2, True), (signal.SIGINT, 1, True),
-                                                  (signal.SIGINT, 2, True)])
+                                                  pytest.param(signal.SIGTERM, 2, True, marks=SLOW),
+                                                  pytest.param(signal.SIGINT, 1, True, marks=SLOW),
+                                                  pytest.param(signal.SIGINT, 2, True, marks=SLOW)])
 def test_interrupted_preparation_is_one_line_and_resumes(byte_store, corpus_glob, tmp_path, signum, workers, group):
   """SIGTERM to the driver (kill), to the whole group (scancel) and Ctrl-C (the group): one line, nothing left over."""
   out = tmp_path / 'store'
@@ -443,6 +445,7 @@ def _workers_of(pid):
   return found
 
 
+@pytest.mark.slow
 def test_a_killed_worker_is_one_line_and_the_run_resumes(byte_store, corpus_glob, tmp_path):
   """SIGKILL (the OOM killer) of one worker: the run ends with one line instead of hanging, and resumes."""
   out = tmp_path / 'store'
@@ -468,6 +471,7 @@ def test_concurrent_preparations_share_the_chunks(byte_store, corpus_glob, tmp_p
   _same_store(byte_store, out)
 
 
+@pytest.mark.slow
 def test_concurrent_preparations_with_other_settings_are_refused(corpus_glob, tmp_path):
   """Two runs with different settings started together: the second to plan waits, then is refused in one line."""
   out = tmp_path / 'contested'
@@ -481,6 +485,7 @@ def test_concurrent_preparations_with_other_settings_are_refused(corpus_glob, tm
   chunks.verify_store(str(out))
 
 
+@pytest.mark.slow
 def test_verify_refuses_a_store_mixed_from_two_preparations(trained, corpus_glob, tmp_path):
   """Chunk 2 from a BPE trained on other bytes, with a manifest that matches its shards (as two racing runs made)."""
   other = tmp_path / 'other'
@@ -546,6 +551,7 @@ def test_store_source_takes_its_tokenizer_from_the_manifest(tiny_cfg, trained):
     data.corpus_from_config(other.data)
 
 
+@pytest.mark.slow
 def test_run_keeps_its_tokenizer_when_the_store_moves(tiny_cfg, trained, tmp_path):
   store = shutil.copytree(trained['bpe_store'], tmp_path / 'store')
   d = config_lib.validate(config_lib.apply_overrides(tiny_cfg, {'data.source': f'store:{store}',
@@ -601,7 +607,7 @@ def _fill(disk, leave: int) -> str:
   return path
 
 
-@pytest.mark.parametrize('workers', [1, 2])
+@pytest.mark.parametrize('workers', [1, pytest.param(2, marks=pytest.mark.slow)])
 def test_full_disk_during_prepare_is_one_line_and_resumes(byte_store, corpus_glob, small_disk, workers):
   out = small_disk / 'store'
   ballast = _fill(small_disk, 160 << 10)  # the plan fits, not every chunk
@@ -617,6 +623,7 @@ def test_full_disk_during_prepare_is_one_line_and_resumes(byte_store, corpus_glo
   _same_store(byte_store, out)
 
 
+@pytest.mark.slow
 def test_full_disk_while_planning_leaves_no_directory(corpus_glob, small_disk):
   _fill(small_disk, 0)
   run = _prepare_cli(f'--source={corpus_glob}', f'--out={small_disk}/store', '--heldout_bytes=4000',

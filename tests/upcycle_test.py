@@ -58,6 +58,7 @@ def test_upcycled_first_forward_equals_the_dense_model(tiny_cfg, dense, override
                              atol=2e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('overrides', [
     {'moe.expert_hidden': 64},  # raw softmax gates sum to k/E, not 1
     {'moe.expert_hidden': 32, **EXACT},  # granular without the routed scale G: half the FFN
@@ -90,6 +91,7 @@ def test_upcycling_refuses_mismatched_designs_in_one_line(tiny_cfg, dense):
     _cfg(tiny_cfg, **{'train.init_from': '/x', **DENSE})
 
 
+@pytest.mark.slow
 def test_upcycled_run_records_the_dense_compute(tiny_cfg, tmp_path):
   dense_dir, moe_dir = str(tmp_path / 'dense'), str(tmp_path / 'moe')
   with pytest.raises(ConfigError, match='no result.json'):

@@ -44,10 +44,10 @@ def test_xla_default_is_todays_call():
 
 
 @pytest.mark.parametrize('L,H,G,blocks,segmented', [
-    (37, 4, 2, (8, 16), False),  # GQA, L not a multiple of either block
+    pytest.param(37, 4, 2, (8, 16), False, marks=pytest.mark.slow),  # GQA, L not a multiple of either block
     (37, 4, 2, (16, 8), True),  # GQA + documents
-    (32, 2, 2, (8, 8), True),  # MHA, exact blocks
-    (5, 4, 1, (8, 16), True),  # MQA, L shorter than a block
+    pytest.param(32, 2, 2, (8, 8), True, marks=pytest.mark.slow),  # MHA, exact blocks
+    pytest.param(5, 4, 1, (8, 16), True, marks=pytest.mark.slow),  # MQA, L shorter than a block
 ])
 def test_blockwise_matches_xla(L, H, G, blocks, segmented):
   q, k, v = _qkv(2, L, H, G, 8, seed=L)

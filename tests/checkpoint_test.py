@@ -99,16 +99,6 @@ def test_failed_save_is_one_error_and_keeps_the_previous_step(tmp_path, monkeypa
   fresh.close()
 
 
-@pytest.fixture
-def small_disk(tmp_path):
-  """A 4 MB tmpfs (root only: CI and the dev machines run as root); skipped where it cannot be mounted."""
-  mount = tmp_path / 'disk'
-  mount.mkdir()
-  if subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=4m', 'tmpfs', str(mount)], capture_output=True).returncode:
-    pytest.skip('cannot mount a tmpfs here (needs root)')
-  yield mount
-  subprocess.run(['umount', '-l', str(mount)], capture_output=True)
-
 
 def test_full_disk_during_a_save_is_one_line_and_keeps_the_last_checkpoint(tiny_cfg, corpus_glob, small_disk):
   workdir = small_disk / 'run'

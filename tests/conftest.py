@@ -1,6 +1,7 @@
 """Shared test setup: 8 fake CPU devices (set before jax is imported) and tiny configs."""
 
 import os
+import subprocess
 import sys
 
 os.environ['XLA_FLAGS'] = os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8'
@@ -37,3 +38,29 @@ def corpus_glob(tmp_path_factory):
 def tiny_cfg(corpus_glob):
   """A validated 2-layer MoE config that trains in about a second per step on CPU."""
   return tiny.get_config(corpus_glob)
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+  """tmpfs('4m') mounts a tmpfs of that size under tmp_path for a real full disk (root only: CI and the dev
+  machines run as root); skipped where it cannot be mounted; unmounted after the test."""
+  mounts = []
+
+  def mount(size: str):
+    path = tmp_path / f'disk{len(mounts)}'
+    path.mkdir()
+    if subprocess.run(['mount', '-t', 'tmpfs', '-o', f'size={size}', 'tmpfs', str(path)],
+                      capture_output=True).returncode:
+      pytest.skip('cannot mount a tmpfs here (needs root)')
+    mounts.append(path)
+    return path
+
+  yield mount
+  for path in mounts:
+    subprocess.run(['umount', '-l', str(path)], capture_output=True)
+
+
+@pytest.fixture
+def small_disk(tmpfs):
+  """A 4 MB tmpfs (see `tmpfs`)."""
+  return tmpfs('4m')

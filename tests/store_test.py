@@ -584,16 +584,6 @@ def test_prepare_logs_the_training_bytes_used_and_a_smaller_vocabulary(corpus_gl
   assert trained_on and used < trained_on[0] < 2 * used  # the training split, not the 200 MiB cap
 
 
-@pytest.fixture
-def small_disk(tmp_path):
-  """A 4 MB tmpfs (root only: CI and the dev machines run as root); skipped where it cannot be mounted."""
-  mount = tmp_path / 'disk'
-  mount.mkdir()
-  if subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=4m', 'tmpfs', str(mount)], capture_output=True).returncode:
-    pytest.skip('cannot mount a tmpfs here (needs root)')
-  yield mount
-  subprocess.run(['umount', '-l', str(mount)], capture_output=True)
-
 
 def _fill(disk, leave: int) -> str:
   """Writes a ballast file that leaves `leave` bytes free on `disk`; returns its path."""

@@ -138,6 +138,37 @@ def test_attention_keys_validated(tiny_cfg):
       tiny_cfg, {'model.attention': 'cudnn', 'model.compute_dtype': 'bfloat16'})).model.attention == 'cudnn'
 
 
+def test_splash_on_a_multi_device_mesh_runs_per_device():
+  """On a mesh the splash kernel runs inside a shard_map (XLA cannot partition a Mosaic call: a real TPU
+  compile of the sharded model failed with "Mosaic kernels cannot be automatically partitioned" without it):
+  batch over data, heads over tensor; outputs and gradients equal the unsharded XLA call."""
+  from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=import-outside-toplevel
+  mesh = jax.make_mesh((2, 1, 1, 2), ('data', 'fsdp', 'expert', 'tensor'), devices=jax.devices()[:4],
+                       axis_types=(jax.sharding.AxisType.Auto,) * 4)
+  q, k, v = _qkv(2, 130, 4, 2, 128, seed=5)
+  seg = _segments(2, 130, seed=5)
+  o_ref, g_ref = _loss_and_grads('xla', q, k, v, seg)
+  spec = NamedSharding(mesh, P('data', None, 'tensor', None))
+  q, k, v = (jax.device_put(x, spec) for x in (q, k, v))
+  fn = lambda q, k, v: _loss_and_grads('splash', q, k, v, seg, (128, 128), interpret=True)  # noqa: E731
+  with jax.set_mesh(mesh):
+    o, g = jax.jit(fn)(q, k, v)
+    assert 'shard_map' in str(jax.make_jaxpr(fn)(q, k, v))  # (interpreted, XLA could partition it either way)
+  np.testing.assert_allclose(o, o_ref, atol=1e-5, rtol=1e-5)
+  for a, b in zip(g, g_ref):
+    np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_auto_for_a_deviceless_gpu_target_is_blockwise():
+  """cuDNN builds its attention at compile time, which a compile for `--target=gpu:...` without a GPU cannot."""
+  from moejax import kernels  # pylint: disable=import-outside-toplevel
+  with kernels.target('gpu'):
+    assert attention_lib.resolve('auto', jnp.bfloat16) == 'blockwise'
+    assert attention_lib.resolve('auto', jnp.float32) == 'xla'
+  with kernels.target('tpu'):
+    assert attention_lib.resolve('auto', jnp.float32) == 'splash'
+
+
 def test_auto_picks_per_backend():
   assert attention_lib.resolve('auto', jnp.float32, 'cpu') == 'xla'
   assert attention_lib.resolve('auto', jnp.bfloat16, 'gpu') == 'cudnn'

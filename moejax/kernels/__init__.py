@@ -46,6 +46,11 @@ def platform() -> str:
   return _target[0] if _target else jax.default_backend()
 
 
+def deviceless() -> bool:
+  """True inside `target(...)`: lowering for a compile target, not for this machine's devices."""
+  return _target is not None
+
+
 def onchip_bytes() -> int:
   """The on-chip memory (scoped VMEM on TPU, shared memory per block on GPU) a kernel's tiles may use."""
   if _target and _target[1]:

@@ -14,6 +14,9 @@ keys of the query's own segment (document masking: `document_layout`).
                (GPU only; bfloat16/float16 inputs). Document masking becomes a [B, 1, L, L] boolean mask.
   'splash'     jax's Pallas TPU splash-attention kernel (TPU; `interpret=True` runs it on CPU, for tests).
   'auto'       'cudnn' on GPU with a bfloat16 model, 'splash' on TPU, else 'xla'.
+
+On a multi-device mesh the splash kernel runs inside a `jax.shard_map` (XLA cannot partition Mosaic
+calls); the jnp cores and cuDNN's are partitioned by XLA like any other op.
 """
 
 from __future__ import annotations
@@ -25,16 +28,29 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jax.sharding import PartitionSpec as P
+
+from moejax import kernels
 from moejax.config import ATTENTION_IMPLEMENTATIONS as IMPLEMENTATIONS  # noqa: F401  (re-exported)
+from moejax.parallel import mesh as mesh_lib
 _MASKED = -0.7 * float(np.finfo(np.float32).max)  # a finite "minus infinity": exp(masked - max) is 0, never NaN
 
 
 def resolve(impl: str, dtype=jnp.float32, platform: str | None = None) -> str:
-  """The concrete core for `model.attention` on `platform` (default: jax's default backend)."""
+  """The concrete core for `model.attention` on `platform` (default: the platform kernels are lowered for,
+  `kernels.platform()`: a compile target's inside `kernels.target`, else jax's default backend).
+
+  Compiling for a GPU target without a GPU (`--target=gpu:...`), 'auto' gives 'blockwise' (warned once):
+  cuDNN's fused attention is built by the cuDNN library at compile time, which a deviceless compile lacks.
+  """
   if impl != 'auto':
     return impl
-  platform = platform or jax.default_backend()
+  platform = platform or kernels.platform()
   if platform == 'gpu' and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
+    if kernels.deviceless():
+      kernels.warn_once('attention-auto-deviceless', "model.attention='auto': cuDNN's attention cannot be compiled "
+                        'without cuDNN and a GPU; compiling the blockwise core for this target instead')
+      return 'blockwise'
     return 'cudnn'
   return 'splash' if platform == 'tpu' else 'xla'
 
@@ -63,7 +79,7 @@ def attend(q_BLHK: jax.Array, k_BLGK: jax.Array, v_BLGK: jax.Array, impl: str = 
   if impl == 'blockwise':
     return blockwise_attention(q_BLHK, k_BLGK, v_BLGK, segment_ids_BL, q_block, kv_block)
   if impl == 'splash':
-    return splash_attention(q_BLHK, k_BLGK, v_BLGK, segment_ids_BL, q_block, kv_block, interpret)
+    return _splash_on_mesh(q_BLHK, k_BLGK, v_BLGK, segment_ids_BL, q_block, kv_block, interpret)
   if impl == 'xla' and segment_ids_BL is None:
     # dot_product_attention broadcasts kv heads over query-head groups (GQA) and scales by 1/sqrt(K).
     return jax.nn.dot_product_attention(q_BLHK, k_BLGK, v_BLGK, is_causal=True)
@@ -195,6 +211,28 @@ def blockwise_attention(q_BLHK, k_BLGK, v_BLGK, segment_ids_BL=None, q_block: in
 
 
 # ----- Pallas TPU splash attention -----
+
+def _splash_on_mesh(q_BLHK, k_BLGK, v_BLGK, segment_ids_BL, q_block: int, kv_block: int, interpret: bool):
+  """`splash_attention`, per device inside a `jax.shard_map` when the context mesh has several devices.
+
+  XLA cannot partition a Mosaic kernel ("Mosaic kernels cannot be automatically partitioned"), so
+  on a multi-device mesh each device runs the kernel on its own rows: the batch over the mesh's
+  batch axes (when B divides by them) and, when the mesh's 'tensor' axis divides both head counts,
+  query and kv heads over it (contiguous shards keep every query head with its kv head).
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh.size == 1 or mesh.manual_axes:
+    return splash_attention(q_BLHK, k_BLGK, v_BLGK, segment_ids_BL, q_block, kv_block, interpret)
+  batch_axes = tuple(a for a in mesh_lib.LOGICAL_AXIS_RULES['batch'] if mesh.shape.get(a, 1) > 1)
+  batch = batch_axes if batch_axes and q_BLHK.shape[0] % math.prod(mesh.shape[a] for a in batch_axes) == 0 else None
+  t = mesh.shape.get('tensor', 1)
+  heads = 'tensor' if t > 1 and q_BLHK.shape[2] % t == 0 and k_BLGK.shape[2] % t == 0 else None
+  qkv = P(batch, None, heads, None)
+  seg = jnp.ones(q_BLHK.shape[:2], jnp.int32) if segment_ids_BL is None else segment_ids_BL
+  fn = functools.partial(splash_attention, q_block=q_block, kv_block=kv_block, interpret=interpret)
+  return jax.shard_map(lambda q, k, v, s: fn(q, k, v, s), mesh=mesh, in_specs=(qkv, qkv, qkv, P(batch, None)),
+                       out_specs=qkv, check_vma=False)(q_BLHK, k_BLGK, v_BLGK, seg)
+
 
 def splash_attention(q_BLHK, k_BLGK, v_BLGK, segment_ids_BL=None, q_block: int = 512, kv_block: int = 512,
                      interpret: bool = False):

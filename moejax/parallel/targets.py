@@ -73,11 +73,13 @@ class Target:
   def devices(self) -> list:
     """The target's devices, for a Mesh; raises ConfigError when its compiler package is missing or mismatched."""
     check_installed(self.platform)
-    if self.platform == 'tpu':  # quiets libtpu's start-up probing of a TPU VM it is not on
-      os.environ.setdefault('TPU_ACCELERATOR_TYPE', 'v5p-8')
-      os.environ.setdefault('TPU_WORKER_HOSTNAMES', 'localhost')
-      # libtpu otherwise takes /tmp/libtpu_lockfile, and a second compiling process (a test worker) fails
-      os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
+    # Both plugins start whichever target is compiled for: libtpu's start-up probing of a TPU VM it is not
+    # on is quieted, and told it may be loaded by a second compiling process (a test worker; it otherwise
+    # takes /tmp/libtpu_lockfile); the CUDA plugin otherwise refuses to start without the CUDA runtime,
+    # which compiling does not need.
+    for key, value in (('TPU_ACCELERATOR_TYPE', 'v5p-8'), ('TPU_WORKER_HOSTNAMES', 'localhost'),
+                       ('ALLOW_MULTIPLE_LIBTPU_LOAD', '1'), ('JAX_SKIP_CUDA_CONSTRAINTS_CHECK', '1')):
+      os.environ.setdefault(key, value)
     from jax.experimental import topologies  # pylint: disable=import-outside-toplevel
     try:
       devices = list(topologies.get_topology_desc(**dict(self.topology)).devices)

@@ -20,3 +20,54 @@ def test_fit_row_shards_the_state_over_every_device(tiny_cfg):
   row = compile_steps.fit_row(tiny_cfg, None, 4)
   assert row['devices'] == 4 and row['target'] == 'cpu x4'
   assert 0 < row['state_gb'] <= row['peak_gb'] and row['analytic_gb'] > 0
+
+
+def _fake_rows(monkeypatch, peak_of, calls):
+  """fit_row replaced by a memory model: peak_of(devices, remat) GB (None: the compiler ran out of memory)."""
+  def fake(cfg, target, devices, remat=None, microbatches=1):
+    calls.append((target.name if target else f'cpu x{devices}', remat, microbatches))
+    peak = peak_of(devices, remat)
+    if peak is None:
+      raise RuntimeError('RESOURCE_EXHAUSTED: Ran out of memory in memory space hbm')
+    return {'name': cfg.name, 'target': target.name if target else f'cpu x{devices}', 'devices': devices,
+            'remat': remat, 'microbatches': microbatches, 'attention': 'auto', 'peak_gb': peak,
+            'analytic_gb': 1.0, 'compile_s': 1.0, 'compiler': 'fake'}
+  monkeypatch.setattr(compile_steps, 'fit_row', fake)
+
+
+def test_search_finds_the_smallest_target_and_the_cheapest_remat_that_fits(tiny_cfg, monkeypatch):
+  """H100 budget 0.9 x 79.1 GiB = 76.4 GB: 8 devices never fit, 16 fit with 'full' and 'moe' but not
+  'none'; the search stops at the first size that fits, keeps 'moe' (less recompute than 'full'),
+  reports the size below as evidence, and a second search over the same store compiles nothing."""
+  peaks = {('full', 8): 90.0, ('full', 16): 50.0, ('moe', 16): 70.0, ('none', 16): 95.0}
+  calls, store = [], {}
+  _fake_rows(monkeypatch, lambda d, r: peaks[(r, d)], calls)
+  cfg = config_lib.validate(tiny_cfg)
+  result = compile_steps.search(cfg, 'gpu:h100', 16 * cfg.data.seq_len * 4, 0.9, store)
+  assert result['fits']['target'] == 'gpu:h100x8x2' and result['fits']['remat'] == 'moe'
+  assert result['fits']['microbatches'] == 4  # 4 x 16 sequences of one per device
+  assert result['below']['target'] == 'gpu:h100x8' and not result['below']['fits']
+  assert calls == [('gpu:h100x8', 'full', 8), ('gpu:h100x8x2', 'full', 4), ('gpu:h100x8x2', 'none', 4),
+                   ('gpu:h100x8x2', 'moe', 4)]
+  calls.clear()
+  again = compile_steps.search(cfg, 'gpu:h100', 16 * cfg.data.seq_len * 4, 0.9, store)
+  assert calls == [] and again['fits'] == result['fits']
+  assert '| gpu:h100x8x2 (16 devices) | moe, 4 microbatches' in compile_steps.search_row(cfg, 'gpu:h100', 1, again)
+
+
+def test_search_treats_a_compiler_out_of_memory_as_not_fitting(tiny_cfg, monkeypatch):
+  calls = []
+  _fake_rows(monkeypatch, lambda d, r: None if d < 32 else 10.0, calls)
+  result = compile_steps.search(config_lib.validate(tiny_cfg), 'tpu:v5p', 1, 0.9, {})
+  assert result['fits']['target'] == 'tpu:v5p-64' and result['fits']['remat'] == 'none'
+  assert 'out of memory' in compile_steps.search_row(tiny_cfg, 'tpu:v5p', 1, result)
+
+
+def test_search_does_not_swallow_other_compiler_errors(tiny_cfg, monkeypatch):
+  def broken(*a, **k):
+    raise ValueError('a real bug')
+  monkeypatch.setattr(compile_steps, 'fit_row', broken)
+  with pytest.raises(ValueError, match='a real bug'):
+    compile_steps.search(config_lib.validate(tiny_cfg), 'gpu:h100', 1, 0.9, {})
+  with pytest.raises(Exception, match='not a target family'):
+    compile_steps.search(config_lib.validate(tiny_cfg), 'gpu:a100', 1, 0.9, {})

@@ -10,17 +10,28 @@ of the config's context (the prefill is the eval step's forward pass). Nothing i
 
   python -m moejax.bench fit --config=experiments/published/olmoe_1b_7b.py --target=tpu:v5p-8 [--cpu]
 
-prints the docs/scaling-out.md memory-table row of each config on each target (and, with
---cpu, the CPU compiler's figure for the same mesh over fake CPU devices).
+prints the memory-table row of each config on each target (and, with --cpu, the CPU compiler's
+figure for the same mesh over fake CPU devices);
+
+  python -m moejax.bench fit --config=experiments/published/olmoe_1b_7b.py --search=gpu:h100 \
+      [--global_tokens=4194304] [--set=model.attention=auto] [--out=fit.json] [--cpu --cpu_devices=64]
+
+finds the smallest node count or slice of a family that holds the train step (`search`): the
+docs/scaling-out.md "does it fit" table.
 """
 
 from __future__ import annotations
 
+import os
+
 import jax
 import jax.numpy as jnp
+from absl import flags
 from flax import nnx
 
-from moejax import config as config_lib
+from moejax import cli, config as config_lib
+from moejax.bench import common
+from moejax.errors import ConfigError
 from moejax.model import dispatch as dispatch_lib
 from moejax.train import evaluate as eval_lib, state as state_lib
 from moejax.inference import decode
@@ -81,54 +92,183 @@ def compile_all(cfg, target=None, decode_batch: int = 8) -> dict:
   return out
 
 
-def fit_row(cfg, target, devices: int) -> dict:
-  """One table row: `cfg` on `devices` devices (fsdp over all, one sequence each), compiled for `target`
-  (None: this machine's CPU compiler over as many fake devices), with the analytic state estimate."""
+def fit_row(cfg, target, devices: int, remat: str | None = None, microbatches: int = 1) -> dict:
+  """One table row: `cfg` on `devices` devices (fsdp over all, one sequence each per microbatch), compiled for
+  `target` (None: this machine's CPU compiler over as many fake devices), with the analytic state estimate."""
   from moejax.model import accounting  # pylint: disable=import-outside-toplevel
-  cfg = config_lib.apply_overrides(cfg, {'mesh.fsdp': devices, 'mesh.expert': 1, 'mesh.data': 1, 'mesh.tensor': 1,
-                                         'train.batch_size': devices, 'eval.batch_size': devices})
-  config_lib.validate(cfg)
+  overrides = {'mesh.fsdp': devices, 'mesh.expert': 1, 'mesh.data': 1, 'mesh.tensor': 1,
+               'train.batch_size': devices * microbatches, 'train.microbatches': microbatches,
+               'eval.batch_size': devices}
+  if remat is not None:
+    overrides['model.remat'] = remat
+  cfg = config_lib.validate(config_lib.apply_overrides(cfg, overrides))
   r = state_lib.compile_step(cfg, target)
   n_total = accounting.count(cfg)['n_total']
   return {'name': cfg.name, 'target': target.name if target is not None else f'cpu x{devices}',
-          'compiler': r['compiler'], 'devices': devices, 'peak_gb': r.get('peak_bytes', 0) / 1e9,
-          'temp_gb': r.get('temp_bytes', 0) / 1e9, 'state_gb': (r['params_bytes'] + r['optimizer_bytes']) / 1e9,
+          'compiler': r['compiler'], 'devices': devices, 'seq_len': cfg.data.seq_len, 'remat': cfg.model.remat,
+          'microbatches': microbatches, 'attention': cfg.model.attention, 'scan_layers': cfg.model.scan_layers,
+          'peak_gb': r.get('peak_bytes', 0) / 1e9, 'temp_gb': r.get('temp_bytes', 0) / 1e9,
+          'state_gb': (r['params_bytes'] + r['optimizer_bytes']) / 1e9,
           'analytic_gb': n_total * 16 / devices / 1e9, 'compile_s': r['compile_s']}
 
 
-def main(argv=None) -> int:
-  """python -m moejax.bench fit --config=experiments/published/olmoe_1b_7b.py --target=tpu:v5p-8 [--cpu]:
-  one Markdown row per (config, target) for docs/scaling-out.md (train step, bfloat16 compute)."""
-  import argparse  # pylint: disable=import-outside-toplevel
+# ----- the smallest target a design fits on -----
+
+# Targets of one family in increasing size: GPU nodes of 8, TPU slices (v5p names count TensorCores: 2 per chip).
+FAMILIES = {
+    'gpu:h100': [f'gpu:h100x8x{n}' if n > 1 else 'gpu:h100x8' for n in (1, 2, 4, 8, 16)],
+    'gpu:h200': [f'gpu:h200x8x{n}' if n > 1 else 'gpu:h200x8' for n in (1, 2, 4, 8, 16)],
+    'tpu:v5p': [f'tpu:v5p-{n}' for n in (8, 16, 32, 64, 128, 256)],
+    'tpu:v6e': [f'tpu:v6e-{n}' for n in (8, 16, 32, 64, 128, 256)],
+}
+# Least memory first: when 'full' does not fit, nothing at that size does; when it fits, 'none' (no recompute)
+# is tried next, and 'moe' (recompute only the expert matmuls) only when 'none' does not fit.
+REMAT_LADDER = ('full', 'none', 'moe')
+OUT_OF_MEMORY = ('RESOURCE_EXHAUSTED', 'Ran out of memory', 'out of memory')
+
+
+def _microbatches(global_tokens: int, seq_len: int, devices: int) -> int:
+  """Microbatches of one sequence per device that make at least `global_tokens` per optimizer step."""
+  return max(1, -(-global_tokens // (seq_len * devices)))
+
+
+def search(cfg, family: str, global_tokens: int, headroom: float, store: dict, save=lambda: None,
+           cpu: bool = False) -> dict:
+  """The smallest target of `family` whose device memory (x `headroom`) holds the train step of `cfg` at
+  `global_tokens` per step, one sequence per device per microbatch, fsdp over every device.
+
+  At each size (in order, starting at the first whose analytic state fits) 'full' remat (least memory)
+  is compiled first; if it fits, 'none' (no recompute), and if that does not, 'moe': the row names
+  the setting with the least recompute that fits. A compile is cached in `store` under its key (`save()` after
+  each: an interrupted search resumes). Returns {'fits': row or None, 'below': the best row of the size
+  before it (the evidence that it does not fit), 'tried': [rows]}.
+  """
+  from moejax.model import accounting  # pylint: disable=import-outside-toplevel
   from moejax.parallel import targets  # pylint: disable=import-outside-toplevel
-  p = argparse.ArgumentParser(prog='python -m moejax.bench fit')
-  p.add_argument('--config', action='append', required=True)
-  p.add_argument('--target', action='append', required=True)
-  p.add_argument('--cpu', action='store_true', help="also the CPU compiler's figure over as many fake devices")
-  p.add_argument('--cpu_only', action='store_true', help="only the CPU compiler's figure (the target sets the mesh)")
-  p.add_argument('--set', action='append', default=[], help='a config override, e.g. moe.num_experts=16')
-  a = p.parse_args(argv)
+  if family not in FAMILIES:
+    raise ConfigError(f'--search={family!r} is not a target family; use one of {sorted(FAMILIES)}')
+  n_total, tried, below = accounting.count(cfg)['n_total'], [], None
+  for name in FAMILIES[family]:
+    t = targets.parse(name)
+    budget = t.device_memory_bytes * headroom / 1e9
+    if n_total * 16 / t.num_devices / 1e9 > budget:
+      continue
+    mb, best = _microbatches(global_tokens, cfg.data.seq_len, t.num_devices), None
+    for remat in REMAT_LADDER:
+      row = _cached(store, save, cfg, t, remat, mb)
+      row['fits'] = row.get('peak_gb') is not None and row['peak_gb'] <= budget
+      row['budget_gb'] = budget
+      tried.append(row)
+      if remat == 'full' and not row['fits']:
+        break
+      if row['fits']:
+        best = row
+        if remat == 'none':
+          break
+    if best is not None:
+      if cpu and jax.device_count() >= t.num_devices:
+        best = dict(best, cpu_peak_gb=_cached(store, save, cfg, None, best['remat'], mb, t.num_devices)['peak_gb'])
+      return {'fits': best, 'below': below, 'tried': tried}
+    below = tried[-1]
+  return {'fits': None, 'below': below, 'tried': tried}
+
+
+def _cached(store: dict, save, cfg, target, remat: str, microbatches: int, devices: int | None = None) -> dict:
+  devices = devices or target.num_devices
+  compiler = target.compiler if target is not None else f'XLA:CPU (jax {jax.__version__})'
+  key = '|'.join(map(str, (cfg.name, config_lib.config_hash(cfg), target.name if target else f'cpu x{devices}',
+                           remat, microbatches, compiler)))
+  if key not in store:
+    try:
+      store[key] = fit_row(cfg, target, devices, remat, microbatches)
+    except Exception as e:  # pylint: disable=broad-except
+      text = str(e)
+      if not any(m in text for m in OUT_OF_MEMORY):
+        raise
+      store[key] = {'name': cfg.name, 'target': target.name if target else f'cpu x{devices}', 'remat': remat,
+                    'microbatches': microbatches, 'peak_gb': None, 'compiler': compiler,
+                    'error': (text.strip().splitlines() or ['out of memory'])[0][:200]}
+    save()
+  return dict(store[key])
+
+
+def search_row(cfg, family: str, global_tokens: int, result: dict) -> str:
+  """The docs/scaling-out.md row of one search."""
+  f, b = result['fits'], result['below']
+  below = '-' if b is None else (f'{b["target"]}: {b["peak_gb"]:.1f} GB ({b["remat"]})' if b.get('peak_gb') is not None
+                                 else f'{b["target"]}: compiler out of memory')
+  if f is None:
+    return (f'| {cfg.name} | {cfg.data.seq_len} | {global_tokens / 1e6:.2f}M | {family} | does not fit up to '
+            f'{FAMILIES[family][-1]} | | | | | | | {below} |')
+  cpu = f'{f["cpu_peak_gb"]:.1f}' if f.get('cpu_peak_gb') is not None else '-'
+  return (f'| {cfg.name} | {cfg.data.seq_len} | {global_tokens / 1e6:.2f}M | {family} | {f["target"]} '
+          f'({f["devices"]} devices) | {f["remat"]}, {f["microbatches"]} microbatches, {f["attention"]} attention '
+          f'| {f["peak_gb"]:.1f} / {f["budget_gb"]:.0f} | {cpu} | {f["analytic_gb"]:.1f} | {f["compile_s"]:.0f} '
+          f'| {below} |')
+
+
+SEARCH_HEADER = ('| config | seq | tokens/step | family | smallest target | setting that fits | peak GB / budget '
+                 '(real compiler) | CPU compiler GB | analytic state GB | compile s | next smaller |\n'
+                 '|---|---:|---:|---|---|---|---:|---:|---:|---:|---|')
+
+
+def define_flags() -> None:
+  """This benchmark's flags (defined only when it runs as a command)."""
+  flags.DEFINE_multi_string('config', None, 'Experiment file[:arg] (repeatable).', required=True)
+  flags.DEFINE_multi_string('target', [], 'A compile target, e.g. tpu:v5p-8 or gpu:h100x8 (repeatable).')
+  flags.DEFINE_multi_string('search', [], f'Find the smallest target of a family: {", ".join(FAMILIES)} '
+                            '(repeatable).')
+  flags.DEFINE_float('global_tokens', 4 * 1024 * 4096, 'Tokens per optimizer step for --search (OLMoE: 4M).')
+  flags.DEFINE_float('headroom', 0.9, "Fraction of a device's memory a fitting step may use (--search).")
+  flags.DEFINE_string('out', None, '--search: JSON file caching every compile (an interrupted search resumes).')
+  flags.DEFINE_bool('cpu', False, "Also the CPU compiler's figure for the same mesh over as many fake devices.")
+  flags.DEFINE_integer('cpu_devices', 0, 'Fake this many CPU devices (for --cpu; the search skips the CPU figure '
+                       'of a target with more devices).')
+  flags.DEFINE_bool('cpu_only', False, "Only the CPU compiler's figure (each --target sets the mesh).")
+  flags.DEFINE_multi_string('set', [], 'A config override KEY=VALUE, e.g. model.attention=auto (repeatable).')
+
+
+def _main(argv) -> None:
+  from moejax import files  # pylint: disable=import-outside-toplevel
+  from moejax.parallel import targets  # pylint: disable=import-outside-toplevel
+  F = flags.FLAGS
+  if not F.target and not F.search:
+    raise ConfigError('give --target=NAME (one row per target) or --search=FAMILY (the smallest that fits)')
+  if not 0 < F.headroom <= 1:
+    raise ConfigError(f'--headroom={F.headroom} must be in (0, 1]')
   overrides = {'model.compute_dtype': 'bfloat16'}
-  for item in a.set:
-    key, _, value = item.partition('=')
+  for item in F.set:
+    key, eq, value = item.partition('=')
+    if not eq:
+      raise ConfigError(f'--set={item!r} must be KEY=VALUE')
     overrides[key] = int(value) if value.lstrip('-').isdigit() else value
-  for cfg_path in a.config:
+  targets.prepare_environment()
+  store = files.read_json(F.out, '--out') if F.out and os.path.exists(F.out) else {}
+  save = (lambda: files.atomic_write_json(F.out, store)) if F.out else (lambda: None)
+  print(common.device_line(), flush=True)
+  for cfg_path in F.config:
     path, _, arg = cfg_path.partition(':')
-    cfg = config_lib.load_module(path).get_config(arg or None)
-    cfg = config_lib.apply_overrides(cfg, overrides)
-    for name in a.target:
+    cfg = config_lib.validate(config_lib.apply_overrides(config_lib.load_module(path).get_config(arg or None),
+                                                         overrides))
+    for family in F.search:
+      result = search(cfg, family, int(F.global_tokens), F.headroom, store, save, F.cpu)
+      print(SEARCH_HEADER + '\n' + search_row(cfg, family, int(F.global_tokens), result), flush=True)
+    for name in F.target:
       t = targets.parse(name)
-      runs = ([] if a.cpu_only else [t]) + ([None] if a.cpu or a.cpu_only else [])
-      for target in runs:
+      for target in ([] if F.cpu_only else [t]) + ([None] if F.cpu or F.cpu_only else []):
         if target is None and jax.device_count() < t.num_devices:
-          print(f'| (skipped: run with XLA_FLAGS=--xla_force_host_platform_device_count={t.num_devices}) |')
-          continue
+          raise ConfigError(f'--cpu needs {t.num_devices} CPU devices: run with '
+                            f'XLA_FLAGS=--xla_force_host_platform_device_count={t.num_devices}')
         r = fit_row(cfg, target, t.num_devices)
         print(f'| {r["name"]} | {t.name if target else t.name + " (CPU compiler)"} | {r["compiler"]} | '
               f'{r["peak_gb"]:.3g} | {r["temp_gb"]:.3g} | {r["state_gb"]:.3g} | {r["analytic_gb"]:.3g} | '
               f'{r["compile_s"]:.0f} |', flush=True)
-  return 0
+
+
+def main() -> None:
+  define_flags()
+  cli.cli(common.command(_main))
 
 
 if __name__ == '__main__':
-  raise SystemExit(main())
+  main()

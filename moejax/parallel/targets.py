@@ -73,13 +73,7 @@ class Target:
   def devices(self) -> list:
     """The target's devices, for a Mesh; raises ConfigError when its compiler package is missing or mismatched."""
     check_installed(self.platform)
-    # Both plugins start whichever target is compiled for: libtpu's start-up probing of a TPU VM it is not
-    # on is quieted, and told it may be loaded by a second compiling process (a test worker; it otherwise
-    # takes /tmp/libtpu_lockfile); the CUDA plugin otherwise refuses to start without the CUDA runtime,
-    # which compiling does not need.
-    for key, value in (('TPU_ACCELERATOR_TYPE', 'v5p-8'), ('TPU_WORKER_HOSTNAMES', 'localhost'),
-                       ('ALLOW_MULTIPLE_LIBTPU_LOAD', '1'), ('JAX_SKIP_CUDA_CONSTRAINTS_CHECK', '1')):
-      os.environ.setdefault(key, value)
+    prepare_environment()
     from jax.experimental import topologies  # pylint: disable=import-outside-toplevel
     try:
       devices = list(topologies.get_topology_desc(**dict(self.topology)).devices)
@@ -168,6 +162,19 @@ def _gpu(name: str, chip: str, per_node: int, nodes: int) -> Target:
               ('target_config', spec))
   return Target(name, 'gpu', chip, per_node * nodes, nodes, _spec_field(spec, 'shared_memory_per_block_optin'),
                 _spec_field(spec, 'device_memory_size'), topology)
+
+
+def prepare_environment() -> None:
+  """Call before jax starts its backends in a process that compiles for targets (`devices()` calls it too).
+
+  Both plugins start whichever target is compiled for: libtpu's start-up probing of a TPU VM it is
+  not on is quieted and told it may be loaded by a second compiling process (a test worker; it
+  otherwise takes /tmp/libtpu_lockfile); the CUDA plugin otherwise refuses to start without the CUDA
+  runtime, which compiling does not need. Only unset variables are set.
+  """
+  for key, value in (('TPU_ACCELERATOR_TYPE', 'v5p-8'), ('TPU_WORKER_HOSTNAMES', 'localhost'),
+                     ('ALLOW_MULTIPLE_LIBTPU_LOAD', '1'), ('JAX_SKIP_CUDA_CONSTRAINTS_CHECK', '1')):
+    os.environ.setdefault(key, value)
 
 
 def parse(name: str) -> Target:

@@ -139,4 +139,14 @@ def get_config(arg=None):
   r.num_processes = FieldReference(None, field_type=int)  # with an address; None -> JAX_NUM_PROCESSES
   r.process_id = FieldReference(None, field_type=int)  # with an address; None -> JAX_PROCESS_ID
   r.initialization_timeout_s = 120  # joining takes at most this long, then one error line and exit 4
+
+  # Experiment tracking (moejax/train/tracking.py): how a run is watched, never what it computes (no config hash).
+  c.wandb = w = ml_collections.ConfigDict()
+  w.mode = 'disabled'  # Weights & Biases: 'disabled', 'offline' (local files; `wandb sync` later) or 'online'; needs the wandb extra
+  w.project = 'moejax'  # W&B project
+  w.entity = ''  # W&B entity (user or team); '' -> your default entity
+  w.name = ''  # W&B run name; '' -> the config's name
+  w.group = ''  # W&B run group (e.g. a sweep's name); '' -> none
+  w.tags = ''  # comma-separated W&B tags, e.g. 'e32,baseline'
+  w.dir = ''  # where wandb writes its files (DIR/wandb/); '' -> the workdir
   return c

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 
 import pytest
 
@@ -115,6 +116,34 @@ def test_config_hash_ignores_exactly_its_key_lists():
   assert config_lib.config_hash(dict(flat, seed=9)) != config_lib.config_hash(flat)
   assert config_lib.config_hash(dict(flat, seed=9), config_lib.SEED_KEYS) == config_lib.config_hash(flat,
                                                                                                   config_lib.SEED_KEYS)
+
+
+def _readme_hashes() -> dict[str, str]:
+  """{point name: hash} of the `make run` table in README.md."""
+  readme = open(os.path.join(os.path.dirname(os.path.dirname(__file__)), 'README.md')).read()
+  return {m.group(2): m.group(1) for m in re.finditer(r'^\| ([0-9a-f]{8}) \| ([\w-]+) \|', readme, re.M)}
+
+
+def test_readme_results_hashes_are_what_make_run_computes():
+  from moejax.studies import results, sweeps  # pylint: disable=import-outside-toplevel
+  computed = {name: results.config_hash(config_lib.flatten(json.loads(cfg.to_json_best_effort())))
+              for name, cfg in sweeps.resolve_points(quickstart.get_config(), quickstart.get_sweep())}
+  assert computed == _readme_hashes() and len(computed) == 4  # a new key that changes them needs a new README table
+
+
+def test_tracking_keys_change_no_config_hash():
+  from moejax.studies import results  # pylint: disable=import-outside-toplevel
+  from moejax.train import workdir  # pylint: disable=import-outside-toplevel
+  cfg = config_lib.validate(base.get_config())
+  flat = config_lib.flatten(json.loads(cfg.to_json_best_effort()))
+  hashes = lambda f: (results.config_hash(f), workdir.config_hash(f),
+                      config_lib.config_hash(f, config_lib.STEP_NEUTRAL_KEYS, digits=None))
+  # The base config's hashes from before the wandb keys existed (results, workdir binding, compiled step).
+  assert hashes(flat) == ('a59c01dd', 'f56ee7e347ed',
+                          'ee8ea11d4df318b941ce96d58b32239db68b86a51eb4dc41fe309ac1d12f052c')
+  tracked = dict(flat, **{'wandb.mode': 'online', 'wandb.project': 'p', 'wandb.entity': 'e', 'wandb.name': 'n',
+                          'wandb.group': 'g', 'wandb.tags': 'a,b', 'wandb.dir': '/tmp/w'})
+  assert hashes(tracked) == hashes(flat) and workdir.differences(flat, tracked) == {}
 
 
 def test_apply_overrides_refuses_unknown_keys_and_wrong_types():

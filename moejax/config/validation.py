@@ -22,6 +22,7 @@ BINARY_DOCUMENTS = ('error', 'skip', 'keep')
 VERIFY_STORE = ('full', 'size')
 SCHEDULES = ('cosine', 'wsd')
 QK_NORM_SCOPES = ('head', 'projection')
+WANDB_MODES = ('disabled', 'offline', 'online')  # wandb.mode (moejax/train/tracking.py)
 
 
 def _require(ok: bool, message: str) -> None:
@@ -123,6 +124,7 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _require(cfg.distributed.mode in ('auto', 'multi', 'single'),
            f"distributed.mode={cfg.distributed.mode!r} must be 'auto', 'multi' or 'single'")
   _positive(cfg, 'distributed', ('initialization_timeout_s',))
+  _require(cfg.wandb.mode in WANDB_MODES, f'wandb.mode={cfg.wandb.mode!r} must be one of {WANDB_MODES}')
   sizes = {a: cfg.mesh[a] for a in ('data', 'fsdp', 'expert', 'tensor')}
   _require(all(n >= 1 or n == -1 for n in sizes.values()) and list(sizes.values()).count(-1) <= 1,
            f'mesh sizes must be >= 1, with at most one -1 (all remaining devices): {sizes}')

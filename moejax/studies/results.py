@@ -30,7 +30,8 @@ from moejax.studies import render as render_lib
 from moejax.errors import ConfigError, DataError, MoejaxError
 
 # Results that differ only in these keys are seeds of one configuration (config.SEED_KEYS) or
-# launches of one (config.LAUNCH_KEYS: joining a multi-process runtime never changes what it computes).
+# launches of one (config.LAUNCH_KEYS: joining a multi-process runtime or tracking a run with W&B never
+# changes what it computes).
 NOT_IDENTITY = config_lib.SEED_KEYS + config_lib.LAUNCH_KEYS
 
 

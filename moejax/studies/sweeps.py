@@ -33,7 +33,7 @@ import shlex
 import time
 
 from moejax import config as config_lib, files
-from moejax.train import run as run_lib
+from moejax.train import run as run_lib, tracking
 from moejax.model import accounting
 from moejax.studies import render, results
 from moejax.errors import ConfigError, Interrupted, MoejaxError, Preempted
@@ -85,9 +85,11 @@ def _stale(result_path: str, cfg) -> str | None:
 
 def run_points(resolved: list[tuple[str, object]], root: str, only: int | None = None) -> list[tuple[str, str]]:
   """Runs (or skips) each point; returns the failures [(name, error)]."""
+  indices = range(len(resolved)) if only is None else [only]
+  for i in indices:  # a missing optional package stops the sweep once, not every point
+    tracking.check_installed(resolved[i][1])
   from moejax.parallel import distributed  # pylint: disable=import-outside-toplevel  (jax: only when points run)
   failures = []
-  indices = range(len(resolved)) if only is None else [only]
   for i in indices:
     name, cfg = resolved[i]
     workdir = os.path.join(root, name)

@@ -84,12 +84,13 @@ def _duration(seconds: float) -> str:
   return tqdm.format_interval(seconds)
 
 
-def run(cfg, workdir: str, stop_after: int | None = None, built: Setup | None = None) -> dict:
+def run(cfg, workdir: str, stop_after: int | None = None, built: Setup | None = None, tracker=None) -> dict:
   """Trains `cfg` in `workdir` (resuming if possible); returns {'steps', 'tokens', 'wall_s', 'setup'}.
 
   `stop_after` stops (with a checkpoint) after that many total steps, as a preemption would.
   With `eval.every_steps`, the held-out loss is also scored every that many steps and
   written to the metrics (`eval_loss`, `eval_bits_per_byte`): the run's learning curve.
+  `tracker` (`moejax/train/tracking.py`) also gets every metrics row.
   """
   workdir_lib.prepare(workdir, jax.process_index())
   s = built or setup(cfg)
@@ -124,7 +125,7 @@ def run(cfg, workdir: str, stop_after: int | None = None, built: Setup | None = 
     elif distributed.is_leader() and not os.path.exists(os.path.join(workdir, 'config.json')):
       files.atomic_write(os.path.join(workdir, 'config.json'), cfg.to_json_best_effort(indent=2))
     loop = _Loop(cfg, s, workdir, ckpt, data_iter, batch_sharding, state, wall_before, restored is not None,
-                 branches_done)
+                 branches_done, tracker)
     end = t_cfg.steps if stop_after is None else min(stop_after, t_cfg.steps)
     loop.routing.restore(routing_window)
     loop.train_until(end)
@@ -142,7 +143,7 @@ class _Loop:
   """The state of one training loop: steps, saves, signals, logging and periodic held-out scores."""
 
   def __init__(self, cfg, s: Setup, workdir, ckpt, data_iter, batch_sharding, state, wall_before, resumed,
-               branches_done=()):
+               branches_done=(), tracker=None):
     self.cfg, self.s, self.workdir, self.ckpt, self.data_iter = cfg, s, workdir, ckpt, data_iter
     self.lrs = optim.learning_rates(cfg.optim, cfg.train.steps)
     self.branches: dict[int, list[int]] = {}  # decay start -> ends of the branches leaving the stable phase there
@@ -154,7 +155,7 @@ class _Loop:
     self.last_saved = self.step if resumed else None
     self.train_step = cached_train_step(s)
     self.seed = jnp.int32(cfg.seed)
-    self.writer = metrics_lib.MetricsWriter(workdir, enabled=distributed.is_leader())
+    self.writer = metrics_lib.MetricsWriter(workdir, enabled=distributed.is_leader(), tracker=tracker)
     self.tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
     self.peak = metrics_lib.peak_flops(cfg.train.peak_tflops)
     self.progress = None

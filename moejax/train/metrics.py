@@ -1,11 +1,11 @@
-"""Run outputs: metrics to JSONL and TensorBoard, MFU bookkeeping."""
+"""Run outputs: metrics to JSONL, TensorBoard and (optionally) W&B, MFU bookkeeping."""
 
 from __future__ import annotations
 
 import json
 import math
 import os
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -38,12 +38,24 @@ def peak_flops(override_tflops: float | None) -> float | None:
   return None
 
 
-class MetricsWriter:
-  """Appends one JSON object per logged step to metrics.jsonl and scalars to TensorBoard."""
+def scalar_items(record: dict[str, Any]) -> Iterator[tuple[str, int | float]]:
+  """The finite numbers of a metrics row but its `step`, a list's items as `key/i` (per MoE layer): what is charted."""
+  for key, value in record.items():
+    if key == 'step':
+      continue
+    items = [(f'{key}/{i}', v) for i, v in enumerate(value)] if isinstance(value, list) else [(key, value)]
+    for name, v in items:
+      if isinstance(v, (int, float)) and math.isfinite(v):
+        yield name, v
 
-  def __init__(self, workdir: str, enabled: bool = True):
+
+class MetricsWriter:
+  """Appends one JSON object per logged step to metrics.jsonl, its scalars to TensorBoard and to a W&B tracker."""
+
+  def __init__(self, workdir: str, enabled: bool = True, tracker=None):
     self.path = os.path.join(workdir, 'metrics.jsonl')
     self.enabled = enabled  # False on every process but the leader of a multi-process run
+    self.tracker = tracker  # a moejax.train.tracking.Tracker (its owner, run.execute, finishes it), or None
     self._tb = None
     if not enabled:
       return
@@ -60,13 +72,10 @@ class MetricsWriter:
     with open(self.path, 'a') as f:
       f.write(json.dumps(record) + '\n')
     if self._tb is not None:
-      for key, value in record.items():
-        if isinstance(value, (int, float)) and key != 'step' and math.isfinite(value):
-          self._tb.add_scalar(key, value, step)
-        elif isinstance(value, list):
-          for i, v in enumerate(value):
-            if isinstance(v, (int, float)) and math.isfinite(v):
-              self._tb.add_scalar(f'{key}/{i}', v, step)
+      for key, value in scalar_items(record):
+        self._tb.add_scalar(key, value, step)
+    if self.tracker is not None:
+      self.tracker.log(step, record)
 
   def close(self) -> None:
     if self._tb is not None:

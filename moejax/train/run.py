@@ -1,7 +1,7 @@
 """One configuration run end to end (`python -m moejax.main`): train and score, or score only, or compile only.
 
 `execute` validates the config, locks and binds the workdir, trains (resuming), scores the
-held-out set and writes WORKDIR/result.json; `compile_check` compiles the train step for the
+held-out set and writes WORKDIR/result.json (tracked in W&B with `wandb.mode`, moejax/train/tracking.py); `compile_check` compiles the train step for the
 configured mesh without allocating it and reports per-device memory (docs/scaling-out.md).
 jax loads only after validation, so bad flags and configs fail in a fraction of a second.
 """
@@ -24,6 +24,8 @@ def execute(cfg, workdir: str, mode: str = 'train', allow_config_change: bool = 
   The workdir is locked for the whole call and bound to cfg's configuration (`moejax.train.workdir`).
   """
   config_lib.validate(cfg)
+  from moejax.train import tracking  # pylint: disable=import-outside-toplevel  (no jax)
+  tracking.check_installed(cfg)
   # jax, flax and orbax load only now, so bad flags and configs fail in a fraction of a second.
   import jax  # pylint: disable=import-outside-toplevel
   from moejax import data
@@ -39,17 +41,18 @@ def execute(cfg, workdir: str, mode: str = 'train', allow_config_change: bool = 
     try:  # process 0 takes the lock; every process checks the binding (process 0 records it)
       stack.enter_context(workdir_lib.lock(workdir, enabled=leader))
       changes = workdir_lib.bind(workdir, cfg, mode, allow_config_change, write=leader)
+      tracker = stack.enter_context(tracking.start(cfg, workdir, leader))  # (finished before the lock is released)
     except MoejaxError as e:
       error = e
     if distributed.any_process(error is not None):  # all stop together, or the others hang in collectives
-      raise error or WorkdirError(f'another process of this run could not take or bind workdir {workdir}')
+      raise error or WorkdirError(f'another process of this run could not take, bind or track workdir {workdir}')
     restore_lib.check_corpus_given(cfg, workdir)  # an imported workdir has no corpus until one is given
     corpus = data.corpus_from_config(cfg.data)
     if leader:  # the run keeps its own copy of its tokenizer (docs/data.md)
       data.tokenizers.snapshot(corpus.tokenizer, workdir)
     s = state_lib.setup(cfg, corpus)
     if mode == 'train':
-      summary = loop_lib.run(cfg, workdir, built=s)
+      summary = loop_lib.run(cfg, workdir, built=s, tracker=tracker)
       state = s.state
     else:
       step, state = restore_lib.restore_state(s, workdir)
@@ -57,6 +60,8 @@ def execute(cfg, workdir: str, mode: str = 'train', allow_config_change: bool = 
     log.info('scoring the held-out split')
     record = record_lib.result_record(s, eval_lib.evaluate(s, state), summary, changes, workdir)
     record_lib.write_result(workdir, record)
+    if tracker is not None:
+      tracker.result(record)
   log.info('%s: held-out loss %.4f nats/token (%.4f bits/byte) over %d tokens', cfg.name,
            record['eval']['loss'], record['eval']['bits_per_byte'], record['eval']['tokens'])
   return record

@@ -195,3 +195,35 @@ def test_microbatches_on_a_mesh_give_the_one_device_step(tiny_cfg):
   assert jax.tree.leaves(state['params'])[0].sharding.mesh.shape == s.mesh.shape
   for key in ('loss', 'aux_loss', 'grad_norm', 'expert_counts'):
     np.testing.assert_allclose(out[key], whole[key], rtol=1e-5, err_msg=key)
+
+
+def _scanned_on_fsdp(tiny_cfg):
+  cfg = config_lib.validate(config_lib.apply_overrides(tiny_cfg.copy_and_resolve_references(), {
+      'train.batch_size': 4, 'model.num_layers': 3}))
+  meshed = config_lib.validate(config_lib.apply_overrides(cfg.copy_and_resolve_references(), {
+      'model.scan_layers': True, 'mesh.data': 1, 'mesh.fsdp': 4}))
+  return cfg, meshed, state_lib.setup(meshed)
+
+
+def test_scanned_layers_stack_their_parameters_with_the_parameters_sharding(tiny_cfg):
+  """The per-period stacks carry the parameters' own sharding (one constraint per leaf): without it XLA
+  gathered the whole stack under fsdp (measured at 12 layers on 8 fake devices: 2.7x the compile time)."""
+  _, _, s = _scanned_on_fsdp(tiny_cfg)
+  model = nnx.merge(s.graphdef, nnx.State(s.state['params']), nnx.State(s.state['buffers']))
+  states = tuple(nnx.split(b)[1] for b in model.blocks)
+  with jax.set_mesh(s.mesh):
+    jaxpr = str(jax.make_jaxpr(lambda: stack._stacked(states))())  # pylint: disable=protected-access
+  assert jaxpr.count('sharding_constraint') == len(jax.tree.leaves(states[0]))
+  assert 'fsdp' in jaxpr
+
+
+@pytest.mark.slow  # three compiles on 4 devices: ~1-3 min on 2 cores
+def test_scanned_step_on_an_fsdp_mesh_gives_the_one_device_step(tiny_cfg):
+  cfg, meshed, s = _scanned_on_fsdp(tiny_cfg)
+  tokens_BL1 = jax.random.randint(jax.random.key(6), (4, cfg.data.seq_len + 1), 0, cfg.model.vocab_size)
+  _, whole = _one_step(cfg, tokens_BL1, optim.make(cfg.optim))
+  step = step_lib.make_train_step(s.graphdef, optim.make(meshed.optim), meshed, state_lib.shardings(s.state), s.mesh)
+  _, out = step(s.state, jax.device_put(tokens_BL1, mesh_lib.batch_sharding(s.mesh, 2)), jnp.int32(0),
+                jnp.float32(1e-2))
+  for key in ('loss', 'aux_loss', 'grad_norm'):
+    np.testing.assert_allclose(out[key], whole[key], rtol=1e-5, err_msg=key)

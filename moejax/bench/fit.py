@@ -218,7 +218,7 @@ def define_flags() -> None:
   flags.DEFINE_multi_string('target', [], 'A compile target, e.g. tpu:v5p-8 or gpu:h100x8 (repeatable).')
   flags.DEFINE_multi_string('search', [], f'Find the smallest target of a family: {", ".join(FAMILIES)} '
                             '(repeatable).')
-  flags.DEFINE_float('global_tokens', 4 * 1024 * 4096, 'Tokens per optimizer step for --search (OLMoE: 4M).')
+  flags.DEFINE_float('global_tokens', 1024 * 4096, 'Tokens per optimizer step for --search (OLMoE: 1024 x 4096).')
   flags.DEFINE_float('headroom', 0.9, "Fraction of a device's memory a fitting step may use (--search).")
   flags.DEFINE_string('out', None, '--search: JSON file caching every compile (an interrupted search resumes).')
   flags.DEFINE_bool('cpu', False, "Also the CPU compiler's figure for the same mesh over as many fake devices.")

@@ -24,6 +24,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from moejax.parallel import mesh as mesh_lib
+
 ROUTING_NAMES = ('router_experts', 'router_gates')
 
 
@@ -56,6 +58,27 @@ def periods(kinds: list) -> list[tuple[int, int, int]]:
     out.append((i, *best))
     i += best[0] * best[1]
   return out
+
+
+def _stacked(states: tuple) -> nnx.State:
+  """The layers' states stacked on a new leading axis, each leaf kept sharded as its layers are.
+
+  Without the constraint XLA's sharding propagation is free to pick the stacked copy's sharding,
+  and under `mesh.fsdp` it gathered the whole stack: measured on 8 fake CPU devices, 12 dense
+  layers (d=256), scanned: 2.3x the temporaries and 2.7x the compile time of the unrolled step;
+  with it, docs/scaling-out.md.
+  """
+  stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *states)
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh.size == 1:
+    return stacked
+  axes = mesh_lib.logical_axes_tree(states[0])
+  values = nnx.to_pure_dict(stacked)
+  spec = lambda names: mesh_lib.canonical_spec(mesh_lib.logical_to_spec((None,) + tuple(names)), mesh)  # noqa: E731
+  constrained = jax.tree.map(lambda x, names: jax.lax.with_sharding_constraint(x, spec(names)), values, axes,
+                             is_leaf=lambda x: isinstance(x, tuple))
+  nnx.replace_by_pure_dict(stacked, constrained)
+  return stacked
 
 
 def _layer_rng(rng, index):
@@ -91,7 +114,7 @@ def run(blocks, x_BLD: jax.Array, train: bool, rng, positions_BL, scan: bool, re
       x_BLD, auxes = body(x_BLD, (states[start:start + p], jnp.arange(start, start + p)))
       layer_aux += [a for a in auxes if a is not None]
       continue
-    stacked = tuple(jax.tree.map(lambda *xs: jnp.stack(xs), *states[start + j:start + p * r:p]) for j in range(p))
+    stacked = tuple(_stacked(states[start + j:start + p * r:p]) for j in range(p))
     index_RP = jnp.arange(start, start + p * r).reshape(r, p)
     x_BLD, auxes = jax.lax.scan(body, x_BLD, (stacked, index_RP))
     for q in range(r):

@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 RUN_ROOT ?= runs/quickstart
 
-.PHONY: run test test-slow test-accel bench papers clean gpu-wheels gpu-check gpu-check-dry-run
+.PHONY: run test test-slow test-accel fit-table bench papers clean gpu-wheels gpu-check gpu-check-dry-run
 SCALE ?= tiny
 
 $(VENV)/.installed: setup.cfg pyproject.toml
@@ -39,6 +39,14 @@ $(ACCEL_VENV)/.installed: setup.cfg pyproject.toml
 
 test-accel: $(ACCEL_VENV)/.installed
 	$(ACCEL_PY) -m pytest -q -n 2 -m accel_compile tests/accel_compile_test.py
+
+# docs/scaling-out.md "Does it fit": the smallest H100 node count and v5p slice for each published model,
+# from the real compilers; compiles are cached in docs/results/fit/fit.json, so a rerun prints the table at once
+# and an interrupted search resumes.
+PUBLISHED := olmoe_1b_7b qwen1_5_moe_a2_7b deepseekmoe_16b qwen3_30b_a3b mixtral_8x7b
+fit-table: $(ACCEL_VENV)/.installed
+	$(ACCEL_PY) -m moejax.bench fit $(foreach m,$(PUBLISHED),--config=experiments/published/$(m).py) \
+	    --search=gpu:h100 --search=tpu:v5p --set=model.attention=auto --out=docs/results/fit/fit.json
 
 # The paper grids at one scale, then the claims report (docs/reproducing-the-papers.md).
 # ROOT=docs/results/tiny/runs OUT=docs/results/tiny resumes the shipped tiny runs (finished points are skipped).

@@ -166,18 +166,26 @@ def search(cfg, family: str, global_tokens: int, headroom: float, store: dict, s
         if remat == 'none':
           break
     if best is not None:
-      if cpu and jax.device_count() >= t.num_devices:
-        best = dict(best, cpu_peak_gb=_cached(store, save, cfg, None, best['remat'], mb, t.num_devices)['peak_gb'])
+      cpu_key = _key(cfg, None, best['remat'], mb, t.num_devices)
+      if cpu and cpu_key not in store and jax.device_count() >= t.num_devices:
+        _cached(store, save, cfg, None, best['remat'], mb, t.num_devices)
+      if cpu_key in store:  # (shown whenever it was compiled once)
+        best = dict(best, cpu_peak_gb=store[cpu_key]['peak_gb'])
       return {'fits': best, 'below': below, 'tried': tried}
     below = tried[-1]
   return {'fits': None, 'below': below, 'tried': tried}
 
 
+def _key(cfg, target, remat: str, microbatches: int, devices: int) -> str:
+  compiler = target.compiler if target is not None else f'XLA:CPU (jax {jax.__version__})'
+  return '|'.join(map(str, (cfg.name, config_lib.config_hash(cfg), target.name if target else f'cpu x{devices}',
+                            remat, microbatches, compiler)))
+
+
 def _cached(store: dict, save, cfg, target, remat: str, microbatches: int, devices: int | None = None) -> dict:
   devices = devices or target.num_devices
   compiler = target.compiler if target is not None else f'XLA:CPU (jax {jax.__version__})'
-  key = '|'.join(map(str, (cfg.name, config_lib.config_hash(cfg), target.name if target else f'cpu x{devices}',
-                           remat, microbatches, compiler)))
+  key = _key(cfg, target, remat, microbatches, devices)
   if key not in store:
     try:
       store[key] = fit_row(cfg, target, devices, remat, microbatches)
@@ -246,13 +254,17 @@ def _main(argv) -> None:
   store = files.read_json(F.out, '--out') if F.out and os.path.exists(F.out) else {}
   save = (lambda: files.atomic_write_json(F.out, store)) if F.out else (lambda: None)
   print(common.device_line(), flush=True)
+  header_printed = False
   for cfg_path in F.config:
     path, _, arg = cfg_path.partition(':')
     cfg = config_lib.validate(config_lib.apply_overrides(config_lib.load_module(path).get_config(arg or None),
                                                          overrides))
     for family in F.search:
+      if not header_printed:
+        print(SEARCH_HEADER, flush=True)
+        header_printed = True
       result = search(cfg, family, int(F.global_tokens), F.headroom, store, save, F.cpu)
-      print(SEARCH_HEADER + '\n' + search_row(cfg, family, int(F.global_tokens), result), flush=True)
+      print(search_row(cfg, family, int(F.global_tokens), result), flush=True)
     for name in F.target:
       t = targets.parse(name)
       for target in ([] if F.cpu_only else [t]) + ([None] if F.cpu or F.cpu_only else []):

@@ -104,9 +104,12 @@ def fit_row(cfg, target, devices: int, remat: str | None = None, microbatches: i
   cfg = config_lib.validate(config_lib.apply_overrides(cfg, overrides))
   r = state_lib.compile_step(cfg, target)
   n_total = accounting.count(cfg)['n_total']
+  from moejax.model import attention  # pylint: disable=import-outside-toplevel
+  with aot.kernel_context(target):  # the core the compiled step used ('auto' resolved for the target)
+    core = attention.resolve(cfg.model.attention, jnp.dtype(cfg.model.compute_dtype))
   return {'name': cfg.name, 'target': target.name if target is not None else f'cpu x{devices}',
           'compiler': r['compiler'], 'devices': devices, 'seq_len': cfg.data.seq_len, 'remat': cfg.model.remat,
-          'microbatches': microbatches, 'attention': cfg.model.attention, 'scan_layers': cfg.model.scan_layers,
+          'microbatches': microbatches, 'attention': core, 'scan_layers': cfg.model.scan_layers,
           'peak_gb': r.get('peak_bytes', 0) / 1e9, 'temp_gb': r.get('temp_bytes', 0) / 1e9,
           'state_gb': (r['params_bytes'] + r['optimizer_bytes']) / 1e9,
           'analytic_gb': n_total * 16 / devices / 1e9, 'compile_s': r['compile_s']}

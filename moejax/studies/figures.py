@@ -12,6 +12,10 @@ With the paper grids, one figure per grid
 (`grid_<ID>.png`): the held-out loss of each configuration against the grid's variable with
 95% t intervals of its seed mean (pooled sigma), and beside it every configuration's loss
 against training tokens from its decay branches (error bars: one seed standard deviation).
+
+Beside the claims: `forest.png` (every claim's Δ with its 95% interval at each decay-branch budget, coloured by
+verdict, with the margin ±T; `forest_rows`) and `best_expert.png` (the best expert size against N_active with the
+interval of the argmin; `best_expert_series`).
 """
 
 from __future__ import annotations

@@ -134,7 +134,8 @@ def test_the_token_law_recovers_known_exponents_and_beats_its_baselines():
 
 def test_a_parameter_on_its_bound_is_reported_there_without_an_interval():
   x, y, groups = _law(np.random.default_rng(1), floor=-0.3)  # a negative floor: E >= 0 sits at 0
-  c = fits.fit('chinchilla', x, y, max_starts=4, bootstrap=2, loo=False, groups=groups, holdout='n_active')
+  c = fits.fit('chinchilla', x, y, max_starts=2, bootstrap=1, refit_starts=1, loo=False, groups=groups,
+               holdout='n_active')
   assert c.at_bound.get('E') == 0.0 and 'E' not in c.intervals and 'alpha' in c.intervals
   assert 'E = 0 (at its bound 0: not identified, no interval)' in render.fits_table([c], largest='N_active')
 

@@ -18,7 +18,7 @@ from moejax.model import accounting
 from moejax.studies import fits as fits_lib, grids
 from moejax.studies.statistics import MIN_DOF, argmin_interval, make_class_noise, noise_check, t_quantile, t_sf
 from moejax.studies.verdicts import (Claim, direction, fmt_delta, missing, needs_direction, ordered, p_direction,
-                                     seed_argmins, seed_contrast, small_effect, stats, trend_claim)
+                                     seed_argmins, seed_contrast, set_numbers, small_effect, trend_claim)
 
 def evaluate(rows: list[dict], scale: str, fits: dict[str, dict[str, fits_lib.Fit]] | None = None
              ) -> tuple[list[Claim], dict]:
@@ -61,7 +61,7 @@ def evaluate(rows: list[dict], scale: str, fits: dict[str, dict[str, fits_lib.Fi
     c = Claim('prior', statement, 'Δ = L(s=4) − L(dense) < 0', m, i, verdict,
               f'dense {dense["loss_mean"]:.4f}, s=4 {lo4["loss_mean"]:.4f}',
               p=p_direction(delta, pair.se(dense, lo4), pair.dof, +1 if verdict == 'contradicted' else -1))
-    stats(c, delta, pair, dense, lo4, 'direction')
+    set_numbers(c, delta, pair, dense, lo4, 'direction')
     if verdict == 'inconclusive':
       c.needs = needs_direction(delta, pair)
     claims.append(c)
@@ -116,7 +116,7 @@ def _collapse_check(center, none, noise):
             f'{none["name"]} {none["loss_mean"]:.4f} vs {center["name"]} {center["loss_mean"]:.4f}'
             + _load_note(none, center) + ('' if dead is None else f'; dead experts per layer {dead:g}'),
             p=p_direction(delta, noise.se(center, none), noise.dof, -1 if verdict == 'contradicted' else +1))
-  stats(c, delta, noise, center, none, 'direction')
+  set_numbers(c, delta, noise, center, none, 'direction')
   if verdict == 'inconclusive':
     c.needs = needs_direction(delta, noise)
   return c

@@ -167,7 +167,7 @@ def effects_lines(effects: list[dict] | None, forest: bool) -> list[str]:
               'margin ±T; the fainter points above each are the same claim at the earlier decay-branch budgets. Argmin '
               'and fit claims (C-B2, C-B2a, C-A3) have no single Δ and are not drawn.', '', '![forest plot](forest.png)',
               '']
-  if effects:
+  if effects and len(effects[0]['cells']) > 1:  # (runs without decay branches have one budget)
     lines += ['## The claims at every budget: does the effect shrink with tokens?', '',
               'Every claim evaluated again on the held-out losses after the decay branches (as if every run had stopped '
               'there: Hägele et al. 2024 show such branches match separate runs of that length), with the seed noise '
@@ -193,12 +193,14 @@ def token_fit_lines(fits: dict[str, fits_lib.Fit] | None, configurations: int) -
            'bootstrap over configurations (all budgets of a configuration together); leave-one-out leaves a whole '
            'configuration out; extrapolation refits without the largest-N_active 20% of configurations. Baselines: '
            'the constant and ln L linear in ln N_active and ln D.', '']
+  need = fits_lib.POINTS_PER_PARAMETER * len(fits_lib.TOKEN_FORMS['chinchilla'].raw_names)
+  short = [] if 'chinchilla' in (fits or {}) else [f'Chinchilla\'s form not fitted: {configurations} default-design '
+                                                   f'configurations, {need} needed.', '']
   if not fits:
-    need = fits_lib.POINTS_PER_PARAMETER * len(fits_lib.TOKEN_FORMS['chinchilla'].raw_names)
-    return lines + [f'Not fitted: {configurations} configurations with decay branches, {need} needed.', '']
+    return lines + short
   better = [n for n in fits if n not in fits_lib.TOKEN_BASELINES
             and fits_lib.beats_baselines(fits, n, baselines=fits_lib.TOKEN_BASELINES)]
-  return lines + [fits_table(list(fits.values()), largest='N_active'),
+  return lines + short + [fits_table(list(fits.values()), largest='N_active'),
                   comparisons_table(fits, baselines=fits_lib.TOKEN_BASELINES),
                   f'Forms that beat both baselines: {", ".join(better) or "none"}.', '']
 

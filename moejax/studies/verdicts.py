@@ -73,7 +73,7 @@ def seed_argmins(points: list[dict], key: str = 'expert_hidden') -> dict[str, fl
   return {k: min(points, key=lambda p: p['seed_losses'][k])[key] for k in sorted(common, key=_seed_order)}
 
 
-def stats(c: Claim, delta: float, noise, a: dict, b: dict, kind: str) -> Claim:
+def set_numbers(c: Claim, delta: float, noise, a: dict, b: dict, kind: str) -> Claim:
   """`c` with its numbers filled in: delta, 95% half-width and dof under `noise` (a `statistics.Noise` for the
   pair a, b), the per-seed contrast L_b - L_a and the claim's kind."""
   c.kind, c.delta, c.per_seed = kind, float(delta), seed_contrast(a, b)
@@ -139,7 +139,7 @@ def trend_claim(cid, statement, expected, grid, points, key, sign, noise, note='
   c = Claim(cid, statement, expected, measured, interval, verdict,
             f'{series}; slope test over {len(pts)} points; {"monotone" if monotone else "not monotone"}'
             + (f'; {note}' if note else ''), p=p)
-  stats(c, delta, noise.for_pair(pts[0], pts[-1]), pts[0], pts[-1], 'trend')
+  set_numbers(c, delta, noise.for_pair(pts[0], pts[-1]), pts[0], pts[-1], 'trend')
   if verdict != 'inconclusive' and len(pts) >= 3:  # does the verdict rest on a single point?
     hinges = [x['name'] for i, x in enumerate(pts) if trend_verdict(pts[:i] + pts[i + 1:], sign, noise)[0] != verdict]
     if hinges:
@@ -182,7 +182,7 @@ def small_effect(cid, grid, statement, center, variant, threshold, noise, extra=
   c = Claim(cid, statement, f'abs(Δ) < T = {t}', measured, interval, verdict,
             f'{variant["name"]} {variant["loss_mean"]:.4f} vs {center["name"]} {center["loss_mean"]:.4f}' + extra, p=p,
             alpha=0.05 if verdict != 'contradicted' else ALPHA)
-  stats(c, delta, noise, center, variant, 'equivalence')
+  set_numbers(c, delta, noise, center, variant, 'equivalence')
   if verdict == 'inconclusive' and threshold is not None and noise.usable:
     if abs(delta) < threshold:
       n = noise.seeds_to_resolve(delta, threshold, level=0.90)

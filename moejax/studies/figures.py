@@ -308,7 +308,7 @@ def best_expert_figure(rows: list[dict], path: str) -> None:
   ax.set_xlabel('N_active (non-embedding parameters)')
   ax.set_ylabel('best expert size d_exp')
   ax.set_title('argmin of loss over d_exp: 95% interval (bars), grid range (shaded)', fontsize=9)
-  ax.legend(fontsize=8)
+  ax.legend(fontsize=8, loc='lower right')
   ax.grid(True, which='both', alpha=0.3)
   fig.tight_layout()
   with files.atomic_path(path) as tmp:

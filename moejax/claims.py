@@ -26,12 +26,17 @@ seeds. A difference of seed means over n_a and n_b seeds gets the t interval
 +-t(0.975, dof) * sigma * sqrt(1/n_a + 1/n_b).
 T = 0.25 |L(s=16) - L(s=4)| from B1: half the mean gain of one doubling of E at this scale.
 
-Also reported: which decided verdicts survive a Holm correction over all decided ones; for
-trend claims, whether the verdict hinges on one point (dropping any single point changes
-it); for undecided claims, how many seeds per point would decide them at this scale if the
-effect is as measured; the literature's side of each claim; the effective speedup of each
-B1 MoE over the dense baseline from the decay-branch curves; the scaling-law fits per grid
-family beside their baselines. Outputs: OUT/claims.md, OUT/report.md, OUT/*.png.
+Also reported: each claim's contrast in each seed alone; which decided verdicts survive a Holm
+correction over all decided ones; for trend claims, whether the verdict hinges on one point
+(dropping any single point changes it); for undecided claims, how many seeds per point would
+decide them at this scale if the effect is as measured; a forest plot of every effect with its
+interval and the margin T; every claim again at each decay-branch budget (1/4 and 1/2 of the
+run) and whether its effect still shrinks with tokens; the literature's side of each claim; the
+effective speedup of each B1 MoE over the dense baseline from the decay-branch curves, with a
+95% interval; the best expert size at each active scale (B2 grids) with the interval of the
+argmin; the scaling-law fits per grid family beside their baselines, and loss against N_active
+and tokens from the decay branches (Chinchilla's form). Outputs: OUT/claims.md, OUT/report.md,
+OUT/*.png (forest.png, best_expert.png and one per grid among them).
 
 Power planning before compute (moejax/studies/plan.py):
 
@@ -66,7 +71,7 @@ def _main(argv):
     return
   if not FLAGS.root or not FLAGS.out:
     raise app.UsageError('--root and --out are required')
-  sys.stdout.write(report.run(FLAGS.root, FLAGS.scale, FLAGS.out, FLAGS.bootstrap, budget=FLAGS.budget))
+  sys.stdout.write(report.run(FLAGS.root, FLAGS.scale, FLAGS.out, FLAGS.bootstrap, loo=FLAGS.loo, budget=FLAGS.budget))
 
 
 if __name__ == '__main__':
@@ -75,6 +80,8 @@ if __name__ == '__main__':
   flags.DEFINE_string('scale', 'tiny', 'Scale the runs were made at (tiny, gpu, paper).')
   flags.DEFINE_string('out', None, 'Directory for claims.md, report.md and the figures.')
   flags.DEFINE_integer('bootstrap', 100, 'Bootstrap resamples for the fit intervals.')
+  flags.DEFINE_bool('loo', True, 'Leave-one-out refits of every fit; --noloo skips them (minutes faster while '
+                    'developing; then no fit beats its baselines and C-A3 is inconclusive).')
   flags.DEFINE_bool('plan', False, 'Only plan: seeds per point and run length for 80% power on every claim within '
                     '--budget, from the runs under --root as a pilot (OUT/plan.md when --out is given).')
   flags.DEFINE_string('budget', None, 'Compute budget of the plan: training wall time on this machine (8h, 90m) or '

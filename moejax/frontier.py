@@ -23,7 +23,7 @@ from absl import app, flags
 
 from moejax import cli, config as config_lib
 from moejax.errors import ConfigError
-from moejax.studies import design, frontier, frontier_analysis, render
+from moejax.studies import design, frontier, frontier_analysis, render_frontier
 
 FLAGS = flags.FLAGS
 
@@ -45,7 +45,7 @@ def _emit():
   designs = frontier.designs_from_axes(design.parse_grid(FLAGS.experts), design.parse_grid(FLAGS.topk),
                                        design.parse_grid(FLAGS.shared), frontier.parse_ratios(FLAGS.classes), hidden)
   result = frontier.build(cfg, designs, spec)
-  print(render.frontier_grid(result, reference))
+  print(render_frontier.frontier_grid(result, reference))
   command = 'python -m moejax.frontier ' + ' '.join(sys.argv[1:])
   tokens = cfg.train.steps * cfg.train.batch_size * cfg.data.seq_len
   points = frontier.emit(FLAGS.emit, result, FLAGS.seeds, path, arg or None, command, tokens, FLAGS.flops_per_second)

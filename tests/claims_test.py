@@ -12,7 +12,7 @@ import pytest
 
 from moejax import config as config_lib
 from moejax.model import accounting
-from moejax.studies import claims, render, report, results, statistics, summaries, verdicts
+from moejax.studies import claims, figures, render, report, results, statistics, summaries, verdicts
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -106,10 +106,22 @@ def test_verdicts_on_constructed_losses(tmp_path):
   assert s.speedup['dense']['name'] == 'dense-f128' and speed['e128k2f64']['row']['sparsity'] == 64
   rates, lr = s.lr
   assert [r['anchor'] for r in lr][0] == 'dense-f128' and all(r['bracketed'] and r['vertex'] for r in lr)
+  # the report's other rows: the claims at every budget (the same decay offset for every run: the same effects),
+  # speedup intervals, the best expert size, the token law
+  assert [st.tokens for st in s.stages] == [250, 500, 1000]
+  a1 = next(e for e in s.effects if e['id'] == 'C-A1')
+  assert [c['claim'].delta for c in a1['cells']] == pytest.approx([a1['cells'][-1]['claim'].delta] * 3)
+  assert all(r['interval'] and r['interval'][0] < r['speedup'] < r['interval'][1] for r in s.speedup['rows'])
+  assert [r['grid'] for r in s.best_expert] == ['B2', 'B2s32', 'B2p'] and s.best_expert[0]['best'] == 48
+  assert set(s.token_fits) >= {'constant', 'log_linear_tokens'}
+  assert all(len(c.per_seed) == 3 for c in s.claims if c.kind in ('direction', 'trend', 'equivalence'))
   text = report.write_claims(s, str(tmp_path / 'out'))
   out = tmp_path / 'out'
   assert open(out / 'claims.md').read() == text and '## Claims' in open(out / 'report.md').read()
-  for name in ('loss_vs_sparsity.png', 'grid_B2.png', 'grid_LR.png'):
+  for section in ('| per seed |', '## Every effect with its interval', '## The claims at every budget',
+                  '## Best expert size against N_active', '### Loss against N_active and training tokens'):
+    assert section in text, section
+  for name in ('loss_vs_sparsity.png', 'grid_B2.png', 'grid_LR.png', 'forest.png', 'best_expert.png'):
     assert os.path.getsize(out / name) > 1000
 
 
@@ -211,3 +223,82 @@ def test_noise_check_flags_configurations_whose_seed_spread_is_out_of_line():
   assert statistics.block_sigma(rows)[0] > 2 * check['robust_sigma']  # while the pooled sigma is
   lines = render.noise_check_lines(check)
   assert 'c3 (' in lines[0] and 'not homogeneous' in lines[0]
+
+
+def _seeded(name, losses, **extra):
+  return dict({'name': name, 'seeds': len(losses), 'loss_mean': float(np.mean(losses)),
+               'seed_losses': {f'{i}/{i}': x for i, x in enumerate(losses)}}, **extra)
+
+
+def test_every_claim_row_carries_its_per_seed_contrasts():
+  noise = statistics.Noise(0.01, 30)
+  a, b = _seeded('a', [2.00, 2.10, 2.05]), _seeded('b', [2.01, 2.08, 2.05])
+  c = verdicts.small_effect('X', 'g', 's', a, b, 0.05, noise)
+  assert c.kind == 'equivalence' and c.per_seed == pytest.approx({'0/0': 0.01, '1/1': -0.02, '2/2': 0.0})
+  assert c.delta == pytest.approx(np.mean(list(c.per_seed.values()))) and c.half_width == noise.half_width(a, b)
+  assert render.per_seed_cell(c) == '0: +0.0100, 1: -0.0200, 2: +0.0000'
+  pts = [_seeded(f'p{i}', [2.0 - 0.1 * i, 2.1 - 0.1 * i], x=i) for i in range(3)]
+  t = verdicts.trend_claim('T', 's', 'Δ < 0', 'g', pts, 'x', -1, noise)
+  assert t.per_seed == pytest.approx({'0/0': -0.2, '1/1': -0.2}) and t.kind == 'trend'  # end to end, per seed
+  top = _seeded('top', [1.8, 1.9], n_total=1e6)
+  rand = [_seeded(f'r{i}', [1.9 + 0.01 * i, 2.1], n_total=1e6) for i in range(3)]  # per seed: mean(random) - top
+  a4 = claims._a4_claim([top] + rand, noise)  # pylint: disable=protected-access
+  assert a4.per_seed == pytest.approx({'0/0': 0.11, '1/1': 0.2})
+  b2 = [_seeded(f'f{f}', [2.0 + (0.1 if f != best0 else 0), 2.0 + (0.1 if f != 48 else 0)], expert_hidden=f)
+        for f, best0 in ((24, 32), (32, 32), (48, 32))]
+  assert verdicts.seed_argmins(b2) == {'0/0': 32, '1/1': 48}
+
+
+def test_best_expert_size_rows_find_a_known_optimum_per_active_scale():
+  def grid(sizes, best, s, n_active):  # a bowl in log2 d_exp with its bottom at `best`, two seeds 0.002 apart
+    return [_seeded(f'f{f}', [l - 0.001, l + 0.001], expert_hidden=f, sparsity=s, n_active=n_active)
+            for f in sizes for l in [2.0 + 0.1 * (math.log2(f / best)) ** 2]]
+  g = {'B2': grid((96, 64, 48, 32, 24), 48, 8, 1e5), 'B2s32': grid((96, 48, 24), 48, 32, 1e5),
+       'B2p': grid((144, 96, 72, 48, 36), 72, 8, 2e5)}
+  rows = {r['grid']: r for r in summaries.best_expert_rows(g, statistics.Noise(0.002, 40))}
+  assert [rows[k]['best'] for k in ('B2', 'B2s32', 'B2p')] == [48, 48, 72]
+  inside = lambda r: r['lo'] * (1 - 1e-9) <= r['best'] <= r['hi'] * (1 + 1e-9)  # (2 ** log2 d_exp rounding)
+  assert all(inside(r) for r in rows.values()) and rows['B2p']['lo'] > 48
+  assert rows['B2']['p_best'][rows['B2']['sizes'].index(48)] > 0.5 and rows['B2p']['seed_argmins'] == {'0/0': 72,
+                                                                                                     '1/1': 72}
+  series = figures.best_expert_series(list(rows.values()))
+  assert [p[:2] for p in series['s = 8']] == [(1e5, 48.0), (2e5, 72.0)] and series['s = 32'][0][4:] == (24, 96)
+  text = '\n'.join(render.best_expert_lines(list(rows.values())))
+  assert '| B2p | 8 |' in text and 'best_expert.png' in text
+  g['B2s32'][1] = None
+  assert [r['grid'] for r in summaries.best_expert_rows(g, statistics.Noise(0.002, 40))] == ['B2', 'B2p']
+
+
+def test_the_speedup_interval_covers_the_true_speedup():
+  true = [{'tokens': t, 'loss': 1.6 + 3 * (t / 1e5) ** -0.3} for t in (2.5e5, 5e5, 1e6)]  # 3.88, 3.45, 3.10
+  target = 3.3
+  truth, where = summaries.tokens_to_reach(true, target)
+  assert where == ''
+  se, rng = 0.01, np.random.default_rng(0)
+  for rho in (0.0, 0.8, 1.0):  # how alike one run's losses at the three budgets are
+    shared = rng.normal(0, se, (3000, 1))
+    noisy = np.sqrt(rho) * shared + np.sqrt(1 - rho) * rng.normal(0, se, (3000, 3))
+    hits = 0
+    for d, t in zip(noisy, rng.normal(0, se, 3000)):
+      curve = [dict(p, loss=p['loss'] + e) for p, e in zip(true, d)]
+      got = summaries.tokens_interval(curve, target + t, se, lambda p: se, 1000)
+      hits += got is not None and got[0] <= truth <= got[1]
+    assert hits / 3000 > 0.93, (rho, hits / 3000)  # the widest case assumed: at or above 95% for every rho
+  narrow = summaries.tokens_interval(true, target, se / 4, lambda p: se / 4, 1000)
+  wide = summaries.tokens_interval(true, target, se, lambda p: se, 1000)
+  assert wide[0] < narrow[0] < truth < narrow[1] < wide[1]
+  assert summaries.tokens_interval(true, 1.0, se, lambda p: se, 30) is None  # never reached: no interval
+
+
+def test_speedup_rows_carry_an_interval_from_the_noise_at_each_budget():
+  curve = lambda losses: [{'tokens': t, 'loss': x, 'n': 2} for t, x in zip((250, 500, 1000), losses)]
+  dense = {'name': 'dense', 'seeds': 2, 'decay_curve': curve((2.5, 2.3, 2.1))}
+  moe = {'name': 'moe', 'seeds': 2, 'sparsity': 16, 'n_total': 1e6, 'decay_curve': curve((2.4, 2.15, 1.95))}  # reaches 2.1 at 595 tokens
+  noise = statistics.ClassNoise({'default': statistics.Noise(0.01, 30)})
+  s = summaries.speedup_rows({'B1': [dense, moe]}, {t: noise for t in (250, 500, 1000)})
+  x = s['rows'][0]
+  assert x['interval'][0] < x['speedup'] < x['interval'][1] and x['speedup'] == pytest.approx(1000 / 500 / 2 ** 0.25)
+  assert summaries.speedup_rows({'B1': [dense, moe]})['rows'][0]['interval'] is None  # no noise: no interval
+  few = statistics.ClassNoise({'default': statistics.Noise(0.01, 3)})  # too few degrees of freedom
+  assert summaries.speedup_rows({'B1': [dense, moe]}, {t: few for t in (250, 500, 1000)})['rows'][0]['interval'] is None
+  assert '| [' in render.speedup_table(s) and '95% interval' in render.speedup_table(s)

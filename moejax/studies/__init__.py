@@ -7,12 +7,13 @@
   claims      the papers' claims (docs/reproducing-the-papers.md)
   fits        scaling-law forms, their fits and baselines (docs/reproducing-the-papers.md)
   summaries   speedup over dense, the learning-rate sweep, compute, the literature's side
-  render      every Markdown table, from rows
+  render      every Markdown table, from rows (render_frontier: the frontier's)
   figures     the PNGs, from rows
   report      gather -> evaluate -> write claims.md, report.md and the figures
   design      the design search (docs/studies.md)
   frontier    compute-matched frontiers: designs that hold one cost fixed at several budgets (docs/studies.md §11)
   frontier_analysis  a frontier's optimum per budget with intervals, and how it moves
+  render_frontier    the frontier's Markdown
   sweeps      sweep bookkeeping (run, skip, fail, cluster scripts)
   routes      routing replayed over a run's kept checkpoints: specialisation, stability, dead experts
 

@@ -9,6 +9,7 @@ undecided claims, how many seeds per point would decide them at this scale.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -17,7 +18,7 @@ from moejax.model import accounting
 from moejax.studies import fits as fits_lib, grids
 from moejax.studies.statistics import MIN_DOF, argmin_interval, make_class_noise, noise_check, t_quantile, t_sf
 from moejax.studies.verdicts import (Claim, direction, fmt_delta, missing, needs_direction, ordered, p_direction,
-                                     small_effect, trend_claim)
+                                     seed_argmins, seed_contrast, set_numbers, small_effect, trend_claim)
 
 def evaluate(rows: list[dict], scale: str, fits: dict[str, dict[str, fits_lib.Fit]] | None = None
              ) -> tuple[list[Claim], dict]:
@@ -40,7 +41,7 @@ def evaluate(rows: list[dict], scale: str, fits: dict[str, dict[str, fits_lib.Fi
     best = min(g['A2b'], key=lambda r: r['loss_mean'])
     a2b.detail += f'; lowest loss at E = {best["num_experts"]:g} (d_exp {best["expert_hidden"]:g})'
   claims.append(a2b)
-  claims.append(_kappa_claim(fits))
+  claims.append(dataclasses.replace(_kappa_claim(fits), kind='fit'))
   claims.append(_a4_claim(g.get('A4'), noise))
   b1_all = g.get('B1')
   dense, b1 = (b1_all[0], b1_all[1:]) if b1_all else (None, None)  # B1 starts with the true dense baseline
@@ -60,6 +61,7 @@ def evaluate(rows: list[dict], scale: str, fits: dict[str, dict[str, fits_lib.Fi
     c = Claim('prior', statement, 'Δ = L(s=4) − L(dense) < 0', m, i, verdict,
               f'dense {dense["loss_mean"]:.4f}, s=4 {lo4["loss_mean"]:.4f}',
               p=p_direction(delta, pair.se(dense, lo4), pair.dof, +1 if verdict == 'contradicted' else -1))
+    set_numbers(c, delta, pair, dense, lo4, 'direction')
     if verdict == 'inconclusive':
       c.needs = needs_direction(delta, pair)
     claims.append(c)
@@ -114,6 +116,7 @@ def _collapse_check(center, none, noise):
             f'{none["name"]} {none["loss_mean"]:.4f} vs {center["name"]} {center["loss_mean"]:.4f}'
             + _load_note(none, center) + ('' if dead is None else f'; dead experts per layer {dead:g}'),
             p=p_direction(delta, noise.se(center, none), noise.dof, -1 if verdict == 'contradicted' else +1))
+  set_numbers(c, delta, noise, center, none, 'direction')
   if verdict == 'inconclusive':
     c.needs = needs_direction(delta, noise)
   return c
@@ -157,7 +160,11 @@ def _a4_claim(points, noise):
   c = Claim('C-A4', statement, expected, m, i, verdict,
             f'top {top["name"]} {top["loss_mean"]:.4f} (N_total {accounting.human(top["n_total"])}); random: ' +
             ', '.join(f'{r["name"]} {r["loss_mean"]:.4f} ({accounting.human(r["n_total"])})' for r in rand) +
-            (f'; spread between random designs {float(np.std(d, ddof=1)):.4f}' if len(d) > 1 else ''), p=p)
+            (f'; spread between random designs {float(np.std(d, ddof=1)):.4f}' if len(d) > 1 else ''), p=p,
+            kind='direction', delta=delta, half_width=hw, dof=dof if hw is not None else 0)
+  by_seed = [seed_contrast(top, r) for r in rand]  # per seed: the mean over the random designs run at that seed
+  seeds = dict.fromkeys(k for x in by_seed for k in x)
+  c.per_seed = {k: float(np.mean([x[k] for x in by_seed if k in x])) for k in seeds}
   if verdict == 'inconclusive':
     c.needs = (f'at least {MIN_DOF + 1} random designs (have {len(d)}): the interval is over the designs\' spread'
                if dof < MIN_DOF else needs_direction(delta, noise.for_pair(top, rand[0])))
@@ -199,6 +206,11 @@ def _b2_group(points, noise):
   return pts, interval, text
 
 
+def _per_seed_argmins(a, b):
+  ma, mb = seed_argmins(a), seed_argmins(b)
+  return {k: f'{ma[k]:g} / {mb[k]:g}' for k in ma if k in mb}
+
+
 def _b2_claims(g, noise):
   statement = ('The best expert size depends on the active scale, not on s: at one active scale, the argmin d_exp '
                'intervals at s = 8 and s = 32 overlap (B2, B2s32).')
@@ -221,6 +233,7 @@ def _b2_claims(g, noise):
       c = Claim('C-B2', statement, expected, measured, '(95% intervals of the argmin)', verdict,
                 f's=8 (d_exp: loss) {t8}; s=32 {t32}' + ('' if all(informative) else
                                                           '; an interval covers its whole grid (noise dominates)'))
+      c.kind, c.per_seed = 'argmin', _per_seed_argmins(p8, p32)
       if verdict == 'inconclusive':
         c.needs = 'more seeds, or a scale where the loss curvature over d_exp exceeds the seed noise'
       out.append(c)
@@ -241,6 +254,7 @@ def _b2_claims(g, noise):
                 f'argmin d_exp at N_active {na}: [{i8[0]:.3g}, {i8[1]:.3g}]; at {nw}: [{iw[0]:.3g}, {iw[1]:.3g}]',
                 '(95% intervals of the argmin)', 'holds' if disjoint else 'inconclusive',
                 f'N_active {na} (d_exp: loss) {t8}; N_active {nw} {tw}')
+      c.kind, c.per_seed = 'argmin', _per_seed_argmins(p8, pw)
       if not disjoint:
         c.needs = 'active scales further apart (the gpu scale spans 2.3x in N_active with 7 sizes)'
       out.append(c)

@@ -12,13 +12,17 @@ With the paper grids, one figure per grid
 (`grid_<ID>.png`): the held-out loss of each configuration against the grid's variable with
 95% t intervals of its seed mean (pooled sigma), and beside it every configuration's loss
 against training tokens from its decay branches (error bars: one seed standard deviation).
+
+Beside the claims: `forest.png` (every claim's Δ with its 95% interval at each decay-branch budget, coloured by
+verdict, with the margin ±T; `forest_rows`) and `best_expert.png` (the best expert size against N_active with the
+interval of the argmin; `best_expert_series`).
 """
 
 from __future__ import annotations
 
 from moejax import files
 from moejax.model import accounting
-from moejax.studies import statistics
+from moejax.studies import statistics, verdicts
 
 PLOTS = (('n_total', 'N_total (parameters, with embeddings)', 'loss_vs_n_total.png'),
          ('sparsity', 'sparsity s = E / k', 'loss_vs_sparsity.png'),
@@ -206,6 +210,106 @@ def frontier_figure(result: dict, path: str) -> None:
   right.legend(fontsize=7)
   for ax in (left, right):
     ax.grid(True, alpha=0.3)
+  fig.tight_layout()
+  with files.atomic_path(path) as tmp:
+    fig.savefig(tmp, format='png')
+  plt.close(fig)
+
+
+VERDICT_COLORS = {'holds': 'tab:green', 'contradicted': 'tab:red', 'inconclusive': 'tab:gray'}
+
+
+def forest_rows(effects: list[dict]) -> list[dict]:
+  """What the forest plot draws (`budgets.effect_rows` in): one row per claim with a measured effect and interval,
+  top to bottom, [{'label', 'expected', 'kind', 'points': [(tokens, delta, low, high, verdict)] by budget}];
+  claims without one (argmin, fit, missing runs) are left out. low/high are None where there is no interval."""
+  out = []
+  for e in effects:
+    points = []
+    for cell in e['cells']:
+      c = cell['claim']
+      if c.delta is None:
+        continue
+      hw = c.half_width
+      points.append((cell['tokens'], c.delta, None if hw is None else c.delta - hw, None if hw is None else c.delta + hw,
+                     c.verdict))
+    if points:
+      last = e['cells'][-1]['claim']
+      out.append({'label': verdicts.label(last), 'expected': verdicts.expected_sign(last), 'kind': e['kind'],
+                  'points': points})
+  return out
+
+
+def forest_figure(rows: list[dict], threshold: float | None, path: str) -> None:
+  """One PNG: every claim's Δ with its 95% interval at each budget (the full run drawn last, largest), coloured by
+  verdict, with 0 and the equivalence margin ±T."""
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use('Agg')
+  from matplotlib import pyplot as plt  # pylint: disable=import-outside-toplevel
+  fig, ax = plt.subplots(figsize=(7.5, 0.45 * len(rows) + 1.6), dpi=110)
+  budgets = sorted({p[0] for r in rows for p in r['points']})
+  offset = {t: 0.25 * (i - (len(budgets) - 1)) / max(len(budgets) - 1, 1) for i, t in enumerate(budgets)}
+  for y, r in enumerate(rows):
+    for tokens, delta, lo, hi, verdict in r['points']:
+      last = tokens == budgets[-1]
+      ax.errorbar([delta], [y + offset[tokens]], xerr=None if lo is None else [[delta - lo], [hi - delta]],
+                  fmt='o' if last else '.', color=VERDICT_COLORS.get(verdict, 'k'), alpha=1.0 if last else 0.45,
+                  markersize=6 if last else 4, capsize=2)
+  ax.axvline(0, color='k', linewidth=0.8)
+  if threshold is not None:
+    ax.axvspan(-threshold, threshold, color='tab:blue', alpha=0.08, label=f'±T = {threshold:.4f} (equivalence)')
+  ax.set_yticks(range(len(rows)), [f'{r["label"]}  ({r["expected"]})' for r in rows], fontsize=7)
+  ax.invert_yaxis()
+  ax.set_xlabel('Δ held-out loss (nats/token), 95% t interval')
+  ax.set_title('Every claim: full run (large), earlier decay branches above it (faint)', fontsize=9)
+  handles = [matplotlib.lines.Line2D([], [], marker='o', linestyle='none', color=c, label=v)
+             for v, c in VERDICT_COLORS.items()]
+  ax.legend(handles=handles + ax.get_legend_handles_labels()[0], fontsize=7, loc='best')
+  ax.grid(True, axis='x', alpha=0.3)
+  fig.tight_layout()
+  with files.atomic_path(path) as tmp:
+    fig.savefig(tmp, format='png')
+  plt.close(fig)
+
+
+def best_expert_series(rows: list[dict]) -> dict[str, list[tuple]]:
+  """{'s = 8': [(N_active non-embedding, best d_exp, low, high, smallest size, largest size)]} by N_active, from
+  `summaries.best_expert_rows` (low/high None without an interval)."""
+  out: dict[str, list[tuple]] = {}
+  for r in rows:
+    out.setdefault(f's = {r["sparsity"]:g}', []).append(
+        (float(r['n_active_nonembed']), float(r['best']), r['lo'], r['hi'], min(r['sizes']), max(r['sizes'])))
+  return {k: sorted(v) for k, v in out.items()}
+
+
+def best_expert_figure(rows: list[dict], path: str) -> None:
+  """One PNG: the best expert size against N_active, with the 95% interval of the argmin and the grid's range."""
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  import matplotlib.ticker  # pylint: disable=import-outside-toplevel
+  matplotlib.use('Agg')
+  from matplotlib import pyplot as plt  # pylint: disable=import-outside-toplevel
+  fig, ax = plt.subplots(figsize=(6, 4), dpi=110)
+  series = best_expert_series(rows)
+  for i, (name, pts) in enumerate(series.items()):
+    shift = 1 + 0.04 * (i - (len(series) - 1) / 2)  # side by side where two s share an active scale
+    xs = [p[0] * shift for p in pts]
+    err = None if any(p[2] is None for p in pts) else [[max(p[1] - p[2], 0.0) for p in pts],  # (2**log2 rounding)
+                                                       [max(p[3] - p[1], 0.0) for p in pts]]
+    bar = ax.errorbar(xs, [p[1] for p in pts], yerr=err, marker='os^'[i % 3], capsize=4, label=name)
+    ax.vlines(xs, [p[4] for p in pts], [p[5] for p in pts], color=bar[0].get_color(), alpha=0.2, linewidth=8)
+  ax.set_xscale('log')
+  ax.set_yscale('log', base=2)
+  xs = sorted({p[0] for pts in series.values() for p in pts})
+  ax.set_xticks(xs, [accounting.human(x) for x in xs])
+  ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+  flat = [p for pts in series.values() for p in pts]
+  ax.set_ylim(min(p[4] for p in flat) / 1.3, max(p[5] for p in flat) * 1.3)
+  ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f'{v:g}'))
+  ax.set_xlabel('N_active (non-embedding parameters)')
+  ax.set_ylabel('best expert size d_exp')
+  ax.set_title('argmin of loss over d_exp: 95% interval (bars), grid range (shaded)', fontsize=9)
+  ax.legend(fontsize=8, loc='lower right')
+  ax.grid(True, which='both', alpha=0.3)
   fig.tight_layout()
   with files.atomic_path(path) as tmp:
     fig.savefig(tmp, format='png')

@@ -33,7 +33,7 @@ import numpy as np
 
 from moejax import base_config, config as config_lib, files
 from moejax.errors import ConfigError, MoejaxError, WorkdirError
-from moejax.studies import figures, frontier as frontier_lib, render, results, statistics
+from moejax.studies import figures, frontier as frontier_lib, render_frontier, results, statistics
 
 DRAWS = 4000
 AXES = (('num_experts', 'E'), ('experts_per_token', 'k'), ('sparsity', 's'), ('expert_hidden', 'd_exp'),
@@ -195,5 +195,5 @@ def write(config_path: str, root: str, out: str) -> str:
   figures.frontier_figure(result, os.path.join(out, FIGURE))
   files.atomic_write(os.path.join(out, 'frontier.json'), json.dumps(result, indent=1, default=str) + '\n')
   path = os.path.join(out, 'report.md')
-  files.atomic_write(path, render.frontier_markdown(result, root, config_path, FIGURE))
+  files.atomic_write(path, render_frontier.frontier_markdown(result, root, config_path, FIGURE))
   return path

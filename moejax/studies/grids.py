@@ -4,6 +4,7 @@ the noise is estimated from, and the default-design rows the scaling laws are fi
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 
@@ -37,16 +38,24 @@ def grid_points(scale: str) -> dict[str, list[dict]]:
   return out
 
 
+@functools.lru_cache(maxsize=4)
+def _grid_hashes(scale: str) -> tuple:
+  """((grid id, ((config_hash, noise_class), ...)), ...): what `grid_rows` needs of `grid_points`, read once per
+  process (the report evaluates the claims at every decay-branch budget)."""
+  return tuple((grid, tuple((p['config_hash'], p['noise_class']) for p in points))
+               for grid, points in grid_points(scale).items())
+
+
 def grid_rows(rows: list[dict], scale: str) -> dict[str, list[dict | None]]:
   """{grid id: [results row or None per configuration]} for the paper grids at `scale`."""
   by_hash = {r['config_hash']: r for r in rows}
   out = {}
-  for grid, points in grid_points(scale).items():
+  for grid, points in _grid_hashes(scale):
     found = []
-    for p in points:
-      row = by_hash.get(p['config_hash'])
+    for digest, noise_class in points:
+      row = by_hash.get(digest)
       if row is not None:
-        row['noise_class'] = p['noise_class']  # declared by the grid file before the runs
+        row['noise_class'] = noise_class  # declared by the grid file before the runs
       found.append(row)
     out[grid] = found
   return out

@@ -1,12 +1,15 @@
-"""Every Markdown table of the studies, rendered in one place from rows: the claims page (claims, literature,
-speedup over dense, learning-rate sweep, fits), the results table and the design ranking."""
+"""Every Markdown table of the studies, rendered in one place from rows: the claims page (claims with per-seed
+contrasts, the forest plot, claims at every decay-branch budget, literature, speedup over dense with intervals, the
+best expert size per active scale, learning-rate sweep, fits, loss against N_active and tokens), the results table
+and the design ranking (the frontier's: render_frontier.py)."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from moejax.model import accounting
-from moejax.studies import figures, fits as fits_lib, frontier as frontier_lib, statistics, summaries
+from moejax.studies import figures, fits as fits_lib, statistics, summaries
+from moejax.studies import verdicts
 from moejax.studies.verdicts import Claim
 
 
@@ -24,8 +27,11 @@ def speedup_table(s: dict | None) -> str:
   lines = [f'Dense baseline `{s["dense"]["name"]}`: {s["loss"]:.4f} nats after {accounting.human(s["tokens"])} tokens. '
            'Speedup = dense tokens / tokens the MoE needs to reach that loss, read off the MoE\'s decay-branch curve '
            '(held-out loss after decays branched at 1/4, 1/2 and the full run; log-linear between them).', '',
-           '| MoE | s | N_total | loss by tokens (mean of seeds) | tokens to reach dense | speedup |',
-           '|---|---:|---:|---|---:|---:|']
+           'The 95% interval is the delta method on that interpolation, with each point\'s seed-mean noise at its '
+           'budget (the class σ measured there): the MoE\'s two points around the crossing taken perfectly correlated '
+           '(the widest case), the dense loss independent of them.', '',
+           '| MoE | s | N_total | loss by tokens (mean of seeds) | tokens to reach dense | speedup | 95% interval |',
+           '|---|---:|---:|---|---:|---:|---|']
   for x in s['rows']:
     r = x['row']
     curve = ', '.join(f'{accounting.human(p["tokens"])}: {p["loss"]:.4f}' for p in r['decay_curve'])
@@ -35,7 +41,10 @@ def speedup_table(s: dict | None) -> str:
       reach, speed = f'≤ {accounting.human(x["tokens"])}', f'≥ {x["speedup"]:.1f}x'
     else:
       reach, speed = accounting.human(x['tokens']), f'{x["speedup"]:.2f}x'
-    lines.append(f'| {r["name"]} | {r["sparsity"]:g} | {accounting.human(r["n_total"])} | {curve} | {reach} | {speed} |')
+    iv = x.get('interval')
+    iv = '-' if iv is None else f'[{iv[0]:.2f}x, {iv[1]:.2f}x]'
+    lines.append(f'| {r["name"]} | {r["sparsity"]:g} | {accounting.human(r["n_total"])} | {curve} | {reach} | {speed} '
+                 f'| {iv} |')
   return '\n'.join(lines) + '\n'
 
 
@@ -66,11 +75,12 @@ def compute_line(c: dict) -> str:
           f'{c["flops"]:.3g} training FLOPs (6 N_active-style accounting, `moejax.model.accounting`).')
 
 
-def fits_table(fits: list[fits_lib.Fit]) -> str:
+def fits_table(fits: list[fits_lib.Fit], largest: str = 'N_total') -> str:
   """The fits as a Markdown table: values with 95% intervals, in-sample RMSE, leave-one-out and extrapolation error."""
-  lines = ['| form | n | parameters (95% bootstrap interval) | RMSE (nats) | LOO RMSE | LOO max | largest-N_total RMSE |',
-           '|---|---:|---|---:|---:|---:|---:|']
-  fits = sorted(fits, key=lambda f: f.form not in ('constant', 'log_linear'))  # baselines first
+  lines = ['| form | n | parameters (95% bootstrap interval) | RMSE (nats) | LOO RMSE | LOO max | largest-'
+           f'{largest} RMSE |', '|---|---:|---|---:|---:|---:|---:|']
+  baselines = fits_lib.BASELINES + fits_lib.TOKEN_BASELINES
+  fits = sorted(fits, key=lambda f: f.form not in baselines)  # baselines first
   for f in fits:
     params = ', '.join(f'{k} = {v:.3g}' + (f' [{f.intervals[k][0]:.3g}, {f.intervals[k][1]:.3g}]' if k in f.intervals
                                            else f' (at its bound {f.at_bound[k]:g}: not identified, no interval)'
@@ -83,14 +93,14 @@ def fits_table(fits: list[fits_lib.Fit]) -> str:
 
 
 
-def comparisons_table(fits: dict[str, fits_lib.Fit]) -> str:
+def comparisons_table(fits: dict[str, fits_lib.Fit], baselines: tuple[str, ...] = fits_lib.BASELINES) -> str:
   """Each form against each baseline on held-out error, with the bootstrap interval over configurations."""
   lines = ['| form | baseline | score | RMSE difference (nats; < 0: the form is better) | 95% interval (bootstrap over '
            'configurations) |', '|---|---|---|---:|---|']
   for name in fits:
-    if name in fits_lib.BASELINES:
+    if name in baselines:
       continue
-    for r in fits_lib.baseline_comparisons(fits, name):
+    for r in fits_lib.baseline_comparisons(fits, name, baselines=baselines):
       lines.append(f'| {name} | {r["baseline"]} | {r["score"]} | {r["difference"]:+.4f} | '
                    f'[{r["interval"][0]:+.4f}, {r["interval"][1]:+.4f}] |')
   return '\n'.join(lines) + '\n' if len(lines) > 2 else ''
@@ -113,10 +123,115 @@ def noise_check_lines(check: dict | None) -> list[str]:
           'these points may understate their own noise.', '']
 
 
+def per_seed_cell(c: Claim) -> str:
+  """The claim's contrast in each seed alone ('0: +0.0123, 1: +0.0201'; argmin claims: the argmins)."""
+  fmt = lambda v: v if isinstance(v, str) else f'{v:+.4f}'
+  return ', '.join(f'{verdicts.seed_label(k)}: {fmt(v)}' for k, v in c.per_seed.items()) or '-'
+
+
+def _effect_cell(c: Claim) -> str:
+  if c.delta is not None:
+    hw = '' if c.half_width is None else f' [{c.delta - c.half_width:+.4f}, {c.delta + c.half_width:+.4f}]'
+    return f'{c.delta:+.4f}{hw} {c.verdict}'
+  return f'{c.measured} {c.verdict}' if c.kind == 'argmin' else c.verdict
+
+
+def effects_table(effects: list[dict]) -> str:
+  """Claim x budget (`budgets.effect_rows`): Δ, 95% interval and verdict at each budget, and the last change."""
+  if not effects or not effects[0]['cells']:
+    return 'No decay-branch budgets: nothing to tabulate.\n'
+  budgets = [c['tokens'] for c in max((e['cells'] for e in effects), key=len)]
+  full = budgets[-1]
+  head = ' | '.join(f'{accounting.human(t)} tokens ({t / full:.2g} of the run)' for t in budgets)
+  step = (f'{accounting.human(budgets[-2])} → {accounting.human(full)}' if len(budgets) > 1 else '-')
+  lines = [f'| claim | expected | {head} | change of Δ, {step} (95% interval) | the effect |',
+           '|---|---|' + '---|' * len(budgets) + '---|---|']
+  for e in effects:
+    last = e['cells'][-1]['claim']
+    by = {c['tokens']: c['claim'] for c in e['cells']}
+    cells = ' | '.join(_effect_cell(by[t]) if t in by else '-' for t in budgets)
+    ch = e['change']
+    change = '-' if ch is None or ch.delta is None else f'{ch.delta:+.4f}' + (
+        '' if ch.half_width is None else f' [{ch.delta - ch.half_width:+.4f}, {ch.delta + ch.half_width:+.4f}]')
+    lines.append(f'| {verdicts.label(last)} | {verdicts.expected_sign(last) or last.expected} | {cells} | {change} | '
+                 f'{e["tendency"]} |')
+  return '\n'.join(lines) + '\n'
+
+
+def effects_lines(effects: list[dict] | None, forest: bool) -> list[str]:
+  """The forest plot and the claims at every budget, as lines of the claims page."""
+  lines = []
+  if forest:
+    lines += ['## Every effect with its interval', '',
+              'Each claim\'s Δ with its 95% interval (the claims table\'s), coloured by verdict, beside the equivalence '
+              'margin ±T; the fainter points above each are the same claim at the earlier decay-branch budgets. Argmin '
+              'and fit claims (C-B2, C-B2a, C-A3) have no single Δ and are not drawn.', '', '![forest plot](forest.png)',
+              '']
+  if effects and len(effects[0]['cells']) > 1:  # (runs without decay branches have one budget)
+    lines += ['## The claims at every budget: does the effect shrink with tokens?', '',
+              'Every claim evaluated again on the held-out losses after the decay branches (as if every run had stopped '
+              'there: Hägele et al. 2024 show such branches match separate runs of that length), with the seed noise '
+              'measured at that budget and the same margin T. C-A3 rests on the full-run fits only. "Change of Δ" is '
+              'the claim evaluated on each seed\'s loss change between the last two budgets, so its interval carries '
+              'the noise of those changes (one run\'s losses at two budgets are strongly correlated); the effect '
+              '"shrinks" or "grows" when that interval excludes 0 towards or away from no effect. An effect still '
+              'shrinking at the full run means the runs are too short for that contrast (SCIENCE.md §4).', '',
+              effects_table(effects)]
+  return lines
+
+
+def token_fit_lines(fits: dict[str, fits_lib.Fit] | None, configurations: int) -> list[str]:
+  """The loss-against-(N_active, tokens) fit from the decay branches, as lines of the claims page."""
+  lines = ['### Loss against N_active and training tokens (decay branches)', '',
+           'Chinchilla\'s form L = E + A / N^alpha + B / D^beta fitted to one point per default-design configuration '
+           'and decay-branch budget (seed means; D = tokens per run at the branch), by the same Huber / L-BFGS-B '
+           'method from SCIENCE.md §3.1\'s start grid. N is the non-embedding **N_active**: SCIENCE.md §1 fits '
+           'non-embedding counts, and the MoE laws with a Chinchilla-type N term (Krajewski et al. 2024, Ludziejewski '
+           'et al. 2025; §3.2) put the active count there, the parameters every token pays for (6 N_active D training '
+           'FLOPs); what N_total adds at fixed N_active is C-B1\'s and C-A3\'s question, not this fit\'s. E, alpha '
+           'and beta are bounded at 0; a parameter on its bound is reported there, without an interval. Intervals: a '
+           'bootstrap over configurations (all budgets of a configuration together); leave-one-out leaves a whole '
+           'configuration out; extrapolation refits without the largest-N_active 20% of configurations. Baselines: '
+           'the constant and ln L linear in ln N_active and ln D.', '']
+  need = fits_lib.POINTS_PER_PARAMETER * len(fits_lib.TOKEN_FORMS['chinchilla'].raw_names)
+  short = [] if 'chinchilla' in (fits or {}) else [f'Chinchilla\'s form not fitted: {configurations} default-design '
+                                                   f'configurations, {need} needed.', '']
+  if not fits:
+    return lines + short
+  better = [n for n in fits if n not in fits_lib.TOKEN_BASELINES
+            and fits_lib.beats_baselines(fits, n, baselines=fits_lib.TOKEN_BASELINES)]
+  return lines + short + [fits_table(list(fits.values()), largest='N_active'),
+                  comparisons_table(fits, baselines=fits_lib.TOKEN_BASELINES),
+                  f'Forms that beat both baselines: {", ".join(better) or "none"}.', '']
+
+
+def best_expert_lines(rows: list[dict] | None) -> list[str]:
+  """The best expert size against N_active (`summaries.best_expert_rows`), as lines of the claims page."""
+  if not rows:
+    return []
+  lines = ['## Best expert size against N_active', '',
+           'Loss against the expert size d_exp at constant k · d_exp (grids B2 and B2s32 at one active scale and two '
+           's, B2p at a wider model). The interval of the argmin comes from simulated experiments under the seed noise '
+           '(`statistics.argmin_interval`, as C-B2 and C-B2a use it); P(argmin) is the share of those experiments '
+           'in which each size has the lowest loss. Paper B: the best size is set by N_active and not by s.', '',
+           '| grid | s | N_active (non-embedding) | N_active | loss by d_exp | best d_exp | 95% interval | P(argmin) by '
+           'd_exp | argmin per seed |', '|---|---:|---:|---:|---|---:|---|---|---|']
+  for r in rows:
+    losses = ', '.join(f'{d:g}: {x:.4f}' for d, x in zip(r['sizes'], r['losses']))
+    iv = '-' if r['lo'] is None else f'[{r["lo"]:.3g}, {r["hi"]:.3g}]'
+    p = '-' if r['p_best'] is None else ', '.join(f'{d:g}: {x:.2f}' for d, x in zip(r['sizes'], r['p_best']))
+    seeds = ', '.join(f'{verdicts.seed_label(k)}: {v:g}' for k, v in r['seed_argmins'].items()) or '-'
+    lines.append(f'| {r["grid"]} | {r["sparsity"]:g} | {accounting.human(r["n_active_nonembed"])} | '
+                 f'{accounting.human(r["n_active"])} | {losses} | {r["best"]:g} | {iv} | {p} | {seeds} |')
+  return lines + ['', '![best expert size against N_active](best_expert.png)', '']
+
+
 def claims_markdown(claims: list[Claim], noise: dict, fits: dict[str, dict[str, fits_lib.Fit]], header: str = '',
                     families: dict[str, list[dict]] | None = None, speedup: dict | None = None,
-                    lr: tuple[list[float], list[dict]] | None = None) -> str:
-  """The claims page: the claims table, the literature, the speedup, the LR sweep and the fits per family."""
+                    lr: tuple[list[float], list[dict]] | None = None, effects: list[dict] | None = None,
+                    token_fits: dict | None = None, best_expert: list[dict] | None = None, forest: bool = False) -> str:
+  """The claims page: the claims table, the forest plot, the claims at every budget, the literature, the speedup,
+  the best expert size, the LR sweep, the fits per family and against (N_active, tokens)."""
   threshold = '-' if noise['threshold'] is None else f'{noise["threshold"]:.4f}'
   survives = statistics.holm(claims)
   decided = sum(c.verdict != 'inconclusive' for c in claims)
@@ -144,21 +259,23 @@ def claims_markdown(claims: list[Claim], noise: dict, fits: dict[str, dict[str, 
            f'tested claims (family-wise 2.5%, every p-value as it is), {sum(survives.values())} of the '
            f'{len(survives)} decided verdicts with a p-value survive (column "Holm"; the argmin verdicts C-B2/C-B2a rest '
            'on simulated intervals, not a p-value). A verdict marked "hinges" changes if one point of its series is '
-           'dropped.', '',
-           '| claim | statement | expected | measured Δ (nats) | 95% interval | verdict | p | Holm | detail | '
-           'to decide at this scale |',
-           '|---|---|---|---:|---|---|---:|---|---|---|']
+           'dropped. "Per seed" is the claim\'s contrast in each seed alone (seed: Δ; trend claims end to end; C-A4 the '
+           'mean over the random designs; C-B2/C-B2a each seed\'s argmin d_exp in the two grids).', '',
+           '| claim | statement | expected | measured Δ (nats) | 95% interval | per seed | verdict | p | Holm | '
+           'detail | to decide at this scale |',
+           '|---|---|---|---:|---|---|---|---:|---|---|---|']
   for i, c in enumerate(claims):
     p = '-' if c.p is None else f'{c.p:.2g}'
     h = {True: 'yes', False: 'no'}.get(survives.get(statistics.key(c, i)), '-')
     detail = c.detail + ''.join(f'; **{f}**' for f in c.flags)
-    lines.append(f'| {c.id} | {c.statement} | {c.expected} | {c.measured} | {c.interval} | **{c.verdict}** | {p} | '
-                 f'{h} | {detail} | {c.needs or "-"} |')
-  lines += ['', '## The literature and ours', '',
+    lines.append(f'| {c.id} | {c.statement} | {c.expected} | {c.measured} | {c.interval} | {per_seed_cell(c)} | '
+                 f'**{c.verdict}** | {p} | {h} | {detail} | {c.needs or "-"} |')
+  lines += ['', *effects_lines(effects, forest), '## The literature and ours', '',
             'Each claim\'s side in the literature ([R]: SCIENCE.md §0-§4, not re-checked here) and our verdict at this '
             'scale.', '', literature_table(summaries.literature_rows(claims))]
   if speedup is not None:
     lines += ['## Effective speedup over dense', '', speedup_table(speedup)]
+  lines += best_expert_lines(best_expert)
   if lr is not None and lr[1]:
     lines += ['## Learning-rate sweep (grid LR)', '', 'Held-out loss at seed 0 for every rate (the rate the scale '
               'uses is the grid point itself; its seed-1 run is not in this table).', '', lr_table(*lr)]
@@ -187,6 +304,8 @@ def claims_markdown(claims: list[Claim], noise: dict, fits: dict[str, dict[str, 
     lines += [f'Forms that beat both baselines: {", ".join(better) or "none"}.', '',
               'Mean residual by top-k (prediction − measurement, nats; configurations in brackets):', '',
               residuals_table(fits_lib.residuals_by_k(fam_fits, (families or {}).get(fam, [])))]
+  if token_fits is not None:
+    lines += token_fit_lines(token_fits, len((families or {}).get('all', [])))
   return '\n'.join(lines)
 
 
@@ -324,98 +443,3 @@ def plan_markdown(plan, claims: list[Claim] | None = None) -> str:
   lines += ['', 'Seeds per configuration in the plan: ' + (', '.join(f'{k} {v}' for k, v in plan.seeds.items())
                                                           or 'none') + '.', '']
   return '\n'.join(lines)
-
-
-def frontier_grid(result, reference: float) -> str:
-  """The matched points of a frontier (`moejax.studies.frontier.Frontier`) and its dropped designs, as Markdown."""
-  spec = result.spec
-  lines = [f'Held fixed: {frontier_lib.MATCHES[spec.match]} within ±{spec.tolerance:.1%} (the base config: '
-           f'{reference:.4g}); solved: {spec.solve}.', '',
-           '| budget | design | ' + spec.solve + ' | cost | off by | training FLOPs/token |', '|---|---|---:|---:|---:|---:|']
-  for m in result.matches:
-    lines.append(f'| {m.budget_index + 1} ({m.budget:.4g}) | {m.design.label} | {m.value} | {m.quantity:.4g} | '
-                 f'{m.error:+.2%} | {m.flops_per_token:.4g} |')
-  if result.dropped:
-    lines += ['', 'Dropped designs:', ''] + [f'- {label}: {why}' for label, why in result.dropped]
-  return '\n'.join(lines) + '\n'
-
-
-def _interval(x: dict) -> str:
-  return '-' if x['lo'] is None else f'[{x["lo"]:.4g}, {x["hi"]:.4g}]'
-
-
-def _frontier_budget_table(b: dict) -> list[str]:
-  lines = ['| design | E | k | d_exp | shared | N_total | N_active | FLOPs/token | loss (95% interval) | seeds | '
-           'Δ vs best (95% interval) | P(best) |', '|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|']
-  for r in b['rows']:
-    loss = f'{r["loss_mean"]:.4f}' + (f' ± {r["loss_half_width"]:.4f}' if r['loss_half_width'] is not None else '')
-    diff = '(best)' if r['design'] == b['best'] else f'{r["diff"]:+.4f}' + (
-        f' ± {r["half_width"]:.4f}' + (' (not distinguishable)' if r['tied'] else '') if r['half_width'] else '')
-    lines.append(f'| {r["design"]} | {r["num_experts"] or 1} | {r["experts_per_token"] or 1} | '
-                 f'{r["expert_hidden"] or r.get("ffn_hidden")} | {r["num_shared_experts"] or 0} | '
-                 f'{accounting.human(r["n_total"])} | {accounting.human(r["n_active"])} | '
-                 f'{r["flops_per_token"]:.4g} | {loss} | {r["seeds"]} | {diff} | {_share(r["p_best"])} |')
-  return lines
-
-
-def frontier_markdown(result: dict, root: str, config_path: str, figure: str) -> str:
-  """A frontier's report (`moejax.studies.frontier_analysis.analyze`): the optimum per budget, how it moves, and
-  every budget's designs."""
-  n = result['noise']
-  noise = ('no usable seed noise (fewer than '
-           f'{statistics.MIN_DOF} degrees of freedom): best designs are reported without intervals'
-           if not (n['paired_dof'] >= statistics.MIN_DOF or n['dof'] >= statistics.MIN_DOF) else
-           f'seed noise σ = {n["paired_sigma"] if n["paired_dof"] >= statistics.MIN_DOF else n["sigma"]:.4f} nats '
-           f'({n["paired_dof"] if n["paired_dof"] >= statistics.MIN_DOF else n["dof"]} degrees of freedom; '
-           f'{"block design: points paired by seed" if n["paired_dof"] >= statistics.MIN_DOF else "pooled"})')
-  lines = [f'# Frontier: {result["what"]} held fixed (±{result["tolerance"]:.1%})', '',
-           f'`{config_path}`, runs under `{root}`: {result["runs"]} runs; {noise}. Intervals are 95% t intervals; '
-           'P(best) is the share of simulated experiments (seed means perturbed by the noise) in which a design has '
-           'the lowest loss; axis ranges are the 95% range at the simulated optima '
-           '(moejax/studies/frontier_analysis.py).', '', f'![frontier]({figure})', '',
-           '## The loss-optimal design per budget', '',
-           '| budget | best design | loss | P(best) | not distinguishable from the best | E | k | d_exp | N_total |',
-           '|---|---|---:|---:|---|---|---|---|---|']
-  for b in result['budgets']:
-    best = b['rows'][0]
-    ties = ', '.join(r['design'] for r in b['rows'][1:] if r['tied']) or ('none' if best['p_best'] is not None
-                                                                            else '-')
-    ax = b['axes']
-    cell = lambda k, fmt='{:g}': fmt.format(ax[k]['best']) + (f' {_interval(ax[k])}' if ax[k]['lo'] is not None else '')
-    lines.append(f'| {b["budget"] + 1} ({b["value"]:.4g}) | {b["best"]} | {best["loss_mean"]:.4f}'
-                 + (f' ± {best["loss_half_width"]:.4f}' if best['loss_half_width'] is not None else '') +
-                 f' | {_share(best["p_best"])} | {ties} | '
-                 f'{cell("num_experts")} | {cell("experts_per_token")} | {cell("expert_hidden")} | '
-                 f'{accounting.human(ax["n_total"]["best"])} |')
-  lines += ['', '## How the optimum moves with the budget', '']
-  if not result['moves']:
-    lines += ['One budget with runs: no move to report.']
-  else:
-    keys = list(result['moves'][0]['axes'])
-    lines += ['| budgets | best design | P(same design) | ' + ' | '.join(result['moves'][0]['axes'][k]['label']
-                                                                        for k in keys) + ' |',
-              '|---|---|---:|' + '---|' * len(keys)]
-    for m in result['moves']:
-      same = '-' if m['p_same'] is None else f'{m["p_same"]:.2f}'
-      cells = ' | '.join(f'{_num(a["from"])} → {_num(a["to"])} ({a["verdict"]})' for a in m['axes'].values())
-      lines.append(f'| {m["from_budget"] + 1} → {m["to_budget"] + 1} | {m["from"]} → {m["to"]} | {same} | {cells} |')
-    lines += ['', 'An axis moves "up" ("down") when its 95% ranges at the optima of the two budgets do not overlap; '
-              'otherwise the move is not resolved at these seeds.']
-  for b in result['budgets']:
-    lines += ['', f'## Budget {b["budget"] + 1}: {result["what"]} = {b["value"]:.4g}', ''] + _frontier_budget_table(b)
-  notes = [f'- left out: {p}: {why}' for p, why in result['left_out']]
-  notes += [f'- design without runs: {d}' for d in result['missing_designs']]
-  notes += [f'- budget {j + 1} has no runs' for j in result['budgets_without_runs']]
-  notes += [f'- failed: {name}' for name in result.get('failed', [])]
-  notes += [f'- dropped when emitted: {label}: {why}' for label, why in result['dropped']]
-  if notes:
-    lines += ['', '## Notes', ''] + notes
-  return '\n'.join(lines) + '\n'
-
-
-def _share(p: float | None) -> str:
-  return '-' if p is None else f'{p:.2f}'
-
-
-def _num(x: float) -> str:
-  return accounting.human(x) if abs(x) >= 1e4 else f'{x:g}'

@@ -1,7 +1,8 @@
 """The study report: gather a results root, evaluate the claims and fits, and write OUT/claims.md, OUT/report.md
 and the figures.
 
-  `study(root, scale)`   -> `Study`, every row the pages are rendered from (claims, noise, fits, speedup, LR sweep)
+  `study(root, scale)`   -> `Study`, every row the pages are rendered from (claims, the claims at every decay-branch
+                            budget, noise, fits, loss against N_active and tokens, speedup, best expert size, LR sweep)
   `write_claims(...)`    -> renders a `Study` to OUT/claims.md, OUT/report.md and the PNGs
   `write_report(...)`    -> OUT/report.md and the figures for any root (no paper grids needed)
 """
@@ -14,7 +15,8 @@ import os
 
 from moejax import files
 from moejax.errors import DataError, WorkdirError
-from moejax.studies import claims as claims_lib, figures, fits as fits_lib, grids, plan as plan_lib, render, results, summaries
+from moejax.studies import (budgets as budgets_lib, claims as claims_lib, figures, fits as fits_lib, grids,
+                            plan as plan_lib, render, results, summaries)
 from moejax.studies.verdicts import Claim
 
 
@@ -34,6 +36,10 @@ class Study:
   lr: tuple[list[float], list[dict]]
   compute: dict
   plan: plan_lib.Plan | None = None
+  stages: list[budgets_lib.Stage] = dataclasses.field(default_factory=list)  # the claims at every budget
+  effects: list[dict] = dataclasses.field(default_factory=list)  # claim x budget (`budgets.effect_rows`)
+  token_fits: dict[str, fits_lib.Fit] | None = None  # loss against (N_active, tokens) from the decay branches
+  best_expert: list[dict] = dataclasses.field(default_factory=list)  # `summaries.best_expert_rows`
 
 
 def study(root: str, scale: str, bootstrap: int = 100, fit_starts: int = 32, loo: bool = True,
@@ -50,8 +56,13 @@ def study(root: str, scale: str, bootstrap: int = 100, fit_starts: int = 32, loo
   families = grids.family_rows(rows, g)
   fits = {fam: fits_lib.fit_laws(fam_rows, bootstrap, fit_starts, loo) for fam, fam_rows in families.items()}
   claims, noise = claims_lib.evaluate(rows, scale, fits)
-  return Study(root, scale, gathered, rows, g, families, fits, claims, noise, summaries.speedup_rows(g),
-               summaries.lr_rows(g), summaries.compute_summary(rows))
+  stages = budgets_lib.by_budget(rows, scale, (claims, noise))
+  x, y, configurations = budgets_lib.token_points(families['all'])
+  token_fits = fits_lib.fit_token_laws(x, y, configurations, bootstrap, fit_starts, loo) if len(y) else {}
+  speedup = summaries.speedup_rows(g, {st.tokens: st.noise['noise'] for st in stages})
+  return Study(root, scale, gathered, rows, g, families, fits, claims, noise, speedup, summaries.lr_rows(g),
+               summaries.compute_summary(rows), stages=stages, effects=budgets_lib.effect_rows(stages, rows, scale),
+               token_fits=token_fits, best_expert=summaries.best_expert_rows(g, noise['noise']))
 
 
 def claims_page(s: Study) -> str:
@@ -64,13 +75,22 @@ def claims_page(s: Study) -> str:
             f'`{s.root}`; machine: {", ".join(platforms) or "?"}; corpus sha256 {", ".join(fingerprints) or "?"}; '
             f'evaluated {datetime.date.today().isoformat()}. {render.compute_line(s.compute)} Figures and the full '
             'table: [report.md](report.md).\n')
-  text = render.claims_markdown(s.claims, s.noise, s.fits, header, s.families, s.speedup, s.lr)
+  text = render.claims_markdown(s.claims, s.noise, s.fits, header, s.families, s.speedup, s.lr, s.effects,
+                                s.token_fits, s.best_expert, forest=bool(figures.forest_rows(s.effects)))
   return text + ('\n' + render.plan_markdown(s.plan, s.claims) if s.plan is not None else '')
 
 
 def write_claims(s: Study, out: str) -> str:
   """Writes OUT/claims.md, OUT/report.md and the figures of a `Study`; returns the claims Markdown."""
   text = claims_page(s)
+  try:
+    os.makedirs(out, exist_ok=True)
+    if figures.forest_rows(s.effects):
+      figures.forest_figure(figures.forest_rows(s.effects), s.noise['threshold'], os.path.join(out, 'forest.png'))
+    if s.best_expert:
+      figures.best_expert_figure(s.best_expert, os.path.join(out, 'best_expert.png'))
+  except OSError as e:
+    raise WorkdirError(f'cannot write the figures under {out}: {e.strerror or e}') from None
   write_report(s.root, out, extra=text.split('\n', 2)[2], figure_rows=lambda _: s.families['all'],
                figure_note='Figures show the default-design MoE grid points (as the fits); the table has every run.',
                gathered=s.gathered, grids=s.grids, noise=s.noise['noise'])

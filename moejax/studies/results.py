@@ -270,6 +270,8 @@ def table(records: list[dict]) -> tuple[list[dict], list[str]]:
            'flops_per_token': acc.get('flops_per_token'),
            'wall_s': sum((r.get('train') or {}).get('wall_s') or 0.0 for r in runs),
            'decay_curve': mean_curve([r.get('decay_curve') or [] for r in runs]),
+           'seed_curves': {seed_key(r['config']): [{k: p.get(k) for k in ('step', 'tokens', 'loss')}
+                                                   for p in r.get('decay_curve') or []] for r in runs},
            'seed_losses': {seed_key(r['config']): r['eval']['loss'] for r in runs},
            'losses': [r['eval']['loss'] for r in runs], 'paths': [r['_path'] for r in runs],
            'reproductions': [{'path': r['_path'], 'seed': seed_key(r['config']), 'loss': r['eval']['loss'],
@@ -293,9 +295,10 @@ def csv_text(rows: list[dict], varied: list[str]) -> str:
   """The table as CSV with full-precision numbers (seed losses joined by ';')."""
   fields = ['config_hash', 'name', *varied] + [k for k in rows[0] if k not in ('config_hash', 'name', *varied)] \
       if rows else []
-  if not any(r.get('reproductions') for r in rows):  # (the column only when there is something in it)
-    fields = [k for k in fields if k != 'reproductions']
-    rows = [{k: v for k, v in r.items() if k != 'reproductions'} for r in rows]
+  # seed_curves stay in the JSON (the CSV has their mean, decay_curve); reproductions only when there is one
+  dropped = {'seed_curves'} | (set() if any(r.get('reproductions') for r in rows) else {'reproductions'})
+  fields = [k for k in fields if k not in dropped]
+  rows = [{k: v for k, v in r.items() if k not in dropped} for r in rows]
   out = io.StringIO()
   writer = csv.DictWriter(out, fieldnames=fields)
   writer.writeheader()

@@ -1,5 +1,6 @@
-"""Rows beside the claims: the effective speedup over dense, the learning-rate sweep, the compute spent, and
-each claim's side in the literature. Rendered by `moejax.studies.render`."""
+"""Rows beside the claims: the effective speedup over dense (with an interval), the best expert size at each active
+scale, the learning-rate sweep, the compute spent, and each claim's side in the literature. Rendered by
+`moejax.studies.render`."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ import math
 
 import numpy as np
 
-from moejax.studies.verdicts import Claim
+from moejax.studies import statistics
+from moejax.studies.verdicts import Claim, seed_argmins
 
 
 def tokens_to_reach(curve: list[dict], target: float) -> tuple[float | None, str]:
@@ -28,10 +30,53 @@ def tokens_to_reach(curve: list[dict], target: float) -> tuple[float | None, str
   return None, '>'
 
 
-def speedup_rows(g: dict) -> dict | None:
+def tokens_interval(curve: list[dict], target: float, se_target: float, se_of, dof: int, level: float = 0.95
+                    ) -> tuple[float, float] | None:
+  """`level` interval of the tokens at which a decay curve reaches `target` (`tokens_to_reach` inside the curve),
+  by the delta method on its log-linear interpolation between the two points around the crossing.
+
+  ln t = ln t0 + (l0 - target) / (l0 - l1) * (ln t1 - ln t0); `se_of(point)` is the standard error of a point's
+  seed mean, `se_target` the target's. The two curve points are one run's losses at two budgets, so they are taken
+  perfectly correlated (their derivatives share a sign: the widest case); the target (another configuration) is
+  taken independent (with a shared seed effect the true interval is narrower). None outside the curve.
+  """
+  pts = [p for p in curve if p.get('tokens') and p.get('loss') is not None]
+  for p0, p1 in zip(pts, pts[1:]):
+    (t0, l0), (t1, l1) = (p0['tokens'], p0['loss']), (p1['tokens'], p1['loss'])
+    if l1 <= target < l0:
+      c, d = math.log(t1) - math.log(t0), l0 - l1
+      log_t = math.log(t0) + (l0 - target) / d * c
+      se = math.hypot(c / d * se_target, c * (target - l1) / d ** 2 * se_of(p0) + c * (l0 - target) / d ** 2 * se_of(p1))
+      hw = statistics.t_quantile(0.5 + level / 2, dof) * se
+      return math.exp(log_t - hw), math.exp(log_t + hw)
+  return None
+
+
+def _point_se(row: dict, noise_at: dict):
+  """se_of(curve point) for `row`'s decay curve under the class noise measured at each budget (None if unusable)."""
+  def se(p):
+    n = noise_at.get(p['tokens'])
+    n = n.of(row) if n is not None else None
+    if n is None or not n.usable:
+      raise LookupError(p['tokens'])
+    return n.sigma / math.sqrt(p.get('n') or row['seeds'])
+  return se
+
+
+def _dof(rows_points: list[tuple[dict, int]], noise_at: dict) -> int:
+  """The fewest degrees of freedom among the usable noises of these (row, budget) points (conservative)."""
+  usable = [n.dof for n in (noise_at[t].of(r) for r, t in rows_points if t in noise_at) if n.usable]
+  if not usable:
+    raise LookupError('no usable noise')
+  return min(usable)
+
+
+def speedup_rows(g: dict, noise_at: dict | None = None) -> dict | None:
   """Effective speedup of each B1 MoE over the dense baseline: dense's tokens / the MoE's tokens to reach dense's
-  loss. {'dense': row, 'tokens': dense tokens, 'loss': dense loss, 'rows': [{'row', 'tokens', 'where', 'speedup'}]}
-  ('where': '' inside the curve, '<' already below at its first point, '>' never reached); None without B1 curves."""
+  loss. {'dense': row, 'tokens': dense tokens, 'loss': dense loss, 'rows': [{'row', 'tokens', 'where', 'speedup',
+  'interval'}]} ('where': '' inside the curve, '<' already below at its first point, '>' never reached); None without
+  B1 curves. With `noise_at` ({tokens: `statistics.ClassNoise` at that budget}), 'interval' is the 95% interval of
+  the speedup (`tokens_interval`, on the fewest degrees of freedom involved), else None."""
   b1 = g.get('B1') or []
   if len(b1) < 2 or b1[0] is None or not b1[0].get('decay_curve'):
     return None
@@ -42,8 +87,42 @@ def speedup_rows(g: dict) -> dict | None:
     if r is None or not r.get('decay_curve'):
       continue
     tokens, where = tokens_to_reach(r['decay_curve'], d_loss)
-    out.append({'row': r, 'tokens': tokens, 'where': where, 'speedup': None if tokens is None else d_tokens / tokens})
+    interval = None
+    if noise_at and where == '' and tokens is not None:
+      try:
+        se_dense = _point_se(dense, noise_at)(dense['decay_curve'][-1])
+        reach = tokens_interval(r['decay_curve'], d_loss, se_dense, _point_se(r, noise_at),
+                                _dof([(dense, d_tokens)] + [(r, p['tokens']) for p in r['decay_curve']], noise_at))
+        interval = None if reach is None else (d_tokens / reach[1], d_tokens / reach[0])
+      except LookupError:  # no usable noise at a budget the crossing uses
+        interval = None
+    out.append({'row': r, 'tokens': tokens, 'where': where, 'speedup': None if tokens is None else d_tokens / tokens,
+                'interval': interval})
   return {'dense': dense, 'tokens': d_tokens, 'loss': d_loss, 'rows': out}
+
+
+B2_GRIDS = ('B2', 'B2s32', 'B2p')  # loss against the expert size at constant k * d_exp: two s, two active scales
+
+
+def best_expert_rows(g: dict, noise) -> list[dict]:
+  """The best expert size per B2 grid (SCIENCE.md §4, C-B2): [{'grid', 'sparsity', 'n_active', 'n_active_nonembed',
+  'sizes', 'losses' (seed means), 'best' (d_exp at the lowest mean), 'lo', 'hi' (the 95% interval of the argmin,
+  `statistics.argmin_interval`; None without usable noise), 'p_best' (P(argmin) per size), 'seed_argmins'}], in
+  the order of B2_GRIDS; grids with a missing point are left out."""
+  out = []
+  for grid in B2_GRIDS:
+    points = g.get(grid) or []
+    if not points or any(p is None for p in points):
+      continue
+    pts = sorted(points, key=lambda p: p['expert_hidden'])
+    interval = statistics.argmin_interval(pts, noise)
+    out.append({'grid': grid, 'sparsity': pts[0]['sparsity'], 'n_active': pts[0]['n_active'],
+                'n_active_nonembed': pts[0].get('n_active_nonembed') or pts[0]['n_active'],
+                'sizes': [p['expert_hidden'] for p in pts], 'losses': [p['loss_mean'] for p in pts],
+                'best': min(pts, key=lambda p: p['loss_mean'])['expert_hidden'],
+                'lo': interval[0] if interval else None, 'hi': interval[1] if interval else None,
+                'p_best': [float(x) for x in interval[2]] if interval else None, 'seed_argmins': seed_argmins(pts)})
+  return out
 
 
 def lr_rows(g: dict) -> tuple[list[float], list[dict]]:

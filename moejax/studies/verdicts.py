@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 
 from moejax.studies.statistics import ALPHA, t_sf, trend_test
 
@@ -29,6 +30,55 @@ class Claim:
   alpha: float = ALPHA  # the level its verdict is decided at (TOST: 5% per one-sided test)
   flags: list[str] = dataclasses.field(default_factory=list)
   needs: str = ''  # what would decide an inconclusive verdict at this scale
+  kind: str = ''  # direction | trend | equivalence | argmin | fit ('' when the runs are missing)
+  delta: float | None = None  # the measured difference (nats), as `measured` shows it
+  half_width: float | None = None  # its 95% half-width (None: no usable noise)
+  dof: int = 0  # the degrees of freedom of that interval
+  per_seed: dict = dataclasses.field(default_factory=dict)  # {seed: the contrast in that seed alone} (argmin: d_exp)
+
+
+def label(c: Claim) -> str:
+  """The claim's id, with the variant where one id has several rows ('C-B5 (sequence)')."""
+  m = re.search(r'\((\w+) instead of', c.statement)
+  return f'{c.id} ({m.group(1)})' if m else c.id
+
+
+def expected_sign(c: Claim) -> str:
+  """The expected outcome in short: 'Δ > 0', 'Δ < 0', '|Δ| < T' (equivalence) or '' (argmin and fit claims)."""
+  if c.kind == 'equivalence':
+    return '|Δ| < T'
+  m = re.search(r'([<>≥≤]) 0\b', c.expected)
+  return f'Δ {m.group(1)} 0' if m and c.kind in ('direction', 'trend') else ''
+
+
+def seed_label(key: str) -> str:
+  """'3/3' (seed/data.seed, results.seed_key) -> '3'; otherwise as it is."""
+  a, _, b = key.partition('/')
+  return a if a == b else key
+
+
+def seed_contrast(a: dict, b: dict) -> dict[str, float]:
+  """{seed: L_b - L_a at that seed} over the seeds both rows ran (a paired design: the same data order)."""
+  la, lb = a.get('seed_losses') or {}, b.get('seed_losses') or {}
+  return {k: lb[k] - la[k] for k in sorted(la, key=_seed_order) if k in lb}
+
+
+def _seed_order(key: str):
+  return tuple(int(x) if x.isdigit() else x for x in key.split('/'))
+
+
+def seed_argmins(points: list[dict], key: str = 'expert_hidden') -> dict[str, float]:
+  """{seed: `key` of the point with the lowest loss in that seed alone} over the seeds every point ran."""
+  common = set.intersection(*(set(p.get('seed_losses') or {}) for p in points)) if points else set()
+  return {k: min(points, key=lambda p: p['seed_losses'][k])[key] for k in sorted(common, key=_seed_order)}
+
+
+def set_numbers(c: Claim, delta: float, noise, a: dict, b: dict, kind: str) -> Claim:
+  """`c` with its numbers filled in: delta, 95% half-width and dof under `noise` (a `statistics.Noise` for the
+  pair a, b), the per-seed contrast L_b - L_a and the claim's kind."""
+  c.kind, c.delta, c.per_seed = kind, float(delta), seed_contrast(a, b)
+  c.half_width, c.dof = noise.half_width(a, b), noise.dof if noise.usable else 0
+  return c
 
 
 def fmt_delta(delta, hw):
@@ -89,6 +139,7 @@ def trend_claim(cid, statement, expected, grid, points, key, sign, noise, note='
   c = Claim(cid, statement, expected, measured, interval, verdict,
             f'{series}; slope test over {len(pts)} points; {"monotone" if monotone else "not monotone"}'
             + (f'; {note}' if note else ''), p=p)
+  set_numbers(c, delta, noise.for_pair(pts[0], pts[-1]), pts[0], pts[-1], 'trend')
   if verdict != 'inconclusive' and len(pts) >= 3:  # does the verdict rest on a single point?
     hinges = [x['name'] for i, x in enumerate(pts) if trend_verdict(pts[:i] + pts[i + 1:], sign, noise)[0] != verdict]
     if hinges:
@@ -131,6 +182,7 @@ def small_effect(cid, grid, statement, center, variant, threshold, noise, extra=
   c = Claim(cid, statement, f'abs(Δ) < T = {t}', measured, interval, verdict,
             f'{variant["name"]} {variant["loss_mean"]:.4f} vs {center["name"]} {center["loss_mean"]:.4f}' + extra, p=p,
             alpha=0.05 if verdict != 'contradicted' else ALPHA)
+  set_numbers(c, delta, noise, center, variant, 'equivalence')
   if verdict == 'inconclusive' and threshold is not None and noise.usable:
     if abs(delta) < threshold:
       n = noise.seeds_to_resolve(delta, threshold, level=0.90)

@@ -24,13 +24,13 @@ def test_fit_row_shards_the_state_over_every_device(tiny_cfg):
 
 def _fake_rows(monkeypatch, peak_of, calls):
   """fit_row replaced by a memory model: peak_of(devices, remat) GB (None: the compiler ran out of memory)."""
-  def fake(cfg, target, devices, remat=None, microbatches=1):
-    calls.append((target.name if target else f'cpu x{devices}', remat, microbatches))
+  def fake(cfg, target, devices, remat=None, microbatches=1, scan=None):
+    calls.append((target.name if target else f'cpu x{devices}', remat, microbatches, scan))
     peak = peak_of(devices, remat)
     if peak is None:
       raise RuntimeError('RESOURCE_EXHAUSTED: Ran out of memory in memory space hbm')
     return {'name': cfg.name, 'target': target.name if target else f'cpu x{devices}', 'devices': devices,
-            'remat': remat, 'microbatches': microbatches, 'attention': 'auto', 'peak_gb': peak,
+            'remat': remat, 'scan_layers': scan, 'microbatches': microbatches, 'attention': 'auto', 'peak_gb': peak,
             'analytic_gb': 1.0, 'compile_s': 1.0, 'compiler': 'fake'}
   monkeypatch.setattr(compile_steps, 'fit_row', fake)
 
@@ -47,12 +47,12 @@ def test_search_finds_the_smallest_target_and_the_cheapest_remat_that_fits(tiny_
   assert result['fits']['target'] == 'gpu:h100x8x2' and result['fits']['remat'] == 'moe'
   assert result['fits']['microbatches'] == 4  # 4 x 16 sequences of one per device
   assert result['below']['target'] == 'gpu:h100x8' and not result['below']['fits']
-  assert calls == [('gpu:h100x8', 'full', 8), ('gpu:h100x8x2', 'full', 4), ('gpu:h100x8x2', 'none', 4),
-                   ('gpu:h100x8x2', 'moe', 4)]
+  assert calls == [('gpu:h100x8', 'full', 8, True), ('gpu:h100x8x2', 'full', 4, True),
+                   ('gpu:h100x8x2', 'none', 4, False), ('gpu:h100x8x2', 'moe', 4, True)]
   calls.clear()
   again = compile_steps.search(cfg, 'gpu:h100', 16 * cfg.data.seq_len * 4, 0.9, store)
   assert calls == [] and again['fits'] == result['fits']
-  assert '| gpu:h100x8x2 (16 devices) | moe, 4 microbatches' in compile_steps.search_row(cfg, 'gpu:h100', 1, again)
+  assert '| gpu:h100x8x2 (16 devices) | remat moe, scanned, 4 microbatches' in compile_steps.search_row(cfg, 'gpu:h100', 1, again)
 
 
 def test_search_treats_a_compiler_out_of_memory_as_not_fitting(tiny_cfg, monkeypatch):

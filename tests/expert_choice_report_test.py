@@ -79,7 +79,7 @@ def test_summary_means_and_sd():
 def test_shipped_records_are_compute_matched_and_paired():
   rows = report.runs()
   assert sorted((r['routing'], r['seed']) for r in rows) == sorted(
-      (routing, s) for routing in ('token_choice', 'expert_choice') for s in range(3))
+      (routing, s) for routing in ('token_choice', 'expert_choice') for s in range(8))
   assert len({(r['flops_per_token'], r['total_flops'], r['steps']) for r in rows}) == 1
   assert all(r['seed'] == r['data_seed'] for r in rows)
   assert all(r['unserved_heldout'] == 0 for r in rows if r['routing'] == 'token_choice')

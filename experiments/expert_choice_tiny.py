@@ -21,7 +21,7 @@ eval.batch_size=16 (the training batch: expert choice then groups as many tokens
 Caveat: expert-choice groups are the batch's tokens at one position (causal, docs/studies.md),
 so a token's routing depends on the other sequences of its batch, and held-out scores on eval.batch_size.
 
-Run (one at a time; each about 1-3 minutes on a shared 2-core CPU), S = 0, 1, 2:
+Run (one at a time; each about 1-3 minutes on a shared 2-core CPU), S = 0, 1, ..., 7 (the shipped seeds):
   python -m moejax.accounting --config=experiments/expert_choice_tiny.py:token_choice
   python -m moejax.accounting --config=experiments/expert_choice_tiny.py:expert_choice
   python -m moejax.main --config=experiments/expert_choice_tiny.py:token_choice --config.seed=S --config.data.seed=S \

@@ -66,6 +66,15 @@ def test_paired_difference_needs_two_shared_seeds():
   assert report.paired_difference(_rows([2.0], [1.9])) is None
 
 
+def test_verdict_names_the_dof_rule_only_below_min_dof():
+  few = report._verdict(report.paired_difference(_rows([2.0, 2.1, 2.2], [1.9, 2.05, 2.2])))  # 2 dof, unresolved
+  assert 'not resolved by these 3 seeds' in few[1] and 'would call it inconclusive with 2' in few[1]
+  tc = [2.0, 2.5, 3.0, 2.2, 2.4, 2.1, 2.6, 2.3]
+  many = report._verdict(report.paired_difference(_rows(tc, [x - 0.1 + 0.01 * (s % 2) for s, x in enumerate(tc)])))
+  assert 'is resolved (expert choice lower), for these 8 seeds only' in many[1]
+  assert '7 degrees of freedom, at least the 6' in many[1] and 'inconclusive' not in many[1]
+
+
 def test_summary_means_and_sd():
   means = {m['routing']: m for m in report.summary(_rows([2.0, 2.1, 2.2], [1.9, 2.05, 2.2]))}
   assert list(means) == ['token_choice', 'expert_choice']
@@ -79,7 +88,7 @@ def test_summary_means_and_sd():
 def test_shipped_records_are_compute_matched_and_paired():
   rows = report.runs()
   assert sorted((r['routing'], r['seed']) for r in rows) == sorted(
-      (routing, s) for routing in ('token_choice', 'expert_choice') for s in range(3))
+      (routing, s) for routing in ('token_choice', 'expert_choice') for s in range(8))
   assert len({(r['flops_per_token'], r['total_flops'], r['steps']) for r in rows}) == 1
   assert all(r['seed'] == r['data_seed'] for r in rows)
   assert all(r['unserved_heldout'] == 0 for r in rows if r['routing'] == 'token_choice')

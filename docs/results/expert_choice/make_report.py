@@ -10,7 +10,7 @@ import os
 import statistics
 
 from moejax import files
-from moejax.studies.statistics import t_quantile
+from moejax.studies.statistics import MIN_DOF, t_quantile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROUTINGS = ('token_choice', 'expert_choice')
@@ -96,15 +96,18 @@ def _verdict(d: dict | None) -> list[str]:
   lines = [f"Expert choice minus token choice, paired by seed ({per_seed}): mean {d['mean']:+.4f} nats/token, "
            f"{d['level']:.0%} t interval [{d['low']:+.4f}, {d['high']:+.4f}] (sd of the differences {d['sd']:.4f}, "
            f"{d['dof']} degrees of freedom, t = {t_quantile((1 + d['level']) / 2, d['dof']):.2f})."]
+  seeds, rule = len(d['seeds']), 'MIN_DOF in moejax/studies/statistics.py'
   if d['resolved']:
-    lines.append(f"The interval excludes 0: at this scale and these settings the difference is resolved "
-                 f"({'expert' if d['mean'] < 0 else 'token'} choice lower), for these {len(d['seeds'])} seeds only; "
-                 "the repository's verdict rule would still call it inconclusive below 6 degrees of freedom "
-                 '(MIN_DOF in moejax/studies/statistics.py).')
+    text = (f"The interval excludes 0: at this scale and these settings the difference is resolved "
+            f"({'expert' if d['mean'] < 0 else 'token'} choice lower), for these {seeds} seeds only")
   else:
-    lines.append('The interval contains 0: the difference is not resolved by these seeds, and no verdict is claimed '
-                 "(the repository's verdict rule also wants at least 6 degrees of freedom: MIN_DOF in "
-                 'moejax/studies/statistics.py).')
+    text = f'The interval contains 0: the difference is not resolved by these {seeds} seeds, and no verdict is claimed'
+  if d['dof'] < MIN_DOF:
+    text += (f"; the repository's verdict rule wants at least {MIN_DOF} degrees of freedom and would call it "
+             f'inconclusive with {d["dof"]} ({rule}).')
+  else:
+    text += f" ({d['dof']} degrees of freedom, at least the {MIN_DOF} the repository's verdict rule wants: {rule})."
+  lines.append(text)
   return lines
 
 
@@ -152,7 +155,8 @@ def figure(rows: list[dict], path: str) -> None:
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
   fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
-  colors, styles = {'token_choice': 'C0', 'expert_choice': 'C3'}, ['-', '--', ':']
+  colors = {'token_choice': 'C0', 'expert_choice': 'C3'}
+  styles = ['-', '--', ':', '-.', (0, (5, 1)), (0, (3, 1, 1, 1, 1, 1)), (0, (1, 3)), (0, (8, 2, 2, 2))]  # one per seed
   for r in rows:
     style = dict(color=colors[r['routing']], linestyle=styles[r['seed'] % len(styles)])
     left.plot(*zip(*r['heldout_curve']), marker='.', label=f"{r['run']} ({r['loss']:.3f})", **style)
@@ -162,8 +166,8 @@ def figure(rows: list[dict], path: str) -> None:
   for ax in (left, right):
     ax.set_xlabel('training tokens')
   left.set_ylabel('nats/token')
-  left.set_ylim(top=3.2)
-  left.legend(fontsize=7)
+  left.set_ylim(top=3.4)
+  left.legend(fontsize=6, ncol=2, loc='upper right')
   fig.tight_layout()
   with files.atomic_path(path) as tmp:
     fig.savefig(tmp, format='png', dpi=120)

@@ -157,3 +157,14 @@ def test_mosaic_kernels_outside_a_shard_map_on_a_mesh_take_the_xla_path(caplog):
     inside = _mosaic_lowers(jax.shard_map(route, in_specs=P('ep'), out_specs=P('ep')), z)
   assert 'moejax_router' not in outside and 'cannot partition' in caplog.text
   assert 'moejax_router' in inside
+
+
+def test_row_gather_splits_indices_over_the_smem_budget(monkeypatch):
+  """The indices are scalar-prefetched into SMEM (1 MiB on v5p: 524,288 indices overflowed it in a real TPU
+  compile); past the budget the gather runs as several calls, with the same rows."""
+  monkeypatch.setattr(kernels, 'TPU_SMEM_INDEX_BYTES', 16 * 4)  # 16 indices per call
+  x = jax.random.normal(jax.random.key(1), (50, 128), jnp.float32)
+  idx = jax.random.randint(jax.random.key(2), (61,), 0, 50)
+  jaxpr = str(jax.make_jaxpr(lambda x, i: permute.gather_rows(x, i, 'pallas'))(x, idx))
+  assert jaxpr.count('pallas_call') == 4  # 61 rows in calls of 16
+  np.testing.assert_array_equal(permute.gather_rows(x, idx, 'pallas'), x[idx])

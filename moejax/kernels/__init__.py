@@ -38,6 +38,9 @@ _target: tuple[str, int | None] | None = None  # (platform, on-chip bytes or Non
 # v5e/v5p (16 MiB; v6e has 32) and the H100's opt-in shared memory per block. CPU runs
 # the TPU kernels interpreted, so it takes the TPU budget (tests then see TPU tiles).
 ONCHIP_BYTES = {'tpu': 16 << 20, 'cpu': 16 << 20, 'gpu': 232448}
+# Scalar-prefetched operands (the row gather's indices) live in SMEM: 1 MiB on v5p (libtpu 0.0.42.1's
+# "would exceed memory (size=1048576)" at 524,288 indices); half of it for one call's indices.
+TPU_SMEM_INDEX_BYTES = 512 << 10
 MOSAIC_VMEM_SHARE = 0.75  # of the scoped VMEM a kernel plans for: the rest for Mosaic's own scratch
 
 

@@ -10,7 +10,8 @@ With 'pallas' on TPU (and CPU, interpreted) every row gather, forward and backwa
 `gather_rows`, a kernel that copies `rows_per_step` rows per grid step from the source in
 HBM, each a DMA from the row a scalar-prefetched index names (no VMEM copy of the source,
 so any row count fits; the output is padded to whole steps, keeping Mosaic's (8, 128)
-block rule). On GPU the gathers stay XLA's (already memory-bound; Triton has no
+block rule). The row indices are prefetched into SMEM (1 MiB on v5p), so more rows than
+`kernels.TPU_SMEM_INDEX_BYTES` of indices take several calls. On GPU the gathers stay XLA's (already memory-bound; Triton has no
 scalar prefetch), with the same gather-only VJPs.
 
 The 'reference' versions are plain indexing: their autodiff transposes are scatter-adds
@@ -63,6 +64,9 @@ def gather_rows(x_ND, idx_M, impl: str = 'xla', rows_per_step: int = 8):
     rows = gather_rows(words_NW, idx_M, impl, rows_per_step)
     return jax.lax.bitcast_convert_type(rows, x_ND.dtype).reshape(-1, D)
   M, per = idx_M.shape[0], rows_per_step
+  chunk = max(per, kernels.TPU_SMEM_INDEX_BYTES // 4 // per * per)
+  if M > chunk:  # the prefetched indices live in SMEM (1 MiB on v5p): 64k tokens x k=8 overflowed it
+    return jnp.concatenate([gather_rows(x_ND, idx_M[i:i + chunk], impl, per) for i in range(0, M, chunk)])
   steps = -(-M // per)
   idx = jnp.pad(idx_M.astype(jnp.int32), (0, steps * per - M))  # padding rows copy row 0, cut off below
   grid_spec = pltpu.PrefetchScalarGridSpec(

@@ -141,10 +141,10 @@ def test_attention_keys_validated(tiny_cfg):
 def test_splash_on_a_multi_device_mesh_runs_per_device():
   """On a mesh the splash kernel runs inside a shard_map (XLA cannot partition a Mosaic call: a real TPU
   compile of the sharded model failed with "Mosaic kernels cannot be automatically partitioned" without it):
-  batch over data, heads over tensor; outputs and gradients equal the unsharded XLA call."""
+  batch over the batch axes B divides, heads over tensor; outputs and gradients equal the unsharded XLA call."""
   from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=import-outside-toplevel
-  mesh = jax.make_mesh((2, 1, 1, 2), ('data', 'fsdp', 'expert', 'tensor'), devices=jax.devices()[:4],
-                       axis_types=(jax.sharding.AxisType.Auto,) * 4)
+  mesh = jax.make_mesh((2, 2, 1, 2), ('data', 'fsdp', 'expert', 'tensor'), devices=jax.devices()[:8],
+                       axis_types=(jax.sharding.AxisType.Auto,) * 4)  # B = 2: rows over data only, fsdp sees both
   q, k, v = _qkv(2, 130, 4, 2, 128, seed=5)
   seg = _segments(2, 130, seed=5)
   o_ref, g_ref = _loss_and_grads('xla', q, k, v, seg)

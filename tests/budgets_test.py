@@ -158,3 +158,27 @@ def test_grouped_fits_leave_out_and_resample_whole_configurations(monkeypatch):
     assert np.all(counts % 3 == 0), counts
   assert len(f.loo_errors) == 30 and f.extrapolation_n == 2 and len(f.extrapolation_errors) == 6
   assert set(np.unique(x['n_active'][f.outside])) == set(sizes[-2:])  # the two largest N_active
+
+
+def test_a_sign_change_within_the_noise_is_not_called_crossing():
+  """'crosses 0' needs the change of the effect resolved; a near-zero effect flipping sign by noise is not."""
+  from moejax.studies.verdicts import Claim  # pylint: disable=import-outside-toplevel
+
+  def claim(delta, half_width=None):
+    c = Claim('C-X', 'x', 'x', 'Δ < 0', 'inconclusive', '')
+    c.delta, c.half_width = delta, half_width
+    return c
+  tendency = budgets._tendency  # pylint: disable=protected-access
+  assert tendency(claim(-0.002), claim(+0.003), claim(+0.005, 0.02)) == 'sign differs (not resolved)'
+  assert tendency(claim(-0.05), claim(+0.04), claim(+0.09, 0.02)) == 'crosses 0'
+  assert tendency(claim(-0.20), claim(-0.05), claim(+0.15, 0.02)) == 'shrinks'
+
+
+def test_the_token_law_is_not_fitted_on_one_budget():
+  """With every point at one D, B and beta are free: a fit there 'beat the baselines' with beta = 1.76."""
+  rng = np.random.default_rng(0)
+  n = np.exp(rng.uniform(np.log(1e5), np.log(1e7), 25))
+  x = {'n_total': n * 4, 'n_active': n, 'tokens': np.full(25, 2e6)}
+  y = 1.5 + 30 * n ** -0.3 + rng.normal(0, 0.003, 25)
+  assert fits.fit_token_laws(x, y, np.arange(25), bootstrap=0, starts=2, loo=False) == {}
+  assert any('3 token budgets' in line for line in render.token_fit_lines({}, 25))

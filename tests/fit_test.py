@@ -71,3 +71,26 @@ def test_search_does_not_swallow_other_compiler_errors(tiny_cfg, monkeypatch):
     compile_steps.search(config_lib.validate(tiny_cfg), 'gpu:h100', 1, 0.9, {})
   with pytest.raises(Exception, match='not a target family'):
     compile_steps.search(config_lib.validate(tiny_cfg), 'gpu:a100', 1, 0.9, {})
+
+
+def test_the_compile_cache_key_holds_what_changes_a_compile(tiny_cfg):
+  """The resolved attention core ('auto' is splash for a TPU target, blockwise for a deviceless GPU one), the
+  scan, remat, microbatches, target and compiler are in the key; a stale entry is never reused for them."""
+  from moejax.parallel import targets  # pylint: disable=import-outside-toplevel
+  cfg = config_lib.validate(tiny_cfg)
+  auto = config_lib.validate(config_lib.apply_overrides(tiny_cfg, {'model.attention': 'auto'}))
+  tpu, gpu = targets.parse('tpu:v5p-8'), targets.parse('gpu:h100x8')
+  keys = {compile_steps._key(c, t, r, m, 8, scan)  # pylint: disable=protected-access
+          for c in (cfg, auto) for t in (tpu, gpu) for r in ('none', 'full') for m in (1, 2) for scan in (False, True)}
+  assert len(keys) == 2 * 2 * 2 * 2 * 2
+  assert 'attention splash' in compile_steps._key(auto, tpu, 'none', 1, 4)  # pylint: disable=protected-access
+
+
+def test_a_host_out_of_memory_is_not_cached_as_not_fitting(tiny_cfg, monkeypatch):
+  def host_oom(*a, **k):
+    raise RuntimeError('RESOURCE_EXHAUSTED: Out of memory while trying to allocate 1234 bytes (host)')
+  monkeypatch.setattr(compile_steps, 'fit_row', host_oom)
+  store = {}
+  with pytest.raises(RuntimeError, match='host'):
+    compile_steps.search(config_lib.validate(tiny_cfg), 'gpu:h100', 1, 0.9, store)
+  assert store == {}

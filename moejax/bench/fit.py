@@ -132,7 +132,12 @@ FAMILIES = {
 # compile time 208 -> 55 s and the temporaries 50.3 -> 27.0 GB without remat, and with remat 'full' to 10.6 GB
 # (26.3 GB unrolled: unrolled, XLA keeps what remat would drop). docs/scaling-out.md has the tables.
 REMAT_LADDER = (('full', True), ('none', True), ('moe', True))
-OUT_OF_MEMORY = ('RESOURCE_EXHAUSTED', 'Ran out of memory', 'out of memory')
+# The compiler's own device-memory refusals (XLA:TPU: "Ran out of memory in memory space hbm"); any other error,
+# the compiling machine's RAM included, propagates and is not cached.
+OUT_OF_MEMORY = ('memory space hbm',)
+# Raised whenever the model, parallel or kernel code changes what a compile produces: entries of other versions
+# are not reused (the key also holds the config hash, resolved attention core, target, setting and compiler).
+FIT_CACHE_VERSION = 2
 
 
 def _microbatches(global_tokens: int, seq_len: int, devices: int) -> int:
@@ -185,9 +190,13 @@ def search(cfg, family: str, global_tokens: int, headroom: float, store: dict, s
 
 
 def _key(cfg, target, remat: str, microbatches: int, devices: int, scan: bool = False) -> str:
-  compiler = target.compiler if target is not None else f'XLA:CPU (jax {jax.__version__})'
+  from moejax.model import attention  # pylint: disable=import-outside-toplevel
+  compiler = target.compiler if target is not None else 'XLA:CPU'
+  with aot.kernel_context(target):
+    core = attention.resolve(cfg.model.attention, jnp.dtype(cfg.model.compute_dtype))
   return '|'.join(map(str, (cfg.name, config_lib.config_hash(cfg), target.name if target else f'cpu x{devices}',
-                            remat, microbatches, compiler) + (('scan',) if scan else ())))
+                            remat, microbatches, f'{compiler}, jax {jax.__version__}', f'attention {core}',
+                            f'v{FIT_CACHE_VERSION}') + (('scan',) if scan else ())))
 
 
 def _cached(store: dict, save, cfg, target, remat: str, microbatches: int, devices: int | None = None,
@@ -260,7 +269,13 @@ def _main(argv) -> None:
     if not eq:
       raise ConfigError(f'--set={item!r} must be KEY=VALUE')
     overrides[key] = int(value) if value.lstrip('-').isdigit() else value
-  targets.prepare_environment()
+  if F.global_tokens <= 0:
+    raise ConfigError(f'--global_tokens={F.global_tokens} must be positive')
+  unknown = [f for f in F.search if f not in FAMILIES]
+  if unknown:
+    raise ConfigError(f'--search={unknown[0]!r} is not a target family; use one of {sorted(FAMILIES)}')
+  named = [targets.parse(name) for name in F.target]  # (bad names fail before any compile)
+  targets.prepare_environment({t.platform for t in named} | {f.split(':')[0] for f in F.search})
   store = files.read_json(F.out, '--out') if F.out and os.path.exists(F.out) else {}
   save = (lambda: files.atomic_write_json(F.out, store)) if F.out else (lambda: None)
   print(common.device_line(), flush=True)

@@ -216,15 +216,20 @@ def _splash_on_mesh(q_BLHK, k_BLGK, v_BLGK, segment_ids_BL, q_block: int, kv_blo
   """`splash_attention`, per device inside a `jax.shard_map` when the context mesh has several devices.
 
   XLA cannot partition a Mosaic kernel ("Mosaic kernels cannot be automatically partitioned"), so
-  on a multi-device mesh each device runs the kernel on its own rows: the batch over the mesh's
-  batch axes (when B divides by them) and, when the mesh's 'tensor' axis divides both head counts,
+  on a multi-device mesh each device runs the kernel on its own rows: the batch over the longest
+  leading run of the mesh's batch axes that B divides and, when the mesh's 'tensor' axis divides both head counts,
   query and kv heads over it (contiguous shards keep every query head with its kv head).
   """
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty or mesh.size == 1 or mesh.manual_axes:
     return splash_attention(q_BLHK, k_BLGK, v_BLGK, segment_ids_BL, q_block, kv_block, interpret)
   batch_axes = tuple(a for a in mesh_lib.LOGICAL_AXIS_RULES['batch'] if mesh.shape.get(a, 1) > 1)
-  batch = batch_axes if batch_axes and q_BLHK.shape[0] % math.prod(mesh.shape[a] for a in batch_axes) == 0 else None
+  batch = ()
+  for axis in batch_axes:  # the longest run of batch axes that B divides (the rest see whole rows)
+    if q_BLHK.shape[0] % math.prod(mesh.shape[a] for a in batch + (axis,)):
+      break
+    batch += (axis,)
+  batch = batch or None
   t = mesh.shape.get('tensor', 1)
   heads = 'tensor' if t > 1 and q_BLHK.shape[2] % t == 0 and k_BLGK.shape[2] % t == 0 else None
   qkv = P(batch, None, heads, None)

@@ -73,7 +73,7 @@ class Target:
   def devices(self) -> list:
     """The target's devices, for a Mesh; raises ConfigError when its compiler package is missing or mismatched."""
     check_installed(self.platform)
-    prepare_environment()
+    prepare_environment((self.platform,))
     from jax.experimental import topologies  # pylint: disable=import-outside-toplevel
     try:
       devices = list(topologies.get_topology_desc(**dict(self.topology)).devices)
@@ -164,17 +164,21 @@ def _gpu(name: str, chip: str, per_node: int, nodes: int) -> Target:
                 _spec_field(spec, 'device_memory_size'), topology)
 
 
-def prepare_environment() -> None:
-  """Call before jax starts its backends in a process that compiles for targets (`devices()` calls it too).
+def prepare_environment(platforms=('tpu', 'gpu')) -> None:
+  """Call before jax starts its backends in a process that compiles for targets of `platforms` (`devices()`
+  calls it for its own).
 
-  Both plugins start whichever target is compiled for: libtpu's start-up probing of a TPU VM it is
-  not on is quieted and told it may be loaded by a second compiling process (a test worker; it
-  otherwise takes /tmp/libtpu_lockfile); the CUDA plugin otherwise refuses to start without the CUDA
-  runtime, which compiling does not need. Only unset variables are set.
+  TPU: libtpu's start-up probing of a TPU VM it is not on is quieted and it is told it may be loaded by a
+  second compiling process (a test worker; it otherwise takes /tmp/libtpu_lockfile). GPU: the CUDA plugin
+  otherwise refuses to start without the CUDA runtime, which compiling does not need. Only unset
+  variables are set.
   """
-  for key, value in (('TPU_ACCELERATOR_TYPE', 'v5p-8'), ('TPU_WORKER_HOSTNAMES', 'localhost'),
-                     ('ALLOW_MULTIPLE_LIBTPU_LOAD', '1'), ('JAX_SKIP_CUDA_CONSTRAINTS_CHECK', '1')):
-    os.environ.setdefault(key, value)
+  settings = {'tpu': (('TPU_ACCELERATOR_TYPE', 'v5p-8'), ('TPU_WORKER_HOSTNAMES', 'localhost'),
+                      ('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')),
+              'gpu': (('JAX_SKIP_CUDA_CONSTRAINTS_CHECK', '1'),)}
+  for platform in platforms:
+    for key, value in settings[platform]:
+      os.environ.setdefault(key, value)
 
 
 def parse(name: str) -> Target:

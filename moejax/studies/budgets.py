@@ -95,14 +95,16 @@ def by_budget(rows: list[dict], scale: str, final: tuple[list[Claim], dict] | No
 
 def _tendency(earlier: Claim, later: Claim, change: Claim | None) -> str:
   """'shrinks' / 'grows': the 95% interval of the change in the effect excludes 0 towards / away from no effect;
-  'crosses 0' when the two budgets' effects differ in sign; else 'no change resolved' (or why there is no test)."""
+  'crosses 0' when the two budgets' effects differ in sign and that change is resolved ('sign differs (not
+  resolved)' when it is not); else 'no change resolved' (or why there is no test)."""
   if change is None or change.delta is None or earlier.delta is None or later.delta is None:
     return '-'
   if change.half_width is None:
     return 'no noise estimate'
-  if earlier.delta * later.delta < 0:
-    return 'crosses 0'
   moved = np.sign(earlier.delta) * change.delta
+  resolved = abs(change.delta) > change.half_width
+  if earlier.delta * later.delta < 0:
+    return 'crosses 0' if resolved else 'sign differs (not resolved)'
   if moved + change.half_width < 0:
     return 'shrinks'
   if moved - change.half_width > 0:

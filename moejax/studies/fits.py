@@ -318,11 +318,17 @@ def fit_laws(rows: list[dict], bootstrap: int = 100, starts: int = 32, loo: bool
   return fits
 
 
+MIN_TOKEN_BUDGETS = 3  # distinct token counts a (N, D) law needs: one budget leaves B and beta free
+
+
 def fit_token_laws(x: dict, y, groups, bootstrap: int = 100, starts: int = 32, loo: bool = True) -> dict[str, Fit]:
   """`TOKEN_FORMS` fitted to one point per configuration and decay-branch budget (x: 'n_total', 'n_active'
   non-embedding, 'tokens'; `groups`: the configuration of each point), each form only with at least
-  POINTS_PER_PARAMETER configurations per free parameter; extrapolation holds out the largest N_active."""
+  POINTS_PER_PARAMETER configurations per free parameter and MIN_TOKEN_BUDGETS distinct token counts (else
+  nothing is fitted); extrapolation holds out the largest N_active."""
   configurations = len(set(np.asarray(groups).tolist()))
+  if len(set(np.asarray(x['tokens']).tolist())) < MIN_TOKEN_BUDGETS:  # one D: the D term is not identified
+    return {}
   return {name: fit(name, x, y, max_starts=starts, bootstrap=bootstrap, loo=loo, groups=groups, holdout='n_active')
           for name, form in TOKEN_FORMS.items()
           if configurations >= POINTS_PER_PARAMETER * len(form.raw_names) and configurations > len(form.raw_names) + 1}

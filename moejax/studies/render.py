@@ -194,8 +194,9 @@ def token_fit_lines(fits: dict[str, fits_lib.Fit] | None, configurations: int) -
            'configuration out; extrapolation refits without the largest-N_active 20% of configurations. Baselines: '
            'the constant and ln L linear in ln N_active and ln D.', '']
   need = fits_lib.POINTS_PER_PARAMETER * len(fits_lib.TOKEN_FORMS['chinchilla'].raw_names)
-  short = [] if 'chinchilla' in (fits or {}) else [f'Chinchilla\'s form not fitted: {configurations} default-design '
-                                                   f'configurations, {need} needed.', '']
+  short = [] if 'chinchilla' in (fits or {}) else [f'Chinchilla\'s form not fitted: it needs {need} default-design '
+                                                   f'configurations (here {configurations}) and '
+                                                   f'{fits_lib.MIN_TOKEN_BUDGETS} token budgets (decay branches).', '']
   if not fits:
     return lines + short
   better = [n for n in fits if n not in fits_lib.TOKEN_BASELINES

@@ -168,3 +168,13 @@ def test_row_gather_splits_indices_over_the_smem_budget(monkeypatch):
   jaxpr = str(jax.make_jaxpr(lambda x, i: permute.gather_rows(x, i, 'pallas'))(x, idx))
   assert jaxpr.count('pallas_call') == 4  # 61 rows in calls of 16
   np.testing.assert_array_equal(permute.gather_rows(x, idx, 'pallas'), x[idx])
+
+
+def test_counting_sort_on_gpu_takes_the_sort_past_its_register_limit(caplog):
+  """The Triton kernel keeps all assignments in registers; 64k tokens x k8 never finished compiling (ptxas)."""
+  small = jnp.zeros((permute.TRITON_RANK_MAX_ROWS * permute.RANK_CHUNK,), jnp.int32)
+  large = jnp.zeros((permute.TRITON_RANK_MAX_ROWS * permute.RANK_CHUNK + 1,), jnp.int32)
+  with kernels.target('gpu'), caplog.at_level(logging.WARNING):
+    assert 'pallas_call' in str(jax.make_jaxpr(lambda a: permute.expert_ranks(a, 256, 'pallas'))(small))
+    assert 'pallas_call' not in str(jax.make_jaxpr(lambda a: permute.expert_ranks(a, 256, 'pallas'))(large))
+  assert 'XLA path' in caplog.text

@@ -82,6 +82,10 @@ def gather_rows(x_ND, idx_M, impl: str = 'xla', rows_per_step: int = 8):
 
 
 RANK_CHUNK = 128
+# The Triton counting sort holds its whole [n, 128] id and rank blocks in registers. At n = 4,096 rows
+# (E256, k8, 64k tokens: 524,288 assignments) ptxas ran for over 16 minutes in 7.4 GB without finishing
+# (jax-cuda12-plugin 0.10.2); 256 rows (OLMoE's 4k tokens x k8) compiled. Longer inputs take XLA's sort.
+TRITON_RANK_MAX_ROWS = 512
 
 
 def _ranks_kernel(experts_ref, rank_ref, *, width):
@@ -130,6 +134,10 @@ def expert_ranks(flat_A, num_experts: int, impl: str = 'xla'):
     kernels.warn_once(f'ranks-{A}-{num_experts}', f'moe.kernels=pallas: the counting sort of {A} assignments over '
                       f'{num_experts} experts needs {ranks_onchip_bytes(A, num_experts)} bytes of VMEM, over '
                       f'{kernels.onchip_bytes()}; ranking with the XLA path (a stable sort)')
+    impl = 'xla'
+  if impl == 'pallas' and kernels.platform() == 'gpu' and _rank_rows(A) > TRITON_RANK_MAX_ROWS:
+    kernels.warn_once(f'ranks-gpu-{A}', f'moe.kernels=pallas: the Triton counting sort holds all {A} assignments '
+                      f'in registers, over its {TRITON_RANK_MAX_ROWS * C} limit; ranking with the XLA path (a stable sort)')
     impl = 'xla'
   if impl != 'pallas':
     return routing.expert_ranks(flat_A, num_experts)

@@ -178,3 +178,12 @@ def test_counting_sort_on_gpu_takes_the_sort_past_its_register_limit(caplog):
     assert 'pallas_call' in str(jax.make_jaxpr(lambda a: permute.expert_ranks(a, 256, 'pallas'))(small))
     assert 'pallas_call' not in str(jax.make_jaxpr(lambda a: permute.expert_ranks(a, 256, 'pallas'))(large))
   assert 'XLA path' in caplog.text
+
+
+def test_gpu_router_blocks_stay_within_the_register_budget():
+  """Triton keeps a block's [rows, E] scores in registers: rows shrink with E (E256 at 256 rows kept ptxas busy
+  for minutes in 7.4 GB)."""
+  logits = jnp.zeros((4096, 256), jnp.float32)
+  with kernels.target('gpu'):
+    jaxpr = str(jax.make_jaxpr(lambda z: router.route(z, 8, impl='pallas'))(logits))
+  assert 'moejax_router' in jaxpr and f'f32[{router.GPU_BLOCK_ELEMENTS // 256},256]' in jaxpr

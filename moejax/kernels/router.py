@@ -120,6 +120,9 @@ def _route_bwd(k, score, renormalize, scale, block_rows, res, cotangents):
 _route.defvjp(_route_fwd, _route_bwd)
 
 
+GPU_BLOCK_ELEMENTS = 32768
+
+
 def route(logits_TE, k: int, score: str = 'softmax', bias_E=None, renormalize: bool = False, scale: float = 1.0,
           impl: str = 'xla', block_rows: int = 256, num_groups: int = 1, topk_groups: int = 1):
   """(scores_TE, experts_TK, gates_TK, counts_E); see the module docstring.
@@ -134,6 +137,9 @@ def route(logits_TE, k: int, score: str = 'softmax', bias_E=None, renormalize: b
     impl = 'xla'
   if impl == 'pallas' and kernels.platform() == 'gpu':
     T, E = logits_TE.shape
+    # Triton holds a block's [rows, E] scores in registers: 256 x 128 compiled; at 256 x 256 (E256, 64k tokens)
+    # ptxas ran for minutes in 7.4 GB. Rows per block shrink so that a block has at most GPU_BLOCK_ELEMENTS.
+    block_rows = min(block_rows, max(16, GPU_BLOCK_ELEMENTS // E))
     pow2 = lambda n: n & (n - 1) == 0
     if not (pow2(E) and pow2(k) and pow2(min(block_rows, T))):
       kernels.warn_once(f'router-gpu-{E}-{k}', f'moe.kernels=pallas: the GPU router kernel needs power-of-two '

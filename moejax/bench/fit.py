@@ -106,12 +106,9 @@ def fit_row(cfg, target, devices: int, remat: str | None = None, microbatches: i
   cfg = config_lib.validate(config_lib.apply_overrides(cfg, overrides))
   r = state_lib.compile_step(cfg, target)
   n_total = accounting.count(cfg)['n_total']
-  from moejax.model import attention  # pylint: disable=import-outside-toplevel
-  with aot.kernel_context(target):  # the core the compiled step used ('auto' resolved for the target)
-    core = attention.resolve(cfg.model.attention, jnp.dtype(cfg.model.compute_dtype))
-  return {'name': cfg.name, 'target': target.name if target is not None else f'cpu x{devices}',
+  return {'name': cfg.name, 'target': _label(target, devices),
           'compiler': r['compiler'], 'devices': devices, 'seq_len': cfg.data.seq_len, 'remat': cfg.model.remat,
-          'microbatches': microbatches, 'attention': core, 'scan_layers': cfg.model.scan_layers,
+          'microbatches': microbatches, 'attention': _attention_core(cfg, target), 'scan_layers': cfg.model.scan_layers,
           'peak_gb': r.get('peak_bytes', 0) / 1e9, 'temp_gb': r.get('temp_bytes', 0) / 1e9,
           'state_gb': (r['params_bytes'] + r['optimizer_bytes']) / 1e9,
           'analytic_gb': n_total * 16 / devices / 1e9, 'compile_s': r['compile_s']}
@@ -189,13 +186,23 @@ def search(cfg, family: str, global_tokens: int, headroom: float, store: dict, s
   return {'fits': None, 'below': below, 'tried': tried}
 
 
-def _key(cfg, target, remat: str, microbatches: int, devices: int, scan: bool = False) -> str:
+def _label(target, devices: int) -> str:
+  """The row's target: the compile target's name, or 'cpu xN' for this machine's CPU compiler."""
+  return target.name if target is not None else f'cpu x{devices}'
+
+
+def _attention_core(cfg, target) -> str:
+  """The attention core the step compiles with ('auto' resolved for the target, as the model does)."""
   from moejax.model import attention  # pylint: disable=import-outside-toplevel
-  compiler = target.compiler if target is not None else 'XLA:CPU'
   with aot.kernel_context(target):
-    core = attention.resolve(cfg.model.attention, jnp.dtype(cfg.model.compute_dtype))
-  return '|'.join(map(str, (cfg.name, config_lib.config_hash(cfg), target.name if target else f'cpu x{devices}',
-                            remat, microbatches, f'{compiler}, jax {jax.__version__}', f'attention {core}',
+    return attention.resolve(cfg.model.attention, jnp.dtype(cfg.model.compute_dtype))
+
+
+def _key(cfg, target, remat: str, microbatches: int, devices: int, scan: bool = False) -> str:
+  compiler = target.compiler if target is not None else 'XLA:CPU'
+  return '|'.join(map(str, (cfg.name, config_lib.config_hash(cfg), _label(target, devices),
+                            remat, microbatches, f'{compiler}, jax {jax.__version__}',
+                            f'attention {_attention_core(cfg, target)}',
                             f'v{FIT_CACHE_VERSION}') + (('scan',) if scan else ())))
 
 
@@ -211,7 +218,7 @@ def _cached(store: dict, save, cfg, target, remat: str, microbatches: int, devic
       text = str(e)
       if not any(m in text for m in OUT_OF_MEMORY):
         raise
-      store[key] = {'name': cfg.name, 'target': target.name if target else f'cpu x{devices}', 'remat': remat,
+      store[key] = {'name': cfg.name, 'target': _label(target, devices), 'remat': remat,
                     'scan_layers': scan, 'microbatches': microbatches, 'peak_gb': None, 'compiler': compiler,
                     'error': (text.strip().splitlines() or ['out of memory'])[0][:200]}
     save()

@@ -94,3 +94,42 @@ def test_a_host_out_of_memory_is_not_cached_as_not_fitting(tiny_cfg, monkeypatch
   with pytest.raises(RuntimeError, match='host'):
     compile_steps.search(config_lib.validate(tiny_cfg), 'gpu:h100', 1, 0.9, store)
   assert store == {}
+
+
+def test_steps_compile_eval_and_decode_once_at_the_fitting_setting(tiny_cfg, monkeypatch):
+  """With steps=True the eval and decode steps are compiled at the row that fits (its devices, remat,
+  microbatches and scan), cached beside it (a second search compiles nothing), and a decode step the
+  compiler refuses for memory is shown as such, not raised."""
+  calls, store, compiled = [], {}, []
+  _fake_rows(monkeypatch, lambda d, r: 50.0 if d >= 16 else 90.0, calls)
+
+  def fake_eval(cfg, target):
+    compiled.append(('eval', target.name, cfg.mesh.fsdp, cfg.eval.batch_size, cfg.model.remat))
+    return {'peak_bytes': 20e9, 'temp_bytes': 5e9, 'compile_s': 3.0, 'compiler': 'fake'}
+
+  def fake_decode(cfg, target, batch):
+    compiled.append(('decode', target.name, cfg.mesh.fsdp, batch, cfg.model.remat))
+    raise RuntimeError('RESOURCE_EXHAUSTED: Ran out of memory in memory space hbm')
+  monkeypatch.setattr(compile_steps, 'compile_eval', fake_eval)
+  monkeypatch.setattr(compile_steps, 'compile_decode', fake_decode)
+  cfg = config_lib.validate(tiny_cfg)
+  result = compile_steps.search(cfg, 'gpu:h100', 1, 0.9, store, steps=True)
+  assert result['fits']['target'] == 'gpu:h100x8x2' and result['fits']['remat'] == 'none'
+  assert compiled == [('eval', 'gpu:h100x8x2', 16, 16, 'none'), ('decode', 'gpu:h100x8x2', 16, 16, 'none')]
+  assert result['steps']['eval']['peak_gb'] == 20.0 and result['steps']['decode']['peak_gb'] is None
+  row = compile_steps.steps_row(cfg, result)
+  assert '| 20.0 (3 s) | compiler out of memory |' in row
+  compiled.clear()
+  again = compile_steps.search(cfg, 'gpu:h100', 1, 0.9, store, steps=True)
+  assert compiled == [] and again['steps'] == result['steps']
+  assert 'steps' not in compile_steps.search(cfg, 'gpu:h100', 1, 0.9, store)
+
+
+def test_the_decode_cache_is_split_over_the_devices(tiny_cfg):
+  """One sequence per device: 4 more sequences on 4 devices add one sequence's KV cache per device (a
+  replicated cache would add four)."""
+  cfg = compile_steps._fit_cfg(tiny_cfg, 4)  # pylint: disable=protected-access
+  m = cfg.model
+  sequence = 2 * m.num_kv_heads * cfg.data.seq_len * (m.head_dim or m.model_dim // m.num_heads) * 4 * m.num_layers
+  four, eight = (compile_steps.compile_decode(cfg, None, b)['argument_bytes'] for b in (4, 8))
+  assert eight - four == pytest.approx(sequence, rel=0.01)

@@ -17,7 +17,8 @@ figure for the same mesh over fake CPU devices);
       [--global_tokens=4194304] [--set=model.attention=auto] [--out=fit.json] [--cpu --cpu_devices=64]
 
 finds the smallest node count or slice of a family that holds the train step (`search`): the
-docs/scaling-out.md "does it fit" table.
+docs/scaling-out.md "does it fit" table; with --steps it also compiles the eval and decode steps at
+the setting that fits (`step_rows`), a second table.
 """
 
 from __future__ import annotations
@@ -65,12 +66,15 @@ def compile_decode(cfg, target=None, batch: int = 8) -> dict:
   decode.check_decodable(cfg)
   mesh = state_lib._make_mesh(cfg, None if target is None else target.devices())  # pylint: disable=protected-access
   graphdef, state = _abstract_state(cfg, mesh, target)
-  replicated = mesh_lib.replicated(mesh)
+  # The cache and the tokens are split over the batch axes when the batch divides them (a sharded server's
+  # layout: a published model's 32k-token cache does not fit one device), else replicated.
+  split = batch % mesh_lib.batch_shards(mesh) == 0
+  row_sharding = lambda ndim: mesh_lib.batch_sharding(mesh, ndim) if split else mesh_lib.replicated(mesh)  # noqa: E731
   with aot.kernel_context(target):
     model = nnx.eval_shape(lambda: model_lib.build(cfg))
-  cache = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+  cache = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=row_sharding(x.ndim)),
                        jax.eval_shape(lambda: model.init_cache(batch, cfg.data.seq_len)))
-  vector = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=replicated)
+  vector = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=row_sharding(1))
   dispatch = dispatch_lib.pick_dispatch('auto', batch, cfg.moe.experts_per_token, max(cfg.moe.num_experts, 1),
                                   backend=None if target is None else target.platform)
 
@@ -92,10 +96,8 @@ def compile_all(cfg, target=None, decode_batch: int = 8) -> dict:
   return out
 
 
-def fit_row(cfg, target, devices: int, remat: str | None = None, microbatches: int = 1, scan: bool | None = None) -> dict:
-  """One table row: `cfg` on `devices` devices (fsdp over all, one sequence each per microbatch), compiled for
-  `target` (None: this machine's CPU compiler over as many fake devices), with the analytic state estimate."""
-  from moejax.model import accounting  # pylint: disable=import-outside-toplevel
+def _fit_cfg(cfg, devices: int, remat: str | None = None, microbatches: int = 1, scan: bool | None = None):
+  """`cfg` on `devices` devices: fsdp over all, one sequence each per microbatch (and per eval batch)."""
   overrides = {'mesh.fsdp': devices, 'mesh.expert': 1, 'mesh.data': 1, 'mesh.tensor': 1,
                'train.batch_size': devices * microbatches, 'train.microbatches': microbatches,
                'eval.batch_size': devices}
@@ -103,7 +105,14 @@ def fit_row(cfg, target, devices: int, remat: str | None = None, microbatches: i
     overrides['model.remat'] = remat
   if scan is not None:
     overrides['model.scan_layers'] = scan
-  cfg = config_lib.validate(config_lib.apply_overrides(cfg, overrides))
+  return config_lib.validate(config_lib.apply_overrides(cfg, overrides))
+
+
+def fit_row(cfg, target, devices: int, remat: str | None = None, microbatches: int = 1, scan: bool | None = None) -> dict:
+  """One table row: `cfg` on `devices` devices (fsdp over all, one sequence each per microbatch), compiled for
+  `target` (None: this machine's CPU compiler over as many fake devices), with the analytic state estimate."""
+  from moejax.model import accounting  # pylint: disable=import-outside-toplevel
+  cfg = _fit_cfg(cfg, devices, remat, microbatches, scan)
   r = state_lib.compile_step(cfg, target)
   n_total = accounting.count(cfg)['n_total']
   return {'name': cfg.name, 'target': _label(target, devices),
@@ -143,7 +152,7 @@ def _microbatches(global_tokens: int, seq_len: int, devices: int) -> int:
 
 
 def search(cfg, family: str, global_tokens: int, headroom: float, store: dict, save=lambda: None,
-           cpu: bool = False) -> dict:
+           cpu: bool = False, steps: bool = False) -> dict:
   """The smallest target of `family` whose device memory (x `headroom`) holds the train step of `cfg` at
   `global_tokens` per step, one sequence per device per microbatch, fsdp over every device.
 
@@ -151,7 +160,8 @@ def search(cfg, family: str, global_tokens: int, headroom: float, store: dict, s
   is compiled first; if it fits, 'none' (no recompute), and if that does not, 'moe', all with scanned
   layers (`REMAT_LADDER`): the row names the setting with the least recompute that fits. A compile is cached in `store` under its key (`save()` after
   each: an interrupted search resumes). Returns {'fits': row or None, 'below': the best row of the size
-  before it (the evidence that it does not fit), 'tried': [rows]}.
+  before it (the evidence that it does not fit), 'tried': [rows]}, and with `steps` the eval and decode steps
+  compiled at the fitting setting ('steps': `step_rows`).
   """
   from moejax.model import accounting  # pylint: disable=import-outside-toplevel
   from moejax.parallel import targets  # pylint: disable=import-outside-toplevel
@@ -181,7 +191,10 @@ def search(cfg, family: str, global_tokens: int, headroom: float, store: dict, s
         _cached(store, save, cfg, None, best['remat'], mb, t.num_devices, best['scan_layers'])
       if cpu_key in store:  # (shown whenever it was compiled once)
         best = dict(best, cpu_peak_gb=store[cpu_key]['peak_gb'])
-      return {'fits': best, 'below': below, 'tried': tried}
+      out = {'fits': best, 'below': below, 'tried': tried}
+      if steps:
+        out['steps'] = step_rows(store, save, cfg, t, best)
+      return out
     below = tried[-1]
   return {'fits': None, 'below': below, 'tried': tried}
 
@@ -210,19 +223,62 @@ def _cached(store: dict, save, cfg, target, remat: str, microbatches: int, devic
             scan: bool = False) -> dict:
   devices = devices or target.num_devices
   compiler = target.compiler if target is not None else f'XLA:CPU (jax {jax.__version__})'
-  key = _key(cfg, target, remat, microbatches, devices, scan)
+  failed = {'name': cfg.name, 'target': _label(target, devices), 'remat': remat, 'scan_layers': scan,
+            'microbatches': microbatches, 'peak_gb': None, 'compiler': compiler}
+  return _compiled(store, save, _key(cfg, target, remat, microbatches, devices, scan),
+                   lambda: fit_row(cfg, target, devices, remat, microbatches, scan), failed)
+
+
+def _compiled(store: dict, save, key: str, compile_row, failed: dict) -> dict:
+  """store[key], compiled by `compile_row()` when missing; the compiler's device-memory refusal is cached as
+  `failed` with its first line (peak_gb None), any other error propagates."""
   if key not in store:
     try:
-      store[key] = fit_row(cfg, target, devices, remat, microbatches, scan)
+      store[key] = compile_row()
     except Exception as e:  # pylint: disable=broad-except
       text = str(e)
       if not any(m in text for m in OUT_OF_MEMORY):
         raise
-      store[key] = {'name': cfg.name, 'target': _label(target, devices), 'remat': remat,
-                    'scan_layers': scan, 'microbatches': microbatches, 'peak_gb': None, 'compiler': compiler,
-                    'error': (text.strip().splitlines() or ['out of memory'])[0][:200]}
+      store[key] = dict(failed, error=(text.strip().splitlines() or ['out of memory'])[0][:200])
     save()
   return dict(store[key])
+
+
+def step_rows(store: dict, save, cfg, target, row: dict) -> dict:
+  """The eval step (one sequence per device) and one decode step (one sequence per device against a cache of
+  the context, split over the devices) of a fitting row's setting, compiled for its target and cached like
+  the train step: {'eval': row, 'decode': row} (no 'decode' for capacity-factor evaluation: not decodable)."""
+  fit_cfg = _fit_cfg(cfg, row['devices'], row['remat'], row['microbatches'], row['scan_layers'])
+  key = _key(cfg, target, row['remat'], row['microbatches'], row['devices'], row['scan_layers'])
+  steps = {'eval': lambda: compile_eval(fit_cfg, target)}
+  if not (cfg.moe.num_experts and cfg.moe.eval_capacity_factor is not None):
+    steps['decode'] = lambda: compile_decode(fit_cfg, target, row['devices'])
+
+  def compile_row(step):
+    r = steps[step]()
+    return {'peak_gb': r['peak_bytes'] / 1e9, 'temp_gb': r.get('temp_bytes', 0) / 1e9,
+            'compile_s': r['compile_s'], 'compiler': r['compiler'], 'batch': row['devices'],
+            'seq_len': cfg.data.seq_len}
+  return {step: _compiled(store, save, f'{key}|{step} step', lambda step=step: compile_row(step),
+                          {'peak_gb': None, 'compiler': row['compiler']})
+          for step in steps}
+
+
+def steps_row(cfg, result: dict) -> str:
+  """The docs/scaling-out.md row of the three steps at a search's fitting setting."""
+  f, s = result['fits'], result.get('steps', {})
+  def cell(step):
+    r = s.get(step)
+    if r is None:
+      return '-'
+    return 'compiler out of memory' if r['peak_gb'] is None else f'{r["peak_gb"]:.1f} ({r["compile_s"]:.0f} s)'
+  return (f'| {cfg.name} | {f["target"]} | remat {f["remat"]}, {f["microbatches"]} microbatches | '
+          f'{f["peak_gb"]:.1f} ({f["compile_s"]:.0f} s) | {cell("eval")} | {cell("decode")} | {f["budget_gb"]:.0f} |')
+
+
+STEPS_HEADER = ('| config | target | train setting | train peak GB (compile) | eval peak GB (compile), one '
+                'sequence per device | decode peak GB (compile), one sequence per device, cache of the context | '
+                'budget GB |\n|---|---|---|---:|---:|---:|---:|')
 
 
 def search_row(cfg, family: str, global_tokens: int, result: dict) -> str:
@@ -255,6 +311,7 @@ def define_flags() -> None:
   flags.DEFINE_float('global_tokens', 1024 * 4096, 'Tokens per optimizer step for --search (OLMoE: 1024 x 4096).')
   flags.DEFINE_float('headroom', 0.9, "Fraction of a device's memory a fitting step may use (--search).")
   flags.DEFINE_string('out', None, '--search: JSON file caching every compile (an interrupted search resumes).')
+  flags.DEFINE_bool('steps', False, '--search: also compile the eval and decode steps where the train step fits.')
   flags.DEFINE_bool('cpu', False, "Also the CPU compiler's figure for the same mesh over as many fake devices.")
   flags.DEFINE_integer('cpu_devices', 0, 'Fake this many CPU devices (for --cpu; the search skips the CPU figure '
                        'of a target with more devices).')
@@ -286,7 +343,7 @@ def _main(argv) -> None:
   store = files.read_json(F.out, '--out') if F.out and os.path.exists(F.out) else {}
   save = (lambda: files.atomic_write_json(F.out, store)) if F.out else (lambda: None)
   print(common.device_line(), flush=True)
-  header_printed = False
+  header_printed, fitted = False, []
   for cfg_path in F.config:
     path, _, arg = cfg_path.partition(':')
     cfg = config_lib.validate(config_lib.apply_overrides(config_lib.load_module(path).get_config(arg or None),
@@ -295,8 +352,10 @@ def _main(argv) -> None:
       if not header_printed:
         print(SEARCH_HEADER, flush=True)
         header_printed = True
-      result = search(cfg, family, int(F.global_tokens), F.headroom, store, save, F.cpu)
+      result = search(cfg, family, int(F.global_tokens), F.headroom, store, save, F.cpu, F.steps)
       print(search_row(cfg, family, int(F.global_tokens), result), flush=True)
+      if F.steps and result['fits'] is not None:
+        fitted.append((cfg, result))
     for name in F.target:
       t = targets.parse(name)
       for target in ([] if F.cpu_only else [t]) + ([None] if F.cpu or F.cpu_only else []):
@@ -307,6 +366,10 @@ def _main(argv) -> None:
         print(f'| {r["name"]} | {t.name if target else t.name + " (CPU compiler)"} | {r["compiler"]} | '
               f'{r["peak_gb"]:.3g} | {r["temp_gb"]:.3g} | {r["state_gb"]:.3g} | {r["analytic_gb"]:.3g} | '
               f'{r["compile_s"]:.0f} |', flush=True)
+  if fitted:
+    print('\n' + STEPS_HEADER, flush=True)
+    for cfg, result in fitted:
+      print(steps_row(cfg, result), flush=True)
 
 
 def main() -> None:

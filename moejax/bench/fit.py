@@ -138,9 +138,10 @@ FAMILIES = {
 # compile time 208 -> 55 s and the temporaries 50.3 -> 27.0 GB without remat, and with remat 'full' to 10.6 GB
 # (26.3 GB unrolled: unrolled, XLA keeps what remat would drop). docs/scaling-out.md has the tables.
 REMAT_LADDER = (('full', True), ('none', True), ('moe', True))
-# The compiler's own device-memory refusals (XLA:TPU: "Ran out of memory in memory space hbm"); any other error,
-# the compiling machine's RAM included, propagates and is not cached.
-OUT_OF_MEMORY = ('memory space hbm',)
+# The compiler's own device-memory refusals (XLA:TPU: "Ran out of memory in memory space hbm" from the
+# scheduler, "Ran out of memory on HBM, the total memory required for HLO temporaries ..." from the final check);
+# any other error, the compiling machine's RAM included, propagates and is not cached.
+OUT_OF_MEMORY = ('memory space hbm', 'memory on HBM')
 # Raised whenever the model, parallel or kernel code changes what a compile produces: entries of other versions
 # are not reused (the key also holds the config hash, resolved attention core, target, setting and compiler).
 FIT_CACHE_VERSION = 2

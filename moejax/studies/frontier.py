@@ -26,13 +26,13 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import math
-import os
 import pprint
 
-from moejax import cli, config as config_lib, files
+from moejax import cli, config as config_lib
 from moejax.inference import cost as decode_cost
+from moejax.studies import emitted
 from moejax.model import accounting
-from moejax.errors import ConfigError, WorkdirError
+from moejax.errors import ConfigError
 
 MATCHES = {'flops': 'training FLOPs per token', 'memory': 'parameter bytes', 'decode': 'bytes read per decode step'}
 SOLVES = ('expert_hidden', 'model_dim')
@@ -332,13 +332,11 @@ def emit(path: str, frontier: Frontier, seeds: int, source: str, source_arg: str
          tokens_per_run: int, flops_per_second: float | None = None) -> list[dict]:
   """Writes the experiment file (get_config, get_sweep, FRONTIER) atomically; returns its sweep points."""
   spec, sweep = frontier.spec, points(frontier, seeds)
-  rel = os.path.relpath(os.path.abspath(source), os.path.dirname(os.path.abspath(path)))
   budgets = ', '.join(f'{b:.4g}' for b in spec.budgets)
   dropped = ''.join(f'\n  - {label}: {why}' for label, why in frontier.dropped) or ' none'
   cost = '\n  '.join(cost_lines(frontier, seeds, tokens_per_run, flops_per_second))
-  body = ',\n'.join('    ' + repr(p) for p in sweep)
   meta = pprint.pformat(metadata(frontier, seeds), indent=1, width=110, sort_dicts=True)
-  text = f'''"""Compute-matched frontier ({datetime.date.today().isoformat()}): at fixed {MATCHES[spec.match]}, which MoE design
+  doc = f'''Compute-matched frontier ({datetime.date.today().isoformat()}): at fixed {MATCHES[spec.match]}, which MoE design
 reaches the lowest held-out loss, and how does the optimum move as the budget grows?
 
 {len(frontier.designs)} designs ({', '.join(d.label for d in frontier.designs)}) at {len(spec.budgets)} budgets
@@ -353,33 +351,7 @@ Run:
 Cost:
   {cost}
 Each point is a design on top of {source}{':' + source_arg if source_arg else ''}'s settings (data, schedule, optimizer).
-"""
-
-import os
-
-from moejax import config as config_lib
-
-_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), {rel!r})
-_SOURCE_ARG = {source_arg!r}
-
-FRONTIER = {meta}
-
-
-def get_config(arg=None):
-  """The source experiment's config; the designs are sweep points."""
-  del arg
-  return config_lib.load_module(_SOURCE).get_config(_SOURCE_ARG)
-
-
-def get_sweep(arg=None):
-  """Every matched design at every budget and seed."""
-  del arg
-  return [
-{body},
-  ]
 '''
-  try:
-    files.atomic_write(path, text)
-  except OSError as e:
-    raise WorkdirError(f'cannot write --emit={path}: {e.strerror or e}') from None
+  emitted.write(path, doc, source, sweep, 'Every matched design at every budget and seed.', source_arg,
+                f'\nFRONTIER = {meta}\n')
   return sweep

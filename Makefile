@@ -46,7 +46,7 @@ test-accel: $(ACCEL_VENV)/.installed
 PUBLISHED := olmoe_1b_7b qwen1_5_moe_a2_7b deepseekmoe_16b qwen3_30b_a3b mixtral_8x7b
 fit-table: $(ACCEL_VENV)/.installed
 	$(ACCEL_PY) -m moejax.bench fit $(foreach m,$(PUBLISHED),--config=experiments/published/$(m).py) \
-	    --search=gpu:h100 --search=tpu:v5p --set=model.attention=auto --steps \
+	    --search=gpu:h100 --search=tpu:v5p --set=model.attention=auto --steps --cpu --cpu_devices=32 \
 	    --out=docs/results/fit/fit.json
 
 # The paper grids at one scale, then the claims report (docs/reproducing-the-papers.md).

@@ -46,7 +46,11 @@ reads the runs under --root as a pilot (noise per declared class, recorded wall 
 effect of interest (experiments/papers.py EFFECT_OF_INTEREST) and proposes seeds per point and a run length so that
 every claim reaches 80% power within the budget (hours of training wall time on this machine, or FLOPs); claims no
 plan within the budget decides are named with what they would need. With --budget but without --plan, the plan is
-added to claims.md beside the verdicts.
+added to claims.md beside the verdicts. A scale may be planned from another scale's pilot, and the plan written as
+an experiment file to run:
+
+  python -m moejax.claims --plan --budget=7h --root=docs/results/tiny/runs --pilot_scale=tiny --scale=tiny2 \
+      --emit=experiments/tiny2_plan.py --done_root=docs/results/tiny2/runs
 """
 
 from __future__ import annotations
@@ -67,7 +71,8 @@ def _main(argv):
   if FLAGS.plan:
     if not FLAGS.root or not FLAGS.budget:
       raise ConfigError('--plan needs --root (the pilot runs) and --budget (e.g. 8h or 1e15FLOPs)')
-    sys.stdout.write(report.plan_page(FLAGS.root, FLAGS.scale, FLAGS.budget, FLAGS.out))
+    sys.stdout.write(report.plan_page(FLAGS.root, FLAGS.scale, FLAGS.budget, FLAGS.out, FLAGS.pilot_scale,
+                                      FLAGS.emit, FLAGS.done_root, 'python -m moejax.claims ' + ' '.join(sys.argv[1:])))
     return
   if not FLAGS.root or not FLAGS.out:
     raise app.UsageError('--root and --out are required')
@@ -84,6 +89,13 @@ if __name__ == '__main__':
                     'developing; then no fit beats its baselines and C-A3 is inconclusive).')
   flags.DEFINE_bool('plan', False, 'Only plan: seeds per point and run length for 80% power on every claim within '
                     '--budget, from the runs under --root as a pilot (OUT/plan.md when --out is given).')
+  flags.DEFINE_string('pilot_scale', None, '--plan: the scale the pilot runs under --root were made at, when it is not '
+                      '--scale (e.g. --scale=tiny2 --pilot_scale=tiny): noise from the pilot, points and prices from '
+                      '--scale at its own run length.')
+  flags.DEFINE_string('emit', None, "--plan: also write the plan's runs as an experiment file (run it with "
+                      'python -m moejax.sweep).')
+  flags.DEFINE_string('done_root', None, '--emit: runs already made at --scale (their configuration and seed are '
+                      'left out of the emitted sweep).')
   flags.DEFINE_string('budget', None, 'Compute budget of the plan: training wall time on this machine (8h, 90m) or '
                       'training FLOPs (1e15FLOPs). Without --plan, the plan is shown beside the verdicts.')
   cli.cli(_main)

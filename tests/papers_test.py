@@ -33,6 +33,26 @@ def test_every_point_validates_and_names_are_unique(name, scale):
   assert 0 < len(tier1) <= len(points)
 
 
+@pytest.mark.parametrize('name', ['paper_a', 'paper_b'])
+def test_every_tiny2_point_validates_with_heads_of_16_and_its_rate_from_the_rule(name, monkeypatch):
+  """tiny2 (the repaired protocol) once grid LR has filled the rule: every width is a multiple of head_dim 16 (the
+  A2a middle point was d=108 and could not be built), and each point's rate is the rule's for its width and k."""
+  from experiments import papers  # pylint: disable=import-outside-toplevel
+  monkeypatch.setitem(papers.LR_RULE, 'tiny2', {2: {64: 8e-3, 96: 4e-3, 144: 2e-3}, 8: {64: 1.6e-2, 96: 8e-3, 144: 4e-3}})
+  module = _module(name)
+  points = [p for p in module.get_sweep('tiny2,all') if '-lr' not in p['name']]
+  resolved = sweep.resolve_points(module.get_config('tiny2'), points)
+  assert len({n for n, _ in resolved}) == len(points)
+  for _, c in resolved:
+    assert c.model.model_dim == 16 * c.model.num_heads and c.model.head_dim == 16 and c.train.steps == 1500
+    k = c.moe.experts_per_token if c.moe.num_experts else 2
+    assert c.optim.peak_learning_rate == pytest.approx(papers.lr_for('tiny2', c.model.model_dim, k))
+  widths = {c.model.model_dim for _, c in resolved}
+  assert 112 in widths if name == 'paper_a' else 64 in widths
+  assert papers.lr_for('tiny2', 96, 8) == 8e-3 and papers.lr_for('tiny2', 64, 4) == 8e-3
+  assert 2e-3 < papers.lr_for('tiny2', 112, 2) < 4e-3 and papers.lr_for('tiny2', 200, 2) == 2e-3  # log-linear, clamped
+
+
 def _counts(module, scale, grid):
   base = module.get_config(scale)
   return [accounting.count(config_lib.validate(config_lib.apply_overrides(base, p))) for p in module.designs(scale)[grid]]

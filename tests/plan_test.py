@@ -12,7 +12,7 @@ import pytest
 from moejax import config as config_lib
 from moejax.errors import ConfigError
 from moejax.model import accounting
-from moejax.studies import plan, render, results, statistics, verdicts
+from moejax.studies import plan, power, render, results, statistics, verdicts
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -25,7 +25,7 @@ def _estimate(rng, sigma, dof):
 def test_planned_seeds_give_80_percent_power_under_the_verdict_rules():
   sigma, effect, configs = 0.013, 0.02, 30
   a = (sigma, configs, 'default')
-  n, _ = plan.smallest(lambda k: plan.power_pair(k, effect, a, a))
+  n, _ = power.smallest(lambda k: power.power_pair(k, effect, a, a))
   assert n == statistics.Noise(sigma, (configs - 1) * (n - 1)).seeds_to_resolve(effect)  # the closed form agrees
   rng = np.random.default_rng(0)
   got = []
@@ -40,7 +40,7 @@ def test_planned_seeds_give_80_percent_power_under_the_verdict_rules():
 def test_planned_equivalence_seeds_show_equivalence_80_percent_of_the_time():
   sigma, margin, configs = 0.013, 0.02, 30
   a = (sigma, configs, 'default')
-  n, _ = plan.smallest(lambda k: plan.power_pair(k, margin, a, a, equivalence=True, margin=margin))
+  n, _ = power.smallest(lambda k: power.power_pair(k, margin, a, a, equivalence=True, margin=margin))
   rng = np.random.default_rng(1)
   got = []
   for _ in range(1500):  # true difference 0, decided by verdicts.small_effect (TOST)
@@ -54,7 +54,7 @@ def test_planned_equivalence_seeds_show_equivalence_80_percent_of_the_time():
 @pytest.mark.slow
 def test_planned_trend_seeds_pass_the_slope_test_and_the_drop_one_check():
   sigma, effect, m, configs = 0.013, 0.03, 4, 30
-  n, _ = plan.smallest(lambda k: plan.power_trend(k, effect, m, sigma, configs))
+  n, _ = power.smallest(lambda k: power.power_trend(k, effect, m, sigma, configs))
   rng = np.random.default_rng(2)
   got = []
   for _ in range(500):  # decided by verdicts.trend_claim, hinge check included
@@ -64,15 +64,15 @@ def test_planned_trend_seeds_pass_the_slope_test_and_the_drop_one_check():
     got.append(verdicts.trend_claim('X', 's', 'e', 'g', pts, 'x', +1, noise).verdict == 'holds')
   assert 0.72 < np.mean(got) < 0.9, (n, np.mean(got))
   # without the drop-one check (the slope test alone) fewer seeds would do: the plan prices the real rule
-  alone, _ = plan.smallest(lambda k: plan.power_trend(k, effect, 2, sigma * np.sqrt(5 / 9 * 2) / np.sqrt(2), configs))
+  alone, _ = power.smallest(lambda k: power.power_trend(k, effect, 2, sigma * np.sqrt(5 / 9 * 2) / np.sqrt(2), configs))
   assert n > alone
 
 
 def test_argmin_power_rises_with_seeds_and_a_flat_grid_is_never_decided():
   sizes = (96, 64, 48, 32, 24)
-  low, high = (plan.power_argmin(n, 0.02, sizes, (96, 48, 24), 0.013, 30, disjoint=False) for n in (2, 16))
+  low, high = (power.power_argmin(n, 0.02, sizes, (96, 48, 24), 0.013, 30, disjoint=False) for n in (2, 16))
   assert low < 0.8 < high
-  assert plan.power_argmin(64, 0.0, sizes, (96, 48, 24), 0.013, 30, disjoint=False) < 0.1  # pure noise
+  assert power.power_argmin(64, 0.0, sizes, (96, 48, 24), 0.013, 30, disjoint=False) < 0.1  # pure noise
 
 
 def test_budgets_parse_to_seconds_or_flops_and_refuse_nonsense():
@@ -120,8 +120,8 @@ def pilot(tmp_path_factory):
 
 @pytest.mark.slow
 def test_more_budget_never_decides_fewer_claims_and_undecidable_ones_are_named(pilot, monkeypatch):
-  monkeypatch.setattr(plan, 'DRAWS', 1500)
-  monkeypatch.setattr(plan, 'ARGMIN_OUTER', 120)
+  monkeypatch.setattr(power, 'DRAWS', 1500)
+  monkeypatch.setattr(power, 'ARGMIN_OUTER', 120)
   made = [plan.plan(pilot, 'tiny', h * 3600, 's', lengths=(1.0,)) for h in (0.5, 5, 50, 1000)]
   decided = [sum(r.decidable for r in p.rows) for p in made]
   assert decided == sorted(decided) and decided[0] < decided[-1], decided
@@ -156,3 +156,36 @@ def test_plan_cli_refuses_a_bad_budget_in_one_line(tmp_path):
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1, out.stderr
     assert ('cannot parse the budget' if flags else '--plan needs --root') in out.stderr
+
+
+def test_a_plan_for_another_scale_takes_noise_from_the_pilot_and_points_from_the_scale(pilot, monkeypatch, tmp_path):
+  """tiny2 planned from the tiny pilot: its own run length (3x the pilot's tokens: the pilot's full-length noise),
+  its own points and prices; the emitted experiment file holds the chosen configurations at their seeds, less the
+  runs already made, and every point resolves to a tiny2 grid configuration."""
+  from experiments import papers  # pylint: disable=import-outside-toplevel
+  from moejax.studies import emitted, grids, sweeps  # pylint: disable=import-outside-toplevel
+  monkeypatch.setitem(papers.LR_RULE, 'tiny2', {2: {64: 8e-3, 96: 4e-3, 144: 2e-3}, 8: {64: 8e-3, 96: 8e-3, 144: 4e-3}})
+  monkeypatch.setattr(power, 'DRAWS', 800)
+  monkeypatch.setattr(power, 'ARGMIN_OUTER', 60)
+  p = plan.plan(pilot, 'tiny2', 12 * 3600, 's', lengths=(1.0,), pilot_scale='tiny')
+  assert p.scale == 'tiny2' and p.pilot_scale == 'tiny' and p.steps == 1500 and p.tokens == 1500 * 32 * 128
+  rows = {r.key: r for r in p.rows}
+  assert rows['prior'].sigma == pytest.approx(p.noise['default'][1.0][0])  # the pilot's full-length sigma
+  assert rows['C-B5/sequence'].sigma == pytest.approx(p.noise['routing-perturbed'][1.0][0])
+  # prices: tiny2's own FLOPs per run (3x the tokens of the same designs) at the pilot's seconds per FLOP
+  tiny = {r.key: r for r in plan.plan(pilot, 'tiny', 12 * 3600, 's', lengths=(1.0,)).rows}
+  assert rows['prior'].flops / rows['prior'].runs == pytest.approx(3 * tiny['prior'].flops / tiny['prior'].runs, rel=0.02)
+  assert 0 < p.hours <= 12
+  assert p.points and all(n >= 2 for _, n, _ in p.points)
+  tiny2 = {q['config_hash'] for pts in grids.grid_points('tiny2').values() for q in pts}
+  assert {h for _, _, h in p.points} <= tiny2
+  first, n_first, h_first = p.points[0]
+  path = str(tmp_path / 'tiny2_plan.py')
+  runs = emitted.plan_sweep(path, p, os.path.join(ROOT, 'experiments', 'papers.py'), 'python -m moejax.claims ...',
+                            done={(h_first, '0/0')})
+  assert len(runs) == sum(n for _, n, _ in p.points) - 1  # seed 0 of the first configuration was made already
+  assert first['name'] not in {r['name'] for r in runs} and f'{first["name"]}-seed1' in {r['name'] for r in runs}
+  module = config_lib.load_module(path)
+  assert module.get_sweep() == runs and 'tiny2' in module.__doc__
+  for _, cfg in sweeps.resolve_points(module.get_config(), runs):  # every point validates at tiny2
+    assert cfg.train.steps == 1500 and cfg.model.head_dim == 16

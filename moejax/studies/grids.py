@@ -14,7 +14,7 @@ from moejax.studies import results
 EXPERIMENTS = ('paper_a', 'paper_b')
 
 
-def _experiments_dir() -> str:
+def experiments_dir() -> str:
   return os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), 'experiments')
 
 
@@ -23,7 +23,7 @@ def grid_points(scale: str) -> dict[str, list[dict]]:
   at `scale`, one entry per configuration (seeds of one configuration are one entry), in grid order."""
   out = {}
   for name in EXPERIMENTS:
-    module = config_lib.load_module(os.path.join(_experiments_dir(), f'{name}.py'))
+    module = config_lib.load_module(os.path.join(experiments_dir(), f'{name}.py'))
     base = module.get_config(scale)
     classify = getattr(module, 'noise_class', lambda p: 'default')
     for grid, points in module.grids(scale).items():
@@ -63,14 +63,14 @@ def grid_rows(rows: list[dict], scale: str) -> dict[str, list[dict | None]]:
 
 def equivalence_margin(scale: str) -> float | None:
   """The small-effect margin T the grid files fix in advance for `scale` (None: not fixed, no equivalence verdict)."""
-  module = config_lib.load_module(os.path.join(_experiments_dir(), 'paper_b.py'))
+  module = config_lib.load_module(os.path.join(experiments_dir(), 'paper_b.py'))
   return (getattr(module, 'EQUIVALENCE_MARGIN', None) or {}).get(scale)
 
 
 def effects_of_interest(scale: str) -> dict | None:
   """{claim key: (effect in nats, source)} the grid files declare for `scale` before the runs (experiments/papers.py
   EFFECT_OF_INTEREST); None where none is declared."""
-  module = config_lib.load_module(os.path.join(_experiments_dir(), 'papers.py'))
+  module = config_lib.load_module(os.path.join(experiments_dir(), 'papers.py'))
   return (getattr(module, 'EFFECT_OF_INTEREST', None) or {}).get(scale)
 
 

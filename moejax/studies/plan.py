@@ -17,6 +17,10 @@ interval of bowls of the stated depth; A4 by the mean over random designs with t
 the smallest seed count with power >= 0.8 (Monte Carlo, fixed seed). Noise at run lengths beyond the pilot's is the
 pilot's full-length noise (it fell with tokens in the pilot; assuming it keeps falling would be optimistic).
 
+The power of each rule is simulated in moejax/studies/power.py. A scale may be planned from a pilot made at another
+scale (`pilot_scale`: tiny2 from the tiny runs): noise from the pilot, points and prices from the planned scale at its
+own run length.
+
 The plan tries run lengths of 0.5, 1, 2 and 4 times the pilot's (shorter ones only where a decay branch measured
 the noise there), adds claims cheapest first while the budget lasts (configurations shared by claims run once, at
 the most seeds any chosen claim asks), and keeps the length that decides the most claims, the longer on a tie
@@ -30,17 +34,14 @@ import math
 import re
 
 import numpy as np
-from scipy import stats
 
 from moejax import config as config_lib
 from moejax.errors import ConfigError, DataError
-from moejax.studies import grids, results, statistics
+from moejax.studies import grids, power, results, statistics
 
 POWER = statistics.POWER
-MAX_SEEDS = 512  # a claim needing more seeds per point than this is not decidable at this scale
+MAX_SEEDS = power.MAX_SEEDS
 LENGTHS = (0.5, 1.0, 2.0, 4.0)  # run lengths tried, as multiples of the pilot's
-DRAWS = 4000  # Monte Carlo draws per power evaluation (argmin claims: ARGMIN_OUTER x ARGMIN_INNER)
-ARGMIN_OUTER, ARGMIN_INNER = 300, 800
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,6 +105,8 @@ class Plan:
   hours: float  # the chosen plan's total
   flops: float
   seeds: dict  # {configuration name: seeds} of the chosen plan
+  pilot_scale: str = ''
+  points: list = dataclasses.field(default_factory=list)  # [(grid point at seed 0, seeds, config hash)] chosen
 
 
 def parse_budget(text: str) -> tuple[float, str]:
@@ -168,129 +171,26 @@ def class_noise_by_length(rows: list[dict], records: list[dict], g: dict) -> dic
   return out
 
 
-def _dof(configurations: int, n: int) -> int:
-  return max(configurations - 1, 1) * (n - 1)
-
-
-def _sigma_hat(rng, sigma, dof, draws):
-  return sigma * np.sqrt(rng.chisquare(max(dof, 1), draws) / max(dof, 1))
-
-
-def _crit(p, dof):
-  return np.where(np.asarray(dof) >= statistics.MIN_DOF, stats.t.ppf(p, np.maximum(dof, 1)), np.inf)
-
-
-def power_pair(n, effect, a, b, equivalence=False, margin=None, seed=0, draws=None):
-  """Power of a two-point verdict at n seeds per point. a, b: (sigma, configurations of the class, class name).
-  Direction: the 95% interval excludes 0; equivalence (true difference 0): the 90% interval inside +-margin."""
-  rng, draws = np.random.default_rng(seed), draws or DRAWS
-  sa, sb = _sigma_hat(rng, a[0], _dof(a[1], n), draws), _sigma_hat(rng, b[0], _dof(b[1], n), draws)
-  truth = 0.0 if equivalence else effect
-  delta = truth + rng.standard_normal(draws) * math.sqrt((a[0] ** 2 + b[0] ** 2) / n)
-  if a[2] == b[2]:
-    se, dof = sa * math.sqrt(2 / n), np.full(draws, _dof(a[1], n))
-  else:  # Welch, as statistics.welch
-    va, vb = sa ** 2 / n, sb ** 2 / n
-    se, dof = np.sqrt(va + vb), np.floor((va + vb) ** 2 / (va ** 2 / _dof(a[1], n) + vb ** 2 / _dof(b[1], n)))
-  if equivalence:
-    return float(np.mean(np.abs(delta) + _crit(0.95, dof) * se < margin))
-  return float(np.mean(delta - _crit(0.975, dof) * se > 0))
-
-
-def power_trend(n, effect, m, sigma, configurations, seed=0, draws=None):
-  """Power of a trend verdict over m points linear in rank (end to end `effect`): the slope t-test holds and so
-  does every drop-one subseries (verdicts.trend_claim)."""
-  rng, draws = np.random.default_rng(seed), draws or DRAWS
-  dof = _dof(configurations, n)
-  means = np.linspace(0.0, effect, m) + rng.standard_normal((draws, m)) * sigma / math.sqrt(n)
-  s_hat = _sigma_hat(rng, sigma, dof, draws)
-  crit = _crit(1 - statistics.ALPHA, dof)
-  subsets = [list(range(m))] + ([[j for j in range(m) if j != i] for i in range(m)] if m >= 3 else [])
-  ok = np.ones(draws, bool)
-  for keep in subsets:
-    r = np.arange(len(keep), dtype=np.float64)
-    w = (r - r.mean()) / np.sum((r - r.mean()) ** 2)
-    ok &= (means[:, keep] @ w) / (s_hat * math.sqrt(np.sum(w ** 2) / n)) > crit
-  return float(np.mean(ok))
-
-
-def _bowl(sizes, depth):
-  x = np.log2(np.asarray(sizes, np.float64))
-  centre, half = (x.max() + x.min()) / 2, (x.max() - x.min()) / 2
-  return x, depth * ((x - centre) / half) ** 2
-
-
-def _argmin_intervals(rng, x, mu, n, sigma, s_hat, dof):
-  """[outer, 2] percentile intervals (log2 d_exp) of the argmin, as statistics.argmin_interval computes them."""
-  obs = mu + rng.standard_normal((ARGMIN_OUTER, len(x))) * sigma / math.sqrt(n)
-  shock = rng.standard_normal((ARGMIN_OUTER, ARGMIN_INNER, len(x))) * np.sqrt(
-      dof / rng.chisquare(dof, (ARGMIN_OUTER, ARGMIN_INNER, 1)))
-  best = np.argmin(obs[:, None, :] + shock * (s_hat / math.sqrt(n))[:, None, None], axis=2)
-  return np.percentile(x[best], [2.5, 97.5], axis=1).T
-
-
-def power_argmin(n, depth, sizes_a, sizes_b, sigma, configurations, disjoint, seed=0):
-  """Power of C-B2 (disjoint=False: informative intervals that overlap) or C-B2a (disjoint=True) for bowls of
-  `depth` centred on each grid."""
-  rng = np.random.default_rng(seed)
-  dof = _dof(configurations, n)
-  if dof < statistics.MIN_DOF:
-    return 0.0
-  s_hat = _sigma_hat(rng, sigma, dof, ARGMIN_OUTER)
-  (xa, ma), (xb, mb) = _bowl(sizes_a, depth), _bowl(sizes_b, depth)
-  ia, ib = _argmin_intervals(rng, xa, ma, n, sigma, s_hat, dof), _argmin_intervals(rng, xb, mb, n, sigma, s_hat, dof)
-  apart = (ia[:, 1] < ib[:, 0]) | (ib[:, 1] < ia[:, 0])
-  if disjoint:
-    return float(np.mean(apart))
-  informative = lambda i, x: (i[:, 1] < x.max()) | (i[:, 0] > x.min())
-  return float(np.mean(~apart & informative(ia, xa) & informative(ib, xb)))
-
-
-def power_designs(m, effect, spread, sigma, seed=0, draws=None):
-  """Power of C-A4 with m random designs (their means spread by `spread`, the pilot's 2-seed spread) and m seeds of
-  the top design: the mean of d = L(random) - L(top), se^2 = var(d)/m + sigma^2/m on m - 1 degrees of freedom
-  (claims._a4_claim)."""
-  rng, draws = np.random.default_rng(seed), draws or DRAWS
-  d = effect + spread * rng.standard_normal((draws, m)) - (sigma / math.sqrt(m)) * rng.standard_normal((draws, 1))
-  se = np.sqrt(np.var(d, axis=1, ddof=1) / m + sigma ** 2 / m)
-  return float(np.mean(d.mean(axis=1) - _crit(0.975, m - 1) * se > 0))
-
-
-def smallest(power_of, low: int = 2, high: int = MAX_SEEDS) -> tuple[int | None, float | None]:
-  """The smallest n in [low, high] with power_of(n) >= POWER (doubling, then bisection); (None, None) if none."""
-  if power_of(high) < POWER:
-    return None, None
-  n = low
-  while power_of(n) < POWER:
-    low, n = n, min(2 * n, high)
-  lo, hi = low, n
-  while hi - lo > 1:
-    mid = (lo + hi) // 2
-    lo, hi = (mid, hi) if power_of(mid) < POWER else (lo, mid)
-  best = lo if lo >= 2 and power_of(lo) >= POWER else hi
-  return best, power_of(best)
-
-
 def _needs(spec, members, effect, margin, sigma_of, spread):
   """(seeds per point, power, points) for 80% power; seeds None when no count up to MAX_SEEDS gets there."""
   classes = [(sigma_of(p['noise_class'])) + (p['noise_class'],) for group in members for p in group]
   flat = [p for group in members for p in group]
   if spec.kind in ('pair', 'equivalence'):
     a, b = classes
-    n, pw = smallest(lambda k: power_pair(k, effect, a, b, spec.kind == 'equivalence', margin))
+    n, pw = power.smallest(lambda k: power.power_pair(k, effect, a, b, spec.kind == 'equivalence', margin))
     return n, pw, len(flat)
   noisiest = max(classes, key=lambda c: c[0])  # a series mixing classes uses the noisiest (ClassNoise.for_pair)
   if spec.kind == 'trend':
-    n, pw = smallest(lambda k: power_trend(k, effect, len(flat), noisiest[0], noisiest[1]))
+    n, pw = power.smallest(lambda k: power.power_trend(k, effect, len(flat), noisiest[0], noisiest[1]))
     return n, pw, len(flat)
   if spec.kind in ('argmin', 'shift'):
     sizes = [[p['point']['moe.expert_hidden'] for p in group] for group in members]
-    n, pw = smallest(lambda k: power_argmin(k, effect, sizes[0], sizes[1], noisiest[0], noisiest[1],
+    n, pw = power.smallest(lambda k: power.power_argmin(k, effect, sizes[0], sizes[1], noisiest[0], noisiest[1],
                                             spec.kind == 'shift'))
     return n, pw, len(flat)
   if spread is None:  # designs
     return None, None, len(flat)
-  m, pw = smallest(lambda k: power_designs(k, effect, spread, noisiest[0]), low=statistics.MIN_DOF + 1)
+  m, pw = power.smallest(lambda k: power.power_designs(k, effect, spread, noisiest[0]), low=statistics.MIN_DOF + 1)
   return m, pw, (m + 1 if m else len(flat))
 
 
@@ -339,14 +239,21 @@ def _select(needs, costs, budget, unit, factor):
       seeds[h] = max(seeds.get(h, 0), n)
 
 
-def plan(gathered: results.Gathered, scale: str, budget: float, unit: str, lengths=LENGTHS) -> Plan:
-  """The power plan for the claims at `scale` from the pilot runs in `gathered` (see the module docstring)."""
+def plan(gathered: results.Gathered, scale: str, budget: float, unit: str, lengths=LENGTHS,
+         pilot_scale: str | None = None) -> Plan:
+  """The power plan for the claims at `scale` from the pilot runs in `gathered` (see the module docstring).
+
+  `pilot_scale` (default `scale`): the scale the pilot ran at, when it differs (tiny2 planned from the tiny runs):
+  noise and the A4 spread come from the pilot's grids, points and prices from `scale`'s at its own run length
+  (lengths are then multiples of `scale`'s run; its noise is the pilot's at the same multiple of the pilot's tokens,
+  its full-length noise beyond)."""
+  pilot_scale = pilot_scale or scale
   effects = grids.effects_of_interest(scale)
   if not effects:
     raise ConfigError(f'no effects of interest are declared for scale {scale!r} (experiments/papers.py '
                       'EFFECT_OF_INTEREST): declare them before planning')
   rows, _ = results.table(gathered.records)
-  g = grids.grid_rows(rows, scale)
+  g = grids.grid_rows(rows, pilot_scale)
   g_points = grids.grid_points(scale)
   noise = class_noise_by_length(rows, gathered.records, g)
   if not noise:
@@ -358,18 +265,21 @@ def plan(gathered: results.Gathered, scale: str, budget: float, unit: str, lengt
       if grid != 'LR' and p['point'].get('moe.load_balancing') != 'none':
         configs[p['config_hash']] = p['noise_class']
   count = {c: sum(1 for v in configs.values() if v == c) for c in set(configs.values())}
+  tokens = lambda c: c.train.steps * c.train.batch_size * c.data.seq_len  # noqa: E731
   base_cfg = next(p['config'] for pts in g_points.values() for p in pts)  # every point shares the run length
-  pilot_tokens = base_cfg.train.steps * base_cfg.train.batch_size * base_cfg.data.seq_len
-  costs = _costs(g_points, rows, base_cfg, pilot_tokens)
+  run_tokens = tokens(base_cfg)  # the planned scale's run: lengths are multiples of it
+  ratio = run_tokens / tokens(next(p['config'] for pts in grids.grid_points(pilot_scale).values() for p in pts))
+  costs = _costs(g_points, rows, base_cfg, run_tokens)
   a4 = [r for r in (g.get('A4') or [])[1:] if r is not None]
   spread = float(np.std([r['loss_mean'] for r in a4], ddof=1)) if len(a4) >= 2 else None
   margin = grids.equivalence_margin(scale)
   tried = []
   for factor in lengths:
-    measured = max((f for f in next(iter(noise.values())) if f <= factor), default=None)
-    if measured is None or (factor < 1 and measured != factor):
+    at = factor * ratio  # the run length as a multiple of the pilot's
+    measured = max((f for f in next(iter(noise.values())) if f <= at), default=None)
+    if measured is None or (at < 1 and measured != at):
       continue
-    sigma_of = lambda c, f=factor: (_sigma_at(noise, c, f), count.get(c, 2))
+    sigma_of = lambda c, f=at: (_sigma_at(noise, c, f), count.get(c, 2))
     made = {}
     for spec in SPECS:
       made[spec.key] = _row(spec, _members(spec, g_points), effects.get(spec.key), margin, sigma_of, spread, costs,
@@ -377,11 +287,14 @@ def plan(gathered: results.Gathered, scale: str, budget: float, unit: str, lengt
     needs = {k: r.seeds for k, r in made.items() if r.seeds is not None}
     chosen, seeds, seconds, flops = _select(needs, costs, budget, unit, factor)
     every = _select(needs, costs, math.inf, unit, factor)  # what deciding every plannable claim would cost
-    tried.append({'factor': factor, 'tokens': int(pilot_tokens * factor), 'decided': len(chosen),
+    tried.append({'factor': factor, 'tokens': int(run_tokens * factor), 'decided': len(chosen),
                   'hours': seconds / 3600, 'flops': flops, 'made': made, 'chosen': chosen, 'seeds': seeds,
                   'all_hours': every[2] / 3600, 'all_flops': every[3], 'plannable': len(needs)})
+  if not tried:
+    raise DataError(f'no run length of {lengths} x the {scale} run has pilot noise measured at or below it')
   best = max(tried, key=lambda t: (t['decided'], t['factor']))
-  names = {p['config_hash']: p['point']['name'] for pts in g_points.values() for p in pts}
+  by_hash = {p['config_hash']: p['point'] for pts in g_points.values() for p in pts}
+  names = {h: p['name'] for h, p in by_hash.items()}
   out_rows = []
   for key, r in best['made'].items():
     r.row.decidable = key in best['chosen']
@@ -393,7 +306,8 @@ def plan(gathered: results.Gathered, scale: str, budget: float, unit: str, lengt
   return Plan(scale, budget, unit, best['factor'], best['tokens'], int(base_cfg.train.steps * best['factor']),
               out_rows, [{k: t[k] for k in ('factor', 'tokens', 'decided', 'hours', 'flops', 'all_hours', 'all_flops',
                                             'plannable')} for t in tried], noise,
-              best['hours'], best['flops'], {names.get(h, h): n for h, n in best['seeds'].items()})
+              best['hours'], best['flops'], {names.get(h, h): n for h, n in best['seeds'].items()}, pilot_scale,
+              [(by_hash[h], n, h) for h, n in best['seeds'].items() if h in by_hash])
 
 
 def _amount(row, unit):

@@ -13,9 +13,9 @@ import dataclasses
 import datetime
 import os
 
-from moejax import files
+from moejax import config as config_lib, files
 from moejax.errors import DataError, WorkdirError
-from moejax.studies import (budgets as budgets_lib, claims as claims_lib, figures, fits as fits_lib, grids,
+from moejax.studies import (budgets as budgets_lib, claims as claims_lib, emitted, figures, fits as fits_lib, grids,
                             plan as plan_lib, render, results, summaries)
 from moejax.studies.verdicts import Claim
 
@@ -108,16 +108,29 @@ def run(root: str, scale: str, out: str, bootstrap: int = 100, fit_starts: int =
   return write_claims(s, out)
 
 
-def plan_page(root: str, scale: str, budget: str, out: str | None = None) -> str:
+def plan_page(root: str, scale: str, budget: str, out: str | None = None, pilot_scale: str | None = None,
+              emit: str | None = None, done_root: str | None = None, command: str = '') -> str:
   """The power plan for `scale` with the runs under `root` as the pilot (`python -m moejax.claims --plan`), as
-  Markdown; written to OUT/plan.md when `out` is given."""
+  Markdown; written to OUT/plan.md when `out` is given. `pilot_scale`: the scale of the pilot runs when it is
+  not `scale`; `emit`: also write the plan's runs as an experiment file (`emitted.plan_sweep`), without the runs
+  already under `done_root`."""
   value, unit = plan_lib.parse_budget(budget)  # a bad budget fails before the runs are read
   gathered = results.gather(root)
   if not gathered.records:
     raise DataError(f'no complete result.json under {root}; a plan needs pilot runs')
-  p = plan_lib.plan(gathered, scale, value, unit)
-  text = (f'# Power plan at scale `{scale}`\n\nPilot: {len(gathered.records)} runs under `{root}`; planned '
+  p = plan_lib.plan(gathered, scale, value, unit, lengths=(1.0,) if pilot_scale else plan_lib.LENGTHS,
+                    pilot_scale=pilot_scale)
+  pilot = f' at scale `{pilot_scale}`' if pilot_scale else ''
+  text = (f'# Power plan at scale `{scale}`\n\nPilot: {len(gathered.records)} runs under `{root}`{pilot}; planned '
           f'{datetime.date.today().isoformat()}.\n\n' + render.plan_markdown(p))
+  if emit:
+    done = set()
+    if done_root:
+      for r in results.gather(done_root).records:
+        done.add((results.config_hash(config_lib.flatten(r['config'])), results.seed_key(r['config'])))
+    papers = os.path.join(grids.experiments_dir(), 'papers.py')
+    runs = emitted.plan_sweep(emit, p, papers, command, done)
+    text += f'\nThe plan\'s {len(runs)} runs: `{emit}` (`python -m moejax.sweep --config={emit} --root=...`).\n'
   if out:
     try:
       os.makedirs(out, exist_ok=True)

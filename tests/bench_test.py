@@ -26,6 +26,14 @@ def _bench(*args):
     (('moejax.bench', 'moe', '--triton=128:128:four:3'), "--triton: '128:128:four:3' is not 4 positive integers"),
     (('moejax.bench', 'step', '--override=nope'), "--override='nope' must be key=value"),
     (('moejax.bench.step', 'extra'), "unexpected argument 'extra'"),
+    (('moejax.bench', 'fit', '--config=experiments/quickstart.py', '--search=gpu:h100', '--global_tokens=nan'),
+     '--global_tokens=nan must be a positive number'),
+    (('moejax.bench', 'fit', '--config=experiments/quickstart.py', '--target=gpu:h100x8', '--steps'),
+     '--steps and --global_tokens apply to --search=FAMILY'),
+    (('moejax.bench', 'fit', '--config=experiments/quickstart.py', '--search=gpu:h100', '--out=/nonexistent/fit.json'),
+     '--out=/nonexistent/fit.json: the directory /nonexistent does not exist or is not writable'),
+    (('moejax.bench', 'fit', '--config=experiments/quickstart.py', '--search=gpu:h100', '--set=model.remat'),
+     "--set='model.remat' must be KEY=VALUE"),
 ])
 def test_bench_bad_flags_are_one_line(args, message):
   r = _bench(*args)

@@ -137,3 +137,18 @@ def test_the_decode_cache_is_split_over_the_devices(tiny_cfg):
   sequence = 2 * m.num_kv_heads * cfg.data.seq_len * (m.head_dim or m.model_dim // m.num_heads) * 4 * m.num_layers
   four, eight = (compile_steps.compile_decode(cfg, None, b)['argument_bytes'] for b in (4, 8))
   assert eight - four == pytest.approx(sequence, rel=0.01)
+
+
+def test_unknown_memory_never_fits_and_undecodable_configs_skip_the_decode_step(tiny_cfg, monkeypatch):
+  """A compile without a memory analysis (peak None, no error) is 'no memory analysis', not a fit; an expert-choice
+  model (which cannot decode) gets no decode step instead of stopping the search."""
+  def no_analysis(cfg, target, devices, remat=None, microbatches=1, scan=None):
+    return {'name': cfg.name, 'target': target.name, 'devices': devices, 'remat': remat, 'scan_layers': scan,
+            'microbatches': microbatches, 'attention': 'auto', 'peak_gb': None, 'analytic_gb': 1.0, 'compile_s': 1.0,
+            'compiler': 'fake'}
+  monkeypatch.setattr(compile_steps, 'fit_row', no_analysis)
+  cfg = config_lib.validate(tiny_cfg)
+  result = compile_steps.search(cfg, 'gpu:h100', 1, 0.9, {})
+  assert result['fits'] is None and 'no memory analysis' in compile_steps.search_row(cfg, 'gpu:h100', 1, result)
+  ec = config_lib.validate(config_lib.apply_overrides(tiny_cfg, {'moe.routing': 'expert_choice', 'moe.load_balancing': 'none'}))
+  assert not compile_steps._decodable(ec) and compile_steps._decodable(cfg)  # pylint: disable=protected-access

@@ -23,6 +23,7 @@ the setting that fits (`step_rows`), a second table.
 
 from __future__ import annotations
 
+import math
 import os
 
 import jax
@@ -31,7 +32,7 @@ from absl import flags
 from flax import nnx
 
 from moejax import cli, config as config_lib
-from moejax.bench import common
+from moejax.bench import common, step as step_bench
 from moejax.errors import ConfigError
 from moejax.model import dispatch as dispatch_lib
 from moejax.train import evaluate as eval_lib, state as state_lib
@@ -88,12 +89,26 @@ def compile_decode(cfg, target=None, batch: int = 8) -> dict:
   return {'compiler': c.compiler, 'compile_s': c.compile_s, 'dispatch': dispatch, **c.memory}
 
 
+def _decodable(cfg) -> bool:
+  try:
+    decode.check_decodable(cfg)
+  except ConfigError:
+    return False
+  return True
+
+
 def compile_all(cfg, target=None, decode_batch: int = 8) -> dict:
-  """{'train', 'eval', 'decode'}: each step's compile report for `target` (decode only for dropless eval)."""
+  """{'train', 'eval', 'decode'}: each step's compile report for `target` (decode only for a decodable config:
+  dropless token-choice evaluation)."""
   out = {'train': state_lib.compile_step(cfg, target), 'eval': compile_eval(cfg, target)}
-  if not (cfg.moe.num_experts and cfg.moe.eval_capacity_factor is not None):
+  if _decodable(cfg):
     out['decode'] = compile_decode(cfg, target, decode_batch)
   return out
+
+
+def _gb(nbytes) -> float | None:
+  """GB, or None where the compiler gave no memory analysis (unknown never counts as fitting)."""
+  return None if nbytes is None else nbytes / 1e9
 
 
 def _fit_cfg(cfg, devices: int, remat: str | None = None, microbatches: int = 1, scan: bool | None = None):
@@ -118,7 +133,7 @@ def fit_row(cfg, target, devices: int, remat: str | None = None, microbatches: i
   return {'name': cfg.name, 'target': _label(target, devices),
           'compiler': r['compiler'], 'devices': devices, 'seq_len': cfg.data.seq_len, 'remat': cfg.model.remat,
           'microbatches': microbatches, 'attention': _attention_core(cfg, target), 'scan_layers': cfg.model.scan_layers,
-          'peak_gb': r.get('peak_bytes', 0) / 1e9, 'temp_gb': r.get('temp_bytes', 0) / 1e9,
+          'peak_gb': _gb(r.get('peak_bytes')), 'temp_gb': _gb(r.get('temp_bytes')),
           'state_gb': (r['params_bytes'] + r['optimizer_bytes']) / 1e9,
           'analytic_gb': n_total * 16 / devices / 1e9, 'compile_s': r['compile_s']}
 
@@ -252,12 +267,12 @@ def step_rows(store: dict, save, cfg, target, row: dict) -> dict:
   fit_cfg = _fit_cfg(cfg, row['devices'], row['remat'], row['microbatches'], row['scan_layers'])
   key = _key(cfg, target, row['remat'], row['microbatches'], row['devices'], row['scan_layers'])
   steps = {'eval': lambda: compile_eval(fit_cfg, target)}
-  if not (cfg.moe.num_experts and cfg.moe.eval_capacity_factor is not None):
+  if _decodable(cfg):
     steps['decode'] = lambda: compile_decode(fit_cfg, target, row['devices'])
 
   def compile_row(step):
     r = steps[step]()
-    return {'peak_gb': r['peak_bytes'] / 1e9, 'temp_gb': r.get('temp_bytes', 0) / 1e9,
+    return {'peak_gb': _gb(r.get('peak_bytes')), 'temp_gb': _gb(r.get('temp_bytes')),
             'compile_s': r['compile_s'], 'compiler': r['compiler'], 'batch': row['devices'],
             'seq_len': cfg.data.seq_len}
   return {step: _compiled(store, save, f'{key}|{step} step', lambda step=step: compile_row(step),
@@ -272,7 +287,9 @@ def steps_row(cfg, result: dict) -> str:
     r = s.get(step)
     if r is None:
       return '-'
-    return 'compiler out of memory' if r['peak_gb'] is None else f'{r["peak_gb"]:.1f} ({r["compile_s"]:.0f} s)'
+    if r['peak_gb'] is None:
+      return 'compiler out of memory' if r.get('error') else 'no memory analysis'
+    return f'{r["peak_gb"]:.1f} ({r["compile_s"]:.0f} s)'
   return (f'| {cfg.name} | {f["target"]} | remat {f["remat"]}, {f["microbatches"]} microbatches | '
           f'{f["peak_gb"]:.1f} ({f["compile_s"]:.0f} s) | {cell("eval")} | {cell("decode")} | {f["budget_gb"]:.0f} |')
 
@@ -286,7 +303,8 @@ def search_row(cfg, family: str, global_tokens: int, result: dict) -> str:
   """The docs/scaling-out.md row of one search."""
   f, b = result['fits'], result['below']
   below = '-' if b is None else (f'{b["target"]}: {b["peak_gb"]:.1f} GB ({b["remat"]})' if b.get('peak_gb') is not None
-                                 else f'{b["target"]}: compiler out of memory')
+                                 else f'{b["target"]}: ' + ('compiler out of memory' if b.get('error')
+                                                            else 'no memory analysis'))
   if f is None:
     return (f'| {cfg.name} | {cfg.data.seq_len} | {global_tokens / 1e6:.2f}M | {family} | does not fit up to '
             f'{FAMILIES[family][-1]} | | | | | | | {below} |')
@@ -330,19 +348,32 @@ def _main(argv) -> None:
     raise ConfigError(f'--headroom={F.headroom} must be in (0, 1]')
   overrides = {'model.compute_dtype': 'bfloat16'}
   for item in F.set:
-    key, eq, value = item.partition('=')
-    if not eq:
+    if '=' not in item:
       raise ConfigError(f'--set={item!r} must be KEY=VALUE')
-    overrides[key] = int(value) if value.lstrip('-').isdigit() else value
-  if F.global_tokens <= 0:
-    raise ConfigError(f'--global_tokens={F.global_tokens} must be positive')
+    key, value = step_bench.parse_override(item)  # Python literals (3e-4, False, None), else strings
+    overrides[key] = value
+  if not math.isfinite(F.global_tokens) or F.global_tokens <= 0:
+    raise ConfigError(f'--global_tokens={F.global_tokens} must be a positive number')
+  if (F.steps or F.global_tokens != 1024 * 4096) and not F.search:
+    raise ConfigError('--steps and --global_tokens apply to --search=FAMILY')
+  if F.cpu_only and not F.target:
+    raise ConfigError('--cpu_only applies to --target=NAME')
+  if F.out:
+    parent = os.path.dirname(os.path.abspath(F.out))
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
+      raise ConfigError(f'--out={F.out}: the directory {parent} does not exist or is not writable')
   unknown = [f for f in F.search if f not in FAMILIES]
   if unknown:
     raise ConfigError(f'--search={unknown[0]!r} is not a target family; use one of {sorted(FAMILIES)}')
   named = [targets.parse(name) for name in F.target]  # (bad names fail before any compile)
   targets.prepare_environment({t.platform for t in named} | {f.split(':')[0] for f in F.search})
   store = files.read_json(F.out, '--out') if F.out and os.path.exists(F.out) else {}
-  save = (lambda: files.atomic_write_json(F.out, store)) if F.out else (lambda: None)
+
+  def save():  # merged with the file as it is now: a second search writing the same cache loses nothing
+    if F.out:
+      on_disk = files.read_json(F.out, '--out') if os.path.exists(F.out) else {}
+      store.update({k: v for k, v in on_disk.items() if k not in store})
+      files.atomic_write_json(F.out, store)
   print(common.device_line(), flush=True)
   header_printed, fitted = False, []
   for cfg_path in F.config:
@@ -361,11 +392,11 @@ def _main(argv) -> None:
       t = targets.parse(name)
       for target in ([] if F.cpu_only else [t]) + ([None] if F.cpu or F.cpu_only else []):
         if target is None and jax.device_count() < t.num_devices:
-          raise ConfigError(f'--cpu needs {t.num_devices} CPU devices: run with '
-                            f'XLA_FLAGS=--xla_force_host_platform_device_count={t.num_devices}')
+          raise ConfigError(f'--cpu needs {t.num_devices} CPU devices: add --cpu_devices={t.num_devices}')
         r = fit_row(cfg, target, t.num_devices)
+        fmt = lambda x: '-' if x is None else f'{x:.3g}'  # noqa: E731  (no memory analysis)
         print(f'| {r["name"]} | {t.name if target else t.name + " (CPU compiler)"} | {r["compiler"]} | '
-              f'{r["peak_gb"]:.3g} | {r["temp_gb"]:.3g} | {r["state_gb"]:.3g} | {r["analytic_gb"]:.3g} | '
+              f'{fmt(r["peak_gb"])} | {fmt(r["temp_gb"])} | {r["state_gb"]:.3g} | {r["analytic_gb"]:.3g} | '
               f'{r["compile_s"]:.0f} |', flush=True)
   if fitted:
     print('\n' + STEPS_HEADER, flush=True)

@@ -75,11 +75,11 @@ class Tracker:
           project=w.project, entity=w.entity or None, name=w.name or cfg.name, group=w.group or None,
           tags=[t.strip() for t in w.tags.split(',') if t.strip()], dir=w.dir or workdir, mode=w.mode,
           id=identity, resume='allow', config=flat, settings=wandb.Settings(quiet=True))
+      self.run.define_metric('step')
+      self.run.define_metric('*', step_metric='step')
     except Exception as e:  # pylint: disable=broad-except  (wandb raises its own classes: no login, no network)
       raise ConfigError(f"wandb.init failed (wandb.mode={w.mode!r}): {' '.join(str(e).split()).rstrip('.')}; or set "
                         '--config.wandb.mode=offline (and `wandb sync` the run later)') from None
-    self.run.define_metric('step')
-    self.run.define_metric('*', step_metric='step')
     self._failed = self._finished = False
     log.info('tracking with W&B (%s): run %s in project %s, files under %s', w.mode, self.run.id, w.project,
              w.dir or workdir)

@@ -55,6 +55,7 @@ an experiment file to run:
 
 from __future__ import annotations
 
+import os
 import sys
 
 from absl import app, flags
@@ -68,9 +69,19 @@ FLAGS = flags.FLAGS
 def _main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  planned = [f'--{f}' for f in ('pilot_scale', 'emit', 'done_root') if getattr(FLAGS, f)]
+  if planned and not FLAGS.plan:
+    raise ConfigError(f'{planned[0]} applies to --plan')
+  if FLAGS.done_root and not FLAGS.emit:
+    raise ConfigError('--done_root applies to --emit (the runs it leaves out of the emitted sweep)')
   if FLAGS.plan:
     if not FLAGS.root or not FLAGS.budget:
       raise ConfigError('--plan needs --root (the pilot runs) and --budget (e.g. 8h or 1e15FLOPs)')
+    if FLAGS.done_root and not os.path.isdir(FLAGS.done_root):
+      raise ConfigError(f'--done_root={FLAGS.done_root} is not a directory')
+    parent = os.path.dirname(os.path.abspath(FLAGS.emit or '.'))
+    if FLAGS.emit and not (os.path.isdir(parent) and os.access(parent, os.W_OK)):
+      raise ConfigError(f'--emit={FLAGS.emit}: the directory {parent} does not exist or is not writable')
     sys.stdout.write(report.plan_page(FLAGS.root, FLAGS.scale, FLAGS.budget, FLAGS.out, FLAGS.pilot_scale,
                                       FLAGS.emit, FLAGS.done_root, 'python -m moejax.claims ' + ' '.join(sys.argv[1:])))
     return

@@ -176,3 +176,13 @@ def test_training_memory_is_16_bytes_per_parameter_for_any_dtype():
   for dtype_bytes in (2.0, 4.0):
     budget = design.Budget(1e12, 1e12, None, dtype_bytes, 'training')
     np.testing.assert_array_equal(design.memory_bytes(designs, space, budget), designs['n_total'] * 16)
+
+
+def test_an_emitted_file_loads_whatever_its_docstring_holds_and_with_no_points(tmp_path):
+  """Quotes, a trailing quote and backslashes in the command or path, and an empty sweep, still make valid Python."""
+  from moejax.studies import emitted  # pylint: disable=import-outside-toplevel
+  path = str(tmp_path / 'odd.py')
+  doc = 'made by: python -m x --emit="a b.py" C:\\\\runs\\\\new """ and a trailing quote"'
+  emitted.write(path, doc, os.path.join(ROOT, 'experiments', 'base.py'), [], 'Nothing.')
+  module = config_lib.load_module(path)
+  assert module.get_sweep() == [] and module.__doc__ == doc

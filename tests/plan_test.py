@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from moejax import config as config_lib
-from moejax.errors import ConfigError
+from moejax.errors import ConfigError, DataError
 from moejax.model import accounting
 from moejax.studies import plan, power, render, results, statistics, verdicts
 
@@ -150,12 +150,19 @@ def test_the_plan_noise_is_the_pilot_noise_per_class(pilot):
   assert noise['default'][0.25][0] > noise['default'][1.0][0]  # the branches were made twice as noisy
 
 
-def test_plan_cli_refuses_a_bad_budget_in_one_line(tmp_path):
-  for flags in (['--budget=lots'], []):
-    out = subprocess.run([sys.executable, '-m', 'moejax.claims', '--plan', f'--root={tmp_path}', *flags], cwd=ROOT,
-                         capture_output=True, text=True, timeout=120)
-    assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1, out.stderr
-    assert ('cannot parse the budget' if flags else '--plan needs --root') in out.stderr
+@pytest.mark.parametrize('flags,message', [
+    (['--plan', '--budget=lots'], 'cannot parse the budget'),
+    (['--plan'], '--plan needs --root'),
+    (['--emit=x.py'], '--emit applies to --plan'),
+    (['--plan', '--budget=1h', '--done_root=/tmp'], '--done_root applies to --emit'),
+    (['--plan', '--budget=1h', '--emit=x.py', '--done_root=/nonexistent'], '--done_root=/nonexistent is not a directory'),
+    (['--plan', '--budget=1h', '--emit=/nonexistent/x.py'], 'does not exist or is not writable'),
+])
+def test_plan_cli_refuses_bad_flags_in_one_line_before_planning(tmp_path, flags, message):
+  out = subprocess.run([sys.executable, '-m', 'moejax.claims', f'--root={tmp_path}', *flags], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+  assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1, out.stderr
+  assert message in out.stderr
 
 
 def test_a_plan_for_another_scale_takes_noise_from_the_pilot_and_points_from_the_scale(pilot, monkeypatch, tmp_path):
@@ -187,5 +194,17 @@ def test_a_plan_for_another_scale_takes_noise_from_the_pilot_and_points_from_the
   assert first['name'] not in {r['name'] for r in runs} and f'{first["name"]}-seed1' in {r['name'] for r in runs}
   module = config_lib.load_module(path)
   assert module.get_sweep() == runs and 'tiny2' in module.__doc__
+  every = {(h, f'{i}/{i}') for _, n, h in p.points for i in range(n)}
+  with pytest.raises(DataError, match='no runs to emit'):  # everything already made: nothing written
+    emitted.plan_sweep(str(tmp_path / 'none.py'), p, os.path.join(ROOT, 'experiments', 'papers.py'), 'cmd', every)
+  assert not os.path.exists(tmp_path / 'none.py')
   for _, cfg in sweeps.resolve_points(module.get_config(), runs):  # every point validates at tiny2
     assert cfg.train.steps == 1500 and cfg.model.head_dim == 16
+
+
+def test_a_length_is_planned_only_where_every_class_has_its_noise_measured():
+  """The routing-perturbed branch at 0.5 diverged (no sigma there): 0.5x is not a length the plan may use, and a
+  class the pilot never measured takes the noisiest measured sigma instead of crashing."""
+  noise = {'default': {0.25: (0.03, 9), 0.5: (0.02, 9), 1.0: (0.013, 9)}, 'routing-perturbed': {1.0: (0.05, 5)}}
+  assert not plan._measured(noise, 0.5) and plan._measured(noise, 1.0) and plan._measured(noise, 3.0)  # pylint: disable=protected-access
+  assert plan._sigma_at(noise, 'default', 3.0) == 0.013 and plan._sigma_at(noise, 'other', 1.0) == 0.05  # pylint: disable=protected-access

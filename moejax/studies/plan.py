@@ -107,6 +107,8 @@ class Plan:
   seeds: dict  # {configuration name: seeds} of the chosen plan
   pilot_scale: str = ''
   points: list = dataclasses.field(default_factory=list)  # [(grid point at seed 0, seeds, config hash)] chosen
+  # chosen claims with runs beyond the grids' points (C-A4's extra random designs): not in `points`
+  beyond_grids: list = dataclasses.field(default_factory=list)
 
 
 def parse_budget(text: str) -> tuple[float, str]:
@@ -257,8 +259,8 @@ def plan(gathered: results.Gathered, scale: str, budget: float, unit: str, lengt
   g_points = grids.grid_points(scale)
   noise = class_noise_by_length(rows, gathered.records, g)
   if not noise:
-    raise DataError(f'the pilot runs hold no configuration with two or more seeds at scale {scale!r}: no noise to '
-                    'plan with')
+    raise DataError(f'the pilot runs hold no configuration with two or more seeds at scale {pilot_scale!r}: no noise '
+                    'to plan with')
   configs = {}
   for grid, pts in g_points.items():
     for p in pts:
@@ -276,8 +278,7 @@ def plan(gathered: results.Gathered, scale: str, budget: float, unit: str, lengt
   tried = []
   for factor in lengths:
     at = factor * ratio  # the run length as a multiple of the pilot's
-    measured = max((f for f in next(iter(noise.values())) if f <= at), default=None)
-    if measured is None or (at < 1 and measured != at):
+    if not _measured(noise, at):
       continue
     sigma_of = lambda c, f=at: (_sigma_at(noise, c, f), count.get(c, 2))
     made = {}
@@ -307,16 +308,30 @@ def plan(gathered: results.Gathered, scale: str, budget: float, unit: str, lengt
               out_rows, [{k: t[k] for k in ('factor', 'tokens', 'decided', 'hours', 'flops', 'all_hours', 'all_flops',
                                             'plannable')} for t in tried], noise,
               best['hours'], best['flops'], {names.get(h, h): n for h, n in best['seeds'].items()}, pilot_scale,
-              [(by_hash[h], n, h) for h, n in best['seeds'].items() if h in by_hash])
+              [(by_hash[h], n, h) for h, n in best['seeds'].items() if h in by_hash],
+              sorted({h.split('#')[0] for h in best['seeds'] if h not in by_hash}))
 
 
 def _amount(row, unit):
   return f'{row.hours:.3g} h' if unit == 's' else f'{row.flops:.3g} FLOPs'
 
 
+def _measured(noise, at) -> bool:
+  """Whether every class's sigma is known at `at` (a multiple of the pilot's length): measured there below the
+  pilot's full length, at or below it beyond."""
+  for by in noise.values():
+    below = [f for f in by if f <= at]
+    if not below or (at < 1 and max(below) != at):
+      return False
+  return True
+
+
 def _sigma_at(noise, cls, factor):
-  """The class sigma at a run length: measured at or below the pilot's length, the pilot's full length beyond."""
-  at = noise.get(cls) or noise.get('default')
+  """The class sigma at a run length: measured at or below the pilot's length, the pilot's full length beyond; a
+  class the pilot did not measure takes the noisiest measured class's (conservative)."""
+  if cls not in noise:
+    return max(_sigma_at(noise, c, factor) for c in noise)
+  at = noise[cls]
   return at[max(f for f in at if f <= factor)][0]
 
 

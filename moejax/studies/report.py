@@ -131,6 +131,9 @@ def plan_page(root: str, scale: str, budget: str, out: str | None = None, pilot_
     papers = os.path.join(grids.experiments_dir(), 'papers.py')
     runs = emitted.plan_sweep(emit, p, papers, command, done)
     text += f'\nThe plan\'s {len(runs)} runs: `{emit}` (`python -m moejax.sweep --config={emit} --root=...`).\n'
+    if p.beyond_grids:
+      text += (f'Not emitted: the runs of {", ".join(p.beyond_grids)} beyond the grids\' points (more random designs '
+               'than experiments/paper_a.py A4_RANDOM draws).\n')
   if out:
     try:
       os.makedirs(out, exist_ok=True)

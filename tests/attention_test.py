@@ -131,6 +131,9 @@ def test_attention_keys_validated(tiny_cfg):
   for overrides, needle in (({'model.attention': 'flash3'}, 'model.attention'),
                             ({'model.attention': 'cudnn'}, 'bfloat16'),
                             ({'model.attention_q_block': 0}, 'attention_q_block'),
+                            ({'model.attention': 'splash', 'model.attention_kv_block': 200}, 'multiples of 128'),
+                            ({'model.attention': 'cudnn', 'model.compute_dtype': 'bfloat16', 'model.head_dim': 12},
+                             'multiple of 8'),
                             ({'data.document_mask': 1}, 'data.document_mask')):
     with pytest.raises(ConfigError, match=needle):
       config_lib.validate(config_lib.apply_overrides(tiny_cfg, overrides))
@@ -175,3 +178,21 @@ def test_auto_picks_per_backend():
   assert attention_lib.resolve('auto', jnp.float32, 'gpu') == 'xla'  # (cuDNN has no float32 attention)
   assert attention_lib.resolve('auto', jnp.float32, 'tpu') == 'splash'
   assert attention_lib.resolve('blockwise', jnp.float32, 'tpu') == 'blockwise'
+
+
+def test_auto_on_gpu_leaves_shapes_cudnn_refuses_to_the_blockwise_core():
+  """jax's cuDNN attention raises deep in tracing for a head_dim not a multiple of 8 or over 128 (256 needs Hopper),
+  and for an odd length with a segment mask: 'auto' takes the blockwise core there instead."""
+  assert attention_lib.resolve('auto', jnp.bfloat16, 'gpu', head_dim=128, seq_len=4096, masked=True) == 'cudnn'
+  for head_dim, seq_len, masked in ((36, 128, False), (192, 128, False), (64, 127, True)):
+    assert attention_lib.resolve('auto', jnp.bfloat16, 'gpu', head_dim, seq_len, masked) == 'blockwise'
+  assert attention_lib.resolve('auto', jnp.bfloat16, 'gpu', 64, 127, False) == 'cudnn'
+
+
+def test_splash_takes_sequences_shorter_than_its_128_row_tiles():
+  """'auto' is splash on every TPU run, data.seq_len=64 included: the kernel needs 128-row tiles (it raised
+  'bkv_compute=64 must be a multiple of 128'); the sequence runs as one padded, masked tile."""
+  q, k, v = _qkv(1, 64, 2, 1, 128, seed=4)
+  o_ref, _ = _loss_and_grads('xla', q, k, v, None)
+  o, _ = _loss_and_grads('splash', q, k, v, None, (512, 512), interpret=True)
+  np.testing.assert_allclose(o, o_ref, atol=1e-5, rtol=1e-5)

@@ -146,6 +146,10 @@ def test_the_defaults_take_the_plain_code_path(tiny_cfg, monkeypatch):
     ({'train.microbatches': 3}, 'train.microbatches=3 must divide train.batch_size=4'),
     ({'train.microbatches': 2, 'mesh.data': 4}, 'must be divisible by the batch axes'),
     ({'train.microbatches': 2, 'moe.train_capacity_factor': 1.0}, 'needs moe.capacity_group_tokens'),
+    ({'train.microbatches': 2, 'moe.dispatch': 'capacity', 'moe.capacity_group_tokens': 64},
+     'needs moe.capacity_group_tokens dividing'),
+    ({'train.microbatches': 2, 'moe.routing': 'expert_choice', 'moe.load_balancing': 'none'},
+     "with moe.routing='expert_choice' would change the update"),
     ({'model.remat': 'some'}, "model.remat='some' must be one of"),
 ])
 def test_bad_scale_keys_are_one_line_errors(tiny_cfg, overrides, message):

@@ -67,7 +67,8 @@ def test_tokenizers_round_trip_text(trained, corpus_glob):
   for tok in (tok_lib.ByteTokenizer(), tok_lib.load(f'hf:{trained["bpe_json"]}'),
               tok_lib.load(f'sentencepiece:{trained["unigram"]}'),
               tok_lib.load('train:bpe:400', trained['bpe_json'])):
-    for doc, ids in zip(docs, tok.encode_documents(docs)):
+    quoted = [f'a page quoting {tok.separator_name()} in its text'.encode()] if tok.kind == 'hf' else []
+    for doc, ids in zip(docs + quoted, tok.encode_documents(docs + quoted)):  # a quoted separator is text
       assert ids[0] == tok.separator and (ids[1:] != tok.separator).all()
       assert tok.decode(ids[1:]) == doc, tok.kind
       assert ids.max() < tok.vocab_size

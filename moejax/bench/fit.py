@@ -224,7 +224,9 @@ def _attention_core(cfg, target) -> str:
   """The attention core the step compiles with ('auto' resolved for the target, as the model does)."""
   from moejax.model import attention  # pylint: disable=import-outside-toplevel
   with aot.kernel_context(target):
-    return attention.resolve(cfg.model.attention, jnp.dtype(cfg.model.compute_dtype))
+    return attention.resolve(cfg.model.attention, jnp.dtype(cfg.model.compute_dtype),
+                             head_dim=config_lib.head_dim(cfg.model), seq_len=cfg.data.seq_len,
+                             masked=bool(cfg.data.get('document_mask', False)))
 
 
 def _key(cfg, target, remat: str, microbatches: int, devices: int, scan: bool = False) -> str:

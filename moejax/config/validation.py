@@ -83,6 +83,14 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _require(m.attention != 'cudnn' or m.compute_dtype == 'bfloat16',
            "model.attention='cudnn' needs model.compute_dtype='bfloat16' (cuDNN's fused attention has no float32)")
   _positive(cfg, 'model', ('attention_q_block', 'attention_kv_block'))
+  _require(m.attention != 'splash' or (m.attention_q_block % 128 == 0 and m.attention_kv_block % 128 == 0),
+           f"model.attention='splash' needs model.attention_q_block and attention_kv_block multiples of 128 (the "
+           f'kernel\'s tiles), not {m.attention_q_block} and {m.attention_kv_block}')
+  hd = m.head_dim or m.model_dim // m.num_heads
+  _require(m.attention != 'cudnn' or (hd % 8 == 0 and hd <= 256),
+           f"model.attention='cudnn' needs a head_dim that is a multiple of 8 and at most 256, not {hd}")
+  _require(m.attention != 'cudnn' or not cfg.data.document_mask or cfg.data.seq_len % 2 == 0,
+           f"model.attention='cudnn' with data.document_mask needs an even data.seq_len, not {cfg.data.seq_len}")
   _require(isinstance(cfg.data.document_mask, bool), f'data.document_mask={cfg.data.document_mask!r} must be True or False')
 
   _require(e.num_experts >= 0, f'moe.num_experts={e.num_experts} must be >= 0 (0 = dense model)')
@@ -144,9 +152,14 @@ def _validate_microbatches(cfg) -> None:  # equal microbatches, split over the b
            f'the batch axes mesh.data*mesh.fsdp*mesh.expert={ways}')
   _require(k == 1 or not moe or e.load_balancing != 'micro_batch' or rows % e.balance_group_sequences == 0,
            f'moe.balance_group_sequences={e.balance_group_sequences} must divide the microbatch rows {rows}')
-  _require(k == 1 or not moe or e.train_capacity_factor is None or (e.capacity_group_tokens is not None and rows
+  grouped = e.train_capacity_factor is not None or e.dispatch == 'capacity'  # (capacity dispatch ranks in groups)
+  _require(k == 1 or not moe or not grouped or (e.capacity_group_tokens is not None and rows
            * cfg.data.seq_len % e.capacity_group_tokens == 0), f'train.microbatches={k} with moe.train_capacity_factor'
-           f' needs moe.capacity_group_tokens dividing the microbatch tokens {rows * cfg.data.seq_len}')
+           f" or moe.dispatch='capacity' needs moe.capacity_group_tokens dividing the microbatch tokens "
+           f'{rows * cfg.data.seq_len}')
+  _require(k == 1 or not moe or e.routing != 'expert_choice', f"train.microbatches={k} with moe.routing="
+           "'expert_choice' would change the update: each expert picks among the tokens of its position in the "
+           'batch, so microbatches of B/k rows give other choices and capacities; use train.microbatches=1')
 
 
 def _validate_branches(cfg) -> None:

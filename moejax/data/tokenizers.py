@@ -139,6 +139,9 @@ class HFTokenizer(Tokenizer):
                       f'{str(e).splitlines()[0] if str(e) else type(e).__name__}') from None
     self._tok.no_padding()
     self._tok.no_truncation()
+    # A special token's text inside a document ('<|endoftext|>' quoted in a web page) is text: encoded as such, it
+    # never becomes the separator id, which would open a false document (data.document_mask restarts positions).
+    self._tok.encode_special_tokens = True
     self.vocab_size = int(self._tok.get_vocab_size(with_added_tokens=True))
     names = [separator_token] if separator_token else list(SEPARATOR_NAMES)
     found = [self._tok.token_to_id(n) for n in names if self._tok.token_to_id(n) is not None]

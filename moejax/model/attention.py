@@ -36,12 +36,15 @@ from moejax.parallel import mesh as mesh_lib
 _MASKED = -0.7 * float(np.finfo(np.float32).max)  # a finite "minus infinity": exp(masked - max) is 0, never NaN
 
 
-def resolve(impl: str, dtype=jnp.float32, platform: str | None = None) -> str:
+def resolve(impl: str, dtype=jnp.float32, platform: str | None = None, head_dim: int | None = None,
+            seq_len: int | None = None, masked: bool = False) -> str:
   """The concrete core for `model.attention` on `platform` (default: the platform kernels are lowered for,
   `kernels.platform()`: a compile target's inside `kernels.target`, else jax's default backend).
 
   Compiling for a GPU target without a GPU (`--target=gpu:...`), 'auto' gives 'blockwise' (warned once):
-  cuDNN's fused attention is built by the cuDNN library at compile time, which a deviceless compile lacks.
+  cuDNN's fused attention is built by the cuDNN library at compile time, which a deviceless compile lacks. So
+  does a shape cuDNN's attention refuses (jax raises deep in tracing): a head_dim that is not a multiple of 8 or is
+  over 128 (256 needs Hopper), or an odd length with a segment mask.
   """
   if impl != 'auto':
     return impl
@@ -50,6 +53,11 @@ def resolve(impl: str, dtype=jnp.float32, platform: str | None = None) -> str:
     if kernels.deviceless():
       kernels.warn_once('attention-auto-deviceless', "model.attention='auto': cuDNN's attention cannot be compiled "
                         'without cuDNN and a GPU; compiling the blockwise core for this target instead')
+      return 'blockwise'
+    if (head_dim is not None and (head_dim % 8 or head_dim > 128)) or (masked and seq_len and seq_len % 2):
+      kernels.warn_once('attention-auto-shape', f"model.attention='auto': cuDNN's attention does not take head_dim "
+                        f'{head_dim} with length {seq_len}{" and a segment mask" if masked else ""}; using the '
+                        'blockwise core')
       return 'blockwise'
     return 'cudnn'
   return 'splash' if platform == 'tpu' else 'xla'
@@ -75,7 +83,8 @@ def attend(q_BLHK: jax.Array, k_BLGK: jax.Array, v_BLGK: jax.Array, impl: str = 
            segment_ids_BL: jax.Array | None = None, q_block: int = 512, kv_block: int = 512,
            interpret: bool = False) -> jax.Array:
   """Causal attention o_BLHK by the named core (`resolve`d)."""
-  impl = resolve(impl, q_BLHK.dtype)
+  impl = resolve(impl, q_BLHK.dtype, head_dim=q_BLHK.shape[-1], seq_len=q_BLHK.shape[1],
+                 masked=segment_ids_BL is not None)
   if impl == 'blockwise':
     return blockwise_attention(q_BLHK, k_BLGK, v_BLGK, segment_ids_BL, q_block, kv_block)
   if impl == 'splash':
@@ -246,7 +255,9 @@ def splash_attention(q_BLHK, k_BLGK, v_BLGK, segment_ids_BL=None, q_block: int =
       splash_attention_kernel as splash, splash_attention_mask as masks)
   B, L, H, K = q_BLHK.shape
   G = k_BLGK.shape[2]
-  bq, bk, Lp = _padded_blocks(L, q_block, kv_block)
+  # The kernel tiles by multiples of 128: a shorter sequence runs as one 128-row block, padding masked.
+  up = lambda n: -(-n // 128) * 128  # noqa: E731
+  bq, bk, Lp = _padded_blocks(up(L), up(q_block), up(kv_block))
   pad = ((0, 0), (0, Lp - L), (0, 0), (0, 0))
   q = jnp.transpose(jnp.pad(q_BLHK, pad), (0, 2, 1, 3)).reshape(B, G, H // G, Lp, K) / math.sqrt(K)
   k, v = (jnp.transpose(jnp.pad(x, pad), (0, 2, 1, 3)) for x in (k_BLGK, v_BLGK))  # [B, G, Lp, K]

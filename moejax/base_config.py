@@ -38,7 +38,7 @@ def get_config(arg=None):
   m.attention = 'xla'  # attention core: 'xla' (jax.nn.dot_product_attention), 'blockwise' (flash in jnp), 'cudnn' (GPU), 'splash' (TPU Pallas), 'auto'
   m.attention_q_block = 512  # 'blockwise'/'splash': queries per block (clipped to the sequence length)
   m.attention_kv_block = 512  # 'blockwise'/'splash': keys per block; scores held at once: H x q_block x kv_block
-  m.scan_layers = False  # run each repeating period of identical blocks as one jax.lax.scan (compiles once per period); parameters stay per layer
+  m.scan_layers = False  # run each repeating period of identical blocks as one jax.lax.scan over parameters stored stacked (checkpoints stay per layer)
   m.remat = 'none'  # rematerialize each block in the backward pass: 'none', 'full' (keep block inputs), 'moe' (also keep the routing), 'dots' (keep matmul outputs)
 
   c.moe = e = ml_collections.ConfigDict()

@@ -34,7 +34,7 @@ from flax import nnx
 from moejax import cli, config as config_lib
 from moejax.bench import common, step as step_bench
 from moejax.errors import ConfigError
-from moejax.model import dispatch as dispatch_lib
+from moejax.model import dispatch as dispatch_lib, stack
 from moejax.train import evaluate as eval_lib, state as state_lib
 from moejax.inference import decode
 from moejax.parallel import mesh as mesh_lib
@@ -65,6 +65,7 @@ def compile_eval(cfg, target=None) -> dict:
 def compile_decode(cfg, target=None, batch: int = 8) -> dict:
   """One decode step (a token per sequence, `moe_dispatch='auto'`) against a cache of `cfg.data.seq_len`."""
   decode.check_decodable(cfg)
+  cfg = stack.unscanned(cfg)  # (decoding runs the layers one by one)
   mesh = state_lib._make_mesh(cfg, None if target is None else target.devices())  # pylint: disable=protected-access
   graphdef, state = _abstract_state(cfg, mesh, target)
   # The cache and the tokens are split over the batch axes when the batch divides them (a sharded server's
@@ -159,7 +160,7 @@ REMAT_LADDER = (('full', True), ('none', True), ('moe', True))
 OUT_OF_MEMORY = ('memory space hbm', 'memory on HBM')
 # Raised whenever the model, parallel or kernel code changes what a compile produces: entries of other versions
 # are not reused (the key also holds the config hash, resolved attention core, target, setting and compiler).
-FIT_CACHE_VERSION = 2
+FIT_CACHE_VERSION = 3  # 3: scanned models store their layers stacked (model/stack.py)
 
 
 def _microbatches(global_tokens: int, seq_len: int, devices: int) -> int:

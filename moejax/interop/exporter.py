@@ -99,6 +99,7 @@ def restore_params(cfg, workdir: str) -> dict:
   from moejax.errors import CheckpointError  # pylint: disable=import-outside-toplevel
   cfg = cfg.copy_and_resolve_references()
   cfg.mesh.data = cfg.mesh.fsdp = cfg.mesh.expert = cfg.mesh.tensor = 1  # exported on one device
+  cfg.model.scan_layers = False  # (checkpoints hold the layers one by one)
   _, abstract = state_lib.abstract_state(cfg)
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'), use_async=False)
   try:

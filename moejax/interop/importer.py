@@ -165,7 +165,8 @@ def _save_state(cfg, params: dict, directory: str, source: str) -> None:
   from moejax.train import checkpoint
   from moejax.model import transformer as model_lib
   from moejax.train import optim  # pylint: disable=import-outside-toplevel
-  _, _, buffers = model_lib.split(nnx.eval_shape(lambda: model_lib.build(cfg)))
+  from moejax.model import stack  # pylint: disable=import-outside-toplevel
+  _, _, buffers = model_lib.split(nnx.eval_shape(lambda: model_lib.build(stack.unscanned(cfg))))  # (per layer on disk)
   params = jax.tree.map(jnp.asarray, params)
   buffers = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), nnx.to_pure_dict(buffers))
   state = {'params': params, 'buffers': buffers, 'opt_state': optim.make(cfg.optim).init(params),

@@ -210,8 +210,12 @@ class MoE(nnx.Module):
     return aux
 
 
-def update_expert_biases(buffers: dict, counts_ME: jax.Array, rate: float) -> dict:
-  """Aux-free update after a step: b <- b + rate * sign(mean(c) - c) for each MoE layer, in layer order."""
+def update_expert_biases(buffers: dict, counts_ME: jax.Array, rate: float, spans=None) -> dict:
+  """Aux-free update after a step: b <- b + rate * sign(mean(c) - c) for each MoE layer, in layer order (`spans`: a
+  scanned model's stored layout, `model.stack`: its stacked biases are updated per layer)."""
+  from moejax.model import stack  # pylint: disable=import-outside-toplevel
+  if spans:
+    return stack.to_stacked(update_expert_biases(stack.to_layers(buffers, spans), counts_ME, rate), spans)
   blocks = dict(buffers.get('blocks', {}))
   layers = sorted(i for i, b in blocks.items() if 'expert_bias' in b.get('ffn', {}))
   for j, i in enumerate(layers):

@@ -1,13 +1,19 @@
 """Running the decoder blocks scanned (`model.scan_layers`) and rematerialized (`model.remat`).
 
-The parameters stay per layer (`blocks.0`, `blocks.1`, ...) whatever these keys say, so checkpoints,
-exports and decode caches do not depend on them. Scanning finds the repeating periods of the layer
-pattern (`periods`): a run of identical blocks is a period of one; an interleaved pattern such as
-`moe.every_n_layers=2` (dense, MoE, dense, MoE, ...) is a period of two; first dense layers are a
-run of their own. Each period's per-layer parameters are stacked at call time and the period is
-one `jax.lax.scan` step, so the program holds one copy of each distinct block whatever the depth
-(the price: the stacked copy of the scanned blocks' parameters, one transient buffer, and the
-gradients' unstacking). docs/scaling-out.md measures compile time and memory both ways.
+Scanning finds the repeating periods of the layer pattern (`periods`): a run of identical blocks is
+a period of one; an interleaved pattern such as `moe.every_n_layers=2` (dense, MoE, dense, MoE, ...)
+is a period of two; first dense layers are a run of their own. A scanned model stores each period
+position's parameters stacked on a leading 'layers' axis (`stack_blocks`: the blocks of layers
+start + j, start + j + p, ... become one block whose every variable has r rows), and each period is
+one `jax.lax.scan` step over them, so the program holds one copy of each distinct block and one
+optimizer update per stacked leaf whatever the depth. Before, the parameters stayed per layer and
+were stacked at every call: on XLA:CPU three quarters of OLMoE-1B-7B's scanned train step (1,347 of
+1,709 fusions) were per-layer stacking, unstacking and optimizer updates outside the loops.
+
+Checkpoints, exports and decoding keep the per-layer layout ('blocks.0', 'blocks.1', ...): `to_layers`
+and `to_stacked` convert a parameter tree (or any tree holding it, such as the optimizer state)
+between the two, and `train.checkpoint.Checkpointer` saves and restores per layer, so a checkpoint
+restores across the switch. Decoding builds the model unscanned (`unscanned`).
 
 `remat` wraps each block (or each scanned period) in `jax.checkpoint` with a policy (`POLICIES`):
 'full' keeps only the block inputs; 'moe' keeps the projections that have no batch dimension
@@ -24,7 +30,6 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from moejax.parallel import mesh as mesh_lib
 
 ROUTING_NAMES = ('router_experts', 'router_gates')
 
@@ -60,34 +65,122 @@ def periods(kinds: list) -> list[tuple[int, int, int]]:
   return out
 
 
-def _stacked(states: tuple) -> nnx.State:
-  """The layers' states stacked on a new leading axis, each leaf kept sharded as its layers are.
-
-  Without the constraint XLA's sharding propagation is free to pick the stacked copy's sharding,
-  and under `mesh.fsdp` it gathered the whole stack: measured on 8 fake CPU devices, 12 dense
-  layers (d=256), scanned: 2.3x the temporaries and 2.7x the compile time of the unrolled step;
-  with it, docs/scaling-out.md.
-  """
-  stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *states)
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty or mesh.size == 1:
-    return stacked
-  axes = mesh_lib.logical_axes_tree(states[0])
-  values = nnx.to_pure_dict(stacked)
-  spec = lambda names: mesh_lib.canonical_spec(mesh_lib.logical_to_spec((None,) + tuple(names)), mesh)  # noqa: E731
-  constrained = jax.tree.map(lambda x, names: jax.lax.with_sharding_constraint(x, spec(names)), values, axes,
-                             is_leaf=lambda x: isinstance(x, tuple))
-  nnx.replace_by_pure_dict(stacked, constrained)
-  return stacked
-
-
 def _layer_rng(rng, index):
   return None if rng is None else jax.random.fold_in(rng, index)
 
 
-def run(blocks, x_BLD: jax.Array, train: bool, rng, positions_BL, scan: bool, remat: str, use_ffn: bool = True,
+def layer_kinds(model_cfg, moe_cfg) -> list[bool]:
+  """Whether each layer is an MoE layer: blocks of one kind have equal structure and shapes (`_kind`)."""
+  from moejax import config as config_lib  # pylint: disable=import-outside-toplevel
+  return [config_lib.is_moe_layer(moe_cfg, i) for i in range(model_cfg.num_layers)]
+
+
+def storage_spans(cfg) -> tuple | None:
+  """The scanned model's (start, period, repeats) spans of `cfg` (None: parameters stored per layer)."""
+  if not cfg.model.get('scan_layers', False):
+    return None
+  return tuple(periods(layer_kinds(cfg.model, cfg.moe)))
+
+
+def unscanned(cfg):
+  """`cfg` with the parameters per layer (`model.scan_layers=False`): what decoding, exports and checkpoints use."""
+  if not cfg.model.get('scan_layers', False):
+    return cfg
+  cfg = cfg.copy_and_resolve_references()
+  cfg.model.scan_layers = False
+  return cfg
+
+
+def entries(spans) -> list[tuple[int, int, int]]:
+  """(first layer, period, repeats) of each stored block in order: one per period position of a scanned span,
+  one per layer of a span that runs once."""
+  return [(start + j, p, r) for start, p, r in spans for j in range(p)] if spans else []
+
+
+def stack_blocks(blocks: list, spans) -> list:
+  """The stored blocks of a scanned model: per `entries`, layer i's block when it runs once, else layer i's block
+  holding the stacked state of layers i, i + p, ..., i + (r - 1) p, every variable with a leading 'layers' axis."""
+  out = []
+  for first, p, r in entries(spans):
+    block = blocks[first]
+    if r > 1:
+      if len({_kind(blocks[first + q * p]) for q in range(r)}) != 1:
+        raise ValueError(f'layers {first}, {first + p}, ... of one period differ in structure or shapes')
+      states = [nnx.state(blocks[first + q * p]) for q in range(r)]
+      nnx.update(block, jax.tree.map(lambda *xs: jnp.stack(xs), *states))
+      for _, var in nnx.iter_graph(block):
+        if isinstance(var, nnx.Variable) and getattr(var, 'logical_axes', None) is not None:
+          var.set_metadata(logical_axes=('layers',) + tuple(var.logical_axes))
+    out.append(block)
+  return out
+
+
+def to_layers(tree, spans):
+  """A tree holding the scanned layout's 'blocks' (entry index -> subtree) with those of the per-layer layout
+  (layer index -> subtree); any tree: parameter, buffer and optimizer-state trees, arrays or ShapeDtypeStructs."""
+  return _convert(tree, spans, _blocks_to_layers)
+
+
+def to_stacked(tree, spans):
+  """The inverse of `to_layers`."""
+  return _convert(tree, spans, _blocks_to_stacked)
+
+
+def _convert(tree, spans, fn):
+  if not spans:
+    return tree
+  if isinstance(tree, dict):
+    return {k: (fn(v, spans) if k == 'blocks' and isinstance(v, dict) else _convert(v, spans, fn))
+            for k, v in tree.items()}
+  if isinstance(tree, tuple) and hasattr(tree, '_fields'):  # optax's NamedTuple states
+    return type(tree)(*(_convert(v, spans, fn) for v in tree))
+  if isinstance(tree, (tuple, list)):
+    return type(tree)(_convert(v, spans, fn) for v in tree)
+  return tree
+
+
+def _blocks_to_layers(blocks: dict, spans) -> dict:
+  out = {}
+  for index, (first, p, r) in enumerate(entries(spans)):
+    for q in range(r):
+      out[first + q * p] = blocks[index] if r == 1 else jax.tree.map(lambda x, q=q: _row(x, q), blocks[index])
+  return dict(sorted(out.items()))
+
+
+def _blocks_to_stacked(blocks: dict, spans) -> dict:
+  out = {}
+  for index, (first, p, r) in enumerate(entries(spans)):
+    rows = [blocks[first + q * p] for q in range(r)]
+    out[index] = rows[0] if r == 1 else jax.tree.map(lambda *xs: _stack_rows(xs), *rows)
+  return out
+
+
+def _row(x, q):
+  """Row q of a stacked leaf (an abstract leaf keeps its sharding less the 'layers' axis)."""
+  if isinstance(x, jax.ShapeDtypeStruct):
+    sharding = x.sharding
+    if isinstance(sharding, jax.sharding.NamedSharding):
+      sharding = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*tuple(sharding.spec)[1:]))
+    return jax.ShapeDtypeStruct(x.shape[1:], x.dtype, sharding=sharding)
+  return x[q]
+
+
+def _stack_rows(xs):
+  x = xs[0]
+  if isinstance(x, jax.ShapeDtypeStruct):
+    sharding = x.sharding
+    if isinstance(sharding, jax.sharding.NamedSharding):
+      sharding = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(None, *tuple(sharding.spec)))
+    return jax.ShapeDtypeStruct((len(xs),) + x.shape, x.dtype, sharding=sharding)
+  return jnp.stack(xs)
+
+
+def run(blocks, x_BLD: jax.Array, train: bool, rng, positions_BL, spans, remat: str, use_ffn: bool = True,
         **block_kwargs: Any) -> tuple[jax.Array, list[dict]]:
-  """(x_BLD after every block, per-MoE-layer aux dicts in layer order), scanned and/or rematerialized."""
+  """(x_BLD after every block, per-MoE-layer aux dicts in layer order), scanned and/or rematerialized.
+
+  `spans` None: `blocks` are the layers, run one by one; else `blocks` are the stored blocks of a scanned model
+  (`stack_blocks` over these spans) and each span with repeats runs as one scan."""
   save = policy(remat)
   graphdefs, states = zip(*(nnx.split(b) for b in blocks))
 
@@ -96,7 +189,7 @@ def run(blocks, x_BLD: jax.Array, train: bool, rng, positions_BL, scan: bool, re
                                            **block_kwargs)
     return x, aux
 
-  def period_fn(graphdefs_p):
+  def period_fn(graphdefs_p, scanned):
     def body(x, state_and_index):
       states_p, index_p = state_and_index
       auxes = []
@@ -104,19 +197,19 @@ def run(blocks, x_BLD: jax.Array, train: bool, rng, positions_BL, scan: bool, re
         x, aux = apply(g, s, x, index_p[j])
         auxes.append(aux)
       return x, tuple(auxes)
-    return body if save is None else jax.checkpoint(body, policy=save, prevent_cse=not scan)
+    return body if save is None else jax.checkpoint(body, policy=save, prevent_cse=not scanned)
 
-  layer_aux = []
-  spans = periods([_kind(b) for b in blocks]) if scan else [(i, 1, 1) for i in range(len(blocks))]
-  for start, p, r in spans:
-    body = period_fn(graphdefs[start:start + p])
+  layer_aux, entry = [], 0
+  for start, p, r in (spans or [(i, 1, 1) for i in range(len(blocks))]):
+    body = period_fn(graphdefs[entry:entry + p], r > 1)
+    stored = states[entry:entry + p]
+    entry += p
     if r == 1:
-      x_BLD, auxes = body(x_BLD, (states[start:start + p], jnp.arange(start, start + p)))
+      x_BLD, auxes = body(x_BLD, (stored, jnp.arange(start, start + p)))
       layer_aux += [a for a in auxes if a is not None]
       continue
-    stacked = tuple(_stacked(states[start + j:start + p * r:p]) for j in range(p))
     index_RP = jnp.arange(start, start + p * r).reshape(r, p)
-    x_BLD, auxes = jax.lax.scan(body, x_BLD, (stacked, index_RP))
+    x_BLD, auxes = jax.lax.scan(body, x_BLD, (stored, index_RP))
     for q in range(r):
       layer_aux += [jax.tree.map(lambda a, q=q: a[q], a) for a in auxes if a is not None]
   return x_BLD, layer_aux

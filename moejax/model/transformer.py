@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from moejax import config as config_lib
+from moejax.errors import ConfigError
 from moejax.model import dispatch as dispatch_lib, stack
 from moejax.model.layers import MLP, Attention, Embed, RMSNorm, param
 from moejax.model.moe import MoE
@@ -88,21 +89,26 @@ class Transformer(nnx.Module):
   def __init__(self, model_cfg, moe_cfg, rngs: nnx.Rngs):
     m = model_cfg
     self.embed = Embed(m.vocab_size, m.model_dim, m.init_std, rngs)
-    self.blocks = nnx.List([
-        Block(m, moe_cfg, config_lib.is_moe_layer(moe_cfg, i), rngs) for i in range(m.num_layers)])
+    blocks = [Block(m, moe_cfg, config_lib.is_moe_layer(moe_cfg, i), rngs) for i in range(m.num_layers)]
+    # Scanned: the parameters stored stacked per period position (stack.stack_blocks), initialized as unrolled.
+    self.spans = tuple(stack.periods(stack.layer_kinds(m, moe_cfg))) if m.get('scan_layers', False) else None
+    self.blocks = nnx.List(stack.stack_blocks(blocks, self.spans) if self.spans else blocks)
     self.final_norm = RMSNorm(m.model_dim, m.norm_eps)
     self.unembed = None if m.use_tied_embeddings else param(rngs, (m.model_dim, m.vocab_size), ('embed', 'vocab'),
                                                             m.init_std)
     self.dtype = jnp.dtype(m.compute_dtype)
-    self.scan_layers, self.remat = m.get('scan_layers', False), m.get('remat', 'none')
+    self.remat = m.get('remat', 'none')
 
   def __call__(self, tokens_BL: jax.Array, train: bool = False, rng: jax.Array | None = None, *,
                positions_BL: jax.Array | None = None, cache: Cache | None = None, moe_dispatch: str = 'model',
                use_ffn: bool = True, segment_ids_BL: jax.Array | None = None):
     x_BLD = self.embed(tokens_BL, self.dtype)
     tokens = tokens_BL.shape[0] * tokens_BL.shape[1]
-    if cache is None and (self.scan_layers or self.remat != 'none'):  # (decode runs the blocks unrolled)
-      x_BLD, layer_aux = stack.run(self.blocks, x_BLD, train, rng, positions_BL, self.scan_layers, self.remat, use_ffn,
+    if cache is not None and self.spans:
+      raise ConfigError('a scanned model (model.scan_layers=True) stores its layers stacked and cannot decode; build '
+                        'the model unscanned (moejax.model.stack.unscanned(cfg)): checkpoints are per layer')
+    if cache is None and (self.spans or self.remat != 'none'):  # (decode runs the blocks unrolled)
+      x_BLD, layer_aux = stack.run(self.blocks, x_BLD, train, rng, positions_BL, self.spans, self.remat, use_ffn,
                                    segment_ids_BL=segment_ids_BL)
       return self.logits(self.final_norm(x_BLD)), _stack_aux(layer_aux)
     layer_aux, keys, values = [], [], []

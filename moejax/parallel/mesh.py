@@ -35,6 +35,7 @@ LOGICAL_AXIS_RULES: dict[str, Any] = {
     'expert': 'expert',
     'expert_mlp': 'tensor',
     'router_experts': None,  # router output columns stay whole: routing needs all scores
+    'layers': None,  # a scanned model's stacked layers (model/stack.py): each device holds every layer's shard
 }
 
 

@@ -208,6 +208,7 @@ def replay(workdir: str, sequences: int) -> Replay:
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   from flax import nnx  # pylint: disable=import-outside-toplevel
   from moejax import config as config_lib, data  # pylint: disable=import-outside-toplevel
+  from moejax.model import stack  # pylint: disable=import-outside-toplevel
   from moejax.train import checkpoint, restore, state as state_lib  # pylint: disable=import-outside-toplevel
   cfg = restore.load_config(workdir)
   if not cfg.moe.num_experts:
@@ -219,7 +220,7 @@ def replay(workdir: str, sequences: int) -> Replay:
   S = tokens_SL.shape[0] // B * B
   if S == 0:
     raise ConfigError(f'--sequences and the held-out split give fewer than eval.batch_size={B} sequences')
-  graphdef, abstract = state_lib.abstract_state(cfg)
+  graphdef, abstract = state_lib.abstract_state(stack.unscanned(cfg))  # (decoding runs the layers one by one)
   E, layers = cfg.moe.num_experts, config_lib.moe_layers(cfg.model, cfg.moe)
 
   @jax.jit

@@ -24,6 +24,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from moejax.errors import CheckpointError
+from moejax.model import stack
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +75,11 @@ def _kept(steps: list[int]) -> str:
 class Checkpointer:
   """Saves and restores {'state': pytree, 'meta': json dict} under `directory`."""
 
-  def __init__(self, directory: str, max_to_keep: int = 2, use_async: bool = True, keep_every_steps: int | None = None):
+  def __init__(self, directory: str, max_to_keep: int = 2, use_async: bool = True, keep_every_steps: int | None = None,
+               spans=None):
+    # spans (`model.stack.storage_spans(cfg)`): the states given and returned hold a scanned model's stacked
+    # layers; on disk they are per layer (`stack.to_layers`), so a checkpoint restores across `model.scan_layers`.
+    self.spans = spans
     # grain (the data pipeline) imports attrs lazily; imported for the first time while orbax's background
     # threads run, CPython's import lock can fail (KeyError in _ModuleLock, seen once in the test suite). Import
     # it before orbax starts any thread.
@@ -96,6 +101,7 @@ class Checkpointer:
   def save(self, step: int, state: Any, meta: dict) -> None:
     """Starts saving (asynchronously when enabled); `wait` blocks until it is on disk."""
     self._finish()  # a failure of the previous async save surfaces here, before anything new is written
+    state = stack.to_layers(state, self.spans)  # (a per-layer copy of a scanned model's state while it saves)
     # Check the space first: a write that fails midway makes tensorstore print a traceback per
     # pending write (the arrays' raw size bounds the zstd-compressed checkpoint from above).
     needed = sum(x.nbytes for x in jax.tree.leaves(state)) + (1 << 20)
@@ -171,7 +177,8 @@ class Checkpointer:
       try:
         with _quiet_orbax():
           restored = self._mngr.restore(step, args=ocp.args.Composite(
-              state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+              state=ocp.args.StandardRestore(stack.to_layers(abstract_state, self.spans)),
+              meta=ocp.args.JsonRestore()))
       except Exception as e:  # pylint: disable=broad-except  (orbax/tensorstore raise many types for damaged files)
         log.warning('checkpoint step %d is unreadable (%s); trying an older one', step, _cause(e))
         failed.append((step, _cause(e)))
@@ -181,7 +188,7 @@ class Checkpointer:
       if move_aside and failed and '://' not in str(self.directory):
         for bad, _ in failed:
           log.warning('moved unreadable checkpoint step %d to %s', bad, self._move_aside(bad))
-      return step, restored['state'], restored['meta']
+      return step, self._stacked(restored['state'], abstract_state), restored['meta']
     if failed:
       raise CheckpointError(f'no readable checkpoint in {self.directory} (left in place): step {failed[0][0]}: '
                             f'{failed[0][1]}')
@@ -192,10 +199,17 @@ class Checkpointer:
     try:
       with _quiet_orbax():
         restored = self._mngr.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+            state=ocp.args.StandardRestore(stack.to_layers(abstract_state, self.spans)), meta=ocp.args.JsonRestore()))
     except Exception as e:  # pylint: disable=broad-except  (orbax/tensorstore raise many types for damaged files)
       raise CheckpointError(f'checkpoint step {step} in {self.directory} is unreadable: {_cause(e)}') from None
-    return restored['state'], restored['meta']
+    return self._stacked(restored['state'], abstract_state), restored['meta']
+
+  def _stacked(self, state: Any, target: Any) -> Any:
+    """A restored per-layer state in the layout (and shardings) of `target`."""
+    if not self.spans:
+      return state
+    return jax.tree.map(lambda x, t: jax.device_put(x, t.sharding) if getattr(t, 'sharding', None) else x,
+                        stack.to_stacked(state, self.spans), target)
 
   def wait(self) -> None:
     """Blocks until the last save is on disk; raises CheckpointError if it failed."""

@@ -26,6 +26,7 @@ from moejax.errors import DataError, Interrupted, NonFiniteLossError, Preempted
 from moejax.parallel import distributed
 from moejax.parallel import mesh as mesh_lib
 from moejax.train import checkpoint, evaluate as eval_lib, metrics as metrics_lib, optim, record
+from moejax.model import stack
 from moejax.train import workdir as workdir_lib
 from moejax.train.state import Setup, setup
 from moejax.train.step import cached_train_step
@@ -101,7 +102,7 @@ def run(cfg, workdir: str, stop_after: int | None = None, built: Setup | None = 
                                cfg.data.prefetch_batches)
   data_iter = iter(dataset)
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'), cfg.checkpoint.max_to_keep,
-                                 cfg.checkpoint.use_async, cfg.checkpoint.keep_every_steps)
+                                 cfg.checkpoint.use_async, cfg.checkpoint.keep_every_steps, stack.storage_spans(cfg))
   loop = None
   try:
     state, wall_before, branches_done, routing_window = s.state, 0.0, [], None

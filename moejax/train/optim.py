@@ -78,19 +78,28 @@ def branch_ends(optim_cfg, total_steps: int) -> list[int]:
   return sorted({int(round(float(f) * total_steps)) for f in text.split(',') if f.strip()})
 
 
-def decay_mask(params: Any) -> Any:
-  """True for parameters that get weight decay (matrices), False for vectors (norm scales)."""
-  return jax.tree.map(lambda p: p.ndim >= 2, params)
+def decay_mask(spans=None):
+  """The weight-decay mask of a parameter tree: True for matrices, False for vectors (norm scales), judged per layer
+  (a scanned model's stacked leaves, `model.stack`, carry one more leading axis)."""
+  from moejax.model import stack  # pylint: disable=import-outside-toplevel
+  stacked = {i for i, (_, _, r) in enumerate(stack.entries(spans)) if r > 1}
+
+  def mask(params: Any) -> Any:
+    def per_leaf(path, p):
+      keys = [getattr(k, 'key', None) for k in path[:2]]
+      return p.ndim - (1 if keys[0] == 'blocks' and keys[1] in stacked else 0) >= 2
+    return jax.tree_util.tree_map_with_path(per_leaf, params)
+  return mask
 
 
-def make(optim_cfg) -> optax.GradientTransformation:
+def make(optim_cfg, spans=None) -> optax.GradientTransformation:
   """The optimizer at unit learning rate: the train step multiplies its updates by the step's learning rate.
 
   AdamW's update is -lr * (adam + wd * p), so scaling a unit-rate update by lr is exactly AdamW
-  at lr (decoupled weight decay included).
+  at lr (decoupled weight decay included). `spans`: a scanned model's stored layout (`model.stack.storage_spans`).
   """
   adamw = optax.adamw(lambda count: 1.0, b1=optim_cfg.adam_b1, b2=optim_cfg.adam_b2,
-                      eps=optim_cfg.adam_eps, weight_decay=optim_cfg.weight_decay, mask=decay_mask)
+                      eps=optim_cfg.adam_eps, weight_decay=optim_cfg.weight_decay, mask=decay_mask(spans))
   if optim_cfg.grad_clip_norm > 0:
     return optax.chain(optax.clip_by_global_norm(optim_cfg.grad_clip_norm), adamw)
   return adamw

@@ -11,7 +11,7 @@ import optax
 from flax import nnx
 
 from moejax import config as config_lib
-from moejax.model import attention as attention_lib, moe as moe_lib
+from moejax.model import attention as attention_lib, moe as moe_lib, stack
 from moejax.parallel import mesh as mesh_lib
 from moejax.train import accumulate, optim
 
@@ -76,7 +76,8 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
     params = optax.apply_updates(state['params'], updates)
     buffers = state['buffers']
     if moe_cfg.load_balancing == 'aux_free' and 'expert_counts' in aux:
-      buffers = moe_lib.update_expert_biases(buffers, aux['expert_counts'], moe_cfg.bias_update_rate)
+      buffers = moe_lib.update_expert_biases(buffers, aux['expert_counts'], moe_cfg.bias_update_rate,
+                                             stack.storage_spans(cfg))
     out = {'loss': loss, 'ce': ce, 'aux_loss': aux['aux_loss'], 'z_loss': aux['z_loss'],
            'grad_norm': optax.tree.norm(grads), 'learning_rate': lr}
     out.update({k: aux[k] for k in ROUTING_METRICS if k in aux})
@@ -123,4 +124,4 @@ def cached_train_step(s) -> Callable:
   """The jitted train step for `s.cfg`, shared with earlier runs whose step_key is equal."""
   cfg, sep = s.cfg, document_separator(s)  # (the tokenizer is outside step_key: the separator is in the kind)
   return cached('train' if sep is None else f'train-sep{sep}', cfg, lambda: make_train_step(
-      s.graphdef, optim.make(cfg.optim), cfg, jax.tree.map(lambda x: x.sharding, s.state), s.mesh, sep))
+      s.graphdef, optim.make(cfg.optim, stack.storage_spans(cfg)), cfg, jax.tree.map(lambda x: x.sharding, s.state), s.mesh, sep))

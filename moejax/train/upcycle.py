@@ -29,6 +29,7 @@ from flax import traverse_util
 
 from moejax import config as config_lib, files
 from moejax.errors import ConfigError
+from moejax.model import stack
 from moejax.train import restore
 
 log = logging.getLogger(__name__)
@@ -81,7 +82,7 @@ def _dense_params(cfg, source: str):
   placed = config_lib.apply_overrides(dense_cfg, {**{f'mesh.{k}': v for k, v in cfg.mesh.items()},
                                                   'train.batch_size': cfg.train.batch_size,
                                                   'eval.batch_size': cfg.eval.batch_size})
-  _, abstract = state_lib.abstract_state(placed)
+  _, abstract = state_lib.abstract_state(stack.unscanned(placed))
   _, state = restore.restore_state(types.SimpleNamespace(state=abstract), source)
   return G, jax.tree.map(np.asarray, jax.device_get(state['params']))
 
@@ -130,8 +131,10 @@ def initialize(cfg, state: dict, workdir: str) -> dict:
   prior = dense_record(source)
   G, dense = _dense_params(cfg, source)
   shardings = jax.tree.map(lambda x: x.sharding, state['params'])
-  host = jax.tree.map(np.asarray, jax.device_get(state['params']))
-  new = upcycle_params(host, dense, cfg, G, jax.random.fold_in(jax.random.key(cfg.seed), 0x0C7C1E))
+  spans = stack.storage_spans(cfg)  # (upcycled per layer, stored as the run stores them)
+  host = stack.to_layers(jax.tree.map(np.asarray, jax.device_get(state['params'])), spans)
+  new = stack.to_stacked(upcycle_params(host, dense, cfg, G, jax.random.fold_in(jax.random.key(cfg.seed), 0x0C7C1E)),
+                         spans)
   log.info('upcycled from %s (G=%d, %d experts, router std %g, noise %g); its training: %.3g FLOPs', source, G,
            cfg.moe.num_experts, cfg.train.init_from_router_std, cfg.train.init_from_noise, prior['flops'])
   from moejax.parallel import distributed  # pylint: disable=import-outside-toplevel

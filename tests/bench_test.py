@@ -26,6 +26,8 @@ def _bench(*args):
     (('moejax.bench', 'moe', '--triton=128:128:four:3'), "--triton: '128:128:four:3' is not 4 positive integers"),
     (('moejax.bench', 'step', '--override=nope'), "--override='nope' must be key=value"),
     (('moejax.bench.step', 'extra'), "unexpected argument 'extra'"),
+    (('moejax.bench', 'compile', '--config=experiments/quickstart.py', '--target=gpu:a100x8'),
+     "--target='gpu:a100x8' is not a compile target"),
     (('moejax.bench', 'fit', '--config=experiments/quickstart.py', '--search=gpu:h100', '--global_tokens=nan'),
      '--global_tokens=nan must be a positive number'),
     (('moejax.bench', 'fit', '--config=experiments/quickstart.py', '--target=gpu:h100x8', '--steps'),

@@ -51,12 +51,14 @@ def speedup_table(s: dict | None) -> str:
 def lr_table(rates: list[float], rows: list[dict]) -> str:
   if not rows:
     return 'No runs of grid LR.\n'
-  lines = ['| anchor | N_total | ' + ' | '.join(f'LR {x:g}' for x in rates) + ' | best | parabola vertex |',
-           '|---|---:|' + '---:|' * len(rates) + '---:|---:|']
+  rule = 'rule' in rows[0]  # widths vary: the joint fit of summaries.lr_rule
+  lines = ['| anchor | N_total | ' + ' | '.join(f'LR {x:g}' for x in rates) + ' | best | parabola vertex |'
+           + (' rule (joint fit) |' if rule else ''), '|---|---:|' + '---:|' * len(rates) + '---:|---:|' + '---:|' * rule]
   for r in rows:
     vertex = ('not bracketed' if not r['bracketed'] else '-' if r['vertex'] is None else f'{r["vertex"]:.2g}')
     cells = ' | '.join(f'{r["losses"][x]:.4f}' if x in r['losses'] else '-' for x in rates)
-    lines.append(f'| {r["anchor"]} | {accounting.human(r["n_total"])} | {cells} | {r["best"]:g} | {vertex} |')
+    lines.append(f'| {r["anchor"]} | {accounting.human(r["n_total"])} | {cells} | {r["best"]:g} | {vertex} |'
+                 + (f' {r["rule"]:.2g} |' if rule else ''))
   return '\n'.join(lines) + '\n'
 
 

@@ -147,8 +147,57 @@ def lr_rows(g: dict) -> tuple[list[float], list[dict]]:
       a, b, _ = np.polyfit(x, [by_rate[k] for k in known[i - 1:i + 2]], 2)
       vertex = float(2 ** (-b / (2 * a))) if a > 0 else None
     out.append({'anchor': name, 'n_total': rs[0]['n_total'], 'losses': by_rate, 'best': best, 'vertex': vertex,
-                'bracketed': bracketed})
+                'bracketed': bracketed, 'width': rs[0].get('model.model_dim'), 'topk': rs[0].get('experts_per_token')})
+  if len({r['width'] for r in out}) >= 2 and all(r['topk'] for r in out):  # widths vary: the joint rule (lr_rule)
+    rule = lr_rule([{'width': r['width'], 'topk': r['topk'], 'lr': x, 'loss': y} for r in out
+                    for x, y in r['losses'].items()], base_width=min(r['width'] for r in out))
+    for r in out:
+      r['rule'] = rule['rate'](r['width'], r['topk'])
   return rates, out
+
+
+def lr_rule(points: list[dict], base_width: int = 64, keep: int = 3) -> dict:
+  """The learning-rate rule read off a rate grid at several widths and top-k classes, jointly, so that no anchor's
+  rate rests on its own single-seed argmin (at tiny2's d = 96, k = 2 the four rates spanned 0.002 nats).
+
+  Each anchor's `keep` lowest points (the bowl around its minimum; the divergence side of a rate grid is not a
+  parabola) are fitted by least squares with
+
+      loss = c_anchor + a * (log2(lr) - m_k - s * log2(d / base_width))^2,
+
+  one offset c per anchor, one optimum m_k per top-k class at the base width, one width slope s shared by every
+  class (muP-style transfer predicts s = -1 for Adam's hidden matrices) and one curvature a. `points`:
+  [{'width', 'topk', 'lr', 'loss'}]. Returns {'slope', 'intercepts': {k: log2 rate at base width}, 'curvature',
+  'rate': rate(width, topk), clamped to the rates swept (never an extrapolated rate), 'residual_rms'}.
+  """
+  from scipy import optimize  # pylint: disable=import-outside-toplevel
+  anchors = sorted({(p['width'], p['topk']) for p in points})
+  topks = sorted({k for _, k in anchors})
+  used = []
+  for w, k in anchors:
+    used += sorted((p for p in points if (p['width'], p['topk']) == (w, k)), key=lambda p: p['loss'])[:keep]
+  x = np.log2([p['lr'] for p in used])
+  y = np.array([p['loss'] for p in used])
+  a_idx = np.array([anchors.index((p['width'], p['topk'])) for p in used])
+  k_idx = np.array([topks.index(p['topk']) for p in used])
+  wl = np.log2([p['width'] / base_width for p in used])
+
+  def residuals(theta):
+    c, m, slope, log_a = theta[:len(anchors)], theta[len(anchors):len(anchors) + len(topks)], theta[-2], theta[-1]
+    return c[a_idx] + np.exp(log_a) * (x - m[k_idx] - slope * wl) ** 2 - y
+
+  start = np.concatenate([[min(p['loss'] for p in used if (p['width'], p['topk']) == an) for an in anchors],
+                          [np.mean(x[k_idx == j]) for j in range(len(topks))], [0.0, np.log(0.01)]])
+  fit = optimize.least_squares(residuals, start, method='lm' if len(y) > len(start) else 'trf')
+  m, slope = fit.x[len(anchors):len(anchors) + len(topks)], float(fit.x[-2])
+  low, high = min(p['lr'] for p in points), max(p['lr'] for p in points)
+
+  def rate(width: int, topk: int) -> float:
+    j = min(range(len(topks)), key=lambda i: abs(topks[i] - topk))  # the nearest class measured
+    return float(min(max(2.0 ** (m[j] + slope * math.log2(width / base_width)), low), high))
+  return {'slope': slope, 'intercepts': {k: float(m[j]) for j, k in enumerate(topks)},
+          'curvature': float(np.exp(fit.x[-1])), 'rate': rate,
+          'residual_rms': float(np.sqrt(np.mean(fit.fun ** 2)))}
 
 
 def compute_summary(rows: list[dict]) -> dict:

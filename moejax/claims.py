@@ -74,6 +74,11 @@ def _main(argv):
     raise ConfigError(f'{planned[0]} applies to --plan')
   if FLAGS.done_root and not FLAGS.emit:
     raise ConfigError('--done_root applies to --emit (the runs it leaves out of the emitted sweep)')
+  if FLAGS.lr_rule:
+    if not FLAGS.root:
+      raise ConfigError('--lr_rule needs --root (the runs of grid LR)')
+    sys.stdout.write(report.lr_rule_page(FLAGS.root, FLAGS.scale))
+    return
   if FLAGS.plan:
     if not FLAGS.root or not FLAGS.budget:
       raise ConfigError('--plan needs --root (the pilot runs) and --budget (e.g. 8h or 1e15FLOPs)')
@@ -100,6 +105,8 @@ if __name__ == '__main__':
                     'developing; then no fit beats its baselines and C-A3 is inconclusive).')
   flags.DEFINE_bool('plan', False, 'Only plan: seeds per point and run length for 80% power on every claim within '
                     '--budget, from the runs under --root as a pilot (OUT/plan.md when --out is given).')
+  flags.DEFINE_bool('lr_rule', False, "Only the scale's learning-rate rule, fitted to its grid LR runs under --root "
+                    '(what papers.LR_RULE records).')
   flags.DEFINE_string('pilot_scale', None, '--plan: the scale the pilot runs under --root were made at, when it is not '
                       '--scale (e.g. --scale=tiny2 --pilot_scale=tiny): noise from the pilot, points and prices from '
                       '--scale at its own run length.')

@@ -208,3 +208,27 @@ def test_a_length_is_planned_only_where_every_class_has_its_noise_measured():
   noise = {'default': {0.25: (0.03, 9), 0.5: (0.02, 9), 1.0: (0.013, 9)}, 'routing-perturbed': {1.0: (0.05, 5)}}
   assert not plan._measured(noise, 0.5) and plan._measured(noise, 1.0) and plan._measured(noise, 3.0)  # pylint: disable=protected-access
   assert plan._sigma_at(noise, 'default', 3.0) == 0.013 and plan._sigma_at(noise, 'other', 1.0) == 0.05  # pylint: disable=protected-access
+
+
+def test_the_lr_rule_command_fits_the_rate_rule_from_grid_lr_runs(tmp_path):
+  """`claims --lr_rule`: every tiny2 grid LR point as written by a run (synthetic losses whose optimum falls as 1/d)
+  gives the LR_RULE entry to record; a missing point is one line naming it."""
+  from moejax.studies import grids, report  # pylint: disable=import-outside-toplevel
+  points = grids.grid_points('tiny2', ['LR'])['LR']
+  assert len(points) == 24
+  for p in points:
+    cfg = config_lib.validate(p['config'])
+    lr, d, k = cfg.optim.peak_learning_rate, cfg.model.model_dim, cfg.moe.experts_per_token
+    loss = 1.4 + 0.004 * np.log2(lr * d / (64 * (8e-3 if k == 2 else 1.2e-2))) ** 2
+    os.makedirs(tmp_path / p['point']['name'])
+    with open(tmp_path / p['point']['name'] / 'result.json', 'w') as f:
+      json.dump({'name': p['point']['name'], 'config': json.loads(cfg.to_json_best_effort()),
+                 'accounting': accounting.count(cfg), 'eval': {'loss': loss, 'bits_per_byte': 2.0},
+                 'train': {'tokens': 6144000, 'wall_s': 300.0, 'steps': 1500}}, f)
+  page = report.lr_rule_page(str(tmp_path), 'tiny2')
+  rule = eval(page.split("LR_RULE['tiny2'] = ")[1].split('`')[0])  # pylint: disable=eval-used
+  assert set(rule) == {2, 8} and set(rule[2]) == {64, 96, 144}
+  assert rule[2][64] == pytest.approx(8e-3, rel=0.1) and rule[2][144] == pytest.approx(8e-3 * 64 / 144, rel=0.15)
+  os.remove(tmp_path / points[3]['point']['name'] / 'result.json')
+  with pytest.raises(DataError, match=f'23 of 24 points .*{points[3]["point"]["name"]}'):
+    report.lr_rule_page(str(tmp_path), 'tiny2')

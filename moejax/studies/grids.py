@@ -18,15 +18,16 @@ def experiments_dir() -> str:
   return os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), 'experiments')
 
 
-def grid_points(scale: str) -> dict[str, list[dict]]:
+def grid_points(scale: str, names=None) -> dict[str, list[dict]]:
   """{grid id: [{'config_hash', 'point' (the overrides at seed 0), 'noise_class', 'config'}]} for the paper grids
-  at `scale`, one entry per configuration (seeds of one configuration are one entry), in grid order."""
+  at `scale` (only the grids `names`, if given), one entry per configuration (seeds of one configuration are one
+  entry), in grid order."""
   out = {}
   for name in EXPERIMENTS:
     module = config_lib.load_module(os.path.join(experiments_dir(), f'{name}.py'))
     base = module.get_config(scale)
     classify = getattr(module, 'noise_class', lambda p: 'default')
-    for grid, points in module.grids(scale).items():
+    for grid, points in module.grids(scale, names).items():
       found, seen = [], set()
       for p in points:
         cfg = config_lib.apply_overrides(base, p)

@@ -14,7 +14,7 @@ import datetime
 import os
 
 from moejax import config as config_lib, files
-from moejax.errors import DataError, WorkdirError
+from moejax.errors import ConfigError, DataError, WorkdirError
 from moejax.studies import (budgets as budgets_lib, claims as claims_lib, emitted, figures, fits as fits_lib, grids,
                             plan as plan_lib, render, results, summaries)
 from moejax.studies.verdicts import Claim
@@ -106,6 +106,32 @@ def run(root: str, scale: str, out: str, bootstrap: int = 100, fit_starts: int =
   if budget:
     s.plan = plan_lib.plan(s.gathered, scale, *plan_lib.parse_budget(budget))
   return write_claims(s, out)
+
+
+def lr_rule_page(root: str, scale: str) -> str:
+  """The learning-rate rule of `scale` fitted to its grid LR runs under `root` (`python -m moejax.claims
+  --lr_rule`): the grid's table with each anchor's argmin and the joint fit (`summaries.lr_rule`), and the
+  `papers.LR_RULE` entry to record. Needs every point of grid LR (the grids refuse to run before the rule)."""
+  points = grids.grid_points(scale, ['LR']).get('LR') or []
+  if not points:
+    raise ConfigError(f'scale {scale!r} has no grid LR')
+  rows, _ = results.table(results.gather(root).records)
+  by_hash = {r['config_hash']: r for r in rows}
+  missing = [p['point']['name'] for p in points if p['config_hash'] not in by_hash]
+  if missing:
+    raise DataError(f'grid LR at {scale} has {len(points) - len(missing)} of {len(points)} points under {root} '
+                    f'(missing: {", ".join(missing[:4])}{" ..." if len(missing) > 4 else ""}); run it first')
+  for p in points:  # the anchor's width and top-k from its overrides (a results row shows only varied keys)
+    by_hash[p['config_hash']].update({'model.model_dim': p['config'].model.model_dim,
+                                      'experts_per_token': p['config'].moe.experts_per_token})
+  rates, table = summaries.lr_rows({'LR': [by_hash[p['config_hash']] for p in points]})
+  if 'rule' not in table[0]:
+    raise DataError(f'grid LR at {scale} has one width: no rule between widths to fit')
+  rule = {}
+  for r in table:
+    rule.setdefault(2 if r['topk'] <= 4 else 8, {})[r['width']] = float(f'{r["rule"]:.3g}')
+  return (f'# Learning-rate rule at scale `{scale}` (grid LR, seed 0; {datetime.date.today().isoformat()})\n\n'
+          + render.lr_table(rates, table) + f'\nRecord in experiments/papers.py: `LR_RULE[{scale!r}] = {rule}`\n')
 
 
 def plan_page(root: str, scale: str, budget: str, out: str | None = None, pilot_scale: str | None = None,

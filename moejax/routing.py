@@ -263,13 +263,19 @@ def expert_choice(scores_GNE: jax.Array, capacity: int) -> tuple[jax.Array, jax.
   return tokens_GEC.astype(jnp.int32), gates_GEC
 
 
-def expert_choice_stats(scores_GNE: jax.Array, tokens_GEC: jax.Array) -> dict[str, jax.Array]:
-  """Expert-choice diagnostics in `routing_stats`' keys: loads (C per group for every expert), the share of
-  tokens no expert took ('drop_fraction') and the mean router entropy of the normalized scores."""
+def expert_choice_stats(scores_GNE: jax.Array, tokens_GEC: jax.Array,
+                        valid_GN: jax.Array | None = None) -> dict[str, jax.Array]:
+  """Expert-choice diagnostics in `routing_stats`' keys: loads (the valid tokens each expert took; C per group
+  without padding), the share of valid tokens no expert took ('drop_fraction') and the mean router entropy of the
+  normalized scores over valid tokens."""
   G, N, E = scores_GNE.shape
-  counts_E = jnp.full((E,), G * tokens_GEC.shape[-1], jnp.float32)
+  if valid_GN is None:
+    counts_E = jnp.full((E,), G * tokens_GEC.shape[-1], jnp.float32)
+  else:
+    counts_E = jnp.sum(valid_GN[jnp.arange(G)[:, None, None], tokens_GEC].astype(jnp.float32), axis=(0, 2))
   taken_GN = jnp.zeros((G, N), jnp.int32).at[jnp.arange(G)[:, None, None], tokens_GEC].add(1)
   probs = normalized_scores(scores_GNE.reshape(G * N, E).astype(jnp.float32))
   entropy_T = -jnp.sum(probs * jnp.log(jnp.maximum(probs, 1e-30)), axis=-1)
-  return {'expert_counts': counts_E, **load_stats(counts_E), 'router_entropy': jnp.mean(entropy_T),
-          'drop_fraction': jnp.mean((taken_GN == 0).astype(jnp.float32))}
+  valid_T = None if valid_GN is None else valid_GN.reshape(G * N)
+  return {'expert_counts': counts_E, **load_stats(counts_E), 'router_entropy': masked_mean(entropy_T, valid_T),
+          'drop_fraction': masked_mean((taken_GN == 0).astype(jnp.float32).reshape(G * N), valid_T)}

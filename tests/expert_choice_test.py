@@ -32,6 +32,27 @@ def test_expert_choice_takes_each_experts_top_tokens():
   assert routing.expert_choice_capacity(2, 4, 4) == 2  # at most the group
 
 
+def test_padding_goes_last_and_never_counts(tiny_cfg):
+  """Document masking's padding (segment 0): an expert takes a padded token only when its position has fewer valid
+  tokens than the capacity, with gate 0, and the statistics count valid tokens only (padding used to compete for
+  the slots and count as dropped)."""
+  scores_GNE = jnp.array([[[0.9, 0.1], [0.2, 0.8], [0.5, 0.5], [0.5, 0.7]]])
+  valid_GN = jnp.array([[True, False, True, True]])
+  tokens_GEC, _ = routing.expert_choice(jnp.where(valid_GN[..., None], scores_GNE, -1.0), 2)
+  assert 1 not in np.asarray(tokens_GEC)  # the padded token (expert 1's favourite) is not taken
+  stats = routing.expert_choice_stats(scores_GNE, tokens_GEC, valid_GN)
+  assert float(stats['drop_fraction']) == 0.0 and float(jnp.sum(stats['expert_counts'])) == 4
+  model = model_lib.build(_cfg(tiny_cfg))
+  moe = model.blocks[0].ffn
+  x_BLD = jax.random.normal(jax.random.key(1), (4, 3, tiny_cfg.model.model_dim))
+  valid_BL = jnp.array([[True] * 3, [True] * 3, [True, True, False], [True, False, False]])
+  y, aux = moe(x_BLD, valid_BL=valid_BL)
+  x_pad = x_BLD.at[~valid_BL].set(100.0)  # whatever the padding holds, the valid tokens' outputs are the same
+  y2, aux2 = moe(x_pad, valid_BL=valid_BL)
+  np.testing.assert_allclose(y2[valid_BL], y[valid_BL], rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(aux2['router_entropy'], aux['router_entropy'], rtol=1e-5)
+
+
 def test_expert_choice_dispatch_matches_a_dense_reference():
   G, N, D, E, F, C = 3, 5, 4, 4, 6, 2
   keys = jax.random.split(jax.random.key(0), 5)

@@ -85,7 +85,7 @@ class MoE(nnx.Module):
     named, aux also holds the routing, 'experts_TK'. `valid_BL` (document masking): only those tokens
     count in the losses and statistics, and the others queue last for capacity (token choice only)."""
     if self.cfg.routing == 'expert_choice':
-      return self._expert_choice(x_BLD, train, rng, dispatch)
+      return self._expert_choice(x_BLD, train, rng, dispatch, valid_BL)
     B, L, D = x_BLD.shape
     T, c, dt = B * L, self.cfg, x_BLD.dtype
     x_TD = x_BLD.reshape(T, D)
@@ -133,7 +133,7 @@ class MoE(nnx.Module):
       aux = {'experts_TK': experts_TK}
     return y_TD.reshape(B, L, D).astype(dt), aux
 
-  def _expert_choice(self, x_BLD, train: bool, rng, dispatch):
+  def _expert_choice(self, x_BLD, train: bool, rng, dispatch, valid_BL=None):
     """Expert-choice routing over groups of the batch's B tokens at one position (docs/studies.md).
 
     Grouping by position keeps routing causal: a token competes only with tokens at its own
@@ -149,8 +149,12 @@ class MoE(nnx.Module):
                                                1 + c.router_jitter)
     logits_LBE = jnp.einsum('lbd,de->lbe', x_router, self.w_router[...])
     scores_LBE = routing.router_scores(logits_LBE, c.router_score)
-    tokens_LEC, gates_LEC = routing.expert_choice(scores_LBE, routing.expert_choice_capacity(B, c.experts_per_token, E))
-    gates_LEC = gates_LEC * c.routed_scaling_factor
+    valid_LB = None if valid_BL is None else jnp.swapaxes(valid_BL, 0, 1)
+    # Padding (document masking's segment 0) goes last: an expert takes it only when its position has fewer valid
+    # tokens than the capacity, with gate 0 (scores are >= 0: softmax or sigmoid).
+    choose_LBE = scores_LBE if valid_LB is None else jnp.where(valid_LB[..., None], scores_LBE, -1.0)
+    tokens_LEC, gates_LEC = routing.expert_choice(choose_LBE, routing.expert_choice_capacity(B, c.experts_per_token, E))
+    gates_LEC = jnp.maximum(gates_LEC, 0.0) * c.routed_scaling_factor
     y_LBD, offset = jnp.zeros((L, B, D), jnp.float32), 0
     for (count, _), experts in zip(self.classes, self.experts):
       w = (experts.w_gate[...].astype(dt), experts.w_up[...].astype(dt), experts.w_down[...].astype(dt))
@@ -166,7 +170,7 @@ class MoE(nnx.Module):
       experts_TE = jnp.where(jnp.swapaxes(taken_LBE, 0, 1), jnp.arange(E), E).reshape(B * L, E).astype(jnp.int32)
       return y_TD.reshape(B, L, D).astype(dt), {'experts_TK': experts_TE}
     aux = {'aux_loss': jnp.zeros((), jnp.float32), 'z_loss': routing.router_z_loss(logits_LBE.reshape(-1, E)),
-           **routing.expert_choice_stats(scores_LBE, tokens_LEC), 'bias_abs_mean': jnp.zeros((), jnp.float32)}
+           **routing.expert_choice_stats(scores_LBE, tokens_LEC, valid_LB), 'bias_abs_mean': jnp.zeros((), jnp.float32)}
     return y_TD.reshape(B, L, D).astype(dt), aux
 
   def _few_tokens(self, x_TD, experts_TK, gates_TK, routed) -> jax.Array:

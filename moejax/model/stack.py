@@ -19,7 +19,9 @@ restores across the switch. Decoding builds the model unscanned (`unscanned`).
 'full' keeps only the block inputs; 'moe' keeps the projections that have no batch dimension
 (attention q/k/v/o, router logits, dense and shared FFN) and the routing (`router_experts`,
 `router_gates`), and recomputes the routed experts' matmuls and the attention scores; 'dots'
-keeps every matmul output. Losses and gradients equal the plain model's (tests/scale_train_test.py).
+keeps every matmul output. Losses and gradients equal the plain model's (tests/scale_train_test.py). With the
+reference `moe.dispatch='dense'` (every expert on every token), 'moe' keeps its [T, E, F] expert activations too:
+that einsum has no batch dimension in jax's sense.
 """
 
 from __future__ import annotations

@@ -98,7 +98,7 @@ def _main(argv):
 if __name__ == '__main__':
   from moejax import cli  # pylint: disable=import-outside-toplevel
   flags.DEFINE_string('root', None, 'Results root holding the paper-grid runs.')
-  flags.DEFINE_string('scale', 'tiny', 'Scale the runs were made at (tiny, gpu, paper).')
+  flags.DEFINE_string('scale', 'tiny', 'Scale the runs were made at (tiny, tiny2, gpu, paper).')
   flags.DEFINE_string('out', None, 'Directory for claims.md, report.md and the figures.')
   flags.DEFINE_integer('bootstrap', 100, 'Bootstrap resamples for the fit intervals.')
   flags.DEFINE_bool('loo', True, 'Leave-one-out refits of every fit; --noloo skips them (minutes faster while '

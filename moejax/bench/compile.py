@@ -69,7 +69,7 @@ def _main(argv):
 
 def main() -> None:
   from moejax import cli  # pylint: disable=import-outside-toplevel
-  flags.DEFINE_string('config', None, 'Experiment file with get_config() and get_sweep().')
+  flags.DEFINE_string('config', None, 'Experiment file with get_config() and get_sweep().', required=True)
   flags.DEFINE_integer('repeats', 1, 'Compile each point this many times; report the fastest.')
   flags.DEFINE_string('target', None, 'Compile for a TPU slice or GPU node with its real compiler, e.g. gpu:h100x8.')
   cli.cli(_main)

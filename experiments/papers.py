@@ -72,7 +72,8 @@ LR = {
     # 0.008 nats (one seed each) of the best for the fine-grained one: one constant rate.
     'tiny': dict(rule='constant', peak=4e-3, sweep=(1e-3, 2e-3, 4e-3, 8e-3),
                  evidence='grid LR: 4e-3 best for dense, E32, E128 (k=2); e64k8f24 0.008 better at 8e-3'),
-    # tiny2: a rate per (width, top-k), LR_RULE below, from grid LR at d in {64, 96, 144} x k in {2, 8}.
+    # tiny2: a rate per (width, top-k), LR_RULE below, from grid LR at d in {64, 96, 144} x k in {2, 8}; the rates
+    # swept per width are LR_ANCHORS' (`sweep` here: d = 64's).
     'tiny2': dict(rule='per_width_topk', peak=4e-3, sweep=(2e-3, 4e-3, 8e-3, 1.6e-2),
                   evidence='pending: grid LR of paper_b.py:tiny2,LR (its finished points are in docs/results/tiny2/runs)'),
     'gpu': dict(rule='constant', peak=2e-3, sweep=(1e-3, 2e-3, 4e-3),
@@ -88,7 +89,13 @@ TIER1 = ('B1', 'B2', 'A1', 'A2a', 'B6')
 LR_RULE = {
     'tiny2': {2: {64: None, 96: None, 144: None}, 8: {64: None, 96: None, 144: None}},
 }
-LR_ANCHORS = {'tiny2': dict(widths=(64, 96, 144), topks=(2, 8))}
+# Rates swept per anchor width. Planned as d = 64's four at every width; changed 2026-12-06 before those points ran,
+# once d = 96 had put k = 8's best at the lowest rate tried (2e-3: 1.4027 against 1.4162 at 4e-3) and 1.6e-2
+# diverging at k = 2 (1.4755): d = 96 adds 1e-3 (bracketing it from below), d = 144 is shifted one factor of 2 down
+# (wider models take lower Adam rates; 1.6e-2 would be a diverging, wasted run there).
+LR_ANCHORS = {'tiny2': dict(widths=(64, 96, 144), topks=(2, 8),
+                            sweeps={64: (2e-3, 4e-3, 8e-3, 1.6e-2), 96: (1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2),
+                                    144: (1e-3, 2e-3, 4e-3, 8e-3)})}
 
 
 def parse_arg(arg):
@@ -222,7 +229,7 @@ def lr_anchor_points(scale: str) -> list[dict]:
     for k in a['topks']:
       f = 128 // k  # active expert width k * f = 128 at every k, as B1's centre (k=2, f=64)
       base_point = point(32 * k // 2, k, f, d=d if d != s['model_dim'] else None)
-      for lr in LR[scale]['sweep']:
+      for lr in a['sweeps'][d]:
         q = protocol(dict(base_point, **{'optim.peak_learning_rate': lr}), scale)
         out.append(dict(q, name=q['name'] + f'-lr{lr:g}'))
   return out

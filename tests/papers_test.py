@@ -128,7 +128,9 @@ def test_top1_points_are_refused():
 def test_tiny2_protocol_grows_heads_with_width_and_sweeps_rates_per_width_and_topk():
   from experiments import paper_b, papers  # pylint: disable=import-outside-toplevel
   points = paper_b.get_sweep('tiny2,LR')
-  assert len(points) == 3 * 2 * 4  # widths x top-k x rates, seed 0
+  assert len(points) == 2 * (4 + 5 + 4)  # top-k x the rates of each width (papers.LR_ANCHORS), seed 0
+  rates = {(p.get('model.model_dim', 64), p['optim.peak_learning_rate']) for p in points}
+  assert (144, 1e-3) in rates and (144, 1.6e-2) not in rates and (96, 1e-3) in rates and (64, 1e-3) not in rates
   for p in points:
     cfg = config_lib.validate(config_lib.apply_overrides(paper_b.get_config('tiny2'), p))
     assert cfg.model.head_dim == 16 and cfg.model.num_heads * 16 == cfg.model.model_dim

@@ -215,7 +215,7 @@ def test_the_lr_rule_command_fits_the_rate_rule_from_grid_lr_runs(tmp_path):
   gives the LR_RULE entry to record; a missing point is one line naming it."""
   from moejax.studies import grids, report  # pylint: disable=import-outside-toplevel
   points = grids.grid_points('tiny2', ['LR'])['LR']
-  assert len(points) == 24
+  assert len(points) == 26
   for p in points:
     cfg = config_lib.validate(p['config'])
     lr, d, k = cfg.optim.peak_learning_rate, cfg.model.model_dim, cfg.moe.experts_per_token
@@ -230,5 +230,5 @@ def test_the_lr_rule_command_fits_the_rate_rule_from_grid_lr_runs(tmp_path):
   assert set(rule) == {2, 8} and set(rule[2]) == {64, 96, 144}
   assert rule[2][64] == pytest.approx(8e-3, rel=0.1) and rule[2][144] == pytest.approx(8e-3 * 64 / 144, rel=0.15)
   os.remove(tmp_path / points[3]['point']['name'] / 'result.json')
-  with pytest.raises(DataError, match=f'23 of 24 points .*{points[3]["point"]["name"]}'):
+  with pytest.raises(DataError, match=f'25 of 26 points .*{points[3]["point"]["name"]}'):
     report.lr_rule_page(str(tmp_path), 'tiny2')

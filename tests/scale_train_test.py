@@ -223,11 +223,11 @@ def test_microbatches_on_a_mesh_give_the_one_device_step(tiny_cfg):
     np.testing.assert_allclose(out[key], whole[key], rtol=1e-5, err_msg=key)
 
 
-def _scanned_on_fsdp(tiny_cfg):
+def _scanned_on_fsdp(tiny_cfg, axis='fsdp'):
   cfg = config_lib.validate(config_lib.apply_overrides(tiny_cfg.copy_and_resolve_references(), {
       'train.batch_size': 4, 'model.num_layers': 3}))
   meshed = config_lib.validate(config_lib.apply_overrides(cfg.copy_and_resolve_references(), {
-      'model.scan_layers': True, 'mesh.data': 1, 'mesh.fsdp': 4}))
+      'model.scan_layers': True, 'mesh.data': 1, f'mesh.{axis}': 4}))
   return cfg, meshed, state_lib.setup(meshed)
 
 
@@ -245,8 +245,9 @@ def test_scanned_layers_are_stored_sharded_as_their_layers_with_the_layers_axis_
 
 
 @pytest.mark.slow  # three compiles on 4 devices: ~1-3 min on 2 cores
-def test_scanned_step_on_an_fsdp_mesh_gives_the_one_device_step(tiny_cfg):
-  cfg, meshed, s = _scanned_on_fsdp(tiny_cfg)
+@pytest.mark.parametrize('axis', ['fsdp', 'expert'])  # the stacked expert weights split over the expert axis too
+def test_scanned_step_on_an_fsdp_mesh_gives_the_one_device_step(tiny_cfg, axis):
+  cfg, meshed, s = _scanned_on_fsdp(tiny_cfg, axis)
   tokens_BL1 = jax.random.randint(jax.random.key(6), (4, cfg.data.seq_len + 1), 0, cfg.model.vocab_size)
   _, whole = _one_step(cfg, tokens_BL1, optim.make(cfg.optim))
   step = step_lib.make_train_step(s.graphdef, optim.make(meshed.optim, stack.storage_spans(meshed)), meshed,

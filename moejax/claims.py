@@ -66,27 +66,34 @@ from moejax.studies import report
 FLAGS = flags.FLAGS
 
 
+def check_flags(f) -> None:
+  """One ConfigError line for flags that do not go together or cannot be used (`f`: the parsed flags), before
+  anything is read or planned."""
+  planned = [f'--{name}' for name in ('pilot_scale', 'emit', 'done_root') if getattr(f, name)]
+  if planned and not f.plan:
+    raise ConfigError(f'{planned[0]} applies to --plan')
+  if f.done_root and not f.emit:
+    raise ConfigError('--done_root applies to --emit (the runs it leaves out of the emitted sweep)')
+  if f.lr_rule and not f.root:
+    raise ConfigError('--lr_rule needs --root (the runs of grid LR)')
+  if f.plan:
+    if not f.root or not f.budget:
+      raise ConfigError('--plan needs --root (the pilot runs) and --budget (e.g. 8h or 1e15FLOPs)')
+    if f.done_root and not os.path.isdir(f.done_root):
+      raise ConfigError(f'--done_root={f.done_root} is not a directory')
+    parent = os.path.dirname(os.path.abspath(f.emit or '.'))
+    if f.emit and not (os.path.isdir(parent) and os.access(parent, os.W_OK)):
+      raise ConfigError(f'--emit={f.emit}: the directory {parent} does not exist or is not writable')
+
+
 def _main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  planned = [f'--{f}' for f in ('pilot_scale', 'emit', 'done_root') if getattr(FLAGS, f)]
-  if planned and not FLAGS.plan:
-    raise ConfigError(f'{planned[0]} applies to --plan')
-  if FLAGS.done_root and not FLAGS.emit:
-    raise ConfigError('--done_root applies to --emit (the runs it leaves out of the emitted sweep)')
+  check_flags(FLAGS)
   if FLAGS.lr_rule:
-    if not FLAGS.root:
-      raise ConfigError('--lr_rule needs --root (the runs of grid LR)')
     sys.stdout.write(report.lr_rule_page(FLAGS.root, FLAGS.scale))
     return
   if FLAGS.plan:
-    if not FLAGS.root or not FLAGS.budget:
-      raise ConfigError('--plan needs --root (the pilot runs) and --budget (e.g. 8h or 1e15FLOPs)')
-    if FLAGS.done_root and not os.path.isdir(FLAGS.done_root):
-      raise ConfigError(f'--done_root={FLAGS.done_root} is not a directory')
-    parent = os.path.dirname(os.path.abspath(FLAGS.emit or '.'))
-    if FLAGS.emit and not (os.path.isdir(parent) and os.access(parent, os.W_OK)):
-      raise ConfigError(f'--emit={FLAGS.emit}: the directory {parent} does not exist or is not writable')
     sys.stdout.write(report.plan_page(FLAGS.root, FLAGS.scale, FLAGS.budget, FLAGS.out, FLAGS.pilot_scale,
                                       FLAGS.emit, FLAGS.done_root, 'python -m moejax.claims ' + ' '.join(sys.argv[1:])))
     return

@@ -30,12 +30,6 @@ def _bench(*args):
      "--target='gpu:a100x8' is not a compile target"),
     (('moejax.bench', 'fit', '--config=experiments/quickstart.py', '--search=gpu:h100', '--global_tokens=nan'),
      '--global_tokens=nan must be a positive number'),
-    (('moejax.bench', 'fit', '--config=experiments/quickstart.py', '--target=gpu:h100x8', '--steps'),
-     '--steps and --global_tokens apply to --search=FAMILY'),
-    (('moejax.bench', 'fit', '--config=experiments/quickstart.py', '--search=gpu:h100', '--out=/nonexistent/fit.json'),
-     '--out=/nonexistent/fit.json: the directory /nonexistent does not exist or is not writable'),
-    (('moejax.bench', 'fit', '--config=experiments/quickstart.py', '--search=gpu:h100', '--set=model.remat'),
-     "--set='model.remat' must be KEY=VALUE"),
 ])
 def test_bench_bad_flags_are_one_line(args, message):
   r = _bench(*args)
@@ -81,3 +75,25 @@ def test_bench_timing_keeps_the_others_when_one_variant_fails(capsys):
   row = {'shape': (8, 16, 16, 64), 'layer': 'MoE', 'kernels': 'xla', 'ms': None,
          'vs_dense': common.ratio(1.0, t['oom']), 'router_share': None}
   assert tables.layer_table([row])[2] == '| E8 D16 F16 M64 | MoE | xla | - | - | - |'
+
+
+@pytest.mark.parametrize('flags,message', [
+    ({'target': ['gpu:h100x8'], 'search': [], 'steps': True}, '--steps and --global_tokens apply to --search=FAMILY'),
+    ({'out': '/nonexistent/fit.json'}, '--out=/nonexistent/fit.json: the directory /nonexistent does not exist'),
+    ({'set': ['model.remat']}, "--set='model.remat' must be KEY=VALUE"),
+    ({'global_tokens': float('inf')}, 'must be a positive number'),
+    ({'cpu_only': True, 'search': []}, 'give --target=NAME'),
+    ({'search': [], 'target': []}, 'give --target=NAME'),
+])
+def test_bench_fit_refuses_flags_before_any_compile(flags, message):
+  """`bench fit`'s checks (run first; a ConfigError is its one line, exit 2: the nan case above runs it)."""
+  import types  # pylint: disable=import-outside-toplevel
+  from moejax.bench import fit  # pylint: disable=import-outside-toplevel
+  f = types.SimpleNamespace(**{'target': [], 'search': ['gpu:h100'], 'headroom': 0.9, 'set': [], 'steps': False,
+                               'global_tokens': 1024 * 4096, 'cpu_only': False, 'out': None, **flags})
+  with pytest.raises(ConfigError, match=message):
+    fit.check_flags(f)
+  ok = fit.check_flags(types.SimpleNamespace(**{**vars(f), **{'target': [], 'search': ['gpu:h100'], 'steps': False,
+                                                             'set': ['optim.peak_learning_rate=3e-4'], 'out': None,
+                                                             'global_tokens': 1e6, 'cpu_only': False}}))
+  assert ok['optim.peak_learning_rate'] == 3e-4 and ok['model.compute_dtype'] == 'bfloat16'  # a literal, not a string

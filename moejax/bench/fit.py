@@ -341,10 +341,9 @@ def define_flags() -> None:
   flags.DEFINE_multi_string('set', [], 'A config override KEY=VALUE, e.g. model.attention=auto (repeatable).')
 
 
-def _main(argv) -> None:
-  from moejax import files  # pylint: disable=import-outside-toplevel
-  from moejax.parallel import targets  # pylint: disable=import-outside-toplevel
-  F = flags.FLAGS
+def check_flags(F) -> dict:
+  """One ConfigError line for flags that cannot be used (`F`: the parsed flags), before any compile; returns the
+  config overrides (`--set`, bfloat16 compute)."""
   if not F.target and not F.search:
     raise ConfigError('give --target=NAME (one row per target) or --search=FAMILY (the smallest that fits)')
   if not 0 < F.headroom <= 1:
@@ -365,6 +364,14 @@ def _main(argv) -> None:
     parent = os.path.dirname(os.path.abspath(F.out))
     if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
       raise ConfigError(f'--out={F.out}: the directory {parent} does not exist or is not writable')
+  return overrides
+
+
+def _main(argv) -> None:
+  from moejax import files  # pylint: disable=import-outside-toplevel
+  from moejax.parallel import targets  # pylint: disable=import-outside-toplevel
+  F = flags.FLAGS
+  overrides = check_flags(F)
   unknown = [f for f in F.search if f not in FAMILIES]
   if unknown:
     raise ConfigError(f'--search={unknown[0]!r} is not a target family; use one of {sorted(FAMILIES)}')

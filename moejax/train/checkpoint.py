@@ -101,7 +101,9 @@ class Checkpointer:
   def save(self, step: int, state: Any, meta: dict) -> None:
     """Starts saving (asynchronously when enabled); `wait` blocks until it is on disk."""
     self._finish()  # a failure of the previous async save surfaces here, before anything new is written
-    state = stack.to_layers(state, self.spans)  # (a per-layer copy of a scanned model's state while it saves)
+    if self.spans:  # a per-layer copy of a scanned model's state while it saves; under jit, so arrays that span
+      # several processes (a multi-host run) are sliced where they live (eager indexing refuses them)
+      state = jax.jit(lambda s: stack.to_layers(s, self.spans))(state)
     # Check the space first: a write that fails midway makes tensorstore print a traceback per
     # pending write (the arrays' raw size bounds the zstd-compressed checkpoint from above).
     needed = sum(x.nbytes for x in jax.tree.leaves(state)) + (1 << 20)
@@ -208,8 +210,11 @@ class Checkpointer:
     """A restored per-layer state in the layout (and shardings) of `target`."""
     if not self.spans:
       return state
-    return jax.tree.map(lambda x, t: jax.device_put(x, t.sharding) if getattr(t, 'sharding', None) else x,
-                        stack.to_stacked(state, self.spans), target)
+    shardings = [getattr(t, 'sharding', None) for t in jax.tree.leaves(target)]
+    restack = jax.jit(lambda s: stack.to_stacked(s, self.spans),  # (under jit: see save)
+                      out_shardings=jax.tree.unflatten(jax.tree.structure(target), shardings)
+                      if all(s is not None for s in shardings) else None)
+    return restack(state)
 
   def wait(self) -> None:
     """Blocks until the last save is on disk; raises CheckpointError if it failed."""

@@ -246,3 +246,11 @@ def test_decode_benchmark_ffn_time_below_the_noise_is_not_negative():
   from moejax.bench import decode as decode_bench  # pylint: disable=import-outside-toplevel
   assert decode_bench.ffn_ms(1.5, 0.5) == 1.0
   assert decode_bench.ffn_ms(0.5, 0.6) is None  # (a negative difference of medians is noise, not a time)
+
+
+def test_decode_benchmark_builds_scanned_points_unscanned():
+  """A sweep point with model.scan_layers=True (stored stacked, which refuses a KV cache) is decoded by its
+  per-layer twin: the same configuration with the layers one by one."""
+  from moejax.bench import decode as decode_bench  # pylint: disable=import-outside-toplevel
+  (name, cfg, model, _), = decode_bench.load_models('experiments/bench/scan.py', ['scanned'], [])
+  assert name == 'scanned' and not cfg.model.scan_layers and model.spans is None

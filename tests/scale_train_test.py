@@ -18,6 +18,7 @@ from moejax.parallel import mesh as mesh_lib
 from moejax.train import accumulate, optim
 from moejax.train import loop as loop_lib
 from moejax.train import record as record_lib
+from moejax.train import restore as restore_lib
 from moejax.train import state as state_lib
 from moejax.train import step as step_lib
 
@@ -261,15 +262,23 @@ def test_scanned_step_on_an_fsdp_mesh_gives_the_one_device_step(tiny_cfg, axis):
 def test_a_scanned_run_trains_as_the_unrolled_run(tiny_cfg, tmp_path):
   """Stored stacked, every per-layer rule still holds per layer: weight decay on matrices only (a stacked norm scale
   is 2-D: decaying it changed the parameters by 7e-4 in 6 steps) and the aux-free biases updated from each layer's
-  counts. Parameters and biases after the run equal the unrolled run's to float32 rounding."""
-  base = {'train.steps': 4, 'moe.load_balancing': 'aux_free', 'optim.weight_decay': 0.1, 'model.num_layers': 3}
+  counts. Parameters and biases after the run equal the unrolled run's to float32 rounding. The D M D M D pattern
+  stores (D M) x 2 stacked and D alone, and the buffer tree holds the MoE blocks only (a dense entry is absent:
+  the conversions crashed on it). A scanned --mode=eval restores the per-layer checkpoint into its stacked layout."""
+  base = {'train.steps': 4, 'moe.load_balancing': 'aux_free', 'optim.weight_decay': 0.1, 'model.num_layers': 5,
+          'moe.first_dense_layers': 1, 'moe.every_n_layers': 2}
   runs = []
   for scan in (False, True):
     cfg = config_lib.validate(config_lib.apply_overrides(tiny_cfg.copy_and_resolve_references(),
                                                          {**base, 'model.scan_layers': scan}))
     state = loop_lib.run(cfg, str(tmp_path / str(scan)))['setup'].state
     runs.append(stack.to_layers({'params': state['params'], 'buffers': state['buffers']}, stack.storage_spans(cfg)))
+    s = state_lib.setup(cfg)
+    _, restored = restore_lib.restore_state(s, str(tmp_path / str(scan)))  # (eval restores into the run's layout)
+    for x, y in zip(jax.tree.leaves(restored['params']), jax.tree.leaves(state['params'])):
+      np.testing.assert_array_equal(x, y)
   assert jax.tree.structure(runs[0]) == jax.tree.structure(runs[1])
+  assert sorted(runs[1]['buffers']['blocks']) == [1, 3]  # the MoE layers' biases only
   assert float(jnp.max(jnp.abs(runs[0]['buffers']['blocks'][1]['ffn']['expert_bias']))) > 0  # the biases moved
   for x, y in zip(jax.tree.leaves(runs[1]), jax.tree.leaves(runs[0])):
     np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)

@@ -40,7 +40,7 @@ import numpy as np
 from absl import flags
 
 from moejax import cli, config as config_lib
-from moejax.model import accounting
+from moejax.model import accounting, stack
 from moejax.inference import decode
 from moejax.inference import cost as decode_cost
 from moejax.bench import common, tables
@@ -224,6 +224,7 @@ def load_models(config: str | None, points: list[str], workdirs: list[str], cont
   for name, cfg, workdir in named:
     if workdir is None:
       corpus = corpus or data.corpus_from_config(cfg.data)
+      cfg = stack.unscanned(cfg)  # (decoding runs the layers one by one)
       out.append((name, cfg, model_lib.build(cfg), corpus))
     else:
       cfg, run_corpus, model = restore.load_model(workdir, cfg)

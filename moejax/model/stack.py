@@ -30,6 +30,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 
@@ -144,6 +145,8 @@ def _convert(tree, spans, fn):
 def _blocks_to_layers(blocks: dict, spans) -> dict:
   out = {}
   for index, (first, p, r) in enumerate(entries(spans)):
+    if index not in blocks:  # a tree of some blocks only (buffers: the MoE blocks' aux-free biases)
+      continue
     for q in range(r):
       out[first + q * p] = blocks[index] if r == 1 else jax.tree.map(lambda x, q=q: _row(x, q), blocks[index])
   return dict(sorted(out.items()))
@@ -152,6 +155,8 @@ def _blocks_to_layers(blocks: dict, spans) -> dict:
 def _blocks_to_stacked(blocks: dict, spans) -> dict:
   out = {}
   for index, (first, p, r) in enumerate(entries(spans)):
+    if first not in blocks:
+      continue
     rows = [blocks[first + q * p] for q in range(r)]
     out[index] = rows[0] if r == 1 else jax.tree.map(lambda *xs: _stack_rows(xs), *rows)
   return out
@@ -174,7 +179,7 @@ def _stack_rows(xs):
     if isinstance(sharding, jax.sharding.NamedSharding):
       sharding = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(None, *tuple(sharding.spec)))
     return jax.ShapeDtypeStruct((len(xs),) + x.shape, x.dtype, sharding=sharding)
-  return jnp.stack(xs)
+  return np.stack(xs) if isinstance(x, np.ndarray) else jnp.stack(xs)  # (host trees stay on the host: upcycling)
 
 
 def run(blocks, x_BLD: jax.Array, train: bool, rng, positions_BL, spans, remat: str, use_ffn: bool = True,

@@ -79,7 +79,10 @@ class Checkpointer:
                spans=None):
     # spans (`model.stack.storage_spans(cfg)`): the states given and returned hold a scanned model's stacked
     # layers; on disk they are per layer (`stack.to_layers`), so a checkpoint restores across `model.scan_layers`.
+    # The conversions run under jit (eager slicing refuses arrays that span processes), compiled once per shape.
     self.spans = spans
+    self._to_layers = jax.jit(lambda s: stack.to_layers(s, spans)) if spans else None
+    self._restack = {}
     # grain (the data pipeline) imports attrs lazily; imported for the first time while orbax's background
     # threads run, CPython's import lock can fail (KeyError in _ModuleLock, seen once in the test suite). Import
     # it before orbax starts any thread.
@@ -101,9 +104,8 @@ class Checkpointer:
   def save(self, step: int, state: Any, meta: dict) -> None:
     """Starts saving (asynchronously when enabled); `wait` blocks until it is on disk."""
     self._finish()  # a failure of the previous async save surfaces here, before anything new is written
-    if self.spans:  # a per-layer copy of a scanned model's state while it saves; under jit, so arrays that span
-      # several processes (a multi-host run) are sliced where they live (eager indexing refuses them)
-      state = jax.jit(lambda s: stack.to_layers(s, self.spans))(state)
+    if self.spans:  # a per-layer copy of a scanned model's state while it saves
+      state = self._to_layers(state)
     # Check the space first: a write that fails midway makes tensorstore print a traceback per
     # pending write (the arrays' raw size bounds the zstd-compressed checkpoint from above).
     needed = sum(x.nbytes for x in jax.tree.leaves(state)) + (1 << 20)
@@ -211,10 +213,12 @@ class Checkpointer:
     if not self.spans:
       return state
     shardings = [getattr(t, 'sharding', None) for t in jax.tree.leaves(target)]
-    restack = jax.jit(lambda s: stack.to_stacked(s, self.spans),  # (under jit: see save)
-                      out_shardings=jax.tree.unflatten(jax.tree.structure(target), shardings)
-                      if all(s is not None for s in shardings) else None)
-    return restack(state)
+    key = (jax.tree.structure(target), tuple(shardings))
+    if key not in self._restack:
+      self._restack[key] = jax.jit(lambda s: stack.to_stacked(s, self.spans),
+                                   out_shardings=jax.tree.unflatten(key[0], shardings)
+                                   if all(s is not None for s in shardings) else None)
+    return self._restack[key](state)
 
   def wait(self) -> None:
     """Blocks until the last save is on disk; raises CheckpointError if it failed."""

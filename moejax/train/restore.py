@@ -38,8 +38,10 @@ def load_model(workdir: str, cfg=None):
 
 def restore_state(s, workdir: str) -> tuple[int, dict]:
   """(step, state) of the latest checkpoint in `workdir`, onto the layout of `s` (a `train.state.Setup`)."""
+  from moejax.model import stack  # pylint: disable=import-outside-toplevel
   from moejax.train import checkpoint  # pylint: disable=import-outside-toplevel
-  ckpt = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'), use_async=False)
+  spans = stack.storage_spans(s.cfg) if getattr(s, 'cfg', None) is not None else None  # (a scanned --mode=eval)
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'), use_async=False, spans=spans)
   try:
     restored = ckpt.restore_latest(checkpoint.abstract(s.state), move_aside=False)
   finally:

@@ -103,7 +103,7 @@ def get_config(arg=None):
   o.adam_b1 = 0.9  # AdamW first-moment decay
   o.adam_b2 = 0.95  # AdamW second-moment decay
   o.adam_eps = 1e-8  # AdamW epsilon
-  o.weight_decay = 0.1  # decoupled weight decay on matrices (never on norms)
+  o.weight_decay = 0.1  # decoupled weight decay on weight matrices (never on norms or biases)
   o.grad_clip_norm = 1.0  # global gradient-norm clip; 0 disables
 
   c.train = t = ml_collections.ConfigDict()

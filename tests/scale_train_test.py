@@ -282,3 +282,17 @@ def test_a_scanned_run_trains_as_the_unrolled_run(tiny_cfg, tmp_path):
   assert float(jnp.max(jnp.abs(runs[0]['buffers']['blocks'][1]['ffn']['expert_bias']))) > 0  # the biases moved
   for x, y in zip(jax.tree.leaves(runs[1]), jax.tree.leaves(runs[0])):
     np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
+
+
+def test_weight_decay_skips_norm_scales_and_biases_of_any_rank(tiny_cfg):
+  """OLMoE's projection-wide QK-norm scale and Qwen's attention biases are [H, K]: rank 2, yet not weight matrices
+  (they were decayed); the matrices are, per layer, stacked or not."""
+  for scan in (False, True):
+    cfg = config_lib.validate(config_lib.apply_overrides(tiny_cfg.copy_and_resolve_references(), {
+        'model.use_qk_norm': True, 'model.qk_norm_scope': 'projection', 'model.use_qkv_bias': True,
+        'model.scan_layers': scan}))
+    params = nnx.to_pure_dict(model_lib.split(model_lib.build(cfg))[1])
+    mask = optim.decay_mask(stack.storage_spans(cfg))(params)
+    attn = mask['blocks'][0]['attn']
+    assert attn['wq'] and attn['wo'] and mask['blocks'][0]['ffn']['w_router']
+    assert not attn['q_norm']['scale'] and not attn['bq'] and not attn['bv'] and not mask['blocks'][0]['attn_norm']['scale']

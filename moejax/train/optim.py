@@ -17,7 +17,8 @@ run of length T_b that shares the main run's warmup and stable phase: it leaves 
 phase at T_b - round(decay_fraction * T_b) and decays linearly to the final learning rate at
 T_b (Hägele et al. 2024: such branches match separate runs of each length).
 
-Weight decay applies to matrices only (ndim >= 2): norm scales are never decayed.
+Weight decay applies to weight matrices only: vectors, norm scales (OLMoE's [H, K] QK-norm scale included) and
+the attention's [H, K] biases are never decayed.
 """
 
 from __future__ import annotations
@@ -78,15 +79,23 @@ def branch_ends(optim_cfg, total_steps: int) -> list[int]:
   return sorted({int(round(float(f) * total_steps)) for f in text.split(',') if f.strip()})
 
 
+# Parameters of two or more axes that are not weight matrices: norm scales (a projection-wide QK-norm's is [H, K])
+# and the attention's [H, K] query/key/value biases (moejax/model/layers.py).
+NO_DECAY_NAMES = ('scale', 'bq', 'bk', 'bv')
+
+
 def decay_mask(spans=None):
-  """The weight-decay mask of a parameter tree: True for matrices, False for vectors (norm scales), judged per layer
-  (a scanned model's stacked leaves, `model.stack`, carry one more leading axis)."""
+  """The weight-decay mask of a parameter tree: True for weight matrices, False for vectors and `NO_DECAY_NAMES`
+  (norm scales, attention biases), the rank judged per layer (a scanned model's stacked leaves, `model.stack`,
+  carry one more leading axis)."""
   from moejax.model import stack  # pylint: disable=import-outside-toplevel
   stacked = {i for i, (_, _, r) in enumerate(stack.entries(spans)) if r > 1}
 
   def mask(params: Any) -> Any:
     def per_leaf(path, p):
       keys = [getattr(k, 'key', None) for k in path[:2]]
+      if getattr(path[-1], 'key', None) in NO_DECAY_NAMES:
+        return False
       return p.ndim - (1 if keys[0] == 'blocks' and keys[1] in stacked else 0) >= 2
     return jax.tree_util.tree_map_with_path(per_leaf, params)
   return mask

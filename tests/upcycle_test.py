@@ -108,3 +108,7 @@ def test_upcycled_run_records_the_dense_compute(tiny_cfg, tmp_path):
   with open(os.path.join(moe_dir, 'upcycled.json')) as f:
     assert json.load(f)['granularity'] == 1
   assert dense_record['compute']['init_from_flops'] == 0 and 'upcycled_from' not in dense_record
+  scanned = config_lib.validate(config_lib.apply_overrides(moe_cfg, {'model.scan_layers': True}))
+  again = run_lib.execute(scanned, str(tmp_path / 'moe-scanned'))  # stored stacked: upcycled per layer, then stacked
+  assert again['compute']['init_from_flops'] == dense_flops
+  np.testing.assert_allclose(again['eval']['loss'], record['eval']['loss'], rtol=1e-4)

@@ -35,7 +35,10 @@ from moejax.train import restore
 log = logging.getLogger(__name__)
 
 RECORD = 'upcycled.json'
-MODEL_KEYS_FREE = ('init_std', 'compute_dtype', 'allow_padded_vocab')  # may differ between the dense run and the MoE
+# May differ between the dense run and the MoE: initialization, and the program's choices (how the layers run and
+# attention is computed), which change no parameter shape.
+MODEL_KEYS_FREE = ('init_std', 'compute_dtype', 'allow_padded_vocab', 'scan_layers', 'remat', 'attention',
+                   'attention_q_block', 'attention_kv_block')
 
 
 def granularity(cfg, dense_cfg, source: str) -> int:

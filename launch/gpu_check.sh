@@ -44,7 +44,7 @@ else
   OLMOE=(--config=experiments/bench/olmoe_h100.py --steps=10 --rounds=3)
   DECODE=(--config=experiments/bench/decode_h100.py --batches=1,64 --decode_steps=16 --rounds=3)
   TOTAL=${GPU_CHECK_SECONDS:-465}  # every stage ends by then, inside the device call's 480 s, so the summary is written
-  BOX_SETUP=15 BOX_INFO=15 BOX_PYTEST=50 BOX_MOE=55 BOX_OLMOE=110 BOX_DECODE=45  # 455 s in all (4 shapes)
+  BOX_SETUP=15 BOX_INFO=15 BOX_PYTEST=65 BOX_MOE=55 BOX_OLMOE=95 BOX_DECODE=45  # 455 s in all (4 shapes)
 fi
 
 say() { echo "$*" | tee -a "$CONSOLE"; }

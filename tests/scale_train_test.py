@@ -296,3 +296,23 @@ def test_weight_decay_skips_norm_scales_and_biases_of_any_rank(tiny_cfg):
     attn = mask['blocks'][0]['attn']
     assert attn['wq'] and attn['wo'] and mask['blocks'][0]['ffn']['w_router']
     assert not attn['q_norm']['scale'] and not attn['bq'] and not attn['bv'] and not mask['blocks'][0]['attn_norm']['scale']
+
+
+@pytest.mark.slow  # a run, an export and a load: ~10 s idle
+def test_a_scanned_runs_checkpoint_exports_and_decodes_per_layer(tiny_cfg, tmp_path):
+  """Export (`interop.exporter.restore_params`) and `restore.load_model` (generate, eval) read a scanned run's
+  checkpoint per layer: the parameters are the run's, unstacked, and the loaded model decodes."""
+  from moejax.interop import exporter  # pylint: disable=import-outside-toplevel
+  cfg = config_lib.validate(config_lib.apply_overrides(tiny_cfg.copy_and_resolve_references(), {
+      'train.steps': 2, 'model.scan_layers': True}))
+  state = loop_lib.run(cfg, str(tmp_path))['setup'].state
+  expected = stack.to_layers(jax.device_get(state['params']), stack.storage_spans(cfg))
+  exported = exporter.restore_params(cfg, str(tmp_path))
+  assert jax.tree.structure(exported) == jax.tree.structure(expected)
+  for x, y in zip(jax.tree.leaves(exported), jax.tree.leaves(expected)):
+    np.testing.assert_array_equal(x, y)
+  loaded_cfg, _, model = restore_lib.load_model(str(tmp_path))
+  assert not loaded_cfg.model.scan_layers and model.spans is None
+  tokens_BL = jnp.zeros((1, 4), jnp.int32)
+  logits, _, _ = model(tokens_BL, positions_BL=jnp.arange(4)[None], cache=model.init_cache(1, 8))
+  assert bool(jnp.all(jnp.isfinite(logits)))

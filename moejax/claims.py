@@ -69,9 +69,16 @@ FLAGS = flags.FLAGS
 def check_flags(f) -> None:
   """One ConfigError line for flags that do not go together or cannot be used (`f`: the parsed flags), before
   anything is read or planned."""
-  planned = [f'--{name}' for name in ('pilot_scale', 'emit', 'done_root') if getattr(f, name)]
+  planned = [f'--{name}' for name in ('emit', 'done_root') if getattr(f, name)]
   if planned and not f.plan:
     raise ConfigError(f'{planned[0]} applies to --plan')
+  piloted = [f'--{name}' for name in ('pilot_scale', 'pilot_root') if getattr(f, name)]
+  if piloted and not f.budget:
+    raise ConfigError(f'{piloted[0]} applies to a plan (--budget)')
+  if f.pilot_root and f.plan:
+    raise ConfigError('--pilot_root applies to the report; with --plan, --root holds the pilot runs')
+  if f.pilot_root and not os.path.isdir(f.pilot_root):
+    raise ConfigError(f'--pilot_root={f.pilot_root} is not a directory')
   if f.done_root and not f.emit:
     raise ConfigError('--done_root applies to --emit (the runs it leaves out of the emitted sweep)')
   if f.lr_rule and not f.root:
@@ -99,7 +106,8 @@ def _main(argv):
     return
   if not FLAGS.root or not FLAGS.out:
     raise app.UsageError('--root and --out are required')
-  sys.stdout.write(report.run(FLAGS.root, FLAGS.scale, FLAGS.out, FLAGS.bootstrap, loo=FLAGS.loo, budget=FLAGS.budget))
+  sys.stdout.write(report.run(FLAGS.root, FLAGS.scale, FLAGS.out, FLAGS.bootstrap, loo=FLAGS.loo, budget=FLAGS.budget,
+                              pilot_root=FLAGS.pilot_root, pilot_scale=FLAGS.pilot_scale))
 
 
 if __name__ == '__main__':
@@ -117,6 +125,8 @@ if __name__ == '__main__':
   flags.DEFINE_string('pilot_scale', None, '--plan: the scale the pilot runs under --root were made at, when it is not '
                       '--scale (e.g. --scale=tiny2 --pilot_scale=tiny): noise from the pilot, points and prices from '
                       '--scale at its own run length.')
+  flags.DEFINE_string('pilot_root', None, 'The report with --budget: the pilot runs its plan is made from (default '
+                      '--root), with --pilot_scale their scale: the plan the runs followed, beside their verdicts.')
   flags.DEFINE_string('emit', None, "--plan: also write the plan's runs as an experiment file (run it with "
                       'python -m moejax.sweep).')
   flags.DEFINE_string('done_root', None, '--emit: runs already made at --scale (their configuration and seed are '

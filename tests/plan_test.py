@@ -160,6 +160,9 @@ def test_plan_cli_refuses_a_bad_budget_in_one_line(tmp_path):
 @pytest.mark.parametrize('flags,message', [
     ({'plan': True}, '--plan needs --root'),
     ({'emit': 'x.py'}, '--emit applies to --plan'),
+    ({'pilot_scale': 'tiny'}, '--pilot_scale applies to a plan'),
+    ({'budget': '1h', 'pilot_root': '/nonexistent'}, '--pilot_root=/nonexistent is not a directory'),
+    ({'plan': True, 'budget': '1h', 'pilot_root': '/tmp'}, '--pilot_root applies to the report'),
     ({'plan': True, 'budget': '1h', 'done_root': '/tmp'}, '--done_root applies to --emit'),
     ({'plan': True, 'budget': '1h', 'emit': 'x.py', 'done_root': '/nonexistent'}, '--done_root=/nonexistent is not a'),
     ({'plan': True, 'budget': '1h', 'emit': '/nonexistent/x.py'}, 'does not exist or is not writable'),
@@ -170,7 +173,7 @@ def test_plan_flags_are_refused_before_planning(tmp_path, flags, message):
   from moejax import claims  # pylint: disable=import-outside-toplevel
   import types  # pylint: disable=import-outside-toplevel
   f = types.SimpleNamespace(**{'root': str(tmp_path), 'plan': False, 'budget': None, 'emit': None, 'pilot_scale': None,
-                               'done_root': None, 'lr_rule': False, **flags})
+                               'pilot_root': None, 'done_root': None, 'lr_rule': False, **flags})
   with pytest.raises(ConfigError, match=message):
     claims.check_flags(f)
 
@@ -242,3 +245,20 @@ def test_the_lr_rule_command_fits_the_rate_rule_from_grid_lr_runs(tmp_path):
   os.remove(tmp_path / points[3]['point']['name'] / 'result.json')
   with pytest.raises(DataError, match=f'25 of 26 points .*{points[3]["point"]["name"]}'):
     report.lr_rule_page(str(tmp_path), 'tiny2')
+
+
+def test_the_report_shows_the_plan_the_runs_followed(tmp_path, monkeypatch):
+  """`claims --budget --pilot_root --pilot_scale`: the plan beside tiny2's verdicts is made from the tiny pilot at
+  tiny2's own run length (the plan that chose the runs), not from the tiny2 runs themselves."""
+  import types  # pylint: disable=import-outside-toplevel
+  from moejax.studies import report  # pylint: disable=import-outside-toplevel
+  made = {}
+  monkeypatch.setattr(report, 'study', lambda *a, **k: types.SimpleNamespace(gathered='the runs'))
+  monkeypatch.setattr(report.results, 'gather', lambda root: f'pilot under {root}')
+  monkeypatch.setattr(report.plan_lib, 'plan', lambda *a, **k: made.update(args=a, kwargs=k) or 'a plan')
+  monkeypatch.setattr(report, 'write_claims', lambda s, out: s.plan)
+  assert report.run('runs', 'tiny2', 'out', budget='8.5h', pilot_root='tiny-runs', pilot_scale='tiny') == 'a plan'
+  assert made['args'] == ('pilot under tiny-runs', 'tiny2', 8.5 * 3600, 's')
+  assert made['kwargs'] == {'lengths': (1.0,), 'pilot_scale': 'tiny'}
+  report.run('runs', 'tiny', 'out', budget='1h')
+  assert made['args'][0] == 'the runs' and made['kwargs']['pilot_scale'] is None

@@ -99,12 +99,16 @@ def write_claims(s: Study, out: str) -> str:
 
 
 def run(root: str, scale: str, out: str, bootstrap: int = 100, fit_starts: int = 32, loo: bool = True,
-        budget: str | None = None) -> str:
+        budget: str | None = None, pilot_root: str | None = None, pilot_scale: str | None = None) -> str:
   """`study` then `write_claims`: what `python -m moejax.claims` does; returns the claims Markdown. With `budget`
-  ('10h', '1e15FLOPs'), the power plan for the runs under `root` as a pilot is shown beside the verdicts."""
+  ('10h', '1e15FLOPs'), the power plan is shown beside the verdicts: made from the runs under `pilot_root` at
+  `pilot_scale` (the plan the runs followed: tiny2's from the tiny runs), by default from the runs under `root`."""
+  value, unit = plan_lib.parse_budget(budget) if budget else (None, None)  # (a bad budget fails first)
   s = study(root, scale, bootstrap, fit_starts, loo)
   if budget:
-    s.plan = plan_lib.plan(s.gathered, scale, *plan_lib.parse_budget(budget))
+    pilot = results.gather(pilot_root) if pilot_root else s.gathered
+    s.plan = plan_lib.plan(pilot, scale, value, unit, lengths=(1.0,) if pilot_scale else plan_lib.LENGTHS,
+                           pilot_scale=pilot_scale)
   return write_claims(s, out)
 
 

@@ -239,6 +239,8 @@ def test_the_lr_rule_command_fits_the_rate_rule_from_grid_lr_runs(tmp_path):
                  'accounting': accounting.count(cfg), 'eval': {'loss': loss, 'bits_per_byte': 2.0},
                  'train': {'tokens': 6144000, 'wall_s': 300.0, 'steps': 1500}}, f)
   page = report.lr_rule_page(str(tmp_path), 'tiny2')
+  slope = float(page.split('scales as width^')[1].split(';')[0])
+  assert -1.3 < slope < -0.7  # the synthetic optimum falls as 1/d
   rule = eval(page.split("LR_RULE['tiny2'] = ")[1].split('`')[0])  # pylint: disable=eval-used
   assert set(rule) == {2, 8} and set(rule[2]) == {64, 96, 144}
   assert rule[2][64] == pytest.approx(8e-3, rel=0.1) and rule[2][144] == pytest.approx(8e-3 * 64 / 144, rel=0.15)

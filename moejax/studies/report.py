@@ -134,8 +134,13 @@ def lr_rule_page(root: str, scale: str) -> str:
   rule = {}
   for r in table:
     rule.setdefault(2 if r['topk'] <= 4 else 8, {})[r['width']] = float(f'{r["rule"]:.3g}')
+  fit = table[0]['rule_fit']
   return (f'# Learning-rate rule at scale `{scale}` (grid LR, seed 0; {datetime.date.today().isoformat()})\n\n'
-          + render.lr_table(rates, table) + f'\nRecord in experiments/papers.py: `LR_RULE[{scale!r}] = {rule}`\n')
+          + render.lr_table(rates, table)
+          + f'\nJoint fit (`summaries.lr_rule`): the optimal rate scales as width^{fit["slope"]:.2f}; a rate a factor 2 '
+          f'off the optimum costs {fit["curvature"]:.4f} nats (the bowls\' curvature; compare the seed noise), '
+          f'residual {fit["residual_rms"]:.4f} nats.\n'
+          f'\nRecord in experiments/papers.py: `LR_RULE[{scale!r}] = {rule}`\n')
 
 
 def plan_page(root: str, scale: str, budget: str, out: str | None = None, pilot_scale: str | None = None,

@@ -153,6 +153,7 @@ def lr_rows(g: dict) -> tuple[list[float], list[dict]]:
                     for x, y in r['losses'].items()], base_width=min(r['width'] for r in out))
     for r in out:
       r['rule'] = rule['rate'](r['width'], r['topk'])
+      r['rule_fit'] = {k: rule[k] for k in ('slope', 'curvature', 'residual_rms')}
   return rates, out
 
 

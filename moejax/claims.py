@@ -122,9 +122,9 @@ if __name__ == '__main__':
                     '--budget, from the runs under --root as a pilot (OUT/plan.md when --out is given).')
   flags.DEFINE_bool('lr_rule', False, "Only the scale's learning-rate rule, fitted to its grid LR runs under --root "
                     '(what papers.LR_RULE records).')
-  flags.DEFINE_string('pilot_scale', None, '--plan: the scale the pilot runs under --root were made at, when it is not '
-                      '--scale (e.g. --scale=tiny2 --pilot_scale=tiny): noise from the pilot, points and prices from '
-                      '--scale at its own run length.')
+  flags.DEFINE_string('pilot_scale', None, 'With --budget: the scale the pilot runs (--root with --plan, else '
+                      '--pilot_root) were made at, when it is not --scale (e.g. --scale=tiny2 --pilot_scale=tiny): noise '
+                      'from the pilot, points and prices from --scale at its own run length.')
   flags.DEFINE_string('pilot_root', None, 'The report with --budget: the pilot runs its plan is made from (default '
                       '--root), with --pilot_scale their scale: the plan the runs followed, beside their verdicts.')
   flags.DEFINE_string('emit', None, "--plan: also write the plan's runs as an experiment file (run it with "

@@ -266,7 +266,7 @@ def _compiled(store: dict, save, key: str, compile_row, failed: dict) -> dict:
 def step_rows(store: dict, save, cfg, target, row: dict) -> dict:
   """The eval step (one sequence per device) and one decode step (one sequence per device against a cache of
   the context, split over the devices) of a fitting row's setting, compiled for its target and cached like
-  the train step: {'eval': row, 'decode': row} (no 'decode' for capacity-factor evaluation: not decodable)."""
+  the train step: {'eval': row, 'decode': row} (no 'decode' for a config that cannot decode: `decode.check_decodable`)."""
   fit_cfg = _fit_cfg(cfg, row['devices'], row['remat'], row['microbatches'], row['scan_layers'])
   key = _key(cfg, target, row['remat'], row['microbatches'], row['devices'], row['scan_layers'])
   steps = {'eval': lambda: compile_eval(fit_cfg, target)}

@@ -23,7 +23,7 @@ import time
 from absl import flags
 
 from moejax import cli, config as config_lib
-from moejax.model import accounting, stack
+from moejax.model import accounting
 from moejax.bench import common, tables
 from moejax.errors import ConfigError
 
@@ -42,7 +42,7 @@ def run(cfgs: list, steps: int, rounds: int) -> list[dict]:
   corpus = data.corpus_from_config(cfgs[0].data)
   for cfg in cfgs:
     s = state_lib.setup(cfg, corpus)
-    fn = step_lib.make_train_step(s.graphdef, optim.make(cfg.optim, stack.storage_spans(cfg)), cfg, state_lib.shardings(s.state), s.mesh)
+    fn = step_lib.make_train_step(s.graphdef, optim.for_run(cfg), cfg, state_lib.shardings(s.state), s.mesh)
     lr = np.float32(cfg.optim.peak_learning_rate)
     rng = np.random.default_rng(0)
     tokens = jax.device_put(rng.integers(0, 256, (cfg.train.batch_size, cfg.data.seq_len + 1), dtype=np.int32),

@@ -80,9 +80,14 @@ def layer_kinds(model_cfg, moe_cfg) -> list[bool]:
 
 def storage_spans(cfg) -> tuple | None:
   """The scanned model's (start, period, repeats) spans of `cfg` (None: parameters stored per layer)."""
-  if not cfg.model.get('scan_layers', False):
+  return model_spans(cfg.model, cfg.moe)
+
+
+def model_spans(model_cfg, moe_cfg) -> tuple | None:
+  """`storage_spans` from the model and MoE sections (what `Transformer` stores its blocks by)."""
+  if not model_cfg.get('scan_layers', False):
     return None
-  return tuple(periods(layer_kinds(cfg.model, cfg.moe)))
+  return tuple(periods(layer_kinds(model_cfg, moe_cfg)))
 
 
 def unscanned(cfg):

@@ -91,7 +91,7 @@ class Transformer(nnx.Module):
     self.embed = Embed(m.vocab_size, m.model_dim, m.init_std, rngs)
     blocks = [Block(m, moe_cfg, config_lib.is_moe_layer(moe_cfg, i), rngs) for i in range(m.num_layers)]
     # Scanned: the parameters stored stacked per period position (stack.stack_blocks), initialized as unrolled.
-    self.spans = tuple(stack.periods(stack.layer_kinds(m, moe_cfg))) if m.get('scan_layers', False) else None
+    self.spans = stack.model_spans(m, moe_cfg)
     self.blocks = nnx.List(stack.stack_blocks(blocks, self.spans) if self.spans else blocks)
     self.final_norm = RMSNorm(m.model_dim, m.norm_eps)
     self.unembed = None if m.use_tied_embeddings else param(rngs, (m.model_dim, m.vocab_size), ('embed', 'vocab'),

@@ -101,6 +101,12 @@ def decay_mask(spans=None):
   return mask
 
 
+def for_run(cfg) -> optax.GradientTransformation:
+  """`make` for a run's whole config: its optimizer section, on the layout its model stores (`model.stack`)."""
+  from moejax.model import stack  # pylint: disable=import-outside-toplevel
+  return make(cfg.optim, stack.storage_spans(cfg))
+
+
 def make(optim_cfg, spans=None) -> optax.GradientTransformation:
   """The optimizer at unit learning rate: the train step multiplies its updates by the step's learning rate.
 

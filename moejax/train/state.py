@@ -14,7 +14,7 @@ import optax
 from flax import nnx
 
 from moejax import data
-from moejax.model import accounting, stack
+from moejax.model import accounting
 from moejax.model import transformer as model_lib
 from moejax.parallel import mesh as mesh_lib
 from moejax.train import optim
@@ -46,7 +46,7 @@ def _placed(cfg, mesh, param_state, buffer_state, abstract: bool = False) -> dic
   replicated = mesh_lib.replicated(mesh)
   params = put(nnx.to_pure_dict(param_state), param_sh)
   buffers = put(nnx.to_pure_dict(buffer_state), mesh_lib.param_shardings(buffer_state, mesh))
-  optimizer = optim.make(cfg.optim, stack.storage_spans(cfg))
+  optimizer = optim.for_run(cfg)
   # Adam moments shard like their parameters; counters are replicated.
   opt_sh = optax.tree_map_params(optimizer, lambda _, sh: sh, jax.eval_shape(optimizer.init, params), param_sh,
                                  transform_non_params=lambda _: replicated)
@@ -102,7 +102,7 @@ def compile_step(cfg, target=None) -> dict:
   with aot.kernel_context(target):  # the model's kernel and exchange choices follow the target's platform
     graphdef, param_state, buffer_state = model_lib.split(nnx.eval_shape(lambda: model_lib.build(cfg)))
     state = _placed(cfg, mesh, param_state, buffer_state, abstract=True)
-    step = make_train_step(graphdef, optim.make(cfg.optim, stack.storage_spans(cfg)), cfg, shardings(state), mesh,
+    step = make_train_step(graphdef, optim.for_run(cfg), cfg, shardings(state), mesh,
                            0 if cfg.data.get('document_mask', False) else None)  # (any id: the program is the same)
   tokens = jax.ShapeDtypeStruct((cfg.train.batch_size, cfg.data.seq_len + 1), jnp.int32,
                                 sharding=mesh_lib.batch_sharding(mesh, 2))

@@ -124,4 +124,4 @@ def cached_train_step(s) -> Callable:
   """The jitted train step for `s.cfg`, shared with earlier runs whose step_key is equal."""
   cfg, sep = s.cfg, document_separator(s)  # (the tokenizer is outside step_key: the separator is in the kind)
   return cached('train' if sep is None else f'train-sep{sep}', cfg, lambda: make_train_step(
-      s.graphdef, optim.make(cfg.optim, stack.storage_spans(cfg)), cfg, jax.tree.map(lambda x: x.sharding, s.state), s.mesh, sep))
+      s.graphdef, optim.for_run(cfg), cfg, jax.tree.map(lambda x: x.sharding, s.state), s.mesh, sep))

@@ -10,11 +10,12 @@ import optax
 import pytest
 from flax import nnx
 
-from moejax import config as config_lib, results
+from moejax import config as config_lib
 from moejax.errors import ConfigError
 from moejax.model import stack
 from moejax.model import transformer as model_lib
 from moejax.parallel import mesh as mesh_lib
+from moejax.studies import render, results
 from moejax.train import accumulate, optim
 from moejax.train import loop as loop_lib
 from moejax.train import record as record_lib
@@ -203,7 +204,7 @@ def test_training_routing_reaches_result_json_and_the_results_table(tiny_cfg, tm
   rec['_path'] = str(tmp_path)
   (row,), _ = results.table([rec])
   assert row['train_drop_fraction'] == pytest.approx(summary['mean']['drop_fraction'])
-  assert 'train dropped' in results.markdown([row], [])
+  assert 'train dropped' in render.results_markdown([row], [])
 
 
 @pytest.mark.slow

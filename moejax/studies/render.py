@@ -331,18 +331,21 @@ MD_COLUMNS = (('config_hash', 'hash'), ('name', 'name'), ('n_total', 'N_total'),
               ('drop_policy', 'drop'), ('eval_drop_policy', 'eval drop'), ('tokens', 'tokens'), ('loss_mean', 'loss'), ('loss_std', '± std'),
               ('seeds', 'n'), ('bits_per_byte_mean', 'bits/byte'), ('load_max_over_mean', 'max/mean load'),
               ('dead_experts', 'dead'), ('drop_fraction', 'dropped'))
+# Training-time routing (result.json train.routing: the last 10% of steps), shown when any row has it.
+TRAIN_COLUMNS = (('train_drop_fraction', 'train dropped'), ('train_load_max_over_mean', 'train max/mean'))
 
 
 def results_markdown(rows: list[dict], varied: list[str], gathered=None) -> str:
   """The table (and failed/unreadable lists) as Markdown."""
   cols = list(MD_COLUMNS[:2]) + [(k, k) for k in varied] + list(MD_COLUMNS[2:])
+  cols += [c for c in TRAIN_COLUMNS if any(r.get(c[0]) is not None for r in rows)]  # (runs before issue 31 lack them)
   lines = ['| ' + ' | '.join(title for _, title in cols) + ' |',
            '|' + '|'.join('---' if k in ('config_hash', 'name') or k in varied else '---:' for k, _ in cols) + '|']
   for r in rows:
     lines.append('| ' + ' | '.join(_cell(r.get(k), k) for k, _ in cols) + ' |')
   out = '\n'.join(lines) + '\n'
   out += ('\nLoss: held-out nats/token, mean over n seeds (± sample std). s = E/k; G = d_model*E/sum(d_exp) '
-          '(d/d_exp for equal experts). Routing columns: held-out pass, mean over MoE layers.\n')
+          '(d/d_exp for equal experts). Routing columns: held-out pass, mean over MoE layers (train: last 10% of steps).\n')
   repro = [(r['name'], x) for r in rows for x in r.get('reproductions') or []]
   if repro:
     out += ('\n**Reproductions** (re-runs of a seed already counted, e.g. by `moejax.reproduce`; not counted as seeds)'
@@ -354,7 +357,6 @@ def results_markdown(rows: list[dict], varied: list[str], gathered=None) -> str:
   if gathered and gathered.unreadable:
     out += '\n**Skipped files**\n\n' + ''.join(f'- {p}: {why}\n' for p, why in gathered.unreadable)
   return out
-
 
 
 def design_table(result, top: int) -> str:

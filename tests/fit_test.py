@@ -22,7 +22,8 @@ def test_fit_row_shards_the_state_over_every_device(tiny_cfg):
   assert 0 < row['state_gb'] <= row['peak_gb'] and row['analytic_gb'] > 0
 
 
-def _fake_rows(monkeypatch, peak_of, calls, message='RESOURCE_EXHAUSTED: Ran out of memory in memory space hbm'):
+def _fake_rows(monkeypatch, peak_of, calls, message='RESOURCE_EXHAUSTED: Ran out of memory in memory space hbm',
+               state_gb=1.0):
   """fit_row replaced by a memory model: peak_of(devices, remat) GB (None: the compiler ran out of memory)."""
   def fake(cfg, target, devices, remat=None, microbatches=1, scan=None):
     calls.append((target.name if target else f'cpu x{devices}', remat, microbatches, scan))
@@ -31,7 +32,7 @@ def _fake_rows(monkeypatch, peak_of, calls, message='RESOURCE_EXHAUSTED: Ran out
       raise RuntimeError(message)
     return {'name': cfg.name, 'target': target.name if target else f'cpu x{devices}', 'devices': devices,
             'remat': remat, 'scan_layers': scan, 'microbatches': microbatches, 'attention': 'auto', 'peak_gb': peak,
-            'analytic_gb': 1.0, 'compile_s': 1.0, 'compiler': 'fake'}
+            'analytic_gb': 1.0, 'state_gb': state_gb * 8 / devices, 'compile_s': 1.0, 'compiler': 'fake'}
   monkeypatch.setattr(compile_steps, 'fit_row', fake)
 
 
@@ -53,6 +54,15 @@ def test_search_finds_the_smallest_target_and_the_cheapest_remat_that_fits(tiny_
   again = compile_steps.search(cfg, 'gpu:h100', 16 * cfg.data.seq_len * 4, 0.9, store)
   assert calls == [] and again['fits'] == result['fits']
   assert '| gpu:h100x8x2 (16 devices) | remat moe, scanned, 4 microbatches' in compile_steps.search_row(cfg, 'gpu:h100', 1, again)
+
+
+def test_a_scanned_setting_fits_only_with_room_for_a_checkpoint_save(tiny_cfg, monkeypatch):
+  """A save of a scanned run holds per-layer copies of the stacked leaves beside the state (up to twice the state):
+  a step that fits on 8 H100s with 40 GB of state per device does not fit there; with 20 GB on 16 it does."""
+  calls = []
+  _fake_rows(monkeypatch, lambda d, r: 60.0, calls, state_gb=40.0)
+  result = compile_steps.search(config_lib.validate(tiny_cfg), 'gpu:h100', 1, 0.9, {})
+  assert result['fits']['target'] == 'gpu:h100x8x2' and not result['below']['fits']
 
 
 @pytest.mark.parametrize('message', [

@@ -317,3 +317,45 @@ def test_a_scanned_runs_checkpoint_exports_and_decodes_per_layer(tiny_cfg, tmp_p
   tokens_BL = jnp.zeros((1, 4), jnp.int32)
   logits, _, _ = model(tokens_BL, positions_BL=jnp.arange(4)[None], cache=model.init_cache(1, 8))
   assert bool(jnp.all(jnp.isfinite(logits)))
+
+
+def _live_bytes() -> int:
+  return sum(x.nbytes for x in jax.live_arrays())
+
+
+def test_scanned_checkpoints_copy_only_stacked_leaves_and_a_resume_holds_one_state(tiny_cfg, tmp_path, monkeypatch):
+  """Saving splits only the stacked leaves (the rest goes to Orbax as is); restoring deletes each leaf's per-layer
+  rows as soon as it is stacked; a resume drops the fresh state before the checkpoint loads."""
+  from moejax.train import checkpoint  # pylint: disable=import-outside-toplevel
+  cfg = _mixed(tiny_cfg, **{'model.scan_layers': True})
+  workdir = str(tmp_path / 'run')
+  loop_lib.run(cfg, workdir, stop_after=2)
+  s = state_lib.setup(cfg)
+  ckpt = checkpoint.Checkpointer(str(tmp_path / 'c'), use_async=False, spans=stack.storage_spans(cfg))
+  saved, restored = {}, {}
+  save, restore = ckpt._mngr.save, ckpt._mngr.restore  # pylint: disable=protected-access
+  monkeypatch.setattr(ckpt._mngr, 'save', lambda step, args=None, **kw: (saved.update(args['state'].item), save(step, args=args, **kw)))  # pylint: disable=protected-access
+  monkeypatch.setattr(ckpt._mngr, 'restore', lambda *a, **kw: (out := restore(*a, **kw), restored.update(out['state']))[0])  # pylint: disable=protected-access
+  ckpt.save(1, s.state, {})
+  assert saved['params']['embed']['table'] is s.state['params']['embed']['table']  # an unstacked leaf: no device copy
+  assert saved['step'] is s.state['step']
+  per_layer = stack.to_layers(jax.device_get(s.state), stack.storage_spans(cfg))
+  for x, y in zip(jax.tree.leaves(saved), jax.tree.leaves(per_layer)):
+    np.testing.assert_array_equal(np.asarray(x), y)
+  _, back, _ = ckpt.restore_latest(checkpoint.abstract(s.state))
+  rows = [x for path, x in jax.tree_util.tree_leaves_with_path(restored) if "['blocks']" in jax.tree_util.keystr(path)]
+  stacked_rows = [x for x in rows if x.is_deleted()]
+  assert stacked_rows and len(stacked_rows) < len(rows)  # the rows of stacked leaves; layer 4 runs once, kept
+  for x, y in zip(jax.tree.leaves(back), jax.tree.leaves(s.state)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  ckpt.close()
+
+  state_bytes = sum(x.nbytes for x in jax.tree.leaves(s.state))
+  del s, back, saved, restored, rows, stacked_rows
+  at_restore = []
+  restore_latest = checkpoint.Checkpointer.restore_latest
+  monkeypatch.setattr(checkpoint.Checkpointer, 'restore_latest',
+                      lambda self, *a, **kw: (at_restore.append(_live_bytes()), restore_latest(self, *a, **kw))[1])
+  before = _live_bytes()
+  assert loop_lib.run(cfg, workdir, stop_after=3)['steps'] == 3
+  assert at_restore[0] - before < state_bytes / 2  # the fresh state was dropped before the checkpoint loaded

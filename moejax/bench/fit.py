@@ -193,7 +193,10 @@ def search(cfg, family: str, global_tokens: int, headroom: float, store: dict, s
     mb, best = _microbatches(global_tokens, cfg.data.seq_len, t.num_devices), None
     for remat, scan in REMAT_LADDER:
       row = _cached(store, save, cfg, t, remat, mb, scan=scan)
-      row['fits'] = row.get('peak_gb') is not None and row['peak_gb'] <= budget
+      # A scanned run's checkpoint save holds per-layer copies of its stacked leaves beside the state: at most
+      # twice the state, outside the step (train.checkpoint).
+      row['fits'] = (row.get('peak_gb') is not None and row['peak_gb'] <= budget
+                     and (not row.get('scan_layers') or 2 * row['state_gb'] <= budget))
       row['budget_gb'] = budget
       tried.append(row)
       if remat == 'full' and not row['fits']:

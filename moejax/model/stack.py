@@ -26,6 +26,7 @@ that einsum has no batch dimension in jax's sense.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import jax
@@ -123,15 +124,16 @@ def stack_blocks(blocks: list, spans) -> list:
   return out
 
 
-def to_layers(tree, spans):
+def to_layers(tree, spans, split=None):
   """A tree holding the scanned layout's 'blocks' (entry index -> subtree) with those of the per-layer layout
-  (layer index -> subtree); any tree: parameter, buffer and optimizer-state trees, arrays or ShapeDtypeStructs."""
-  return _convert(tree, spans, _blocks_to_layers)
+  (layer index -> subtree); any tree: parameter, buffer and optimizer-state trees, arrays or ShapeDtypeStructs.
+  `split(leaf, r)`: the r rows of a stacked leaf (default: indexing); every other leaf is passed through as is."""
+  return _convert(tree, spans, functools.partial(_blocks_to_layers, split=split or _split))
 
 
-def to_stacked(tree, spans):
-  """The inverse of `to_layers`."""
-  return _convert(tree, spans, _blocks_to_stacked)
+def to_stacked(tree, spans, stack=None):
+  """The inverse of `to_layers`. `stack(rows)`: one stacked leaf from its rows (default: `jnp.stack`)."""
+  return _convert(tree, spans, functools.partial(_blocks_to_stacked, stack=stack or _stack_rows))
 
 
 def _convert(tree, spans, fn):
@@ -147,43 +149,56 @@ def _convert(tree, spans, fn):
   return tree
 
 
-def _blocks_to_layers(blocks: dict, spans) -> dict:
+def _blocks_to_layers(blocks: dict, spans, split) -> dict:
   out = {}
   for index, (first, p, r) in enumerate(entries(spans)):
     if index not in blocks:  # a tree of some blocks only (buffers: the MoE blocks' aux-free biases)
       continue
+    if r == 1:
+      out[first] = blocks[index]
+      continue
+    leaves, treedef = jax.tree.flatten(blocks[index])
+    rows = [split(x, r) for x in leaves]
     for q in range(r):
-      out[first + q * p] = blocks[index] if r == 1 else jax.tree.map(lambda x, q=q: _row(x, q), blocks[index])
+      out[first + q * p] = jax.tree.unflatten(treedef, [x[q] for x in rows])
   return dict(sorted(out.items()))
 
 
-def _blocks_to_stacked(blocks: dict, spans) -> dict:
+def _blocks_to_stacked(blocks: dict, spans, stack) -> dict:
   out = {}
   for index, (first, p, r) in enumerate(entries(spans)):
     if first not in blocks:
       continue
     rows = [blocks[first + q * p] for q in range(r)]
-    out[index] = rows[0] if r == 1 else jax.tree.map(lambda *xs: _stack_rows(xs), *rows)
+    out[index] = rows[0] if r == 1 else jax.tree.map(lambda *xs: stack(xs), *rows)
   return out
 
 
-def _row(x, q):
-  """Row q of a stacked leaf (an abstract leaf keeps its sharding less the 'layers' axis)."""
+def row_sharding(sharding):
+  """The sharding of one row of a stacked leaf: its own less the 'layers' axis (any other sharding as is)."""
+  if isinstance(sharding, jax.sharding.NamedSharding):
+    return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*tuple(sharding.spec)[1:]))
+  return sharding
+
+
+def stacked_sharding(sharding):
+  """The sharding of a stacked leaf whose rows have `sharding`: the 'layers' axis whole (any other sharding as is)."""
+  if isinstance(sharding, jax.sharding.NamedSharding):
+    return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(None, *tuple(sharding.spec)))
+  return sharding
+
+
+def _split(x, r):
+  """The r rows of a stacked leaf (an abstract leaf's rows keep its sharding less the 'layers' axis)."""
   if isinstance(x, jax.ShapeDtypeStruct):
-    sharding = x.sharding
-    if isinstance(sharding, jax.sharding.NamedSharding):
-      sharding = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*tuple(sharding.spec)[1:]))
-    return jax.ShapeDtypeStruct(x.shape[1:], x.dtype, sharding=sharding)
-  return x[q]
+    return [jax.ShapeDtypeStruct(x.shape[1:], x.dtype, sharding=row_sharding(x.sharding))] * r
+  return [x[q] for q in range(r)]
 
 
 def _stack_rows(xs):
   x = xs[0]
   if isinstance(x, jax.ShapeDtypeStruct):
-    sharding = x.sharding
-    if isinstance(sharding, jax.sharding.NamedSharding):
-      sharding = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(None, *tuple(sharding.spec)))
-    return jax.ShapeDtypeStruct((len(xs),) + x.shape, x.dtype, sharding=sharding)
+    return jax.ShapeDtypeStruct((len(xs),) + x.shape, x.dtype, sharding=stacked_sharding(x.sharding))
   return np.stack(xs) if isinstance(x, np.ndarray) else jnp.stack(xs)  # (host trees stay on the host: upcycling)
 
 

@@ -20,6 +20,7 @@ import time
 from typing import Any, Iterator
 
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from etils import epath
 
@@ -81,8 +82,7 @@ class Checkpointer:
     # layers; on disk they are per layer (`stack.to_layers`), so a checkpoint restores across `model.scan_layers`.
     # The conversions run under jit (eager slicing refuses arrays that span processes), compiled once per shape.
     self.spans = spans
-    self._to_layers = jax.jit(lambda s: stack.to_layers(s, spans)) if spans else None
-    self._restack = {}
+    self._jits = {}  # one compiled split or stack per stacked leaf's shape, dtype, sharding and row count
     # grain (the data pipeline) imports attrs lazily; imported for the first time while orbax's background
     # threads run, CPython's import lock can fail (KeyError in _ModuleLock, seen once in the test suite). Import
     # it before orbax starts any thread.
@@ -104,8 +104,8 @@ class Checkpointer:
   def save(self, step: int, state: Any, meta: dict) -> None:
     """Starts saving (asynchronously when enabled); `wait` blocks until it is on disk."""
     self._finish()  # a failure of the previous async save surfaces here, before anything new is written
-    if self.spans:  # a per-layer copy of a scanned model's state while it saves
-      state = self._to_layers(state)
+    if self.spans:  # per-layer copies of a scanned model's stacked leaves while it saves (nothing else is copied)
+      state = stack.to_layers(state, self.spans, split=self._split)
     # Check the space first: a write that fails midway makes tensorstore print a traceback per
     # pending write (the arrays' raw size bounds the zstd-compressed checkpoint from above).
     needed = sum(x.nbytes for x in jax.tree.leaves(state)) + (1 << 20)
@@ -192,7 +192,7 @@ class Checkpointer:
       if move_aside and failed and '://' not in str(self.directory):
         for bad, _ in failed:
           log.warning('moved unreadable checkpoint step %d to %s', bad, self._move_aside(bad))
-      return step, self._stacked(restored['state'], abstract_state), restored['meta']
+      return step, self._stacked(restored['state']), restored['meta']
     if failed:
       raise CheckpointError(f'no readable checkpoint in {self.directory} (left in place): step {failed[0][0]}: '
                             f'{failed[0][1]}')
@@ -206,19 +206,32 @@ class Checkpointer:
             state=ocp.args.StandardRestore(stack.to_layers(abstract_state, self.spans)), meta=ocp.args.JsonRestore()))
     except Exception as e:  # pylint: disable=broad-except  (orbax/tensorstore raise many types for damaged files)
       raise CheckpointError(f'checkpoint step {step} in {self.directory} is unreadable: {_cause(e)}') from None
-    return self._stacked(restored['state'], abstract_state), restored['meta']
+    return self._stacked(restored['state']), restored['meta']
 
-  def _stacked(self, state: Any, target: Any) -> Any:
-    """A restored per-layer state in the layout (and shardings) of `target`."""
+  def _stacked(self, state: Any) -> Any:
+    """A restored per-layer state in the stacked layout: each stacked leaf built from its rows,
+    which are deleted at once, so the device holds one state plus one leaf, never two states."""
     if not self.spans:
       return state
-    shardings = [getattr(t, 'sharding', None) for t in jax.tree.leaves(target)]
-    key = (jax.tree.structure(target), tuple(shardings))
-    if key not in self._restack:
-      self._restack[key] = jax.jit(lambda s: stack.to_stacked(s, self.spans),
-                                   out_shardings=jax.tree.unflatten(key[0], shardings)
-                                   if all(s is not None for s in shardings) else None)
-    return self._restack[key](state)
+    return stack.to_stacked(state, self.spans, stack=self._stack)
+
+  def _split(self, x: jax.Array, r: int) -> list:
+    """The r rows of a stacked leaf, one jit per kind of leaf (eager slicing refuses arrays spanning processes)."""
+    key = ('split', x.shape, x.dtype, x.sharding, r)
+    if key not in self._jits:
+      self._jits[key] = jax.jit(lambda a: tuple(a[q] for q in range(r)),
+                                out_shardings=(stack.row_sharding(x.sharding),) * r)
+    return list(self._jits[key](x))
+
+  def _stack(self, rows: tuple) -> jax.Array:
+    first = rows[0]
+    key = ('stack', first.shape, first.dtype, first.sharding, len(rows))
+    if key not in self._jits:
+      self._jits[key] = jax.jit(lambda *xs: jnp.stack(xs), out_shardings=stack.stacked_sharding(first.sharding))
+    out = self._jits[key](*rows)
+    for x in rows:
+      x.delete()
+    return out
 
   def wait(self) -> None:
     """Blocks until the last save is on disk; raises CheckpointError if it failed."""

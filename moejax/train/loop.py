@@ -106,7 +106,10 @@ def run(cfg, workdir: str, stop_after: int | None = None, built: Setup | None = 
   loop = None
   try:
     state, wall_before, branches_done, routing_window = s.state, 0.0, [], None
-    restored = ckpt.restore_latest(checkpoint.abstract(state))
+    target = checkpoint.abstract(state)
+    if ckpt.steps():  # the fresh state is dropped before a checkpoint loads: one state on the device, not two
+      state = s.state = None
+    restored = ckpt.restore_latest(target)
     if restored is None and cfg.train.init_from:  # upcycling: a dense run's weights, only ever at step 0
       from moejax.train import upcycle  # pylint: disable=import-outside-toplevel
       state = upcycle.initialize(cfg, state, workdir)

@@ -42,12 +42,16 @@ def restore_state(s, workdir: str) -> tuple[int, dict]:
   from moejax.train import checkpoint  # pylint: disable=import-outside-toplevel
   spans = stack.storage_spans(s.cfg) if getattr(s, 'cfg', None) is not None else None  # (a scanned --mode=eval)
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'), use_async=False, spans=spans)
+  # s.state becomes its abstract shapes while the checkpoint loads (one state on the device, not two), then the
+  # restored state.
+  s.state = checkpoint.abstract(s.state)
   try:
-    restored = ckpt.restore_latest(checkpoint.abstract(s.state), move_aside=False)
+    restored = ckpt.restore_latest(s.state, move_aside=False)
   finally:
     ckpt.close()
   if restored is None:
     raise CheckpointError(f'no checkpoint in {workdir}/checkpoints to evaluate')
+  s.state = restored[1]
   _check_finite_params(restored[1]['params'], restored[0], workdir)
   return restored[0], restored[1]
 

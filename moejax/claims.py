@@ -83,6 +83,8 @@ def check_flags(f) -> None:
     raise ConfigError('--done_root applies to --emit (the runs it leaves out of the emitted sweep)')
   if f.lr_rule and not f.root:
     raise ConfigError('--lr_rule needs --root (the runs of grid LR)')
+  if f.lr_rule and (f.plan or f.budget or f.out):
+    raise ConfigError(f'--lr_rule prints the rate rule only; it does not take {"--plan" if f.plan else "--budget" if f.budget else "--out"}')
   if f.plan:
     if not f.root or not f.budget:
       raise ConfigError('--plan needs --root (the pilot runs) and --budget (e.g. 8h or 1e15FLOPs)')
@@ -101,8 +103,12 @@ def _main(argv):
     sys.stdout.write(report.lr_rule_page(FLAGS.root, FLAGS.scale))
     return
   if FLAGS.plan:
-    sys.stdout.write(report.plan_page(FLAGS.root, FLAGS.scale, FLAGS.budget, FLAGS.out, FLAGS.pilot_scale,
-                                      FLAGS.emit, FLAGS.done_root, 'python -m moejax.claims ' + ' '.join(sys.argv[1:])))
+    try:
+      sys.stdout.write(report.plan_page(FLAGS.root, FLAGS.scale, FLAGS.budget, FLAGS.out, FLAGS.pilot_scale,
+                                        FLAGS.emit, FLAGS.done_root, 'python -m moejax.claims ' + ' '.join(sys.argv[1:])))
+    except report.PlanEmitError as e:
+      sys.stdout.write(e.page)  # the plan, then the one error line
+      raise
     return
   if not FLAGS.root or not FLAGS.out:
     raise app.UsageError('--root and --out are required')

@@ -167,13 +167,15 @@ def test_plan_cli_refuses_a_bad_budget_in_one_line(tmp_path):
     ({'plan': True, 'budget': '1h', 'emit': 'x.py', 'done_root': '/nonexistent'}, '--done_root=/nonexistent is not a'),
     ({'plan': True, 'budget': '1h', 'emit': '/nonexistent/x.py'}, 'does not exist or is not writable'),
     ({'lr_rule': True, 'root': None}, '--lr_rule needs --root'),
+    ({'lr_rule': True, 'plan': True, 'budget': '1h'}, '--lr_rule prints the rate rule only; it does not take --plan'),
+    ({'lr_rule': True, 'out': '/tmp/x'}, 'does not take --out'),
 ])
 def test_plan_flags_are_refused_before_planning(tmp_path, flags, message):
   """The checks `claims` runs first (a ConfigError is its one line and exit 2: the budget case above runs it)."""
   from moejax import claims  # pylint: disable=import-outside-toplevel
   import types  # pylint: disable=import-outside-toplevel
   f = types.SimpleNamespace(**{'root': str(tmp_path), 'plan': False, 'budget': None, 'emit': None, 'pilot_scale': None,
-                               'pilot_root': None, 'done_root': None, 'lr_rule': False, **flags})
+                               'pilot_root': None, 'done_root': None, 'lr_rule': False, 'out': None, **flags})
   with pytest.raises(ConfigError, match=message):
     claims.check_flags(f)
 
@@ -223,23 +225,39 @@ def test_a_length_is_planned_only_where_every_class_has_its_noise_measured():
   assert plan._sigma_at(noise, 'default', 3.0) == 0.013 and plan._sigma_at(noise, 'other', 1.0) == 0.05  # pylint: disable=protected-access
 
 
-def test_the_lr_rule_command_fits_the_rate_rule_from_grid_lr_runs(tmp_path):
-  """`claims --lr_rule`: every tiny2 grid LR point as written by a run (synthetic losses whose optimum falls as 1/d)
-  gives the LR_RULE entry to record; a missing point is one line naming it."""
-  from moejax.studies import grids, report  # pylint: disable=import-outside-toplevel
+def _write_lr_grid(root, optimum):
+  """Every tiny2 grid LR point's result.json as a run writes it, with loss 1.4 + 0.004 log2(lr / optimum(d, k))^2."""
+  from moejax.studies import grids  # pylint: disable=import-outside-toplevel
   points = grids.grid_points('tiny2', ['LR'])['LR']
-  assert len(points) == 26
   for p in points:
     cfg = config_lib.validate(p['config'])
     lr, d, k = cfg.optim.peak_learning_rate, cfg.model.model_dim, cfg.moe.experts_per_token
-    loss = 1.4 + 0.004 * np.log2(lr * d / (64 * (8e-3 if k == 2 else 1.2e-2))) ** 2
-    os.makedirs(tmp_path / p['point']['name'])
-    with open(tmp_path / p['point']['name'] / 'result.json', 'w') as f:
+    os.makedirs(root / p['point']['name'])
+    with open(root / p['point']['name'] / 'result.json', 'w') as f:
       json.dump({'name': p['point']['name'], 'config': json.loads(cfg.to_json_best_effort()),
-                 'accounting': accounting.count(cfg), 'eval': {'loss': loss, 'bits_per_byte': 2.0},
+                 'accounting': accounting.count(cfg),
+                 'eval': {'loss': 1.4 + 0.004 * np.log2(lr / optimum(d, k)) ** 2, 'bits_per_byte': 2.0},
                  'train': {'tokens': 6144000, 'wall_s': 300.0, 'steps': 1500}}, f)
+  return points
+
+
+def test_the_lr_rule_command_stops_when_an_optimum_lies_outside_its_sweep(tmp_path):
+  """Optima falling as d^-3 put d=144, k=8's at 4.2e-4, beyond the 1e-3..8e-3 swept there: one line saying to extend
+  the sweep there, no LR_RULE line to record."""
+  from moejax.studies import report  # pylint: disable=import-outside-toplevel
+  _write_lr_grid(tmp_path, lambda d, k: (1.2e-2 if k == 2 else 4.8e-3) * (64 / d) ** 3)
+  with pytest.raises(DataError, match=r'd=144, k=8 \(0.00042\) lies outside the rates swept there.*extend'):
+    report.lr_rule_page(str(tmp_path), 'tiny2')
+
+
+def test_the_lr_rule_command_fits_the_rate_rule_from_grid_lr_runs(tmp_path):
+  """`claims --lr_rule`: every tiny2 grid LR point as written by a run (synthetic losses whose optimum falls as 1/d)
+  gives the LR_RULE entry to record; a missing point is one line naming it."""
+  from moejax.studies import report  # pylint: disable=import-outside-toplevel
+  points = _write_lr_grid(tmp_path, lambda d, k: (8e-3 if k == 2 else 1.2e-2) * 64 / d)
+  assert len(points) == 26
   page = report.lr_rule_page(str(tmp_path), 'tiny2')
-  slope = float(page.split('scales as width^')[1].split(';')[0])
+  slope = float(page.split('scales as width^(')[1].split(' ')[0])
   assert -1.3 < slope < -0.7  # the synthetic optimum falls as 1/d
   rule = eval(page.split("LR_RULE['tiny2'] = ")[1].split('`')[0])  # pylint: disable=eval-used
   assert set(rule) == {2, 8} and set(rule[2]) == {64, 96, 144}
@@ -264,3 +282,17 @@ def test_the_report_shows_the_plan_the_runs_followed(tmp_path, monkeypatch):
   assert made['kwargs'] == {'lengths': (1.0,), 'pilot_scale': 'tiny'}
   report.run('runs', 'tiny', 'out', budget='1h')
   assert made['args'][0] == 'the runs' and made['kwargs']['pilot_scale'] is None
+
+
+def test_a_plan_that_decides_nothing_is_still_written_before_emit_refuses(tmp_path, monkeypatch):
+  """--emit with a budget too small for any claim: plan.md is written (the page says what each claim would need),
+  then one error line saying the plan decides no claim; no experiment file."""
+  from moejax.studies import report  # pylint: disable=import-outside-toplevel
+  monkeypatch.setattr(power, 'DRAWS', 200)
+  monkeypatch.setattr(power, 'ARGMIN_OUTER', 20)
+  _pilot(str(tmp_path / 'pilot'))
+  with pytest.raises(report.PlanEmitError, match='decides no claim within its budget') as e:
+    report.plan_page(str(tmp_path / 'pilot'), 'tiny', '10s', str(tmp_path / 'out'), emit=str(tmp_path / 'x.py'))
+  assert not os.path.exists(tmp_path / 'x.py')
+  with open(tmp_path / 'out' / 'plan.md') as f:
+    assert f.read() == e.value.page and '# Power plan at scale `tiny`' in e.value.page

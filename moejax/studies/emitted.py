@@ -76,6 +76,9 @@ def plan_sweep(path: str, plan, source: str, command: str, done: set = frozenset
         skipped += 1
       else:
         sweep.append(p)
+  if not plan.points:
+    raise DataError(f'the plan decides no claim within its budget: nothing written to --emit={path} (the plan '
+                    'says what each claim would need)')
   if not sweep:
     raise DataError(f'the plan has no runs to emit ({skipped} of its runs are already made): nothing written to '
                     f'--emit={path}')

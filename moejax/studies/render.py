@@ -58,7 +58,7 @@ def lr_table(rates: list[float], rows: list[dict]) -> str:
     vertex = ('not bracketed' if not r['bracketed'] else '-' if r['vertex'] is None else f'{r["vertex"]:.2g}')
     cells = ' | '.join(f'{r["losses"][x]:.4f}' if x in r['losses'] else '-' for x in rates)
     lines.append(f'| {r["anchor"]} | {accounting.human(r["n_total"])} | {cells} | {r["best"]:g} | {vertex} |'
-                 + (f' {r["rule"]:.2g} |' if rule else ''))
+                 + (f' {r["rule"]["rate"]:.2g}{" (fit %.2g: outside the sweep)" % r["rule"]["fitted"] if r["rule"]["clamped"] else ""} |' if rule else ''))
   return '\n'.join(lines) + '\n'
 
 

@@ -129,18 +129,36 @@ def lr_rule_page(root: str, scale: str) -> str:
     by_hash[p['config_hash']].update({'model.model_dim': p['config'].model.model_dim,
                                       'experts_per_token': p['config'].moe.experts_per_token})
   rates, table = summaries.lr_rows({'LR': [by_hash[p['config_hash']] for p in points]})
+  if 'rule_error' in table[0]:
+    raise DataError(f'grid LR at {scale}: {table[0]["rule_error"]}')
   if 'rule' not in table[0]:
     raise DataError(f'grid LR at {scale} has one width: no rule between widths to fit')
+  outside = [r for r in table if r['rule']['clamped']]
+  if outside:
+    r = outside[0]
+    raise DataError(f'grid LR at {scale}: the fitted rate at d={r["width"]}, k={r["topk"]} ({r["rule"]["fitted"]:.2g}) '
+                    f'lies outside the rates swept there ({min(r["losses"]):g}..{max(r["losses"]):g}); extend '
+                    'LR_ANCHORS\' sweep at that width and run the new points')
   rule = {}
   for r in table:
-    rule.setdefault(2 if r['topk'] <= 4 else 8, {})[r['width']] = float(f'{r["rule"]:.3g}')
-  fit = table[0]['rule_fit']
+    rule.setdefault(2 if r['topk'] <= 4 else 8, {})[r['width']] = r['rule']['rate']
+  fit, cost = table[0]['rule_fit'], max(r['rule']['cost'] for r in table)
   return (f'# Learning-rate rule at scale `{scale}` (grid LR, seed 0; {datetime.date.today().isoformat()})\n\n'
           + render.lr_table(rates, table)
-          + f'\nJoint fit (`summaries.lr_rule`): the optimal rate scales as width^{fit["slope"]:.2f}; a rate a factor 2 '
-          f'off the optimum costs {fit["curvature"]:.4f} nats (the bowls\' curvature; compare the seed noise), '
-          f'residual {fit["residual_rms"]:.4f} nats.\n'
-          f'\nRecord in experiments/papers.py: `LR_RULE[{scale!r}] = {rule}`\n')
+          + f'\nJoint fit (`summaries.lr_rule`): the optimal rate scales as width^({fit["slope"]:.2f} ± '
+          f'{fit["slope_se"]:.2f}); a rate a factor 2 off the optimum costs {fit["curvature"]:.4f} ± '
+          f'{fit["curvature_se"]:.4f} nats (the bowls\' curvature; compare the seed noise), residual '
+          f'{fit["residual_rms"]:.4f} nats (± one standard error). Each anchor takes the rate it swept nearest the '
+          f'fit (so its grid point is its grid LR run), predicted to cost at most {cost:.4f} nats against the fitted '
+          f'optimum.\n\nRecord in experiments/papers.py: `LR_RULE[{scale!r}] = {rule}`\n')
+
+
+class PlanEmitError(DataError):
+  """The plan was made (and written) but has no runs to emit; `page` is the plan, which the command prints first."""
+
+  def __init__(self, message: str, page: str):
+    super().__init__(message)
+    self.page = page
 
 
 def plan_page(root: str, scale: str, budget: str, out: str | None = None, pilot_scale: str | None = None,
@@ -158,23 +176,29 @@ def plan_page(root: str, scale: str, budget: str, out: str | None = None, pilot_
   pilot = f' at scale `{pilot_scale}`' if pilot_scale else ''
   text = (f'# Power plan at scale `{scale}`\n\nPilot: {len(gathered.records)} runs under `{root}`{pilot}; planned '
           f'{datetime.date.today().isoformat()}.\n\n' + render.plan_markdown(p))
+  def write(text):
+    if out:
+      try:
+        os.makedirs(out, exist_ok=True)
+      except OSError as e:
+        raise WorkdirError(f'cannot write the plan under {out}: {e.strerror or e}') from None
+      files.atomic_write(os.path.join(out, 'plan.md'), text)
+  write(text)  # the plan is kept (and printed, `emit_error`) even when there is nothing to emit
   if emit:
     done = set()
     if done_root:
       for r in results.gather(done_root).records:
         done.add((results.config_hash(config_lib.flatten(r['config'])), results.seed_key(r['config'])))
     papers = os.path.join(grids.experiments_dir(), 'papers.py')
-    runs = emitted.plan_sweep(emit, p, papers, command, done)
+    try:
+      runs = emitted.plan_sweep(emit, p, papers, command, done)
+    except DataError as e:
+      raise PlanEmitError(str(e), text) from None
     text += f'\nThe plan\'s {len(runs)} runs: `{emit}` (`python -m moejax.sweep --config={emit} --root=...`).\n'
     if p.beyond_grids:
       text += (f'Not emitted: the runs of {", ".join(p.beyond_grids)} beyond the grids\' points (more random designs '
                'than experiments/paper_a.py A4_RANDOM draws).\n')
-  if out:
-    try:
-      os.makedirs(out, exist_ok=True)
-    except OSError as e:
-      raise WorkdirError(f'cannot write the plan under {out}: {e.strerror or e}') from None
-    files.atomic_write(os.path.join(out, 'plan.md'), text)
+    write(text)
   return text
 
 

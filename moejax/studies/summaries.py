@@ -8,6 +8,7 @@ import math
 
 import numpy as np
 
+from moejax.errors import DataError
 from moejax.studies import statistics
 from moejax.studies.verdicts import Claim, seed_argmins
 
@@ -149,34 +150,52 @@ def lr_rows(g: dict) -> tuple[list[float], list[dict]]:
     out.append({'anchor': name, 'n_total': rs[0]['n_total'], 'losses': by_rate, 'best': best, 'vertex': vertex,
                 'bracketed': bracketed, 'width': rs[0].get('model.model_dim'), 'topk': rs[0].get('experts_per_token')})
   if len({r['width'] for r in out}) >= 2 and all(r['topk'] for r in out):  # widths vary: the joint rule (lr_rule)
-    rule = lr_rule([{'width': r['width'], 'topk': r['topk'], 'lr': x, 'loss': y} for r in out
-                    for x, y in r['losses'].items()], base_width=min(r['width'] for r in out))
+    try:
+      rule = lr_rule([{'width': r['width'], 'topk': r['topk'], 'lr': x, 'loss': y} for r in out
+                      for x, y in r['losses'].items()], base_width=min(r['width'] for r in out))
+    except DataError as e:  # not identified: the table says why (`claims --lr_rule` stops on it)
+      out[0]['rule_error'] = str(e)
+      return rates, out
     for r in out:
-      r['rule'] = rule['rate'](r['width'], r['topk'])
-      r['rule_fit'] = {k: rule[k] for k in ('slope', 'curvature', 'residual_rms')}
+      r.update(rule=rule['choose'](r['width'], r['topk']),
+               rule_fit={k: rule[k] for k in ('slope', 'slope_se', 'curvature', 'curvature_se', 'residual_rms')})
   return rates, out
 
 
-def lr_rule(points: list[dict], base_width: int = 64, keep: int = 3) -> dict:
+def lr_rule(points: list[dict], base_width: int = 64, window: float = 1.0) -> dict:
   """The learning-rate rule read off a rate grid at several widths and top-k classes, jointly, so that no anchor's
   rate rests on its own single-seed argmin (at tiny2's d = 96, k = 2 the four rates spanned 0.002 nats).
 
-  Each anchor's `keep` lowest points (the bowl around its minimum; the divergence side of a rate grid is not a
-  parabola) are fitted by least squares with
+  Each anchor's points within `window` factors of 2 of its argmin (the bowl around its minimum: the divergence
+  side of a rate grid is not a parabola, and a flat floor alone carries no curvature) are fitted by least squares
+  with
 
       loss = c_anchor + a * (log2(lr) - m_k - s * log2(d / base_width))^2,
 
   one offset c per anchor, one optimum m_k per top-k class at the base width, one width slope s shared by every
-  class (muP-style transfer predicts s = -1 for Adam's hidden matrices) and one curvature a. `points`:
-  [{'width', 'topk', 'lr', 'loss'}]. Returns {'slope', 'intercepts': {k: log2 rate at base width}, 'curvature',
-  'rate': rate(width, topk), clamped to the rates swept (never an extrapolated rate), 'residual_rms'}.
+  class (muP-style transfer predicts s = -1 for Adam's hidden matrices) and one curvature a (nats per factor 2
+  squared). `points`: [{'width', 'topk', 'lr', 'loss'}]. A DataError when the grid cannot identify the rule: no
+  top-k class measured at two widths (the slope), or a curvature not 2 standard errors above 0 (flat bowls: no
+  rate is better than another within the noise). Returns {'slope', 'slope_se', 'intercepts': {k: log2 rate at
+  base width}, 'curvature', 'curvature_se', 'residual_rms', 'fitted': fitted(width, topk) (unclamped),
+  'rate': rate(width, topk), the fitted rate clamped to the rates swept at the nearest anchor width (never an
+  extrapolated rate), 'choose': choose(width, topk) at an anchor width: {'rate': the swept rate nearest the
+  clamped fit (so an anchor's grid point is its grid LR run), 'fitted', 'clamped': the fit lies more than half
+  a factor 2 outside that width's sweep (extend the sweep), 'cost': a * log2(rate / fitted)^2, the nats the
+  choice is predicted to lose}}. The class of a top-k is the nearest measured in log2 (ties: the smaller, so
+  with classes 2 and 8, k <= 4 takes 2's, as `papers.lr_for` does).
   """
   from scipy import optimize  # pylint: disable=import-outside-toplevel
   anchors = sorted({(p['width'], p['topk']) for p in points})
   topks = sorted({k for _, k in anchors})
+  if not any(len({w for w, k2 in anchors if k2 == k}) >= 2 for k in topks):
+    raise DataError('grid LR measures no top-k class at two widths: the width slope of the rate rule is not '
+                    'identified')
   used = []
   for w, k in anchors:
-    used += sorted((p for p in points if (p['width'], p['topk']) == (w, k)), key=lambda p: p['loss'])[:keep]
+    grid = [p for p in points if (p['width'], p['topk']) == (w, k)]
+    best = math.log2(min(grid, key=lambda p: p['loss'])['lr'])
+    used += [p for p in grid if abs(math.log2(p['lr']) - best) <= window + 1e-9]
   x = np.log2([p['lr'] for p in used])
   y = np.array([p['loss'] for p in used])
   a_idx = np.array([anchors.index((p['width'], p['topk'])) for p in used])
@@ -184,20 +203,41 @@ def lr_rule(points: list[dict], base_width: int = 64, keep: int = 3) -> dict:
   wl = np.log2([p['width'] / base_width for p in used])
 
   def residuals(theta):
-    c, m, slope, log_a = theta[:len(anchors)], theta[len(anchors):len(anchors) + len(topks)], theta[-2], theta[-1]
-    return c[a_idx] + np.exp(log_a) * (x - m[k_idx] - slope * wl) ** 2 - y
+    c, m, slope, a = theta[:len(anchors)], theta[len(anchors):len(anchors) + len(topks)], theta[-2], theta[-1]
+    return c[a_idx] + a * (x - m[k_idx] - slope * wl) ** 2 - y
 
   start = np.concatenate([[min(p['loss'] for p in used if (p['width'], p['topk']) == an) for an in anchors],
-                          [np.mean(x[k_idx == j]) for j in range(len(topks))], [0.0, np.log(0.01)]])
+                          [np.mean(x[k_idx == j]) for j in range(len(topks))], [0.0, 0.01]])
   fit = optimize.least_squares(residuals, start, method='lm' if len(y) > len(start) else 'trf')
-  m, slope = fit.x[len(anchors):len(anchors) + len(topks)], float(fit.x[-2])
-  low, high = min(p['lr'] for p in points), max(p['lr'] for p in points)
+  m, slope, curvature = fit.x[len(anchors):len(anchors) + len(topks)], float(fit.x[-2]), float(fit.x[-1])
+  dof = len(y) - len(start)
+  cov = (np.linalg.pinv(fit.jac.T @ fit.jac) * float(fit.fun @ fit.fun) / dof) if dof > 0 else None
+  se = lambda i: float(np.sqrt(max(cov[i, i], 0.0))) if cov is not None else float('inf')  # noqa: E731
+  if not curvature > 2 * se(-1):
+    raise DataError(f'grid LR\'s bowls are flat within the noise (curvature {curvature:.2g} ± {se(-1):.2g} nats '
+                    'per factor 2 squared): no rate is identified; sweep wider or add seeds')
+  sweeps = {}
+  for p in points:
+    sweeps.setdefault(p['width'], set()).add(p['lr'])
+
+  def fitted(width: int, topk: int) -> float:
+    j = min(range(len(topks)), key=lambda i: (abs(math.log2(topk / topks[i])), topks[i]))  # nearest class
+    return float(2.0 ** (m[j] + slope * math.log2(width / base_width)))
+
+  def swept(width: int) -> list[float]:  # the rates swept at the anchor width nearest in log2
+    return sorted(sweeps[min(sweeps, key=lambda w: (abs(math.log2(width / w)), w))])
 
   def rate(width: int, topk: int) -> float:
-    j = min(range(len(topks)), key=lambda i: abs(topks[i] - topk))  # the nearest class measured
-    return float(min(max(2.0 ** (m[j] + slope * math.log2(width / base_width)), low), high))
-  return {'slope': slope, 'intercepts': {k: float(m[j]) for j, k in enumerate(topks)},
-          'curvature': float(np.exp(fit.x[-1])), 'rate': rate,
+    rates = swept(width)
+    return min(max(fitted(width, topk), rates[0]), rates[-1])
+
+  def choose(width: int, topk: int) -> dict:
+    raw, rates = fitted(width, topk), swept(width)
+    pick = min(rates, key=lambda r: abs(math.log2(r / rate(width, topk))))
+    return {'rate': pick, 'fitted': raw, 'clamped': not rates[0] / 2 ** 0.5 <= raw <= rates[-1] * 2 ** 0.5,
+            'cost': curvature * math.log2(pick / raw) ** 2}
+  return {'slope': slope, 'slope_se': se(-2), 'intercepts': {k: float(m[j]) for j, k in enumerate(topks)},
+          'curvature': curvature, 'curvature_se': se(-1), 'fitted': fitted, 'rate': rate, 'choose': choose,
           'residual_rms': float(np.sqrt(np.mean(fit.fun ** 2)))}
 
 

@@ -245,6 +245,16 @@ def test_bad_sources_and_settings(tmp_path, corpus_glob):
     _prepare(tmp_path / 's3', corpus_glob, tokenizer=f'hf:{big}', dtype='uint16')
   manifest = _prepare(tmp_path / 's4', corpus_glob, tokenizer=f'hf:{big}')
   assert manifest['dtype'] == 'uint32' and data.open_store(str(tmp_path / 's4'), f'hf:{big}').tokenizer.vocab_size == 70002
+  # A preparation made before HF tokenizers encoded a special token's text as text is refused, not mixed into.
+  for name in ('plan.json', 'manifest.json'):
+    with open(tmp_path / 's4' / name) as f:
+      old = json.load(f)
+    assert old['settings']['special_tokens'] == 'as_text'
+    del old['settings']['special_tokens']
+    with open(tmp_path / 's4' / name, 'w') as f:
+      json.dump(old, f)
+  with pytest.raises(DataError, match=r"other settings: special_tokens \(None -> 'as_text'\)"):
+    _prepare(tmp_path / 's4', corpus_glob, tokenizer=f'hf:{big}')
   _prepare(tmp_path / 's5', corpus_glob, plan_only=True)
   with pytest.raises(DataError, match=r'holds a preparation with other settings: heldout_bytes \(4000 -> 5000\)'):
     _prepare(tmp_path / 's5', corpus_glob, heldout_bytes=5000)

@@ -64,11 +64,19 @@ def split_keys(sizes: list[tuple[str, int]], heldout_bytes: int, max_fraction: f
   return held
 
 
+# A HuggingFace tokenizer encodes a special token's text inside a document as text (since 2026-12-06; before, it
+# became the special id, a false document start): the tokens depend on that rule, so the fingerprint and a store's
+# settings name it for HF-loaded tokenizers (a store or run prepared under the old rule is refused, not mixed).
+HF_SPECIAL_TOKENS = 'as_text'
+
+
 def combined_fingerprint(docs_fingerprint: str, tokenizer: tok_lib.Tokenizer) -> str:
-  """The corpus fingerprint: the documents' for bytes (as it always was), else documents + tokenizer."""
+  """The corpus fingerprint: the documents' for bytes (as it always was), else documents + tokenizer (+ the HF
+  special-token rule)."""
   if tokenizer.kind == 'bytes':
     return docs_fingerprint
-  return hashlib.sha256(f'{docs_fingerprint}:{tokenizer.hash}:{tokenizer.separator}'.encode()).hexdigest()
+  rule = f':special_tokens_{HF_SPECIAL_TOKENS}' if tokenizer.kind == 'hf' else ''
+  return hashlib.sha256(f'{docs_fingerprint}:{tokenizer.hash}:{tokenizer.separator}{rule}'.encode()).hexdigest()
 
 
 def tokenizer_id(spec: tok_lib.Spec) -> str:
@@ -106,7 +114,8 @@ def settings_of(opts: SourceOptions, spec: tok_lib.Spec, separator_token, heldou
           'text_field': opts.text_field, 'binary_documents': opts.binary_documents,
           'tokenizer': tokenizer_id(spec), 'separator_token': separator_token, 'heldout_bytes': int(heldout_bytes),
           'heldout_max_fraction': float(max_fraction), 'chunk_bytes': int(chunk_bytes), 'dtype': dtype,
-          'tokenizer_train_bytes': int(tokenizer_train_bytes)}
+          'tokenizer_train_bytes': int(tokenizer_train_bytes),
+          **({'special_tokens': HF_SPECIAL_TOKENS} if spec.kind == 'hf' or spec.train_kind == 'bpe' else {})}
 
 
 def make_plan(directory: str, opts: SourceOptions, spec: tok_lib.Spec, settings: dict) -> dict:

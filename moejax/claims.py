@@ -83,6 +83,12 @@ def check_flags(f) -> None:
     raise ConfigError('--done_root applies to --emit (the runs it leaves out of the emitted sweep)')
   if f.lr_rule and not f.root:
     raise ConfigError('--lr_rule needs --root (the runs of grid LR)')
+  if getattr(f, 'calibrate', None):
+    if not f.budget:
+      raise ConfigError('--calibrate applies to a plan (--budget)')
+    for d in f.calibrate:
+      if not os.path.isfile(os.path.join(d, 'result.json')):
+        raise ConfigError(f'--calibrate={d}: no result.json there (a finished run directory)')
   if f.lr_rule and (f.plan or f.budget or f.out):
     raise ConfigError(f'--lr_rule prints the rate rule only; it does not take {"--plan" if f.plan else "--budget" if f.budget else "--out"}')
   if f.plan:
@@ -105,7 +111,8 @@ def _main(argv):
   if FLAGS.plan:
     try:
       sys.stdout.write(report.plan_page(FLAGS.root, FLAGS.scale, FLAGS.budget, FLAGS.out, FLAGS.pilot_scale,
-                                        FLAGS.emit, FLAGS.done_root, 'python -m moejax.claims ' + ' '.join(sys.argv[1:])))
+                                        FLAGS.emit, FLAGS.done_root, 'python -m moejax.claims ' + ' '.join(sys.argv[1:]),
+                                        FLAGS.calibrate))
     except report.PlanEmitError as e:
       sys.stdout.write(e.page)  # the plan, then the one error line
       raise
@@ -113,7 +120,7 @@ def _main(argv):
   if not FLAGS.root or not FLAGS.out:
     raise app.UsageError('--root and --out are required')
   sys.stdout.write(report.run(FLAGS.root, FLAGS.scale, FLAGS.out, FLAGS.bootstrap, loo=FLAGS.loo, budget=FLAGS.budget,
-                              pilot_root=FLAGS.pilot_root, pilot_scale=FLAGS.pilot_scale))
+                              pilot_root=FLAGS.pilot_root, pilot_scale=FLAGS.pilot_scale, calibrate=FLAGS.calibrate))
 
 
 if __name__ == '__main__':
@@ -137,6 +144,9 @@ if __name__ == '__main__':
                       'python -m moejax.sweep).')
   flags.DEFINE_string('done_root', None, '--emit: runs already made at --scale (their configuration and seed are '
                       'left out of the emitted sweep).')
+  flags.DEFINE_list('calibrate', None, 'With --budget: run directories at --scale made with the machine to itself; '
+                    'every price is multiplied by their measured / priced wall time (the pilot\'s speed misses what '
+                    'the scale adds, e.g. tiny2\'s held-out scoring every 150 steps).')
   flags.DEFINE_string('budget', None, 'Compute budget of the plan: training wall time on this machine (8h, 90m) or '
                       'training FLOPs (1e15FLOPs). Without --plan, the plan is shown beside the verdicts.')
   cli.cli(_main)

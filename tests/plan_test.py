@@ -169,6 +169,8 @@ def test_plan_cli_refuses_a_bad_budget_in_one_line(tmp_path):
     ({'lr_rule': True, 'root': None}, '--lr_rule needs --root'),
     ({'lr_rule': True, 'plan': True, 'budget': '1h'}, '--lr_rule prints the rate rule only; it does not take --plan'),
     ({'lr_rule': True, 'out': '/tmp/x'}, 'does not take --out'),
+    ({'calibrate': ['/tmp']}, '--calibrate applies to a plan'),
+    ({'plan': True, 'budget': '1h', 'calibrate': ['/nonexistent']}, '--calibrate=/nonexistent: no result.json there'),
 ])
 def test_plan_flags_are_refused_before_planning(tmp_path, flags, message):
   """The checks `claims` runs first (a ConfigError is its one line and exit 2: the budget case above runs it)."""
@@ -279,7 +281,7 @@ def test_the_report_shows_the_plan_the_runs_followed(tmp_path, monkeypatch):
   monkeypatch.setattr(report, 'write_claims', lambda s, out: s.plan)
   assert report.run('runs', 'tiny2', 'out', budget='8.5h', pilot_root='tiny-runs', pilot_scale='tiny') == 'a plan'
   assert made['args'] == ('pilot under tiny-runs', 'tiny2', 8.5 * 3600, 's')
-  assert made['kwargs'] == {'lengths': (1.0,), 'pilot_scale': 'tiny'}
+  assert made['kwargs'] == {'lengths': (1.0,), 'pilot_scale': 'tiny', 'calibrate': []}
   report.run('runs', 'tiny', 'out', budget='1h')
   assert made['args'][0] == 'the runs' and made['kwargs']['pilot_scale'] is None
 
@@ -296,3 +298,24 @@ def test_a_plan_that_decides_nothing_is_still_written_before_emit_refuses(tmp_pa
   assert not os.path.exists(tmp_path / 'x.py')
   with open(tmp_path / 'out' / 'plan.md') as f:
     assert f.read() == e.value.page and '# Power plan at scale `tiny`' in e.value.page
+
+
+def test_a_calibrated_plan_prices_every_run_by_the_measured_over_priced_wall_time(pilot, monkeypatch):
+  """--calibrate: a run at the planned scale that took 1.5x its price makes every claim's cost 1.5x (and the page
+  says so); the factor is measured / priced wall time, so doubling the run's wall doubles it."""
+  monkeypatch.setattr(power, 'DRAWS', 200)
+  monkeypatch.setattr(power, 'ARGMIN_OUTER', 20)
+  record = json.loads(json.dumps(pilot.records[0]))
+  base = plan.calibration(pilot, [record])
+  record['train']['wall_s'] *= 1.5 / base
+  assert plan.calibration(pilot, [record]) == pytest.approx(1.5)
+  slow = json.loads(json.dumps(record))
+  slow['train']['wall_s'] *= 2
+  assert plan.calibration(pilot, [record, slow, slow]) == pytest.approx(3.0)  # the median
+  plain = plan.plan(pilot, 'tiny', 5 * 3600, 's', lengths=(1.0,))
+  calibrated = plan.plan(pilot, 'tiny', 5 * 3600, 's', lengths=(1.0,), calibrate=[record])
+  for a, b in zip(plain.rows, calibrated.rows):
+    if a.hours is not None:
+      assert b.hours == pytest.approx(1.5 * a.hours) and b.flops == pytest.approx(a.flops)
+  assert f'x 1.50, the measured / priced wall time of 1 run(s) at this scale' in render.plan_markdown(calibrated)
+  assert 'x 1.' not in render.plan_markdown(plain).split('recorded speed')[1][:5]

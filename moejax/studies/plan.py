@@ -109,6 +109,12 @@ class Plan:
   points: list = dataclasses.field(default_factory=list)  # [(grid point at seed 0, seeds, config hash)] chosen
   # chosen claims with runs beyond the grids' points (C-A4's extra random designs): not in `points`
   beyond_grids: list = dataclasses.field(default_factory=list)
+  calibration: tuple = (1.0, ())  # (price factor, the runs it was measured on)
+
+  def price_note(self) -> str:
+    factor, runs = self.calibration
+    return (f' x {factor:.2f}, the measured / priced wall time of {len(runs)} run(s) at this scale made with the '
+            f'machine to itself ({", ".join(runs)})') if runs else ''
 
 
 def parse_budget(text: str) -> tuple[float, str]:
@@ -196,18 +202,38 @@ def _needs(spec, members, effect, margin, sigma_of, spread):
   return m, pw, (m + 1 if m else len(flat))
 
 
+def _overhead(optim) -> float:
+  """Training tokens of a run with its decay branches per token of the run (`optim`: its config section)."""
+  branches = [float(x) for x in str(optim.get('decay_branches') or '').split(',') if x.strip()]
+  return 1 + float(optim.get('decay_fraction') or 0) * sum(branches)
+
+
+def pilot_rate(rows, overhead: float) -> float:
+  """The pilot's median seconds per training FLOP from its recorded wall times (`overhead`: `_overhead`)."""
+  per_flop = [r['wall_s'] / (r['tokens'] * r['seeds'] * r['flops_per_token'] * overhead)
+              for r in rows if r.get('wall_s') and r.get('tokens') and r.get('flops_per_token')]
+  if not per_flop:
+    raise DataError('the pilot runs record no train.wall_s: nothing to price a plan with')
+  return float(np.median(per_flop))
+
+
+def calibration(gathered: results.Gathered, records: list[dict]) -> float:
+  """Measured / priced wall time of `records` (runs at the planned scale made with the machine to itself), median:
+  what the pilot's speed misses at that scale (tiny2: held-out scoring every 150 steps, more heads)."""
+  rows, ratios = results.table(gathered.records)[0], []
+  for r in records:
+    overhead = _overhead(r['config']['optim'])
+    ratios.append(r['train']['wall_s'] / (r['train']['tokens'] * r['accounting']['flops_per_token'] * overhead
+                                          * pilot_rate(rows, overhead)))
+  return float(np.median(ratios))
+
+
 def _costs(g_points, rows, base_cfg, pilot_tokens):
   """{config_hash: (seconds, FLOPs) per pilot-length run}: the recorded wall time per token where the pilot ran the
   configuration, else its FLOPs per token at the pilot's median seconds per FLOP."""
-  optim = base_cfg.optim
-  branches = [float(x) for x in str(optim.get('decay_branches') or '').split(',') if x.strip()]
-  overhead = 1 + float(optim.get('decay_fraction') or 0) * sum(branches)  # decay branches train beyond the run
+  overhead = _overhead(base_cfg.optim)
   by_hash = {r['config_hash']: r for r in rows}
-  per_flop = [r['wall_s'] / (r['tokens'] * r['seeds'] * r['flops_per_token'] * overhead) for r in rows
-              if r.get('wall_s') and r.get('tokens') and r.get('flops_per_token')]
-  if not per_flop:
-    raise DataError('the pilot runs record no train.wall_s: nothing to price a plan with')
-  rate = float(np.median(per_flop))
+  rate = pilot_rate(rows, overhead)
   from moejax.model import accounting  # pylint: disable=import-outside-toplevel  (only for configurations not run)
   out = {}
   for pts in g_points.values():
@@ -242,13 +268,14 @@ def _select(needs, costs, budget, unit, factor):
 
 
 def plan(gathered: results.Gathered, scale: str, budget: float, unit: str, lengths=LENGTHS,
-         pilot_scale: str | None = None) -> Plan:
+         pilot_scale: str | None = None, calibrate: list[dict] | None = None) -> Plan:
   """The power plan for the claims at `scale` from the pilot runs in `gathered` (see the module docstring).
 
   `pilot_scale` (default `scale`): the scale the pilot ran at, when it differs (tiny2 planned from the tiny runs):
   noise and the A4 spread come from the pilot's grids, points and prices from `scale`'s at its own run length
   (lengths are then multiples of `scale`'s run; its noise is the pilot's at the same multiple of the pilot's tokens,
-  its full-length noise beyond)."""
+  its full-length noise beyond). `calibrate`: result records of runs at `scale` made with the machine to itself;
+  every price is multiplied by their measured / priced wall time (`calibration`)."""
   pilot_scale = pilot_scale or scale
   effects = grids.effects_of_interest(scale)
   if not effects:
@@ -271,7 +298,8 @@ def plan(gathered: results.Gathered, scale: str, budget: float, unit: str, lengt
   base_cfg = next(p['config'] for pts in g_points.values() for p in pts)  # every point shares the run length
   run_tokens = tokens(base_cfg)  # the planned scale's run: lengths are multiples of it
   ratio = run_tokens / tokens(next(p['config'] for pts in grids.grid_points(pilot_scale).values() for p in pts))
-  costs = _costs(g_points, rows, base_cfg, run_tokens)
+  factor_c = calibration(gathered, calibrate) if calibrate else 1.0
+  costs = {h: (sec * factor_c, fl) for h, (sec, fl) in _costs(g_points, rows, base_cfg, run_tokens).items()}
   a4 = [r for r in (g.get('A4') or [])[1:] if r is not None]
   spread = float(np.std([r['loss_mean'] for r in a4], ddof=1)) if len(a4) >= 2 else None
   margin = grids.equivalence_margin(scale)
@@ -309,7 +337,8 @@ def plan(gathered: results.Gathered, scale: str, budget: float, unit: str, lengt
                                             'plannable')} for t in tried], noise,
               best['hours'], best['flops'], {names.get(h, h): n for h, n in best['seeds'].items()}, pilot_scale,
               [(by_hash[h], n, h) for h, n in best['seeds'].items() if h in by_hash],
-              sorted({h.split('#')[0] for h in best['seeds'] if h not in by_hash}))
+              sorted({h.split('#')[0] for h in best['seeds'] if h not in by_hash}),
+              (factor_c, tuple(r['name'] for r in calibrate or ())))
 
 
 def _amount(row, unit):

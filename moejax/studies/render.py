@@ -417,7 +417,7 @@ def plan_markdown(plan, claims: list[Claim] | None = None) -> str:
            'noise per class and recorded wall time per token (moejax/studies/plan.py; effects of interest and their '
            f'sources: experiments/papers.py `EFFECT_OF_INTEREST`). Chosen run length: {plan.factor:g}x the pilot\'s, '
            f'{plan.steps} steps, {accounting.human(plan.tokens)} tokens per run; the plan spends {used} '
-           f'({plan.hours:.2f} h at the pilot\'s recorded speed, {plan.flops:.3g} training FLOPs). "cost" is a claim\'s '
+           f'({plan.hours:.2f} h at the pilot\'s recorded speed{plan.price_note()}, {plan.flops:.3g} training FLOPs). "cost" is a claim\'s '
            'runs on their own; configurations shared by chosen claims run once, at the most seeds any asks.', '',
            '| claim | rule | effect of interest (nats) | source | noise class | σ assumed | seeds per point | points | '
            'runs | cost (h) | cost (FLOPs) | power | in the plan |' + (' verdict now |' if claims else ''),

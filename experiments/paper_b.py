@@ -3,9 +3,11 @@
 Grids (docs/reproducing-the-papers.md; `--config=experiments/paper_b.py:SCALE[,GRID...]`). Every point runs
 at the scale's seeds (papers.SCALES) with the protocol of experiments/papers.py; points of a
 grid differ only in the variables its claim names.
-  LR   the learning-rate sweep: anchor configurations (dense, the B1 centre, the largest E,
-       the finest B2 expert) at the learning rates of papers.LR[scale]['sweep'], seed 0. The
-       rule in papers.LR is chosen from it (points at the chosen rate are grid points too).
+  LR   the learning-rate sweep, seed 0: at tiny, gpu and paper, anchor configurations (dense,
+       the B1 centre, the largest E, the finest B2 expert) at the rates of papers.LR[scale]
+       ['sweep']; at tiny2, the B1 centre's shape at k = 2 and 8 and widths 64, 96, 144 at the
+       rates of papers.LR_ANCHORS (papers.LR_RULE is fitted to it). Points at the chosen rate are
+       grid points too.
   B1   total parameters at fixed active: a true dense model (no experts, FFN hidden k * d_exp,
        first), then E grows at fixed k and expert size. Claims C-B1 (loss falls with E,
        diminishing returns) and the prior "MoE beats the active-matched dense model"

@@ -8,12 +8,14 @@ The protocol (docs/reproducing-the-papers.md says why each rule is there):
   left out of every grid (a renormalized top-1 gate is the constant 1, so the router gets no
   gradient from the loss; a raw softmax top-1 gate is a different parameterization).
 - Dense baselines are true dense models (no experts, FFN hidden k * d_exp).
-- Schedule: warmup-stable-decay (5% warmup, 20% linear decay to 0.1x), with decay branches
-  at 25% and 50% of the run (`optim.decay_branches`), so each run also gives the held-out
-  loss at 1/4 and 1/2 of its tokens.
-- Learning rate: `LR` below, chosen by the sweep of grid `LR` (paper_b.py) on anchor
-  configurations (dense, the B1 centre, the largest E, the finest B2 expert); the rule and
-  its evidence are recorded there.
+- Schedule: warmup-stable-decay (5% warmup at tiny, 10% at tiny2; 20% linear decay to 0.1x),
+  with decay branches at 25% and 50% of the run (`optim.decay_branches`), so each run also
+  gives the held-out loss at 1/4 and 1/2 of its tokens. A branch shares the run's warmup (at
+  tiny2 150 steps: 40% of the 1/4 branch's 375 steps), as WSD branches do.
+- Learning rate: `LR` below. tiny, gpu, paper: one rate chosen by the sweep of grid `LR`
+  (paper_b.py) on anchor configurations (dense, the B1 centre, the largest E, the finest B2
+  expert). tiny2: a rate per width and top-k class (`LR_RULE`, fitted to grid LR at
+  `LR_ANCHORS`: MoE anchors only, so the dense baseline takes the k=2 MoE rate of its width).
 - Seeds: every point runs at seeds 0..seeds-1; seed i sets both the initialization
   (`seed`) and the data order (`data.seed`), so points of one seed are paired (same batches).
 

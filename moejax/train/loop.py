@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from moejax import data, files
-from moejax.errors import DataError, Interrupted, NonFiniteLossError, Preempted
+from moejax.errors import CheckpointError, DataError, Interrupted, NonFiniteLossError, Preempted
 from moejax.parallel import distributed
 from moejax.parallel import mesh as mesh_lib
 from moejax.train import checkpoint, evaluate as eval_lib, metrics as metrics_lib, optim, record
@@ -110,6 +110,8 @@ def run(cfg, workdir: str, stop_after: int | None = None, built: Setup | None = 
     if ckpt.steps():  # the fresh state is dropped before a checkpoint loads: one state on the device, not two
       state = s.state = None
     restored = ckpt.restore_latest(target)
+    if restored is None and state is None:  # the checkpoints listed a moment ago are gone (another process?)
+      raise CheckpointError(f'the checkpoints in {workdir}/checkpoints disappeared while the run started; rerun')
     if restored is None and cfg.train.init_from:  # upcycling: a dense run's weights, only ever at step 0
       from moejax.train import upcycle  # pylint: disable=import-outside-toplevel
       state = upcycle.initialize(cfg, state, workdir)

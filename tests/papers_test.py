@@ -125,7 +125,7 @@ def test_top1_points_are_refused():
     papers.point(8, 1, 64)
 
 
-def test_tiny2_protocol_grows_heads_with_width_and_sweeps_rates_per_width_and_topk():
+def test_tiny2_protocol_grows_heads_with_width_and_sweeps_rates_per_width_and_topk(monkeypatch):
   from experiments import paper_b, papers  # pylint: disable=import-outside-toplevel
   points = paper_b.get_sweep('tiny2,LR')
   assert len(points) == 2 * (4 + 5 + 4)  # top-k x the rates of each width (papers.LR_ANCHORS), seed 0
@@ -137,7 +137,10 @@ def test_tiny2_protocol_grows_heads_with_width_and_sweeps_rates_per_width_and_to
     assert cfg.optim.warmup_fraction == 0.1 and cfg.eval.every_steps == 150 and cfg.train.steps == 1500
   assert {(p.get('model.model_dim', 64), p['moe.experts_per_token']) for p in points} == {
       (d, k) for d in (64, 96, 144) for k in (2, 8)}
-  with pytest.raises(ConfigError, match='learning-rate rule is not measured yet'):
+  centre = next(p for p in paper_b.get_sweep('tiny2,B1') if p['name'] == 'e32k2f64')
+  assert centre['optim.peak_learning_rate'] == papers.LR_RULE['tiny2'][2][64]  # the recorded rule
+  monkeypatch.setitem(papers.LR_RULE, 'tiny2', {2: {64: None, 96: None, 144: None}, 8: {64: None, 96: None, 144: None}})
+  with pytest.raises(ConfigError, match='learning-rate rule is not measured yet'):  # before grid LR filled it
     paper_b.get_sweep('tiny2,B1')
 
 

@@ -17,9 +17,10 @@ run: $(VENV)/.installed
 	$(PY) -m moejax.sweep --config=experiments/quickstart.py --root=$(RUN_ROOT)
 	$(PY) -m moejax.report --root=$(RUN_ROOT) --out=$(RUN_ROOT)/report
 
-# Two pytest workers: compilation is single-threaded, so two cores run two tests at once.
+# Two pytest workers: compilation is single-threaded, so two cores run two tests at once. The 20 slowest tests
+# are listed at the end (CI's 10-minute budget: what to mark `slow` next).
 test: $(VENV)/.installed
-	$(PY) -m pytest -q -n 2
+	$(PY) -m pytest -q -n 2 --durations=20
 
 test-slow: $(VENV)/.installed
 	$(PY) -m pytest -q -n 2 -m slow

@@ -349,6 +349,9 @@ def test_the_lr_table_shows_the_joint_rule_only_when_widths_vary():
   assert by[(144, 2)]['cost'] == pytest.approx(0.004 * np.log2(4e-3 / by[(144, 2)]['fitted']) ** 2)
   _, single = summaries.lr_rows({'LR': [r for r in grid if r['model.model_dim'] == 64]})
   assert not any('rule' in r for r in single)  # one width: no slope to fit (the tiny scale's table is unchanged)
+  flat = [dict(r, loss_mean=1.4, seed_losses={'0/0': 1.4 + 1e-4 * (i % 3)}) for i, r in enumerate(grid)]
+  rates, rows = summaries.lr_rows({'LR': flat})  # bowls with no curvature: the table says why there is no rule
+  assert 'No rate rule between the widths: grid LR\'s bowls are flat' in render.lr_table(rates, rows)
 
 
 def _bowls(optimum, widths=(64, 96, 144), topks=(2, 8), lrs=(2e-3, 4e-3, 8e-3, 1.6e-2), curvature=0.004, noise=0.0,

@@ -255,6 +255,9 @@ def test_bad_sources_and_settings(tmp_path, corpus_glob):
       json.dump(old, f)
   with pytest.raises(DataError, match=r"other settings: special_tokens \(None -> 'as_text'\)"):
     _prepare(tmp_path / 's4', corpus_glob, tokenizer=f'hf:{big}')
+  data.open_store.cache_clear()
+  with pytest.raises(DataError, match='prepared before HF tokenizers encoded special-token text as text'):
+    data.open_store(str(tmp_path / 's4'), f'hf:{big}')  # a finished store of the old rule is not trained on either
   _prepare(tmp_path / 's5', corpus_glob, plan_only=True)
   with pytest.raises(DataError, match=r'holds a preparation with other settings: heldout_bytes \(4000 -> 5000\)'):
     _prepare(tmp_path / 's5', corpus_glob, heldout_bytes=5000)

@@ -116,6 +116,10 @@ def _check_store_tokenizer(directory: str, manifest: dict, spec_text: str) -> No
   if want != have and want != f'{spec.kind}:sha256:{manifest["tokenizer"]["hash"]}':  # (or the store's own file)
     raise DataError(f'token store {directory} was prepared with tokenizer {have}, but data.tokenizer={spec_text!r} '
                     f'is {want}; leave data.tokenizer unset to take the store\'s, or prepare a store with this one')
+  hf = manifest['tokenizer'].get('kind') == 'hf'
+  if hf and manifest['settings'].get('special_tokens') != preparation.HF_SPECIAL_TOKENS:
+    raise DataError(f'token store {directory} was prepared before HF tokenizers encoded special-token text as text '
+                    '(docs/data.md); prepare it again into a new directory')
 
 
 @functools.lru_cache(maxsize=4)

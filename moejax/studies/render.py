@@ -59,7 +59,7 @@ def lr_table(rates: list[float], rows: list[dict]) -> str:
     cells = ' | '.join(f'{r["losses"][x]:.4f}' if x in r['losses'] else '-' for x in rates)
     lines.append(f'| {r["anchor"]} | {accounting.human(r["n_total"])} | {cells} | {r["best"]:g} | {vertex} |'
                  + (f' {r["rule"]["rate"]:.2g}{" (fit %.2g: outside the sweep)" % r["rule"]["fitted"] if r["rule"]["clamped"] else ""} |' if rule else ''))
-  return '\n'.join(lines) + '\n'
+  return '\n'.join(lines) + '\n' + (f'\nNo rate rule between the widths: {rows[0]["rule_error"]}.\n' if 'rule_error' in rows[0] else '')
 
 
 def residuals_table(by_k: dict[str, dict[int, tuple[float, int]]]) -> str:

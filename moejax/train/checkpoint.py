@@ -104,8 +104,9 @@ class Checkpointer:
   def save(self, step: int, state: Any, meta: dict) -> None:
     """Starts saving (asynchronously when enabled); `wait` blocks until it is on disk."""
     self._finish()  # a failure of the previous async save surfaces here, before anything new is written
-    if self.spans:  # per-layer copies of a scanned model's stacked leaves while it saves (nothing else is copied)
-      state = stack.to_layers(state, self.spans, split=self._split)
+    made = []  # per-layer copies of a scanned model's stacked leaves (nothing else is copied), freed once Orbax has
+    if self.spans:  # them on the host (its save returns then; its writer thread would keep them on the device)
+      state = stack.to_layers(state, self.spans, split=lambda x, r: self._split(x, r, made))
     # Check the space first: a write that fails midway makes tensorstore print a traceback per
     # pending write (the arrays' raw size bounds the zstd-compressed checkpoint from above).
     needed = sum(x.nbytes for x in jax.tree.leaves(state)) + (1 << 20)
@@ -118,6 +119,8 @@ class Checkpointer:
     with self._guard():
       self._mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                     meta=ocp.args.JsonSave(meta)), force=True)
+    for x in made:
+      x.delete()
 
   @contextlib.contextmanager
   def _guard(self) -> Iterator[None]:
@@ -215,13 +218,15 @@ class Checkpointer:
       return state
     return stack.to_stacked(state, self.spans, stack=self._stack)
 
-  def _split(self, x: jax.Array, r: int) -> list:
+  def _split(self, x: jax.Array, r: int, made: list) -> list:
     """The r rows of a stacked leaf, one jit per kind of leaf (eager slicing refuses arrays spanning processes)."""
     key = ('split', x.shape, x.dtype, x.sharding, r)
     if key not in self._jits:
       self._jits[key] = jax.jit(lambda a: tuple(a[q] for q in range(r)),
                                 out_shardings=(stack.row_sharding(x.sharding),) * r)
-    return list(self._jits[key](x))
+    rows = list(self._jits[key](x))
+    made.extend(rows)
+    return rows
 
   def _stack(self, rows: tuple) -> jax.Array:
     first = rows[0]

@@ -130,6 +130,7 @@ def run(cfg, workdir: str, stop_after: int | None = None, built: Setup | None = 
       log.info('resumed from step %d', step0)
     elif distributed.is_leader() and not os.path.exists(os.path.join(workdir, 'config.json')):
       files.atomic_write(os.path.join(workdir, 'config.json'), cfg.to_json_best_effort(indent=2))
+    s.state = state  # (the train step takes its state shardings from s.state: the restored state's on a resume)
     loop = _Loop(cfg, s, workdir, ckpt, data_iter, batch_sharding, state, wall_before, restored is not None,
                  branches_done, tracker)
     end = t_cfg.steps if stop_after is None else min(stop_after, t_cfg.steps)

@@ -305,17 +305,22 @@ def test_a_calibrated_plan_prices_every_run_by_the_measured_over_priced_wall_tim
   says so); the factor is measured / priced wall time, so doubling the run's wall doubles it."""
   monkeypatch.setattr(power, 'DRAWS', 200)
   monkeypatch.setattr(power, 'ARGMIN_OUTER', 20)
-  record = json.loads(json.dumps(pilot.records[0]))
+  record = json.loads(json.dumps(pilot.records[0]))  # made a tiny2 run: tiny2's length, 3x the tokens
+  record['config']['train']['steps'], record['train']['tokens'] = 1500, 3 * record['train']['tokens']
   base = plan.calibration(pilot, [record])
   record['train']['wall_s'] *= 1.5 / base
   assert plan.calibration(pilot, [record]) == pytest.approx(1.5)
   slow = json.loads(json.dumps(record))
   slow['train']['wall_s'] *= 2
   assert plan.calibration(pilot, [record, slow, slow]) == pytest.approx(3.0)  # the median
-  plain = plan.plan(pilot, 'tiny', 5 * 3600, 's', lengths=(1.0,))
-  calibrated = plan.plan(pilot, 'tiny', 5 * 3600, 's', lengths=(1.0,), calibrate=[record])
+  plain = plan.plan(pilot, 'tiny2', 5 * 3600, 's', lengths=(1.0,), pilot_scale='tiny')
+  calibrated = plan.plan(pilot, 'tiny2', 5 * 3600, 's', lengths=(1.0,), pilot_scale='tiny', calibrate=[record])
   for a, b in zip(plain.rows, calibrated.rows):
     if a.hours is not None:
       assert b.hours == pytest.approx(1.5 * a.hours) and b.flops == pytest.approx(a.flops)
   assert f'x 1.50, the measured / priced wall time of 1 run(s) at this scale' in render.plan_markdown(calibrated)
   assert 'x 1.' not in render.plan_markdown(plain).split('recorded speed')[1][:5]
+  with pytest.raises(ConfigError, match='--calibrate prices a scale the pilot did not run'):
+    plan.plan(pilot, 'tiny', 5 * 3600, 's', lengths=(1.0,), calibrate=[record])
+  with pytest.raises(DataError, match='has 500 steps of 128 tokens, not the tiny2 run.s 1500 of 128'):
+    plan.plan(pilot, 'tiny2', 5 * 3600, 's', lengths=(1.0,), pilot_scale='tiny', calibrate=[pilot.records[0]])

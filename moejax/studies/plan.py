@@ -298,6 +298,14 @@ def plan(gathered: results.Gathered, scale: str, budget: float, unit: str, lengt
   base_cfg = next(p['config'] for pts in g_points.values() for p in pts)  # every point shares the run length
   run_tokens = tokens(base_cfg)  # the planned scale's run: lengths are multiples of it
   ratio = run_tokens / tokens(next(p['config'] for pts in grids.grid_points(pilot_scale).values() for p in pts))
+  if calibrate and pilot_scale == scale:
+    raise ConfigError('--calibrate prices a scale the pilot did not run (give --pilot_scale): runs the pilot made '
+                      'are priced by their own recorded wall time')
+  for r in calibrate or ():
+    if (r['config']['train']['steps'], r['config']['data']['seq_len']) != (base_cfg.train.steps, base_cfg.data.seq_len):
+      raise DataError(f'--calibrate run {r.get("name")} has {r["config"]["train"]["steps"]} steps of '
+                      f'{r["config"]["data"]["seq_len"]} tokens, not the {scale} run\'s {base_cfg.train.steps} of '
+                      f'{base_cfg.data.seq_len}: not a run at this scale')
   factor_c = calibration(gathered, calibrate) if calibrate else 1.0
   costs = {h: (sec * factor_c, fl) for h, (sec, fl) in _costs(g_points, rows, base_cfg, run_tokens).items()}
   a4 = [r for r in (g.get('A4') or [])[1:] if r is not None]

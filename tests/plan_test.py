@@ -307,12 +307,12 @@ def test_a_calibrated_plan_prices_every_run_by_the_measured_over_priced_wall_tim
   monkeypatch.setattr(power, 'ARGMIN_OUTER', 20)
   record = json.loads(json.dumps(pilot.records[0]))  # made a tiny2 run: tiny2's length, 3x the tokens
   record['config']['train']['steps'], record['train']['tokens'] = 1500, 3 * record['train']['tokens']
-  base = plan.calibration(pilot, [record])
+  base = plan.calibration(results.table(pilot.records)[0], [record])
   record['train']['wall_s'] *= 1.5 / base
-  assert plan.calibration(pilot, [record]) == pytest.approx(1.5)
+  assert plan.calibration(results.table(pilot.records)[0], [record]) == pytest.approx(1.5)
   slow = json.loads(json.dumps(record))
   slow['train']['wall_s'] *= 2
-  assert plan.calibration(pilot, [record, slow, slow]) == pytest.approx(3.0)  # the median
+  assert plan.calibration(results.table(pilot.records)[0], [record, slow, slow]) == pytest.approx(3.0)  # the median
   plain = plan.plan(pilot, 'tiny2', 5 * 3600, 's', lengths=(1.0,), pilot_scale='tiny')
   calibrated = plan.plan(pilot, 'tiny2', 5 * 3600, 's', lengths=(1.0,), pilot_scale='tiny', calibrate=[record])
   for a, b in zip(plain.rows, calibrated.rows):

@@ -217,10 +217,11 @@ def pilot_rate(rows, overhead: float) -> float:
   return float(np.median(per_flop))
 
 
-def calibration(gathered: results.Gathered, records: list[dict]) -> float:
-  """Measured / priced wall time of `records` (runs at the planned scale made with the machine to itself), median:
-  what the pilot's speed misses at that scale (tiny2: held-out scoring every 150 steps, more heads)."""
-  rows, ratios = results.table(gathered.records)[0], []
+def calibration(rows: list[dict], records: list[dict]) -> float:
+  """Measured / priced wall time of `records` (runs at the planned scale made with the machine to itself), median,
+  priced at the speed of the pilot's results rows: what that speed misses at the scale (tiny2: held-out scoring
+  every 150 steps, more heads)."""
+  ratios = []
   for r in records:
     overhead = _overhead(r['config']['optim'])
     ratios.append(r['train']['wall_s'] / (r['train']['tokens'] * r['accounting']['flops_per_token'] * overhead
@@ -306,7 +307,7 @@ def plan(gathered: results.Gathered, scale: str, budget: float, unit: str, lengt
       raise DataError(f'--calibrate run {r.get("name")} has {r["config"]["train"]["steps"]} steps of '
                       f'{r["config"]["data"]["seq_len"]} tokens, not the {scale} run\'s {base_cfg.train.steps} of '
                       f'{base_cfg.data.seq_len}: not a run at this scale')
-  factor_c = calibration(gathered, calibrate) if calibrate else 1.0
+  factor_c = calibration(rows, calibrate) if calibrate else 1.0
   costs = {h: (sec * factor_c, fl) for h, (sec, fl) in _costs(g_points, rows, base_cfg, run_tokens).items()}
   a4 = [r for r in (g.get('A4') or [])[1:] if r is not None]
   spread = float(np.std([r['loss_mean'] for r in a4], ddof=1)) if len(a4) >= 2 else None

@@ -147,7 +147,7 @@ def lr_rule_page(root: str, scale: str) -> str:
                     'LR_ANCHORS\' sweep at that width and run the new points')
   rule = {}
   for r in table:
-    rule.setdefault(2 if r['topk'] <= 4 else 8, {})[r['width']] = r['rule']['rate']
+    rule.setdefault(r['topk'], {})[r['width']] = r['rule']['rate']  # (the anchors' top-k are the rule's classes)
   fit, cost = table[0]['rule_fit'], max(r['rule']['cost'] for r in table)
   return (f'# Learning-rate rule at scale `{scale}` (grid LR, seed 0; {datetime.date.today().isoformat()})\n\n'
           + render.lr_table(rates, table)

@@ -100,7 +100,9 @@ def test_verdicts_on_constructed_losses(tmp_path):
   assert 'random designs' in next(c for c in s.claims if c.id == 'C-A4').needs
   a2b = next(c for c in s.claims if c.id == 'C-A2b')
   assert 'lowest loss at E = 32' in a2b.detail
-  assert [r['id'] for r in summaries.literature_rows(s.claims)][-1] == 'C-B6'  # the literature has every claim
+  literature = summaries.literature_rows(s.claims)
+  assert [r['id'] for r in literature][-1] == 'C-B6'  # the literature has every claim
+  assert next(r for r in literature if r['id'] == 'C-B5')['ours'] == ['holds (sequence)', 'holds (aux_free)']
   assert set(s.fits) == {'A', 'B', 'all'} and 'constant' in s.fits['A'] and 'log_linear' in s.fits['B']
   assert s.fits['A']['constant'].extrapolation_rmse is not None  # the largest-N_total refit is scored
   speed = {r['row']['name']: r for r in s.speedup['rows']}

@@ -217,6 +217,23 @@ def test_a_plan_for_another_scale_takes_noise_from_the_pilot_and_points_from_the
   assert not os.path.exists(tmp_path / 'none.py')
   for _, cfg in sweeps.resolve_points(module.get_config(), runs):  # every point validates at tiny2
     assert cfg.train.steps == 1500 and cfg.model.head_dim == 16
+  # the report at tiny2 before any run: each claim says whether the plan left it out, and the pilot's verdict
+  from moejax.studies import claims as claims_lib, render, report, verdicts  # pylint: disable=import-outside-toplevel
+  before = claims_lib.evaluate(results.table(pilot.records)[0], 'tiny')[0]
+  now = claims_lib.evaluate([], 'tiny2')[0]
+  report.note_unplanned(now, p, ('tiny', before))
+  by_key = {verdicts.plan_key(c): c for c in before}
+  for c in now:
+    row = rows.get(verdicts.plan_key(c))
+    if c.kind == 'fit' or row is None:
+      continue
+    assert ('in the plan, not run yet' if row.decidable else 'the plan leaves it out') in c.detail, c.detail
+    assert c.detail.endswith(f'the pilot at `tiny`: {by_key[verdicts.plan_key(c)].verdict}')
+  assert {r.decidable for r in p.rows if r.kind != 'fit'} == {True, False}  # both kinds of note were checked
+  page = render.plan_markdown(p, now, ('tiny', before))
+  assert '| verdict now | verdict of the pilot (`tiny`) |' in page
+  line = next(x for x in page.splitlines() if x.startswith('| C-B5/aux_free |'))
+  assert line.endswith(f'| inconclusive | {by_key["C-B5/aux_free"].verdict} |')
 
 
 def test_a_length_is_planned_only_where_every_class_has_its_noise_measured():
@@ -275,15 +292,21 @@ def test_the_report_shows_the_plan_the_runs_followed(tmp_path, monkeypatch):
   import types  # pylint: disable=import-outside-toplevel
   from moejax.studies import report  # pylint: disable=import-outside-toplevel
   made = {}
-  monkeypatch.setattr(report, 'study', lambda *a, **k: types.SimpleNamespace(gathered='the runs'))
-  monkeypatch.setattr(report.results, 'gather', lambda root: f'pilot under {root}')
+  monkeypatch.setattr(report, 'study', lambda *a, **k: types.SimpleNamespace(gathered='the runs', claims=[], pilot=None))
+  monkeypatch.setattr(report.results, 'gather', lambda root: types.SimpleNamespace(records=f'pilot under {root}'))
   monkeypatch.setattr(report.plan_lib, 'plan', lambda *a, **k: made.update(args=a, kwargs=k) or 'a plan')
-  monkeypatch.setattr(report, 'write_claims', lambda s, out: s.plan)
+  monkeypatch.setattr(report, 'write_claims', lambda s, out: made.update(study=s) or s.plan)
+  monkeypatch.setattr(report.claims_lib, 'evaluate', lambda rows, scale: ([f'claims of {rows} at {scale}'], {}))
+  monkeypatch.setattr(report.results, 'table', lambda records: (f'rows of {records}', []))
+  monkeypatch.setattr(report, 'note_unplanned', lambda claims, p, pilot: made.update(noted=pilot))
   assert report.run('runs', 'tiny2', 'out', budget='8.5h', pilot_root='tiny-runs', pilot_scale='tiny') == 'a plan'
-  assert made['args'] == ('pilot under tiny-runs', 'tiny2', 8.5 * 3600, 's')
+  assert made['args'][0].records == 'pilot under tiny-runs' and made['args'][1:] == ('tiny2', 8.5 * 3600, 's')
   assert made['kwargs'] == {'lengths': (1.0,), 'pilot_scale': 'tiny', 'calibrate': []}
+  assert made['study'].pilot == made['noted'] == ('tiny', ['claims of rows of pilot under tiny-runs at tiny'])
+  made.clear()
   report.run('runs', 'tiny', 'out', budget='1h')
   assert made['args'][0] == 'the runs' and made['kwargs']['pilot_scale'] is None
+  assert 'noted' not in made  # the runs are their own pilot: no second verdict column
 
 
 def test_a_plan_that_decides_nothing_is_still_written_before_emit_refuses(tmp_path, monkeypatch):

@@ -8,8 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from moejax.model import accounting
-from moejax.studies import figures, fits as fits_lib, statistics, summaries
-from moejax.studies import verdicts
+from moejax.studies import figures, fits as fits_lib, statistics, summaries, verdicts
 from moejax.studies.verdicts import Claim
 
 
@@ -404,14 +403,13 @@ def report_page(root: str, rows: list[dict], varied: list[str], gathered, drawn:
   return '\n'.join(lines)
 
 
-def plan_markdown(plan, claims: list[Claim] | None = None) -> str:
-  """The power plan (`moejax.studies.plan.Plan`) as Markdown; with `claims`, each claim's verdict beside it."""
+def plan_markdown(plan, claims: list[Claim] | None = None, pilot: tuple[str, list[Claim]] | None = None) -> str:
+  """The power plan (`moejax.studies.plan.Plan`) as Markdown; with `claims`, each claim's verdict beside it, and
+  with `pilot` ((scale, claims)) the verdict the pilot's own runs gave (fit claims are not refitted: '-')."""
   budget = f'{plan.budget / 3600:.3g} h of training wall time' if plan.unit == 's' else f'{plan.budget:.3g} FLOPs'
   used = f'{plan.hours:.2f} h' if plan.unit == 's' else f'{plan.flops:.3g} FLOPs'
-  verdicts: dict[str, list[str]] = {}
-  for c in claims or []:
-    key = c.id if c.id != 'C-B5' else 'C-B5/' + ('sequence' if 'sequence' in c.statement else 'aux_free')
-    verdicts.setdefault(key, []).append(c.verdict)
+  now = {verdicts.plan_key(c): c.verdict for c in claims or []}
+  before = {verdicts.plan_key(c): c.verdict for c in (pilot or ('', []))[1] if c.kind != 'fit'}
   lines = [f'## Power plan (budget {budget})', '',
            f'Seeds per point and run length for {statistics.POWER:.0%} power on every claim, from the pilot runs\' '
            'noise per class and recorded wall time per token (moejax/studies/plan.py; effects of interest and their '
@@ -420,15 +418,17 @@ def plan_markdown(plan, claims: list[Claim] | None = None) -> str:
            f'({plan.hours:.2f} h at the pilot\'s recorded speed{plan.price_note()}, {plan.flops:.3g} training FLOPs). "cost" is a claim\'s '
            'runs on their own; configurations shared by chosen claims run once, at the most seeds any asks.', '',
            '| claim | rule | effect of interest (nats) | source | noise class | σ assumed | seeds per point | points | '
-           'runs | cost (h) | cost (FLOPs) | power | in the plan |' + (' verdict now |' if claims else ''),
-           '|---|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---|' + ('---|' if claims else '')]
+           'runs | cost (h) | cost (FLOPs) | power | in the plan |' + (' verdict now |' if claims else '')
+           + (f' verdict of the pilot (`{pilot[0]}`) |' if pilot else ''),
+           '|---|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---|' + ('---|' if claims else '')
+           + ('---|' if pilot else '')]
   fmt = lambda x, f: '-' if x is None else format(x, f)
   for r in plan.rows:
     inside = 'yes' if r.decidable else f'**no**: {r.note}'
     lines.append(f'| {r.key} | {r.kind} | {fmt(r.effect, ".3g")} | {r.source} | {r.noise_class} | '
                  f'{fmt(r.sigma, ".4f")} | {fmt(r.seeds, "d")} | {r.points} | {r.runs} | {fmt(r.hours, ".2f")} | '
                  f'{fmt(r.flops, ".3g")} | {fmt(r.power, ".2f")} | {inside} |'
-                 + (f' {"; ".join(verdicts.get(r.key, ["-"]))} |' if claims else ''))
+                 + (f' {now.get(r.key, "-")} |' if claims else '') + (f' {before.get(r.key, "-")} |' if pilot else ''))
   out = [r.key for r in plan.rows if not r.decidable]
   chosen = next(t for t in plan.lengths if t['factor'] == plan.factor)
   every = (f'{chosen["all_hours"]:.3g} h' if plan.unit == 's' else f'{chosen["all_flops"]:.3g} FLOPs')

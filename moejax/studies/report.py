@@ -16,7 +16,7 @@ import os
 from moejax import config as config_lib, files
 from moejax.errors import ConfigError, DataError, WorkdirError
 from moejax.studies import (budgets as budgets_lib, claims as claims_lib, emitted, figures, fits as fits_lib, grids,
-                            plan as plan_lib, render, results, summaries)
+                            plan as plan_lib, render, results, summaries, verdicts)
 from moejax.studies.verdicts import Claim
 
 
@@ -40,6 +40,7 @@ class Study:
   effects: list[dict] = dataclasses.field(default_factory=list)  # claim x budget (`budgets.effect_rows`)
   token_fits: dict[str, fits_lib.Fit] | None = None  # loss against (N_active, tokens) from the decay branches
   best_expert: list[dict] = dataclasses.field(default_factory=list)  # `summaries.best_expert_rows`
+  pilot: tuple[str, list[Claim]] | None = None  # (scale, claims) of the plan's pilot runs, when not these runs
 
 
 def study(root: str, scale: str, bootstrap: int = 100, fit_starts: int = 32, loo: bool = True,
@@ -77,7 +78,7 @@ def claims_page(s: Study) -> str:
             'table: [report.md](report.md).\n')
   text = render.claims_markdown(s.claims, s.noise, s.fits, header, s.families, s.speedup, s.lr, s.effects,
                                 s.token_fits, s.best_expert, forest=bool(figures.forest_rows(s.effects)))
-  return text + ('\n' + render.plan_markdown(s.plan, s.claims) if s.plan is not None else '')
+  return text + ('\n' + render.plan_markdown(s.plan, s.claims, s.pilot) if s.plan is not None else '')
 
 
 def write_claims(s: Study, out: str) -> str:
@@ -110,7 +111,24 @@ def run(root: str, scale: str, out: str, bootstrap: int = 100, fit_starts: int =
     pilot = results.gather(pilot_root) if pilot_root else s.gathered
     s.plan = plan_lib.plan(pilot, scale, value, unit, lengths=(1.0,) if pilot_scale else plan_lib.LENGTHS,
                            pilot_scale=pilot_scale, calibrate=calibration_runs(calibrate))
+    if pilot_root:
+      s.pilot = (pilot_scale or scale, claims_lib.evaluate(results.table(pilot.records)[0], pilot_scale or scale)[0])
+      note_unplanned(s.claims, s.plan, s.pilot)
   return write_claims(s, out)
+
+
+def note_unplanned(claims: list[Claim], plan: plan_lib.Plan, pilot: tuple[str, list[Claim]]) -> None:
+  """Says, in each claim whose runs are missing here, whether the plan left it out, and what the pilot found."""
+  rows = {r.key: r for r in plan.rows}
+  before = {verdicts.plan_key(c): c.verdict for c in pilot[1] if c.kind != 'fit'}
+  for c in claims:
+    row = rows.get(verdicts.plan_key(c))
+    if row is None or not c.detail.startswith('runs of grid'):
+      continue
+    c.detail += ('; not run at this scale: the plan leaves it out (it cannot decide it within the budget)'
+                 if not row.decidable else '; in the plan, not run yet')
+    if verdicts.plan_key(c) in before:
+      c.detail += f'; the pilot at `{pilot[0]}`: {before[verdicts.plan_key(c)]}'
 
 
 def calibration_runs(directories: list[str] | None) -> list[dict]:

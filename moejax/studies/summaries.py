@@ -10,7 +10,7 @@ import numpy as np
 
 from moejax.errors import DataError
 from moejax.studies import statistics
-from moejax.studies.verdicts import Claim, seed_argmins
+from moejax.studies.verdicts import Claim, label, seed_argmins
 
 
 def tokens_to_reach(curve: list[dict], target: float) -> tuple[float | None, str]:
@@ -276,6 +276,6 @@ def literature_rows(claims: list[Claim]) -> list[dict]:
     if c.id in seen:
       continue
     seen.add(c.id)
-    ours = [x.verdict + (f' ({x.detail.split(" ")[0]})' if x.id == 'C-B5' else '') for x in claims if x.id == c.id]
+    ours = [x.verdict + label(x)[len(x.id):] for x in claims if x.id == c.id]  # 'holds (sequence)'
     out.append({'id': c.id, 'sides': LITERATURE.get(c.id, ('-',) * len(LITERATURE_COLUMNS)), 'ours': ours})
   return out

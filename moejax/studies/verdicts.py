@@ -43,6 +43,11 @@ def label(c: Claim) -> str:
   return f'{c.id} ({m.group(1)})' if m else c.id
 
 
+def plan_key(c: Claim) -> str:
+  """The claim's key in a power plan (`plan.SPECS`): its id, with the variant after a slash ('C-B5/sequence')."""
+  return label(c).replace(' (', '/').rstrip(')')
+
+
 def expected_sign(c: Claim) -> str:
   """The expected outcome in short: 'Δ > 0', 'Δ < 0', '|Δ| < T' (equivalence) or '' (argmin and fit claims)."""
   if c.kind == 'equivalence':

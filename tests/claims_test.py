@@ -13,7 +13,7 @@ import pytest
 from moejax import config as config_lib
 from moejax.errors import DataError
 from moejax.model import accounting
-from moejax.studies import claims, figures, render, report, results, statistics, summaries, verdicts
+from moejax.studies import claims, figures, power, render, report, results, statistics, summaries, verdicts
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -188,6 +188,27 @@ def test_holm_and_hinging_points():
   pts = [{'name': n, 'seeds': 2, 'x': x, 'loss_mean': l} for n, x, l in (('a', 1, 2.0), ('b', 2, 1.9), ('c', 4, 1.6))]
   c = verdicts.trend_claim('X', 's', 'e', 'g', pts, 'x', -1, statistics.Noise(0.05, 20))
   assert c.verdict == 'inconclusive' and any('rests on one point' in f for f in c.flags)  # never on one point
+
+
+def test_seeds_to_decide_a_hinging_trend_count_the_drop_one_check():
+  """tiny2's C-A1 shape: monotone, the slope test holds, but dropping the last point leaves a series that does not
+  decide. The pair formula on the end-to-end difference said 2 seeds (those it had); the simulation of the real
+  rule (slope test and every drop-one series, the measured means as the truth) asks for more, and is the least
+  such count."""
+  means = (1.4625, 1.4641, 1.4865, 1.4984)
+  pts = [{'name': f'p{i}', 'x': i, 'seeds': 2, 'loss_mean': m} for i, m in enumerate(means)]
+  noise = statistics.Noise(0.0114, 16)
+  c = verdicts.trend_claim('X', 's', 'e', 'g', pts, 'x', +1, noise)
+  assert c.verdict == 'inconclusive' and 'rests on one point' in c.flags[0]
+  assert noise.seeds_to_resolve(means[-1] - means[0]) == 2  # the old answer: the seeds the series already has
+  n = int(c.needs.split('≈ ')[1].split(' ')[0])
+  profile = np.array(means) - means[0]
+  pw = lambda k: power.power_trend(k, None, 4, 0.0114, 4, profile=profile)
+  assert n > 2 and pw(n) >= 0.8 > pw(n - 1)
+  assert power.power_trend(6, 0.03, 4, 0.01, 4, seed=1) == power.power_trend(6, None, 4, 0.01, 4, seed=1,
+                                                                              profile=np.linspace(0, 0.03, 4))
+  flat = [dict(p, loss_mean=m) for p, m in zip(pts, (1.50, 1.40, 1.50))]  # no end-to-end trend: never decided
+  assert 'drop-one subseries' in verdicts.needs_trend(flat, statistics.Noise(0.05, 16))
 
 
 def test_speedup_reads_tokens_off_the_decay_curve():

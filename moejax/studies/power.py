@@ -51,12 +51,14 @@ def power_pair(n, effect, a, b, equivalence=False, margin=None, seed=0, draws=No
   return float(np.mean(delta - _crit(0.975, dof) * se > 0))
 
 
-def power_trend(n, effect, m, sigma, configurations, seed=0, draws=None):
-  """Power of a trend verdict over m points linear in rank (end to end `effect`): the slope t-test holds and so
-  does every drop-one subseries (verdicts.trend_claim)."""
+def power_trend(n, effect, m, sigma, configurations, seed=0, draws=None, profile=None):
+  """Power of a trend verdict over m points linear in rank (end to end `effect`), or with the true means
+  `profile` (m values, the expected direction upwards): the slope t-test holds and so does every drop-one
+  subseries (verdicts.trend_claim)."""
   rng, draws = np.random.default_rng(seed), draws or DRAWS
   dof = _dof(configurations, n)
-  means = np.linspace(0.0, effect, m) + rng.standard_normal((draws, m)) * sigma / math.sqrt(n)
+  truth = np.linspace(0.0, effect, m) if profile is None else np.asarray(profile, np.float64)
+  means = truth + rng.standard_normal((draws, m)) * sigma / math.sqrt(n)
   s_hat = _sigma_hat(rng, sigma, dof, draws)
   crit = _crit(1 - statistics.ALPHA, dof)
   subsets = [list(range(m))] + ([[j for j in range(m) if j != i] for i in range(m)] if m >= 3 else [])

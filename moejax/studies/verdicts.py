@@ -14,6 +14,9 @@ from __future__ import annotations
 import dataclasses
 import re
 
+import numpy as np
+
+from moejax.studies import power
 from moejax.studies.statistics import ALPHA, t_sf, trend_test
 
 @dataclasses.dataclass
@@ -151,8 +154,24 @@ def trend_claim(cid, statement, expected, grid, points, key, sign, noise, note='
       c.flags.append(f'{verdict} only with ' + ', '.join(hinges) + ': rests on one point, so inconclusive')
       c.verdict = 'inconclusive'
   if c.verdict == 'inconclusive':
-    c.needs = needs_direction(delta, noise.for_pair(pts[0], pts[-1]), monotone)
+    c.needs = needs_trend(pts, noise.for_pair(*pts))
   return c
+
+
+def needs_trend(pts, noise) -> str:
+  """Seeds per point at which the slope test and every drop-one subseries decide the series' measured direction
+  with 80% power, the measured seed means taken as the truth and sigma estimated on the series' own
+  configurations, as conservative as that is (`power.power_trend`; the pair formula of `needs_direction` ignores
+  the drop-one check and the series' shape)."""
+  if not noise.usable:
+    return 'a noise estimate with >= 6 degrees of freedom'
+  means = np.array([p['loss_mean'] for p in pts])
+  profile = (means - means[0]) * (1 if means[-1] >= means[0] else -1)
+  n, _ = power.smallest(lambda k: power.power_trend(k, None, len(pts), noise.sigma, len(pts), profile=profile))
+  if n is None:
+    return (f'more than {power.MAX_SEEDS} seeds per point: a series as measured has a drop-one subseries that does '
+            'not decide its direction')
+  return f'≈ {n} seeds per point for 80% power if the series is as measured (the slope test and every drop-one series)'
 
 
 def needs_direction(delta, noise, monotone=True) -> str:

@@ -126,6 +126,10 @@ def test_verdicts_on_constructed_losses(tmp_path):
     assert section in text, section
   for name in ('loss_vs_sparsity.png', 'grid_B2.png', 'grid_LR.png', 'forest.png', 'best_expert.png'):
     assert os.path.getsize(out / name) > 1000
+  lone = {'B2': s.grids['B2'], 'B5': [s.grids['B5'][0]] + [None] * (len(s.grids['B5']) - 1)}  # B5: its centre only
+  report.write_report(s.root, str(tmp_path / 'lone'), grids=lone, gathered=s.gathered, noise=s.noise['noise'])
+  assert os.path.exists(tmp_path / 'lone' / 'grid_B2.png') and not os.path.exists(tmp_path / 'lone' / 'grid_B5.png')
+  assert 'grid_B5.png' not in open(tmp_path / 'lone' / 'report.md').read()
 
 
 def test_missing_grids_and_no_replicates_are_inconclusive(tmp_path):

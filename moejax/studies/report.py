@@ -247,7 +247,7 @@ def write_report(root: str, out: str, extra: str = '', figure_rows=None, figure_
     drawn = []
     for grid, points in (grids or {}).items():
       present = [p for p in points if p is not None]
-      if present:
+      if len(present) >= 2:  # one point of a grid (a centre it shares with a grid that ran) compares nothing
         figures.grid_figure(grid, present, noise, os.path.join(out, f'grid_{grid}.png'))
         drawn.append(grid)
   except OSError as e:

@@ -194,6 +194,26 @@ def test_holm_and_hinging_points():
   assert c.verdict == 'inconclusive' and any('rests on one point' in f for f in c.flags)  # never on one point
 
 
+def test_a_verdict_that_one_seed_carries_is_inconclusive():
+  """The referee's C-B5 case as a sign claim: +0.020 and +0.125 in two seeds agree in sign and stay decided; one
+  seed's outlier (+0.15 against -0.01 and -0.02) carries the mean, so leaving it out flips the sign: inconclusive,
+  flagged with that seed. Equivalence claims are not sign claims and are left alone."""
+  def claim(per_seed, kind='direction'):
+    return verdicts.Claim('X', 's', 'e', '', '', 'holds', '', kind=kind, delta=float(np.mean(list(per_seed.values()))),
+                          per_seed=per_seed)
+  agree = claim({'0/0': 0.020, '1/1': 0.125})
+  carried = claim({'0/0': -0.01, '1/1': -0.02, '2/2': 0.15}, kind='trend')
+  small = claim({'0/0': 0.001, '1/1': -0.003}, kind='equivalence')
+  verdicts.seed_check([agree, carried, small])
+  assert agree.verdict == 'holds' and not agree.flags
+  assert carried.verdict == 'inconclusive' and carried.flags == ['holds only with seed 2: rests on one seed, so '
+                                                                 'inconclusive'] and 'without seed 2' in carried.needs
+  assert small.verdict == 'holds'
+  mixed = claim({'0/0': 0.05, '1/1': 0.04, '2/2': -0.01})  # one seed against, but the others' mean keeps the sign
+  verdicts.seed_check([mixed])
+  assert mixed.verdict == 'holds'
+
+
 def test_seeds_to_decide_a_hinging_trend_count_the_drop_one_check():
   """tiny2's C-A1 shape: monotone, the slope test holds, but dropping the last point leaves a series that does not
   decide. The pair formula on the end-to-end difference said 2 seeds (those it had); the simulation of the real

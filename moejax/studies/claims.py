@@ -18,7 +18,7 @@ from moejax.model import accounting
 from moejax.studies import fits as fits_lib, grids
 from moejax.studies.statistics import MIN_DOF, argmin_interval, make_class_noise, noise_check, t_quantile, t_sf
 from moejax.studies.verdicts import (Claim, direction, fmt_delta, missing, needs_direction, ordered, p_direction,
-                                     seed_argmins, seed_contrast, set_numbers, small_effect, trend_claim)
+                                     seed_argmins, seed_check, seed_contrast, set_numbers, small_effect, trend_claim)
 
 def evaluate(rows: list[dict], scale: str, fits: dict[str, dict[str, fits_lib.Fit]] | None = None
              ) -> tuple[list[Claim], dict]:
@@ -77,6 +77,7 @@ def evaluate(rows: list[dict], scale: str, fits: dict[str, dict[str, fits_lib.Fi
                                 center, variant, threshold, noise, _load_note(variant, center)))
   claims.append(_collapse_check(center, b5[3] if len(b5) > 3 else None, noise))
   claims.append(_b6_claim(b6, noise))
+  seed_check(claims)  # no decided verdict rests on one seed either
   classes = {name: {'sigma': n.sigma, 'dof': n.dof, 'paired_sigma': n.paired.sigma if n.paired else None,
                     'paired_dof': n.paired.dof if n.paired else 0,
                     'configurations': sum(1 for r in grids.noise_rows(g) if (r.get('noise_class') or 'default') == name)}

@@ -260,9 +260,9 @@ def claims_markdown(claims: list[Claim], noise: dict, fits: dict[str, dict[str, 
            f'its own (equivalence: 5% per one-sided test). Under Holm\'s step-down correction over all {tested} '
            f'tested claims (family-wise 2.5%, every p-value as it is), {sum(survives.values())} of the '
            f'{len(survives)} decided verdicts with a p-value survive (column "Holm"; the argmin verdicts C-B2/C-B2a rest '
-           'on simulated intervals, not a p-value). A verdict marked "hinges" changes if one point of its series is '
-           'dropped. "Per seed" is the claim\'s contrast in each seed alone (seed: Δ; trend claims end to end; C-A4 the '
-           'mean over the random designs; C-B2/C-B2a each seed\'s argmin d_exp in the two grids).', '',
+           'on simulated intervals, not a p-value). A sign verdict that flips when any one seed is left out rests on that '
+           'seed and is inconclusive. "Per seed" is the claim\'s contrast in each seed alone (seed: Δ; trend claims end '
+           'to end; C-A4 the mean over the random designs; C-B2/C-B2a each seed\'s argmin d_exp in the two grids).', '',
            '| claim | statement | expected | measured Δ (nats) | 95% interval | per seed | verdict | p | Holm | '
            'detail | to decide at this scale |',
            '|---|---|---|---:|---|---|---|---:|---|---|---|']

@@ -174,6 +174,23 @@ def needs_trend(pts, noise) -> str:
   return f'≈ {n} seeds per point for 80% power if the series is as measured (the slope test and every drop-one series)'
 
 
+def seed_check(claims: list[Claim]) -> None:
+  """A decided direction or trend verdict whose sign flips when any one seed is left out (the mean of the other
+  seeds' contrasts, `per_seed`) rests on that seed: it is reported inconclusive and flagged, as a trend that rests
+  on one point is. Needs per-seed contrasts at two or more seeds; equivalence, argmin and fit claims are not
+  sign claims and are left as they are."""
+  for c in claims:
+    n = len(c.per_seed)
+    if c.verdict == 'inconclusive' or c.kind not in ('direction', 'trend') or n < 2 or not c.delta:
+      continue
+    total = sum(c.per_seed.values())
+    alone = [seed_label(k) for k, v in c.per_seed.items() if (total - v) / (n - 1) * c.delta <= 0]
+    if alone:
+      c.flags.append(f'{c.verdict} only with seed {", ".join(alone)}: rests on one seed, so inconclusive')
+      c.verdict = 'inconclusive'
+      c.needs = c.needs or f'more seeds: without seed {alone[0]} the other seeds\' mean contrast has the other sign'
+
+
 def needs_direction(delta, noise, monotone=True) -> str:
   n = noise.seeds_to_resolve(delta)
   if n is None:

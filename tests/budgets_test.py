@@ -182,3 +182,13 @@ def test_the_token_law_is_not_fitted_on_one_budget():
   y = 1.5 + 30 * n ** -0.3 + rng.normal(0, 0.003, 25)
   assert fits.fit_token_laws(x, y, np.arange(25), bootstrap=0, starts=2, loo=False) == {}
   assert any('3 token budgets' in line for line in render.token_fit_lines({}, 25))
+
+
+def test_the_plan_marks_an_effect_of_interest_taken_from_a_shrinking_pilot_effect(rows):
+  """The power plan's "pilot's effect" column: C-A1's pilot effect still shrinks (an effect of interest taken from
+  it is likely too large for a longer run), B1's is steady; keyed as the plan's claims (C-B5's two variants)."""
+  from moejax.studies import plan  # pylint: disable=import-outside-toplevel
+  trends = plan.pilot_trends(rows, 'tiny')
+  assert trends['C-A1'] == 'shrinks' and trends['C-B1'] == 'no change resolved'
+  assert {'C-B5/sequence', 'C-B5/aux_free', 'prior', 'C-B6'} <= set(trends) and trends['C-B2'] == '-'
+  assert set(trends) <= {s.key for s in plan.SPECS}

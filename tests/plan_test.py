@@ -12,7 +12,7 @@ import pytest
 from moejax import config as config_lib
 from moejax.errors import ConfigError, DataError
 from moejax.model import accounting
-from moejax.studies import plan, power, render, results, statistics, verdicts
+from moejax.studies import plan, power, render_plan, results, statistics, verdicts
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -136,7 +136,7 @@ def test_more_budget_never_decides_fewer_claims_and_undecidable_ones_are_named(p
   assert prior.hours == pytest.approx(prior.runs * 100 / 3600)
   # the noisier class needs more seeds for the same effect
   assert rows['C-B5/sequence'].seeds > rows['C-B3'].seeds
-  text = render.plan_markdown(made[0])
+  text = render_plan.plan_markdown(made[0])
   assert 'Not decidable within this budget: ' in text and 'C-A3' in text.split('Not decidable')[1]
   assert made[-1].lengths[0]['plannable'] == sum(r.decidable for r in made[-1].rows)  # enough budget: all plannable
 
@@ -218,7 +218,7 @@ def test_a_plan_for_another_scale_takes_noise_from_the_pilot_and_points_from_the
   for _, cfg in sweeps.resolve_points(module.get_config(), runs):  # every point validates at tiny2
     assert cfg.train.steps == 1500 and cfg.model.head_dim == 16
   # the report at tiny2 before any run: each claim says whether the plan left it out, and the pilot's verdict
-  from moejax.studies import claims as claims_lib, render, report, verdicts  # pylint: disable=import-outside-toplevel
+  from moejax.studies import claims as claims_lib, report  # pylint: disable=import-outside-toplevel
   before = claims_lib.evaluate(results.table(pilot.records)[0], 'tiny')[0]
   now = claims_lib.evaluate([], 'tiny2')[0]
   report.note_unplanned(now, p, ('tiny', before))
@@ -230,8 +230,9 @@ def test_a_plan_for_another_scale_takes_noise_from_the_pilot_and_points_from_the
     assert ('in the plan, not run yet' if row.decidable else 'the plan leaves it out') in c.detail, c.detail
     assert c.detail.endswith(f'the pilot at `tiny`: {by_key[verdicts.plan_key(c)].verdict}')
   assert {r.decidable for r in p.rows if r.kind != 'fit'} == {True, False}  # both kinds of note were checked
-  page = render.plan_markdown(p, now, ('tiny', before))
-  assert '| verdict now | verdict of the pilot (`tiny`) |' in page
+  page = render_plan.plan_markdown(p, now, ('tiny', before))
+  assert '| verdict now | verdict of the pilot (`tiny`) |' in page and "| source | pilot's effect |" in page
+  assert all(r.pilot_trend != '-' for r in p.rows if r.kind in ('pair', 'trend', 'equivalence'))  # every Δ followed
   line = next(x for x in page.splitlines() if x.startswith('| C-B5/aux_free |'))
   assert line.endswith(f'| inconclusive | {by_key["C-B5/aux_free"].verdict} |')
 
@@ -341,8 +342,8 @@ def test_a_calibrated_plan_prices_every_run_by_the_measured_over_priced_wall_tim
   for a, b in zip(plain.rows, calibrated.rows):
     if a.hours is not None:
       assert b.hours == pytest.approx(1.5 * a.hours) and b.flops == pytest.approx(a.flops)
-  assert f'x 1.50, the measured / priced wall time of 1 run(s) at this scale' in render.plan_markdown(calibrated)
-  assert 'x 1.' not in render.plan_markdown(plain).split('recorded speed')[1][:5]
+  assert f'x 1.50, the measured / priced wall time of 1 run(s) at this scale' in render_plan.plan_markdown(calibrated)
+  assert 'x 1.' not in render_plan.plan_markdown(plain).split('recorded speed')[1][:5]
   with pytest.raises(ConfigError, match='--calibrate prices a scale the pilot did not run'):
     plan.plan(pilot, 'tiny', 5 * 3600, 's', lengths=(1.0,), calibrate=[record])
   with pytest.raises(DataError, match='has 500 steps of 128 tokens, not the tiny2 run.s 1500 of 128'):

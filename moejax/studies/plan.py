@@ -37,7 +37,7 @@ import numpy as np
 
 from moejax import config as config_lib
 from moejax.errors import ConfigError, DataError
-from moejax.studies import grids, power, results, statistics
+from moejax.studies import budgets as budgets_lib, grids, power, results, statistics, verdicts
 
 POWER = statistics.POWER
 MAX_SEEDS = power.MAX_SEEDS
@@ -88,6 +88,7 @@ class PlanRow:
   power: float | None
   decidable: bool  # chosen within the budget
   note: str = ''
+  pilot_trend: str = '-'  # the pilot's effect between its last two budgets ('shrinks': the effect may be optimistic)
 
 
 @dataclasses.dataclass
@@ -268,6 +269,14 @@ def _select(needs, costs, budget, unit, factor):
       seeds[h] = max(seeds.get(h, 0), n)
 
 
+def pilot_trends(rows: list[dict], scale: str) -> dict[str, str]:
+  """{plan key: how the claim's effect changed between the pilot's last two decay-branch budgets} (`budgets`'s
+  'shrinks', 'grows', 'no change resolved', ...): an effect of interest taken from a pilot effect that still shrank
+  is likely too large for a longer run, and the plan's power for it optimistic."""
+  effects = budgets_lib.effect_rows(budgets_lib.by_budget(rows, scale), rows, scale)
+  return {verdicts.plan_key(e['cells'][-1]['claim']): e['tendency'] for e in effects if e['cells']}
+
+
 def plan(gathered: results.Gathered, scale: str, budget: float, unit: str, lengths=LENGTHS,
          pilot_scale: str | None = None, calibrate: list[dict] | None = None) -> Plan:
   """The power plan for the claims at `scale` from the pilot runs in `gathered` (see the module docstring).
@@ -333,9 +342,9 @@ def plan(gathered: results.Gathered, scale: str, budget: float, unit: str, lengt
   best = max(tried, key=lambda t: (t['decided'], t['factor']))
   by_hash = {p['config_hash']: p['point'] for pts in g_points.values() for p in pts}
   names = {h: p['name'] for h, p in by_hash.items()}
-  out_rows = []
+  out_rows, trend = [], pilot_trends(rows, pilot_scale)
   for key, r in best['made'].items():
-    r.row.decidable = key in best['chosen']
+    r.row.decidable, r.row.pilot_trend = key in best['chosen'], trend.get(key, '-')
     if not r.row.decidable and r.seeds is not None:
       r.row.note = (r.row.note + '; ' if r.row.note else '') + (
           f'needs {_amount(r.row, unit)} on its own at this length, beyond what the budget leaves after the cheaper '

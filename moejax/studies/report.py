@@ -16,7 +16,7 @@ import os
 from moejax import config as config_lib, files
 from moejax.errors import ConfigError, DataError, WorkdirError
 from moejax.studies import (budgets as budgets_lib, claims as claims_lib, emitted, figures, fits as fits_lib, grids,
-                            plan as plan_lib, render, results, summaries, verdicts)
+                            plan as plan_lib, render, render_plan, results, summaries, verdicts)
 from moejax.studies.verdicts import Claim
 
 
@@ -78,7 +78,7 @@ def claims_page(s: Study) -> str:
             'table: [report.md](report.md).\n')
   text = render.claims_markdown(s.claims, s.noise, s.fits, header, s.families, s.speedup, s.lr, s.effects,
                                 s.token_fits, s.best_expert, forest=bool(figures.forest_rows(s.effects)))
-  return text + ('\n' + render.plan_markdown(s.plan, s.claims, s.pilot) if s.plan is not None else '')
+  return text + ('\n' + render_plan.plan_markdown(s.plan, s.claims, s.pilot) if s.plan is not None else '')
 
 
 def write_claims(s: Study, out: str) -> str:
@@ -200,7 +200,7 @@ def plan_page(root: str, scale: str, budget: str, out: str | None = None, pilot_
                     pilot_scale=pilot_scale, calibrate=calibration_runs(calibrate))
   pilot = f' at scale `{pilot_scale}`' if pilot_scale else ''
   text = (f'# Power plan at scale `{scale}`\n\nPilot: {len(gathered.records)} runs under `{root}`{pilot}; planned '
-          f'{datetime.date.today().isoformat()}.\n\n' + render.plan_markdown(p))
+          f'{datetime.date.today().isoformat()}.\n\n' + render_plan.plan_markdown(p))
   def write(text):
     if out:
       try:

@@ -1,5 +1,6 @@
 """The claims report: grid matching by config hash, verdicts from constructed losses, and the CLI."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -212,6 +213,25 @@ def test_a_verdict_that_one_seed_carries_is_inconclusive():
   mixed = claim({'0/0': 0.05, '1/1': 0.04, '2/2': -0.01})  # one seed against, but the others' mean keeps the sign
   verdicts.seed_check([mixed])
   assert mixed.verdict == 'holds'
+  # the decided direction comes from the verdict and the expected sign, not from Δ: a trend contradicted by its
+  # slope while its end-to-end Δ is positive is checked against the slope's (negative) direction
+  against = dataclasses.replace(claim({'0/0': -0.02, '1/1': -0.03}, kind='trend'), verdict='contradicted',
+                                expected='Δ = L(E_max) − L(E_min) > 0', delta=0.01)
+  verdicts.seed_check([against])
+  assert against.verdict == 'contradicted'
+
+
+def test_the_claims_never_decide_on_one_seed(tmp_path):
+  """claims.evaluate applies the seed check: the prior's MoE beats dense by 0.3 nats in seed 2 alone (seeds 0 and 1:
+  +0.002, the wrong way), which decides the mean at three seeds; the verdict says it rests on seed 2."""
+  def loss(p):
+    name, seed = p['name'].split('-seed')[0], p['seed']
+    return 2.0 + 0.001 * (len(name) % 5) + (0.002 - (0.3 if seed == 2 else 0.0) if name == 'e8k2f64' else 0.0)
+  _write_grid_results(str(tmp_path), loss)
+  rows = results.table(results.gather(str(tmp_path)).records)[0]
+  prior = next(c for c in claims.evaluate(rows, 'tiny')[0] if c.id == 'prior')
+  assert prior.delta < 0 and prior.p < 0.025  # the t-test alone would decide it
+  assert prior.verdict == 'inconclusive' and prior.flags == ['holds only with seed 2: rests on one seed, so inconclusive']
 
 
 def test_seeds_to_decide_a_hinging_trend_count_the_drop_one_check():
@@ -231,8 +251,15 @@ def test_seeds_to_decide_a_hinging_trend_count_the_drop_one_check():
   assert n > 2 and pw(n) >= 0.8 > pw(n - 1)
   assert power.power_trend(6, 0.03, 4, 0.01, 4, seed=1) == power.power_trend(6, None, 4, 0.01, 4, seed=1,
                                                                               profile=np.linspace(0, 0.03, 4))
-  flat = [dict(p, loss_mean=m) for p, m in zip(pts, (1.50, 1.40, 1.50))]  # no end-to-end trend: never decided
-  assert 'drop-one subseries' in verdicts.needs_trend(flat, statistics.Noise(0.05, 16))
+  falling = [dict(p, loss_mean=2 * means[0] - m) for p, m in zip(pts, means)]  # the same series, mirrored
+  assert verdicts.needs_trend(falling, noise) == c.needs
+  flat = [dict(p, loss_mean=m) for p, m in zip(pts, (1.50, 1.40, 1.50))]  # no trend: never decided
+  assert 'too flat' in verdicts.needs_trend(flat, statistics.Noise(0.05, 16))
+  # the direction simulated is the slope's, not the end-to-end difference's: here the series falls after its second
+  # point (every drop-one series falls too) but ends 0.0025 above its start
+  late = [{'name': f'q{i}', 'x': i, 'seeds': 2, 'loss_mean': 1.5 + 0.05 * v}
+          for i, v in enumerate((0, 1, 0.8, 0.6, 0.4, 0.2, 0.05))]
+  assert late[-1]['loss_mean'] > late[0]['loss_mean'] and verdicts.needs_trend(late, noise).startswith('≈ ')
 
 
 def test_speedup_reads_tokens_off_the_decay_curve():

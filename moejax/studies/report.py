@@ -125,7 +125,7 @@ def note_unplanned(claims: list[Claim], plan: plan_lib.Plan, pilot: tuple[str, l
     row = rows.get(verdicts.plan_key(c))
     if row is None or not c.detail.startswith('runs of grid'):
       continue
-    c.detail += ('; not run at this scale: the plan leaves it out (it cannot decide it within the budget)'
+    c.detail += (f'; not run at this scale: the plan leaves it out ({row.note or "not chosen"})'
                  if not row.decidable else '; in the plan, not run yet')
     if verdicts.plan_key(c) in before:
       c.detail += f'; the pilot at `{pilot[0]}`: {before[verdicts.plan_key(c)]}'

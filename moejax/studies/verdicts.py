@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 
 import numpy as np
@@ -159,19 +160,22 @@ def trend_claim(cid, statement, expected, grid, points, key, sign, noise, note='
 
 
 def needs_trend(pts, noise) -> str:
-  """Seeds per point at which the slope test and every drop-one subseries decide the series' measured direction
-  with 80% power, the measured seed means taken as the truth and sigma estimated on the series' own
-  configurations, as conservative as that is (`power.power_trend`; the pair formula of `needs_direction` ignores
-  the drop-one check and the series' shape)."""
+  """Seeds per point at which the slope test and every drop-one subseries decide the direction of the series'
+  measured slope with 80% power (`power.power_trend`): the measured seed means taken as the truth, the sigma that
+  decides now (pooled or paired) taken as the truth too, its degrees of freedom counted on the series' own
+  configurations (conservative: the class has more). The pair formula of `needs_direction` ignores the drop-one
+  check and the series' shape."""
   if not noise.usable:
     return 'a noise estimate with >= 6 degrees of freedom'
   means = np.array([p['loss_mean'] for p in pts])
-  profile = (means - means[0]) * (1 if means[-1] >= means[0] else -1)
+  r = np.arange(len(means)) - (len(means) - 1) / 2
+  profile = (means - means[0]) * (1 if np.dot(r, means) >= 0 else -1)  # the slope's direction, upwards
   n, _ = power.smallest(lambda k: power.power_trend(k, None, len(pts), noise.sigma, len(pts), profile=profile))
   if n is None:
-    return (f'more than {power.MAX_SEEDS} seeds per point: a series as measured has a drop-one subseries that does '
-            'not decide its direction')
-  return f'≈ {n} seeds per point for 80% power if the series is as measured (the slope test and every drop-one series)'
+    return (f'no seed count up to {power.MAX_SEEDS} per point: the series as measured is too flat, or one of its '
+            'drop-one series is')
+  return (f'≈ {n} seeds per point for 80% power if the series is as measured (the slope test and every drop-one '
+          'series, at the σ that decides now)')
 
 
 def seed_check(claims: list[Claim]) -> None:
@@ -181,10 +185,12 @@ def seed_check(claims: list[Claim]) -> None:
   sign claims and are left as they are."""
   for c in claims:
     n = len(c.per_seed)
-    if c.verdict == 'inconclusive' or c.kind not in ('direction', 'trend') or n < 2 or not c.delta:
+    if c.verdict == 'inconclusive' or c.kind not in ('direction', 'trend') or n < 2:
       continue
+    expected = {'Δ > 0': 1, 'Δ < 0': -1}.get(expected_sign(c))
+    decided = (expected if c.verdict == 'holds' else -expected) if expected else math.copysign(1, c.delta or 0.0)
     total = sum(c.per_seed.values())
-    alone = [seed_label(k) for k, v in c.per_seed.items() if (total - v) / (n - 1) * c.delta <= 0]
+    alone = [seed_label(k) for k, v in c.per_seed.items() if (total - v) / (n - 1) * decided <= 0]
     if alone:
       c.flags.append(f'{c.verdict} only with seed {", ".join(alone)}: rests on one seed, so inconclusive')
       c.verdict = 'inconclusive'

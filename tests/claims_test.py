@@ -460,3 +460,15 @@ def test_the_rate_rule_flags_an_optimum_outside_the_sweep_and_maps_top_k_as_pape
   assert low['rate'] == 1e-3 and low['clamped'] and low['fitted'] == pytest.approx(4e-3 * (64 / 144) ** 3, rel=0.05)
   assert not rule['choose'](64, 2)['clamped'] and rule['choose'](64, 2)['rate'] == 8e-3
   assert rule['fitted'](96, 4) == rule['fitted'](96, 2) and rule['fitted'](96, 5) == rule['fitted'](96, 8)
+
+
+def test_the_noise_line_says_when_the_paired_sigma_is_too_thin_to_use():
+  """tiny2's default class: the paired σ from the four configurations at seeds {0, 1} has 3 degrees of freedom, so
+  the pooled σ decides, and the page says so; with 6 or more it is used and nothing is added."""
+  thin = {'default': {'configurations': 7, 'sigma': 0.0114, 'dof': 16, 'paired_sigma': 0.0076, 'paired_dof': 3}}
+  line = render.noise_classes(thin)
+  assert line == ('**default** (7 configurations): paired σ = 0.0076 nats (3 degrees of freedom) (too few to use: '
+                  'the pooled σ decides), pooled σ = 0.0114 nats (16 degrees of freedom)')
+  assert 'too few' not in render.noise_classes({'default': dict(thin['default'], paired_dof=6)})
+  assert 'paired σ = -,' in render.noise_classes({'default': dict(thin['default'], paired_sigma=None, paired_dof=0)})
+

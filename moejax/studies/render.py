@@ -228,6 +228,17 @@ def best_expert_lines(rows: list[dict] | None) -> list[str]:
   return lines + ['', '![best expert size against N_active](best_expert.png)', '']
 
 
+def noise_classes(classes: dict) -> str:
+  """Each noise class's paired and pooled σ with their degrees of freedom (`claims.evaluate`'s 'classes'), saying
+  where the paired σ has too few degrees of freedom to be used."""
+  fmt = lambda x, d: '-' if x is None else f'{x:.4f} nats ({d} degrees of freedom)'
+  unused = lambda c: (' (too few to use: the pooled σ decides)'
+                      if c['paired_sigma'] is not None and c['paired_dof'] < statistics.MIN_DOF else '')
+  return '; '.join(f'**{name}** ({c["configurations"]} configurations): paired σ = '
+                   f'{fmt(c["paired_sigma"], c["paired_dof"])}{unused(c)}, pooled σ = {fmt(c["sigma"], c["dof"])}'
+                   for name, c in classes.items())
+
+
 def claims_markdown(claims: list[Claim], noise: dict, fits: dict[str, dict[str, fits_lib.Fit]], header: str = '',
                     families: dict[str, list[dict]] | None = None, speedup: dict | None = None,
                     lr: tuple[list[float], list[dict]] | None = None, effects: list[dict] | None = None,
@@ -238,9 +249,7 @@ def claims_markdown(claims: list[Claim], noise: dict, fits: dict[str, dict[str, 
   survives = statistics.holm(claims)
   decided = sum(c.verdict != 'inconclusive' for c in claims)
   tested = sum(c.p is not None for c in claims)
-  fmt = lambda x, d: '-' if x is None else f'{x:.4f} nats ({d} degrees of freedom)'
-  classes = '; '.join(f'**{name}** ({c["configurations"]} configurations): paired σ = {fmt(c["paired_sigma"], c["paired_dof"])}, '
-                      f'pooled σ = {fmt(c["sigma"], c["dof"])}' for name, c in noise['classes'].items())
+  classes = noise_classes(noise['classes'])
   lines = [header, '## Claims', '',
            'Seed noise, per noise class declared in the grid files before the runs (experiments/papers.py: points '
            'that perturb routing, i.e. capacity factors, other balancing modes and heterogeneous experts, are '

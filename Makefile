@@ -51,13 +51,15 @@ fit-table: $(ACCEL_VENV)/.installed
 	    --out=docs/results/fit/fit.json
 
 # The paper grids at one scale, then the claims report (docs/reproducing-the-papers.md).
-# ROOT=docs/results/tiny/runs OUT=docs/results/tiny resumes the shipped tiny runs (finished points are skipped).
+# ROOT=docs/results/tiny/runs OUT=docs/results/tiny BUDGET=10h resumes the shipped tiny runs (finished points are
+# skipped) and remakes their report with the power plan beside the verdicts (BUDGET: `claims --budget`).
 ROOT ?= runs/papers-$(SCALE)
 OUT ?= $(ROOT)/claims
+BUDGET ?=
 papers: $(VENV)/.installed
 	$(PY) -m moejax.sweep --config=experiments/paper_b.py:$(SCALE),all --root=$(ROOT)
 	$(PY) -m moejax.sweep --config=experiments/paper_a.py:$(SCALE),all --root=$(ROOT)
-	$(PY) -m moejax.claims --root=$(ROOT) --scale=$(SCALE) --out=$(OUT)
+	$(PY) -m moejax.claims --root=$(ROOT) --scale=$(SCALE) --out=$(OUT) $(if $(BUDGET),--budget=$(BUDGET))
 
 bench: $(VENV)/.installed
 	$(PY) -m moejax.bench step

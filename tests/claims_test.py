@@ -138,6 +138,8 @@ def test_missing_grids_and_no_replicates_are_inconclusive(tmp_path):
   rows = results.table(results.gather(str(tmp_path)).records)[0]
   got = {c.id: c for c in claims.evaluate(rows, 'tiny')[0]}
   assert got['C-A1'].verdict == 'inconclusive' and 'missing' in got['C-A1'].detail
+  ours = {r['id']: r['ours'] for r in summaries.literature_rows(list(got.values()))}
+  assert ours['C-A1'] == ['not run'] and ours['C-B6'] == ['not run']  # not a verdict on runs that never ran
   assert got['C-B2'].verdict == 'inconclusive' and 'B2s32' in got['C-B2'].detail
   assert got['C-B6'].verdict == 'inconclusive'
   assert statistics.pooled_sigma(rows)[0] == pytest.approx(0.01 / 2 ** 0.5)
@@ -243,7 +245,7 @@ def test_seeds_to_decide_a_hinging_trend_count_the_drop_one_check():
   pts = [{'name': f'p{i}', 'x': i, 'seeds': 2, 'loss_mean': m} for i, m in enumerate(means)]
   noise = statistics.Noise(0.0114, 16)
   c = verdicts.trend_claim('X', 's', 'e', 'g', pts, 'x', +1, noise)
-  assert c.verdict == 'inconclusive' and 'rests on one point' in c.flags[0]
+  assert c.verdict == 'inconclusive' and c.flags == ['holds only with p3 (x=3): rests on one point, so inconclusive']
   assert noise.seeds_to_resolve(means[-1] - means[0]) == 2  # the old answer: the seeds the series already has
   n = int(c.needs.split('≈ ')[1].split(' ')[0])
   profile = np.array(means) - means[0]

@@ -241,10 +241,24 @@ def test_a_plan_for_another_scale_takes_noise_from_the_pilot_and_points_from_the
 
 def test_a_length_is_planned_only_where_every_class_has_its_noise_measured():
   """The routing-perturbed branch at 0.5 diverged (no sigma there): 0.5x is not a length the plan may use, and a
-  class the pilot never measured takes the noisiest measured sigma instead of crashing."""
+  class the pilot never measured has no sigma (not another class's)."""
   noise = {'default': {0.25: (0.03, 9), 0.5: (0.02, 9), 1.0: (0.013, 9)}, 'routing-perturbed': {1.0: (0.05, 5)}}
   assert not plan._measured(noise, 0.5) and plan._measured(noise, 1.0) and plan._measured(noise, 3.0)  # pylint: disable=protected-access
-  assert plan._sigma_at(noise, 'default', 3.0) == 0.013 and plan._sigma_at(noise, 'other', 1.0) == 0.05  # pylint: disable=protected-access
+  assert plan._sigma_at(noise, 'default', 3.0) == 0.013 and plan._sigma_at(noise, 'other', 1.0) is None  # pylint: disable=protected-access
+
+
+def test_claims_of_a_class_the_pilot_never_ran_are_not_planned(pilot, monkeypatch):
+  """A pilot with no routing-perturbed runs (tiny2's own runs are such a pilot): the claims that involve that class
+  are not planned on the default class's sigma (4x smaller at tiny), they say a pilot of it is needed first."""
+  monkeypatch.setattr(power, 'DRAWS', 400)
+  monkeypatch.setattr(power, 'ARGMIN_OUTER', 30)
+  quiet = [r for r in pilot.records if not any(k in r['name'] for k in ('-cf', '-lb_', '-het'))]
+  p = plan.plan(results.Gathered(quiet, [], []), 'tiny', 20 * 3600, 's', lengths=(1.0,))
+  rows = {r.key: r for r in p.rows}
+  for key in ('C-B4', 'C-B5/sequence', 'C-B6'):
+    assert rows[key].seeds is None and not rows[key].decidable, key
+    assert rows[key].note == 'the pilot measured no seed noise of the routing-perturbed class: a pilot of it first'
+  assert rows['prior'].seeds is not None and rows['prior'].sigma == pytest.approx(p.noise['default'][1.0][0])
 
 
 def _write_lr_grid(root, optimum):

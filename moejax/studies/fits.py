@@ -170,7 +170,8 @@ def _objective(form: Form, x: dict, y: np.ndarray) -> Callable[[np.ndarray], flo
   log_y = np.log(y)
 
   def f(theta):
-    pred = form.predict(theta, x)
+    with np.errstate(over='ignore', invalid='ignore'):  # a step out to exp overflow: rejected just below, not a fault
+      pred = form.predict(theta, x)
     if not np.all(np.isfinite(pred)) or np.any(pred <= 0):
       return 1e6
     return float(np.sum(huber(np.log(pred) - log_y)) / HUBER_DELTA ** 2)

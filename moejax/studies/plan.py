@@ -374,10 +374,11 @@ def _measured(noise, at) -> bool:
 
 
 def _sigma_at(noise, cls, factor):
-  """The class sigma at a run length: measured at or below the pilot's length, the pilot's full length beyond; a
-  class the pilot did not measure takes the noisiest measured class's (conservative)."""
+  """The class sigma at a run length: measured at or below the pilot's length, the pilot's full length beyond; None
+  for a class the pilot did not measure (another class's sigma says nothing of it: tiny's routing-perturbed points
+  were 4x noisier than its default ones), so its claims are not planned."""
   if cls not in noise:
-    return max(_sigma_at(noise, c, factor) for c in noise)
+    return None
   at = noise[cls]
   return at[max(f for f in at if f <= factor)][0]
 
@@ -394,14 +395,16 @@ def _row(spec, members, declared, margin, sigma_of, spread, costs, factor, a4):
   flat = [p for group in members for p in group]
   hashes = tuple(dict.fromkeys(p['config_hash'] for p in flat))
   cls = ' / '.join(classes) or '-'
-  sigma = max((sigma_of(c)[0] for c in classes), default=None)
+  unmeasured = [c for c in classes if sigma_of(c)[0] is None]
+  sigma = max((sigma_of(c)[0] for c in classes if c not in unmeasured), default=None)
   if spec.kind == 'fit':
     return _Made(PlanRow(spec.key, spec.kind, None, 'a fit, not a contrast', '-', None, None, 0, 0, None, None, None,
                          False, 'more seeds do not widen the N_total range a fit needs to beat its baselines: a '
                          'larger scale'), None)
-  if effect is None or (spec.kind == 'equivalence' and margin is None) or any(not g for g in members):
-    why = ('no equivalence margin T for this scale' if effect is not None and margin is None
-           else 'grid points missing' if effect is not None else source)
+  if effect is None or (spec.kind == 'equivalence' and margin is None) or any(not g for g in members) or unmeasured:
+    why = (source if effect is None else 'no equivalence margin T for this scale' if margin is None and
+           spec.kind == 'equivalence' else 'grid points missing' if any(not g for g in members) else
+           f'the pilot measured no seed noise of the {" / ".join(unmeasured)} class: a pilot of it first')
     return _Made(PlanRow(spec.key, spec.kind, effect, source, cls, sigma, None, len(flat), 0, None, None, None, False,
                          why), None)
   n, pw, points = _needs(spec, members, effect, margin, sigma_of, spread if a4 else None)

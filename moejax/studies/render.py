@@ -112,9 +112,8 @@ def noise_check_lines(check: dict | None) -> list[str]:
     return []
   if not check['outliers']:
     return [f'Noise check: no configuration\'s seed spread is out of line (beyond the 1 − 0.05/C quantile at the '
-            'median-based '
-            f'σ = {check["robust_sigma"]:.4f} ({check["configurations"]} configurations): the noise looks homogeneous.',
-            '']
+            f'median-based σ = {check["robust_sigma"]:.4f}; {check["configurations"]} configurations): the noise '
+            'looks homogeneous.', '']
   listed = ', '.join(f'{name} ({spread:.3f})' for name, spread in check['outliers'])
   return [f'Noise check (a diagnostic; verdicts use σ above): {len(check["outliers"])} of {check["configurations"]} '
           f'configurations have seed spreads beyond the 1 − 0.05/C quantile (5% family-wise) expected at the '

@@ -276,6 +276,7 @@ def literature_rows(claims: list[Claim]) -> list[dict]:
     if c.id in seen:
       continue
     seen.add(c.id)
-    ours = [x.verdict + label(x)[len(x.id):] for x in claims if x.id == c.id]  # 'holds (sequence)'
+    ours = [('not run' if x.detail.startswith('runs of grid') else x.verdict) + label(x)[len(x.id):]
+            for x in claims if x.id == c.id]  # 'holds (sequence)'; a claim whose grid is missing was not run
     out.append({'id': c.id, 'sides': LITERATURE.get(c.id, ('-',) * len(LITERATURE_COLUMNS)), 'ours': ours})
   return out

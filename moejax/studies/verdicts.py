@@ -150,7 +150,8 @@ def trend_claim(cid, statement, expected, grid, points, key, sign, noise, note='
             + (f'; {note}' if note else ''), p=p)
   set_numbers(c, delta, noise.for_pair(pts[0], pts[-1]), pts[0], pts[-1], 'trend')
   if verdict != 'inconclusive' and len(pts) >= 3:  # does the verdict rest on a single point?
-    hinges = [x['name'] for i, x in enumerate(pts) if trend_verdict(pts[:i] + pts[i + 1:], sign, noise)[0] != verdict]
+    hinges = [f'{x["name"]} ({key}={x[key]:g})' for i, x in enumerate(pts)
+              if trend_verdict(pts[:i] + pts[i + 1:], sign, noise)[0] != verdict]
     if hinges:
       c.flags.append(f'{verdict} only with ' + ', '.join(hinges) + ': rests on one point, so inconclusive')
       c.verdict = 'inconclusive'

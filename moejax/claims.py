@@ -86,6 +86,9 @@ def check_flags(f) -> None:
   if getattr(f, 'calibrate', None):
     if not f.budget:
       raise ConfigError('--calibrate applies to a plan (--budget)')
+    if not f.pilot_scale or f.pilot_scale == f.scale:
+      raise ConfigError('--calibrate prices runs at a scale the pilot did not run: give --pilot_scale (the pilot\'s '
+                        'scale, not --scale)')
     for d in f.calibrate:
       if not os.path.isfile(os.path.join(d, 'result.json')):
         raise ConfigError(f'--calibrate={d}: no result.json there (a finished run directory)')
@@ -99,12 +102,15 @@ def check_flags(f) -> None:
     parent = os.path.dirname(os.path.abspath(f.emit or '.'))
     if f.emit and not (os.path.isdir(parent) and os.access(parent, os.W_OK)):
       raise ConfigError(f'--emit={f.emit}: the directory {parent} does not exist or is not writable')
+    if f.emit and os.path.isdir(f.emit):
+      raise ConfigError(f'--emit={f.emit} is a directory; give the experiment file to write (e.g. {f.emit}/plan.py)')
 
 
 def _main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   check_flags(FLAGS)
+  report.calibration_runs(FLAGS.calibrate)  # a bad --calibrate run is one line before anything is read or planned
   if FLAGS.lr_rule:
     sys.stdout.write(report.lr_rule_page(FLAGS.root, FLAGS.scale))
     return
@@ -149,4 +155,4 @@ if __name__ == '__main__':
                     'the scale adds, e.g. tiny2\'s held-out scoring every 150 steps).')
   flags.DEFINE_string('budget', None, 'Compute budget of the plan: training wall time on this machine (8h, 90m) or '
                       'training FLOPs (1e15FLOPs). Without --plan, the plan is shown beside the verdicts.')
-  cli.cli(_main)
+  cli.cli(_main, interrupted='nothing was written (a report or plan under --out appears whole or not at all)')

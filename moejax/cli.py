@@ -104,11 +104,13 @@ def parse_flags(argv: list[str]) -> list[str]:
   return []
 
 
-def cli(main_fn) -> None:
+def cli(main_fn, interrupted: str = 'nothing saved since the last checkpoint (a single Ctrl-C during training '
+        'saves one first)') -> None:
   """Runs an absl main with moejax logging, importable experiment files and one-line errors.
 
   Ctrl-C outside a training loop (which handles it itself, see `train`) ends with one line
-  and exit status 130 instead of a traceback.
+  ('interrupted (Ctrl-C): ' + `interrupted`, what the command leaves behind) and exit status 130 instead of a
+  traceback.
   """
   moejax.setup_logging()
   config_lib.add_experiment_root(sys.argv)
@@ -117,5 +119,4 @@ def cli(main_fn) -> None:
   except MoejaxError as e:
     fail(e)
   except KeyboardInterrupt:
-    fail(Interrupted('interrupted (Ctrl-C): nothing saved since the last checkpoint (a single Ctrl-C during '
-                     'training saves one first)'))
+    fail(Interrupted(f'interrupted (Ctrl-C): {interrupted}'))

@@ -11,10 +11,12 @@ import contextlib
 import glob
 import json
 import os
+import signal
 import tempfile
-from typing import Any, Iterator
+import threading
+from typing import Any, Callable, Iterator
 
-from moejax.errors import DataError, MoejaxError
+from moejax.errors import DataError, MoejaxError, Preempted
 
 TMP_SUFFIX = '.tmp'
 
@@ -68,6 +70,57 @@ def atomic_path(path: str) -> Iterator[str]:
     with contextlib.suppress(OSError):
       os.remove(tmp)
     raise
+
+
+@contextlib.contextmanager
+def atomic_set(directory: str, last: str | None = None) -> Iterator[Callable[[str], str]]:
+  """A set of files written together into `directory` (a report: its pages and figures). Yields `path(name)`, the
+  temp file to write the file `name` to. On a clean exit every file is fsynced and renamed into place, `last` last
+  (its new version then means the set is complete); on any exception (Ctrl-C, SIGTERM's Preempted, a full disk)
+  every temp file is removed and the directory's previous files stay as they were. Temps follow `atomic_path`'s
+  naming, so one a killed writer left is removed by the next write of that file."""
+  temps: dict[str, str] = {}
+
+  def path(name: str) -> str:
+    target = os.path.join(directory, name)
+    remove_stale_temps(target)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=_temp_prefix(target) + f'{os.getpid()}-', suffix=TMP_SUFFIX)
+    os.close(fd)
+    temps[name] = tmp
+    return tmp
+
+  try:
+    yield path
+    for name in sorted(temps, key=lambda n: n == last):
+      _set_default_mode(temps[name])
+      with open(temps[name], 'rb+') as f:
+        os.fsync(f.fileno())
+    for name in sorted(temps, key=lambda n: n == last):
+      os.replace(temps.pop(name), os.path.join(directory, name))
+    _fsync_dir(directory)
+  finally:
+    for tmp in temps.values():
+      with contextlib.suppress(OSError):
+        os.remove(tmp)
+
+
+@contextlib.contextmanager
+def sigterm_raises(message: str) -> Iterator[None]:
+  """While open (main thread only), SIGTERM raises `Preempted(message)` (one line, exit 143) instead of killing the
+  process, so the cleanup of whatever is being written runs."""
+  if threading.current_thread() is not threading.main_thread():
+    yield
+    return
+
+  def handler(signum, frame):
+    del signum, frame
+    raise Preempted(message)
+
+  previous = signal.signal(signal.SIGTERM, handler)
+  try:
+    yield
+  finally:
+    signal.signal(signal.SIGTERM, previous)
 
 
 def atomic_write(path: str, data: str | bytes) -> None:

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from moejax import config as config_lib
-from moejax.errors import DataError
+from moejax.errors import DataError, Interrupted, WorkdirError
 from moejax.model import accounting
 from moejax.studies import claims, figures, power, render, report, results, statistics, summaries, verdicts
 
@@ -82,7 +82,7 @@ def _loss(p):
   return LOSSES[name] + noise
 
 
-def test_verdicts_on_constructed_losses(tmp_path):
+def test_verdicts_on_constructed_losses(tmp_path, monkeypatch):
   _write_grid_results(str(tmp_path), _loss)
   # (fit quality is scaling_test's; leave-one-out refits of three families would take minutes here)
   s = report.study(str(tmp_path), 'tiny', bootstrap=2, fit_starts=2, loo=False)
@@ -131,6 +131,19 @@ def test_verdicts_on_constructed_losses(tmp_path):
   report.write_report(s.root, str(tmp_path / 'lone'), grids=lone, gathered=s.gathered, noise=s.noise['noise'])
   assert os.path.exists(tmp_path / 'lone' / 'grid_B2.png') and not os.path.exists(tmp_path / 'lone' / 'grid_B5.png')
   assert 'grid_B5.png' not in open(tmp_path / 'lone' / 'report.md').read()
+  # a report interrupted, or stopped by a full disk, while its files are written leaves the previous set whole
+  before = {n: (out / n).read_bytes() for n in os.listdir(out)}
+  def stop(error):
+    def figure(*args):
+      raise error
+    return figure
+  monkeypatch.setattr(figures, 'grid_figure', stop(KeyboardInterrupt()))  # after forest.png and the loss plots
+  with pytest.raises(Interrupted, match='the claims report was not written; the files under .* are as they were'):
+    report.write_claims(s, str(out))
+  monkeypatch.setattr(figures, 'grid_figure', stop(OSError(28, 'No space left on device')))
+  with pytest.raises(WorkdirError, match='cannot write the claims report under .*: No space left on device'):
+    report.write_claims(s, str(out))
+  assert {n: (out / n).read_bytes() for n in os.listdir(out)} == before  # no file changed, no temp left
 
 
 def test_missing_grids_and_no_replicates_are_inconclusive(tmp_path):

@@ -170,14 +170,19 @@ def test_plan_cli_refuses_a_bad_budget_in_one_line(tmp_path):
     ({'lr_rule': True, 'plan': True, 'budget': '1h'}, '--lr_rule prints the rate rule only; it does not take --plan'),
     ({'lr_rule': True, 'out': '/tmp/x'}, 'does not take --out'),
     ({'calibrate': ['/tmp']}, '--calibrate applies to a plan'),
-    ({'plan': True, 'budget': '1h', 'calibrate': ['/nonexistent']}, '--calibrate=/nonexistent: no result.json there'),
+    ({'plan': True, 'budget': '1h', 'calibrate': ['/nonexistent']}, 'give --pilot_scale'),
+    ({'plan': True, 'budget': '1h', 'pilot_scale': 'tiny', 'scale': 'tiny2', 'calibrate': ['/nonexistent']},
+     '--calibrate=/nonexistent: no result.json there'),
+    ({'plan': True, 'budget': '1h', 'pilot_scale': 'tiny', 'scale': 'tiny', 'calibrate': ['/tmp']}, 'give --pilot_scale'),
+    ({'plan': True, 'budget': '1h', 'emit': '/tmp'}, '--emit=/tmp is a directory'),
 ])
 def test_plan_flags_are_refused_before_planning(tmp_path, flags, message):
   """The checks `claims` runs first (a ConfigError is its one line and exit 2: the budget case above runs it)."""
   from moejax import claims  # pylint: disable=import-outside-toplevel
   import types  # pylint: disable=import-outside-toplevel
   f = types.SimpleNamespace(**{'root': str(tmp_path), 'plan': False, 'budget': None, 'emit': None, 'pilot_scale': None,
-                               'pilot_root': None, 'done_root': None, 'lr_rule': False, 'out': None, **flags})
+                               'pilot_root': None, 'done_root': None, 'lr_rule': False, 'out': None, 'scale': 'tiny',
+                               **flags})
   with pytest.raises(ConfigError, match=message):
     claims.check_flags(f)
 
@@ -301,6 +306,9 @@ def test_the_lr_rule_command_fits_the_rate_rule_from_grid_lr_runs(tmp_path):
   os.remove(tmp_path / points[3]['point']['name'] / 'result.json')
   with pytest.raises(DataError, match=f'25 of 26 points .*{points[3]["point"]["name"]}'):
     report.lr_rule_page(str(tmp_path), 'tiny2')
+  (tmp_path / points[4]['point']['name'] / 'result.json').write_text('{"name": ')  # a truncated one says so
+  with pytest.raises(DataError, match=f'24 of 26 points .*unreadable: .*{points[4]["point"]["name"]}/result.json'):
+    report.lr_rule_page(str(tmp_path), 'tiny2')
 
 
 def test_the_report_shows_the_plan_the_runs_followed(tmp_path, monkeypatch):
@@ -309,7 +317,8 @@ def test_the_report_shows_the_plan_the_runs_followed(tmp_path, monkeypatch):
   import types  # pylint: disable=import-outside-toplevel
   from moejax.studies import report  # pylint: disable=import-outside-toplevel
   made = {}
-  monkeypatch.setattr(report, 'study', lambda *a, **k: types.SimpleNamespace(gathered='the runs', claims=[], pilot=None))
+  gathered = types.SimpleNamespace(records='the runs', unreadable=[])
+  monkeypatch.setattr(report, 'study', lambda *a, **k: types.SimpleNamespace(gathered=gathered, claims=[], pilot=None))
   monkeypatch.setattr(report.results, 'gather', lambda root: types.SimpleNamespace(records=f'pilot under {root}'))
   monkeypatch.setattr(report.plan_lib, 'plan', lambda *a, **k: made.update(args=a, kwargs=k) or 'a plan')
   monkeypatch.setattr(report, 'write_claims', lambda s, out: made.update(study=s) or s.plan)
@@ -322,7 +331,7 @@ def test_the_report_shows_the_plan_the_runs_followed(tmp_path, monkeypatch):
   assert made['study'].pilot == made['noted'] == ('tiny', ['claims of rows of pilot under tiny-runs at tiny'])
   made.clear()
   report.run('runs', 'tiny', 'out', budget='1h')
-  assert made['args'][0] == 'the runs' and made['kwargs']['pilot_scale'] is None
+  assert made['args'][0] is gathered and made['kwargs']['pilot_scale'] is None
   assert 'noted' not in made  # the runs are their own pilot: no second verdict column
 
 
@@ -364,3 +373,49 @@ def test_a_calibrated_plan_prices_every_run_by_the_measured_over_priced_wall_tim
     plan.plan(pilot, 'tiny', 5 * 3600, 's', lengths=(1.0,), calibrate=[record])
   with pytest.raises(DataError, match='has 500 steps of 128 tokens, not the tiny2 run.s 1500 of 128'):
     plan.plan(pilot, 'tiny2', 5 * 3600, 's', lengths=(1.0,), pilot_scale='tiny', calibrate=[pilot.records[0]])
+
+
+@pytest.mark.parametrize('change,message', [
+    (lambda r: r['train'].pop('wall_s'), "lacks 'wall_s'"),
+    (lambda r: r.pop('accounting'), "lacks 'accounting'"),
+    (lambda r: r['train'].update(wall_s=0.0), 'must be positive numbers'),
+    (lambda r: r['train'].update(wall_s=float('nan')), 'must be positive numbers'),
+])
+def test_a_calibration_run_that_cannot_price_is_one_line(pilot, tmp_path, change, message):
+  """--calibrate reads each run before anything is planned: one DataError naming the run and what it lacks, never a
+  KeyError or a plan priced at 0 or NaN times."""
+  from moejax.studies import report  # pylint: disable=import-outside-toplevel
+  record = json.loads(json.dumps(pilot.records[0]))
+  change(record)
+  os.makedirs(tmp_path / 'run')
+  with open(tmp_path / 'run' / 'result.json', 'w') as f:
+    json.dump(record, f)  # (NaN as Python's json writes it)
+  with pytest.raises(DataError, match=f'calibration run .*result.json.*{message}'):
+    report.calibration_runs([str(tmp_path / 'run')])
+
+
+def test_emit_refuses_a_done_root_of_another_scale(pilot, monkeypatch, tmp_path):
+  """--done_root holding runs, none of them at the plan's length (another scale's): the plan is written and printed,
+  then one line; nothing is emitted (it would have emitted every run as not yet made)."""
+  from experiments import papers  # pylint: disable=import-outside-toplevel
+  from moejax.studies import report  # pylint: disable=import-outside-toplevel
+  monkeypatch.setitem(papers.LR_RULE, 'tiny2', {2: {64: 8e-3, 96: 4e-3, 144: 2e-3}, 8: {64: 8e-3, 96: 8e-3, 144: 4e-3}})
+  monkeypatch.setattr(power, 'DRAWS', 200)
+  monkeypatch.setattr(power, 'ARGMIN_OUTER', 20)
+  monkeypatch.setattr(report.results, 'gather', lambda r: pilot)  # the pilot (tiny) is also the done_root here
+  with pytest.raises(report.PlanEmitError, match='holds no run of the plan.s length .*another scale') as e:
+    report.plan_page('pilot', 'tiny2', '12h', str(tmp_path / 'out'), pilot_scale='tiny', emit=str(tmp_path / 'x.py'),
+                     done_root='tiny-runs')
+  assert not os.path.exists(tmp_path / 'x.py') and '# Power plan at scale `tiny2`' in e.value.page
+
+
+def test_the_report_warns_of_result_files_it_could_not_read(monkeypatch, capsys):
+  """A truncated result.json under --root is left out of the report: one warning line on stderr names it (the page
+  lists it too), so a run never silently drops out of the verdicts."""
+  import types  # pylint: disable=import-outside-toplevel
+  from moejax.studies import report  # pylint: disable=import-outside-toplevel
+  gathered = types.SimpleNamespace(unreadable=[('runs/x/result.json', 'not valid JSON')])
+  monkeypatch.setattr(report, 'study', lambda *a, **k: types.SimpleNamespace(gathered=gathered))
+  monkeypatch.setattr(report, 'write_claims', lambda s, out: 'page')
+  assert report.run('runs', 'tiny', 'out') == 'page'
+  assert capsys.readouterr().err == 'moejax: warning: skipped runs/x/result.json (not valid JSON)\n'

@@ -244,6 +244,41 @@ def test_atomic_write_gives_normal_permissions(tmp_path):
   assert (os.stat(tmp_path / 'table.md').st_mode & 0o777) == 0o644 and os.listdir(tmp_path) == ['table.md']
 
 
+def test_a_set_of_files_appears_whole_or_not_at_all(tmp_path, monkeypatch):
+  """files.atomic_set: an interrupt while the set is written leaves every previous file and no temp; a clean exit
+  renames every file in, `last` last."""
+  for name in ('a.md', 'b.png', 'z.md'):
+    (tmp_path / name).write_text('old')
+  with pytest.raises(KeyboardInterrupt):
+    with files.atomic_set(str(tmp_path), last='a.md') as path:
+      for name in ('a.md', 'b.png'):
+        with open(path(name), 'w') as f:
+          f.write('new')
+      raise KeyboardInterrupt
+  assert sorted(os.listdir(tmp_path)) == ['a.md', 'b.png', 'z.md']
+  assert {n: (tmp_path / n).read_text() for n in os.listdir(tmp_path)} == {'a.md': 'old', 'b.png': 'old', 'z.md': 'old'}
+  order = []
+  real = os.replace
+  monkeypatch.setattr(os, 'replace', lambda a, b: order.append(os.path.basename(b)) or real(a, b))
+  with files.atomic_set(str(tmp_path), last='a.md') as path:
+    for name in ('a.md', 'b.png', 'c.png'):
+      with open(path(name), 'w') as f:
+        f.write('new')
+  assert order == ['b.png', 'c.png', 'a.md'] and sorted(os.listdir(tmp_path)) == ['a.md', 'b.png', 'c.png', 'z.md']
+  assert (tmp_path / 'a.md').read_text() == 'new' and (tmp_path / 'z.md').read_text() == 'old'
+
+
+def test_sigterm_raises_preempted_only_while_open():
+  import signal  # pylint: disable=import-outside-toplevel
+  before = signal.getsignal(signal.SIGTERM)
+  with pytest.raises(Preempted, match='stopped: the files are as they were'):
+    with files.sigterm_raises('stopped: the files are as they were'):
+      os.kill(os.getpid(), signal.SIGTERM)
+      import time  # pylint: disable=import-outside-toplevel
+      time.sleep(5)  # the handler raises at the next bytecode; never reached
+  assert signal.getsignal(signal.SIGTERM) == before
+
+
 def test_config_hash_ignores_keys_added_after_a_run(tiny_cfg):
   flat = config_lib.flatten(json.loads(tiny_cfg.to_json_best_effort()))
   old_record = {k: v for k, v in flat.items() if k != 'moe.kernels'}  # a run recorded before moe.kernels existed

@@ -15,13 +15,11 @@ import errno
 import glob
 import os
 import shutil
-import signal
 import tempfile
-import threading
 from typing import Iterator
 
 from moejax import files
-from moejax.errors import Preempted, WorkdirError
+from moejax.errors import WorkdirError
 
 
 def _partial_prefix(out: str) -> str:
@@ -67,22 +65,10 @@ def finish_out(tmp: str, out: str) -> None:
   os.replace(tmp, out)
 
 
-@contextlib.contextmanager
-def sigterm_raises(out: str, what: str) -> Iterator[None]:
+def sigterm_raises(out: str, what: str):
   """While open (main thread only), SIGTERM raises Preempted (one line, exit 143) instead of killing the process."""
-  if threading.current_thread() is not threading.main_thread():
-    yield
-    return
-
-  def handler(signum, frame):
-    del signum, frame
-    raise Preempted(f'{what} stopped by SIGTERM: nothing was written under {os.path.abspath(out)}; rerun to {what}')
-
-  previous = signal.signal(signal.SIGTERM, handler)
-  try:
-    yield
-  finally:
-    signal.signal(signal.SIGTERM, previous)
+  return files.sigterm_raises(f'{what} stopped by SIGTERM: nothing was written under {os.path.abspath(out)}; '
+                              f'rerun to {what}')
 
 
 @contextlib.contextmanager

@@ -9,12 +9,15 @@ and the figures.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
+import math
 import os
+import sys
 
 from moejax import config as config_lib, files
-from moejax.errors import ConfigError, DataError, WorkdirError
+from moejax.errors import ConfigError, DataError, Interrupted, WorkdirError
 from moejax.studies import (budgets as budgets_lib, claims as claims_lib, emitted, figures, fits as fits_lib, grids,
                             plan as plan_lib, render, render_plan, results, summaries, verdicts)
 from moejax.studies.verdicts import Claim
@@ -82,21 +85,36 @@ def claims_page(s: Study) -> str:
 
 
 def write_claims(s: Study, out: str) -> str:
-  """Writes OUT/claims.md, OUT/report.md and the figures of a `Study`; returns the claims Markdown."""
+  """Writes OUT/claims.md, OUT/report.md and the figures of a `Study` as one set (`output`); returns the claims
+  Markdown."""
   text = claims_page(s)
+  with output(out, 'the claims report', last='claims.md') as path:
+    if figures.forest_rows(s.effects):
+      figures.forest_figure(figures.forest_rows(s.effects), s.noise['threshold'], path('forest.png'))
+    if s.best_expert:
+      figures.best_expert_figure(s.best_expert, path('best_expert.png'))
+    _report_files(path, s.root, s.gathered, extra=text.split('\n', 2)[2], figure_rows=lambda _: s.families['all'],
+                  figure_note='Figures show the default-design MoE grid points (as the fits); the table has every run.',
+                  grids=s.grids, noise=s.noise['noise'])
+    with open(path('claims.md'), 'w') as f:
+      f.write(text)
+  return text
+
+
+@contextlib.contextmanager
+def output(out: str, what: str, last: str):
+  """`files.atomic_set` under `out`: a report's files appear together (`last` last) or not at all. An interrupt
+  (Ctrl-C, SIGTERM) or an OS error (a full disk, a read-only directory) is one line, and the files already under
+  `out` stay as they were."""
+  kept = f'the files under {out} are as they were'
   try:
     os.makedirs(out, exist_ok=True)
-    if figures.forest_rows(s.effects):
-      figures.forest_figure(figures.forest_rows(s.effects), s.noise['threshold'], os.path.join(out, 'forest.png'))
-    if s.best_expert:
-      figures.best_expert_figure(s.best_expert, os.path.join(out, 'best_expert.png'))
+    with files.sigterm_raises(f'{what} stopped by SIGTERM: {kept}'), files.atomic_set(out, last) as path:
+      yield path
   except OSError as e:
-    raise WorkdirError(f'cannot write the figures under {out}: {e.strerror or e}') from None
-  write_report(s.root, out, extra=text.split('\n', 2)[2], figure_rows=lambda _: s.families['all'],
-               figure_note='Figures show the default-design MoE grid points (as the fits); the table has every run.',
-               gathered=s.gathered, grids=s.grids, noise=s.noise['noise'])
-  files.atomic_write(os.path.join(out, 'claims.md'), text)
-  return text
+    raise WorkdirError(f'cannot write {what} under {out}: {e.strerror or e}; {kept}') from None
+  except KeyboardInterrupt:
+    raise Interrupted(f'interrupted (Ctrl-C): {what} was not written; {kept}') from None
 
 
 def run(root: str, scale: str, out: str, bootstrap: int = 100, fit_starts: int = 32, loo: bool = True,
@@ -107,6 +125,8 @@ def run(root: str, scale: str, out: str, bootstrap: int = 100, fit_starts: int =
   `pilot_scale` (the plan the runs followed: tiny2's from the tiny runs), by default from the runs under `root`."""
   value, unit = plan_lib.parse_budget(budget) if budget else (None, None)  # (a bad budget fails first)
   s = study(root, scale, bootstrap, fit_starts, loo)
+  for path, why in s.gathered.unreadable:  # (report.md lists them too)
+    print(f'moejax: warning: skipped {path} ({why})', file=sys.stderr)
   if budget:
     pilot = results.gather(pilot_root) if pilot_root else s.gathered
     s.plan = plan_lib.plan(pilot, scale, value, unit, lengths=(1.0,) if pilot_scale else plan_lib.LENGTHS,
@@ -132,8 +152,23 @@ def note_unplanned(claims: list[Claim], plan: plan_lib.Plan, pilot: tuple[str, l
 
 
 def calibration_runs(directories: list[str] | None) -> list[dict]:
-  """The result.json records of the run directories a plan's prices are calibrated on (`--calibrate`)."""
-  return [files.read_json(os.path.join(d, 'result.json'), 'calibration run') for d in directories or ()]
+  """The result.json records of the run directories a plan's prices are calibrated on (`--calibrate`), each with
+  what a price needs (a finished run's positive wall time and tokens, its FLOPs per token and optimizer), or one
+  DataError line naming the run and what it lacks."""
+  out = []
+  for d in directories or ():
+    path = os.path.join(d, 'result.json')
+    r = files.read_json(path, 'calibration run')
+    try:
+      numbers = (r['train']['wall_s'], r['train']['tokens'], r['accounting']['flops_per_token'])
+      r['config']['optim'], r['config']['train']['steps'], r['config']['data']['seq_len']  # pylint: disable=pointless-statement
+    except (KeyError, TypeError) as e:
+      raise DataError(f'calibration run {path} lacks {e} (not a finished run\'s result.json)') from None
+    if not all(isinstance(x, (int, float)) and math.isfinite(x) and x > 0 for x in numbers):
+      raise DataError(f'calibration run {path}: wall time, tokens and FLOPs per token must be positive numbers, '
+                      f'not {numbers}')
+    out.append(r)
+  return out
 
 
 def lr_rule_page(root: str, scale: str) -> str:
@@ -143,12 +178,15 @@ def lr_rule_page(root: str, scale: str) -> str:
   points = grids.grid_points(scale, ['LR']).get('LR') or []
   if not points:
     raise ConfigError(f'scale {scale!r} has no grid LR')
-  rows, _ = results.table(results.gather(root).records)
+  gathered = results.gather(root)
+  rows, _ = results.table(gathered.records)
   by_hash = {r['config_hash']: r for r in rows}
   missing = [p['point']['name'] for p in points if p['config_hash'] not in by_hash]
   if missing:
+    bad = (f'; unreadable: {", ".join(f"{p} ({why})" for p, why in gathered.unreadable[:2])}'
+           if gathered.unreadable else '')
     raise DataError(f'grid LR at {scale} has {len(points) - len(missing)} of {len(points)} points under {root} '
-                    f'(missing: {", ".join(missing[:4])}{" ..." if len(missing) > 4 else ""}); run it first')
+                    f'(missing: {", ".join(missing[:4])}{" ..." if len(missing) > 4 else ""}{bad}); run it first')
   for p in points:  # the anchor's width and top-k from its overrides (a results row shows only varied keys)
     by_hash[p['config_hash']].update({'model.model_dim': p['config'].model.model_dim,
                                       'experts_per_token': p['config'].moe.experts_per_token})
@@ -205,14 +243,20 @@ def plan_page(root: str, scale: str, budget: str, out: str | None = None, pilot_
     if out:
       try:
         os.makedirs(out, exist_ok=True)
+        files.atomic_write(os.path.join(out, 'plan.md'), text)
       except OSError as e:
         raise WorkdirError(f'cannot write the plan under {out}: {e.strerror or e}') from None
-      files.atomic_write(os.path.join(out, 'plan.md'), text)
   write(text)  # the plan is kept (and printed, `emit_error`) even when there is nothing to emit
   if emit:
     done = set()
     if done_root:
-      for r in results.gather(done_root).records:
+      made = results.gather(done_root).records
+      length = lambda c: c['train']['steps'] * c['train']['batch_size'] * c['data']['seq_len']  # noqa: E731
+      at = [r for r in made if length(r['config']) == p.tokens]
+      if made and not at:
+        raise PlanEmitError(f'--done_root={done_root} holds no run of the plan\'s length ({p.steps} steps, '
+                            f'{p.tokens} tokens per run): runs of another scale? nothing emitted', text)
+      for r in at:
         done.add((results.config_hash(config_lib.flatten(r['config'])), results.seed_key(r['config'])))
     papers = os.path.join(grids.experiments_dir(), 'papers.py')
     try:
@@ -238,20 +282,22 @@ def write_report(root: str, out: str, extra: str = '', figure_rows=None, figure_
   gathered = gathered or results.gather(root)
   if not gathered.records:
     raise DataError(f'no complete result.json under {root}; nothing to report')
+  with output(out, 'the report', last='report.md') as path:
+    _report_files(path, root, gathered, extra, figure_rows, figure_note, grids, noise)
+  return os.path.join(out, 'report.md')
+
+
+def _report_files(path, root, gathered, extra='', figure_rows=None, figure_note='', grids=None, noise=None) -> None:
+  """The figures and report.md of `write_report`, each written to `path(name)` (an `output` set)."""
   rows, varied = results.table(gathered.records)
   shown = figure_rows(rows) if figure_rows else rows
-  try:
-    os.makedirs(out, exist_ok=True)
-    for key, label, name in figures.PLOTS:
-      figures.plot(shown or rows, key, label, os.path.join(out, name))
-    drawn = []
-    for grid, points in (grids or {}).items():
-      present = [p for p in points if p is not None]
-      if len(present) >= 2:  # one point of a grid (a centre it shares with a grid that ran) compares nothing
-        figures.grid_figure(grid, present, noise, os.path.join(out, f'grid_{grid}.png'))
-        drawn.append(grid)
-  except OSError as e:
-    raise WorkdirError(f'cannot write the report under {out}: {e.strerror or e}') from None
-  path = os.path.join(out, 'report.md')
-  files.atomic_write(path, render.report_page(root, rows, varied, gathered, drawn, extra, figure_note))
-  return path
+  for key, label, name in figures.PLOTS:
+    figures.plot(shown or rows, key, label, path(name))
+  drawn = []
+  for grid, points in (grids or {}).items():
+    present = [p for p in points if p is not None]
+    if len(present) >= 2:  # one point of a grid (a centre it shares with a grid that ran) compares nothing
+      figures.grid_figure(grid, present, noise, path(f'grid_{grid}.png'))
+      drawn.append(grid)
+  with open(path('report.md'), 'w') as f:
+    f.write(render.report_page(root, rows, varied, gathered, drawn, extra, figure_note))

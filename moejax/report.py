@@ -31,4 +31,4 @@ if __name__ == '__main__':
   from moejax import cli  # pylint: disable=import-outside-toplevel
   flags.DEFINE_string('root', None, 'Directory holding result.json files (as for moejax.results).')
   flags.DEFINE_string('out', None, 'Directory for report.md and the PNG figures.')
-  cli.cli(_main)
+  cli.cli(_main, interrupted='nothing was written (the report under --out appears whole or not at all)')

@@ -66,7 +66,8 @@ def power_trend(n, effect, m, sigma, configurations, seed=0, draws=None, profile
   for keep in subsets:
     r = np.arange(len(keep), dtype=np.float64)
     w = (r - r.mean()) / np.sum((r - r.mean()) ** 2)
-    ok &= (means[:, keep] @ w) / (s_hat * math.sqrt(np.sum(w ** 2) / n)) > crit
+    with np.errstate(divide='ignore', invalid='ignore'):  # sigma 0 (noiseless data): t is +-inf, or nan for no slope
+      ok &= (means[:, keep] @ w) / (s_hat * math.sqrt(np.sum(w ** 2) / n)) > crit
   return float(np.mean(ok))
 
 

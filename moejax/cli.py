@@ -62,6 +62,16 @@ def parse_amount(text: str, kind: str = 'amount') -> tuple[float, bool]:
   return value * _UNITS[unit], True
 
 
+def require_positive(counts: tuple[str, ...] = (), amounts: tuple[str, ...] = ()) -> None:
+  """Registers flag validators: each of `counts` (integer flags) unset or >= 1, each of `amounts` (float flags)
+  unset or finite and > 0. A bad value is then one `moejax: error:` line at parsing, before anything runs."""
+  for name in counts:
+    flags.register_validator(name, lambda v: v is None or v >= 1, f'--{name} must be a whole number >= 1')
+  for name in amounts:
+    flags.register_validator(name, lambda v: v is None or (math.isfinite(v) and v > 0),
+                             f'--{name} must be a finite number > 0')
+
+
 def fail(error: MoejaxError) -> None:
   """Prints the one-line error and exits with its code."""
   print(f'moejax: error: {error}', file=sys.stderr, flush=True)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import sys
 
-from absl import app, flags
+from absl import flags
 
 from moejax import cli, config as config_lib
 from moejax.model import accounting
@@ -27,7 +27,7 @@ FLAGS = flags.FLAGS
 
 def _main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+    raise ConfigError(f'unexpected arguments: {" ".join(argv[1:])} (flags take the form --name=value)')
   path = FLAGS.config or os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                       'experiments', 'base.py')
   cfg = config_lib.validate(config_lib.load_module(path).get_config(None))
@@ -44,14 +44,18 @@ def _main(argv):
   extra = {}
   for name in ('layers', 'widths', 'experts'):
     if getattr(FLAGS, name):
-      extra[name] = design.parse_grid(getattr(FLAGS, name))
+      extra[name] = design.parse_grid(getattr(FLAGS, name), name=f'--{name} grid')
   if FLAGS.granularities:
-    extra['granularities'] = design.parse_grid(FLAGS.granularities, float)
+    extra['granularities'] = design.parse_grid(FLAGS.granularities, float, 0, '--granularities grid', strict=True)
   if FLAGS.seq_len:
     extra['seq_len'] = FLAGS.seq_len
-  lo, hi = design.parse_grid(FLAGS.aspect_range, float)
+  aspect = design.parse_grid(FLAGS.aspect_range, float, 0, '--aspect_range', strict=True)
+  if len(aspect) != 2:
+    raise ConfigError(f'--aspect_range={FLAGS.aspect_range} needs two different numbers, low,high (e.g. 16,512)')
+  lo, hi = aspect
   space = design.space_from_config(cfg, head_dim=FLAGS.head_dim, kv_group=FLAGS.kv_group, max_topk=FLAGS.max_topk,
-                            shared=design.parse_grid(FLAGS.shared), aspect_range=(lo, hi), **extra)
+                            shared=design.parse_grid(FLAGS.shared, minimum=0, name='--shared grid'), aspect_range=(lo, hi),
+                            **extra)
   decode = parse_amount(FLAGS.decode_bytes, 'bytes')[0] if FLAGS.decode_bytes else None
   if FLAGS.decode_ms is not None:
     if decode is not None or not FLAGS.bandwidth:
@@ -108,4 +112,6 @@ if __name__ == '__main__':
   flags.DEFINE_integer('max_topk', 16, 'Largest top-k.')
   flags.DEFINE_integer('top', 20, 'Rows to print and designs to --emit.')
   flags.DEFINE_string('emit', None, 'Write an experiment file whose sweep trains the top designs.')
-  cli.cli(_main)
+  cli.require_positive(('kv_batch', 'decode_batch', 'decode_context', 'seq_len', 'head_dim', 'kv_group', 'max_topk',
+                        'top'), ('decode_ms', 'target_granularity', 'aspect'))
+  cli.cli(_main, interrupted='nothing was written (--emit is written whole or not at all)')

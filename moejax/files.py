@@ -16,7 +16,7 @@ import tempfile
 import threading
 from typing import Any, Callable, Iterator
 
-from moejax.errors import DataError, MoejaxError, Preempted
+from moejax.errors import DataError, Interrupted, MoejaxError, Preempted, WorkdirError
 
 TMP_SUFFIX = '.tmp'
 
@@ -121,6 +121,22 @@ def sigterm_raises(message: str) -> Iterator[None]:
     yield
   finally:
     signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def output(out: str, what: str, last: str) -> Iterator[Callable[[str], str]]:
+  """`atomic_set` under the directory `out` for a command's output (a report, an analysis): its files appear
+  together (`last` last) or not at all. An interrupt (Ctrl-C, SIGTERM) or an OS error (a full disk, a read-only
+  directory) is one line naming `what`, and the files already under `out` stay as they were."""
+  kept = f'the files under {out} are as they were'
+  try:
+    os.makedirs(out, exist_ok=True)
+    with sigterm_raises(f'{what} stopped by SIGTERM: {kept}'), atomic_set(out, last) as path:
+      yield path
+  except OSError as e:
+    raise WorkdirError(f'cannot write {what} under {out}: {e.strerror or e}; {kept}') from None
+  except KeyboardInterrupt:
+    raise Interrupted(f'interrupted (Ctrl-C): {what} was not written; {kept}') from None
 
 
 def atomic_write(path: str, data: str | bytes) -> None:

@@ -19,7 +19,7 @@ import dataclasses
 import os
 import sys
 
-from absl import app, flags
+from absl import flags
 
 from moejax import cli, config as config_lib
 from moejax.errors import ConfigError
@@ -30,7 +30,7 @@ FLAGS = flags.FLAGS
 
 def _emit():
   if not FLAGS.emit:
-    raise app.UsageError('give --emit=FILE (the experiment file to write), or --analyze')
+    raise ConfigError('give --emit=FILE (the experiment file to write), or --analyze')
   path, _, arg = (FLAGS.config or os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                                'experiments', 'base.py')).partition(':')
   cfg = config_lib.validate(config_lib.load_module(path).get_config(arg or None))
@@ -39,11 +39,13 @@ def _emit():
                        FLAGS.decode_batch, FLAGS.decode_context, FLAGS.gates)
   reference = frontier.quantity(cfg, spec)
   spec = dataclasses.replace(spec, budgets=frontier.parse_budgets(FLAGS.budgets, FLAGS.match, reference, bpp))
-  hidden = design.parse_grid(FLAGS.expert_hidden) if FLAGS.expert_hidden else [None]
+  hidden = design.parse_grid(FLAGS.expert_hidden, name='--expert_hidden grid') if FLAGS.expert_hidden else [None]
   if FLAGS.expert_hidden and FLAGS.solve != 'model_dim':
     raise ConfigError('--expert_hidden is an axis only with --solve=model_dim (else the expert size is solved)')
-  designs = frontier.designs_from_axes(design.parse_grid(FLAGS.experts), design.parse_grid(FLAGS.topk),
-                                       design.parse_grid(FLAGS.shared), frontier.parse_ratios(FLAGS.classes), hidden)
+  designs = frontier.designs_from_axes(design.parse_grid(FLAGS.experts, name='--experts grid'),
+                                       design.parse_grid(FLAGS.topk, name='--topk grid'),
+                                       design.parse_grid(FLAGS.shared, minimum=0, name='--shared grid'),
+                                       frontier.parse_ratios(FLAGS.classes), hidden)
   result = frontier.build(cfg, designs, spec)
   print(render_frontier.frontier_grid(result, reference))
   command = 'python -m moejax.frontier ' + ' '.join(sys.argv[1:])
@@ -55,12 +57,12 @@ def _emit():
 
 def _main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+    raise ConfigError(f'unexpected arguments: {" ".join(argv[1:])} (flags take the form --name=value)')
   if not FLAGS.analyze:
     _emit()
     return
   if not FLAGS.config or not FLAGS.root:
-    raise app.UsageError('--analyze needs --config (the emitted frontier file) and --root (its runs)')
+    raise ConfigError('--analyze needs --config (the emitted frontier file) and --root (its runs)')
   out = FLAGS.out or os.path.join(FLAGS.root, 'frontier')
   report = frontier_analysis.write(FLAGS.config, FLAGS.root, out)
   print(f'wrote {report} and {os.path.join(out, frontier_analysis.FIGURE)}', file=sys.stderr)
@@ -95,4 +97,7 @@ if __name__ == '__main__':
   flags.DEFINE_float('flops_per_second', None, 'A measured training throughput: the emitted file states the '
                      'expected wall time at it.')
   flags.DEFINE_string('emit', None, 'The experiment file to write.')
-  cli.cli(_main)
+  cli.require_positive(('step', 'min_hidden', 'seeds', 'decode_batch', 'decode_context'),
+                       ('flops_per_second',))
+  cli.cli(_main, interrupted='nothing was written (--emit, and the analysis under --out, are written whole or not at '
+          'all)')

@@ -142,13 +142,31 @@ def _design(*flags):
 
 
 def test_design_cli_refuses_bad_budgets_in_one_line(tmp_path):
+  base = open(os.path.join(ROOT, 'experiments', 'base.py')).read()
+  (tmp_path / 'base.py').write_text(base)
   for flags, words in ((['--memory=1e400', '--active=2e8'], 'not finite'), (['--memory=2GB', '--top=0'], '--top=0'),
                        (['--memory=2GB', '--flops_per_token=1GB'], 'FLOP count'),
-                       (['--memory=2GB', f'--emit={tmp_path}/no/such/dir/x.py'], 'cannot write --emit=')):
+                       (['--memory=2GB', f'--emit={tmp_path}/no/such/dir/x.py'], 'cannot write --emit='),
+                       # numbers the search would divide by, or that make every design fit (each was a traceback or
+                       # a silent nonsense table)
+                       (['--memory=2GB', '--head_dim=0'], '--head_dim must be a whole number >= 1'),
+                       (['--memory=2GB', '--kv_group=-1'], '--kv_group must be'),
+                       (['--memory=2GB', '--seq_len=0'], '--seq_len must be'),
+                       (['--memory=2GB', '--decode_ms=-1', '--bandwidth=3TB'], '--decode_ms must be a finite number > 0'),
+                       (['--memory=2GB', '--decode_ms=nan', '--bandwidth=3TB'], '--decode_ms must be'),
+                       (['--memory=2GB', '--layers=0'], "the --layers grid '0' has 0"),
+                       (['--memory=2GB', '--granularities=0,1'], 'every value must be a finite number > 0'),
+                       (['--memory=2GB', '--granularities=nan'], 'finite'),
+                       (['--memory=2GB', '--aspect_range=16'], '--aspect_range=16 needs two different numbers'),
+                       (['--memory=2GB', '--aspect_range=0,0'], "the --aspect_range '0,0' has 0.0"),
+                       (['--memory=2GB', 'extra'], 'unexpected arguments: extra'),
+                       (['--memory=2GB', f'--config={tmp_path}/base.py', f'--emit={tmp_path}/base.py'],
+                        'is the experiment file it is made from')):
     out = _design(*flags)
     lines = out.stderr.strip().splitlines()
     assert out.returncode != 0 and len(lines) == 1 and lines[0].startswith('moejax: error:') and words in lines[0], \
         (flags, out.stderr)
+  assert (tmp_path / 'base.py').read_text() == base  # emitting over its own source was refused, not done
 
 
 def test_active_in_bytes_converts_as_memory_does():

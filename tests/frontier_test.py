@@ -192,6 +192,24 @@ def test_analysis_leaves_out_runs_off_their_budget(base):
   assert sum(len(v) for v in by_budget.values()) == len(records) - 2
 
 
+@pytest.mark.parametrize('args,words', [
+    (['--topk=0'], "the --topk grid '0' has 0"),
+    (['--seeds=0'], '--seeds must be a whole number >= 1'),
+    (['--flops_per_second=-1'], '--flops_per_second must be a finite'),
+    (['--decode_batch=0'], '--decode_batch must be'),
+    (['--emit='], 'give --emit=FILE'),
+])
+def test_cli_refuses_numbers_it_would_divide_by_in_one_line(tmp_path, args, words):
+  """Each was a traceback, a usage dump, or a nonsense experiment file written with exit 0."""
+  bad = subprocess.run([sys.executable, '-m', 'moejax.frontier', f'--config={QUICKSTART}', f'--emit={tmp_path}/g.py',
+                        *args], capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=ROOT), cwd=ROOT,
+                       timeout=120)
+  lines = bad.stderr.strip().splitlines()
+  assert bad.returncode == 2 and len(lines) == 1 and lines[0].startswith('moejax: error:') and words in lines[0], \
+      bad.stderr
+  assert not os.path.exists(tmp_path / 'g.py')
+
+
 @pytest.mark.slow
 def test_cli_emits_and_analyses_and_refuses_in_one_line(base, tmp_path):
   env = dict(os.environ, PYTHONPATH=ROOT)
@@ -212,3 +230,19 @@ def test_cli_emits_and_analyses_and_refuses_in_one_line(base, tmp_path):
   report = open(os.path.join(out, 'report.md')).read()
   assert '| 1 (' in report and 'e4k2' in report and os.path.getsize(os.path.join(out, 'frontier.png')) > 10000
   assert json.load(open(os.path.join(out, 'frontier.json')))['budgets'][1]['best'] == 'e16k2'
+  # bad input: one line each (these were tracebacks, usage dumps, or a nonsense file written with exit 0)
+  for args, words in ((['--analyze', f'--config={emitted}'], '--analyze needs --config'),
+                      (['--analyze', f'--config={emitted}', f'--root={emitted}', f'--out={tmp_path}/o2'],
+                       'is not a directory of runs'),
+                      ([f'--emit={emitted}', f'--config={emitted}'], 'is the experiment file it is made from')):
+    bad = run(f'--config={QUICKSTART}', *args) if not any(a.startswith('--config') for a in args) else run(*args)
+    lines = bad.stderr.strip().splitlines()
+    assert bad.returncode != 0 and len(lines) == 1 and lines[0].startswith('moejax: error:') and words in lines[0], \
+        (args, bad.stderr)
+  assert not os.path.exists(tmp_path / 'g.py') and not os.path.exists(tmp_path / 'o2')
+  # a truncated result.json is named on stderr (and in frontier.json), never dropped silently
+  victim = next(os.path.join(d, 'result.json') for d, _, names in os.walk(root) if 'result.json' in names)
+  with open(victim, 'r+') as f:
+    f.truncate(20)
+  warned = run('--analyze', f'--config={emitted}', f'--root={root}', f'--out={out}')
+  assert warned.returncode == 0 and f'moejax: warning: skipped {victim}' in warned.stderr

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import math
 
 import numpy as np
 
@@ -71,16 +72,24 @@ def params_budget(text: str | None, bytes_per_param: float) -> float | None:
   return amount / bytes_per_param if is_bytes else amount
 
 
-def parse_grid(text: str, cast=int) -> list:
-  """'2,4,8' -> [2, 4, 8]; 'a:b:step' -> range(a, b + 1, step)."""
+def parse_grid(text: str, cast=int, minimum: float = 1, name: str = 'grid', strict: bool = False) -> list:
+  """'2,4,8' -> [2, 4, 8]; 'a:b:step' -> range(a, b + 1, step). Every value finite and >= `minimum` (> with
+  `strict`; 0 where a count may be none, e.g. shared experts), and the grid not empty, or one ConfigError line
+  naming `name`."""
   text = str(text).strip()
   try:
     if ':' in text:
       a, b, step = (int(x) for x in text.split(':'))
-      return list(range(a, b + 1, step))
-    return sorted({cast(x) for x in text.split(',') if x.strip()})
+      values = list(range(a, b + 1, step)) if step > 0 else []
+    else:
+      values = sorted({cast(x) for x in text.split(',') if x.strip()})
   except ValueError:
-    raise ConfigError(f'cannot parse the grid {text!r}; use 2,4,8 or start:stop:step') from None
+    raise ConfigError(f'cannot parse the {name} {text!r}; use 2,4,8 or start:stop:step') from None
+  bad = [v for v in values if not math.isfinite(v) or v < minimum or (strict and v == minimum)]
+  if bad or not values:
+    raise ConfigError(f'the {name} {text!r} ' + (f'has {bad[0]!r}: every value must be a finite number '
+                                                  f'{">" if strict else ">="} {minimum:g}' if bad else 'is empty'))
+  return values
 
 
 @dataclasses.dataclass

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 
 from moejax import files
-from moejax.errors import DataError, WorkdirError
+from moejax.errors import ConfigError, DataError, WorkdirError
 
 # source_arg for a file that passes its own argument to the source (and checks it there).
 PASS_ARG = object()
@@ -22,6 +22,8 @@ def write(path: str, doc: str, source: str, sweep: list[dict], sweep_doc: str, s
   """Writes (atomically) the experiment file at `path`: docstring `doc`, `get_config` = `source`'s at
   `source_arg` (PASS_ARG: the file's own argument, checked by the source's `check_arg`), `extra` module
   code after the source's name (such as a metadata dict), and `get_sweep` returning `sweep`."""
+  if os.path.exists(path) and os.path.exists(source) and os.path.samefile(path, source):
+    raise ConfigError(f'--emit={path} is the experiment file it is made from (--config); write it elsewhere')
   rel = os.path.relpath(os.path.abspath(source), os.path.dirname(os.path.abspath(path)))
   head = f'_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), {rel!r})\n'
   if source_arg is PASS_ARG:
@@ -57,7 +59,8 @@ def get_sweep(arg=None):
   ]
 '''
   try:
-    files.atomic_write(path, text)
+    with files.sigterm_raises(f'stopped by SIGTERM: --emit={path} was not written (any previous file is as it was)'):
+      files.atomic_write(path, text)
   except OSError as e:
     raise WorkdirError(f'cannot write --emit={path}: {e.strerror or e}') from None
 

@@ -28,11 +28,12 @@ import json
 import math
 import os
 import re
+import sys
 
 import numpy as np
 
 from moejax import base_config, config as config_lib, files
-from moejax.errors import ConfigError, MoejaxError, WorkdirError
+from moejax.errors import ConfigError, DataError, MoejaxError
 from moejax.studies import figures, frontier as frontier_lib, render_frontier, results, statistics
 
 DRAWS = 4000
@@ -184,16 +185,18 @@ FIGURE = 'frontier.png'
 def write(config_path: str, root: str, out: str) -> str:
   """Analyses ROOT's runs of the frontier in `config_path`; writes OUT/report.md, frontier.json and the figure."""
   meta = load(config_path)
+  if not os.path.isdir(root):
+    raise DataError(f'--root={root} is not a directory of runs')
   gathered = results.gather(root)
   result = analyze(gathered.records, meta)
   result['unreadable'] = [list(x) for x in gathered.unreadable]
   result['failed'] = [f.get('name', '?') for f in gathered.failed]
-  try:
-    os.makedirs(out, exist_ok=True)
-  except OSError as e:
-    raise WorkdirError(f'cannot create --out={out}: {e.strerror or e}') from None
-  figures.frontier_figure(result, os.path.join(out, FIGURE))
-  files.atomic_write(os.path.join(out, 'frontier.json'), json.dumps(result, indent=1, default=str) + '\n')
-  path = os.path.join(out, 'report.md')
-  files.atomic_write(path, render_frontier.frontier_markdown(result, root, config_path, FIGURE))
-  return path
+  for path, why in gathered.unreadable:  # (frontier.json lists them too)
+    print(f'moejax: warning: skipped {path} ({why})', file=sys.stderr)
+  with files.output(out, 'the frontier analysis', last='report.md') as path:
+    figures.frontier_figure(result, path(FIGURE))
+    with open(path('frontier.json'), 'w') as f:
+      f.write(json.dumps(result, indent=1, default=str) + '\n')
+    with open(path('report.md'), 'w') as f:
+      f.write(render_frontier.frontier_markdown(result, root, config_path, FIGURE))
+  return os.path.join(out, 'report.md')

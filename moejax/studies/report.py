@@ -9,7 +9,6 @@ and the figures.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import datetime
 import math
@@ -17,7 +16,7 @@ import os
 import sys
 
 from moejax import config as config_lib, files
-from moejax.errors import ConfigError, DataError, Interrupted, WorkdirError
+from moejax.errors import ConfigError, DataError, WorkdirError
 from moejax.studies import (budgets as budgets_lib, claims as claims_lib, emitted, figures, fits as fits_lib, grids,
                             plan as plan_lib, render, render_plan, results, summaries, verdicts)
 from moejax.studies.verdicts import Claim
@@ -85,10 +84,10 @@ def claims_page(s: Study) -> str:
 
 
 def write_claims(s: Study, out: str) -> str:
-  """Writes OUT/claims.md, OUT/report.md and the figures of a `Study` as one set (`output`); returns the claims
+  """Writes OUT/claims.md, OUT/report.md and the figures of a `Study` as one set (`files.output`); returns the claims
   Markdown."""
   text = claims_page(s)
-  with output(out, 'the claims report', last='claims.md') as path:
+  with files.output(out, 'the claims report', last='claims.md') as path:
     if figures.forest_rows(s.effects):
       figures.forest_figure(figures.forest_rows(s.effects), s.noise['threshold'], path('forest.png'))
     if s.best_expert:
@@ -101,20 +100,6 @@ def write_claims(s: Study, out: str) -> str:
   return text
 
 
-@contextlib.contextmanager
-def output(out: str, what: str, last: str):
-  """`files.atomic_set` under `out`: a report's files appear together (`last` last) or not at all. An interrupt
-  (Ctrl-C, SIGTERM) or an OS error (a full disk, a read-only directory) is one line, and the files already under
-  `out` stay as they were."""
-  kept = f'the files under {out} are as they were'
-  try:
-    os.makedirs(out, exist_ok=True)
-    with files.sigterm_raises(f'{what} stopped by SIGTERM: {kept}'), files.atomic_set(out, last) as path:
-      yield path
-  except OSError as e:
-    raise WorkdirError(f'cannot write {what} under {out}: {e.strerror or e}; {kept}') from None
-  except KeyboardInterrupt:
-    raise Interrupted(f'interrupted (Ctrl-C): {what} was not written; {kept}') from None
 
 
 def run(root: str, scale: str, out: str, bootstrap: int = 100, fit_starts: int = 32, loo: bool = True,
@@ -282,13 +267,13 @@ def write_report(root: str, out: str, extra: str = '', figure_rows=None, figure_
   gathered = gathered or results.gather(root)
   if not gathered.records:
     raise DataError(f'no complete result.json under {root}; nothing to report')
-  with output(out, 'the report', last='report.md') as path:
+  with files.output(out, 'the report', last='report.md') as path:
     _report_files(path, root, gathered, extra, figure_rows, figure_note, grids, noise)
   return os.path.join(out, 'report.md')
 
 
 def _report_files(path, root, gathered, extra='', figure_rows=None, figure_note='', grids=None, noise=None) -> None:
-  """The figures and report.md of `write_report`, each written to `path(name)` (an `output` set)."""
+  """The figures and report.md of `write_report`, each written to `path(name)` (a `files.output` set)."""
   rows, varied = results.table(gathered.records)
   shown = figure_rows(rows) if figure_rows else rows
   for key, label, name in figures.PLOTS:

@@ -118,14 +118,22 @@ def cli(main_fn, interrupted: str = 'nothing saved since the last checkpoint (a 
         'saves one first)') -> None:
   """Runs an absl main with moejax logging, importable experiment files and one-line errors.
 
-  Ctrl-C outside a training loop (which handles it itself, see `train`) ends with one line
+  A usage error (`app.UsageError`: a required flag missing, stray arguments) is one line and exit 2, without the
+  help text. Ctrl-C outside a training loop (which handles it itself, see `train`) ends with one line
   ('interrupted (Ctrl-C): ' + `interrupted`, what the command leaves behind) and exit status 130 instead of a
   traceback.
   """
   moejax.setup_logging()
   config_lib.add_experiment_root(sys.argv)
+
+  def main(argv):
+    try:
+      return main_fn(argv)
+    except app.UsageError as e:  # absl would print the whole --help first: one line, exit 2, like any bad flag
+      raise ConfigError(str(e)) from None
+
   try:
-    app.run(main_fn, flags_parser=parse_flags)
+    app.run(main, flags_parser=parse_flags)
   except MoejaxError as e:
     fail(e)
   except KeyboardInterrupt:

@@ -56,6 +56,8 @@ def _main(argv):
   space = design.space_from_config(cfg, head_dim=FLAGS.head_dim, kv_group=FLAGS.kv_group, max_topk=FLAGS.max_topk,
                             shared=design.parse_grid(FLAGS.shared, minimum=0, name='--shared grid'), aspect_range=(lo, hi),
                             **extra)
+  if FLAGS.bandwidth and FLAGS.decode_ms is None:
+    raise ConfigError('--bandwidth applies to --decode_ms (the decode budget in ms per step at that bandwidth)')
   decode = parse_amount(FLAGS.decode_bytes, 'bytes')[0] if FLAGS.decode_bytes else None
   if FLAGS.decode_ms is not None:
     if decode is not None or not FLAGS.bandwidth:

@@ -58,6 +58,13 @@ def _emit():
 def _main(argv):
   if len(argv) > 1:
     raise ConfigError(f'unexpected arguments: {" ".join(argv[1:])} (flags take the form --name=value)')
+  emitting = [f'--{n}' for n in ('emit', 'budgets', 'experts', 'topk', 'shared', 'classes', 'seeds')
+              if FLAGS[n].present]
+  if FLAGS.analyze and emitting:
+    raise ConfigError(f'{emitting[0]} applies to emitting a frontier, not to --analyze')
+  analysing = [f'--{n}' for n in ('root', 'out') if FLAGS[n].present]
+  if not FLAGS.analyze and analysing:
+    raise ConfigError(f'{analysing[0]} applies to --analyze')
   if not FLAGS.analyze:
     _emit()
     return

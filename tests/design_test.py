@@ -160,6 +160,7 @@ def test_design_cli_refuses_bad_budgets_in_one_line(tmp_path):
                        (['--memory=2GB', '--aspect_range=16'], '--aspect_range=16 needs two different numbers'),
                        (['--memory=2GB', '--aspect_range=0,0'], "the --aspect_range '0,0' has 0.0"),
                        (['--memory=2GB', 'extra'], 'unexpected arguments: extra'),
+                       (['--memory=2GB', '--bandwidth=3TB'], '--bandwidth applies to --decode_ms'),
                        (['--memory=2GB', f'--config={tmp_path}/base.py', f'--emit={tmp_path}/base.py'],
                         'is the experiment file it is made from')):
     out = _design(*flags)

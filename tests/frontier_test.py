@@ -198,6 +198,8 @@ def test_analysis_leaves_out_runs_off_their_budget(base):
     (['--flops_per_second=-1'], '--flops_per_second must be a finite'),
     (['--decode_batch=0'], '--decode_batch must be'),
     (['--emit='], 'give --emit=FILE'),
+    ([f'--root=/tmp'], '--root applies to --analyze'),
+    (['--analyze', '--root=/tmp'], '--emit applies to emitting a frontier, not to --analyze'),
 ])
 def test_cli_refuses_numbers_it_would_divide_by_in_one_line(tmp_path, args, words):
   """Each was a traceback, a usage dump, or a nonsense experiment file written with exit 0."""

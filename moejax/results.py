@@ -31,8 +31,7 @@ def _main(argv):
     files.atomic_write(FLAGS.out, text)
   else:
     sys.stdout.write(text)
-  for path, why in gathered.unreadable:
-    print(f'moejax: warning: skipped {path} ({why})', file=sys.stderr)
+  results.warn_unreadable(gathered)
   if not gathered.records:
     print(f'moejax: warning: no complete result.json under {FLAGS.root}', file=sys.stderr)
   print(f'{len(gathered.records)} runs in {len(rows)} configurations, '

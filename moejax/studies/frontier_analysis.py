@@ -28,7 +28,6 @@ import json
 import math
 import os
 import re
-import sys
 
 import numpy as np
 
@@ -191,8 +190,7 @@ def write(config_path: str, root: str, out: str) -> str:
   result = analyze(gathered.records, meta)
   result['unreadable'] = [list(x) for x in gathered.unreadable]
   result['failed'] = [f.get('name', '?') for f in gathered.failed]
-  for path, why in gathered.unreadable:  # (frontier.json lists them too)
-    print(f'moejax: warning: skipped {path} ({why})', file=sys.stderr)
+  results.warn_unreadable(gathered)  # (frontier.json lists them too)
   with files.output(out, 'the frontier analysis', last='report.md') as path:
     figures.frontier_figure(result, path(FIGURE))
     with open(path('frontier.json'), 'w') as f:

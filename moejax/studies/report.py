@@ -13,7 +13,6 @@ import dataclasses
 import datetime
 import math
 import os
-import sys
 
 from moejax import config as config_lib, files
 from moejax.errors import ConfigError, DataError, WorkdirError
@@ -100,8 +99,6 @@ def write_claims(s: Study, out: str) -> str:
   return text
 
 
-
-
 def run(root: str, scale: str, out: str, bootstrap: int = 100, fit_starts: int = 32, loo: bool = True,
         budget: str | None = None, pilot_root: str | None = None, pilot_scale: str | None = None,
         calibrate: list[str] | None = None) -> str:
@@ -110,8 +107,7 @@ def run(root: str, scale: str, out: str, bootstrap: int = 100, fit_starts: int =
   `pilot_scale` (the plan the runs followed: tiny2's from the tiny runs), by default from the runs under `root`."""
   value, unit = plan_lib.parse_budget(budget) if budget else (None, None)  # (a bad budget fails first)
   s = study(root, scale, bootstrap, fit_starts, loo)
-  for path, why in s.gathered.unreadable:  # (report.md lists them too)
-    print(f'moejax: warning: skipped {path} ({why})', file=sys.stderr)
+  results.warn_unreadable(s.gathered)  # (report.md lists them too)
   if budget:
     pilot = results.gather(pilot_root) if pilot_root else s.gathered
     s.plan = plan_lib.plan(pilot, scale, value, unit, lengths=(1.0,) if pilot_scale else plan_lib.LENGTHS,

@@ -20,6 +20,7 @@ import io
 import json
 import math
 import statistics
+import sys
 
 from typing import Any
 
@@ -111,6 +112,12 @@ def split_reproductions(runs: list[dict]) -> tuple[list[dict], list[dict]]:
     else:
       first[key] = r
   return sorted(first.values(), key=lambda r: r.get('_path') or ''), again
+
+
+def warn_unreadable(gathered: Gathered) -> None:
+  """One `moejax: warning:` line on stderr per result file that could not be read (and is left out)."""
+  for path, why in gathered.unreadable:
+    print(f'moejax: warning: skipped {path} ({why})', file=sys.stderr)
 
 
 def gather(root: str) -> Gathered:

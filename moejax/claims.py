@@ -110,7 +110,7 @@ def _main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   check_flags(FLAGS)
-  report.calibration_runs(FLAGS.calibrate)  # a bad --calibrate run is one line before anything is read or planned
+  calibrate = report.calibration_runs(FLAGS.calibrate)  # a bad run is one line before anything is read or planned
   if FLAGS.lr_rule:
     sys.stdout.write(report.lr_rule_page(FLAGS.root, FLAGS.scale))
     return
@@ -118,7 +118,7 @@ def _main(argv):
     try:
       sys.stdout.write(report.plan_page(FLAGS.root, FLAGS.scale, FLAGS.budget, FLAGS.out, FLAGS.pilot_scale,
                                         FLAGS.emit, FLAGS.done_root, 'python -m moejax.claims ' + ' '.join(sys.argv[1:]),
-                                        FLAGS.calibrate))
+                                        calibrate))
     except report.PlanEmitError as e:
       sys.stdout.write(e.page)  # the plan, then the one error line
       raise
@@ -126,7 +126,7 @@ def _main(argv):
   if not FLAGS.root or not FLAGS.out:
     raise app.UsageError('--root and --out are required')
   sys.stdout.write(report.run(FLAGS.root, FLAGS.scale, FLAGS.out, FLAGS.bootstrap, loo=FLAGS.loo, budget=FLAGS.budget,
-                              pilot_root=FLAGS.pilot_root, pilot_scale=FLAGS.pilot_scale, calibrate=FLAGS.calibrate))
+                              pilot_root=FLAGS.pilot_root, pilot_scale=FLAGS.pilot_scale, calibrate=calibrate))
 
 
 if __name__ == '__main__':

@@ -101,17 +101,18 @@ def write_claims(s: Study, out: str) -> str:
 
 def run(root: str, scale: str, out: str, bootstrap: int = 100, fit_starts: int = 32, loo: bool = True,
         budget: str | None = None, pilot_root: str | None = None, pilot_scale: str | None = None,
-        calibrate: list[str] | None = None) -> str:
+        calibrate: list[dict] | None = None) -> str:
   """`study` then `write_claims`: what `python -m moejax.claims` does; returns the claims Markdown. With `budget`
   ('10h', '1e15FLOPs'), the power plan is shown beside the verdicts: made from the runs under `pilot_root` at
-  `pilot_scale` (the plan the runs followed: tiny2's from the tiny runs), by default from the runs under `root`."""
+  `pilot_scale` (the plan the runs followed: tiny2's from the tiny runs), by default from the runs under `root`;
+  `calibrate`: the records of `calibration_runs` its prices are calibrated on."""
   value, unit = plan_lib.parse_budget(budget) if budget else (None, None)  # (a bad budget fails first)
   s = study(root, scale, bootstrap, fit_starts, loo)
   results.warn_unreadable(s.gathered)  # (report.md lists them too)
   if budget:
     pilot = results.gather(pilot_root) if pilot_root else s.gathered
     s.plan = plan_lib.plan(pilot, scale, value, unit, lengths=(1.0,) if pilot_scale else plan_lib.LENGTHS,
-                           pilot_scale=pilot_scale, calibrate=calibration_runs(calibrate))
+                           pilot_scale=pilot_scale, calibrate=calibrate or [])
     if pilot_root:
       s.pilot = (pilot_scale or scale, claims_lib.evaluate(results.table(pilot.records)[0], pilot_scale or scale)[0])
       note_unplanned(s.claims, s.plan, s.pilot)
@@ -206,17 +207,17 @@ class PlanEmitError(DataError):
 
 def plan_page(root: str, scale: str, budget: str, out: str | None = None, pilot_scale: str | None = None,
               emit: str | None = None, done_root: str | None = None, command: str = '',
-              calibrate: list[str] | None = None) -> str:
+              calibrate: list[dict] | None = None) -> str:
   """The power plan for `scale` with the runs under `root` as the pilot (`python -m moejax.claims --plan`), as
   Markdown; written to OUT/plan.md when `out` is given. `pilot_scale`: the scale of the pilot runs when it is
   not `scale`; `emit`: also write the plan's runs as an experiment file (`emitted.plan_sweep`), without the runs
-  already under `done_root`."""
+  already under `done_root`; `calibrate`: the records of `calibration_runs` its prices are calibrated on."""
   value, unit = plan_lib.parse_budget(budget)  # a bad budget fails before the runs are read
   gathered = results.gather(root)
   if not gathered.records:
     raise DataError(f'no complete result.json under {root}; a plan needs pilot runs')
   p = plan_lib.plan(gathered, scale, value, unit, lengths=(1.0,) if pilot_scale else plan_lib.LENGTHS,
-                    pilot_scale=pilot_scale, calibrate=calibration_runs(calibrate))
+                    pilot_scale=pilot_scale, calibrate=calibrate or [])
   pilot = f' at scale `{pilot_scale}`' if pilot_scale else ''
   text = (f'# Power plan at scale `{scale}`\n\nPilot: {len(gathered.records)} runs under `{root}`{pilot}; planned '
           f'{datetime.date.today().isoformat()}.\n\n' + render_plan.plan_markdown(p))

@@ -125,7 +125,7 @@ def note_unplanned(claims: list[Claim], plan: plan_lib.Plan, pilot: tuple[str, l
   before = {verdicts.plan_key(c): c.verdict for c in pilot[1] if c.kind != 'fit'}
   for c in claims:
     row = rows.get(verdicts.plan_key(c))
-    if row is None or not c.detail.startswith('runs of grid'):
+    if row is None or not verdicts.not_run(c):
       continue
     c.detail += (f'; not run at this scale: the plan leaves it out ({row.note or "not chosen"})'
                  if not row.decidable else '; in the plan, not run yet')

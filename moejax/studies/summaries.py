@@ -10,7 +10,7 @@ import numpy as np
 
 from moejax.errors import DataError
 from moejax.studies import statistics
-from moejax.studies.verdicts import Claim, label, seed_argmins
+from moejax.studies.verdicts import Claim, label, not_run, seed_argmins
 
 
 def tokens_to_reach(curve: list[dict], target: float) -> tuple[float | None, str]:
@@ -276,7 +276,7 @@ def literature_rows(claims: list[Claim]) -> list[dict]:
     if c.id in seen:
       continue
     seen.add(c.id)
-    ours = [('not run' if x.detail.startswith('runs of grid') else x.verdict) + label(x)[len(x.id):]
+    ours = [('not run' if not_run(x) else x.verdict) + label(x)[len(x.id):]
             for x in claims if x.id == c.id]  # 'holds (sequence)'; a claim whose grid is missing was not run
     out.append({'id': c.id, 'sides': LITERATURE.get(c.id, ('-',) * len(LITERATURE_COLUMNS)), 'ours': ours})
   return out

@@ -114,6 +114,12 @@ def missing(cid, statement, expected, grid):
   return Claim(cid, statement, expected, '-', '-', 'inconclusive', f'runs of grid {grid} are missing')
 
 
+def not_run(c: Claim) -> bool:
+  """Whether the claim's runs are missing (`missing`, or an argmin claim's 'runs of grids ... are missing'): it was
+  not run here, which is not a verdict on runs."""
+  return c.detail.startswith('runs of grid')
+
+
 def ordered(points, key):
   return sorted(points, key=lambda r: r[key])
 
